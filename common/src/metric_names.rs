@@ -1,0 +1,38 @@
+//! Names of every Prometheus series the limiter exports, and the external metrics the adapter
+//! serves. `docs/metrics.md` documents each one; a test keeps that document and this list equal.
+
+/// Decisions made, by `policy` and `decision` (`allowed` | `rejected`). Counter.
+pub const REQUESTS_TOTAL: &str = "openclaw_requests_total";
+/// Tokens admitted by this replica, by `policy`. Counter.
+pub const TOKENS_CONSUMED_TOTAL: &str = "openclaw_tokens_consumed_total";
+/// Requests refused as malformed before any decision, by `reason`. Counter.
+pub const BAD_REQUESTS_TOTAL: &str = "openclaw_bad_requests_total";
+/// HTTP request latency on the decision API, by `route`. Histogram (seconds).
+pub const HTTP_REQUEST_DURATION_SECONDS: &str = "openclaw_http_request_duration_seconds";
+/// Buckets held in memory (not full), by `policy`. Gauge.
+pub const ACTIVE_BUCKETS: &str = "openclaw_active_buckets";
+/// Tokens left in the most depleted bucket of a `policy` (capacity when none is active). Gauge.
+pub const TOKENS_AVAILABLE: &str = "openclaw_tokens_available";
+/// Outcome of loading the policies file, by `result` (`success` | `failure`). Counter.
+pub const POLICY_RELOADS_TOTAL: &str = "openclaw_policy_reloads_total";
+/// 1 when the last attempt to load the policies file succeeded, else 0. Gauge.
+pub const POLICY_CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "openclaw_policy_config_last_reload_successful";
+/// Build metadata, `version` label, value 1. Gauge.
+pub const BUILD_INFO: &str = "openclaw_build_info";
+
+/// Per-key capacity of a `policy`, in tokens. Gauge (alerting guide).
+pub const TOKEN_BUCKET_CAPACITY: &str = "token_bucket_capacity";
+/// Tokens added to each bucket of a `policy` per second. Gauge (alerting guide).
+pub const TOKEN_BUCKET_FILL_RATE: &str = "token_bucket_fill_rate";
+/// Tokens currently consumed in the most depleted bucket of a `policy`. Gauge (alerting guide).
+pub const TOKEN_BUCKET_CURRENT_USAGE: &str = "token_bucket_current_usage";
+/// Seconds since the refill and reclamation pass last completed. Gauge (alerting guide).
+pub const TOKEN_BUCKET_REFILL_DELAY: &str = "token_bucket_refill_delay";
+/// Share of decisions rejected over the last minute, 0..1, by `policy`. Gauge (alerting guide).
+pub const TOKEN_BUCKET_REJECTION_RATE: &str = "token_bucket_rejection_rate";
+
+/// External metric: requests per second across the limiter fleet.
+pub const EXTERNAL_REQUESTS_PER_SECOND: &str = "openclaw_requests_per_second";
+/// External metric: tokens consumed as a share of what the active buckets refill, 0..1 (and above
+/// 1 only while bursts drain stored tokens).
+pub const EXTERNAL_TOKEN_DEPLETION_RATE: &str = "openclaw_token_depletion_rate";

@@ -1,0 +1,1 @@
+//! The OpenClaw metrics adapter (under construction; see issue 4).
