@@ -36,3 +36,20 @@ pub const EXTERNAL_REQUESTS_PER_SECOND: &str = "openclaw_requests_per_second";
 /// External metric: tokens consumed as a share of what the active buckets refill, 0..1 (and above
 /// 1 only while bursts drain stored tokens).
 pub const EXTERNAL_TOKEN_DEPLETION_RATE: &str = "openclaw_token_depletion_rate";
+
+/// Peers known to this replica, by `state` (`up` | `down`). Gauge.
+pub const PEERS: &str = "openclaw_peers";
+/// Seconds since this replica last merged state from `peer`. Gauge.
+pub const REPLICATION_LAG_SECONDS: &str = "openclaw_replication_lag_seconds";
+/// Replication payload bytes, by `direction` (`sent` | `received`). Counter.
+pub const REPLICATION_BYTES_TOTAL: &str = "openclaw_replication_bytes_total";
+/// Bucket entries carried by replication, by `direction` (`sent` | `received`). Counter.
+pub const REPLICATION_ENTRIES_TOTAL: &str = "openclaw_replication_entries_total";
+/// Remote entries merged into local state. Counter.
+pub const MERGES_TOTAL: &str = "openclaw_merges_total";
+/// Peer messages refused (bad auth, malformed, oversized), by `reason`. Counter.
+pub const PEER_MESSAGES_REJECTED_TOTAL: &str = "openclaw_peer_messages_rejected_total";
+/// Seconds since the last successful snapshot was written (or restored). Gauge.
+pub const SNAPSHOT_AGE_SECONDS: &str = "openclaw_snapshot_age_seconds";
+/// Snapshot attempts, by `result` (`success` | `failure`). Counter.
+pub const SNAPSHOTS_TOTAL: &str = "openclaw_snapshots_total";
