@@ -428,6 +428,26 @@ async fn system_masters_skips_subject_access_review() {
     assert!(env.api.access_reviews().is_empty());
     let plain = env.client_ca.client("dave", &["ops"]);
     assert_eq!(env.get(Some(&plain), LIST, &[]).await.0, 403);
+
+    // The aggregator's availability probe: front proxy, system:kube-aggregator in system:masters.
+    let proxy = env.front_proxy_ca.client("front-proxy-client", &[]);
+    let probe = [
+        ("X-Remote-User", "system:kube-aggregator"),
+        ("X-Remote-Group", "system:masters"),
+    ];
+    let (status, body) = env
+        .get(
+            Some(&proxy),
+            "/apis/external.metrics.k8s.io/v1beta1",
+            &probe,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        env.api.access_reviews().len(),
+        1,
+        "only dave's request was reviewed"
+    );
 }
 
 #[tokio::test]
