@@ -1,0 +1,772 @@
+//! `explain`: every step from an HPA's metric to the replica count, for an SRE.
+//!
+//! For each external metric (one given on the command line, or every external metric of an
+//! HPA manifest) it shows the rule, the final PromQL after selector injection, Prometheus' raw
+//! answer, the exact `ExternalMetricValueList` (or Status) the API would serve, the usage the
+//! HPA would read, and then the HPA's arithmetic: per-metric proposal with the tolerance band,
+//! the max over metrics, stabilization and rate limits, as a freshly started controller would
+//! compute them. The same functions serve the API ([`crate::api::items`]) and the HPA math
+//! ([`crate::hpa`]), so what `explain` prints is what production does.
+
+use std::fmt::Write as _;
+use std::future::Future;
+
+use k8s_openapi::api::autoscaling::v2::{HPAScalingRules, HorizontalPodAutoscaler, MetricTarget};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+use crate::api::{ExternalMetricValueList, final_promql, items};
+use crate::config::{Config, OnEmpty, OnNan, Rule, SeriesPolicy};
+use crate::hpa::{
+    self, Behavior, History, PolicyKind, ScalingPolicy, ScalingRules, SelectPolicy, Spec, Target,
+};
+use crate::prometheus::QueryResult;
+use crate::quantity::{Milli, parse_quantity_milli};
+use crate::selector::Selector;
+use crate::{Error, Result};
+
+/// What to explain.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    /// A metric to explain on its own (ignored when an HPA manifest is given).
+    pub metric: Option<String>,
+    /// Namespace of the request (the HPA's namespace overrides it when the manifest has one).
+    pub namespace: String,
+    /// `labelSelector` for `metric`.
+    pub selector: String,
+    /// An `autoscaling/v2` HorizontalPodAutoscaler, as YAML.
+    pub hpa_yaml: Option<String>,
+    /// The scale's current replicas (defaults to the manifest's `status.currentReplicas`).
+    pub current_replicas: Option<i32>,
+    /// Ready pods, for `Value` targets (defaults to the current replicas).
+    pub ready_replicas: Option<i32>,
+}
+
+/// One external metric to evaluate.
+#[derive(Debug, Clone)]
+struct MetricStep {
+    name: String,
+    selector: Selector,
+    target: Option<(String, Target)>,
+}
+
+/// Runs `explain` with `fetch` answering PromQL (the real Prometheus in the binary, canned
+/// answers in the golden tests). Returns the report.
+pub async fn explain<F, Fut>(config: &Config, req: &Request, fetch: F) -> Result<String>
+where
+    F: Fn(String, std::time::Duration) -> Fut,
+    Fut: Future<Output = Result<QueryResult>>,
+{
+    let mut out = String::new();
+    let (steps, hpa) = match &req.hpa_yaml {
+        Some(yaml) => {
+            let hpa: HorizontalPodAutoscaler = serde_norway::from_str(yaml).map_err(|e| {
+                Error::Hpa(format!(
+                    "not an autoscaling/v2 HorizontalPodAutoscaler: {e}"
+                ))
+            })?;
+            let steps = hpa_steps(&hpa, &mut out)?;
+            (steps, Some(hpa))
+        }
+        None => {
+            let name = req
+                .metric
+                .clone()
+                .ok_or_else(|| Error::Hpa("give --metric, or --hpa with a manifest".to_owned()))?;
+            (
+                vec![MetricStep {
+                    name,
+                    selector: Selector::parse(&req.selector)?,
+                    target: None,
+                }],
+                None,
+            )
+        }
+    };
+    let namespace = hpa
+        .as_ref()
+        .and_then(|h| h.metadata.namespace.clone())
+        .unwrap_or_else(|| req.namespace.clone());
+
+    let mut usages: Vec<(MetricStep, std::result::Result<Milli, String>)> = Vec::new();
+    for step in steps {
+        let usage = explain_metric(config, &namespace, &step, &fetch, &mut out).await;
+        usages.push((step, usage));
+    }
+
+    if let Some(hpa) = hpa {
+        explain_hpa(&hpa, req, &usages, &mut out)?;
+    }
+    Ok(out)
+}
+
+async fn explain_metric<F, Fut>(
+    config: &Config,
+    namespace: &str,
+    step: &MetricStep,
+    fetch: &F,
+    out: &mut String,
+) -> std::result::Result<Milli, String>
+where
+    F: Fn(String, std::time::Duration) -> Fut,
+    Fut: Future<Output = Result<QueryResult>>,
+{
+    let selector_text = if step.selector.is_empty() {
+        "(none: everything)".to_owned()
+    } else {
+        step.selector.to_string()
+    };
+    let _ = writeln!(
+        out,
+        "== External metric {} in namespace {namespace}, selector {selector_text}",
+        step.name
+    );
+    let Some(rule) = config.rule(&step.name) else {
+        let e = Error::UnknownMetric {
+            metric: step.name.clone(),
+            configured: config.names(),
+        };
+        served_error(&e, out);
+        return Err(e.to_string());
+    };
+    describe_rule(rule, out);
+    let promql = match final_promql(rule, namespace, &step.selector) {
+        Ok(p) => p,
+        Err(e) => {
+            served_error(&e, out);
+            return Err(e.to_string());
+        }
+    };
+    let _ = writeln!(out, "Final PromQL:\n  {promql}");
+    let answer = fetch(promql.clone(), rule.timeout).await;
+    let result = match answer {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(out, "Prometheus: {e}");
+            served_error(&e, out);
+            return Err(e.to_string());
+        }
+    };
+    let _ = writeln!(
+        out,
+        "Prometheus answered ({} series):\n  {}",
+        result.samples.len(),
+        String::from_utf8_lossy(&result.raw).trim()
+    );
+    match items(rule, &promql, &result) {
+        Ok(items) => {
+            let list = ExternalMetricValueList::new(items);
+            let body = serde_json::to_string_pretty(&list).unwrap_or_default();
+            let _ = writeln!(out, "Served (HTTP 200):\n{}", indent(&body));
+            if list.items.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "HPA reads: no items, an error (\"no metrics returned\"): it holds scale-down"
+                );
+                return Err("no metrics returned".to_owned());
+            }
+            let mut sum: i64 = 0;
+            for item in &list.items {
+                sum = sum.saturating_add(
+                    parse_quantity_milli(&item.value.0)
+                        .map(|m| m.0)
+                        .unwrap_or(0),
+                );
+            }
+            let _ = writeln!(
+                out,
+                "HPA reads: {} (sum of {} item{} in milli-units: {sum}m)",
+                Milli(sum),
+                list.items.len(),
+                if list.items.len() == 1 { "" } else { "s" }
+            );
+            Ok(Milli(sum))
+        }
+        Err(e) => {
+            served_error(&e, out);
+            Err(e.to_string())
+        }
+    }
+}
+
+fn describe_rule(rule: &Rule, out: &mut String) {
+    let on_empty = match rule.on_empty {
+        OnEmpty::Error => "error".to_owned(),
+        OnEmpty::Empty => "empty list".to_owned(),
+        OnEmpty::Value(v) => format!("value {v}"),
+    };
+    let on_nan = match rule.on_nan {
+        OnNan::Skip => "skip".to_owned(),
+        OnNan::Error => "error".to_owned(),
+        OnNan::Value(v) => format!("value {v}"),
+    };
+    let series = match rule.series {
+        SeriesPolicy::Sum => "sum",
+        SeriesPolicy::Max => "max",
+        SeriesPolicy::PerSeries => "per_series",
+    };
+    let selectable = if rule.selectable_labels.is_empty() {
+        "none".to_owned()
+    } else {
+        rule.selectable_labels
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let _ = writeln!(
+        out,
+        "Rule: {}\n  timeout {:?}, cache_ttl {:?}, on_empty {on_empty}, on_nan {on_nan}, series {series}, \
+         window {}, selectable labels: {selectable}{}",
+        rule.query.source.trim(),
+        rule.timeout,
+        rule.cache_ttl,
+        rule.window
+            .map_or("none".to_owned(), |w| format!("{}s", w.as_secs())),
+        rule.namespace_label
+            .as_ref()
+            .map_or(String::new(), |l| format!(", namespace label {l}")),
+    );
+}
+
+fn served_error(e: &Error, out: &mut String) {
+    let (code, reason) = e.status();
+    let body =
+        serde_json::to_string_pretty(&crate::status::status_body(code, reason, e.to_string()))
+            .unwrap_or_default();
+    let _ = writeln!(out, "Served (HTTP {}):\n{}", code.as_u16(), indent(&body));
+}
+
+fn indent(s: &str) -> String {
+    s.lines()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn hpa_steps(hpa: &HorizontalPodAutoscaler, out: &mut String) -> Result<Vec<MetricStep>> {
+    let spec = hpa
+        .spec
+        .as_ref()
+        .ok_or_else(|| Error::Hpa("no spec".to_owned()))?;
+    let mut steps = Vec::new();
+    for (i, m) in spec.metrics.iter().flatten().enumerate() {
+        let Some(ext) = &m.external else {
+            let _ = writeln!(
+                out,
+                "-- spec.metrics[{i}] is of type {}: not served by this adapter, not evaluated",
+                m.type_
+            );
+            continue;
+        };
+        let selector = selector_from(ext.metric.selector.as_ref())?;
+        let target = target_from(&ext.target)
+            .map_err(|e| Error::Hpa(format!("spec.metrics[{i}].external.target: {e}")))?;
+        steps.push(MetricStep {
+            name: ext.metric.name.clone(),
+            selector,
+            target: Some(target),
+        });
+    }
+    if steps.is_empty() {
+        return Err(Error::Hpa("the HPA has no External metrics".to_owned()));
+    }
+    Ok(steps)
+}
+
+/// A `metav1.LabelSelector` as the selector string the HPA controller sends.
+fn selector_from(sel: Option<&LabelSelector>) -> Result<Selector> {
+    let Some(sel) = sel else {
+        return Ok(Selector::everything());
+    };
+    let mut parts = Vec::new();
+    for (k, v) in sel.match_labels.iter().flatten() {
+        parts.push(format!("{k}={v}"));
+    }
+    for e in sel.match_expressions.iter().flatten() {
+        let values = e.values.clone().unwrap_or_default().join(",");
+        parts.push(match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "Exists" => e.key.clone(),
+            "DoesNotExist" => format!("!{}", e.key),
+            other => {
+                return Err(Error::Hpa(format!(
+                    "selector operator {other:?} is not a LabelSelector operator"
+                )));
+            }
+        });
+    }
+    Selector::parse(&parts.join(","))
+}
+
+fn target_from(t: &MetricTarget) -> std::result::Result<(String, Target), String> {
+    match t.type_.as_str() {
+        "Value" => {
+            let q = t.value.as_ref().ok_or("type Value needs target.value")?;
+            let m = parse_quantity_milli(&q.0).map_err(|e| e.to_string())?;
+            Ok((format!("Value {q}", q = q.0), Target::Value(m.0)))
+        }
+        "AverageValue" => {
+            let q = t
+                .average_value
+                .as_ref()
+                .ok_or("type AverageValue needs target.averageValue")?;
+            let m = parse_quantity_milli(&q.0).map_err(|e| e.to_string())?;
+            Ok((
+                format!("AverageValue {q}", q = q.0),
+                Target::AverageValue(m.0),
+            ))
+        }
+        other => Err(format!(
+            "type {other:?} does not apply to External metrics (use Value or AverageValue)"
+        )),
+    }
+}
+
+fn rules_from(
+    r: Option<&HPAScalingRules>,
+    default: ScalingRules,
+) -> std::result::Result<ScalingRules, String> {
+    let Some(r) = r else { return Ok(default) };
+    let mut rules = default;
+    if let Some(w) = r.stabilization_window_seconds {
+        rules.stabilization_window_seconds = w;
+    }
+    if let Some(p) = &r.select_policy {
+        rules.select_policy = match p.as_str() {
+            "Max" => SelectPolicy::Max,
+            "Min" => SelectPolicy::Min,
+            "Disabled" => SelectPolicy::Disabled,
+            other => return Err(format!("selectPolicy {other:?}")),
+        };
+    }
+    if let Some(ps) = &r.policies {
+        rules.policies = ps
+            .iter()
+            .map(|p| {
+                let kind = match p.type_.as_str() {
+                    "Pods" => PolicyKind::Pods,
+                    "Percent" => PolicyKind::Percent,
+                    other => return Err(format!("policy type {other:?}")),
+                };
+                Ok(ScalingPolicy {
+                    kind,
+                    value: p.value,
+                    period_seconds: p.period_seconds,
+                })
+            })
+            .collect::<std::result::Result<_, _>>()?;
+    }
+    if let Some(t) = &r.tolerance {
+        rules.tolerance = Some(
+            parse_quantity_milli(&t.0)
+                .map_err(|e| e.to_string())?
+                .to_f64(),
+        );
+    }
+    Ok(rules)
+}
+
+fn explain_hpa(
+    hpa: &HorizontalPodAutoscaler,
+    req: &Request,
+    usages: &[(MetricStep, std::result::Result<Milli, String>)],
+    out: &mut String,
+) -> Result<()> {
+    let spec = hpa
+        .spec
+        .as_ref()
+        .ok_or_else(|| Error::Hpa("no spec".to_owned()))?;
+    let behavior = spec.behavior.as_ref();
+    let behavior = Behavior {
+        scale_up: rules_from(
+            behavior.and_then(|b| b.scale_up.as_ref()),
+            ScalingRules::default_scale_up(),
+        )
+        .map_err(|e| Error::Hpa(format!("behavior.scaleUp: {e}")))?,
+        scale_down: rules_from(
+            behavior.and_then(|b| b.scale_down.as_ref()),
+            ScalingRules::default_scale_down(),
+        )
+        .map_err(|e| Error::Hpa(format!("behavior.scaleDown: {e}")))?,
+    };
+    let current = req
+        .current_replicas
+        .or_else(|| hpa.status.as_ref().and_then(|s| s.current_replicas))
+        .ok_or_else(|| {
+            Error::Hpa(
+                "give --current-replicas (the manifest has no status.currentReplicas)".to_owned(),
+            )
+        })?;
+    let ready = req.ready_replicas.unwrap_or(current);
+    let hpa_spec = Spec {
+        min_replicas: spec.min_replicas.unwrap_or(1),
+        max_replicas: spec.max_replicas,
+        behavior,
+    };
+    let tol = hpa_spec.behavior.tolerances();
+    let _ = writeln!(
+        out,
+        "== HPA {}: current replicas {current}, ready {ready}, minReplicas {}, maxReplicas {}, tolerance -{}/+{}",
+        hpa.metadata.name.as_deref().unwrap_or("(unnamed)"),
+        hpa_spec.min_replicas,
+        hpa_spec.max_replicas,
+        tol.scale_down,
+        tol.scale_up,
+    );
+    let mut proposals = Vec::new();
+    for (step, usage) in usages {
+        let Some((target_text, target)) = &step.target else {
+            continue;
+        };
+        match usage {
+            Ok(usage) => {
+                let p = hpa::external_proposal(usage.0, *target, current, ready, tol);
+                let how = match target {
+                    hpa::Target::Value(_) if current == 0 => format!("ceil({:.4})", p.usage_ratio),
+                    hpa::Target::Value(_) => format!("ceil({:.4} x {ready} ready)", p.usage_ratio),
+                    hpa::Target::AverageValue(t) => format!("ceil({} / {})", usage, Milli(*t)),
+                };
+                let verdict = if p.within_tolerance {
+                    "within tolerance: keep current".to_owned()
+                } else {
+                    how
+                };
+                let _ = writeln!(
+                    out,
+                    "{}: usage {usage}, target {target_text}: ratio {:.4}, {verdict} -> {} replicas",
+                    step.name, p.usage_ratio, p.replicas
+                );
+                proposals.push(Ok(p.replicas));
+            }
+            Err(e) => {
+                let _ = writeln!(out, "{}: failed ({e})", step.name);
+                proposals.push(Err(format!("{}: {e}", step.name)));
+            }
+        }
+    }
+    let proposed = match hpa::combine(&proposals, current) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = writeln!(out, "No decision: {e}. The HPA keeps {current} replicas.");
+            return Ok(());
+        }
+    };
+    let _ = writeln!(out, "Largest proposal: {proposed}");
+    let mut history = History::fresh(0.0, current, &hpa_spec.behavior);
+    let d = hpa::decide(&hpa_spec, current, proposed, 0.0, &mut history);
+    let _ = writeln!(
+        out,
+        "Stabilization (scale-up window {}s, scale-down window {}s, as a freshly started controller that has seen only the current count): {}",
+        hpa_spec.behavior.scale_up.stabilization_window_seconds,
+        hpa_spec.behavior.scale_down.stabilization_window_seconds,
+        d.stabilized
+    );
+    let _ = writeln!(
+        out,
+        "Rate limits and min/max: {} ({})",
+        d.replicas, d.reason
+    );
+    let _ = writeln!(
+        out,
+        "=> The HPA would set {} replicas (now {current}).",
+        d.replicas
+    );
+    if d.stabilized > proposed && proposed < current {
+        let _ = writeln!(
+            out,
+            "   It would reach {proposed} once the metrics have asked for it for {}s.",
+            hpa_spec.behavior.scale_down.stabilization_window_seconds
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prometheus::parse_response;
+    use bytes::Bytes;
+
+    fn config() -> Config {
+        Config::embedded_default()
+    }
+
+    fn answer(samples: &[(&str, &str)]) -> Result<QueryResult> {
+        let result: Vec<String> = samples
+            .iter()
+            .map(|(labels, v)| {
+                format!(r#"{{"metric":{{{labels}}},"value":[1767323045.123,"{v}"]}}"#)
+            })
+            .collect();
+        let body = format!(
+            r#"{{"status":"success","data":{{"resultType":"vector","result":[{}]}}}}"#,
+            result.join(",")
+        );
+        parse_response(reqwest::StatusCode::OK, Bytes::from(body))
+    }
+
+    /// Canned Prometheus: answers by the metric named in the query.
+    fn canned(
+        rps: &'static str,
+        depletion: &'static str,
+    ) -> impl Fn(String, std::time::Duration) -> std::future::Ready<Result<QueryResult>> {
+        move |promql: String, _| {
+            let v = if promql.contains("openclaw_requests_total") {
+                rps
+            } else {
+                depletion
+            };
+            std::future::ready(if v == "down" {
+                Err(Error::Prometheus(
+                    "http://127.0.0.1:9/api/v1/query unreachable: connection refused".into(),
+                ))
+            } else if v == "empty" {
+                answer(&[])
+            } else {
+                answer(&[("", v)])
+            })
+        }
+    }
+
+    fn hpa(metrics: &str, behavior: &str) -> String {
+        format!(
+            "apiVersion: autoscaling/v2\nkind: HorizontalPodAutoscaler\nmetadata:\n  name: limiter\n  namespace: edge\n\
+             spec:\n  scaleTargetRef: {{apiVersion: apps/v1, kind: Deployment, name: limiter}}\n  minReplicas: 2\n  maxReplicas: 20\n\
+             {behavior}  metrics:\n{metrics}"
+        )
+    }
+
+    const RPS_VALUE_1K: &str = "  - type: External\n    external:\n      metric: {name: openclaw_requests_per_second, selector: {matchLabels: {policy: default}}}\n      target: {type: Value, value: 1k}\n";
+    const DEPLETION_AVG_200M: &str = "  - type: External\n    external:\n      metric: {name: openclaw_token_depletion_rate}\n      target: {type: AverageValue, averageValue: 200m}\n";
+
+    async fn run(req: Request, rps: &'static str, depletion: &'static str) -> String {
+        explain(&config(), &req, canned(rps, depletion))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn golden_single_metric_shows_promql_raw_answer_and_items() {
+        let req = Request {
+            metric: Some("openclaw_requests_per_second".into()),
+            namespace: "default".into(),
+            selector: "policy=default".into(),
+            ..Default::default()
+        };
+        let out = run(req, "812.5", "0").await;
+        let want = r#"== External metric openclaw_requests_per_second in namespace default, selector policy=default
+Rule: sum(rate(openclaw_requests_total[1m]))
+  timeout 2s, cache_ttl 5s, on_empty error, on_nan skip, series sum, window 60s, selectable labels: decision, policy
+Final PromQL:
+  sum(rate(openclaw_requests_total{policy="default"}[1m]))
+Prometheus answered (1 series):
+  {"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1767323045.123,"812.5"]}]}}
+Served (HTTP 200):
+  {
+    "kind": "ExternalMetricValueList",
+    "apiVersion": "external.metrics.k8s.io/v1beta1",
+    "metadata": {},
+    "items": [
+      {
+        "metricName": "openclaw_requests_per_second",
+        "metricLabels": {},
+        "timestamp": "2026-01-02T03:04:05Z",
+        "window": 60,
+        "value": "812500m"
+      }
+    ]
+  }
+HPA reads: 812500m (sum of 1 item in milli-units: 812500m)
+"#;
+        assert_eq!(out, want);
+    }
+
+    #[tokio::test]
+    async fn golden_value_target_scales_up_by_the_ratio_within_rate_limits() {
+        // 2500 rps against 1k on 2 ready pods: ceil(2.5 * 2) = 5; +4 pods / +100% allows 6.
+        let req = Request {
+            hpa_yaml: Some(hpa(RPS_VALUE_1K, "")),
+            current_replicas: Some(2),
+            ..Default::default()
+        };
+        let out = run(req, "2500", "0").await;
+        let tail = out.split("== HPA").nth(1).unwrap();
+        assert_eq!(
+            tail,
+            " limiter: current replicas 2, ready 2, minReplicas 2, maxReplicas 20, tolerance -0.1/+0.1
+openclaw_requests_per_second: usage 2500, target Value 1k: ratio 2.5000, ceil(2.5000 x 2 ready) -> 5 replicas
+Largest proposal: 5
+Stabilization (scale-up window 0s, scale-down window 300s, as a freshly started controller that has seen only the current count): 5
+Rate limits and min/max: 5 (DesiredWithinRange)
+=> The HPA would set 5 replicas (now 2).
+"
+        );
+        assert!(out.contains("selector policy=default"));
+        assert!(out.contains("{policy=\"default\"}"));
+    }
+
+    #[tokio::test]
+    async fn golden_tolerance_band_keeps_the_current_count() {
+        // 1050 rps against 1k: ratio 1.05 is inside +-0.1.
+        let req = Request {
+            hpa_yaml: Some(hpa(RPS_VALUE_1K, "")),
+            current_replicas: Some(4),
+            ..Default::default()
+        };
+        let out = run(req, "1050", "0").await;
+        assert!(
+            out.contains("ratio 1.0500, within tolerance: keep current -> 4 replicas"),
+            "{out}"
+        );
+        assert!(
+            out.contains("=> The HPA would set 4 replicas (now 4)."),
+            "{out}"
+        );
+    }
+
+    #[tokio::test]
+    async fn golden_average_value_divides_by_the_per_pod_target() {
+        // Depletion 0.9 against 200m per pod on 3: ratio 0.9/(0.2*3) = 1.5 -> ceil(900m/200m) = 5.
+        let req = Request {
+            hpa_yaml: Some(hpa(DEPLETION_AVG_200M, "")),
+            current_replicas: Some(3),
+            ..Default::default()
+        };
+        let out = run(req, "0", "0.9").await;
+        assert!(out.contains("openclaw_token_depletion_rate: usage 900m, target AverageValue 200m: ratio 1.5000, ceil(900m / 200m) -> 5 replicas"), "{out}");
+        assert!(
+            out.contains("=> The HPA would set 5 replicas (now 3)."),
+            "{out}"
+        );
+    }
+
+    #[tokio::test]
+    async fn golden_several_metrics_take_the_largest_proposal() {
+        // RPS asks for ceil(3.0 * 4) = 12, depletion ceil(0.5/0.2) = 3: 12 wins, +100% allows 8.
+        let metrics = format!("{RPS_VALUE_1K}{DEPLETION_AVG_200M}");
+        let req = Request {
+            hpa_yaml: Some(hpa(&metrics, "")),
+            current_replicas: Some(4),
+            ..Default::default()
+        };
+        let out = run(req, "3000", "0.5").await;
+        assert!(out.contains("-> 12 replicas"), "{out}");
+        assert!(out.contains("-> 3 replicas"), "{out}");
+        assert!(out.contains("Largest proposal: 12"), "{out}");
+        assert!(
+            out.contains("Rate limits and min/max: 8 (ScaleUpLimit)"),
+            "{out}"
+        );
+        assert!(
+            out.contains("=> The HPA would set 8 replicas (now 4)."),
+            "{out}"
+        );
+    }
+
+    #[tokio::test]
+    async fn golden_scale_down_is_held_by_the_stabilization_window() {
+        let req = Request {
+            hpa_yaml: Some(hpa(RPS_VALUE_1K, "")),
+            current_replicas: Some(10),
+            ..Default::default()
+        };
+        let out = run(req, "1000", "0").await;
+        // ratio 1.0 on 10 pods... use a low value instead:
+        assert!(out.contains("-> 10 replicas"), "{out}");
+        let req = Request {
+            hpa_yaml: Some(hpa(RPS_VALUE_1K, "")),
+            current_replicas: Some(10),
+            ..Default::default()
+        };
+        let out = run(req, "200", "0").await;
+        assert!(
+            out.contains("ratio 0.2000, ceil(0.2000 x 10 ready) -> 2 replicas"),
+            "{out}"
+        );
+        assert!(out.contains("scale-down window 300s"), "{out}");
+        assert!(
+            out.contains("=> The HPA would set 10 replicas (now 10)."),
+            "{out}"
+        );
+        assert!(
+            out.contains("It would reach 2 once the metrics have asked for it for 300s."),
+            "{out}"
+        );
+        // With a zero window it goes straight to the proposal (floored by minReplicas 2).
+        let behavior = "  behavior:\n    scaleDown: {stabilizationWindowSeconds: 0}\n";
+        let req = Request {
+            hpa_yaml: Some(hpa(RPS_VALUE_1K, behavior)),
+            current_replicas: Some(10),
+            ..Default::default()
+        };
+        let out = run(req, "200", "0").await;
+        assert!(
+            out.contains("=> The HPA would set 2 replicas (now 10)."),
+            "{out}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_metric_freezes_scale_down_but_lets_scale_up_through() {
+        let metrics = format!("{RPS_VALUE_1K}{DEPLETION_AVG_200M}");
+        let req = Request {
+            hpa_yaml: Some(hpa(&metrics, "")),
+            current_replicas: Some(4),
+            ..Default::default()
+        };
+        let out = run(req.clone(), "100", "down").await;
+        assert!(out.contains("Served (HTTP 500)"), "{out}");
+        assert!(out.contains("No decision:"), "{out}");
+        assert!(out.contains("The HPA keeps 4 replicas."), "{out}");
+        let out = run(req, "3000", "empty").await;
+        assert!(out.contains("Served (HTTP 404)"), "{out}");
+        assert!(
+            out.contains("=> The HPA would set 8 replicas (now 4)."),
+            "{out}"
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_metrics_and_disallowed_selectors_show_the_status_that_would_be_served() {
+        let req = Request {
+            metric: Some("nope".into()),
+            namespace: "default".into(),
+            ..Default::default()
+        };
+        let out = run(req, "1", "1").await;
+        assert!(
+            out.contains("Served (HTTP 404)") && out.contains("\"reason\": \"NotFound\""),
+            "{out}"
+        );
+        let req = Request {
+            metric: Some("openclaw_token_depletion_rate".into()),
+            namespace: "default".into(),
+            selector: "decision=allowed".into(),
+            ..Default::default()
+        };
+        let out = run(req, "1", "1").await;
+        assert!(
+            out.contains("Served (HTTP 400)")
+                && out.contains("cannot be narrowed by label \\\"decision\\\""),
+            "{out}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_manifests_are_reported() {
+        let req = Request {
+            hpa_yaml: Some("kind: [".into()),
+            ..Default::default()
+        };
+        assert!(explain(&config(), &req, canned("1", "1")).await.is_err());
+        let req = Request {
+            hpa_yaml: Some(hpa(RPS_VALUE_1K, "")),
+            ..Default::default()
+        };
+        let e = explain(&config(), &req, canned("1", "1"))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("--current-replicas"), "{e}");
+    }
+}
