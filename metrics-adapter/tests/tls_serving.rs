@@ -9,7 +9,7 @@ mod auth_support;
 use std::path::Path;
 use std::time::Duration;
 
-use auth_support::https::{Alpn, client, peer_certificate};
+use auth_support::https::{Alpn, client, peer_certificate, resuming_client};
 use auth_support::pki::{Ca, Identity};
 use auth_support::{eventually, start};
 use metrics_adapter::tls::{TlsArgs, TlsConfig};
@@ -258,5 +258,24 @@ async fn client_certificates_are_optional_and_reach_handlers_with_their_chain() 
             .await
             .unwrap();
         assert_eq!(body["peer_certificates"], 1, "{alpn:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_resumed_tls_session_still_carries_the_client_certificate() {
+    let tls = TlsConfig::from_args(&TlsArgs::default()).unwrap();
+    let ca_pem = tls.self_signed_ca_pem().unwrap().to_owned();
+    let adapter = start(tls, None).await;
+    let url = format!("https://localhost:{}/whoami", adapter.addr.port());
+    let proxy = Ca::new("front-proxy-ca").client("front-proxy-client", &[]);
+    for alpn in [Alpn::Http1, Alpn::Http2] {
+        // One client, no pooled connections: every request is a new connection, all but the
+        // first resumed. Each must still show the certificate, or front-proxy identity is lost.
+        let http = resuming_client(&ca_pem, Some(&proxy), alpn, "localhost", adapter.addr);
+        for attempt in 0..4 {
+            let body: serde_json::Value =
+                http.get(&url).send().await.unwrap().json().await.unwrap();
+            assert_eq!(body["peer_certificates"], 1, "{alpn:?} attempt {attempt}");
+        }
     }
 }

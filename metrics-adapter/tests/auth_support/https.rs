@@ -25,6 +25,28 @@ pub fn client(
     name: &str,
     addr: SocketAddr,
 ) -> reqwest::Client {
+    build(ca_pem, identity, alpn, name, addr, false)
+}
+
+/// Like [`client`], but resuming TLS sessions (abbreviated handshakes) as real clients do.
+pub fn resuming_client(
+    ca_pem: &str,
+    identity: Option<&Identity>,
+    alpn: Alpn,
+    name: &str,
+    addr: SocketAddr,
+) -> reqwest::Client {
+    build(ca_pem, identity, alpn, name, addr, true)
+}
+
+fn build(
+    ca_pem: &str,
+    identity: Option<&Identity>,
+    alpn: Alpn,
+    name: &str,
+    addr: SocketAddr,
+    resume: bool,
+) -> reqwest::Client {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -45,7 +67,9 @@ pub fn client(
         None => builder.with_no_client_auth(),
     };
     // Full handshakes only: a resumed session carries no certificate, so a rotation would not show.
-    config.resumption = rustls::client::Resumption::disabled();
+    if !resume {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
     config.alpn_protocols = match alpn {
         Alpn::Http1 => vec![b"http/1.1".to_vec()],
         Alpn::Http2 => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
