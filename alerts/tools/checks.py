@@ -326,8 +326,10 @@ def check_dashboard():
 def check_promql():
     _, targets = dashboard_targets()
     rules = []
-    for i, (panel, target) in enumerate(targets):
-        rules.append({"record": f"dashboard:query_{i}", "expr": expand_grafana(target["expr"]),
+    for panel, target in targets:
+        # The record name says which panel a parse error is about.
+        rules.append({"record": f"dashboard:panel_{panel['id']}_{target['refId']}",
+                      "expr": expand_grafana(target["expr"]),
                       "labels": {"panel": panel["title"], "ref": target["refId"]}})
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "dashboard-queries.yaml")
