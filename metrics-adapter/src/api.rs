@@ -130,6 +130,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/openapi/v2", get(openapi_v2))
         .route("/openapi/v3", get(openapi_v3))
+        .route("/version", get(version))
         .route("/healthz", get(ok))
         .route("/livez", get(ok))
         .route("/readyz", get(readyz))
@@ -484,6 +485,34 @@ async fn openapi_v3() -> Response {
         StatusCode::NOT_FOUND,
         "NotFound",
         "this server publishes no OpenAPI v3 document",
+    )
+}
+
+/// `/version`, which generic API servers serve and client discovery (e.g. the Python client's
+/// dynamic client) reads first.
+async fn version() -> Response {
+    let v = env!("CARGO_PKG_VERSION");
+    let (major, minor) = {
+        let mut parts = v.split('.');
+        (parts.next().unwrap_or("0"), parts.next().unwrap_or("0"))
+    };
+    json(
+        StatusCode::OK,
+        &k8s_openapi::apimachinery::pkg::version::Info {
+            build_date: String::new(),
+            compiler: "rustc".to_owned(),
+            emulation_major: None,
+            emulation_minor: None,
+            git_commit: String::new(),
+            git_tree_state: String::new(),
+            git_version: format!("v{v}"),
+            go_version: String::new(),
+            major: major.to_owned(),
+            min_compatibility_major: None,
+            min_compatibility_minor: None,
+            minor: minor.to_owned(),
+            platform: format!("{}/{}", std::env::consts::OS, std::env::consts::ARCH),
+        },
     )
 }
 

@@ -59,13 +59,14 @@ impl Prometheus {
     /// `base_url` like `http://prometheus.monitoring.svc:9090` (a path prefix is kept).
     pub fn new(base_url: &str, max_concurrent: usize, metrics: Arc<Metrics>) -> Result<Self> {
         let base = base_url.trim_end_matches('/');
-        if !(base.starts_with("http://") || base.starts_with("https://")) {
+        if !base.starts_with("http://") {
             return Err(Error::Config(vec![format!(
-                "--prometheus-url {base_url:?} must start with http:// or https://"
+                "--prometheus-url {base_url:?} must start with http:// (reach an HTTPS-only \
+                 Prometheus through its in-cluster HTTP port or a proxy sidecar)"
             )]));
         }
-        // reqwest's rustls has no crypto provider compiled in; use ring (a no-op when the TLS
-        // layer already installed it).
+        // When the workspace's test builds unify a rustls feature into reqwest, a client needs a
+        // process-wide crypto provider: ring, as everywhere here (a no-op if already installed).
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .no_proxy()
