@@ -16,7 +16,8 @@ pub const TOKENS_AVAILABLE: &str = "openclaw_tokens_available";
 /// Outcome of loading the policies file, by `result` (`success` | `failure`). Counter.
 pub const POLICY_RELOADS_TOTAL: &str = "openclaw_policy_reloads_total";
 /// 1 when the last attempt to load the policies file succeeded, else 0. Gauge.
-pub const POLICY_CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "openclaw_policy_config_last_reload_successful";
+pub const POLICY_CONFIG_LAST_RELOAD_SUCCESSFUL: &str =
+    "openclaw_policy_config_last_reload_successful";
 /// Build metadata, `version` label, value 1. Gauge.
 pub const BUILD_INFO: &str = "openclaw_build_info";
 

@@ -1,1 +1,140 @@
-fn main() {}
+//! `openclaw-limiter`: parse the configuration, build the limiter, serve until SIGTERM.
+
+use std::hash::BuildHasher;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use openclaw_limiter::clock::WallClock;
+use openclaw_limiter::config::{Args, Config, LogFormat};
+use openclaw_limiter::crdt::ReplicaId;
+use openclaw_limiter::server::{ServerOptions, serve};
+use openclaw_limiter::service::{Limiter, LimiterOptions};
+
+/// Exit status for invalid configuration (EX_USAGE), as linkerd2-proxy does.
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let check_only = args.check_config;
+    let config = match Config::try_from_args(args) {
+        Ok(config) => config,
+        Err(problems) => {
+            eprintln!(
+                "openclaw-limiter: invalid configuration ({} problems):",
+                problems.len()
+            );
+            for problem in problems {
+                eprintln!("  - {problem}");
+            }
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if check_only {
+        println!("configuration OK");
+        return ExitCode::SUCCESS;
+    }
+    init_logging(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("openclaw-limiter: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let limiter = Arc::new(Limiter::new(LimiterOptions {
+        node_id: config.node_id.clone(),
+        replica: new_replica_id(&config.node_id),
+        default_rate: config.default_rate,
+        clock: Arc::new(WallClock::new()),
+        shards: 256,
+    }));
+    if let Some(text) = &config.policies_text {
+        limiter
+            .reload_policies(text)
+            .map_err(|e| anyhow::anyhow!("policies file: {e}"))?;
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    // One machine-readable line on stdout: scripts and tests that bind port 0 read it.
+    println!("listening api=http://{addr}");
+    tracing::info!(%addr, node = %config.node_id, policies = limiter.policies().len(), "openclaw-limiter started");
+    serve(
+        listener,
+        limiter,
+        ServerOptions {
+            api_key: config.api_key,
+            policies_path: config.policies_path,
+            policies_text: config.policies_text,
+            policies_reload: config.policies_reload,
+            shutdown_grace: config.shutdown_grace,
+        },
+        shutdown_signal(),
+    )
+    .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Each process start is a new replica (see `crdt::ReplicaId`).
+fn new_replica_id(node_id: &str) -> ReplicaId {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    ReplicaId(std::collections::hash_map::RandomState::new().hash_one((
+        node_id,
+        nanos,
+        std::process::id(),
+    )))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(e) => {
+                    tracing::warn!("cannot listen for SIGTERM ({e}); only Ctrl-C stops the server");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

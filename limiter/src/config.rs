@@ -1,0 +1,206 @@
+//! The whole configuration surface: flags, each with its environment variable (the operations
+//! guide's ConfigMap and Secret set the variables). Parsing reads everything and validation
+//! reports every problem before the process exits with status 64.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::bucket::Rate;
+use crate::policy::{PolicyIds, PolicySet};
+
+/// The example Secret in the operations guide ships this value; starting with it would protect
+/// the API with a key everyone knows.
+const PLACEHOLDER_API_KEY: &str = "REPLACE_WITH_REAL_KEY";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// OpenClaw edge rate limiter: token buckets replicated as a CRDT, decided over HTTP.
+///
+/// With no flags it runs one node with a `default` policy of 1000 tokens per second.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "openclaw-limiter", version, about, long_about = None)]
+pub struct Args {
+    /// Address of the decision API (`/rate`, `/status`, health, `/metrics`). Port 0 picks a free port.
+    #[arg(long, env = "OPENCLAW_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Tokens each bucket of the `default` policy holds.
+    #[arg(long, env = "BUCKET_CAPACITY", default_value_t = 1000)]
+    pub bucket_capacity: u64,
+
+    /// Milliseconds in which an empty `default` bucket refills completely (continuously).
+    #[arg(long, env = "REFILL_INTERVAL_MS", default_value_t = 1000)]
+    pub refill_interval_ms: u64,
+
+    /// Bearer token required on `/rate`, `/rate/batch` and `/status` (health and metrics stay open).
+    #[arg(long, env = "OPENCLAW_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// This replica's name in `/status` and logs [default: the host name].
+    #[arg(long, env = "OPENCLAW_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// YAML file of named policies and per-key overrides; reloaded when it changes.
+    #[arg(long, env = "OPENCLAW_POLICIES")]
+    pub policies: Option<PathBuf>,
+
+    /// How often to check the policies file for changes, in milliseconds.
+    #[arg(long, env = "OPENCLAW_POLICIES_RELOAD_MS", default_value_t = 2000)]
+    pub policies_reload_ms: u64,
+
+    /// Seconds to let in-flight requests finish after SIGTERM before closing connections.
+    #[arg(long, env = "OPENCLAW_SHUTDOWN_GRACE_S", default_value_t = 10)]
+    pub shutdown_grace_s: u64,
+
+    /// Log format on stderr (level from `RUST_LOG`, default `info`).
+    #[arg(long, env = "OPENCLAW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Validate the configuration and the policies file, print the policies, and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub default_rate: Rate,
+    pub api_key: Option<String>,
+    pub node_id: String,
+    pub policies_path: Option<PathBuf>,
+    /// The policies file's text as read at start (validated).
+    pub policies_text: Option<String>,
+    pub policies_reload: Duration,
+    pub shutdown_grace: Duration,
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Validate everything; on failure return every problem, one per line.
+    pub fn try_from_args(args: Args) -> Result<Self, Vec<String>> {
+        let mut errors = Vec::new();
+        let default_rate = Rate::try_new(args.bucket_capacity, args.refill_interval_ms)
+            .map_err(|e| errors.push(format!("BUCKET_CAPACITY / REFILL_INTERVAL_MS: {e}")))
+            .ok();
+        match args.api_key.as_deref() {
+            Some("") => errors.push("OPENCLAW_API_KEY is set but empty: unset it to disable auth".into()),
+            Some(PLACEHOLDER_API_KEY) => errors.push(format!(
+                "OPENCLAW_API_KEY still holds the example placeholder {PLACEHOLDER_API_KEY:?}: put a real secret in the Secret"
+            )),
+            _ => {}
+        }
+        let node_id = args.node_id.clone().unwrap_or_else(hostname);
+        if node_id.is_empty() || node_id.len() > 253 {
+            errors.push("OPENCLAW_NODE_ID must be 1 to 253 bytes".into());
+        }
+        if args.policies_reload_ms == 0 {
+            errors.push("OPENCLAW_POLICIES_RELOAD_MS must be at least 1".into());
+        }
+        let mut policies_text = None;
+        if let Some(path) = &args.policies {
+            match std::fs::read_to_string(path) {
+                Err(e) => errors.push(format!(
+                    "OPENCLAW_POLICIES: cannot read {}: {e}",
+                    path.display()
+                )),
+                Ok(text) => {
+                    if let Some(rate) = default_rate
+                        && let Err(problems) =
+                            PolicySet::from_yaml(&text, rate, &PolicyIds::default())
+                    {
+                        errors.extend(
+                            problems
+                                .0
+                                .into_iter()
+                                .map(|p| format!("{}: {p}", path.display())),
+                        );
+                    }
+                    policies_text = Some(text);
+                }
+            }
+        }
+        match (errors.is_empty(), default_rate) {
+            (true, Some(default_rate)) => Ok(Self {
+                listen: args.listen,
+                default_rate,
+                api_key: args.api_key,
+                node_id,
+                policies_path: args.policies,
+                policies_text,
+                policies_reload: Duration::from_millis(args.policies_reload_ms),
+                shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
+                log_format: args.log_format,
+            }),
+            _ => Err(errors),
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "openclaw-limiter".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut argv = vec!["openclaw-limiter", "--node-id", "n1"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn no_flags_is_a_single_node_with_the_guide_defaults() {
+        let config = Config::try_from_args(args(&[])).unwrap();
+        assert_eq!(config.default_rate, Rate::try_new(1000, 1000).unwrap());
+        assert_eq!(config.listen.to_string(), "0.0.0.0:8080");
+        assert!(config.api_key.is_none() && config.policies_path.is_none());
+    }
+
+    #[test]
+    fn every_problem_is_reported_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.yaml");
+        std::fs::write(
+            &file,
+            "policies:\n  a: {capacity: 0, refill_interval_ms: 1}\n",
+        )
+        .unwrap();
+        let errors = Config::try_from_args(args(&[
+            "--bucket-capacity",
+            "0",
+            "--api-key",
+            PLACEHOLDER_API_KEY,
+            "--policies-reload-ms",
+            "0",
+        ]))
+        .unwrap_err();
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+        let errors = Config::try_from_args(args(&[
+            "--policies",
+            file.to_str().unwrap(),
+            "--api-key",
+            "",
+        ]))
+        .unwrap_err();
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert!(
+            errors.iter().any(|e| e.contains("policies.a.capacity")),
+            "{errors:#?}"
+        );
+    }
+}

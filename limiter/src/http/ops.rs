@@ -1,0 +1,133 @@
+//! Operational routes: `/status`, `/healthz`, `/ready`, `/metrics`.
+
+use axum::Json;
+use axum::extract::{RawQuery, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::json;
+
+use super::AppState;
+use super::error::ApiError;
+use super::rate::decision_body;
+use crate::policy::{DEFAULT_POLICY, Mode, valid_policy_name};
+
+#[derive(Serialize)]
+struct PolicyStatus<'a> {
+    name: &'a str,
+    capacity: u64,
+    refill_interval_ms: u64,
+    fill_rate_per_second: f64,
+    mode: Mode,
+    overrides: usize,
+}
+
+/// Node, policies, key count and (with `?key=&policy=`) one bucket, peeked without spending.
+pub async fn status(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let limiter = &state.limiter;
+    let mut key = None;
+    let mut policy = None;
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+            .map_err(|e| ApiError::InvalidQuery(format!("malformed query string: {e}")))?;
+    for (name, value) in pairs {
+        match name.as_str() {
+            "key" => key = Some(value),
+            "policy" => policy = Some(value),
+            other => {
+                return Err(ApiError::UnknownField(format!(
+                    "unknown query parameter `{other}` (expected key, policy)"
+                )));
+            }
+        }
+    }
+    let bucket = match (key, policy) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(ApiError::InvalidKey(
+                "to peek at a bucket, pass `key` (and optionally `policy`)".into(),
+            ));
+        }
+        (Some(key), policy) => {
+            let policy = policy.unwrap_or_else(|| DEFAULT_POLICY.to_owned());
+            if key.is_empty() || key.len() > super::MAX_KEY_BYTES {
+                return Err(ApiError::InvalidKey(format!(
+                    "key must be 1 to {} bytes",
+                    super::MAX_KEY_BYTES
+                )));
+            }
+            if !valid_policy_name(&policy) {
+                return Err(ApiError::InvalidPolicy(
+                    "policy must be 1 to 63 of A-Z a-z 0-9 - _ .".into(),
+                ));
+            }
+            let (verdict, held) = limiter.peek(&policy, &key, 1)?;
+            let decision = decision_body(&policy, verdict);
+            Some(json!({
+                "key": key,
+                "policy": policy,
+                "limit": decision.limit,
+                "remaining": decision.remaining,
+                "reset_after_ms": decision.reset_after_ms,
+                "held_in_memory": held,
+            }))
+        }
+    };
+    let policies = limiter.policies();
+    let now = limiter.now();
+    let mut body = json!({
+        "node_id": limiter.node_id(),
+        "replica_id": format!("{:016x}", limiter.store().replica().0),
+        "version": env!("CARGO_PKG_VERSION"),
+        "ready": limiter.is_ready(),
+        "uptime_s": now.saturating_sub(limiter.started()) / 1_000_000,
+        "topology": "single-node",
+        "peers": [],
+        "keys": limiter.store().len(),
+        "policies": policies.iter().map(|p| PolicyStatus {
+            name: &p.name,
+            capacity: p.rate.capacity(),
+            refill_interval_ms: p.rate.interval_ms(),
+            fill_rate_per_second: p.rate.fill_rate_per_second(),
+            mode: p.mode,
+            overrides: p.overrides().count(),
+        }).collect::<Vec<_>>(),
+        "snapshot": { "enabled": false },
+    });
+    if let Some(bucket) = bucket {
+        body["bucket"] = bucket;
+    }
+    Ok(Json(body).into_response())
+}
+
+/// Liveness: the process answers.
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Readiness: a latch set once start-up recovery is done.
+pub async fn ready(State(state): State<AppState>) -> Response {
+    if state.limiter.is_ready() {
+        Json(json!({ "status": "ready" })).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "starting" })),
+        )
+            .into_response()
+    }
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.limiter.render_metrics(),
+    )
+        .into_response()
+}

@@ -1,0 +1,248 @@
+//! The limiter's Prometheus series: one registry, built at start, names from
+//! [`openclaw_common::metric_names`], labels bounded (policy, decision, reason, route — never a
+//! client key). `docs/metrics.md` documents every series.
+
+use std::sync::atomic::AtomicU64;
+
+use openclaw_common::metric_names as names;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub policy: String,
+    pub decision: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub version: &'static str,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Counter handles for one policy, resolved once per policy load so that a decision bumps two
+/// atomics instead of hashing label sets.
+#[derive(Clone, Debug)]
+pub struct PolicyCounters {
+    pub allowed: Counter,
+    pub rejected: Counter,
+    pub tokens: Counter,
+}
+
+impl PolicyCounters {
+    #[inline]
+    pub fn count(&self, outcome: &crate::bucket::Outcome, cost: u64) {
+        if outcome.allowed {
+            self.allowed.inc();
+            self.tokens.inc_by(cost);
+        } else {
+            self.rejected.inc();
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<DecisionLabels, Counter>,
+    tokens: Family<PolicyLabels, Counter>,
+    pub bad_requests: Family<ReasonLabels, Counter>,
+    pub http_duration: HistogramFamily<RouteLabels>,
+    pub active_buckets: Family<PolicyLabels, Gauge>,
+    pub tokens_available: Family<PolicyLabels, Gauge>,
+    pub capacity: Family<PolicyLabels, Gauge>,
+    pub fill_rate: Family<PolicyLabels, FloatGauge>,
+    pub current_usage: Family<PolicyLabels, Gauge>,
+    pub rejection_rate: Family<PolicyLabels, FloatGauge>,
+    pub refill_delay: FloatGauge,
+    pub policy_reloads: Family<ResultLabels, Counter>,
+    pub policy_reload_ok: Gauge,
+}
+
+/// prometheus-client appends `_total` to counters itself.
+fn counter_name(name: &'static str) -> &'static str {
+    name.strip_suffix("_total").unwrap_or(name)
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs to ~0.8 s: a decision is tens of microseconds, a slow one is worth seeing.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 15))
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let metrics = Self {
+            requests: Family::default(),
+            tokens: Family::default(),
+            bad_requests: Family::default(),
+            http_duration: Family::new_with_constructor(latency_histogram),
+            active_buckets: Family::default(),
+            tokens_available: Family::default(),
+            capacity: Family::default(),
+            fill_rate: Family::default(),
+            current_usage: Family::default(),
+            rejection_rate: Family::default(),
+            refill_delay: FloatGauge::default(),
+            policy_reloads: Family::default(),
+            policy_reload_ok: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            counter_name(names::REQUESTS_TOTAL),
+            "Rate-limit decisions, by policy and decision (allowed or rejected)",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            counter_name(names::TOKENS_CONSUMED_TOTAL),
+            "Tokens admitted by this replica, by policy",
+            metrics.tokens.clone(),
+        );
+        registry.register(
+            counter_name(names::BAD_REQUESTS_TOTAL),
+            "Requests refused as malformed before any decision, by reason",
+            metrics.bad_requests.clone(),
+        );
+        registry.register(
+            names::HTTP_REQUEST_DURATION_SECONDS,
+            "Time to answer an HTTP request on the decision API, by route",
+            metrics.http_duration.clone(),
+        );
+        registry.register(
+            names::ACTIVE_BUCKETS,
+            "Buckets holding consumption (not full), by policy",
+            metrics.active_buckets.clone(),
+        );
+        registry.register(
+            names::TOKENS_AVAILABLE,
+            "Whole tokens in the most depleted bucket of the policy (capacity when none is active)",
+            metrics.tokens_available.clone(),
+        );
+        registry.register(
+            names::TOKEN_BUCKET_CAPACITY,
+            "Tokens each bucket of the policy holds when full",
+            metrics.capacity.clone(),
+        );
+        registry.register(
+            names::TOKEN_BUCKET_FILL_RATE,
+            "Tokens added to each bucket of the policy per second",
+            metrics.fill_rate.clone(),
+        );
+        registry.register(
+            names::TOKEN_BUCKET_CURRENT_USAGE,
+            "Tokens consumed and not yet refilled in the most depleted bucket of the policy",
+            metrics.current_usage.clone(),
+        );
+        registry.register(
+            names::TOKEN_BUCKET_REJECTION_RATE,
+            "Share of decisions rejected over the last minute, 0 to 1, by policy",
+            metrics.rejection_rate.clone(),
+        );
+        registry.register(
+            names::TOKEN_BUCKET_REFILL_DELAY,
+            "Seconds since the refill and reclamation pass last completed (healthy: about 1)",
+            metrics.refill_delay.clone(),
+        );
+        registry.register(
+            counter_name(names::POLICY_RELOADS_TOTAL),
+            "Attempts to load the policies file, by result (success or failure)",
+            metrics.policy_reloads.clone(),
+        );
+        registry.register(
+            names::POLICY_CONFIG_LAST_RELOAD_SUCCESSFUL,
+            "1 if the last attempt to load the policies file succeeded, else 0",
+            metrics.policy_reload_ok.clone(),
+        );
+        let build_info: Family<VersionLabels, Gauge> = Family::default();
+        build_info
+            .get_or_create(&VersionLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register(
+            names::BUILD_INFO,
+            "Build of this limiter, value 1",
+            build_info,
+        );
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+
+    pub fn policy_counters(&self, policy: &str) -> PolicyCounters {
+        let label = |decision| DecisionLabels {
+            policy: policy.to_owned(),
+            decision,
+        };
+        // One statement per handle: `get_or_create` returns a read guard, and a second call on
+        // the same family while it lives would wait for the write lock forever.
+        let allowed = self.requests.get_or_create(&label("allowed")).clone();
+        let rejected = self.requests.get_or_create(&label("rejected")).clone();
+        let tokens = self
+            .tokens
+            .get_or_create(&PolicyLabels {
+                policy: policy.to_owned(),
+            })
+            .clone();
+        PolicyCounters {
+            allowed,
+            rejected,
+            tokens,
+        }
+    }
+
+    /// Stop exporting the per-policy gauges of a policy that a reload removed. Its counters stay:
+    /// counters must not go backwards or vanish while Prometheus computes rates over them.
+    pub fn forget_policy(&self, policy: &str) {
+        let labels = PolicyLabels {
+            policy: policy.to_owned(),
+        };
+        self.active_buckets.remove(&labels);
+        self.tokens_available.remove(&labels);
+        self.capacity.remove(&labels);
+        self.fill_rate.remove(&labels);
+        self.current_usage.remove(&labels);
+        self.rejection_rate.remove(&labels);
+    }
+
+    /// The Prometheus text exposition (OpenMetrics) of every series.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

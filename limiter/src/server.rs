@@ -1,0 +1,148 @@
+//! Process lifecycle: start the background tasks, serve until the shutdown signal, drain for a
+//! bounded grace period, stop the tasks.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::http::{AppState, router};
+use crate::service::Limiter;
+
+/// How often the refill-and-reclaim pass runs (and so how fresh the usage gauges are).
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub api_key: Option<String>,
+    pub policies_path: Option<PathBuf>,
+    /// The policies file's text already applied at start, so the watcher only reacts to changes.
+    pub policies_text: Option<String>,
+    pub policies_reload: Duration,
+    pub shutdown_grace: Duration,
+}
+
+/// Serve the decision API on `listener` until `shutdown` completes, then give in-flight requests
+/// `shutdown_grace` to finish.
+pub async fn serve(
+    listener: TcpListener,
+    limiter: Arc<Limiter>,
+    options: ServerOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(
+        sweeper(limiter.clone(), stop_rx.clone()).instrument(tracing::info_span!("sweeper")),
+    );
+    if let Some(path) = options.policies_path.clone() {
+        let span = tracing::info_span!("policy_watcher", path = %path.display());
+        tasks.spawn(
+            watch_policies(
+                limiter.clone(),
+                path,
+                options.policies_text.clone(),
+                options.policies_reload,
+                stop_rx.clone(),
+            )
+            .instrument(span),
+        );
+    }
+
+    let app = router(AppState {
+        limiter: limiter.clone(),
+        api_key: options.api_key.map(Arc::from),
+    });
+    limiter.mark_ready();
+
+    let mut signalled = stop_rx.clone();
+    let stop = stop_tx.clone();
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutdown requested: draining in-flight requests");
+        let _ = stop.send(true);
+    });
+    let grace = options.shutdown_grace;
+    let result = tokio::select! {
+        result = server => result,
+        _ = async move {
+            let _ = signalled.wait_for(|stopped| *stopped).await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!(grace_s = grace.as_secs(), "grace period over: closing remaining connections");
+            Ok(())
+        }
+    };
+    let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    result
+}
+
+async fn sweeper(limiter: Arc<Limiter>, mut stop: watch::Receiver<bool>) {
+    let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {
+                let reclaimed = limiter.sweep();
+                tracing::trace!(reclaimed, keys = limiter.store().len(), "sweep");
+            }
+            _ = stop.wait_for(|stopped| *stopped) => return,
+        }
+    }
+}
+
+/// Polls the file's contents (robust to editors' rename-on-save and to Kubernetes' ConfigMap
+/// symlink swaps, which file-event watchers miss) and applies a changed file if it is valid.
+async fn watch_policies(
+    limiter: Arc<Limiter>,
+    path: PathBuf,
+    mut applied: Option<String>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_error: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.wait_for(|stopped| *stopped) => return,
+        }
+        let text = match tokio::fs::read_to_string(&path).await {
+            Ok(text) => text,
+            Err(e) => {
+                let message = format!("cannot read the policies file: {e}");
+                if last_error.as_deref() != Some(message.as_str()) {
+                    tracing::error!("{message}; keeping the last good policies");
+                    last_error = Some(message);
+                }
+                continue;
+            }
+        };
+        if applied.as_deref() == Some(text.as_str()) {
+            continue;
+        }
+        match limiter.reload_policies(&text) {
+            Ok(()) => {
+                tracing::info!(policies = limiter.policies().len(), "policies reloaded");
+                last_error = None;
+            }
+            Err(problems) => {
+                tracing::error!(
+                    "policies file rejected, keeping the last good policies: {problems}"
+                );
+            }
+        }
+        applied = Some(text);
+    }
+}

@@ -1,0 +1,476 @@
+//! The limiter as the HTTP layer (and later the replication layer) sees it: decisions by policy
+//! name, policy reloads, and the periodic refill-and-reclaim pass that also feeds the gauges.
+//!
+//! It owns the effects the pure core avoids: it reads the clock once per decision, bumps
+//! counters, and swaps policy sets atomically so that a request sees one consistent set.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+
+use crate::bucket::{Micros, Outcome, Rate};
+use crate::clock::Clock;
+use crate::crdt::ReplicaId;
+use crate::metrics::{Metrics, PolicyCounters, PolicyLabels, ResultLabels};
+use crate::policy::{Mode, PolicyErrors, PolicyIds, PolicySet};
+use crate::store::{PolicyId, Store};
+
+/// Why a well-formed request could not be decided.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecideError {
+    #[error("unknown policy `{0}`")]
+    UnknownPolicy(String),
+    #[error(
+        "cost {cost} is above the capacity of policy `{policy}` for this key ({capacity}): it could never be granted"
+    )]
+    CostAboveCapacity {
+        policy: String,
+        cost: u64,
+        capacity: u64,
+    },
+}
+
+/// A decision and the rate it was made under (for the response headers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub outcome: Outcome,
+    pub rate: Rate,
+}
+
+/// The policies in force and their counter handles, swapped as one on reload.
+#[derive(Debug)]
+struct Active {
+    set: PolicySet,
+    /// Indexed by [`PolicyId`].
+    counters: Vec<Option<PolicyCounters>>,
+}
+
+/// Decisions per policy over the last minute, sampled by each sweep.
+#[derive(Debug, Default)]
+struct RejectionWindow {
+    /// (time, allowed so far, rejected so far), oldest first.
+    samples: VecDeque<(Micros, u64, u64)>,
+}
+
+const REJECTION_WINDOW_US: Micros = 60_000_000;
+
+impl RejectionWindow {
+    fn record(&mut self, now: Micros, allowed: u64, rejected: u64) -> f64 {
+        self.samples.push_back((now, allowed, rejected));
+        while self
+            .samples
+            .front()
+            .is_some_and(|&(t, ..)| now.saturating_sub(t) > REJECTION_WINDOW_US)
+        {
+            self.samples.pop_front();
+        }
+        let (_, allowed0, rejected0) = self.samples.front().copied().unwrap_or_default();
+        let rejected = rejected.saturating_sub(rejected0);
+        let total = rejected + allowed.saturating_sub(allowed0);
+        if total == 0 {
+            0.0
+        } else {
+            rejected as f64 / total as f64
+        }
+    }
+}
+
+/// Everything needed to build a [`Limiter`].
+#[derive(Debug)]
+pub struct LimiterOptions {
+    pub node_id: String,
+    pub replica: ReplicaId,
+    pub default_rate: Rate,
+    pub clock: Arc<dyn Clock>,
+    pub shards: usize,
+}
+
+#[derive(Debug)]
+pub struct Limiter {
+    node_id: String,
+    store: Store,
+    default_rate: Rate,
+    ids: PolicyIds,
+    active: ArcSwap<Active>,
+    clock: Arc<dyn Clock>,
+    metrics: Metrics,
+    windows: Mutex<HashMap<PolicyId, RejectionWindow>>,
+    last_sweep: AtomicU64,
+    started: Micros,
+    ready: AtomicBool,
+}
+
+impl Limiter {
+    /// A limiter with only the `default` policy.
+    pub fn new(options: LimiterOptions) -> Self {
+        let ids = PolicyIds::default();
+        let metrics = Metrics::new();
+        let set = PolicySet::single(options.default_rate, &ids);
+        let active = Active::build(set, &metrics);
+        let now = options.clock.now();
+        let limiter = Self {
+            node_id: options.node_id,
+            store: Store::new(options.replica, options.shards),
+            default_rate: options.default_rate,
+            ids,
+            active: ArcSwap::from_pointee(active),
+            clock: options.clock,
+            metrics,
+            windows: Mutex::default(),
+            last_sweep: AtomicU64::new(now),
+            started: now,
+            ready: AtomicBool::new(false),
+        };
+        limiter.publish_policy_gauges();
+        limiter
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn now(&self) -> Micros {
+        self.clock.now()
+    }
+
+    pub fn started(&self) -> Micros {
+        self.started
+    }
+
+    /// The policies in force now.
+    pub fn policies(&self) -> PolicySet {
+        self.active.load().set.clone()
+    }
+
+    /// Readiness is a latch: set once start-up recovery is done.
+    pub fn mark_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Spend `cost` tokens of `key` under `policy` if its bucket holds them.
+    #[inline]
+    pub fn decide(&self, policy: &str, key: &str, cost: u64) -> Result<Verdict, DecideError> {
+        let active = self.active.load();
+        let (policy, counters) = active.lookup(policy)?;
+        let rate = policy.rate_for(key);
+        if cost > rate.capacity() {
+            return Err(DecideError::CostAboveCapacity {
+                policy: policy.name.clone(),
+                cost,
+                capacity: rate.capacity(),
+            });
+        }
+        let outcome = self
+            .store
+            .decide(policy.id, key, rate, cost, self.clock.now());
+        counters.count(&outcome, cost);
+        Ok(Verdict { outcome, rate })
+    }
+
+    /// Decide several requests against one consistent policy set. Every request is checked
+    /// before any is decided, so an invalid one (its index is returned) changes nothing.
+    pub fn decide_all(
+        &self,
+        requests: &[(&str, &str, u64)],
+    ) -> Result<Vec<Verdict>, (usize, DecideError)> {
+        let active = self.active.load();
+        for (i, &(policy, key, cost)) in requests.iter().enumerate() {
+            let (policy, _) = active.lookup(policy).map_err(|e| (i, e))?;
+            let capacity = policy.rate_for(key).capacity();
+            if cost > capacity {
+                let policy = policy.name.clone();
+                return Err((
+                    i,
+                    DecideError::CostAboveCapacity {
+                        policy,
+                        cost,
+                        capacity,
+                    },
+                ));
+            }
+        }
+        let now = self.clock.now();
+        let verdicts = requests
+            .iter()
+            .map(|&(policy, key, cost)| {
+                let (policy, counters) = active.lookup(policy).expect("checked above");
+                let rate = policy.rate_for(key);
+                let outcome = self.store.decide(policy.id, key, rate, cost, now);
+                counters.count(&outcome, cost);
+                Verdict { outcome, rate }
+            })
+            .collect();
+        Ok(verdicts)
+    }
+
+    /// What a decision for `cost` would see, without spending.
+    pub fn peek(&self, policy: &str, key: &str, cost: u64) -> Result<(Verdict, bool), DecideError> {
+        let active = self.active.load();
+        let (policy, _) = active.lookup(policy)?;
+        let rate = policy.rate_for(key);
+        let outcome = self.store.peek(
+            policy.id,
+            key,
+            rate,
+            cost.min(rate.capacity()),
+            self.clock.now(),
+        );
+        Ok((
+            Verdict { outcome, rate },
+            self.store.contains(policy.id, key),
+        ))
+    }
+
+    /// Replace the policies with those in `text` (a policies file), keeping the current ones if
+    /// it has any problem. Buckets of policies that remain keep their state.
+    pub fn reload_policies(&self, text: &str) -> Result<(), PolicyErrors> {
+        let result = PolicySet::from_yaml(text, self.default_rate, &self.ids);
+        let outcome = if result.is_ok() { "success" } else { "failure" };
+        self.metrics
+            .policy_reloads
+            .get_or_create(&ResultLabels { result: outcome })
+            .inc();
+        self.metrics.policy_reload_ok.set(i64::from(result.is_ok()));
+        let set = result?;
+        let previous = self
+            .active
+            .swap(Arc::new(Active::build(set, &self.metrics)));
+        let current = self.active.load();
+        for gone in previous
+            .set
+            .iter()
+            .filter(|p| current.set.get(&p.name).is_none())
+        {
+            self.metrics.forget_policy(&gone.name);
+        }
+        self.publish_policy_gauges();
+        Ok(())
+    }
+
+    fn publish_policy_gauges(&self) {
+        for policy in self.active.load().set.iter() {
+            let labels = PolicyLabels {
+                policy: policy.name.clone(),
+            };
+            self.metrics
+                .capacity
+                .get_or_create(&labels)
+                .set(policy.rate.capacity() as i64);
+            self.metrics
+                .fill_rate
+                .get_or_create(&labels)
+                .set(policy.rate.fill_rate_per_second());
+        }
+    }
+
+    /// One refill-and-reclaim pass: drop buckets that are full again, then publish per-policy
+    /// usage gauges and the rejection ratio. Runs every second from a background task.
+    pub fn sweep(&self) -> usize {
+        let now = self.clock.now();
+        let active = self.active.load();
+        let report = self.store.sweep(now, |id, key| {
+            active.set.by_id(id).map(|policy| policy.rate_for(key))
+        });
+        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        for policy in active.set.iter() {
+            let labels = PolicyLabels {
+                policy: policy.name.clone(),
+            };
+            let usage = report
+                .usage
+                .iter()
+                .find(|(id, _)| *id == policy.id)
+                .map(|(_, usage)| *usage)
+                .unwrap_or_default();
+            let capacity = policy.rate.capacity();
+            let available = usage.min_available.unwrap_or(capacity).min(capacity);
+            let m = &self.metrics;
+            m.active_buckets
+                .get_or_create(&labels)
+                .set(usage.active as i64);
+            m.tokens_available
+                .get_or_create(&labels)
+                .set(available as i64);
+            m.current_usage
+                .get_or_create(&labels)
+                .set((capacity - available) as i64);
+            if let Some(counters) = active.counters_of(policy.id) {
+                let ratio = windows.entry(policy.id).or_default().record(
+                    now,
+                    counters.allowed.get(),
+                    counters.rejected.get(),
+                );
+                m.rejection_rate.get_or_create(&labels).set(ratio);
+            }
+        }
+        windows.retain(|id, _| active.set.by_id(*id).is_some());
+        self.last_sweep.store(now, Ordering::Relaxed);
+        report.reclaimed
+    }
+
+    /// Prometheus exposition; gauges computed at scrape time are refreshed first.
+    pub fn render_metrics(&self) -> String {
+        let since_sweep = self
+            .clock
+            .now()
+            .saturating_sub(self.last_sweep.load(Ordering::Relaxed));
+        self.metrics.refill_delay.set(since_sweep as f64 / 1e6);
+        self.metrics.encode()
+    }
+
+    /// Modes in use, for `/status`.
+    pub fn modes(&self) -> Vec<Mode> {
+        let mut modes: Vec<Mode> = self.active.load().set.iter().map(|p| p.mode).collect();
+        modes.dedup();
+        modes
+    }
+}
+
+impl Active {
+    fn build(set: PolicySet, metrics: &Metrics) -> Self {
+        let mut counters = Vec::new();
+        for policy in set.iter() {
+            let slot = policy.id.0 as usize;
+            if counters.len() <= slot {
+                counters.resize(slot + 1, None);
+            }
+            counters[slot] = Some(metrics.policy_counters(&policy.name));
+        }
+        Self { set, counters }
+    }
+
+    fn counters_of(&self, id: PolicyId) -> Option<&PolicyCounters> {
+        self.counters.get(id.0 as usize)?.as_ref()
+    }
+
+    #[inline]
+    fn lookup(&self, name: &str) -> Result<(&crate::policy::Policy, &PolicyCounters), DecideError> {
+        let policy = self
+            .set
+            .get(name)
+            .ok_or_else(|| DecideError::UnknownPolicy(name.to_owned()))?;
+        let counters = self
+            .counters_of(policy.id)
+            .expect("counters are built for every policy in the set");
+        Ok((policy, counters))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    fn limiter(clock: Arc<ManualClock>) -> Limiter {
+        Limiter::new(LimiterOptions {
+            node_id: "test".into(),
+            replica: ReplicaId(1),
+            default_rate: Rate::try_new(10, 1000).unwrap(),
+            clock,
+            shards: 4,
+        })
+    }
+
+    #[test]
+    fn reload_keeps_buckets_of_policies_that_remain() {
+        let clock = Arc::new(ManualClock::at(1_000_000));
+        let limiter = limiter(clock.clone());
+        limiter.decide("default", "k", 7).unwrap();
+        limiter
+            .reload_policies("policies:\n  extra: {capacity: 5, refill_interval_ms: 1000}\n")
+            .unwrap();
+        assert_eq!(
+            limiter.decide("default", "k", 1).unwrap().outcome.remaining,
+            2
+        );
+        assert!(limiter.decide("extra", "k", 5).unwrap().outcome.allowed);
+    }
+
+    #[test]
+    fn failed_reload_keeps_the_last_good_policies() {
+        let clock = Arc::new(ManualClock::at(0));
+        let limiter = limiter(clock);
+        limiter
+            .reload_policies("policies:\n  extra: {capacity: 5, refill_interval_ms: 1000}\n")
+            .unwrap();
+        assert!(
+            limiter
+                .reload_policies("policies:\n  extra: {capacity: 0}\n")
+                .is_err()
+        );
+        assert!(limiter.decide("extra", "k", 5).is_ok());
+        let text = limiter.render_metrics();
+        assert!(
+            text.contains("openclaw_policy_config_last_reload_successful 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("openclaw_policy_reloads_total{result=\"failure\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn sweep_publishes_usage_and_rejection_ratio() {
+        let clock = Arc::new(ManualClock::at(0));
+        let limiter = limiter(clock.clone());
+        limiter.sweep();
+        for _ in 0..3 {
+            limiter.decide("default", "hot", 4).unwrap();
+        }
+        clock.advance_us(100_000); // one token refilled
+        limiter.sweep();
+        let text = limiter.render_metrics();
+        for line in [
+            "openclaw_active_buckets{policy=\"default\"} 1",
+            "openclaw_tokens_available{policy=\"default\"} 3",
+            "token_bucket_current_usage{policy=\"default\"} 7",
+            "token_bucket_capacity{policy=\"default\"} 10",
+            "token_bucket_fill_rate{policy=\"default\"} 10.0",
+            "openclaw_requests_total{policy=\"default\",decision=\"allowed\"} 2",
+            "openclaw_requests_total{policy=\"default\",decision=\"rejected\"} 1",
+            "openclaw_tokens_consumed_total{policy=\"default\"} 8",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        let ratio = text
+            .lines()
+            .find(|l| l.starts_with("token_bucket_rejection_rate{policy=\"default\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap();
+        assert!((ratio - 1.0 / 3.0).abs() < 1e-9, "{ratio}");
+    }
+
+    #[test]
+    fn cost_above_capacity_is_refused_before_touching_state() {
+        let limiter = limiter(Arc::new(ManualClock::at(0)));
+        assert!(matches!(
+            limiter.decide("default", "k", 11),
+            Err(DecideError::CostAboveCapacity {
+                cost: 11,
+                capacity: 10,
+                ..
+            })
+        ));
+        assert!(limiter.store().is_empty());
+        assert_eq!(
+            limiter.decide("nope", "k", 1),
+            Err(DecideError::UnknownPolicy("nope".into()))
+        );
+    }
+}

@@ -1,0 +1,288 @@
+//! Every bucket this replica knows, in a sharded hash table.
+//!
+//! The hot path hashes (policy, key) once, locks one of many shards for a few dozen nanoseconds,
+//! and runs the pure [`BucketState`] arithmetic under that lock. Nothing here reads a clock or
+//! does I/O: callers pass `now`. Buckets exist only while they hold consumption; the periodic
+//! [`Store::sweep`] drops buckets that have refilled, so idle clients cost no memory.
+
+use std::hash::BuildHasher;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use compact_str::CompactString;
+use hashbrown::HashTable;
+
+use crate::bucket::{Micros, Outcome, Rate};
+use crate::crdt::{BucketState, ReplicaId};
+
+/// Stable number of a policy name for the life of the process (survives reloads).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct PolicyId(pub u32);
+
+/// One bucket. Boxed in the table so the table's slots stay 8 bytes: a half-empty table after
+/// growth then wastes pointers, not whole entries.
+#[derive(Debug)]
+struct Entry {
+    policy: PolicyId,
+    key: CompactString,
+    state: BucketState,
+}
+
+/// Padded so that two shards' locks never share a cache line.
+#[repr(align(128))]
+#[derive(Debug, Default)]
+struct Shard {
+    table: Mutex<HashTable<Box<Entry>>>,
+}
+
+/// What one pass of [`Store::sweep`] saw of one policy's buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PolicyUsage {
+    /// Buckets holding consumption (not full).
+    pub active: u64,
+    /// Whole tokens in the most depleted active bucket, if any.
+    pub min_available: Option<u64>,
+}
+
+/// The result of one [`Store::sweep`].
+#[derive(Debug, Clone, Default)]
+pub struct SweepReport {
+    /// Buckets dropped because they were full again, or their policy is gone.
+    pub reclaimed: usize,
+    pub usage: Vec<(PolicyId, PolicyUsage)>,
+}
+
+#[derive(Debug)]
+pub struct Store {
+    shards: Box<[Shard]>,
+    shard_mask: usize,
+    hasher: foldhash::fast::FixedState,
+    replica: ReplicaId,
+    last_incarnation: AtomicU64,
+    len: AtomicUsize,
+}
+
+impl Store {
+    /// An empty store for `replica`. `shards` is rounded up to a power of two.
+    pub fn new(replica: ReplicaId, shards: usize) -> Self {
+        let shards = shards.max(1).next_power_of_two();
+        Self {
+            shards: (0..shards).map(|_| Shard::default()).collect(),
+            shard_mask: shards - 1,
+            hasher: foldhash::fast::FixedState::with_seed(replica.0),
+            replica,
+            last_incarnation: AtomicU64::new(0),
+            len: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn replica(&self) -> ReplicaId {
+        self.replica
+    }
+
+    /// Buckets currently held.
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    #[inline]
+    fn hash(&self, policy: PolicyId, key: &str) -> u64 {
+        self.hasher.hash_one((policy.0, key))
+    }
+
+    #[inline]
+    fn shard(&self, hash: u64) -> &Shard {
+        // The table uses the low bits (slot) and the top 7 bits (tag) of the hash; pick the
+        // shard from bits in between so that neither is correlated with the shard.
+        &self.shards[(hash >> 32) as usize & self.shard_mask]
+    }
+
+    /// A stamp later than any incarnation this store issued before, and not before `now`.
+    fn next_incarnation(&self, now: Micros) -> Micros {
+        let previous = self
+            .last_incarnation
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+                Some(now.max(last + 1))
+            })
+            .unwrap_or_else(|last| last);
+        now.max(previous + 1)
+    }
+
+    /// Spend `cost` tokens of (policy, key) at `now` if its bucket holds them.
+    #[inline]
+    pub fn decide(
+        &self,
+        policy: PolicyId,
+        key: &str,
+        rate: Rate,
+        cost: u64,
+        now: Micros,
+    ) -> Outcome {
+        let hash = self.hash(policy, key);
+        let shard = self.shard(hash);
+        let mut table = shard
+            .table
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(entry) = table.find_mut(hash, |e| e.policy == policy && e.key == key) {
+            return entry.state.try_consume_at(
+                rate,
+                self.replica,
+                || self.next_incarnation(now),
+                cost,
+                now,
+            );
+        }
+        let mut state = BucketState::full_at(now);
+        let outcome =
+            state.try_consume_at(rate, self.replica, || self.next_incarnation(now), cost, now);
+        if outcome.allowed {
+            let entry = Box::new(Entry {
+                policy,
+                key: CompactString::from(key),
+                state,
+            });
+            table.insert_unique(hash, entry, |e| self.hash(e.policy, &e.key));
+            self.len.fetch_add(1, Ordering::Relaxed);
+        }
+        outcome
+    }
+
+    /// What a decision for `cost` tokens would see at `now`, without spending anything.
+    pub fn peek(&self, policy: PolicyId, key: &str, rate: Rate, cost: u64, now: Micros) -> Outcome {
+        let hash = self.hash(policy, key);
+        let table = self
+            .shard(hash)
+            .table
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match table.find(hash, |e| e.policy == policy && e.key == key) {
+            Some(entry) => entry.state.peek_at(rate, cost, now),
+            None => BucketState::full_at(now).peek_at(rate, cost, now),
+        }
+    }
+
+    /// Whether (policy, key) currently has a bucket in memory.
+    pub fn contains(&self, policy: PolicyId, key: &str) -> bool {
+        let hash = self.hash(policy, key);
+        let table = self
+            .shard(hash)
+            .table
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        table
+            .find(hash, |e| e.policy == policy && e.key == key)
+            .is_some()
+    }
+
+    /// Drop every bucket that is full at `now` (or whose policy `rate_of` no longer knows), and
+    /// report what the others hold. `rate_of(policy, key)` gives the rate in force for a key.
+    /// Locks one shard at a time, so decisions on other shards proceed while it runs.
+    pub fn sweep(
+        &self,
+        now: Micros,
+        rate_of: impl Fn(PolicyId, &str) -> Option<Rate>,
+    ) -> SweepReport {
+        let mut report = SweepReport::default();
+        for shard in self.shards.iter() {
+            let mut table = shard.table.lock().unwrap_or_else(|p| p.into_inner());
+            let before = table.len();
+            table.retain(|entry| {
+                let Some(rate) = rate_of(entry.policy, &entry.key) else {
+                    return false;
+                };
+                if entry.state.is_full_at(rate, now) {
+                    return false;
+                }
+                let available = rate.whole_tokens(entry.state.level_scaled_at(rate, now));
+                let usage = match report.usage.iter_mut().find(|(p, _)| *p == entry.policy) {
+                    Some((_, usage)) => usage,
+                    None => {
+                        report.usage.push((entry.policy, PolicyUsage::default()));
+                        &mut report.usage.last_mut().expect("just pushed").1
+                    }
+                };
+                usage.active += 1;
+                usage.min_available =
+                    Some(usage.min_available.map_or(available, |m| m.min(available)));
+                true
+            });
+            let dropped = before - table.len();
+            self.len.fetch_sub(dropped, Ordering::Relaxed);
+            report.reclaimed += dropped;
+        }
+        report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: PolicyId = PolicyId(0);
+
+    fn rate() -> Rate {
+        Rate::try_new(10, 1000).unwrap()
+    }
+
+    #[test]
+    fn keys_and_policies_have_separate_buckets() {
+        let store = Store::new(ReplicaId(1), 4);
+        assert!(store.decide(P, "a", rate(), 10, 0).allowed);
+        assert!(!store.decide(P, "a", rate(), 1, 0).allowed);
+        assert!(store.decide(P, "b", rate(), 10, 0).allowed);
+        assert!(store.decide(PolicyId(1), "a", rate(), 10, 0).allowed);
+        assert_eq!(store.len(), 3);
+    }
+
+    #[test]
+    fn peek_spends_nothing_and_creates_no_bucket() {
+        let store = Store::new(ReplicaId(1), 4);
+        assert_eq!(store.peek(P, "a", rate(), 1, 0).remaining, 10);
+        assert!(store.is_empty());
+        store.decide(P, "a", rate(), 4, 0);
+        assert_eq!(store.peek(P, "a", rate(), 1, 0).remaining, 6);
+        assert_eq!(store.peek(P, "a", rate(), 1, 0).remaining, 6);
+    }
+
+    #[test]
+    fn sweep_reclaims_refilled_buckets_and_reports_the_rest() {
+        let store = Store::new(ReplicaId(1), 4);
+        store.decide(P, "small", rate(), 1, 0);
+        store.decide(P, "big", rate(), 9, 0);
+        store.decide(PolicyId(7), "orphan", rate(), 1, 0);
+        // 0.5 s later "small" has refilled; "big" holds 1 + 5 tokens; policy 7 was removed.
+        let report = store.sweep(500_000, |p, _| (p == P).then(rate));
+        assert_eq!(report.reclaimed, 2);
+        assert_eq!(store.len(), 1);
+        assert!(store.contains(P, "big"));
+        assert_eq!(
+            report.usage,
+            vec![(
+                P,
+                PolicyUsage {
+                    active: 1,
+                    min_available: Some(6)
+                }
+            )]
+        );
+        // After it refills, it goes too, and a fresh decision starts from a full bucket.
+        store.sweep(1_000_000, |_, _| Some(rate()));
+        assert!(store.is_empty());
+        assert_eq!(store.decide(P, "big", rate(), 1, 1_000_000).remaining, 9);
+    }
+
+    #[test]
+    fn incarnations_increase_even_when_the_clock_does_not() {
+        let store = Store::new(ReplicaId(1), 1);
+        let first = store.next_incarnation(100);
+        let second = store.next_incarnation(100);
+        let third = store.next_incarnation(50);
+        assert_eq!(first, 100);
+        assert!(second > first && third > second);
+    }
+}
