@@ -88,7 +88,10 @@ impl Stack {
         // a short timeout (so the outage test is quick).
         let yaml = DEFAULT_YAML
             .replace("timeout: 2s", "timeout: 1s")
-            .replace("cache_ttl: 5s", "cache_ttl: 0s");
+            .replace("cache_ttl: 5s", "cache_ttl: 0s")
+            // A rule whose value only changes at scrapes (no rate() extrapolation), so the
+            // adapter's answer can be compared with Prometheus' exactly.
+            + "\n  - name: e2e_requests_total\n    query: sum(openclaw_requests_total)\n    selectable_labels: [policy, decision]\n";
         assert_ne!(
             yaml, DEFAULT_YAML,
             "the default config changed shape; update this test"
@@ -162,102 +165,120 @@ impl Stack {
 
     /// Asks Prometheus, then the adapter, then Prometheus again, until both direct answers agree
     /// (no scrape landed in between), and returns (direct, served).
-    fn compare(&self, metric: &str, selector: &str, promql: &str) -> (String, String) {
+    fn served(&self, metric: &str, selector: &str) -> (u16, Value) {
         let query = if selector.is_empty() {
             String::new()
         } else {
             format!("?labelSelector={selector}")
         };
-        wait_until(Duration::from_secs(20), "a stable comparison", || {
-            let before = self.direct(promql)?;
-            let (status, body, _) = self.adapter_get(&format!("{LIST}/{metric}{query}"));
-            assert_eq!(status, 200, "{metric}?{selector}: {body}");
-            let after = self.direct(promql)?;
-            (before == after).then(|| {
-                (
-                    before,
-                    body["items"][0]["value"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_owned(),
-                )
-            })
-        })
+        let (status, body, _) = self.adapter_get(&format!("{LIST}/{metric}{query}"));
+        (status, body)
+    }
+
+    /// Asks Prometheus, then the adapter, then Prometheus again, until both direct answers agree
+    /// (no scrape landed in between), and returns (direct, served). For queries whose value
+    /// only changes when a scrape lands.
+    fn compare_exact(&self, metric: &str, selector: &str, promql: &str) -> (String, String) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            let before = self.direct(promql);
+            let (status, body) = self.served(metric, selector);
+            let after = self.direct(promql);
+            let served = body["items"][0]["value"].as_str().map(str::to_owned);
+            if status == 200
+                && let (Some(b), Some(a), Some(v)) = (&before, &after, &served)
+                && b == a
+            {
+                return (b.clone(), v.clone());
+            }
+            last = format!(
+                "direct before {before:?}, adapter {status} {body}, direct after {after:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "no stable comparison of {metric}?{selector} with `{promql}` within 20s; last: {last}"
+        );
+    }
+
+    /// For rate() queries, whose value moves with the evaluation time itself (extrapolation to
+    /// the window's edges): the adapter's answer must lie between the direct answers taken just
+    /// before and just after it (1m of slack for rounding up to milli-units).
+    fn compare_bracketed(&self, metric: &str, selector: &str, promql: &str) -> i64 {
+        let milli = |q: &str| {
+            metrics_adapter::quantity::parse_quantity_milli(q)
+                .unwrap()
+                .0
+        };
+        let before = self
+            .direct(promql)
+            .unwrap_or_else(|| panic!("Prometheus has no value for {promql}"));
+        let (status, body) = self.served(metric, selector);
+        let after = self
+            .direct(promql)
+            .unwrap_or_else(|| panic!("Prometheus has no value for {promql}"));
+        assert_eq!(status, 200, "{metric}?{selector}: {body}");
+        let served = milli(body["items"][0]["value"].as_str().unwrap());
+        let (lo, hi) = (
+            milli(&before).min(milli(&after)),
+            milli(&before).max(milli(&after)),
+        );
+        assert!(
+            lo - 1 <= served && served <= hi + 1,
+            "{metric}?{selector}: served {served}m outside [{lo}m, {hi}m] from `{promql}`"
+        );
+        served
     }
 }
 
 #[test]
 fn the_adapter_serves_what_prometheus_answers_and_selectors_narrow_it() {
     let s = Stack::start();
+    let total = |sel: &str| format!("sum({}{sel})", m::REQUESTS_TOTAL);
 
-    let (direct, served) = s.compare(
-        m::EXTERNAL_REQUESTS_PER_SECOND,
-        "",
-        &format!("sum(rate({}[1m]))", m::REQUESTS_TOTAL),
-    );
-    assert_eq!(served, direct);
-
-    // Both decisions occur (capacity 5/s per key, ~10 requests/s per key).
+    // Exactly equal, with every selector operator, on a query that only moves at scrapes.
     wait_until(
         Duration::from_secs(30),
         "rejections to show in Prometheus",
-        || {
-            s.direct(&format!(
-                "sum(rate({}{{decision=\"rejected\"}}[1m]))",
-                m::REQUESTS_TOTAL
-            ))
-        },
-    );
-    for decision in ["allowed", "rejected"] {
-        let promql = format!(
-            "sum(rate({}{{decision=\"{decision}\"}}[1m]))",
-            m::REQUESTS_TOTAL
-        );
-        let (direct, served) = s.compare(
-            m::EXTERNAL_REQUESTS_PER_SECOND,
-            &format!("decision%3D{decision}"),
-            &promql,
-        );
-        assert_eq!(served, direct, "decision={decision}");
-    }
-    // A narrower selector serves less than the whole.
-    let (_, all) = s.compare(
-        m::EXTERNAL_REQUESTS_PER_SECOND,
-        "",
-        &format!("sum(rate({}[1m]))", m::REQUESTS_TOTAL),
-    );
-    let (_, allowed) = s.compare(
-        m::EXTERNAL_REQUESTS_PER_SECOND,
-        "decision%3Dallowed",
-        &format!(
-            "sum(rate({}{{decision=\"allowed\"}}[1m]))",
-            m::REQUESTS_TOTAL
-        ),
+        || s.direct(&total("{decision=\"rejected\"}")),
     );
     let milli = |q: &str| {
         metrics_adapter::quantity::parse_quantity_milli(q)
             .unwrap()
             .0
     };
-    assert!(
-        milli(&allowed) < milli(&all),
-        "allowed {allowed} should be below all {all}"
-    );
-
-    // `in` with an escaped alternation, and a policy that does not exist.
-    let (direct, served) = s.compare(
-        m::EXTERNAL_REQUESTS_PER_SECOND,
-        "decision%20in%20(allowed,rejected),policy%3Ddefault",
-        &format!(
-            "sum(rate({}{{decision=~\"allowed|rejected\",policy=\"default\"}}[1m]))",
-            m::REQUESTS_TOTAL
-        ),
-    );
+    let (direct, served) = s.compare_exact("e2e_requests_total", "", &total(""));
     assert_eq!(served, direct);
-    let (status, body, _) = s.adapter_get(&format!(
-        "{LIST}/{}?labelSelector=policy%3Dno-such-policy",
-        m::EXTERNAL_REQUESTS_PER_SECOND
-    ));
+    let all = milli(&served);
+    for (selector, matchers) in [
+        ("decision%3Dallowed", "{decision=\"allowed\"}"),
+        ("decision%3D%3Drejected", "{decision=\"rejected\"}"),
+        ("decision!%3Dallowed", "{decision!=\"allowed\"}"),
+        (
+            "decision%20in%20(allowed,rejected),policy%3Ddefault",
+            "{decision=~\"allowed|rejected\",policy=\"default\"}",
+        ),
+        ("decision%20notin%20(rejected)", "{decision!~\"rejected\"}"),
+        ("policy", "{policy!=\"\"}"),
+    ] {
+        let (direct, served) = s.compare_exact("e2e_requests_total", selector, &total(matchers));
+        assert_eq!(served, direct, "labelSelector={selector}");
+    }
+    // A narrower selector serves less than the whole.
+    let (_, allowed) = s.compare_exact(
+        "e2e_requests_total",
+        "decision%3Dallowed",
+        &total("{decision=\"allowed\"}"),
+    );
+    assert!(
+        milli(&allowed) < all,
+        "allowed {allowed} should be below all {all}m"
+    );
+    // `!policy`: no series lack the label, so nothing is left: a 404 that shows the PromQL.
+    let (status, body) = s.served("e2e_requests_total", "!policy");
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = s.served(m::EXTERNAL_REQUESTS_PER_SECOND, "policy%3Dno-such-policy");
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["kind"], "Status");
     assert!(
@@ -268,17 +289,34 @@ fn the_adapter_serves_what_prometheus_answers_and_selectors_narrow_it() {
         "{body}"
     );
 
-    // The depletion ratio, exactly as the shipped rule writes it.
+    // The shipped rules, compared with the same PromQL asked of Prometheus at the same moment.
+    let rps = |sel: &str| format!("sum(rate({}{sel}[1m]))", m::REQUESTS_TOTAL);
+    let all_rps = s.compare_bracketed(m::EXTERNAL_REQUESTS_PER_SECOND, "", &rps(""));
+    assert!(all_rps > 0);
+    let allowed_rps = s.compare_bracketed(
+        m::EXTERNAL_REQUESTS_PER_SECOND,
+        "decision%3Dallowed",
+        &rps("{decision=\"allowed\"}"),
+    );
+    assert!(
+        allowed_rps < all_rps,
+        "allowed {allowed_rps}m vs all {all_rps}m"
+    );
+    s.compare_bracketed(
+        m::EXTERNAL_REQUESTS_PER_SECOND,
+        "decision%3Drejected",
+        &rps("{decision=\"rejected\"}"),
+    );
     let depletion = format!(
         "sum(rate({}[1m])) / sum(max by (policy) ({}) * max by (policy) ({}))",
         m::TOKENS_CONSUMED_TOTAL,
         m::TOKEN_BUCKET_FILL_RATE,
         m::ACTIVE_BUCKETS
     );
-    let (direct, served) = s.compare(m::EXTERNAL_TOKEN_DEPLETION_RATE, "", &depletion);
-    assert_eq!(served, direct);
-    let (status, body, _) = s.adapter_get(&format!("{LIST}/{}", m::EXTERNAL_TOKEN_DEPLETION_RATE));
-    assert_eq!(status, 200);
+    let ratio = s.compare_bracketed(m::EXTERNAL_TOKEN_DEPLETION_RATE, "", &depletion);
+    assert!(ratio > 0, "tokens are being consumed: {ratio}m");
+    let (status, body) = s.served(m::EXTERNAL_TOKEN_DEPLETION_RATE, "policy%3Ddefault");
+    assert_eq!(status, 200, "{body}");
     assert_eq!(body["items"][0]["window"], 60);
     assert!(
         body["items"][0]["timestamp"]
@@ -286,6 +324,9 @@ fn the_adapter_serves_what_prometheus_answers_and_selectors_narrow_it() {
             .unwrap()
             .ends_with('Z')
     );
+    // Selecting by a label the depletion rule does not allow is a 400, not silently ignored.
+    let (status, body) = s.served(m::EXTERNAL_TOKEN_DEPLETION_RATE, "decision%3Dallowed");
+    assert_eq!(status, 400, "{body}");
 }
 
 #[test]
