@@ -219,7 +219,10 @@ fn json_fields(body: &[u8]) -> Result<Fields, ApiError> {
 fn query_fields(query: Option<&str>) -> Result<Fields, ApiError> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
         .map_err(|e| ApiError::InvalidQuery(format!("malformed query string: {e}")))?;
-    let mut fields = Fields::default();
+    let mut fields = Fields {
+        from_query: true,
+        ..Fields::default()
+    };
     for (name, value) in pairs {
         let slot = match name.as_str() {
             "key" => &mut fields.key,
@@ -246,6 +249,8 @@ struct Fields {
     key: Option<Value>,
     policy: Option<Value>,
     cost: Option<Value>,
+    /// Query values are all strings, so a numeric string is a number there (and only there).
+    from_query: bool,
 }
 
 impl Fields {
@@ -264,6 +269,7 @@ impl Fields {
             key: take("key"),
             policy: take("policy"),
             cost: take("cost"),
+            from_query: false,
         })
     }
 
@@ -310,7 +316,7 @@ impl Fields {
         };
         let cost = match self.cost {
             None => 1,
-            Some(value) => parse_cost(&value).ok_or_else(|| {
+            Some(value) => parse_cost(&value, self.from_query).ok_or_else(|| {
                 ApiError::InvalidCost(format!(
                     "{at}cost must be a whole number of tokens, at least 1, got {}",
                     match &value {
@@ -324,12 +330,15 @@ impl Fields {
     }
 }
 
-fn parse_cost(value: &Value) -> Option<u64> {
+fn parse_cost(value: &Value, from_query: bool) -> Option<u64> {
     let cost = match value {
         Value::Number(n) => n.as_u64()?,
         // From a query string: digits only (no sign, no decimal point, no spaces).
         Value::String(s)
-            if !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit()) =>
+            if from_query
+                && !s.is_empty()
+                && s.len() <= 20
+                && s.bytes().all(|b| b.is_ascii_digit()) =>
         {
             s.parse().ok()?
         }
