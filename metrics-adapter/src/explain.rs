@@ -174,7 +174,7 @@ where
             }
             let _ = writeln!(
                 out,
-                "HPA reads: {} (sum of {} item{} in milli-units: {sum}m)",
+                "HPA reads: usage {} (sum over {} item{})",
                 Milli(sum),
                 list.items.len(),
                 if list.items.len() == 1 { "" } else { "s" }
@@ -472,10 +472,11 @@ fn explain_hpa(
         "=> The HPA would set {} replicas (now {current}).",
         d.replicas
     );
-    if d.stabilized > proposed && proposed < current {
+    let eventual = proposed.clamp(hpa_spec.min_replicas, hpa_spec.max_replicas);
+    if d.stabilized > proposed && eventual < current {
         let _ = writeln!(
             out,
-            "   It would reach {proposed} once the metrics have asked for it for {}s.",
+            "   It would go down to {eventual} once the metrics have asked for it for {}s.",
             hpa_spec.behavior.scale_down.stabilization_window_seconds
         );
     }
@@ -577,7 +578,7 @@ Served (HTTP 200):
       }
     ]
   }
-HPA reads: 812500m (sum of 1 item in milli-units: 812500m)
+HPA reads: usage 812500m (sum over 1 item)
 "#;
         assert_eq!(out, want);
     }
@@ -690,7 +691,7 @@ Rate limits and min/max: 5 (DesiredWithinRange)
             "{out}"
         );
         assert!(
-            out.contains("It would reach 2 once the metrics have asked for it for 300s."),
+            out.contains("It would go down to 2 once the metrics have asked for it for 300s."),
             "{out}"
         );
         // With a zero window it goes straight to the proposal (floored by minReplicas 2).
