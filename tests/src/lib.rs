@@ -83,7 +83,10 @@ impl ChildGuard {
 
     /// Whether the process has exited (reaping it if so).
     pub fn has_exited(&mut self) -> bool {
-        matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(Some(_))) | None)
+        matches!(
+            self.child.as_mut().map(Child::try_wait),
+            Some(Ok(Some(_))) | None
+        )
     }
 
     /// The process's stderr so far.
