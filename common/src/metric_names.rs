@@ -54,3 +54,45 @@ pub const PEER_MESSAGES_REJECTED_TOTAL: &str = "openclaw_peer_messages_rejected_
 pub const SNAPSHOT_AGE_SECONDS: &str = "openclaw_snapshot_age_seconds";
 /// Snapshot attempts, by `result` (`success` | `failure`). Counter.
 pub const SNAPSHOTS_TOTAL: &str = "openclaw_snapshots_total";
+
+/// Every name above, for checks that documents and artifacts mention them all.
+pub const ALL: &[&str] = &[
+    REQUESTS_TOTAL,
+    TOKENS_CONSUMED_TOTAL,
+    BAD_REQUESTS_TOTAL,
+    HTTP_REQUEST_DURATION_SECONDS,
+    ACTIVE_BUCKETS,
+    TOKENS_AVAILABLE,
+    POLICY_RELOADS_TOTAL,
+    POLICY_CONFIG_LAST_RELOAD_SUCCESSFUL,
+    BUILD_INFO,
+    TOKEN_BUCKET_CAPACITY,
+    TOKEN_BUCKET_FILL_RATE,
+    TOKEN_BUCKET_CURRENT_USAGE,
+    TOKEN_BUCKET_REFILL_DELAY,
+    TOKEN_BUCKET_REJECTION_RATE,
+    EXTERNAL_REQUESTS_PER_SECOND,
+    EXTERNAL_TOKEN_DEPLETION_RATE,
+    PEERS,
+    REPLICATION_LAG_SECONDS,
+    REPLICATION_BYTES_TOTAL,
+    REPLICATION_ENTRIES_TOTAL,
+    MERGES_TOTAL,
+    PEER_MESSAGES_REJECTED_TOTAL,
+    SNAPSHOT_AGE_SECONDS,
+    SNAPSHOTS_TOTAL,
+];
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_series_is_documented() {
+        let doc = include_str!("../../docs/metrics.md");
+        for name in super::ALL {
+            assert!(
+                doc.contains(&format!("`{name}`")),
+                "docs/metrics.md does not describe {name}"
+            );
+        }
+    }
+}

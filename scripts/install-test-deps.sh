@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs on a fresh Debian machine, and nothing when it is already
+# there: Prometheus and promtool (Debian's `prometheus`), the load tools used by the benchmark
+# scripts (`wrk`, `hey`), and the Python packages of the contract and manifest checks.
+set -euo pipefail
+
+need_apt=()
+[ -x /usr/bin/prometheus ] && command -v promtool >/dev/null || need_apt+=(prometheus)
+command -v kubectl >/dev/null || need_apt+=(kubernetes-client)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "==> apt-get install ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+# Python packages: the real `kubernetes` client (contract tests) and `kubernetes-validate`
+# (manifest validation). Installed for the python3 on PATH.
+missing_py=()
+python3 -c 'import kubernetes' 2>/dev/null || missing_py+=(kubernetes)
+python3 -c 'import kubernetes_validate' 2>/dev/null || missing_py+=(kubernetes-validate)
+python3 -c 'import yaml' 2>/dev/null || missing_py+=(PyYAML)
+if [ ${#missing_py[@]} -gt 0 ]; then
+  echo "==> pip install ${missing_py[*]}"
+  python3 -m pip install --quiet --disable-pip-version-check "${missing_py[@]}"
+fi
+
+# Node packages for offline validation of the Prometheus Operator custom resources.
+if [ -f deploy/tests/package-lock.json ] && [ ! -d deploy/tests/node_modules ]; then
+  echo "==> npm ci (deploy/tests)"
+  (cd deploy/tests && npm ci --silent --no-audit --no-fund)
+fi
