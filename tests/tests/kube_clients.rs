@@ -37,6 +37,11 @@ struct Setup {
 
 impl Setup {
     fn start() -> Setup {
+        Setup::start_with(false)
+    }
+
+    /// `tls`: serve HTTPS with the certificate the adapter generates, and trust its CA.
+    fn start_with(tls: bool) -> Setup {
         let prometheus = Prometheus::start(&[], &[]);
         wait_until(
             Duration::from_secs(30),
@@ -52,29 +57,48 @@ impl Setup {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("rules.yaml");
         std::fs::write(&config, CONFIG).unwrap();
+        let ca = dir.path().join("ca.pem");
+        let prometheus_url = prometheus.url();
+        let mut args = vec![
+            "serve",
+            "--bind-address",
+            "127.0.0.1",
+            "--secure-port",
+            "0",
+            "--authentication",
+            "none",
+            "--prometheus-url",
+            &prometheus_url,
+            "--config",
+            config.to_str().unwrap(),
+        ];
+        if tls {
+            args.extend(["--tls-self-signed-ca-out", ca.to_str().unwrap()]);
+        } else {
+            args.push("--plain-http");
+        }
         let adapter = Service::spawn(
             "openclaw-metrics-adapter",
-            &[
-                "serve",
-                "--plain-http",
-                "--bind-address",
-                "127.0.0.1",
-                "--secure-port",
-                "0",
-                "--authentication",
-                "none",
-                "--prometheus-url",
-                &prometheus.url(),
-                "--config",
-                config.to_str().unwrap(),
-            ],
+            &args,
             &[],
             Duration::from_secs(20),
         );
+        let trust = if tls {
+            format!("    certificate-authority: {}\n", ca.display())
+        } else {
+            String::new()
+        };
+        // Over HTTPS kubectl prompts for a username unless the user has credentials; a token
+        // (ignored with --authentication=none) keeps it non-interactive.
+        let user = if tls {
+            "{token: e2e-not-checked}"
+        } else {
+            "{}"
+        };
         let kubeconfig = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: adapter\n  cluster:\n    server: {}\n\
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: adapter\n  cluster:\n    server: {}\n{trust}\
              contexts:\n- name: adapter\n  context:\n    cluster: adapter\n    user: anonymous\n\
-             current-context: adapter\nusers:\n- name: anonymous\n  user: {{}}\n",
+             current-context: adapter\nusers:\n- name: anonymous\n  user: {user}\n",
             adapter.url
         );
         std::fs::write(dir.path().join("kubeconfig"), kubeconfig).unwrap();
@@ -186,6 +210,23 @@ fn kubectl_api_resources_lists_every_metric_of_the_group() {
         assert!(line.contains("ExternalMetricValueList"), "{line}");
         assert!(line.contains("get"), "verbs: {line}");
     }
+}
+
+#[test]
+fn the_binary_serves_https_by_default_and_kubectl_verifies_its_generated_ca() {
+    let mut s = Setup::start_with(true);
+    assert!(s.adapter.url.starts_with("https://"), "{}", s.adapter.url);
+    assert!(s.adapter.url_of("https").is_some());
+    let list = s.kubectl_json(
+        "/apis/external.metrics.k8s.io/v1beta1/namespaces/default/prometheus_up?labelSelector=job%3Dprometheus",
+    );
+    assert_eq!(list["items"][0]["value"], "1");
+    // SIGTERM: a clean exit within the grace period.
+    let status = s.adapter.process.terminate(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|st| st.success()),
+        "exit status {status:?}"
+    );
 }
 
 fn python_script() -> PathBuf {
