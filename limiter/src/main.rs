@@ -62,6 +62,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         default_rate: config.default_rate,
         clock: Arc::new(WallClock::new()),
         shards: 256,
+        track_changes: false,
     }));
     if let Some(text) = &config.policies_text {
         limiter

@@ -39,6 +39,21 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
     pub version: &'static str,
 }
@@ -83,6 +98,14 @@ pub struct Metrics {
     pub refill_delay: FloatGauge,
     pub policy_reloads: Family<ResultLabels, Counter>,
     pub policy_reload_ok: Gauge,
+    pub peers: Family<StateLabels, Gauge>,
+    pub replication_lag: Family<PeerLabels, FloatGauge>,
+    pub replication_bytes: Family<DirectionLabels, Counter>,
+    pub replication_entries: Family<DirectionLabels, Counter>,
+    pub merges: Counter,
+    pub peer_rejected: Family<ReasonLabels, Counter>,
+    pub snapshot_age: FloatGauge,
+    pub snapshots: Family<ResultLabels, Counter>,
 }
 
 /// prometheus-client appends `_total` to counters itself.
@@ -112,6 +135,14 @@ impl Metrics {
             refill_delay: FloatGauge::default(),
             policy_reloads: Family::default(),
             policy_reload_ok: Gauge::default(),
+            peers: Family::default(),
+            replication_lag: Family::default(),
+            replication_bytes: Family::default(),
+            replication_entries: Family::default(),
+            merges: Counter::default(),
+            peer_rejected: Family::default(),
+            snapshot_age: FloatGauge::default(),
+            snapshots: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -179,6 +210,58 @@ impl Metrics {
             "1 if the last attempt to load the policies file succeeded, else 0",
             metrics.policy_reload_ok.clone(),
         );
+        registry.register(
+            names::PEERS,
+            "Peers known to this replica, by state (up: last exchange succeeded)",
+            metrics.peers.clone(),
+        );
+        registry.register(
+            names::REPLICATION_LAG_SECONDS,
+            "Seconds since this replica last merged state received from the peer",
+            metrics.replication_lag.clone(),
+        );
+        registry.register(
+            counter_name(names::REPLICATION_BYTES_TOTAL),
+            "Replication payload bytes, by direction",
+            metrics.replication_bytes.clone(),
+        );
+        registry.register(
+            counter_name(names::REPLICATION_ENTRIES_TOTAL),
+            "Bucket entries carried by replication, by direction",
+            metrics.replication_entries.clone(),
+        );
+        registry.register(
+            counter_name(names::MERGES_TOTAL),
+            "Remote bucket entries that changed local state when merged",
+            metrics.merges.clone(),
+        );
+        registry.register(
+            counter_name(names::PEER_MESSAGES_REJECTED_TOTAL),
+            "Peer messages refused and never merged, by reason",
+            metrics.peer_rejected.clone(),
+        );
+        registry.register(
+            names::SNAPSHOT_AGE_SECONDS,
+            "Seconds since the last snapshot was written or restored (0 when snapshots are off)",
+            metrics.snapshot_age.clone(),
+        );
+        registry.register(
+            counter_name(names::SNAPSHOTS_TOTAL),
+            "Snapshot attempts, by result",
+            metrics.snapshots.clone(),
+        );
+        for state in ["up", "down"] {
+            metrics.peers.get_or_create(&StateLabels { state }).set(0);
+        }
+        for direction in ["sent", "received"] {
+            // Export zeros from the start, so rates over them exist before the first sync.
+            let _ = metrics
+                .replication_bytes
+                .get_or_create(&DirectionLabels { direction });
+            let _ = metrics
+                .replication_entries
+                .get_or_create(&DirectionLabels { direction });
+        }
         let build_info: Family<VersionLabels, Gauge> = Family::default();
         build_info
             .get_or_create(&VersionLabels {

@@ -85,6 +85,8 @@ pub struct LimiterOptions {
     pub default_rate: Rate,
     pub clock: Arc<dyn Clock>,
     pub shards: usize,
+    /// Remember which buckets change, for delta replication to peers.
+    pub track_changes: bool,
 }
 
 #[derive(Debug)]
@@ -112,7 +114,11 @@ impl Limiter {
         let now = options.clock.now();
         let limiter = Self {
             node_id: options.node_id,
-            store: Store::new(options.replica, options.shards),
+            store: if options.track_changes {
+                Store::new(options.replica, options.shards).with_change_tracking()
+            } else {
+                Store::new(options.replica, options.shards)
+            },
             default_rate: options.default_rate,
             ids,
             active: ArcSwap::from_pointee(active),
@@ -382,6 +388,7 @@ mod tests {
             default_rate: Rate::try_new(10, 1000).unwrap(),
             clock,
             shards: 4,
+            track_changes: false,
         })
     }
 

@@ -24,6 +24,8 @@ pub struct PolicyId(pub u32);
 #[derive(Debug)]
 struct Entry {
     policy: PolicyId,
+    /// Changed by a local decision since the last [`Store::drain_changes`].
+    changed: bool,
     key: CompactString,
     state: BucketState,
 }
@@ -32,7 +34,14 @@ struct Entry {
 #[repr(align(128))]
 #[derive(Debug, Default)]
 struct Shard {
-    table: Mutex<HashTable<Box<Entry>>>,
+    table: Mutex<Table>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    entries: HashTable<Box<Entry>>,
+    /// Buckets changed by local decisions since the last drain, each listed once.
+    changed: Vec<(PolicyId, CompactString)>,
 }
 
 /// What one pass of [`Store::sweep`] saw of one policy's buckets.
@@ -60,6 +69,8 @@ pub struct Store {
     replica: ReplicaId,
     last_incarnation: AtomicU64,
     len: AtomicUsize,
+    /// Whether to remember which buckets changed (only replication needs it).
+    track_changes: bool,
 }
 
 impl Store {
@@ -73,7 +84,14 @@ impl Store {
             replica,
             last_incarnation: AtomicU64::new(0),
             len: AtomicUsize::new(0),
+            track_changes: false,
         }
+    }
+
+    /// Remember which buckets local decisions change, for [`Store::drain_changes`].
+    pub fn with_change_tracking(mut self) -> Self {
+        self.track_changes = true;
+        self
     }
 
     pub fn replica(&self) -> ReplicaId {
@@ -124,43 +142,68 @@ impl Store {
     ) -> Outcome {
         let hash = self.hash(policy, key);
         let shard = self.shard(hash);
-        let mut table = shard
+        let mut guard = shard
             .table
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(entry) = table.find_mut(hash, |e| e.policy == policy && e.key == key) {
-            return entry.state.try_consume_at(
+        let table = &mut *guard;
+        if let Some(entry) = table
+            .entries
+            .find_mut(hash, |e| e.policy == policy && e.key == key)
+        {
+            let outcome = entry.state.try_consume_at(
                 rate,
                 self.replica,
                 || self.next_incarnation(now),
                 cost,
                 now,
             );
+            if outcome.allowed && self.track_changes && !entry.changed {
+                entry.changed = true;
+                table.changed.push((policy, entry.key.clone()));
+            }
+            return outcome;
         }
         let mut state = BucketState::full_at(now);
         let outcome =
             state.try_consume_at(rate, self.replica, || self.next_incarnation(now), cost, now);
         if outcome.allowed {
+            let key = CompactString::from(key);
+            if self.track_changes {
+                table.changed.push((policy, key.clone()));
+            }
             let entry = Box::new(Entry {
                 policy,
-                key: CompactString::from(key),
+                changed: self.track_changes,
+                key,
                 state,
             });
-            table.insert_unique(hash, entry, |e| self.hash(e.policy, &e.key));
+            table
+                .entries
+                .insert_unique(hash, entry, |e| self.hash(e.policy, &e.key));
             self.len.fetch_add(1, Ordering::Relaxed);
         }
         outcome
     }
 
+    /// The shard holding `hash`, locked. A panic while holding a shard lock cannot leave a
+    /// bucket half-updated (updates are single assignments), so a poisoned lock is usable.
+    #[inline]
+    fn lock(&self, hash: u64) -> std::sync::MutexGuard<'_, Table> {
+        self.shard(hash)
+            .table
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     /// What a decision for `cost` tokens would see at `now`, without spending anything.
     pub fn peek(&self, policy: PolicyId, key: &str, rate: Rate, cost: u64, now: Micros) -> Outcome {
         let hash = self.hash(policy, key);
-        let table = self
-            .shard(hash)
-            .table
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        match table.find(hash, |e| e.policy == policy && e.key == key) {
+        let table = self.lock(hash);
+        match table
+            .entries
+            .find(hash, |e| e.policy == policy && e.key == key)
+        {
             Some(entry) => entry.state.peek_at(rate, cost, now),
             None => BucketState::full_at(now).peek_at(rate, cost, now),
         }
@@ -169,14 +212,90 @@ impl Store {
     /// Whether (policy, key) currently has a bucket in memory.
     pub fn contains(&self, policy: PolicyId, key: &str) -> bool {
         let hash = self.hash(policy, key);
-        let table = self
-            .shard(hash)
-            .table
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let table = self.lock(hash);
         table
+            .entries
             .find(hash, |e| e.policy == policy && e.key == key)
             .is_some()
+    }
+
+    /// Merge a bucket state received from a peer or read from a snapshot, then rebase it at
+    /// `now`. Returns whether the local state changed.
+    ///
+    /// When this replica holds no bucket for the key, it has forgotten the bucket because it
+    /// was full, so whatever its own component in `remote` says has been refilled: that
+    /// component is left out, and this replica starts a new incarnation if it spends again.
+    pub fn merge(
+        &self,
+        policy: PolicyId,
+        key: &str,
+        remote: &BucketState,
+        rate: Rate,
+        now: Micros,
+    ) -> bool {
+        let hash = self.hash(policy, key);
+        let mut table = self.lock(hash);
+        if let Some(entry) = table
+            .entries
+            .find_mut(hash, |e| e.policy == policy && e.key == key)
+        {
+            let before = entry.state.clone();
+            entry.state.join(remote);
+            entry.state.rebase_if_full_at(rate, now);
+            return entry.state != before;
+        }
+        let mut state = BucketState::from_parts(
+            remote.epoch(),
+            remote
+                .components()
+                .iter()
+                .copied()
+                .filter(|c| c.replica != self.replica),
+        );
+        state.rebase_if_full_at(rate, now);
+        if state.is_full_at(rate, now) {
+            return false;
+        }
+        let entry = Box::new(Entry {
+            policy,
+            changed: false,
+            key: CompactString::from(key),
+            state,
+        });
+        table
+            .entries
+            .insert_unique(hash, entry, |e| self.hash(e.policy, &e.key));
+        self.len.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Visit every bucket, one shard at a time (that shard's decisions wait meanwhile).
+    pub fn for_each(&self, mut visit: impl FnMut(PolicyId, &str, &BucketState)) {
+        for shard in self.shards.iter() {
+            let table = shard.table.lock().unwrap_or_else(|p| p.into_inner());
+            for entry in table.entries.iter() {
+                visit(entry.policy, &entry.key, &entry.state);
+            }
+        }
+    }
+
+    /// Visit every bucket changed by a local decision since the last call, and forget the
+    /// changes. Requires [`Store::with_change_tracking`].
+    pub fn drain_changes(&self, mut visit: impl FnMut(PolicyId, &str, &BucketState)) {
+        for shard in self.shards.iter() {
+            let mut guard = shard.table.lock().unwrap_or_else(|p| p.into_inner());
+            let table = &mut *guard;
+            for (policy, key) in table.changed.drain(..) {
+                let hash = self.hash(policy, &key);
+                if let Some(entry) = table
+                    .entries
+                    .find_mut(hash, |e| e.policy == policy && e.key == key)
+                {
+                    entry.changed = false;
+                    visit(policy, &entry.key, &entry.state);
+                }
+            }
+        }
     }
 
     /// Drop every bucket that is full at `now` (or whose policy `rate_of` no longer knows), and
@@ -190,8 +309,8 @@ impl Store {
         let mut report = SweepReport::default();
         for shard in self.shards.iter() {
             let mut table = shard.table.lock().unwrap_or_else(|p| p.into_inner());
-            let before = table.len();
-            table.retain(|entry| {
+            let before = table.entries.len();
+            table.entries.retain(|entry| {
                 let Some(rate) = rate_of(entry.policy, &entry.key) else {
                     return false;
                 };
@@ -211,7 +330,7 @@ impl Store {
                     Some(usage.min_available.map_or(available, |m| m.min(available)));
                 true
             });
-            let dropped = before - table.len();
+            let dropped = before - table.entries.len();
             self.len.fetch_sub(dropped, Ordering::Relaxed);
             report.reclaimed += dropped;
         }
@@ -274,6 +393,59 @@ mod tests {
         store.sweep(1_000_000, |_, _| Some(rate()));
         assert!(store.is_empty());
         assert_eq!(store.decide(P, "big", rate(), 1, 1_000_000).remaining, 9);
+    }
+
+    #[test]
+    fn changes_are_drained_once_and_only_when_tracked() {
+        let untracked = Store::new(ReplicaId(1), 4);
+        untracked.decide(P, "a", rate(), 1, 0);
+        let mut seen = 0;
+        untracked.drain_changes(|_, _, _| seen += 1);
+        assert_eq!(seen, 0);
+
+        let store = Store::new(ReplicaId(1), 4).with_change_tracking();
+        store.decide(P, "a", rate(), 1, 0);
+        store.decide(P, "a", rate(), 1, 0);
+        store.decide(P, "b", rate(), 1, 0);
+        assert!(!store.decide(P, "c", rate(), 11, 0).allowed);
+        let mut keys = Vec::new();
+        store.drain_changes(|_, key, state| {
+            keys.push((key.to_owned(), state.components()[0].consumed))
+        });
+        keys.sort();
+        assert_eq!(keys, [("a".to_owned(), 2), ("b".to_owned(), 1)]);
+        store.drain_changes(|_, key, _| panic!("{key} drained twice"));
+    }
+
+    #[test]
+    fn merging_a_peer_state_shares_its_consumption() {
+        let a = Store::new(ReplicaId(1), 4);
+        let b = Store::new(ReplicaId(2), 4);
+        a.decide(P, "k", rate(), 6, 0);
+        let mut exported = Vec::new();
+        a.for_each(|policy, key, state| exported.push((policy, key.to_owned(), state.clone())));
+        for (policy, key, state) in &exported {
+            assert!(b.merge(*policy, key, state, rate(), 0));
+            assert!(
+                !b.merge(*policy, key, state, rate(), 0),
+                "merging twice changes nothing"
+            );
+        }
+        assert_eq!(b.peek(P, "k", rate(), 1, 0).remaining, 4);
+        assert!(!b.decide(P, "k", rate(), 5, 0).allowed);
+    }
+
+    #[test]
+    fn a_forgotten_bucket_does_not_come_back_with_our_old_consumption() {
+        let a = Store::new(ReplicaId(1), 4);
+        a.decide(P, "k", rate(), 5, 0);
+        let mut old = None;
+        a.for_each(|_, _, state| old = Some(state.clone()));
+        a.sweep(1_000_000, |_, _| Some(rate()));
+        assert!(a.is_empty());
+        // A peer echoes the old state back after a partition: it is full by now, so nothing is held.
+        assert!(!a.merge(P, "k", &old.unwrap(), rate(), 1_000_000));
+        assert!(a.is_empty());
     }
 
     #[test]

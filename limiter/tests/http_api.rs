@@ -34,6 +34,7 @@ fn harness(api_key: Option<&str>) -> Harness {
         default_rate: Rate::try_new(10, 1000).unwrap(),
         clock: clock.clone(),
         shards: 8,
+        track_changes: false,
     }));
     limiter
         .reload_policies(
@@ -504,6 +505,7 @@ async fn health_readiness_and_metrics() {
         default_rate: Rate::try_new(10, 1000).unwrap(),
         clock: Arc::new(ManualClock::at(0)),
         shards: 1,
+        track_changes: false,
     }));
     let app = router(AppState {
         limiter: starting,
