@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -558,10 +557,4 @@ async fn method_not_allowed() -> Response {
         "MethodNotAllowed",
         "only GET is supported",
     )
-}
-
-/// How long a list call may take at most: the rule's timeout plus a small margin for our own
-/// work. Exposed for tests that check the bound.
-pub fn request_bound(rule: &Rule) -> Duration {
-    rule.timeout + Duration::from_millis(250)
 }
