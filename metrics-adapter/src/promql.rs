@@ -362,6 +362,54 @@ mod tests {
         assert!(Query::parse("1 + 1").is_ok());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_equality_value_round_trips_through_the_printed_query(value in ".{0,40}") {
+            let q = Query::parse("sum(rate(foo[1m]))").unwrap();
+            let printed = q.with_matchers(&[Matcher::new(MatchOp::Equal, "a", &value)]);
+            let reparsed = promql_parser::parser::parse(&printed).unwrap();
+            proptest::prop_assert_eq!(reparsed.to_string(), printed);
+            let mut values = Vec::new();
+            let mut probe = reparsed;
+            let mut collect = Collect(&mut values);
+            let _ = walk_expr_mut(&mut collect, &mut probe);
+            proptest::prop_assert_eq!(values, vec![value]);
+        }
+
+        #[test]
+        fn set_alternations_match_exactly_their_literal_values(
+            values in proptest::collection::btree_set("[a-zA-Z0-9]([a-zA-Z0-9._-]{0,10}[a-zA-Z0-9])?", 1..5),
+            other in "[a-zA-Z0-9]([a-zA-Z0-9._-]{0,10}[a-zA-Z0-9])?",
+        ) {
+            let selector = Selector::parse(&format!("k in ({})", values.iter().cloned().collect::<Vec<_>>().join(","))).unwrap();
+            let printed = Query::parse("foo").unwrap().with_matchers(&matchers_for(&selector));
+            let Expr::VectorSelector(vs) = promql_parser::parser::parse(&printed).unwrap() else { panic!() };
+            let m = &vs.matchers.matchers[0];
+            for v in &values {
+                proptest::prop_assert!(m.is_match(v), "{} should match {}", printed, v);
+            }
+            proptest::prop_assert_eq!(m.is_match(&other), values.contains(&other));
+        }
+    }
+
+    struct Collect<'a>(&'a mut Vec<String>);
+
+    impl ExprVisitorMut for Collect<'_> {
+        type Error = std::convert::Infallible;
+        fn pre_visit(&mut self, expr: &mut Expr) -> Result<bool, Self::Error> {
+            if let Expr::MatrixSelector(m) = expr {
+                self.0.extend(
+                    m.vs.matchers
+                        .matchers
+                        .iter()
+                        .filter(|m| m.name == "a")
+                        .map(|m| m.value.clone()),
+                );
+            }
+            Ok(true)
+        }
+    }
+
     #[test]
     fn quote_meta_matches_go() {
         assert_eq!(quote_meta(r"a.b*c\d"), r"a\.b\*c\\d");

@@ -122,7 +122,7 @@ fn explain_shows_the_final_promql_prometheus_answer_items_and_the_hpa_decision()
     );
     assert!(stdout.contains("\"value\": \"1\""), "{stdout}");
     // Usage 1 against 250m on 2 ready pods: ratio 4 -> ceil(4 x 2) = 8; the default scale-up
-    // limit from 2 is max(2 + 4 pods, 2 x 200%) = 6.
+    // limit from 2 is max(2 + 4 pods, 2 + 100%) = 6.
     assert!(
         stdout.contains("ratio 4.0000, ceil(4.0000 x 2 ready) -> 8 replicas"),
         "{stdout}"
