@@ -47,7 +47,7 @@ pub enum Error {
     #[error("Prometheus answered with an unreadable body: {0}")]
     PrometheusGarbage(String),
 
-    /// The per-rule timeout elapsed (waiting for a query slot included). 500.
+    /// The per-rule timeout elapsed (waiting for a query slot included). 500 `ServerTimeout`.
     #[error("Prometheus query timed out after {0:?}")]
     Timeout(Duration),
 
@@ -94,7 +94,7 @@ impl Error {
             Error::BadNamespace(_) | Error::BadSelector(_) => {
                 (StatusCode::BAD_REQUEST, "BadRequest")
             }
-            Error::Timeout(_) => (StatusCode::INTERNAL_SERVER_ERROR, "Timeout"),
+            Error::Timeout(_) => (StatusCode::INTERNAL_SERVER_ERROR, "ServerTimeout"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
         }
     }

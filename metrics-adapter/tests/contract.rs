@@ -581,7 +581,7 @@ async fn item8_a_down_prometheus_is_a_500_status_well_within_the_timeout() {
 async fn item8_a_hanging_prometheus_is_a_500_timeout_status_within_the_configured_bound() {
     let a = adapter(Answer::Hang).await;
     let r = get(&a.app, &format!("{LIST}/openclaw_requests_per_second")).await;
-    assert_status(&r, 500, "Timeout");
+    assert_status(&r, 500, "ServerTimeout");
     assert!(
         r.took >= Duration::from_millis(500) && r.took < Duration::from_millis(900),
         "{:?}",
