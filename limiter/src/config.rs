@@ -2,7 +2,7 @@
 //! guide's ConfigMap and Secret set the variables). Parsing reads everything and validation
 //! reports every problem before the process exits with status 64.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -63,9 +63,97 @@ pub struct Args {
     #[arg(long, env = "OPENCLAW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Address of the replication listener (peer traffic only; keep it inside the cluster).
+    #[arg(long, env = "OPENCLAW_PEER_LISTEN", default_value = "0.0.0.0:8081")]
+    pub peer_listen: SocketAddr,
+
+    /// How to find peers: none, static, dns or kubernetes [default: inferred from which of
+    /// OPENCLAW_PEERS, OPENCLAW_PEER_DNS, OPENCLAW_KUBE_SERVICE is set, else none].
+    #[arg(long, env = "OPENCLAW_DISCOVERY")]
+    pub discovery: Option<String>,
+
+    /// Static peers: comma-separated host:port of the other replicas' replication listeners.
+    #[arg(long, env = "OPENCLAW_PEERS")]
+    pub peers: Option<String>,
+
+    /// host:port of a headless Service whose DNS records are the replicas (re-resolved).
+    #[arg(long, env = "OPENCLAW_PEER_DNS")]
+    pub peer_dns: Option<String>,
+
+    /// Service whose EndpointSlices list the replicas (discovery through the Kubernetes API).
+    #[arg(long, env = "OPENCLAW_KUBE_SERVICE")]
+    pub kube_service: Option<String>,
+
+    /// Namespace of this pod (downward API), for Kubernetes discovery.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+
+    /// This pod's IP (downward API), so discovery can leave this replica out of its peers.
+    #[arg(long, env = "POD_IP")]
+    pub pod_ip: Option<IpAddr>,
+
+    /// Seconds between discovery refreshes.
+    #[arg(long, env = "OPENCLAW_DISCOVERY_REFRESH_S", default_value_t = 10)]
+    pub discovery_refresh_s: u64,
+
+    /// Shared secret that authenticates peer traffic (HMAC-SHA256); required with peers.
+    #[arg(long, env = "OPENCLAW_PEER_SECRET", hide_env_values = true)]
+    pub peer_secret: Option<String>,
+
+    /// Milliseconds between delta pushes to peers.
+    #[arg(long, env = "OPENCLAW_SYNC_INTERVAL_MS", default_value_t = 50)]
+    pub sync_interval_ms: u64,
+
+    /// Milliseconds between full-state pushes to peers (anti-entropy).
+    #[arg(
+        long,
+        env = "OPENCLAW_ANTI_ENTROPY_INTERVAL_MS",
+        default_value_t = 5000
+    )]
+    pub anti_entropy_interval_ms: u64,
+
+    /// Longest wait at start for peers' state before reporting ready anyway, in milliseconds.
+    #[arg(long, env = "OPENCLAW_READY_MAX_WAIT_MS", default_value_t = 5000)]
+    pub ready_max_wait_ms: u64,
+
+    /// Directory for snapshots of the bucket state (written periodically and on SIGTERM,
+    /// restored at start). Unset: no snapshots.
+    #[arg(long, env = "OPENCLAW_SNAPSHOT_DIR")]
+    pub snapshot_dir: Option<PathBuf>,
+
+    /// Seconds between snapshots.
+    #[arg(long, env = "OPENCLAW_SNAPSHOT_INTERVAL_S", default_value_t = 60)]
+    pub snapshot_interval_s: u64,
+
     /// Validate the configuration and the policies file, print the policies, and exit.
     #[arg(long)]
     pub check_config: bool,
+}
+
+/// Minimum length of the peer secret: shorter ones are guessable.
+pub const MIN_PEER_SECRET_BYTES: usize = 16;
+
+/// How replicas find each other, as configured (resolution happens in `membership`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscoverySettings {
+    pub kind: String,
+    pub peers: Option<String>,
+    pub dns: Option<String>,
+    pub kube_service: Option<String>,
+    pub namespace: Option<String>,
+    pub pod_ip: Option<IpAddr>,
+    pub refresh: Duration,
+}
+
+/// Replication settings; present only when a discovery kind other than `none` is configured.
+#[derive(Debug, Clone)]
+pub struct ReplicationSettings {
+    pub listen: SocketAddr,
+    pub discovery: DiscoverySettings,
+    pub secret: String,
+    pub sync_interval: Duration,
+    pub anti_entropy_interval: Duration,
+    pub ready_max_wait: Duration,
 }
 
 /// A validated configuration.
@@ -81,6 +169,9 @@ pub struct Config {
     pub policies_reload: Duration,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
+    pub replication: Option<ReplicationSettings>,
+    pub snapshot_dir: Option<PathBuf>,
+    pub snapshot_interval: Duration,
 }
 
 impl Config {
@@ -127,8 +218,15 @@ impl Config {
                 }
             }
         }
+        let replication = replication_settings(&args, &mut errors);
+        if args.snapshot_interval_s == 0 {
+            errors.push("OPENCLAW_SNAPSHOT_INTERVAL_S must be at least 1".into());
+        }
         match (errors.is_empty(), default_rate) {
             (true, Some(default_rate)) => Ok(Self {
+                replication,
+                snapshot_dir: args.snapshot_dir,
+                snapshot_interval: Duration::from_secs(args.snapshot_interval_s),
                 listen: args.listen,
                 default_rate,
                 api_key: args.api_key,
@@ -142,6 +240,80 @@ impl Config {
             _ => Err(errors),
         }
     }
+}
+
+fn replication_settings(args: &Args, errors: &mut Vec<String>) -> Option<ReplicationSettings> {
+    let inferred = if args.peers.is_some() {
+        "static"
+    } else if args.peer_dns.is_some() {
+        "dns"
+    } else if args.kube_service.is_some() {
+        "kubernetes"
+    } else {
+        "none"
+    };
+    let kind = args
+        .discovery
+        .clone()
+        .unwrap_or_else(|| inferred.to_owned());
+    if !matches!(kind.as_str(), "none" | "static" | "dns" | "kubernetes") {
+        errors.push(format!(
+            "OPENCLAW_DISCOVERY must be none, static, dns or kubernetes, got {kind:?}"
+        ));
+        return None;
+    }
+    if kind == "none" {
+        return None;
+    }
+    let before = errors.len();
+    let secret = match args.peer_secret.as_deref() {
+        None => {
+            errors.push(format!("OPENCLAW_PEER_SECRET is required with peer discovery `{kind}`: peer traffic is always authenticated"));
+            String::new()
+        }
+        Some(s) if s.len() < MIN_PEER_SECRET_BYTES => {
+            errors.push(format!(
+                "OPENCLAW_PEER_SECRET must be at least {MIN_PEER_SECRET_BYTES} bytes"
+            ));
+            String::new()
+        }
+        Some(s) => s.to_owned(),
+    };
+    for (name, value, min) in [
+        ("OPENCLAW_SYNC_INTERVAL_MS", args.sync_interval_ms, 1),
+        (
+            "OPENCLAW_ANTI_ENTROPY_INTERVAL_MS",
+            args.anti_entropy_interval_ms,
+            1,
+        ),
+        ("OPENCLAW_DISCOVERY_REFRESH_S", args.discovery_refresh_s, 1),
+    ] {
+        if value < min {
+            errors.push(format!("{name} must be at least {min}"));
+        }
+    }
+    if args.anti_entropy_interval_ms < args.sync_interval_ms {
+        errors.push(
+            "OPENCLAW_ANTI_ENTROPY_INTERVAL_MS must not be shorter than OPENCLAW_SYNC_INTERVAL_MS"
+                .into(),
+        );
+    }
+    (errors.len() == before).then(|| ReplicationSettings {
+        listen: args.peer_listen,
+        discovery: DiscoverySettings {
+            kind,
+            peers: args.peers.clone(),
+            dns: args.peer_dns.clone(),
+            kube_service: args.kube_service.clone(),
+            namespace: args.pod_namespace.clone(),
+            pod_ip: args.pod_ip,
+            refresh: Duration::from_secs(args.discovery_refresh_s),
+        },
+        secret,
+        sync_interval: Duration::from_millis(args.sync_interval_ms),
+        anti_entropy_interval: Duration::from_millis(args.anti_entropy_interval_ms),
+        ready_max_wait: Duration::from_millis(args.ready_max_wait_ms),
+    })
 }
 
 fn hostname() -> String {
@@ -169,6 +341,29 @@ mod tests {
         assert_eq!(config.default_rate, Rate::try_new(1000, 1000).unwrap());
         assert_eq!(config.listen.to_string(), "0.0.0.0:8080");
         assert!(config.api_key.is_none() && config.policies_path.is_none());
+        assert!(config.replication.is_none() && config.snapshot_dir.is_none());
+    }
+
+    #[test]
+    fn peers_require_an_authenticating_secret() {
+        let errors = Config::try_from_args(args(&["--peers", "a:8081"])).unwrap_err();
+        assert!(
+            errors[0].contains("OPENCLAW_PEER_SECRET is required"),
+            "{errors:?}"
+        );
+        let errors = Config::try_from_args(args(&["--peers", "a:8081", "--peer-secret", "short"]))
+            .unwrap_err();
+        assert!(errors[0].contains("at least 16 bytes"), "{errors:?}");
+        let config = Config::try_from_args(args(&[
+            "--peers",
+            "a:8081",
+            "--peer-secret",
+            "0123456789abcdef",
+        ]))
+        .unwrap();
+        let replication = config.replication.unwrap();
+        assert_eq!(replication.discovery.kind, "static");
+        assert_eq!(replication.sync_interval, Duration::from_millis(50));
     }
 
     #[test]

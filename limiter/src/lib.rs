@@ -18,6 +18,7 @@ pub mod crdt;
 pub mod http;
 pub mod metrics;
 pub mod policy;
+pub mod replication;
 pub mod server;
 pub mod service;
 pub mod store;

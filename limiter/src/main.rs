@@ -86,6 +86,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             policies_reload: config.policies_reload,
             shutdown_grace: config.shutdown_grace,
         },
+        None,
         shutdown_signal(),
     )
     .await?;

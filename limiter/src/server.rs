@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::http::{AppState, router};
+use crate::replication::{self, Replicator, peer_router};
 use crate::service::Limiter;
 
 /// How often the refill-and-reclaim pass runs (and so how fresh the usage gauges are).
@@ -27,12 +28,25 @@ pub struct ServerOptions {
     pub shutdown_grace: Duration,
 }
 
+/// Everything replication needs at run time.
+#[derive(Debug)]
+pub struct Replication {
+    pub replicator: Arc<Replicator>,
+    /// The bound replication listener.
+    pub listener: TcpListener,
+    /// The current peers, from discovery.
+    pub peers: watch::Receiver<Vec<SocketAddr>>,
+    /// Longest wait at start for peers' state before reporting ready anyway.
+    pub ready_max_wait: Duration,
+}
+
 /// Serve the decision API on `listener` until `shutdown` completes, then give in-flight requests
 /// `shutdown_grace` to finish.
 pub async fn serve(
     listener: TcpListener,
     limiter: Arc<Limiter>,
     options: ServerOptions,
+    replication: Option<Replication>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -54,11 +68,42 @@ pub async fn serve(
         );
     }
 
+    let replicator = replication.as_ref().map(|r| r.replicator.clone());
+    match replication {
+        None => limiter.mark_ready(),
+        Some(replication) => {
+            let mut stop = stop_rx.clone();
+            let peer_server = axum::serve(
+                replication.listener,
+                peer_router(replication.replicator.clone()),
+            )
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+            });
+            tasks.spawn(
+                async move {
+                    if let Err(e) = peer_server.await {
+                        tracing::error!(error = %e, "replication listener failed");
+                    }
+                }
+                .instrument(tracing::info_span!("peer_listener")),
+            );
+            tasks.spawn(
+                recover_then_replicate(
+                    replication.replicator,
+                    replication.peers,
+                    replication.ready_max_wait,
+                    stop_rx.clone(),
+                )
+                .instrument(tracing::info_span!("replication")),
+            );
+        }
+    }
     let app = router(AppState {
         limiter: limiter.clone(),
         api_key: options.api_key.map(Arc::from),
+        replicator,
     });
-    limiter.mark_ready();
 
     let mut signalled = stop_rx.clone();
     let stop = stop_tx.clone();
@@ -85,6 +130,37 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     result
+}
+
+/// Start-up recovery, then the sender loop. A replica that starts empty (new, or restarted
+/// without a snapshot) pulls its peers' state before it reports ready, so it does not admit
+/// what the cluster already spent. Readiness waits at most `max_wait` for peers to appear and
+/// answer: a first replica, or one cut off from the others, must still come up.
+async fn recover_then_replicate(
+    replicator: Arc<Replicator>,
+    mut peers: watch::Receiver<Vec<SocketAddr>>,
+    max_wait: Duration,
+    stop: watch::Receiver<bool>,
+) {
+    let deadline = tokio::time::Instant::now() + max_wait;
+    let found = tokio::time::timeout_at(deadline, peers.wait_for(|p| !p.is_empty()))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    let known = peers.borrow().clone();
+    match found {
+        true => {
+            let pulled = tokio::time::timeout_at(deadline, replicator.pull_from(&known)).await;
+            match pulled {
+                Ok(answered) => tracing::info!(answered, peers = known.len(), "start-up sync done"),
+                Err(_) => {
+                    tracing::warn!(peers = known.len(), "start-up sync timed out; ready anyway")
+                }
+            }
+        }
+        false => tracing::info!("no peers found within the start-up wait; ready as a lone replica"),
+    }
+    replicator.limiter().mark_ready();
+    replication::run(replicator, peers, stop).await;
 }
 
 async fn sweeper(limiter: Arc<Limiter>, mut stop: watch::Receiver<bool>) {

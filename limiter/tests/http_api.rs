@@ -45,6 +45,7 @@ fn harness(api_key: Option<&str>) -> Harness {
     let app = router(AppState {
         limiter: limiter.clone(),
         api_key: api_key.map(Arc::from),
+        replicator: None,
     });
     Harness {
         limiter,
@@ -510,6 +511,7 @@ async fn health_readiness_and_metrics() {
     let app = router(AppState {
         limiter: starting,
         api_key: None,
+        replicator: None,
     });
     let response = app
         .oneshot(Request::get("/ready").body(Body::empty()).unwrap())

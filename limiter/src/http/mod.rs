@@ -35,6 +35,8 @@ pub struct AppState {
     pub limiter: Arc<Limiter>,
     /// When set, `/rate`, `/rate/batch` and `/status` require `Authorization: Bearer <key>`.
     pub api_key: Option<Arc<str>>,
+    /// Present when this replica has peers.
+    pub replicator: Option<Arc<crate::replication::Replicator>>,
 }
 
 /// All routes. Health and metrics stay open when an API key is set: probes and Prometheus do

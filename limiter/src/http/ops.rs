@@ -84,8 +84,17 @@ pub async fn status(
         "version": env!("CARGO_PKG_VERSION"),
         "ready": limiter.is_ready(),
         "uptime_s": now.saturating_sub(limiter.started()) / 1_000_000,
-        "topology": "single-node",
-        "peers": [],
+        "topology": if state.replicator.is_some() { "replicated" } else { "single-node" },
+        "peers": state.replicator.as_ref().map(|r| r.peer_statuses()).unwrap_or_default().iter().map(|p| json!({
+            "address": p.address,
+            "node": p.node,
+            "up": p.up,
+            "last_contact_ms_ago": p.last_contact_us.map(|t| now.saturating_sub(t) / 1000),
+            "replication_lag_ms": p.last_merge_us.map(|t| now.saturating_sub(t) / 1000),
+            "last_error": p.last_error,
+            "messages_sent": p.messages_sent,
+            "messages_received": p.messages_received,
+        })).collect::<Vec<_>>(),
         "keys": limiter.store().len(),
         "policies": policies.iter().map(|p| PolicyStatus {
             name: &p.name,
@@ -122,6 +131,9 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Response {
+    if let Some(replicator) = &state.replicator {
+        replicator.publish_gauges();
+    }
     (
         [(
             header::CONTENT_TYPE,

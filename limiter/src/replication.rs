@@ -1,0 +1,687 @@
+//! Delta-state replication between limiter replicas.
+//!
+//! Every sync interval (50 ms by default) a replica sends each peer the buckets its own
+//! decisions changed since the last round ([`crate::store::Store::drain_changes`]); every
+//! anti-entropy interval it sends its whole state, so a peer that missed deltas (restart,
+//! partition, a dropped request) converges anyway. Merging is the CRDT join, so duplicates,
+//! reordering and replays are harmless; a replica restarted empty pulls every peer's state
+//! (`GET /v1/state`) before it reports ready.
+//!
+//! Peer traffic has its own listener (`OPENCLAW_PEER_LISTEN`) so a NetworkPolicy can keep it to
+//! replicas. Every message is authenticated with HMAC-SHA256 under `OPENCLAW_PEER_SECRET` over
+//! a timestamp and the body; bodies are bounded in size; anything unauthenticated, malformed,
+//! oversized or of another protocol version is refused, counted by reason, and never merged.
+//!
+//! The wire format is JSON with positional arrays (`[policy, key, epoch, [[replica,
+//! incarnation, consumed, absorbed], ...]]`): compact enough (about 60 bytes per changed bucket),
+//! and readable with curl when debugging a cluster.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use ring::hmac;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::bucket::Micros;
+use crate::crdt::{BucketState, Component, ReplicaId};
+use crate::metrics::{DirectionLabels, PeerLabels, ReasonLabels, StateLabels};
+use crate::service::Limiter;
+use crate::store::PolicyId;
+
+/// Version of the peer protocol; a peer speaking another one is refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest peer message accepted or sent. Full-state transfers are split to stay under it.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Buckets per full-state message (about 1 MB of JSON).
+const FULL_SYNC_CHUNK: usize = 16_384;
+/// Signed messages older or newer than this are refused (limits replays; merges are
+/// idempotent, so a replay could not change state anyway).
+const MAX_CLOCK_SKEW_US: Micros = 5 * 60 * 1_000_000;
+const TIMESTAMP_HEADER: &str = "x-openclaw-timestamp";
+const SIGNATURE_HEADER: &str = "x-openclaw-signature";
+
+#[derive(Debug, Clone)]
+pub struct ReplicationOptions {
+    /// HMAC key shared by every replica.
+    pub secret: Vec<u8>,
+    pub sync_interval: Duration,
+    pub anti_entropy_interval: Duration,
+    /// Bound on one request to a peer.
+    pub request_timeout: Duration,
+}
+
+/// One message between replicas: the changed buckets (or all of them).
+#[derive(Debug, Serialize, Deserialize)]
+struct SyncMessage {
+    v: u32,
+    node: String,
+    replica: u64,
+    sent_at: Micros,
+    /// True for anti-entropy and state pulls: the sender's whole state (possibly one chunk).
+    full: bool,
+    /// Policy names; entries refer to them by index.
+    policies: Vec<String>,
+    entries: Vec<WireEntry>,
+}
+
+/// `[policy index, key, epoch, [[replica, incarnation, consumed, absorbed], ...]]`
+#[derive(Debug, Serialize, Deserialize)]
+struct WireEntry(u32, String, Micros, Vec<(u64, Micros, u64, u64)>);
+
+/// What this replica knows about one peer it sends to.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PeerStatus {
+    pub address: String,
+    /// The peer's node id, once it has answered.
+    pub node: Option<String>,
+    pub up: bool,
+    /// Wall-clock µs of the last successful exchange with it.
+    pub last_contact_us: Option<Micros>,
+    /// Wall-clock µs of the last merge of state it sent us.
+    pub last_merge_us: Option<Micros>,
+    pub last_error: Option<String>,
+    pub messages_sent: u64,
+    pub messages_received: u64,
+}
+
+/// Replication state shared by the peer listener and the sender loop.
+#[derive(Debug)]
+pub struct Replicator {
+    limiter: Arc<Limiter>,
+    options: ReplicationOptions,
+    key: hmac::Key,
+    client: reqwest::Client,
+    /// Peers by address (from discovery), plus nodes we only heard from (by `node:<id>`).
+    peers: Mutex<BTreeMap<String, PeerStatus>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error("cannot build the peer HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+impl Replicator {
+    pub fn try_new(
+        limiter: Arc<Limiter>,
+        options: ReplicationOptions,
+    ) -> Result<Self, ReplicationError> {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(options.request_timeout)
+            .connect_timeout(options.request_timeout)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()?;
+        Ok(Self {
+            key: hmac::Key::new(hmac::HMAC_SHA256, &options.secret),
+            limiter,
+            options,
+            client,
+            peers: Mutex::default(),
+        })
+    }
+
+    pub fn limiter(&self) -> &Arc<Limiter> {
+        &self.limiter
+    }
+
+    /// Peers and what this replica knows of them, for `/status`.
+    pub fn peer_statuses(&self) -> Vec<PeerStatus> {
+        self.peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn with_peer<T>(&self, address: &str, update: impl FnOnce(&mut PeerStatus) -> T) -> T {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let peer = peers
+            .entry(address.to_owned())
+            .or_insert_with(|| PeerStatus {
+                address: address.to_owned(),
+                ..PeerStatus::default()
+            });
+        update(peer)
+    }
+
+    /// Keep status entries for exactly the peers discovery reports (and the inbound-only ones).
+    fn set_peers(&self, addresses: &[SocketAddr]) {
+        let wanted: Vec<String> = addresses.iter().map(SocketAddr::to_string).collect();
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.retain(|address, _| address.starts_with("node:") || wanted.contains(address));
+        for address in wanted {
+            peers.entry(address.clone()).or_insert_with(|| PeerStatus {
+                address,
+                ..PeerStatus::default()
+            });
+        }
+    }
+
+    /// Publish `openclaw_peers` and per-peer lag (called at scrape time).
+    pub fn publish_gauges(&self) {
+        let now = self.limiter.now();
+        let metrics = self.limiter.metrics();
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let outbound = peers.values().filter(|p| !p.address.starts_with("node:"));
+        let (up, down) = outbound.fold(
+            (0, 0),
+            |(u, d), p| if p.up { (u + 1, d) } else { (u, d + 1) },
+        );
+        metrics
+            .peers
+            .get_or_create(&StateLabels { state: "up" })
+            .set(up);
+        metrics
+            .peers
+            .get_or_create(&StateLabels { state: "down" })
+            .set(down);
+        metrics.replication_lag.clear();
+        for peer in peers.values() {
+            if let (Some(node), Some(merged)) = (&peer.node, peer.last_merge_us) {
+                let lag = now.saturating_sub(merged) as f64 / 1e6;
+                metrics
+                    .replication_lag
+                    .get_or_create(&PeerLabels { peer: node.clone() })
+                    .set(lag);
+            }
+        }
+    }
+
+    fn sign(&self, timestamp: Micros, body: &[u8]) -> String {
+        let mut context = hmac::Context::with_key(&self.key);
+        context.update(timestamp.to_string().as_bytes());
+        context.update(b"\n");
+        context.update(body);
+        hex(context.sign().as_ref())
+    }
+
+    fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), Rejection> {
+        let timestamp: Micros = headers
+            .get(TIMESTAMP_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .ok_or(Rejection::Unauthenticated("missing or malformed timestamp"))?;
+        let signature = headers
+            .get(SIGNATURE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(unhex)
+            .ok_or(Rejection::Unauthenticated("missing or malformed signature"))?;
+        let mut signed = Vec::with_capacity(body.len() + 24);
+        signed.extend_from_slice(timestamp.to_string().as_bytes());
+        signed.push(b'\n');
+        signed.extend_from_slice(body);
+        hmac::verify(&self.key, &signed, &signature).map_err(|_| {
+            Rejection::Unauthenticated(
+                "bad signature (is OPENCLAW_PEER_SECRET the same on every replica?)",
+            )
+        })?;
+        if self.limiter.now().abs_diff(timestamp) > MAX_CLOCK_SKEW_US {
+            return Err(Rejection::Unauthenticated(
+                "timestamp too far from this replica's clock",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Encode buckets as one or more messages, each under the size bound.
+    fn encode(&self, full: bool, buckets: Vec<(PolicyId, String, BucketState)>) -> Vec<Vec<u8>> {
+        let policies = self.limiter.policies();
+        let mut names: Vec<String> = Vec::new();
+        let mut index_of = BTreeMap::new();
+        let mut entries = Vec::with_capacity(buckets.len());
+        for (policy, key, state) in buckets {
+            let Some(policy) = policies.by_id(policy) else {
+                continue;
+            };
+            let index = *index_of.entry(policy.id).or_insert_with(|| {
+                names.push(policy.name.clone());
+                names.len() as u32 - 1
+            });
+            let components = state
+                .components()
+                .iter()
+                .map(|c| (c.replica.0, c.incarnation, c.consumed, c.absorbed))
+                .collect();
+            entries.push(WireEntry(index, key, state.epoch(), components));
+        }
+        let chunk = if full { FULL_SYNC_CHUNK } else { usize::MAX };
+        let mut messages = Vec::new();
+        let mut entries = entries.into_iter().peekable();
+        // A full sync of an empty store still sends one (empty) message: it is the heartbeat
+        // that tells peers we are alive and what our node id is.
+        loop {
+            let batch: Vec<WireEntry> = entries.by_ref().take(chunk).collect();
+            let message = SyncMessage {
+                v: PROTOCOL_VERSION,
+                node: self.limiter.node_id().to_owned(),
+                replica: self.limiter.store().replica().0,
+                sent_at: self.limiter.now(),
+                full,
+                policies: names.clone(),
+                entries: batch,
+            };
+            messages
+                .push(serde_json::to_vec(&message).expect("serializing plain data cannot fail"));
+            if entries.peek().is_none() {
+                return messages;
+            }
+        }
+    }
+
+    /// Merge a verified message; returns how many buckets changed.
+    fn apply(&self, message: SyncMessage) -> Result<usize, Rejection> {
+        if message.v != PROTOCOL_VERSION {
+            return Err(Rejection::Incompatible(message.v));
+        }
+        if message.replica == self.limiter.store().replica().0 {
+            return Err(Rejection::Malformed(
+                "message from this replica itself".into(),
+            ));
+        }
+        let policies = self.limiter.policies();
+        let now = self.limiter.now();
+        let metrics = self.limiter.metrics();
+        // Validate everything before merging anything: a malformed message changes nothing.
+        for WireEntry(policy_index, key, ..) in &message.entries {
+            if *policy_index as usize >= message.policies.len() {
+                return Err(Rejection::Malformed(format!(
+                    "policy index {policy_index} out of range"
+                )));
+            }
+            if key.is_empty() || key.len() > crate::http::MAX_KEY_BYTES {
+                return Err(Rejection::Malformed("key length out of range".into()));
+            }
+        }
+        let mut changed = 0;
+        let received = message.entries.len() as u64;
+        for WireEntry(policy_index, key, epoch, components) in message.entries {
+            // A policy this replica does not have (a rollout of the policies file in progress):
+            // nothing to merge into; the sender resends in its next anti-entropy round.
+            let Some(policy) = policies.get(&message.policies[policy_index as usize]) else {
+                continue;
+            };
+            let state = BucketState::from_parts(
+                epoch,
+                components
+                    .into_iter()
+                    .map(|(replica, incarnation, consumed, absorbed)| Component {
+                        replica: ReplicaId(replica),
+                        incarnation,
+                        consumed,
+                        absorbed,
+                    }),
+            );
+            if self
+                .limiter
+                .store()
+                .merge(policy.id, &key, &state, policy.rate_for(&key), now)
+            {
+                changed += 1;
+            }
+        }
+        metrics.merges.inc_by(changed as u64);
+        metrics
+            .replication_entries
+            .get_or_create(&DirectionLabels {
+                direction: "received",
+            })
+            .inc_by(received);
+        self.with_peer(&format!("node:{}", message.node), |peer| {
+            peer.node = Some(message.node.clone());
+            peer.up = true;
+            peer.last_contact_us = Some(now);
+            peer.last_merge_us = Some(now);
+            peer.messages_received += 1;
+        });
+        Ok(changed as usize)
+    }
+
+    /// Send one signed message to a peer. Errors are recorded in the peer's status.
+    async fn send(&self, address: SocketAddr, body: Vec<u8>) -> bool {
+        let timestamp = self.limiter.now();
+        let signature = self.sign(timestamp, &body);
+        let bytes = body.len() as u64;
+        let result = self
+            .client
+            .post(format!("http://{address}/v1/sync"))
+            .header(TIMESTAMP_HEADER, timestamp.to_string())
+            .header(SIGNATURE_HEADER, signature)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await;
+        let outcome = match result {
+            Ok(response) if response.status().is_success() => Ok(()),
+            Ok(response) => Err(format!("peer answered {}", response.status())),
+            Err(e) => Err(format!("{e}")),
+        };
+        let now = self.limiter.now();
+        let ok = outcome.is_ok();
+        if ok {
+            self.limiter
+                .metrics()
+                .replication_bytes
+                .get_or_create(&DirectionLabels { direction: "sent" })
+                .inc_by(bytes);
+        }
+        self.with_peer(&address.to_string(), |peer| {
+            if let Err(e) = &outcome {
+                if peer.up || peer.last_error.as_deref() != Some(e.as_str()) {
+                    tracing::warn!(peer = %address, error = %e, "replication to peer failed");
+                }
+                peer.last_error = Some(e.clone());
+            } else {
+                if !peer.up {
+                    tracing::info!(peer = %address, "peer reachable");
+                }
+                peer.last_contact_us = Some(now);
+                peer.messages_sent += 1;
+            }
+            peer.up = ok;
+        });
+        ok
+    }
+
+    /// Send `messages` to every peer concurrently; returns how many peers took all of them.
+    async fn broadcast(
+        self: &Arc<Self>,
+        peers: &[SocketAddr],
+        messages: Vec<Vec<u8>>,
+        entries: usize,
+    ) -> usize {
+        let messages = Arc::new(messages);
+        let mut sends = tokio::task::JoinSet::new();
+        for &peer in peers {
+            let (replicator, messages) = (self.clone(), messages.clone());
+            sends.spawn(async move {
+                for message in messages.iter() {
+                    if !replicator.send(peer, message.clone()).await {
+                        return false;
+                    }
+                }
+                true
+            });
+        }
+        let delivered = sends.join_all().await.into_iter().filter(|ok| *ok).count();
+        self.limiter
+            .metrics()
+            .replication_entries
+            .get_or_create(&DirectionLabels { direction: "sent" })
+            .inc_by((entries * delivered) as u64);
+        delivered
+    }
+
+    fn changed_buckets(&self) -> Vec<(PolicyId, String, BucketState)> {
+        let mut buckets = Vec::new();
+        self.limiter.store().drain_changes(|policy, key, state| {
+            buckets.push((policy, key.to_owned(), state.clone()))
+        });
+        buckets
+    }
+
+    fn all_buckets(&self) -> Vec<(PolicyId, String, BucketState)> {
+        let mut buckets = Vec::new();
+        self.limiter
+            .store()
+            .for_each(|policy, key, state| buckets.push((policy, key.to_owned(), state.clone())));
+        buckets
+    }
+
+    /// One delta round: push what local decisions changed since the last round.
+    pub async fn push_changes(self: &Arc<Self>, peers: &[SocketAddr]) {
+        let buckets = self.changed_buckets();
+        if buckets.is_empty() || peers.is_empty() {
+            return;
+        }
+        let entries = buckets.len();
+        let messages = self.encode(false, buckets);
+        self.broadcast(peers, messages, entries).await;
+    }
+
+    /// One anti-entropy round: push the whole state (also the heartbeat when idle).
+    pub async fn push_everything(self: &Arc<Self>, peers: &[SocketAddr]) {
+        if peers.is_empty() {
+            return;
+        }
+        let buckets = self.all_buckets();
+        let entries = buckets.len();
+        let messages = self.encode(true, buckets);
+        self.broadcast(peers, messages, entries).await;
+    }
+
+    /// Pull every peer's whole state (start-up recovery). Returns how many peers answered.
+    pub async fn pull_from(self: &Arc<Self>, peers: &[SocketAddr]) -> usize {
+        let mut pulls = tokio::task::JoinSet::new();
+        for &peer in peers {
+            let replicator = self.clone();
+            pulls.spawn(async move { replicator.pull(peer).await });
+        }
+        pulls.join_all().await.into_iter().filter(|ok| *ok).count()
+    }
+
+    async fn pull(&self, address: SocketAddr) -> bool {
+        let timestamp = self.limiter.now();
+        let signature = self.sign(timestamp, b"");
+        let response = self
+            .client
+            .get(format!("http://{address}/v1/state"))
+            .header(TIMESTAMP_HEADER, timestamp.to_string())
+            .header(SIGNATURE_HEADER, signature)
+            .send()
+            .await;
+        let result: Result<usize, String> = async {
+            let response = response.map_err(|e| e.to_string())?;
+            if !response.status().is_success() {
+                return Err(format!("peer answered {}", response.status()));
+            }
+            let headers = response.headers().clone();
+            let body = response.bytes().await.map_err(|e| e.to_string())?;
+            if body.len() > MAX_MESSAGE_BYTES {
+                return Err("state larger than the message bound".into());
+            }
+            self.verify(&headers, &body).map_err(|e| e.to_string())?;
+            let messages: Vec<SyncMessage> =
+                serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+            let mut changed = 0;
+            for message in messages {
+                changed += self.apply(message).map_err(|e| e.to_string())?;
+            }
+            Ok(changed)
+        }
+        .await;
+        match result {
+            Ok(changed) => {
+                tracing::info!(peer = %address, buckets = changed, "pulled peer state");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(peer = %address, error = %e, "could not pull peer state");
+                self.with_peer(&address.to_string(), |peer| peer.last_error = Some(e));
+                false
+            }
+        }
+    }
+}
+
+/// Why a peer message was refused (the `reason` label of `openclaw_peer_messages_rejected_total`).
+#[derive(Debug, thiserror::Error)]
+enum Rejection {
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(&'static str),
+    #[error("malformed: {0}")]
+    Malformed(String),
+    #[error("message larger than {MAX_MESSAGE_BYTES} bytes")]
+    TooLarge,
+    #[error("protocol version {0} is not {PROTOCOL_VERSION}")]
+    Incompatible(u32),
+}
+
+impl Rejection {
+    fn reason(&self) -> &'static str {
+        match self {
+            Rejection::Unauthenticated(_) => "unauthenticated",
+            Rejection::Malformed(_) => "malformed",
+            Rejection::TooLarge => "too_large",
+            Rejection::Incompatible(_) => "incompatible",
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Rejection::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Rejection::Malformed(_) => StatusCode::BAD_REQUEST,
+            Rejection::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Rejection::Incompatible(_) => StatusCode::CONFLICT,
+        }
+    }
+}
+
+/// The peer listener's routes: `POST /v1/sync` (merge a message) and `GET /v1/state` (send the
+/// whole state, for a replica that starts empty).
+pub fn peer_router(replicator: Arc<Replicator>) -> Router {
+    Router::new()
+        .route("/v1/sync", post(receive))
+        .route("/v1/state", get(send_state))
+        .with_state(replicator)
+}
+
+async fn read_bounded(body: Body) -> Result<Bytes, Rejection> {
+    axum::body::to_bytes(body, MAX_MESSAGE_BYTES)
+        .await
+        .map_err(|_| Rejection::TooLarge)
+}
+
+fn refuse(replicator: &Replicator, rejection: Rejection) -> Response {
+    replicator
+        .limiter
+        .metrics()
+        .peer_rejected
+        .get_or_create(&ReasonLabels {
+            reason: rejection.reason(),
+        })
+        .inc();
+    tracing::warn!(error = %rejection, "refused a peer message");
+    (rejection.status(), rejection.to_string()).into_response()
+}
+
+async fn receive(
+    State(replicator): State<Arc<Replicator>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let body = read_bounded(body).await?;
+        replicator.verify(&headers, &body)?;
+        replicator
+            .limiter
+            .metrics()
+            .replication_bytes
+            .get_or_create(&DirectionLabels {
+                direction: "received",
+            })
+            .inc_by(body.len() as u64);
+        let message: SyncMessage =
+            serde_json::from_slice(&body).map_err(|e| Rejection::Malformed(e.to_string()))?;
+        replicator.apply(message)
+    }
+    .await;
+    match result {
+        Ok(changed) => (StatusCode::OK, format!("{{\"merged\":{changed}}}")).into_response(),
+        Err(rejection) => refuse(&replicator, rejection),
+    }
+}
+
+async fn send_state(State(replicator): State<Arc<Replicator>>, headers: HeaderMap) -> Response {
+    if let Err(rejection) = replicator.verify(&headers, b"") {
+        return refuse(&replicator, rejection);
+    }
+    let buckets = replicator.all_buckets();
+    let messages = replicator.encode(true, buckets);
+    // A JSON array of messages, signed as one body.
+    let mut body =
+        Vec::with_capacity(messages.iter().map(Vec::len).sum::<usize>() + messages.len() + 2);
+    body.push(b'[');
+    for (i, message) in messages.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(message);
+    }
+    body.push(b']');
+    let timestamp = replicator.limiter.now();
+    let signature = replicator.sign(timestamp, &body);
+    (
+        [
+            (TIMESTAMP_HEADER, timestamp.to_string()),
+            (SIGNATURE_HEADER, signature),
+            ("content-type", "application/json".to_owned()),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// The sender loop: a delta round every sync interval, a full round every anti-entropy
+/// interval, to whatever peers discovery currently reports.
+pub async fn run(
+    replicator: Arc<Replicator>,
+    mut peers: watch::Receiver<Vec<SocketAddr>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut sync = tokio::time::interval(replicator.options.sync_interval);
+    sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut anti_entropy = tokio::time::interval(replicator.options.anti_entropy_interval);
+    anti_entropy.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut current: Vec<SocketAddr> = peers.borrow_and_update().clone();
+    replicator.set_peers(&current);
+    // `changed()` rather than `wait_for()`: the latter's guard is not `Send` across the awaits
+    // in the other arms. The flag only ever goes from false to true.
+    while !*stop.borrow_and_update() {
+        tokio::select! {
+            _ = sync.tick() => replicator.push_changes(&current).await,
+            _ = anti_entropy.tick() => replicator.push_everything(&current).await,
+            changed = peers.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let next = peers.borrow_and_update().clone();
+                let joined: Vec<SocketAddr> = next.iter().filter(|p| !current.contains(p)).copied().collect();
+                tracing::info!(peers = ?next, "peer set changed");
+                current = next;
+                replicator.set_peers(&current);
+                // A new peer gets everything now rather than at the next anti-entropy round.
+                if !joined.is_empty() {
+                    replicator.push_everything(&joined).await;
+                }
+            }
+            result = stop.changed() => if result.is_err() { break },
+        }
+    }
+    // Hand off: whatever changed since the last round goes out before we exit.
+    replicator.push_changes(&current).await;
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}

@@ -1,0 +1,255 @@
+//! Replicas in one process, each with its own peer listener on 127.0.0.1:0, replicating over
+//! real HTTP: convergence, start-up recovery, and refusal of unauthenticated or malformed
+//! peer messages.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openclaw_limiter::bucket::Rate;
+use openclaw_limiter::clock::WallClock;
+use openclaw_limiter::crdt::ReplicaId;
+use openclaw_limiter::replication::{self, ReplicationOptions, Replicator, peer_router};
+use openclaw_limiter::service::{Limiter, LimiterOptions};
+use tokio::sync::watch;
+
+const SECRET: &[u8] = b"test-secret-0123456789";
+const DEADLINE: Duration = Duration::from_secs(5);
+
+struct Replica {
+    limiter: Arc<Limiter>,
+    replicator: Arc<Replicator>,
+    address: SocketAddr,
+    peers: watch::Sender<Vec<SocketAddr>>,
+    stop: watch::Sender<bool>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Replica {
+    async fn start(name: &str, replica: u64) -> Replica {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let limiter = Arc::new(Limiter::new(LimiterOptions {
+            node_id: name.into(),
+            replica: ReplicaId(replica),
+            default_rate: Rate::try_new(100, 600_000).unwrap(),
+            clock: Arc::new(WallClock::new()),
+            shards: 8,
+            track_changes: true,
+        }));
+        let replicator = Arc::new(
+            Replicator::try_new(
+                limiter.clone(),
+                ReplicationOptions {
+                    secret: SECRET.to_vec(),
+                    sync_interval: Duration::from_millis(20),
+                    anti_entropy_interval: Duration::from_secs(60),
+                    request_timeout: Duration::from_secs(2),
+                },
+            )
+            .unwrap(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (peers, peers_rx) = watch::channel(Vec::new());
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        let router = peer_router(replicator.clone());
+        let mut server_stop = stop_rx.clone();
+        tasks.spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = server_stop.wait_for(|s| *s).await;
+                })
+                .await
+                .unwrap();
+        });
+        tasks.spawn(replication::run(replicator.clone(), peers_rx, stop_rx));
+        Replica {
+            limiter,
+            replicator,
+            address,
+            peers,
+            stop,
+            tasks,
+        }
+    }
+
+    fn remaining(&self, key: &str) -> u64 {
+        self.limiter
+            .peek("default", key, 1)
+            .unwrap()
+            .0
+            .outcome
+            .remaining
+    }
+
+    async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn cluster(n: usize) -> Vec<Replica> {
+    let mut replicas = Vec::new();
+    for i in 0..n {
+        replicas.push(Replica::start(&format!("node-{i}"), i as u64 + 1).await);
+    }
+    let addresses: Vec<SocketAddr> = replicas.iter().map(|r| r.address).collect();
+    for replica in &replicas {
+        let others = addresses
+            .iter()
+            .copied()
+            .filter(|a| *a != replica.address)
+            .collect();
+        replica.peers.send(others).unwrap();
+    }
+    replicas
+}
+
+async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let until = tokio::time::Instant::now() + DEADLINE;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_converge_on_one_shared_limit() {
+    let replicas = cluster(3).await;
+    replicas[0].limiter.decide("default", "k", 30).unwrap();
+    replicas[1].limiter.decide("default", "k", 20).unwrap();
+    eventually("every replica to see 50 tokens spent", || {
+        replicas.iter().all(|r| r.remaining("k") == 50)
+    })
+    .await;
+    // The shared limit now holds across replicas: 50 left in total.
+    assert!(
+        replicas[2]
+            .limiter
+            .decide("default", "k", 50)
+            .unwrap()
+            .outcome
+            .allowed
+    );
+    eventually("the last spend to reach everyone", || {
+        replicas.iter().all(|r| r.remaining("k") == 0)
+    })
+    .await;
+    assert!(
+        !replicas[0]
+            .limiter
+            .decide("default", "k", 1)
+            .unwrap()
+            .outcome
+            .allowed
+    );
+    let text = replicas[1].limiter.render_metrics();
+    assert!(text.contains("openclaw_merges_total"), "{text}");
+    for replica in replicas {
+        replica.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_starts_empty_pulls_what_the_cluster_spent() {
+    let replicas = cluster(2).await;
+    replicas[0].limiter.decide("default", "k", 40).unwrap();
+    replicas[1].limiter.decide("default", "other", 5).unwrap();
+    let newcomer = Replica::start("node-new", 99).await;
+    assert_eq!(newcomer.remaining("k"), 100);
+    let answered = newcomer
+        .replicator
+        .pull_from(&[replicas[0].address, replicas[1].address])
+        .await;
+    assert_eq!(answered, 2);
+    assert_eq!(newcomer.remaining("k"), 60);
+    assert_eq!(newcomer.remaining("other"), 95);
+    newcomer.shutdown().await;
+    for replica in replicas {
+        replica.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_malformed_and_oversized_messages_are_refused_and_never_merged() {
+    let target = Replica::start("target", 1).await;
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/v1/sync", target.address);
+    let now = target.limiter.now().to_string();
+    let valid_body = format!(
+        r#"{{"v":1,"node":"evil","replica":666,"sent_at":{now},"full":false,"policies":["default"],"entries":[["k",0,[[666,1,100,0]]]]}}"#
+    );
+
+    // No signature, a wrong one, and one made with another secret.
+    let unsigned = client
+        .post(&url)
+        .body(valid_body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unsigned.status(), 401);
+    let forged = client
+        .post(&url)
+        .header("x-openclaw-timestamp", &now)
+        .header("x-openclaw-signature", "00".repeat(32))
+        .body(valid_body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 401);
+
+    // Signed with the right secret but malformed: garbage, and a policy index out of range.
+    let sign = |body: &str| {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET);
+        let tag = ring::hmac::sign(&key, format!("{now}\n{body}").as_bytes());
+        tag.as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let bad_index = r#"{"v":1,"node":"x","replica":5,"sent_at":1,"full":false,"policies":["default"],"entries":[[0,"k",0,[[5,1,9,0]]],[3,"k",0,[]]]}"#;
+    for body in ["not json", bad_index] {
+        let response = client
+            .post(&url)
+            .header("x-openclaw-timestamp", &now)
+            .header("x-openclaw-signature", sign(body))
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{body}");
+    }
+    let other_version =
+        r#"{"v":2,"node":"x","replica":5,"sent_at":1,"full":false,"policies":[],"entries":[]}"#;
+    let response = client
+        .post(&url)
+        .header("x-openclaw-timestamp", &now)
+        .header("x-openclaw-signature", sign(other_version))
+        .body(other_version)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 409);
+    let huge = vec![b' '; replication::MAX_MESSAGE_BYTES + 1];
+    let response = client.post(&url).body(huge).send().await.unwrap();
+    assert_eq!(response.status(), 413);
+
+    assert!(
+        target.limiter.store().is_empty(),
+        "a refused message was merged"
+    );
+    let text = target.limiter.render_metrics();
+    for line in [
+        "openclaw_peer_messages_rejected_total{reason=\"unauthenticated\"} 2",
+        "openclaw_peer_messages_rejected_total{reason=\"malformed\"} 2",
+        "openclaw_peer_messages_rejected_total{reason=\"incompatible\"} 1",
+        "openclaw_peer_messages_rejected_total{reason=\"too_large\"} 1",
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
+    target.shutdown().await;
+}
