@@ -21,4 +21,5 @@ pub mod policy;
 pub mod replication;
 pub mod server;
 pub mod service;
+pub mod snapshot;
 pub mod store;

@@ -18,7 +18,8 @@
 //! use openclaw_limiter::snapshot::Snapshots;
 //!
 //! // At start, before serving decisions and before marking ready:
-//! let snapshots = Arc::new(Snapshots::new(&config.snapshot_dir)); // .with_keep(n), .with_max_bytes(b)
+//! // Optionally .with_keep(n) and .with_max_bytes(b):
+//! let snapshots = Arc::new(Snapshots::new(&config.snapshot_dir));
 //! let report = tokio::task::spawn_blocking({
 //!     let (snapshots, limiter) = (snapshots.clone(), limiter.clone());
 //!     move || snapshots.restore_latest(&limiter)
@@ -72,7 +73,10 @@
 //! | writer's replica id | `u64` |
 //! | writer's node id | string |
 //! | bucket count | `u64` |
-//! | each bucket | policy (`u32` index into the policy table), key (string), epoch (`u64` µs), component count (`u32`), then per component: replica (`u64`), incarnation (`u64` µs), consumed (`u64`), absorbed (`u64`) |
+//! | per bucket: policy | `u32`, index into the policy table |
+//! | &nbsp; key | string |
+//! | &nbsp; epoch | `u64` µs |
+//! | &nbsp; components | `u32` count, then per component four `u64`: replica, incarnation (µs), consumed, absorbed |
 //! | policy table | `u32` count, then each policy name (string) |
 //! | checksum | 32 bytes, SHA-256 of every byte before it |
 //!
@@ -315,7 +319,7 @@ impl Snapshots {
                 files.push((seq, entry.path()));
             }
         }
-        files.sort_by(|a, b| b.0.cmp(&a.0));
+        files.sort_by_key(|&(seq, _)| std::cmp::Reverse(seq));
         Ok(files)
     }
 
@@ -366,7 +370,9 @@ impl Snapshots {
             .map_or(created_us, |&(newest, _)| created_us.max(newest + 1));
         let encoded = encode(limiter, created_us, self.max_bytes)?;
         let path = self.dir.join(file_name(seq));
-        let temp = self.dir.join(format!("{TEMP_PREFIX}{seq:020}{TEMP_SUFFIX}"));
+        let temp = self
+            .dir
+            .join(format!("{TEMP_PREFIX}{seq:020}{TEMP_SUFFIX}"));
         let written = (|| {
             let mut file = OpenOptions::new()
                 .write(true)
@@ -672,7 +678,10 @@ impl Snapshot {
             .map_err(SnapshotError::io("reading", path))?
             .len();
         if len > max_bytes {
-            return Err(SnapshotError::TooLarge { len, max: max_bytes });
+            return Err(SnapshotError::TooLarge {
+                len,
+                max: max_bytes,
+            });
         }
         let mut bytes = Vec::with_capacity(len as usize);
         // Bounded even if the file grows while it is read.
@@ -858,7 +867,8 @@ fn merge_into(snapshot: &Snapshot, limiter: &Limiter, report: &mut RestoreReport
         .policies
         .iter()
         .zip(unknown)
-        .filter_map(|(name, unknown)| unknown.then(|| name.clone()))
+        .filter(|&(_, unknown)| unknown)
+        .map(|(name, _)| name.clone())
         .collect();
 }
 
@@ -929,7 +939,9 @@ impl<'a> Reader<'a> {
         let epoch = self.u64()?;
         let n = self.u32()? as usize;
         if n > self.remaining() / COMPONENT_LEN {
-            return Err(SnapshotError::Malformed("a component list runs past the end"));
+            return Err(SnapshotError::Malformed(
+                "a component list runs past the end",
+            ));
         }
         let components = self.take(n * COMPONENT_LEN)?;
         let mut previous: Option<ReplicaId> = None;
@@ -953,5 +965,374 @@ impl<'a> Reader<'a> {
             epoch,
             components,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::bucket::Rate;
+    use crate::clock::ManualClock;
+    use crate::service::LimiterOptions;
+
+    const START: Micros = 1_700_000_000_000_000;
+
+    fn limiter(replica: u64, clock: Arc<ManualClock>) -> Limiter {
+        let limiter = Limiter::new(LimiterOptions {
+            node_id: format!("node-{replica}"),
+            replica: ReplicaId(replica),
+            default_rate: Rate::try_new(10, 1000).unwrap(),
+            clock,
+            shards: 4,
+            track_changes: false,
+        });
+        limiter
+            .reload_policies(
+                "policies:\n  extra:\n    capacity: 5\n    refill_interval_ms: 1000\n    overrides:\n      vip: {capacity: 50, refill_interval_ms: 1000}\n",
+            )
+            .unwrap();
+        limiter
+    }
+
+    /// A limiter holding buckets of both policies, one of them with a second replica's
+    /// component merged in.
+    fn busy_limiter() -> Limiter {
+        let limiter = limiter(1, Arc::new(ManualClock::at(START)));
+        limiter.decide("default", "a", 3).unwrap();
+        limiter.decide("default", "b", 10).unwrap();
+        limiter.decide("extra", "vip", 40).unwrap();
+        let policy = limiter.policies().get("default").unwrap().clone();
+        let mut remote = BucketState::full_at(START);
+        remote.try_consume_at(policy.rate, ReplicaId(9), || START - 5, 4, START);
+        limiter
+            .store()
+            .merge(policy.id, "a", &remote, policy.rate, START);
+        limiter
+    }
+
+    fn encoded(limiter: &Limiter) -> Vec<u8> {
+        encode(limiter, limiter.now(), DEFAULT_MAX_BYTES)
+            .unwrap()
+            .bytes
+    }
+
+    /// Every bucket of the store, by (policy name, key).
+    fn store_states(limiter: &Limiter) -> BTreeMap<(String, String), BucketState> {
+        let policies = limiter.policies();
+        let mut states = BTreeMap::new();
+        limiter.store().for_each(|id, key, state| {
+            let name = policies.by_id(id).unwrap().name.clone();
+            states.insert((name, key.to_owned()), state.clone());
+        });
+        states
+    }
+
+    fn snapshot_states(snapshot: &Snapshot) -> BTreeMap<(String, String), BucketState> {
+        snapshot
+            .buckets()
+            .map(|b| ((b.policy.to_owned(), b.key.to_owned()), b.state))
+            .collect()
+    }
+
+    /// Recompute the checksum after editing the contents, as a faulty writer would produce.
+    fn reseal(mut bytes: Vec<u8>) -> Vec<u8> {
+        let content = bytes.len() - CHECKSUM_LEN;
+        let checksum = digest::digest(&digest::SHA256, &bytes[..content]);
+        bytes[content..].copy_from_slice(checksum.as_ref());
+        bytes
+    }
+
+    #[test]
+    fn decoding_gives_back_every_bucket_and_the_header() {
+        let limiter = busy_limiter();
+        let snapshot = Snapshot::decode(encoded(&limiter)).unwrap();
+        assert_eq!(snapshot.node_id(), "node-1");
+        assert_eq!(snapshot.replica(), ReplicaId(1));
+        assert_eq!(snapshot.created_us(), START);
+        assert_eq!(snapshot.bucket_count(), 3);
+        let states = snapshot_states(&snapshot);
+        assert_eq!(states, store_states(&limiter));
+        let a = &states[&("default".to_owned(), "a".to_owned())];
+        assert_eq!(a.components().len(), 2, "{a:?}");
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_rejected() {
+        let bytes = encoded(&busy_limiter());
+        for bit in 0..bytes.len() * 8 {
+            let mut damaged = bytes.clone();
+            damaged[bit / 8] ^= 1 << (bit % 8);
+            let error = Snapshot::decode(damaged).expect_err("a flipped bit must be detected");
+            let byte = bit / 8;
+            let expected_ok = match byte {
+                0..8 => matches!(error, SnapshotError::Foreign),
+                8..10 => matches!(error, SnapshotError::UnsupportedVersion { .. }),
+                // The length field: raised, the file looks truncated; lowered, the checksum
+                // (which covers it) no longer matches.
+                10..18 => matches!(
+                    error,
+                    SnapshotError::Truncated { .. } | SnapshotError::ChecksumMismatch
+                ),
+                _ => matches!(error, SnapshotError::ChecksumMismatch),
+            };
+            assert!(expected_ok, "bit {bit} (byte {byte}): {error}");
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_rejected_as_truncated() {
+        let bytes = encoded(&busy_limiter());
+        assert!(matches!(
+            Snapshot::decode(Vec::new()),
+            Err(SnapshotError::Empty)
+        ));
+        for len in 1..bytes.len() {
+            match Snapshot::decode(bytes[..len].to_vec()) {
+                Err(SnapshotError::Truncated { actual, .. }) => assert_eq!(actual, len as u64),
+                other => panic!("{len} of {} bytes: {other:?}", bytes.len()),
+            }
+        }
+        // Appended bytes are damage too.
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(matches!(
+            Snapshot::decode(longer),
+            Err(SnapshotError::ChecksumMismatch)
+        ));
+    }
+
+    #[test]
+    fn contents_breaking_the_format_are_rejected_even_with_a_valid_checksum() {
+        let bytes = encoded(&busy_limiter());
+        let snapshot = Snapshot::decode(bytes.clone()).unwrap();
+        let first = snapshot.buckets_at;
+        // The first bucket: policy index, key length, key, epoch, component count, components.
+        let key_len = u32::from_le_bytes(bytes[first + 4..first + 8].try_into().unwrap()) as usize;
+        let components_at = first + 8 + key_len + 8;
+        let first_component = components_at + 4;
+        let table = bytes.len() - CHECKSUM_LEN - 4 - (4 + "default".len()) - (4 + "extra".len());
+
+        let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+        let mut b = bytes.clone();
+        b[first..first + 4].copy_from_slice(&7u32.to_le_bytes());
+        cases.push(("outside the policy table", b));
+        let mut b = bytes.clone();
+        // absorbed := consumed + 1
+        let consumed = u64::from_le_bytes(
+            b[first_component + 16..first_component + 24]
+                .try_into()
+                .unwrap(),
+        );
+        b[first_component + 24..first_component + 32]
+            .copy_from_slice(&(consumed + 1).to_le_bytes());
+        cases.push(("absorbed more than it consumed", b));
+        let mut b = bytes.clone();
+        b[components_at..components_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        cases.push(("component list runs past the end", b));
+        let mut b = bytes.clone();
+        b[first + 4..first + 8].copy_from_slice(&u32::MAX.to_le_bytes());
+        cases.push(("a field runs past the end", b));
+        let mut b = bytes.clone();
+        let count_at = snapshot.buckets_at - 8;
+        b[count_at..count_at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        cases.push(("runs past the end", b));
+        let mut b = bytes.clone();
+        b[table..table + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        cases.push(("a field runs past the end", b));
+        let mut b = bytes.clone();
+        b[first + 8] = 0xff;
+        cases.push(("not UTF-8", b));
+        let mut b = bytes.clone();
+        b.splice(b.len() - CHECKSUM_LEN..b.len() - CHECKSUM_LEN, [0u8; 3]);
+        let len = b.len() as u64;
+        b[10..18].copy_from_slice(&len.to_le_bytes());
+        cases.push(("bytes after the policy table", b));
+        let mut b = bytes.clone();
+        let len = b.len() as u64 - 1;
+        b[10..18].copy_from_slice(&len.to_le_bytes());
+        cases.push(("length field disagrees", b));
+
+        // Two components of one bucket swapped: find the bucket with two.
+        let two = snapshot
+            .buckets()
+            .position(|b| b.state.components().len() == 2)
+            .unwrap();
+        let mut reader = Reader {
+            bytes: &bytes,
+            at: first,
+        };
+        for _ in 0..two {
+            reader.record().unwrap();
+        }
+        let at = reader.at;
+        let record = reader.record().unwrap();
+        let comps = at + 8 + record.key.len() + 8 + 4;
+        let mut b = bytes.clone();
+        b[comps..comps + 64].rotate_left(32);
+        cases.push(("not sorted by replica", b));
+
+        // Each case names the reason it must be rejected with.
+        for (expected, damaged) in cases {
+            match Snapshot::decode(reseal(damaged)) {
+                Err(SnapshotError::Malformed(reason)) => {
+                    assert!(reason.contains(expected), "{expected:?}: got {reason:?}")
+                }
+                other => panic!("{expected:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_write_failing_midway_leaves_the_previous_snapshot_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::at(START));
+        let limiter = limiter(1, clock.clone());
+        limiter.decide("default", "k", 4).unwrap();
+        let snapshots = Snapshots::new(dir.path());
+        let good = snapshots.write(&limiter).unwrap();
+        let good_bytes = fs::read(&good.path).unwrap();
+
+        clock.advance_us(1_000);
+        limiter.decide("default", "k", 5).unwrap();
+        let error = snapshots
+            .write_with(&limiter, |file, bytes| {
+                file.write_all(&bytes[..bytes.len() / 2])?;
+                Err(io::Error::other("disk full (injected)"))
+            })
+            .unwrap_err();
+        assert!(
+            matches!(
+                &error,
+                SnapshotError::Io {
+                    action: "writing",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [good.path.file_name().unwrap()], "{names:?}");
+        assert_eq!(fs::read(&good.path).unwrap(), good_bytes);
+        let text = limiter.render_metrics();
+        for line in [
+            "openclaw_snapshots_total{result=\"success\"} 1",
+            "openclaw_snapshots_total{result=\"failure\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+
+        let fresh = self::limiter(2, Arc::new(ManualClock::at(START + 1_000)));
+        let report = snapshots.restore_latest(&fresh).unwrap();
+        assert_eq!(report.used.unwrap().path, good.path);
+        assert_eq!(
+            fresh.peek("default", "k", 1).unwrap().0.outcome.remaining,
+            6
+        );
+    }
+
+    #[test]
+    fn a_snapshot_above_the_size_bound_is_neither_written_nor_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let limiter = busy_limiter();
+        let small = Snapshots::new(dir.path()).with_max_bytes(64);
+        assert!(matches!(
+            small.write(&limiter),
+            Err(SnapshotError::TooLarge { max: 64, .. })
+        ));
+        assert!(small.list().unwrap().is_empty());
+
+        let written = Snapshots::new(dir.path()).write(&limiter).unwrap();
+        assert!(matches!(
+            Snapshot::read(&written.path, written.bytes - 1),
+            Err(SnapshotError::TooLarge { .. })
+        ));
+        let report = small
+            .restore_latest(&self::limiter(2, Arc::new(ManualClock::at(START))))
+            .unwrap();
+        assert!(report.used.is_none());
+        assert!(matches!(
+            report.rejected[0].reason,
+            SnapshotError::TooLarge { .. }
+        ));
+    }
+
+    #[test]
+    fn file_names_order_snapshots_and_nothing_else() {
+        assert_eq!(parse_file_name(&file_name(42)), Some(42));
+        assert_eq!(file_name(42), "snapshot-00000000000000000042.ocs");
+        for other in [
+            "snapshot-.ocs",
+            "snapshot-12a.ocs",
+            "snapshot-12.ocs.tmp",
+            ".snapshot-12.ocs.tmp",
+            "snapshot-+12.ocs",
+            "notes.txt",
+        ] {
+            assert_eq!(parse_file_name(other), None, "{other}");
+        }
+    }
+
+    /// A random history of local decisions and merges from other replicas.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Decide {
+            policy: bool,
+            key: u8,
+            cost: u64,
+            advance_us: u64,
+        },
+        Remote {
+            replica: u64,
+            key: u8,
+            cost: u64,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (any::<bool>(), 0..6u8, 1..=5u64, 0..300_000u64).prop_map(
+                |(policy, key, cost, advance_us)| Op::Decide { policy, key, cost, advance_us }
+            ),
+            1 => (2..5u64, 0..6u8, 1..=5u64)
+                .prop_map(|(replica, key, cost)| Op::Remote { replica, key, cost }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn encoding_round_trips_every_bucket_state_exactly(
+            ops in proptest::collection::vec(op(), 0..60)
+        ) {
+            let clock = Arc::new(ManualClock::at(START));
+            let limiter = limiter(1, clock.clone());
+            let default = limiter.policies().get("default").unwrap().clone();
+            for op in ops {
+                match op {
+                    Op::Decide { policy, key, cost, advance_us } => {
+                        clock.advance_us(advance_us);
+                        let policy = if policy { "extra" } else { "default" };
+                        let key = if key == 0 { "vip".to_owned() } else { format!("k{key}") };
+                        limiter.decide(policy, &key, cost).unwrap();
+                    }
+                    Op::Remote { replica, key, cost } => {
+                        let now = limiter.now();
+                        let mut remote = BucketState::full_at(now);
+                        remote.try_consume_at(default.rate, ReplicaId(replica), || now, cost, now);
+                        limiter.store().merge(default.id, &format!("k{key}"), &remote, default.rate, now);
+                    }
+                }
+            }
+            let snapshot = Snapshot::decode(encoded(&limiter)).unwrap();
+            prop_assert_eq!(snapshot.bucket_count() as usize, limiter.store().len());
+            prop_assert_eq!(snapshot_states(&snapshot), store_states(&limiter));
+        }
     }
 }
