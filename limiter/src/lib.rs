@@ -16,6 +16,7 @@ pub mod clock;
 pub mod config;
 pub mod crdt;
 pub mod http;
+pub mod membership;
 pub mod metrics;
 pub mod policy;
 pub mod replication;

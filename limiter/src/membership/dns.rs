@@ -111,7 +111,9 @@ impl StaticSource {
         let mut addrs = Vec::new();
         let mut errors = Vec::new();
         for (entry, result) in self.entries.iter().zip(results) {
-            match result.unwrap_or_else(|| Err(format!("cannot resolve {entry}: lookup task failed"))) {
+            match result
+                .unwrap_or_else(|| Err(format!("cannot resolve {entry}: lookup task failed")))
+            {
                 Ok(resolved) => {
                     addrs.extend_from_slice(&resolved);
                     self.last.insert(entry.clone(), resolved);

@@ -15,7 +15,6 @@ use super::Outcome;
 /// The label the EndpointSlice controller puts on every slice it manages for a Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-#[derive(Debug)]
 pub(super) struct KubeSource {
     namespace: String,
     service: String,
@@ -24,6 +23,16 @@ pub(super) struct KubeSource {
     /// it is a failed refresh like any other, retried next time.
     client: Option<kube::Client>,
     timeout: Duration,
+}
+
+impl std::fmt::Debug for KubeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeSource")
+            .field("namespace", &self.namespace)
+            .field("service", &self.service)
+            .field("port_name", &self.port_name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl KubeSource {

@@ -110,7 +110,9 @@ impl Discovery {
         kube_service: Option<&str>,
         namespace: Option<&str>,
     ) -> Result<Self, Vec<String>> {
-        let given = |value: Option<&str>| value.map(str::trim).filter(|v| !v.is_empty());
+        fn given(value: Option<&str>) -> Option<&str> {
+            value.map(str::trim).filter(|v| !v.is_empty())
+        }
         let (peers, dns, kube_service, namespace) = (
             given(peers),
             given(dns),
@@ -147,12 +149,22 @@ impl Discovery {
             "none" | "" => {
                 unused(&mut errors, "OPENCLAW_PEERS", peers, "static");
                 unused(&mut errors, "OPENCLAW_PEER_DNS", dns, "dns");
-                unused(&mut errors, "OPENCLAW_KUBE_SERVICE", kube_service, "kubernetes");
+                unused(
+                    &mut errors,
+                    "OPENCLAW_KUBE_SERVICE",
+                    kube_service,
+                    "kubernetes",
+                );
                 Some(Discovery::None)
             }
             "static" => {
                 unused(&mut errors, "OPENCLAW_PEER_DNS", dns, "dns");
-                unused(&mut errors, "OPENCLAW_KUBE_SERVICE", kube_service, "kubernetes");
+                unused(
+                    &mut errors,
+                    "OPENCLAW_KUBE_SERVICE",
+                    kube_service,
+                    "kubernetes",
+                );
                 if peer_list.is_none() {
                     errors.push(
                         "OPENCLAW_PEERS is required with OPENCLAW_DISCOVERY=static \
@@ -164,7 +176,12 @@ impl Discovery {
             }
             "dns" => {
                 unused(&mut errors, "OPENCLAW_PEERS", peers, "static");
-                unused(&mut errors, "OPENCLAW_KUBE_SERVICE", kube_service, "kubernetes");
+                unused(
+                    &mut errors,
+                    "OPENCLAW_KUBE_SERVICE",
+                    kube_service,
+                    "kubernetes",
+                );
                 if dns.is_none() {
                     errors.push(
                         "OPENCLAW_PEER_DNS is required with OPENCLAW_DISCOVERY=dns \
@@ -257,7 +274,9 @@ fn parse_peer_list(list: &str, errors: &mut Vec<String>) -> Vec<String> {
         } else if let Err(e) = check_host_port(entry) {
             errors.push(format!("OPENCLAW_PEERS entry {n} ({entry:?}): {e}"));
         } else if entries.iter().any(|seen| seen == entry) {
-            errors.push(format!("OPENCLAW_PEERS entry {n} ({entry:?}) is listed twice"));
+            errors.push(format!(
+                "OPENCLAW_PEERS entry {n} ({entry:?}) is listed twice"
+            ));
         } else {
             entries.push(entry.to_owned());
         }
@@ -273,7 +292,9 @@ fn check_host_port(value: &str) -> Result<(), String> {
     }
     let (host, port) = if let Some(rest) = value.strip_prefix('[') {
         let Some((ip, port)) = rest.split_once("]:") else {
-            return Err(format!("missing \"]:port\" after the IPv6 address ({EXAMPLE})"));
+            return Err(format!(
+                "missing \"]:port\" after the IPv6 address ({EXAMPLE})"
+            ));
         };
         if ip.parse::<Ipv6Addr>().is_err() {
             return Err(format!("{ip:?} is not an IPv6 address"));
@@ -320,7 +341,12 @@ fn check_dns_name(host: &str) -> Result<(), String> {
         let ok_chars = label
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if label.is_empty() || label.len() > 63 || !ok_chars || label.starts_with('-') || label.ends_with('-') {
+        if label.is_empty()
+            || label.len() > 63
+            || !ok_chars
+            || label.starts_with('-')
+            || label.ends_with('-')
+        {
             return Err(format!(
                 "{host:?} is not a host name (labels of 1 to 63 letters, digits and '-')"
             ));
@@ -335,14 +361,19 @@ fn check_dns_label(value: &str, must_start_with_letter: bool) -> Result<(), Stri
     let valid_chars = value
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    let first_ok = value.bytes().next().is_some_and(|b| {
-        b.is_ascii_lowercase() || (!must_start_with_letter && b.is_ascii_digit())
-    });
+    let first_ok = value
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || (!must_start_with_letter && b.is_ascii_digit()));
     if value.len() > 63 || !valid_chars || !first_ok || value.ends_with('-') {
         Err(format!(
             "expected at most 63 lowercase letters, digits and '-', starting with a {} and not \
              ending with '-'",
-            if must_start_with_letter { "letter" } else { "letter or digit" }
+            if must_start_with_letter {
+                "letter"
+            } else {
+                "letter or digit"
+            }
         ))
     } else {
         Ok(())
@@ -503,7 +534,6 @@ impl Outcome {
 }
 
 enum Source {
-    None,
     Static(StaticSource),
     Dns(DnsSource),
     Kubernetes(KubeSource),
@@ -512,7 +542,6 @@ enum Source {
 impl Source {
     async fn refresh(&mut self) -> Outcome {
         match self {
-            Source::None => Outcome::ok(Vec::new()),
             Source::Static(source) => source.refresh().await,
             Source::Dns(source) => source.refresh().await,
             Source::Kubernetes(source) => source.refresh().await,
@@ -521,7 +550,6 @@ impl Source {
 }
 
 /// Discovery with its options, ready to [`run`](Membership::run).
-#[derive(Debug)]
 pub struct Membership {
     discovery: Discovery,
     self_addrs: SelfAddrs,
@@ -529,6 +557,20 @@ pub struct Membership {
     status: Arc<DiscoveryStatus>,
     kube_client: Option<kube::Client>,
     resolver: Resolver,
+}
+
+impl std::fmt::Debug for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Membership")
+            .field("discovery", &self.discovery)
+            .field("self_addrs", &self.self_addrs)
+            .field("refresh", &self.refresh)
+            .field(
+                "kube_client",
+                &self.kube_client.as_ref().map(|_| "injected"),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 impl Membership {

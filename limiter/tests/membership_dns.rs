@@ -1,0 +1,159 @@
+//! DNS and static discovery through the machine's real resolver (`getaddrinfo`, /etc/hosts).
+//! Only `localhost` and IP literals are looked up, so no query leaves the machine. Names that
+//! fail, or fail after resolving, are covered with a scripted resolver in the module's unit
+//! tests (a real resolver cannot be made to fail on cue without network traffic).
+
+use std::collections::BTreeSet;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openclaw_limiter::membership::{
+    Discovery, DiscoveryReport, DiscoveryStatus, Membership, SelfAddrs,
+};
+use tokio::sync::watch;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+struct Running {
+    status: Arc<DiscoveryStatus>,
+    peers: watch::Receiver<Vec<SocketAddr>>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    fn start(discovery: Discovery, self_addrs: SelfAddrs) -> Self {
+        let membership = Membership::new(discovery, self_addrs, Duration::from_millis(20));
+        let status = membership.status();
+        let (peers_tx, peers) = watch::channel(Vec::new());
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(membership.run(peers_tx, stop_rx));
+        Self {
+            status,
+            peers,
+            stop,
+            task,
+        }
+    }
+
+    async fn next_set(&mut self) -> Vec<SocketAddr> {
+        tokio::time::timeout(DEADLINE, self.peers.changed())
+            .await
+            .expect("a publication before the deadline")
+            .unwrap();
+        self.peers.borrow_and_update().clone()
+    }
+
+    /// Wait (bounded, polling) until `n` more refreshes than now have been applied.
+    async fn refreshes(&self, n: u64) -> DiscoveryReport {
+        let target = self.status.report().refreshes + n;
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let report = self.status.report();
+            if report.refreshes >= target {
+                return report;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "stuck: {report:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn finish(self) {
+        self.stop.send(true).unwrap();
+        tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .expect("discovery stops when told")
+            .unwrap();
+    }
+}
+
+/// What the system resolver says `localhost:port` is: 127.0.0.1, and ::1 where /etc/hosts
+/// lists it.
+fn localhost(port: u16) -> BTreeSet<SocketAddr> {
+    ("localhost", port).to_socket_addrs().unwrap().collect()
+}
+
+/// A port that is really this process's, as a replica's own peer listener would be.
+async fn own_listener() -> (tokio::net::TcpListener, SocketAddr) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (listener, addr)
+}
+
+#[tokio::test]
+async fn dns_discovery_of_localhost_yields_every_loopback_address_on_the_port() {
+    let (_listener, me) = own_listener().await;
+    let port = me.port().wrapping_add(1).max(1);
+    let expected = localhost(port);
+    assert!(expected.contains(&SocketAddr::from(([127, 0, 0, 1], port))));
+
+    let mut run = Running::start(
+        Discovery::Dns {
+            name: format!("localhost:{port}"),
+        },
+        SelfAddrs::new(me, []),
+    );
+    let peers = run.next_set().await;
+    assert_eq!(peers, expected.into_iter().collect::<Vec<_>>());
+    let report = run.refreshes(3).await;
+    assert!(
+        !run.peers.has_changed().unwrap(),
+        "same answer, no publication"
+    );
+    assert!(report.healthy && report.last_error.is_none(), "{report:?}");
+    assert_eq!(report.kind, "dns");
+    run.finish().await;
+}
+
+#[tokio::test]
+async fn dns_discovery_leaves_this_replica_out() {
+    let (_listener, me) = own_listener().await;
+    let expected: Vec<SocketAddr> = localhost(me.port())
+        .into_iter()
+        .filter(|a| *a != me)
+        .collect();
+
+    let mut run = Running::start(
+        Discovery::Dns {
+            name: format!("localhost:{}", me.port()),
+        },
+        SelfAddrs::new(me, []),
+    );
+    if expected.is_empty() {
+        // Only 127.0.0.1 here (no ::1 in /etc/hosts): the set stays empty, so nothing is
+        // published, while refreshes succeed.
+        let report = run.refreshes(3).await;
+        assert!(report.healthy, "{report:?}");
+        assert!(report.peers.is_empty(), "{report:?}");
+        assert!(!run.peers.has_changed().unwrap());
+    } else {
+        assert_eq!(run.next_set().await, expected);
+    }
+    run.finish().await;
+}
+
+#[tokio::test]
+async fn static_entries_resolve_through_dns_and_leave_this_replica_out() {
+    let (_listener, me) = own_listener().await;
+    let other = me.port().wrapping_add(7).max(1);
+    let third = me.port().wrapping_add(8).max(1);
+    let entries = vec![
+        format!("localhost:{other}"),
+        me.to_string(),
+        format!("127.0.0.1:{third}"),
+    ];
+    let mut run = Running::start(Discovery::Static(entries), SelfAddrs::new(me, []));
+    let mut expected = localhost(other);
+    expected.insert(SocketAddr::from(([127, 0, 0, 1], third)));
+    assert_eq!(
+        run.next_set().await,
+        expected.into_iter().collect::<Vec<_>>()
+    );
+
+    let report = run.refreshes(3).await;
+    assert!(!run.peers.has_changed().unwrap());
+    assert!(report.healthy && report.last_error.is_none(), "{report:?}");
+    assert_eq!(report.kind, "static");
+    run.finish().await;
+}
