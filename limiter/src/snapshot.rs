@@ -92,7 +92,7 @@
 //! only buffer is the file itself, bounded by [`Snapshots::with_max_bytes`]); the reader checks
 //! invariants a generic decoder would not (components sorted by replica and unique,
 //! `absorbed <= consumed`, policy indexes in range, no trailing bytes); and it costs no
-//! dependency. It is about 60 lines each way.
+//! dependency. It is about a hundred lines each way.
 //!
 //! Reading checks, in order: magic (else [`SnapshotError::Foreign`]), version (else
 //! [`SnapshotError::UnsupportedVersion`]; a future version may lay out everything after it
