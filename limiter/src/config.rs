@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 use crate::bucket::Rate;
+use crate::membership::Discovery;
 use crate::policy::{PolicyIds, PolicySet};
 
 /// The example Secret in the operations guide ships this value; starting with it would protect
@@ -133,23 +134,14 @@ pub struct Args {
 /// Minimum length of the peer secret: shorter ones are guessable.
 pub const MIN_PEER_SECRET_BYTES: usize = 16;
 
-/// How replicas find each other, as configured (resolution happens in `membership`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiscoverySettings {
-    pub kind: String,
-    pub peers: Option<String>,
-    pub dns: Option<String>,
-    pub kube_service: Option<String>,
-    pub namespace: Option<String>,
-    pub pod_ip: Option<IpAddr>,
-    pub refresh: Duration,
-}
-
 /// Replication settings; present only when a discovery kind other than `none` is configured.
 #[derive(Debug, Clone)]
 pub struct ReplicationSettings {
     pub listen: SocketAddr,
-    pub discovery: DiscoverySettings,
+    pub discovery: Discovery,
+    /// This pod's IP, left out of the peers discovery finds.
+    pub pod_ip: Option<IpAddr>,
+    pub discovery_refresh: Duration,
     pub secret: String,
     pub sync_interval: Duration,
     pub anti_entropy_interval: Duration,
@@ -256,16 +248,19 @@ fn replication_settings(args: &Args, errors: &mut Vec<String>) -> Option<Replica
         .discovery
         .clone()
         .unwrap_or_else(|| inferred.to_owned());
-    if !matches!(kind.as_str(), "none" | "static" | "dns" | "kubernetes") {
-        errors.push(format!(
-            "OPENCLAW_DISCOVERY must be none, static, dns or kubernetes, got {kind:?}"
-        ));
-        return None;
-    }
-    if kind == "none" {
-        return None;
-    }
     let before = errors.len();
+    let discovery = Discovery::try_from_parts(
+        &kind,
+        args.peers.as_deref(),
+        args.peer_dns.as_deref(),
+        args.kube_service.as_deref(),
+        args.pod_namespace.as_deref(),
+    )
+    .map_err(|problems| errors.extend(problems))
+    .ok();
+    if matches!(discovery, None | Some(Discovery::None)) {
+        return None;
+    }
     let secret = match args.peer_secret.as_deref() {
         None => {
             errors.push(format!("OPENCLAW_PEER_SECRET is required with peer discovery `{kind}`: peer traffic is always authenticated"));
@@ -300,15 +295,9 @@ fn replication_settings(args: &Args, errors: &mut Vec<String>) -> Option<Replica
     }
     (errors.len() == before).then(|| ReplicationSettings {
         listen: args.peer_listen,
-        discovery: DiscoverySettings {
-            kind,
-            peers: args.peers.clone(),
-            dns: args.peer_dns.clone(),
-            kube_service: args.kube_service.clone(),
-            namespace: args.pod_namespace.clone(),
-            pod_ip: args.pod_ip,
-            refresh: Duration::from_secs(args.discovery_refresh_s),
-        },
+        discovery: discovery.expect("checked above"),
+        pod_ip: args.pod_ip,
+        discovery_refresh: Duration::from_secs(args.discovery_refresh_s),
         secret,
         sync_interval: Duration::from_millis(args.sync_interval_ms),
         anti_entropy_interval: Duration::from_millis(args.anti_entropy_interval_ms),
@@ -362,7 +351,18 @@ mod tests {
         ]))
         .unwrap();
         let replication = config.replication.unwrap();
-        assert_eq!(replication.discovery.kind, "static");
+        assert_eq!(replication.discovery.kind(), "static");
+        let errors = Config::try_from_args(args(&[
+            "--discovery",
+            "dns",
+            "--peer-secret",
+            "0123456789abcdef",
+        ]))
+        .unwrap_err();
+        assert!(
+            errors.iter().any(|e| e.contains("OPENCLAW_PEER_DNS")),
+            "{errors:?}"
+        );
         assert_eq!(replication.sync_interval, Duration::from_millis(50));
     }
 

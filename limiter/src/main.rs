@@ -3,14 +3,18 @@
 use std::hash::BuildHasher;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use openclaw_limiter::clock::WallClock;
 use openclaw_limiter::config::{Args, Config, LogFormat};
 use openclaw_limiter::crdt::ReplicaId;
-use openclaw_limiter::server::{ServerOptions, serve};
+use openclaw_limiter::membership::{Membership, SelfAddrs};
+use openclaw_limiter::replication::{ReplicationOptions, Replicator};
+use openclaw_limiter::server::{Replication, ServerOptions, serve};
 use openclaw_limiter::service::{Limiter, LimiterOptions};
+use openclaw_limiter::snapshot::Snapshots;
 
 /// Exit status for invalid configuration (EX_USAGE), as linkerd2-proxy does.
 const EXIT_CONFIG: u8 = 64;
@@ -62,19 +66,79 @@ async fn run(config: Config) -> anyhow::Result<()> {
         default_rate: config.default_rate,
         clock: Arc::new(WallClock::new()),
         shards: 256,
-        track_changes: false,
+        track_changes: config.replication.is_some(),
     }));
     if let Some(text) = &config.policies_text {
         limiter
             .reload_policies(text)
             .map_err(|e| anyhow::anyhow!("policies file: {e}"))?;
     }
+    let snapshots = match &config.snapshot_dir {
+        None => None,
+        Some(dir) => {
+            let snapshots = Arc::new(Snapshots::new(dir.clone()));
+            let (from, into) = (snapshots.clone(), limiter.clone());
+            let report = tokio::task::spawn_blocking(move || from.restore_latest(&into))
+                .await?
+                .with_context(|| format!("cannot read snapshots in {}", dir.display()))?;
+            match &report.used {
+                Some(used) => tracing::info!(
+                    path = %used.path.display(),
+                    restored = report.restored,
+                    rejected = report.rejected.len(),
+                    "restored from snapshot"
+                ),
+                None => tracing::info!(
+                    rejected = report.rejected.len(),
+                    "no usable snapshot; starting empty"
+                ),
+            }
+            Some((snapshots, config.snapshot_interval))
+        }
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    // One machine-readable line on stdout: scripts and tests that bind port 0 read it.
+    let replication = match &config.replication {
+        None => None,
+        Some(settings) => {
+            let listener = tokio::net::TcpListener::bind(settings.listen)
+                .await
+                .with_context(|| format!("cannot listen for peers on {}", settings.listen))?;
+            let peer_addr = listener.local_addr()?;
+            let replicator = Replicator::try_new(
+                limiter.clone(),
+                ReplicationOptions {
+                    secret: settings.secret.clone().into_bytes(),
+                    sync_interval: settings.sync_interval,
+                    anti_entropy_interval: settings.anti_entropy_interval,
+                    request_timeout: (settings.sync_interval * 20)
+                        .clamp(Duration::from_millis(500), Duration::from_secs(5)),
+                },
+            )?;
+            let membership = Membership::new(
+                settings.discovery.clone(),
+                SelfAddrs::new(peer_addr, settings.pod_ip),
+                settings.discovery_refresh,
+            );
+            Some((
+                peer_addr,
+                Replication {
+                    replicator: Arc::new(replicator),
+                    listener,
+                    membership,
+                    ready_max_wait: settings.ready_max_wait,
+                },
+            ))
+        }
+    };
+    // Machine-readable lines on stdout: scripts and tests that bind port 0 read them.
     println!("listening api=http://{addr}");
+    let replication = replication.map(|(peer_addr, replication)| {
+        println!("listening peer=http://{peer_addr}");
+        replication
+    });
     tracing::info!(%addr, node = %config.node_id, policies = limiter.policies().len(), "openclaw-limiter started");
     serve(
         listener,
@@ -85,8 +149,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
             policies_text: config.policies_text,
             policies_reload: config.policies_reload,
             shutdown_grace: config.shutdown_grace,
+            snapshots,
         },
-        None,
+        replication,
         shutdown_signal(),
     )
     .await?;

@@ -12,8 +12,10 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::http::{AppState, router};
+use crate::membership::Membership;
 use crate::replication::{self, Replicator, peer_router};
 use crate::service::Limiter;
+use crate::snapshot::Snapshots;
 
 /// How often the refill-and-reclaim pass runs (and so how fresh the usage gauges are).
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -26,6 +28,8 @@ pub struct ServerOptions {
     pub policies_text: Option<String>,
     pub policies_reload: Duration,
     pub shutdown_grace: Duration,
+    /// Where and how often to snapshot the state (restored by the caller before `serve`).
+    pub snapshots: Option<(Arc<Snapshots>, Duration)>,
 }
 
 /// Everything replication needs at run time.
@@ -34,8 +38,8 @@ pub struct Replication {
     pub replicator: Arc<Replicator>,
     /// The bound replication listener.
     pub listener: TcpListener,
-    /// The current peers, from discovery.
-    pub peers: watch::Receiver<Vec<SocketAddr>>,
+    /// Finds the peers.
+    pub membership: Membership,
     /// Longest wait at start for peers' state before reporting ready anyway.
     pub ready_max_wait: Duration,
 }
@@ -69,6 +73,7 @@ pub async fn serve(
     }
 
     let replicator = replication.as_ref().map(|r| r.replicator.clone());
+    let discovery = replication.as_ref().map(|r| r.membership.status());
     match replication {
         None => limiter.mark_ready(),
         Some(replication) => {
@@ -88,10 +93,17 @@ pub async fn serve(
                 }
                 .instrument(tracing::info_span!("peer_listener")),
             );
+            let (peers_tx, peers_rx) = watch::channel(Vec::new());
+            tasks.spawn(
+                replication
+                    .membership
+                    .run(peers_tx, stop_rx.clone())
+                    .instrument(tracing::info_span!("membership")),
+            );
             tasks.spawn(
                 recover_then_replicate(
                     replication.replicator,
-                    replication.peers,
+                    peers_rx,
                     replication.ready_max_wait,
                     stop_rx.clone(),
                 )
@@ -103,7 +115,15 @@ pub async fn serve(
         limiter: limiter.clone(),
         api_key: options.api_key.map(Arc::from),
         replicator,
+        discovery,
+        snapshots: options.snapshots.as_ref().map(|(s, _)| s.clone()),
     });
+    if let Some((snapshots, every)) = options.snapshots.clone() {
+        tasks.spawn(
+            periodic_snapshots(limiter.clone(), snapshots, every, stop_rx.clone())
+                .instrument(tracing::info_span!("snapshots")),
+        );
+    }
 
     let mut signalled = stop_rx.clone();
     let stop = stop_tx.clone();
@@ -128,8 +148,38 @@ pub async fn serve(
         }
     };
     let _ = stop_tx.send(true);
+    // The replication task pushes its last changes to peers before it ends.
     while tasks.join_next().await.is_some() {}
+    if let Some((snapshots, _)) = options.snapshots {
+        let limiter = limiter.clone();
+        match tokio::task::spawn_blocking(move || snapshots.write(&limiter)).await {
+            Ok(Ok(info)) => {
+                tracing::info!(path = %info.path.display(), buckets = info.buckets, "final snapshot written")
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "final snapshot failed"),
+            Err(e) => tracing::error!(error = %e, "final snapshot task failed"),
+        }
+    }
     result
+}
+
+async fn periodic_snapshots(
+    limiter: Arc<Limiter>,
+    snapshots: Arc<Snapshots>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.wait_for(|stopped| *stopped) => return,
+        }
+        let (limiter, snapshots) = (limiter.clone(), snapshots.clone());
+        // `write` counts and logs its own failures.
+        let _ = tokio::task::spawn_blocking(move || snapshots.write(&limiter)).await;
+    }
 }
 
 /// Start-up recovery, then the sender loop. A replica that starts empty (new, or restarted

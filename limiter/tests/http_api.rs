@@ -46,6 +46,8 @@ fn harness(api_key: Option<&str>) -> Harness {
         limiter: limiter.clone(),
         api_key: api_key.map(Arc::from),
         replicator: None,
+        discovery: None,
+        snapshots: None,
     });
     Harness {
         limiter,
@@ -512,6 +514,8 @@ async fn health_readiness_and_metrics() {
         limiter: starting,
         api_key: None,
         replicator: None,
+        discovery: None,
+        snapshots: None,
     });
     let response = app
         .oneshot(Request::get("/ready").body(Body::empty()).unwrap())

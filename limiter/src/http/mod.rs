@@ -37,6 +37,10 @@ pub struct AppState {
     pub api_key: Option<Arc<str>>,
     /// Present when this replica has peers.
     pub replicator: Option<Arc<crate::replication::Replicator>>,
+    /// How peers are found, for `/status`; present with replication.
+    pub discovery: Option<Arc<crate::membership::DiscoveryStatus>>,
+    /// Present when `OPENCLAW_SNAPSHOT_DIR` is set.
+    pub snapshots: Option<Arc<crate::snapshot::Snapshots>>,
 }
 
 /// All routes. Health and metrics stay open when an API key is set: probes and Prometheus do
@@ -46,6 +50,7 @@ pub fn router(state: AppState) -> Router {
         .route("/rate", get(rate::rate).post(rate::rate))
         .route("/rate/batch", post(rate::batch))
         .route("/status", get(ops::status))
+        .route("/admin/snapshot", post(ops::snapshot_now))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
@@ -104,6 +109,7 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
         Some("/healthz") => "/healthz",
         Some("/ready") => "/ready",
         Some("/metrics") => "/metrics",
+        Some("/admin/snapshot") => "/admin/snapshot",
         _ => "unmatched",
     };
     let started = Instant::now();

@@ -104,8 +104,18 @@ pub async fn status(
             mode: p.mode,
             overrides: p.overrides().count(),
         }).collect::<Vec<_>>(),
-        "snapshot": { "enabled": false },
+        "snapshot": match &state.snapshots {
+            None => json!({ "enabled": false }),
+            Some(snapshots) => json!({
+                "enabled": true,
+                "dir": snapshots.dir().display().to_string(),
+                "age_s": snapshots.age_seconds(now),
+            }),
+        },
     });
+    if let Some(discovery) = &state.discovery {
+        body["discovery"] = serde_json::to_value(discovery.report()).unwrap_or_default();
+    }
     if let Some(bucket) = bucket {
         body["bucket"] = bucket;
     }
@@ -134,6 +144,9 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     if let Some(replicator) = &state.replicator {
         replicator.publish_gauges();
     }
+    if let Some(snapshots) = &state.snapshots {
+        snapshots.publish_age(&state.limiter);
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -142,4 +155,25 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         state.limiter.render_metrics(),
     )
         .into_response()
+}
+
+/// `POST /admin/snapshot`: write a snapshot now and describe it. Admin calls need the API key:
+/// without `OPENCLAW_API_KEY` they are refused rather than left open.
+pub async fn snapshot_now(State(state): State<AppState>) -> Result<Response, ApiError> {
+    if state.api_key.is_none() {
+        return Err(ApiError::Forbidden(
+            "admin calls are disabled: set OPENCLAW_API_KEY to enable them".into(),
+        ));
+    }
+    let Some(snapshots) = state.snapshots.clone() else {
+        return Err(ApiError::Conflict(
+            "snapshots are off: set OPENCLAW_SNAPSHOT_DIR".into(),
+        ));
+    };
+    let limiter = state.limiter.clone();
+    let info = tokio::task::spawn_blocking(move || snapshots.write(&limiter))
+        .await
+        .map_err(|e| ApiError::Internal(format!("snapshot task failed: {e}")))?
+        .map_err(|e| ApiError::Internal(format!("snapshot failed: {e}")))?;
+    Ok(Json(info).into_response())
 }
