@@ -272,15 +272,7 @@ pub struct Evaluation {
 pub fn final_promql(rule: &Rule, namespace: &str, selector: &Selector) -> Result<String> {
     for r in &selector.requirements {
         if !rule.selectable_labels.contains(r.key()) {
-            let allowed = if rule.selectable_labels.is_empty() {
-                "none".to_owned()
-            } else {
-                rule.selectable_labels
-                    .iter()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
+            let allowed = rule.selectable_labels_text();
             return Err(Error::BadSelector(format!(
                 "external metric {:?} cannot be narrowed by label {:?} (selectable labels: {allowed})",
                 rule.name,

@@ -77,6 +77,18 @@ pub struct Rule {
     pub namespace_label: Option<String>,
 }
 
+impl Rule {
+    /// The labels a selector may constrain, for messages: `a, b` or `none`.
+    pub fn selectable_labels_text(&self) -> String {
+        if self.selectable_labels.is_empty() {
+            "none".to_owned()
+        } else {
+            let labels: Vec<&str> = self.selectable_labels.iter().map(String::as_str).collect();
+            labels.join(", ")
+        }
+    }
+}
+
 /// A complete, valid configuration.
 #[derive(Debug, Clone)]
 pub struct Config {

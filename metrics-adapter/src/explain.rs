@@ -204,15 +204,7 @@ fn describe_rule(rule: &Rule, out: &mut String) {
         SeriesPolicy::Max => "max",
         SeriesPolicy::PerSeries => "per_series",
     };
-    let selectable = if rule.selectable_labels.is_empty() {
-        "none".to_owned()
-    } else {
-        rule.selectable_labels
-            .iter()
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let selectable = rule.selectable_labels_text();
     let _ = writeln!(
         out,
         "Rule: {}\n  timeout {:?}, cache_ttl {:?}, on_empty {on_empty}, on_nan {on_nan}, series {series}, \
