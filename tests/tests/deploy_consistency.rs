@@ -1230,6 +1230,10 @@ fn start_limiters(objs: &[Value]) -> Vec<Limiter> {
                 .collect();
             let mut vars: Vec<(String, String)> = Vec::new();
             for (var, value) in &env {
+                // Peers come from the static list here: no cluster DNS or API to ask.
+                if var == "OPENCLAW_PEER_DNS" || var == "OPENCLAW_KUBE_SERVICE" {
+                    continue;
+                }
                 let value = match var.as_str() {
                     "OPENCLAW_LISTEN" => "127.0.0.1:0".to_owned(),
                     "OPENCLAW_PEER_LISTEN" => format!("127.0.0.1:{}", peer_ports[i]),
