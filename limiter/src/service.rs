@@ -252,6 +252,17 @@ impl Limiter {
             .inc();
         self.metrics.policy_reload_ok.set(i64::from(result.is_ok()));
         let set = result?;
+        let strict: Vec<&str> = set
+            .iter()
+            .filter(|p| p.mode == Mode::Strict)
+            .map(|p| p.name.as_str())
+            .collect();
+        if !strict.is_empty() {
+            tracing::warn!(
+                policies = ?strict,
+                "mode: strict is not implemented yet and behaves as shared: replicas may overshoot while deltas are in flight (docs/crdt.md)"
+            );
+        }
         let previous = self
             .active
             .swap(Arc::new(Active::build(set, &self.metrics)));
