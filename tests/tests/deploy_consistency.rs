@@ -249,9 +249,8 @@ fn help_envs(binary: &str) -> BTreeSet<String> {
     names
 }
 
-/// Whether a crate's sources name `var` as a string literal (variables read with
-/// `std::env::var`, not flags: the downward-API ones).
-fn source_mentions(krate: &str, var: &str) -> bool {
+/// Whether a crate's sources contain `needle`.
+fn source_contains(krate: &str, needle: &str) -> bool {
     fn walk(dir: &Path, needle: &str) -> bool {
         std::fs::read_dir(dir)
             .into_iter()
@@ -267,7 +266,15 @@ fn source_mentions(krate: &str, var: &str) -> bool {
                 }
             })
     }
-    walk(&root().join(krate).join("src"), &format!("\"{var}\""))
+    walk(&root().join(krate).join("src"), needle)
+}
+
+/// Whether a binary reads `var` other than as a flag: named as a string literal in its crate
+/// (`std::env::var`), or `RUST_LOG`, which tracing-subscriber's `EnvFilter::from_default_env`
+/// reads.
+fn read_directly(krate: &str, var: &str) -> bool {
+    source_contains(krate, &format!("\"{var}\""))
+        || (var == "RUST_LOG" && source_contains(krate, "from_default_env"))
 }
 
 /// The crate directory of a binary.
@@ -411,9 +418,7 @@ fn every_env_var_and_port_in_the_manifests_is_one_the_binaries_read() {
                         || (!var.starts_with("OPENCLAW_")
                             && var != "BUCKET_CAPACITY"
                             && var != "REFILL_INTERVAL_MS"
-                            && (source_mentions(crate_of(binary), var)
-                                || (var == "RUST_LOG"
-                                    && source_mentions(crate_of(binary), "info"))));
+                            && read_directly(crate_of(binary), var));
                     if !read {
                         unknown.insert(format!("{binary}: {var} (set in {target} {})", id(d)));
                     }
