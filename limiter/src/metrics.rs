@@ -253,6 +253,19 @@ impl Metrics {
         for state in ["up", "down"] {
             metrics.peers.get_or_create(&StateLabels { state }).set(0);
         }
+        // Counters that alerts take `rate()` or `increase()` of must exist at 0 before their first
+        // increment, or the first failure is invisible to those functions.
+        for reason in ["unauthenticated", "malformed", "too_large", "incompatible"] {
+            let _ = metrics
+                .peer_rejected
+                .get_or_create(&ReasonLabels { reason });
+        }
+        for result in ["success", "failure"] {
+            let _ = metrics.snapshots.get_or_create(&ResultLabels { result });
+            let _ = metrics
+                .policy_reloads
+                .get_or_create(&ResultLabels { result });
+        }
         for direction in ["sent", "received"] {
             // Export zeros from the start, so rates over them exist before the first sync.
             let _ = metrics
