@@ -85,16 +85,8 @@ pub async fn status(
         "ready": limiter.is_ready(),
         "uptime_s": now.saturating_sub(limiter.started()) / 1_000_000,
         "topology": if state.replicator.is_some() { "replicated" } else { "single-node" },
-        "peers": state.replicator.as_ref().map(|r| r.peer_statuses()).unwrap_or_default().iter().map(|p| json!({
-            "address": p.address,
-            "node": p.node,
-            "up": p.up,
-            "last_contact_ms_ago": p.last_contact_us.map(|t| now.saturating_sub(t) / 1000),
-            "replication_lag_ms": p.last_merge_us.map(|t| now.saturating_sub(t) / 1000),
-            "last_error": p.last_error,
-            "messages_sent": p.messages_sent,
-            "messages_received": p.messages_received,
-        })).collect::<Vec<_>>(),
+        "peers": peer_list(&state, now, false),
+        "inbound": peer_list(&state, now, true),
         "keys": limiter.store().len(),
         "policies": policies.iter().map(|p| PolicyStatus {
             name: &p.name,
@@ -176,4 +168,29 @@ pub async fn snapshot_now(State(state): State<AppState>) -> Result<Response, Api
         .map_err(|e| ApiError::Internal(format!("snapshot task failed: {e}")))?
         .map_err(|e| ApiError::Internal(format!("snapshot failed: {e}")))?;
     Ok(Json(info).into_response())
+}
+
+/// Peers as `/status` shows them: the ones this replica sends to (by address, from discovery),
+/// or the ones it has received state from (by node id).
+fn peer_list(state: &AppState, now: u64, inbound: bool) -> Vec<serde_json::Value> {
+    let Some(replicator) = &state.replicator else {
+        return Vec::new();
+    };
+    replicator
+        .peer_statuses()
+        .into_iter()
+        .filter(|p| p.address.starts_with("node:") == inbound)
+        .map(|p| {
+            json!({
+                "address": (!inbound).then_some(&p.address),
+                "node": p.node,
+                "up": p.up,
+                "last_contact_ms_ago": p.last_contact_us.map(|t| now.saturating_sub(t) / 1000),
+                "replication_lag_ms": p.last_merge_us.map(|t| now.saturating_sub(t) / 1000),
+                "last_error": p.last_error,
+                "messages_sent": p.messages_sent,
+                "messages_received": p.messages_received,
+            })
+        })
+        .collect()
 }
