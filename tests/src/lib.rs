@@ -14,6 +14,8 @@
 //! Everything fails loudly with what to do: a missing binary says to build it, a missing
 //! Prometheus says what to install.
 
+pub mod proxy;
+
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
