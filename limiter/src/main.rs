@@ -20,6 +20,10 @@ use openclaw_limiter::snapshot::Snapshots;
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
+    // One TLS crypto provider for the process (ring: no C toolchain needed). The Kubernetes
+    // client needs one, and so does the peer HTTP client whenever a workspace build unifies a
+    // rustls feature into reqwest; without it, building a client panics.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
     let check_only = args.check_config;
     let config = match Config::try_from_args(args) {
