@@ -12,9 +12,9 @@
 //! a timestamp and the body; bodies are bounded in size; anything unauthenticated, malformed,
 //! oversized or of another protocol version is refused, counted by reason, and never merged.
 //!
-//! The wire format is JSON with positional arrays (`[policy, key, epoch, [[replica,
-//! incarnation, consumed, absorbed], ...]]`): compact enough (about 60 bytes per changed bucket),
-//! and readable with curl when debugging a cluster.
+//! The wire format is JSON with positional arrays (`[policy, key, epoch, rebaser, [[replica,
+//! incarnation, consumed, absorbed], ...]]`): about 80 bytes per changed bucket with one
+//! component (measured in `docs/accuracy.md`), and readable with curl when debugging a cluster.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -73,9 +73,9 @@ struct SyncMessage {
     entries: Vec<WireEntry>,
 }
 
-/// `[policy index, key, epoch, [[replica, incarnation, consumed, absorbed], ...]]`
+/// `[policy index, key, epoch, rebaser, [[replica, incarnation, consumed, absorbed], ...]]`
 #[derive(Debug, Serialize, Deserialize)]
-struct WireEntry(u32, String, Micros, Vec<(u64, Micros, u64, u64)>);
+struct WireEntry(u32, String, Micros, u64, Vec<(u64, Micros, u64, u64)>);
 
 /// What this replica knows about one peer it sends to.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -253,7 +253,13 @@ impl Replicator {
                 .iter()
                 .map(|c| (c.replica.0, c.incarnation, c.consumed, c.absorbed))
                 .collect();
-            entries.push(WireEntry(index, key, state.epoch(), components));
+            entries.push(WireEntry(
+                index,
+                key,
+                state.epoch(),
+                state.rebaser().0,
+                components,
+            ));
         }
         let chunk = if full { FULL_SYNC_CHUNK } else { usize::MAX };
         let mut messages = Vec::new();
@@ -305,7 +311,7 @@ impl Replicator {
         }
         let mut changed = 0;
         let received = message.entries.len() as u64;
-        for WireEntry(policy_index, key, epoch, components) in message.entries {
+        for WireEntry(policy_index, key, epoch, rebaser, components) in message.entries {
             // A policy this replica does not have (a rollout of the policies file in progress):
             // nothing to merge into; the sender resends in its next anti-entropy round.
             let Some(policy) = policies.get(&message.policies[policy_index as usize]) else {
@@ -313,6 +319,7 @@ impl Replicator {
             };
             let state = BucketState::from_parts(
                 epoch,
+                ReplicaId(rebaser),
                 components
                     .into_iter()
                     .map(|(replica, incarnation, consumed, absorbed)| Component {

@@ -67,7 +67,7 @@
 //! | field | encoding |
 //! |---|---|
 //! | magic | 8 bytes `OCLSNAP\0` |
-//! | format version | `u16` = 1 |
+//! | format version | `u16` = 2 |
 //! | file length | `u64`, every byte including the checksum |
 //! | created | `u64`, µs since the UNIX epoch, on the writer's clock |
 //! | writer's replica id | `u64` |
@@ -76,6 +76,7 @@
 //! | per bucket: policy | `u32`, index into the policy table |
 //! | &nbsp; key | string |
 //! | &nbsp; epoch | `u64` µs |
+//! | &nbsp; rebaser | `u64`, the replica whose rebase the epoch is |
 //! | &nbsp; components | `u32` count, then per component four `u64`: replica, incarnation (µs), consumed, absorbed |
 //! | policy table | `u32` count, then each policy name (string) |
 //! | checksum | 32 bytes, SHA-256 of every byte before it |
@@ -90,7 +91,7 @@
 //! and a crate's wire rules; every length is checked against the bytes actually present before
 //! anything is built from it, so a hostile or damaged length can never cause an allocation (the
 //! only buffer is the file itself, bounded by [`Snapshots::with_max_bytes`]); the reader checks
-//! invariants a generic decoder would not (components sorted by replica and unique,
+//! invariants a generic decoder would not (components sorted by (replica, incarnation) and unique,
 //! `absorbed <= consumed`, policy indexes in range, no trailing bytes); and it costs no
 //! dependency. It is about a hundred lines each way.
 //!
@@ -124,7 +125,7 @@ use crate::store::PolicyId;
 /// First bytes of every snapshot file.
 pub const MAGIC: [u8; 8] = *b"OCLSNAP\0";
 /// The format version this build writes and the only one it reads.
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
 /// Snapshots kept by default: the newest, and two to fall back on if it is damaged.
 pub const DEFAULT_KEEP: usize = 3;
 /// Largest snapshot written or read by default. A bucket with one component and a short key
@@ -593,6 +594,7 @@ fn encode(limiter: &Limiter, created_us: Micros, max_bytes: u64) -> Result<Encod
         put_u32(&mut out, index);
         fits &= put_str(&mut out, key);
         put_u64(&mut out, state.epoch());
+        put_u64(&mut out, state.rebaser().0);
         put_u32(&mut out, state.components().len() as u32);
         for c in state.components() {
             put_u64(&mut out, c.replica.0);
@@ -827,6 +829,7 @@ impl Snapshot {
                 .expect("every record was checked by Snapshot::decode");
             let state = BucketState::from_parts(
                 record.epoch,
+                record.rebaser,
                 record.components.chunks_exact(COMPONENT_LEN).map(component),
             );
             (record.policy, record.key, state)
@@ -887,6 +890,7 @@ struct Record<'a> {
     policy: u32,
     key: &'a str,
     epoch: Micros,
+    rebaser: ReplicaId,
     /// `COMPONENT_LEN` bytes per component.
     components: &'a [u8],
 }
@@ -930,13 +934,14 @@ impl<'a> Reader<'a> {
             .map_err(|_| SnapshotError::Malformed("a string is not UTF-8"))
     }
 
-    /// One bucket, checked: components sorted by replica without repeats, none having absorbed
+    /// One bucket, checked: components sorted by (replica, incarnation) without repeats, none having absorbed
     /// more than it consumed. These hold for every state the CRDT produces, so a file breaking
     /// them did not come from a correct writer.
     fn record(&mut self) -> Result<Record<'a>, SnapshotError> {
         let policy = self.u32()?;
         let key = self.str()?;
         let epoch = self.u64()?;
+        let rebaser = ReplicaId(self.u64()?);
         let n = self.u32()? as usize;
         if n > self.remaining() / COMPONENT_LEN {
             return Err(SnapshotError::Malformed(
@@ -944,7 +949,7 @@ impl<'a> Reader<'a> {
             ));
         }
         let components = self.take(n * COMPONENT_LEN)?;
-        let mut previous: Option<ReplicaId> = None;
+        let mut previous: Option<(ReplicaId, Micros)> = None;
         for chunk in components.chunks_exact(COMPONENT_LEN) {
             let c = component(chunk);
             if c.absorbed > c.consumed {
@@ -952,17 +957,18 @@ impl<'a> Reader<'a> {
                     "a component absorbed more than it consumed",
                 ));
             }
-            if previous.is_some_and(|p| p >= c.replica) {
+            if previous.is_some_and(|p| p >= (c.replica, c.incarnation)) {
                 return Err(SnapshotError::Malformed(
                     "components are not sorted by replica",
                 ));
             }
-            previous = Some(c.replica);
+            previous = Some((c.replica, c.incarnation));
         }
         Ok(Record {
             policy,
             key,
             epoch,
+            rebaser,
             components,
         })
     }
@@ -1008,7 +1014,7 @@ mod tests {
         limiter.decide("extra", "vip", 40).unwrap();
         let policy = limiter.policies().get("default").unwrap().clone();
         let mut remote = BucketState::full_at(START);
-        remote.try_consume_at(policy.rate, ReplicaId(9), || START - 5, 4, START);
+        remote.try_consume_at(policy.rate, ReplicaId(9), START - 5, 4, START);
         limiter
             .store()
             .merge(policy.id, "a", &remote, policy.rate, START);
@@ -1111,9 +1117,10 @@ mod tests {
         let bytes = encoded(&busy_limiter());
         let snapshot = Snapshot::decode(bytes.clone()).unwrap();
         let first = snapshot.buckets_at;
-        // The first bucket: policy index, key length, key, epoch, component count, components.
+        // The first bucket: policy index, key length, key, epoch, rebaser, component count,
+        // components.
         let key_len = u32::from_le_bytes(bytes[first + 4..first + 8].try_into().unwrap()) as usize;
-        let components_at = first + 8 + key_len + 8;
+        let components_at = first + 8 + key_len + 8 + 8;
         let first_component = components_at + 4;
         let table = bytes.len() - CHECKSUM_LEN - 4 - (4 + "default".len()) - (4 + "extra".len());
 
@@ -1171,7 +1178,7 @@ mod tests {
         }
         let at = reader.at;
         let record = reader.record().unwrap();
-        let comps = at + 8 + record.key.len() + 8 + 4;
+        let comps = at + 8 + record.key.len() + 8 + 8 + 4;
         let mut b = bytes.clone();
         b[comps..comps + 64].rotate_left(32);
         cases.push(("not sorted by replica", b));
@@ -1325,7 +1332,7 @@ mod tests {
                     Op::Remote { replica, key, cost } => {
                         let now = limiter.now();
                         let mut remote = BucketState::full_at(now);
-                        remote.try_consume_at(default.rate, ReplicaId(replica), || now, cost, now);
+                        remote.try_consume_at(default.rate, ReplicaId(replica), 1, cost, now);
                         limiter.store().merge(default.id, &format!("k{key}"), &remote, default.rate, now);
                     }
                 }

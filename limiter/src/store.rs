@@ -26,6 +26,9 @@ struct Entry {
     policy: PolicyId,
     /// Changed by a local decision since the last [`Store::drain_changes`].
     changed: bool,
+    /// The incarnation this replica counts its spending in for this bucket; 0 until it first
+    /// spends (a bucket learned from a peer gets a fresh one, never an old one reused).
+    incarnation: Micros,
     key: CompactString,
     state: BucketState,
 }
@@ -151,13 +154,13 @@ impl Store {
             .entries
             .find_mut(hash, |e| e.policy == policy && e.key == key)
         {
-            let outcome = entry.state.try_consume_at(
-                rate,
-                self.replica,
-                || self.next_incarnation(now),
-                cost,
-                now,
-            );
+            if entry.incarnation == 0 {
+                entry.incarnation = self.next_incarnation(now);
+            }
+            let outcome =
+                entry
+                    .state
+                    .try_consume_at(rate, self.replica, entry.incarnation, cost, now);
             if outcome.allowed && self.track_changes && !entry.changed {
                 entry.changed = true;
                 table.changed.push((policy, entry.key.clone()));
@@ -165,8 +168,8 @@ impl Store {
             return outcome;
         }
         let mut state = BucketState::full_at(now);
-        let outcome =
-            state.try_consume_at(rate, self.replica, || self.next_incarnation(now), cost, now);
+        let incarnation = self.next_incarnation(now);
+        let outcome = state.try_consume_at(rate, self.replica, incarnation, cost, now);
         if outcome.allowed {
             let key = CompactString::from(key);
             if self.track_changes {
@@ -175,6 +178,7 @@ impl Store {
             let entry = Box::new(Entry {
                 policy,
                 changed: self.track_changes,
+                incarnation,
                 key,
                 state,
             });
@@ -220,11 +224,11 @@ impl Store {
     }
 
     /// Merge a bucket state received from a peer or read from a snapshot, then rebase it at
-    /// `now`. Returns whether the local state changed.
+    /// `now` if it is full. Returns whether the local state changed.
     ///
-    /// When this replica holds no bucket for the key, it has forgotten the bucket because it
-    /// was full, so whatever its own component in `remote` says has been refilled: that
-    /// component is left out, and this replica starts a new incarnation if it spends again.
+    /// A bucket this replica holds no entry for is adopted as it comes, components of this
+    /// replica's earlier incarnations included: whatever they still owe stays owed. If this
+    /// replica spends on it, it counts in a new incarnation.
     pub fn merge(
         &self,
         policy: PolicyId,
@@ -241,26 +245,18 @@ impl Store {
         {
             let before = entry.state.clone();
             entry.state.join(remote);
-            entry.state.rebase_if_full_at(rate, now);
+            entry.state.rebase_if_full_at(rate, now, self.replica);
             return entry.state != before;
         }
-        let mut state = BucketState::from_parts(
-            remote.epoch(),
-            remote
-                .components()
-                .iter()
-                .copied()
-                .filter(|c| c.replica != self.replica),
-        );
-        state.rebase_if_full_at(rate, now);
-        if state.is_full_at(rate, now) {
+        if remote.is_full_at(rate, now) {
             return false;
         }
         let entry = Box::new(Entry {
             policy,
             changed: false,
+            incarnation: 0,
             key: CompactString::from(key),
-            state,
+            state: remote.clone(),
         });
         table
             .entries
@@ -436,7 +432,7 @@ mod tests {
     }
 
     #[test]
-    fn a_forgotten_bucket_does_not_come_back_with_our_old_consumption() {
+    fn a_forgotten_bucket_echoed_back_full_is_not_held_again() {
         let a = Store::new(ReplicaId(1), 4);
         a.decide(P, "k", rate(), 5, 0);
         let mut old = None;
@@ -446,6 +442,26 @@ mod tests {
         // A peer echoes the old state back after a partition: it is full by now, so nothing is held.
         assert!(!a.merge(P, "k", &old.unwrap(), rate(), 1_000_000));
         assert!(a.is_empty());
+    }
+
+    #[test]
+    fn spending_on_an_adopted_bucket_uses_a_fresh_incarnation() {
+        let a = Store::new(ReplicaId(1), 4);
+        let b = Store::new(ReplicaId(2), 4);
+        a.decide(P, "k", rate(), 3, 0);
+        let mut state = None;
+        a.for_each(|_, _, s| state = Some(s.clone()));
+        b.merge(P, "k", &state.unwrap(), rate(), 0);
+        b.decide(P, "k", rate(), 2, 0);
+        let mut components = Vec::new();
+        b.for_each(|_, _, s| components = s.components().to_vec());
+        assert_eq!(components.len(), 2);
+        assert!(
+            components
+                .iter()
+                .any(|c| c.replica == ReplicaId(2) && c.incarnation > 0)
+        );
+        assert_eq!(b.peek(P, "k", rate(), 1, 0).remaining, 5);
     }
 
     #[test]

@@ -181,7 +181,7 @@ async fn unauthenticated_malformed_and_oversized_messages_are_refused_and_never_
     let url = format!("http://{}/v1/sync", target.address);
     let now = target.limiter.now().to_string();
     let valid_body = format!(
-        r#"{{"v":1,"node":"evil","replica":666,"sent_at":{now},"full":false,"policies":["default"],"entries":[["k",0,[[666,1,100,0]]]]}}"#
+        r#"{{"v":1,"node":"evil","replica":666,"sent_at":{now},"full":false,"policies":["default"],"entries":[[0,"k",0,0,[[666,1,100,0]]]]}}"#
     );
 
     // No signature, a wrong one, and one made with another secret.
@@ -211,7 +211,7 @@ async fn unauthenticated_malformed_and_oversized_messages_are_refused_and_never_
             .map(|b| format!("{b:02x}"))
             .collect::<String>()
     };
-    let bad_index = r#"{"v":1,"node":"x","replica":5,"sent_at":1,"full":false,"policies":["default"],"entries":[[0,"k",0,[[5,1,9,0]]],[3,"k",0,[]]]}"#;
+    let bad_index = r#"{"v":1,"node":"x","replica":5,"sent_at":1,"full":false,"policies":["default"],"entries":[[0,"k",0,0,[[5,1,9,0]]],[3,"k",0,0,[]]]}"#;
     for body in ["not json", bad_index] {
         let response = client
             .post(&url)
