@@ -77,6 +77,13 @@ struct SyncMessage {
 #[derive(Debug, Serialize, Deserialize)]
 struct WireEntry(u32, String, Micros, u64, Vec<(u64, Micros, u64, u64)>);
 
+/// A peer's answer to `POST /v1/sync`.
+#[derive(Debug, Serialize, Deserialize)]
+struct SyncAnswer {
+    node: String,
+    merged: usize,
+}
+
 /// What this replica knows about one peer it sends to.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PeerStatus {
@@ -369,7 +376,9 @@ impl Replicator {
             .send()
             .await;
         let outcome = match result {
-            Ok(response) if response.status().is_success() => Ok(()),
+            Ok(response) if response.status().is_success() => {
+                Ok(response.json::<SyncAnswer>().await.ok().map(|a| a.node))
+            }
             Ok(response) => Err(format!("peer answered {}", response.status())),
             Err(e) => Err(format!("{e}")),
         };
@@ -383,17 +392,24 @@ impl Replicator {
                 .inc_by(bytes);
         }
         self.with_peer(&address.to_string(), |peer| {
-            if let Err(e) = &outcome {
-                if peer.up || peer.last_error.as_deref() != Some(e.as_str()) {
-                    tracing::warn!(peer = %address, error = %e, "replication to peer failed");
+            match &outcome {
+                Err(e) => {
+                    if peer.up || peer.last_error.as_deref() != Some(e.as_str()) {
+                        tracing::warn!(peer = %address, error = %e, "replication to peer failed");
+                    }
+                    peer.last_error = Some(e.clone());
                 }
-                peer.last_error = Some(e.clone());
-            } else {
-                if !peer.up {
-                    tracing::info!(peer = %address, "peer reachable");
+                Ok(node) => {
+                    if !peer.up {
+                        tracing::info!(peer = %address, "peer reachable");
+                    }
+                    if node.is_some() {
+                        peer.node.clone_from(node);
+                    }
+                    peer.last_error = None;
+                    peer.last_contact_us = Some(now);
+                    peer.messages_sent += 1;
                 }
-                peer.last_contact_us = Some(now);
-                peer.messages_sent += 1;
             }
             peer.up = ok;
         });
@@ -604,7 +620,12 @@ async fn receive(
     }
     .await;
     match result {
-        Ok(changed) => (StatusCode::OK, format!("{{\"merged\":{changed}}}")).into_response(),
+        // The answer names this node, so the sender can show which node an address is.
+        Ok(changed) => axum::Json(SyncAnswer {
+            node: replicator.limiter.node_id().to_owned(),
+            merged: changed,
+        })
+        .into_response(),
         Err(rejection) => refuse(&replicator, rejection),
     }
 }

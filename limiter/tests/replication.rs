@@ -149,6 +149,18 @@ async fn three_replicas_converge_on_one_shared_limit() {
     );
     let text = replicas[1].limiter.render_metrics();
     assert!(text.contains("openclaw_merges_total"), "{text}");
+    // Peers we send to are shown with the node id their answers carry, and no stale error.
+    let outbound: Vec<_> = replicas[0]
+        .replicator
+        .peer_statuses()
+        .into_iter()
+        .filter(|p| !p.address.starts_with("node:"))
+        .collect();
+    assert_eq!(outbound.len(), 2);
+    for peer in outbound {
+        assert!(peer.up && peer.last_error.is_none(), "{peer:?}");
+        assert!(matches!(peer.node.as_deref(), Some("node-1" | "node-2")), "{peer:?}");
+    }
     for replica in replicas {
         replica.shutdown().await;
     }
