@@ -325,7 +325,58 @@ pub struct Prometheus {
     rule_files: Vec<PathBuf>,
 }
 
+/// The metrics adapter binary.
+pub const ADAPTER_BIN: &str = "openclaw-metrics-adapter";
+
+/// Starts `openclaw-metrics-adapter serve` on 127.0.0.1 (port 0) without authentication (no
+/// Kubernetes API here), asking `prometheus_url` with the rules in `config`. `plain_http` serves
+/// HTTP instead of HTTPS; `extra` arguments are appended.
+pub fn spawn_adapter(
+    prometheus_url: &str,
+    config: &Path,
+    plain_http: bool,
+    extra: &[&str],
+) -> Service {
+    let config = config.to_str().expect("a UTF-8 config path");
+    let mut args = vec!["serve"];
+    if plain_http {
+        args.push("--plain-http");
+    }
+    args.extend([
+        "--bind-address",
+        "127.0.0.1",
+        "--secure-port",
+        "0",
+        "--authentication",
+        "none",
+        "--prometheus-url",
+        prometheus_url,
+        "--config",
+        config,
+    ]);
+    args.extend_from_slice(extra);
+    Service::spawn(ADAPTER_BIN, &args, &[], Duration::from_secs(20))
+}
+
 impl Prometheus {
+    /// Starts Prometheus with no other target and waits until it has scraped itself once, so
+    /// that `up{job="prometheus"}` has a sample to query.
+    pub fn start_scraping_itself() -> Prometheus {
+        let prometheus = Prometheus::start(&[], &[]);
+        wait_until(
+            Duration::from_secs(30),
+            "Prometheus to scrape itself",
+            || {
+                prometheus
+                    .vector("up{job=\"prometheus\"}")
+                    .ok()
+                    .filter(|v| !v.is_empty())
+                    .map(|_| ())
+            },
+        );
+        prometheus
+    }
+
     /// Starts Prometheus scraping `scrape_targets` (`host:port`, path `/metrics`, every 1 s)
     /// and loading `rule_files`, and waits until it is ready.
     pub fn start(scrape_targets: &[String], rule_files: &[PathBuf]) -> Prometheus {

@@ -2,9 +2,8 @@
 //! and `explain` against a real Prometheus (Debian's; it scrapes itself).
 
 use std::process::Command;
-use std::time::Duration;
 
-use openclaw_e2e::{Prometheus, wait_until, workspace_bin};
+use openclaw_e2e::{Prometheus, workspace_bin};
 
 fn adapter(args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(workspace_bin("openclaw-metrics-adapter"))
@@ -71,18 +70,7 @@ fn check_config_lists_every_error_with_its_position_and_exits_non_zero() {
 
 #[test]
 fn explain_shows_the_final_promql_prometheus_answer_items_and_the_hpa_decision() {
-    let prometheus = Prometheus::start(&[], &[]);
-    wait_until(
-        Duration::from_secs(30),
-        "Prometheus to scrape itself",
-        || {
-            prometheus
-                .vector("up{job=\"prometheus\"}")
-                .ok()
-                .filter(|v| !v.is_empty())
-                .map(|_| ())
-        },
-    );
+    let prometheus = Prometheus::start_scraping_itself();
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("rules.yaml");
     std::fs::write(

@@ -25,7 +25,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use metrics_adapter::config::Config as AdapterConfig;
-use openclaw_e2e::{Prometheus, Service, free_port, http_client, workspace_bin};
+use openclaw_e2e::{Prometheus, Service, free_port, http_client, spawn_adapter, workspace_bin};
 use promql_parser::parser::{self, Expr};
 use serde_json::Value;
 
@@ -1339,25 +1339,7 @@ fn every_series_used_is_exported_by_a_running_process_or_recorded() {
     )
     .unwrap();
     std::fs::write(&config, cm["data"]["config.yaml"].as_str().unwrap()).unwrap();
-    let adapter = Service::spawn(
-        ADAPTER,
-        &[
-            "serve",
-            "--plain-http",
-            "--bind-address",
-            "127.0.0.1",
-            "--secure-port",
-            "0",
-            "--authentication",
-            "none",
-            "--prometheus-url",
-            &prometheus.url(),
-            "--config",
-            config.to_str().unwrap(),
-        ],
-        &[],
-        Duration::from_secs(20),
-    );
+    let adapter = spawn_adapter(&prometheus.url(), &config, true, &[]);
 
     // The HPA's metrics, with its selectors, as the HPA controller asks for them: served by the
     // deployed config with at least one item (zero items is an error for the HPA).

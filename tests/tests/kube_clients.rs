@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use openclaw_e2e::{Prometheus, Service, wait_until};
+use openclaw_e2e::{Prometheus, Service, spawn_adapter};
 use serde_json::Value;
 
 const KUBECTL: &str = "/usr/bin/kubectl";
@@ -42,47 +42,14 @@ impl Setup {
 
     /// `tls`: serve HTTPS with the certificate the adapter generates, and trust its CA.
     fn start_with(tls: bool) -> Setup {
-        let prometheus = Prometheus::start(&[], &[]);
-        wait_until(
-            Duration::from_secs(30),
-            "Prometheus to scrape itself",
-            || {
-                prometheus
-                    .vector("up{job=\"prometheus\"}")
-                    .ok()
-                    .filter(|v| !v.is_empty())
-                    .map(|_| ())
-            },
-        );
+        let prometheus = Prometheus::start_scraping_itself();
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("rules.yaml");
         std::fs::write(&config, CONFIG).unwrap();
         let ca = dir.path().join("ca.pem");
-        let prometheus_url = prometheus.url();
-        let mut args = vec![
-            "serve",
-            "--bind-address",
-            "127.0.0.1",
-            "--secure-port",
-            "0",
-            "--authentication",
-            "none",
-            "--prometheus-url",
-            &prometheus_url,
-            "--config",
-            config.to_str().unwrap(),
-        ];
-        if tls {
-            args.extend(["--tls-self-signed-ca-out", ca.to_str().unwrap()]);
-        } else {
-            args.push("--plain-http");
-        }
-        let adapter = Service::spawn(
-            "openclaw-metrics-adapter",
-            &args,
-            &[],
-            Duration::from_secs(20),
-        );
+        let ca_arg = ["--tls-self-signed-ca-out", ca.to_str().unwrap()];
+        let extra: &[&str] = if tls { &ca_arg } else { &[] };
+        let adapter = spawn_adapter(&prometheus.url(), &config, !tls, extra);
         let trust = if tls {
             format!("    certificate-authority: {}\n", ca.display())
         } else {

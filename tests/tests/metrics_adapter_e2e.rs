@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use metrics_adapter::config::DEFAULT_YAML;
 use metrics_adapter::quantity::Decimal;
 use openclaw_common::metric_names as m;
-use openclaw_e2e::{Prometheus, Service, http_client, wait_until};
+use openclaw_e2e::{Prometheus, Service, http_client, spawn_adapter, wait_until};
 use serde_json::Value;
 
 const LIST: &str = "/apis/external.metrics.k8s.io/v1beta1/namespaces/default";
@@ -98,25 +98,7 @@ impl Stack {
         );
         let config = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(config.path(), yaml).unwrap();
-        let adapter = Service::spawn(
-            "openclaw-metrics-adapter",
-            &[
-                "serve",
-                "--plain-http",
-                "--bind-address",
-                "127.0.0.1",
-                "--secure-port",
-                "0",
-                "--authentication",
-                "none",
-                "--prometheus-url",
-                &prometheus.url(),
-                "--config",
-                config.path().to_str().unwrap(),
-            ],
-            &[],
-            Duration::from_secs(20),
-        );
+        let adapter = spawn_adapter(&prometheus.url(), config.path(), true, &[]);
         let stack = Stack {
             _traffic: traffic,
             adapter,
