@@ -174,7 +174,8 @@ function request()
 end
 EOF
 
-# peak NAME URL PID KEYS: closed-loop peak with wrk; sets RPS, NON2XX, TOTAL, BUSY (% of one core).
+# peak NAME URL PID KEYS: closed-loop peak with wrk; sets RPS, NON2XX, TOTAL, BUSY (% of one
+# core) and CPU_US (server CPU microseconds per request).
 peak() {
     local name=$1 url=$2 pid=$3 keys=$4
     run taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" -s "$tmp/keys.lua" "$url" -- "$keys" >/dev/null
@@ -191,7 +192,9 @@ peak() {
         cat "$tmp/$name.wrk" >&2
         die "could not read wrk's output for $name"
     }
-    log "$name: $RPS req/s, $NON2XX of $TOTAL not 2xx, server core ${BUSY}% busy"
+    # Server CPU time per request: less sensitive to other work on the machine than req/s.
+    CPU_US=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$TOTAL" 'BEGIN {printf "%.1f", 1e6 * t / hz / n}')
+    log "$name: $RPS req/s, $NON2XX of $TOTAL not 2xx, server core ${BUSY}% busy, ${CPU_US} us of server CPU per request"
 }
 
 # fixed_rate NAME URL RATE: open-loop load at RATE req/s over KEYS keys; sets P50 P99 P999 MAX
@@ -228,14 +231,14 @@ LIM_URL=$SERVER_URL LIM_PID=$SERVER_PID
 BASE_RPS=0 LIM_RPS=0
 for round in $(seq 1 "$ROUNDS"); do
     peak "baseline-$round" "$BASE_URL" "$BASE_PID" "$KEYS"
-    if ((RPS > BASE_RPS)); then BASE_RPS=$RPS BASE_BUSY=$BUSY; fi
+    if ((RPS > BASE_RPS)); then BASE_RPS=$RPS BASE_BUSY=$BUSY BASE_CPU=$CPU_US; fi
     peak "limiter-$round" "$LIM_URL" "$LIM_PID" "$KEYS"
-    if ((RPS > LIM_RPS)); then LIM_RPS=$RPS LIM_BUSY=$BUSY LIM_NON2XX=$NON2XX LIM_TOTAL=$TOTAL; fi
+    if ((RPS > LIM_RPS)); then LIM_RPS=$RPS LIM_BUSY=$BUSY LIM_CPU=$CPU_US LIM_NON2XX=$NON2XX LIM_TOTAL=$TOTAL; fi
 done
 
 start_server limiter-rejecting "${common_env[@]}" BUCKET_CAPACITY="$REJECT_CAPACITY" -- "$LIMITER"
 peak limiter-rejecting "$SERVER_URL" "$SERVER_PID" "$REJECT_KEYS"
-REJ_RPS=$RPS REJ_BUSY=$BUSY REJ_NON2XX=$NON2XX REJ_TOTAL=$TOTAL
+REJ_RPS=$RPS REJ_BUSY=$BUSY REJ_CPU=$CPU_US REJ_NON2XX=$NON2XX REJ_TOTAL=$TOTAL
 stop_server
 
 # --- latency at half the limiter's peak --------------------------------------------------------
@@ -269,27 +272,29 @@ RATIO=$(ratio "$LIM_RPS" "$BASE_RPS")
 REJ_RATIO=$(ratio "$REJ_RPS" "$BASE_RPS")
 echo
 echo "GET /rate on $(nproc) cores: servers on core $SERVER_CPU, load on core $LOAD_CPU; best of $ROUNDS runs of ${DURATION} s, ${CONNECTIONS} connections, ${KEYS} keys"
-printf '%-34s %12s %10s %10s %12s\n' "run" "req/s" "vs base" "429s" "server core"
-printf '%-34s %12s %10s %10s %12s\n' "baseline (bare axum)" "$BASE_RPS" "1.00" "-" "${BASE_BUSY}%"
-printf '%-34s %12s %10s %10s %12s\n' "limiter, mostly allowed" "$LIM_RPS" "$RATIO" "$(pct "$LIM_NON2XX" "$LIM_TOTAL")" "${LIM_BUSY}%"
-printf '%-34s %12s %10s %10s %12s\n' "limiter, mostly rejected ($REJECT_KEYS keys)" "$REJ_RPS" "$REJ_RATIO" "$(pct "$REJ_NON2XX" "$REJ_TOTAL")" "${REJ_BUSY}%"
+printf '%-34s %12s %10s %10s %12s %14s\n' "run" "req/s" "vs base" "429s" "server core" "CPU us/req"
+printf '%-34s %12s %10s %10s %12s %14s\n' "baseline (bare axum)" "$BASE_RPS" "1.00" "-" "${BASE_BUSY}%" "$BASE_CPU"
+printf '%-34s %12s %10s %10s %12s %14s\n' "limiter, mostly allowed" "$LIM_RPS" "$RATIO" "$(pct "$LIM_NON2XX" "$LIM_TOTAL")" "${LIM_BUSY}%" "$LIM_CPU"
+printf '%-34s %12s %10s %10s %12s %14s\n' "limiter, mostly rejected ($REJECT_KEYS keys)" "$REJ_RPS" "$REJ_RATIO" "$(pct "$REJ_NON2XX" "$REJ_TOTAL")" "${REJ_BUSY}%" "$REJ_CPU"
+echo "(CPU us/req: server CPU time per request; baseline/limiter of it is the ratio a dedicated core would give: $(ratio "$BASE_CPU" "$LIM_CPU"))"
 echo
 echo "fixed rate of half the limiter's peak (${HALF} req/s offered, open loop, ${LATENCY_CONNECTIONS} connections, ${LATENCY_DURATION} s)"
 printf '%-34s %12s %10s %10s %10s %8s %10s\n' "server" "req/s" "p50 ms" "p99 ms" "p99.9 ms" "failed" "gen. lag"
 printf '%-34s %12s %10s %10s %10s %8s %10s\n' "limiter" "$LIM_ACH" "$LIM_P50" "$LIM_P99" "$LIM_P999" "$LIM_ERR" "${LIM_LAG} us"
 printf '%-34s %12s %10s %10s %10s %8s %10s\n' "baseline" "$BASE_ACH" "$BASE_P50" "$BASE_P99" "$BASE_P999" "$BASE_ERR" "${BASE_LAG} us"
 echo
-echo "target: throughput ratio >= 0.8: $(verdict "$RATIO" 0.8 '>=') ($RATIO)"
-echo "target: p99 < 1 ms at half the peak: $(verdict "$LIM_P99" 1 '<') (${LIM_P99} ms)"
-for lag in "$LIM_LAG" "$BASE_LAG"; do
-    if ((lag > 1000)); then
-        echo "warning: the load generator was held up for up to $((lag / 1000)) ms in every fixed-rate run of a server (other work on core $LOAD_CPU?); those requests count as late, so p99 is pessimistic"
-        break
-    fi
+# A verdict from a disturbed run would be luck: say so instead.
+SATURATED=1
+for busy in "$BASE_BUSY" "$LIM_BUSY"; do
+    ((busy >= 90)) || SATURATED=0
 done
-for busy in "$BASE_BUSY" "$LIM_BUSY" "$REJ_BUSY"; do
-    if ((busy < 90)); then
-        echo "warning: a server core was only ${busy}% busy during a peak run: the load generator or other work on the machine limited it; re-run on a quiet machine"
-        break
-    fi
-done
+if ((SATURATED)); then
+    echo "target: throughput ratio >= 0.8: $(verdict "$RATIO" 0.8 '>=') ($RATIO)"
+else
+    echo "target: throughput ratio >= 0.8: INCONCLUSIVE ($RATIO, but a server core was not saturated in its best run: the load generator or other work on the machine limited it; re-run on a quiet machine)"
+fi
+if ((LIM_LAG <= 1000)); then
+    echo "target: p99 < 1 ms at half the peak: $(verdict "$LIM_P99" 1 '<') (${LIM_P99} ms)"
+else
+    echo "target: p99 < 1 ms at half the peak: $(verdict "$LIM_P99" 1 '<') (${LIM_P99} ms), but the load generator was held up for up to $((LIM_LAG / 1000)) ms in every run (other work on core $LOAD_CPU?): those requests count as late, so this p99 is pessimistic; re-run on a quiet machine"
+fi

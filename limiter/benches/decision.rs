@@ -20,6 +20,14 @@
 //! order: the table lookups are as cache-unfriendly as under real traffic, the key bytes are not.
 //! Each case prints the share of decisions that were allowed, so the setup can be checked.
 //!
+//! `sweep/…` times one refill-and-reclaim pass ([`Limiter::sweep`], run every second on the
+//! same runtime as requests) over 44k buckets that have all refilled, as after one second of
+//! 58k requests/s spread over 100k keys in `scripts/bench-http.sh`: requests wait that long.
+//!
+//! A last group splits the hot-key decision into parts: reading [`WallClock`] alone, and
+//! [`Store::decide`] with a fixed time (no clock read), so that `limiter - store` is the
+//! service layer (policy lookup, counters) and `store - store_fixed_now` the clock.
+//!
 //! Run: `cargo bench -p openclaw-limiter --bench decision`. Without `--bench` (as under
 //! `cargo test --benches`) criterion runs every case once, on 1000-fold fewer keys.
 
@@ -28,7 +36,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use criterion::{BenchmarkGroup, Criterion, measurement::WallTime};
+use criterion::{BatchSize, BenchmarkGroup, Criterion, measurement::WallTime};
 use governor::{Quota, RateLimiter};
 use openclaw_limiter::bucket::Rate;
 use openclaw_limiter::clock::{Clock, WallClock};
@@ -213,6 +221,67 @@ fn bench_case(group: &mut BenchmarkGroup<'_, WallTime>, case: &Case) {
     tally.report(case.name, "governor");
 }
 
+/// One sweep over `buckets` refilled buckets, each created by a decision in the setup.
+fn bench_sweep(criterion: &mut Criterion, scale: usize) {
+    let buckets = 44_000 / scale;
+    let mut group = criterion.benchmark_group("sweep");
+    group.sample_size(10);
+    let limiter = Limiter::new(LimiterOptions {
+        node_id: "bench".into(),
+        replica: ReplicaId(1),
+        // Refills a spent token within a microsecond: every bucket is full again at the sweep.
+        default_rate: Rate::try_new(1_000_000_000, 1000).expect("valid rate"),
+        clock: Arc::new(WallClock::new()),
+        shards: SHARDS,
+        track_changes: false,
+    });
+    let keys: Vec<String> = SplitMix(3)
+        .permutation(buckets)
+        .into_iter()
+        .map(key_name)
+        .collect();
+    // Between two sweeps the server handles a second of requests, which evicts the buckets
+    // from the caches; writing a 256 MB buffer does the same here, in part: the buckets are
+    // still allocated side by side, so this remains a lower bound of the pause in the server.
+    let mut evict = vec![0u64; 256 << 20 >> 3];
+    group.bench_function(format!("{buckets}_refilled_buckets"), |b| {
+        b.iter_batched(
+            || {
+                for key in &keys {
+                    limiter.decide("default", key, 1).expect("valid decision");
+                }
+                for (i, word) in evict.iter_mut().enumerate().step_by(8) {
+                    *word = word.wrapping_add(i as u64);
+                }
+                black_box(&evict);
+            },
+            |()| black_box(limiter.sweep()),
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
+/// The hot-key decision in parts, to see where its time goes.
+fn bench_parts(criterion: &mut Criterion) {
+    let mut group = criterion.benchmark_group("decision/hot_key_parts");
+    let clock = WallClock::new();
+    group.bench_function("wall_clock_now", |b| b.iter(|| black_box(clock.now())));
+    let store = Store::new(ReplicaId(1), SHARDS);
+    let key = key_name(0);
+    let now = clock.now();
+    let mut tally = Tally::default();
+    group.bench_function("store_fixed_now", |b| {
+        b.iter(|| {
+            let outcome = store.decide(PolicyId(0), black_box(&key), rate(), black_box(1), now);
+            tally.record(outcome.allowed);
+            black_box(outcome)
+        })
+    });
+    tally.report("hot_key_parts", "store_fixed_now");
+    group.finish();
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` does not and wants a quick smoke run.
     let full = std::env::args().any(|a| a == "--bench");
@@ -230,5 +299,7 @@ fn main() {
         bench_case(&mut group, &case);
         group.finish();
     }
+    bench_parts(&mut criterion);
+    bench_sweep(&mut criterion, scale);
     criterion.final_summary();
 }

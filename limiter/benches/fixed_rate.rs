@@ -52,6 +52,10 @@ struct Args {
     /// Keys the requests are spread over, uniformly.
     #[arg(long, default_value_t = 100_000)]
     keys: u64,
+    /// Write every measured request as `due_offset_us latency_us status` to this file, to see
+    /// when slow answers happen.
+    #[arg(long)]
+    dump: Option<std::path::PathBuf>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -197,6 +201,7 @@ async fn run(addr: SocketAddr, args: &Args) -> io::Result<Summary> {
     drop(senders);
 
     let mut latencies = Vec::new();
+    let mut dump = Vec::new();
     let (mut ok, mut rejected, mut other, mut failed_connections) = (0, 0, 0, 0);
     for task in tasks {
         let records = match tokio::time::timeout(Duration::from_secs(10), task).await {
@@ -222,7 +227,20 @@ async fn run(addr: SocketAddr, args: &Args) -> io::Result<Summary> {
                 _ => other += 1,
             }
             latencies.push(record.latency);
+            if args.dump.is_some() {
+                dump.push((record.due - measured_from, record.latency, record.status));
+            }
         }
+    }
+    if let Some(path) = &args.dump {
+        dump.sort_unstable();
+        let text: String = dump
+            .iter()
+            .map(|(at, latency, status)| {
+                format!("{} {} {status}\n", at.as_micros(), latency.as_micros())
+            })
+            .collect();
+        std::fs::write(path, text)?;
     }
     latencies.sort_unstable();
     let quantile = |q: f64| {
