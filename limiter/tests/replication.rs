@@ -159,7 +159,10 @@ async fn three_replicas_converge_on_one_shared_limit() {
     assert_eq!(outbound.len(), 2);
     for peer in outbound {
         assert!(peer.up && peer.last_error.is_none(), "{peer:?}");
-        assert!(matches!(peer.node.as_deref(), Some("node-1" | "node-2")), "{peer:?}");
+        assert!(
+            matches!(peer.node.as_deref(), Some("node-1" | "node-2")),
+            "{peer:?}"
+        );
     }
     for replica in replicas {
         replica.shutdown().await;
