@@ -208,7 +208,7 @@ def dashboard_targets():
 
 def known_limiter_names():
     with open(METRIC_NAMES_RS, encoding="utf-8") as f:
-        return set(re.findall(r'pub const \w+: &str = "([\w:]+)";', f.read()))
+        return set(re.findall(r'pub const \w+: &str =\s*"([\w:]+)";', f.read()))
 
 
 def known_adapter_names():
