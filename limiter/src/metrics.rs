@@ -106,7 +106,21 @@ pub struct Metrics {
     pub peer_rejected: Family<ReasonLabels, Counter>,
     pub snapshot_age: FloatGauge,
     pub snapshots: Family<ResultLabels, Counter>,
+    /// Latency histogram handles per route, resolved once: a request must not hash label sets.
+    route_latency: Vec<(&'static str, Histogram)>,
 }
+
+/// The routes whose latency is recorded; anything else counts as `unmatched` (kept last).
+pub const ROUTES: [&str; 8] = [
+    "/rate",
+    "/rate/batch",
+    "/status",
+    "/admin/snapshot",
+    "/healthz",
+    "/ready",
+    "/metrics",
+    "unmatched",
+];
 
 /// prometheus-client appends `_total` to counters itself.
 fn counter_name(name: &'static str) -> &'static str {
@@ -143,6 +157,7 @@ impl Metrics {
             peer_rejected: Family::default(),
             snapshot_age: FloatGauge::default(),
             snapshots: Family::default(),
+            route_latency: Vec::new(),
             registry: Registry::default(),
         };
         registry.register(
@@ -286,10 +301,30 @@ impl Metrics {
             "Build of this limiter, value 1",
             build_info,
         );
+        let route_latency = ROUTES
+            .iter()
+            .map(|&route| {
+                let histogram = metrics
+                    .http_duration
+                    .get_or_create(&RouteLabels { route })
+                    .clone();
+                (route, histogram)
+            })
+            .collect();
         Self {
             registry,
+            route_latency,
             ..metrics
         }
+    }
+
+    /// The latency histogram of `route` (a matched path), or of `unmatched`.
+    #[inline]
+    pub fn route_latency(&self, route: &str) -> &Histogram {
+        let found = self.route_latency.iter().find(|(r, _)| *r == route);
+        &found
+            .unwrap_or_else(|| self.route_latency.last().expect("ROUTES is not empty"))
+            .1
     }
 
     pub fn policy_counters(&self, policy: &str) -> PolicyCounters {

@@ -216,13 +216,14 @@ async fn recover_then_replicate(
 async fn sweeper(limiter: Arc<Limiter>, mut stop: watch::Receiver<bool>) {
     let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    // `changed()`, not `wait_for()`: the latter's guard is not `Send` across the sweep's awaits.
+    while !*stop.borrow_and_update() {
         tokio::select! {
             _ = ticks.tick() => {
-                let reclaimed = limiter.sweep();
+                let reclaimed = limiter.sweep_yielding().await;
                 tracing::trace!(reclaimed, keys = limiter.store().len(), "sweep");
             }
-            _ = stop.wait_for(|stopped| *stopped) => return,
+            result = stop.changed() => if result.is_err() { return },
         }
     }
 }

@@ -15,7 +15,7 @@ use crate::clock::Clock;
 use crate::crdt::ReplicaId;
 use crate::metrics::{Metrics, PolicyCounters, PolicyLabels, ResultLabels};
 use crate::policy::{Mode, PolicyErrors, PolicyIds, PolicySet};
-use crate::store::{PolicyId, Store};
+use crate::store::{PolicyId, Store, SweepReport};
 
 /// Why a well-formed request could not be decided.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -298,10 +298,39 @@ impl Limiter {
     /// usage gauges and the rejection ratio. Runs every second from a background task.
     pub fn sweep(&self) -> usize {
         let now = self.clock.now();
-        let active = self.active.load();
+        let active = self.active.load_full();
         let report = self.store.sweep(now, |id, key| {
             active.set.by_id(id).map(|policy| policy.rate_for(key))
         });
+        self.publish_usage(now, &active, &report);
+        report.reclaimed
+    }
+
+    /// The same pass, yielding to other tasks every few shards. A pass over many buckets takes
+    /// milliseconds; run in one go on a runtime worker, it would hold up every request queued
+    /// on that worker for as long (measured: p99 of `/rate` went from well under 1 ms to 3 ms).
+    pub async fn sweep_yielding(&self) -> usize {
+        const SHARDS_PER_YIELD: usize = 4;
+        let now = self.clock.now();
+        let active = self.active.load_full();
+        let mut report = SweepReport::default();
+        for index in 0..self.store.shard_count() {
+            self.store.sweep_shard(
+                index,
+                now,
+                |id, key| active.set.by_id(id).map(|policy| policy.rate_for(key)),
+                &mut report,
+            );
+            if index % SHARDS_PER_YIELD == SHARDS_PER_YIELD - 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        self.publish_usage(now, &active, &report);
+        report.reclaimed
+    }
+
+    /// Publish what a sweep saw: per-policy usage gauges and the rejection ratio.
+    fn publish_usage(&self, now: Micros, active: &Active, report: &SweepReport) {
         let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
         for policy in active.set.iter() {
             let labels = PolicyLabels {
@@ -336,7 +365,6 @@ impl Limiter {
         }
         windows.retain(|id, _| active.set.by_id(*id).is_some());
         self.last_sweep.store(now, Ordering::Relaxed);
-        report.reclaimed
     }
 
     /// Prometheus exposition; gauges computed at scrape time are refreshed first.

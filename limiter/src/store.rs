@@ -294,6 +294,11 @@ impl Store {
         }
     }
 
+    /// How many shards [`Store::sweep_shard`] takes.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
     /// Drop every bucket that is full at `now` (or whose policy `rate_of` no longer knows), and
     /// report what the others hold. `rate_of(policy, key)` gives the rate in force for a key.
     /// Locks one shard at a time, so decisions on other shards proceed while it runs.
@@ -303,17 +308,28 @@ impl Store {
         rate_of: impl Fn(PolicyId, &str) -> Option<Rate>,
     ) -> SweepReport {
         let mut report = SweepReport::default();
-        for shard in self.shards.iter() {
-            let mut table = shard.table.lock().unwrap_or_else(|p| p.into_inner());
-            let before = table.entries.len();
-            table.entries.retain(|entry| {
-                let Some(rate) = rate_of(entry.policy, &entry.key) else {
-                    return false;
-                };
-                if entry.state.is_full_at(rate, now) {
-                    return false;
-                }
-                let available = rate.whole_tokens(entry.state.level_scaled_at(rate, now));
+        for index in 0..self.shard_count() {
+            self.sweep_shard(index, now, &rate_of, &mut report);
+        }
+        report
+    }
+
+    /// [`Store::sweep`] for one shard, adding to `report`: callers that must not hold a thread
+    /// for a whole pass (the server's sweeper) yield between shards. The dropped buckets are
+    /// freed after the shard's lock is released, so decisions wait only for the scan.
+    pub fn sweep_shard(
+        &self,
+        index: usize,
+        now: Micros,
+        rate_of: impl Fn(PolicyId, &str) -> Option<Rate>,
+        report: &mut SweepReport,
+    ) {
+        let dropped: Vec<Box<Entry>> = {
+            let mut table = self.shards[index]
+                .table
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let mut usage_of = |entry: &Entry, available: u64| {
                 let usage = match report.usage.iter_mut().find(|(p, _)| *p == entry.policy) {
                     Some((_, usage)) => usage,
                     None => {
@@ -324,13 +340,26 @@ impl Store {
                 usage.active += 1;
                 usage.min_available =
                     Some(usage.min_available.map_or(available, |m| m.min(available)));
-                true
-            });
-            let dropped = before - table.entries.len();
-            self.len.fetch_sub(dropped, Ordering::Relaxed);
-            report.reclaimed += dropped;
-        }
-        report
+            };
+            table
+                .entries
+                .extract_if(|entry| {
+                    let Some(rate) = rate_of(entry.policy, &entry.key) else {
+                        return true;
+                    };
+                    if entry.state.is_full_at(rate, now) {
+                        return true;
+                    }
+                    usage_of(
+                        entry,
+                        rate.whole_tokens(entry.state.level_scaled_at(rate, now)),
+                    );
+                    false
+                })
+                .collect()
+        };
+        self.len.fetch_sub(dropped.len(), Ordering::Relaxed);
+        report.reclaimed += dropped.len();
     }
 }
 

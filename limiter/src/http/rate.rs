@@ -31,7 +31,7 @@ pub struct DecisionInput {
 /// `GET /rate?key=&policy=&cost=` or `POST /rate` with the same fields as JSON (or in the query
 /// when the body is empty).
 pub async fn rate(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
-    let fallback_key = fallback_key(&request)?;
+    let fallback_key = FallbackKey::of(&request);
     let (parts, body) = request.into_parts();
     let fields = if parts.method == Method::POST {
         let body = read_body(&parts.headers, body).await?;
@@ -59,7 +59,7 @@ pub async fn rate(State(state): State<AppState>, request: Request) -> Result<Res
 /// `POST /rate/batch` with `{"requests": [{key, policy, cost}, ...]}`: one independent decision
 /// per item, in order. If any item is invalid, none is decided.
 pub async fn batch(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
-    let fallback_key = fallback_key(&request)?;
+    let fallback_key = FallbackKey::of(&request);
     let (parts, body) = request.into_parts();
     let body = read_body(&parts.headers, body).await?;
     let document: Value = parse_json(&body)?;
@@ -162,20 +162,36 @@ fn decision_response(policy: &str, verdict: Verdict) -> Response {
     response
 }
 
-/// The client id to use when a request names none: `X-Client-Id`, else the caller's address.
-fn fallback_key(request: &Request) -> Result<Option<String>, ApiError> {
-    if let Some(value) = request.headers().get(CLIENT_ID_HEADER) {
-        let key = value.to_str().map_err(|_| {
-            ApiError::InvalidKey(format!(
-                "the {CLIENT_ID_HEADER} header must be visible ASCII"
-            ))
-        })?;
-        return Ok(Some(key.to_owned()));
+/// Where the client id comes from when a request names none: `X-Client-Id`, else the caller's
+/// address. Kept unresolved (no string built) until a request turns out to need it.
+#[derive(Debug, Clone)]
+struct FallbackKey {
+    header: Option<HeaderValue>,
+    caller: Option<SocketAddr>,
+}
+
+impl FallbackKey {
+    fn of(request: &Request) -> Self {
+        Self {
+            header: request.headers().get(CLIENT_ID_HEADER).cloned(),
+            caller: request
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|ConnectInfo(addr)| *addr),
+        }
     }
-    Ok(request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(addr)| addr.ip().to_string()))
+
+    fn resolve(self) -> Result<Option<String>, ApiError> {
+        if let Some(value) = self.header {
+            let key = value.to_str().map_err(|_| {
+                ApiError::InvalidKey(format!(
+                    "the {CLIENT_ID_HEADER} header must be visible ASCII"
+                ))
+            })?;
+            return Ok(Some(key.to_owned()));
+        }
+        Ok(self.caller.map(|addr| addr.ip().to_string()))
+    }
 }
 
 async fn read_body(headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, ApiError> {
@@ -273,7 +289,7 @@ impl Fields {
         })
     }
 
-    fn validate(self, at: &str, fallback_key: Option<String>) -> Result<DecisionInput, ApiError> {
+    fn validate(self, at: &str, fallback_key: FallbackKey) -> Result<DecisionInput, ApiError> {
         let key = match self.key {
             Some(Value::String(key)) => key,
             Some(other) => {
@@ -282,7 +298,7 @@ impl Fields {
                     kind(&other)
                 )));
             }
-            None => fallback_key.ok_or_else(|| {
+            None => fallback_key.resolve()?.ok_or_else(|| {
                 ApiError::InvalidKey(format!(
                     "{at}key is missing: pass `key`, or an {CLIENT_ID_HEADER} header"
                 ))
