@@ -5,67 +5,19 @@
 
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::Arc;
 use std::time::Duration;
 
-use openclaw_limiter::membership::{
-    Discovery, DiscoveryReport, DiscoveryStatus, Membership, SelfAddrs,
-};
-use tokio::sync::watch;
+use openclaw_limiter::membership::{Discovery, Membership, SelfAddrs};
 
-const DEADLINE: Duration = Duration::from_secs(20);
+mod support;
 
-struct Running {
-    status: Arc<DiscoveryStatus>,
-    peers: watch::Receiver<Vec<SocketAddr>>,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
+use support::Running;
 
-impl Running {
-    fn start(discovery: Discovery, self_addrs: SelfAddrs) -> Self {
-        let membership = Membership::new(discovery, self_addrs, Duration::from_millis(20));
-        let status = membership.status();
-        let (peers_tx, peers) = watch::channel(Vec::new());
-        let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(membership.run(peers_tx, stop_rx));
-        Self {
-            status,
-            peers,
-            stop,
-            task,
-        }
-    }
+/// How often discovery refreshes in these tests.
+const REFRESH: Duration = Duration::from_millis(20);
 
-    async fn next_set(&mut self) -> Vec<SocketAddr> {
-        tokio::time::timeout(DEADLINE, self.peers.changed())
-            .await
-            .expect("a publication before the deadline")
-            .unwrap();
-        self.peers.borrow_and_update().clone()
-    }
-
-    /// Wait (bounded, polling) until `n` more refreshes than now have been applied.
-    async fn refreshes(&self, n: u64) -> DiscoveryReport {
-        let target = self.status.report().refreshes + n;
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            let report = self.status.report();
-            if report.refreshes >= target {
-                return report;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "stuck: {report:?}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    async fn finish(self) {
-        self.stop.send(true).unwrap();
-        tokio::time::timeout(DEADLINE, self.task)
-            .await
-            .expect("discovery stops when told")
-            .unwrap();
-    }
+fn start(discovery: Discovery, self_addrs: SelfAddrs) -> Running {
+    Running::start(Membership::new(discovery, self_addrs, REFRESH))
 }
 
 /// What the system resolver says `localhost:port` is: 127.0.0.1, and ::1 where /etc/hosts
@@ -88,7 +40,7 @@ async fn dns_discovery_of_localhost_yields_every_loopback_address_on_the_port() 
     let expected = localhost(port);
     assert!(expected.contains(&SocketAddr::from(([127, 0, 0, 1], port))));
 
-    let mut run = Running::start(
+    let mut run = start(
         Discovery::Dns {
             name: format!("localhost:{port}"),
         },
@@ -97,10 +49,7 @@ async fn dns_discovery_of_localhost_yields_every_loopback_address_on_the_port() 
     let peers = run.next_set().await;
     assert_eq!(peers, expected.into_iter().collect::<Vec<_>>());
     let report = run.refreshes(3).await;
-    assert!(
-        !run.peers.has_changed().unwrap(),
-        "same answer, no publication"
-    );
+    assert!(!run.has_unread_set(), "same answer, no publication");
     assert!(report.healthy && report.last_error.is_none(), "{report:?}");
     assert_eq!(report.kind, "dns");
     run.finish().await;
@@ -114,7 +63,7 @@ async fn dns_discovery_leaves_this_replica_out() {
         .filter(|a| *a != me)
         .collect();
 
-    let mut run = Running::start(
+    let mut run = start(
         Discovery::Dns {
             name: format!("localhost:{}", me.port()),
         },
@@ -126,7 +75,7 @@ async fn dns_discovery_leaves_this_replica_out() {
         let report = run.refreshes(3).await;
         assert!(report.healthy, "{report:?}");
         assert!(report.peers.is_empty(), "{report:?}");
-        assert!(!run.peers.has_changed().unwrap());
+        assert!(!run.has_unread_set());
     } else {
         assert_eq!(run.next_set().await, expected);
     }
@@ -143,7 +92,7 @@ async fn static_entries_resolve_through_dns_and_leave_this_replica_out() {
         me.to_string(),
         format!("127.0.0.1:{third}"),
     ];
-    let mut run = Running::start(Discovery::Static(entries), SelfAddrs::new(me, []));
+    let mut run = start(Discovery::Static(entries), SelfAddrs::new(me, []));
     let mut expected = localhost(other);
     expected.insert(SocketAddr::from(([127, 0, 0, 1], third)));
     assert_eq!(
@@ -152,7 +101,7 @@ async fn static_entries_resolve_through_dns_and_leave_this_replica_out() {
     );
 
     let report = run.refreshes(3).await;
-    assert!(!run.peers.has_changed().unwrap());
+    assert!(!run.has_unread_set());
     assert!(report.healthy && report.last_error.is_none(), "{report:?}");
     assert_eq!(report.kind, "static");
     run.finish().await;

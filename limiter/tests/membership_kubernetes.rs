@@ -22,12 +22,21 @@ use axum::routing::get;
 use k8s_openapi::List;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ListMeta, ObjectMeta, Status};
-use openclaw_limiter::membership::{
-    Discovery, DiscoveryReport, DiscoveryStatus, Membership, SelfAddrs,
-};
-use tokio::sync::watch;
+use openclaw_limiter::membership::{Discovery, Membership, SelfAddrs};
 
-const DEADLINE: Duration = Duration::from_secs(20);
+mod support;
+
+use support::Running;
+
+/// Discovery against the double, refreshing every 20 ms.
+fn start(double: &Double, me: SelfAddrs) -> Running {
+    let discovery =
+        Discovery::try_from_parts("kubernetes", None, None, Some(SERVICE), Some(NAMESPACE))
+            .unwrap();
+    Running::start(
+        Membership::new(discovery, me, Duration::from_millis(20)).with_kube_client(double.client()),
+    )
+}
 const NAMESPACE: &str = "prod";
 const SERVICE: &str = "openclaw-limiter";
 
@@ -213,63 +222,6 @@ fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-struct Running {
-    status: Arc<DiscoveryStatus>,
-    peers: watch::Receiver<Vec<SocketAddr>>,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    fn start(double: &Double, me: SelfAddrs) -> Self {
-        let discovery =
-            Discovery::try_from_parts("kubernetes", None, None, Some(SERVICE), Some(NAMESPACE))
-                .unwrap();
-        let membership = Membership::new(discovery, me, Duration::from_millis(20))
-            .with_kube_client(double.client());
-        let status = membership.status();
-        let (peers_tx, peers) = watch::channel(Vec::new());
-        let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(membership.run(peers_tx, stop_rx));
-        Self {
-            status,
-            peers,
-            stop,
-            task,
-        }
-    }
-
-    async fn next_set(&mut self) -> Vec<SocketAddr> {
-        tokio::time::timeout(DEADLINE, self.peers.changed())
-            .await
-            .expect("a publication before the deadline")
-            .unwrap();
-        self.peers.borrow_and_update().clone()
-    }
-
-    /// Wait (bounded, polling) until `n` more refreshes than now have been applied.
-    async fn refreshes(&self, n: u64) -> DiscoveryReport {
-        let target = self.status.report().refreshes + n;
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            let report = self.status.report();
-            if report.refreshes >= target {
-                return report;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "stuck: {report:?}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    async fn finish(self) {
-        self.stop.send(true).unwrap();
-        tokio::time::timeout(DEADLINE, self.task)
-            .await
-            .expect("discovery stops when told")
-            .unwrap();
-    }
-}
-
 /// This replica: POD_IP 10.0.0.9, peer listener on 0.0.0.0:8081.
 fn me() -> SelfAddrs {
     SelfAddrs::new(addr("0.0.0.0:8081"), ["10.0.0.9".parse().unwrap()])
@@ -307,7 +259,7 @@ fn initial_cluster() -> Vec<EndpointSlice> {
 #[tokio::test]
 async fn endpoint_slices_give_live_replicas_on_the_peer_port_without_self() {
     let double = Double::start(initial_cluster()).await;
-    let mut run = Running::start(&double, me());
+    let mut run = start(&double, me());
 
     // Not-ready 10.0.0.2 is included, terminating 10.0.0.3 and this replica are not, the port
     // is the one named "peer" (8081), and nothing from the other Service or namespace.
@@ -319,10 +271,7 @@ async fn endpoint_slices_give_live_replicas_on_the_peer_port_without_self() {
     assert!(report.healthy && report.last_error.is_none(), "{report:?}");
     assert_eq!(report.kind, "kubernetes");
     assert_eq!(report.source, "prod/openclaw-limiter port peer");
-    assert!(
-        !run.peers.has_changed().unwrap(),
-        "unchanged slices, no publication"
-    );
+    assert!(!run.has_unread_set(), "unchanged slices, no publication");
 
     let requests = double.cluster.lock().unwrap().requests.clone();
     assert!(requests.len() >= 3);
@@ -339,7 +288,7 @@ async fn endpoint_slices_give_live_replicas_on_the_peer_port_without_self() {
 #[tokio::test]
 async fn scale_up_and_scale_down_are_picked_up_on_the_next_refresh() {
     let double = Double::start(initial_cluster()).await;
-    let mut run = Running::start(&double, me());
+    let mut run = start(&double, me());
     assert_eq!(
         run.next_set().await,
         [addr("10.0.0.1:8081"), addr("10.0.0.2:8081")]
@@ -377,7 +326,7 @@ async fn scale_up_and_scale_down_are_picked_up_on_the_next_refresh() {
 #[tokio::test]
 async fn api_errors_keep_the_last_set_and_show_in_the_status() {
     let double = Double::start(initial_cluster()).await;
-    let mut run = Running::start(&double, me());
+    let mut run = start(&double, me());
     let known = run.next_set().await;
     assert_eq!(known, [addr("10.0.0.1:8081"), addr("10.0.0.2:8081")]);
 
@@ -387,11 +336,8 @@ async fn api_errors_keep_the_last_set_and_show_in_the_status() {
         c.slices[0].endpoints.clear();
     });
     let report = run.refreshes(3).await;
-    assert!(
-        !run.peers.has_changed().unwrap(),
-        "a failed list must not publish"
-    );
-    assert_eq!(*run.peers.borrow(), known);
+    assert!(!run.has_unread_set(), "a failed list must not publish");
+    assert_eq!(run.current_set(), known);
     assert!(!report.healthy);
     assert_eq!(report.peers, ["10.0.0.1:8081", "10.0.0.2:8081"]);
     let error = report.last_error.unwrap();
@@ -403,7 +349,7 @@ async fn api_errors_keep_the_last_set_and_show_in_the_status() {
     // Missing RBAC: the 403's message reaches /status.
     double.change(|c| c.failure = Some((403, "Forbidden")));
     let report = run.refreshes(3).await;
-    assert!(!run.peers.has_changed().unwrap());
+    assert!(!run.has_unread_set());
     let error = report.last_error.unwrap();
     assert!(error.contains("forbidden"), "{error}");
 
@@ -414,14 +360,14 @@ async fn api_errors_keep_the_last_set_and_show_in_the_status() {
             .retain(|s| s.metadata.name.as_deref() != Some("openclaw-limiter-abcde"));
     });
     let report = run.refreshes(3).await;
-    assert!(!run.peers.has_changed().unwrap());
+    assert!(!run.has_unread_set());
     assert!(
         report
             .last_error
             .unwrap()
             .contains("does the Service exist"),
         "{:?}",
-        run.status.report()
+        run.report()
     );
 
     // Recovery publishes what the API says now.
