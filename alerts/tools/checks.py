@@ -35,23 +35,12 @@ METRIC_NAMES_RS = os.path.join(ROOT, "common", "src", "metric_names.rs")
 ADAPTER_SRC = os.path.join(ROOT, "metrics-adapter", "src")
 UNVERIFIED = os.path.join(ALERTS, "tools", "unverified-names.txt")
 
-# Series exported by other people's software, by their documented names.
-EXTERNAL_SERIES = {
-    # Prometheus itself, for every target.
-    "up",
-    # kube-state-metrics v2 (docs/metrics/workload/horizontalpodautoscaler-metrics.md and
-    # deployment-metrics.md).
-    "kube_horizontalpodautoscaler_info",
-    "kube_horizontalpodautoscaler_spec_max_replicas",
-    "kube_horizontalpodautoscaler_spec_min_replicas",
-    "kube_horizontalpodautoscaler_status_current_replicas",
-    "kube_horizontalpodautoscaler_status_desired_replicas",
-    "kube_horizontalpodautoscaler_status_condition",
-    "kube_deployment_spec_replicas",
-    "kube_deployment_status_replicas_available",
-    # kube-apiserver (staging/src/k8s.io/kube-aggregator, available_controller metrics).
-    "aggregator_unavailable_apiservice",
-}
+# Series exported by other people's software, by their documented names (shared with the
+# deploy consistency test).
+with open(os.path.join(ROOT, "alerts", "external-series.txt")) as _f:
+    EXTERNAL_SERIES = {
+        line.strip() for line in _f if line.strip() and not line.lstrip().startswith("#")
+    }
 
 # Suffixes the exposition adds: histograms, and counters (prometheus-client appends `_total`).
 EXPOSITION_SUFFIXES = ("_bucket", "_sum", "_count", "_total")
