@@ -1,0 +1,50 @@
+//! OpenClaw's own load generator for the limiter's decision API (`GET /rate`).
+//!
+//! It sits beside the limiter replicas on one machine: the scenario runner (`stack/`) and the
+//! `openclaw-load` binary drive it to put a known load on a local stack and read back what the
+//! limiters decided. A [`Plan`] says where (loopback targets only), how (open loop on a
+//! [`RateProfile`]'s clock, or closed loop with N connections), which keys (many, or a few hot
+//! ones), how the requests are spread over the replicas, and the bounds (duration, request
+//! count); [`run`] carries it out and returns a [`Summary`]: counts by decision and by target, a
+//! per-second timeline, and latency percentiles measured from each request's due time so that
+//! a slow server cannot hide its queueing (no coordinated omission).
+//!
+//! - [`profile`]: rate profiles, their command-line syntax and the open-loop schedule (pure).
+//! - [`plan`]: the plan, its validation, keys and spread.
+//! - `send`: one request over a pooled HTTP/1.1 client, with failover between targets.
+//! - [`record`]: counters, timeline, histograms, [`Progress`] and [`Summary`].
+//! - `engine`: the scheduler, the workers and the bounds ([`run`]).
+//! - [`report`]: human-readable progress lines and the summary table.
+
+mod engine;
+pub mod plan;
+pub mod profile;
+pub mod record;
+pub mod report;
+mod send;
+
+pub use engine::run;
+pub use plan::{Drive, Keys, Plan, Spread};
+pub use profile::RateProfile;
+pub use record::{Percentiles, Progress, SecondCounts, Summary, TargetCounts};
+pub use send::FAILOVER_PAUSE;
+
+/// Everything that can go wrong before a run starts. A run itself does not fail: unanswered
+/// requests are counted as errors in its [`Summary`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A rate profile that does not parse or asks for nothing sensible.
+    #[error("rate profile `{input}`: {reason}")]
+    InvalidProfile { input: String, reason: String },
+    /// A `--keys` value that does not parse.
+    #[error("keys `{input}`: {reason}")]
+    InvalidKeys { input: String, reason: String },
+    /// A `--spread` value that does not parse.
+    #[error("spread `{input}`: {reason}")]
+    InvalidSpread { input: String, reason: String },
+    /// A plan with problems, each one listed (non-loopback targets among them).
+    #[error("invalid plan:\n  - {}", .0.join("\n  - "))]
+    InvalidPlan(Vec<String>),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,1 @@
+//! Human-readable output: the progress line and the summary table.

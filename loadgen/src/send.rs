@@ -1,0 +1,170 @@
+//! Sending one decision request: pick the key and target, `GET /rate`, classify the answer, and
+//! fail over to the next live target when one refuses connections.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, StatusCode, header};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::time::Instant;
+
+use crate::plan::{Keys, Plan, Spread};
+use crate::record::{ErrorKind, Outcome, Recorder};
+
+/// How long a target that refused a connection is skipped when failover is on.
+pub const FAILOVER_PAUSE: Duration = Duration::from_secs(1);
+
+#[derive(Debug)]
+struct Target {
+    /// `http://127.0.0.1:41234/rate?key=`: the key and the fixed query suffix are appended.
+    prefix: String,
+    /// Nanoseconds since the start before which this target is skipped (failover).
+    down_until_ns: AtomicU64,
+}
+
+/// Everything needed to send requests; shared by every task of a run.
+#[derive(Debug)]
+pub(crate) struct Sender {
+    client: Client<HttpConnector, Empty<Bytes>>,
+    targets: Vec<Target>,
+    /// `&policy=..&cost=..`, or empty.
+    suffix: String,
+    auth: Option<HeaderValue>,
+    keys: Keys,
+    seed: u64,
+    spread: Spread,
+    failover: bool,
+    timeout: Duration,
+    start: Instant,
+}
+
+impl Sender {
+    /// `bases` are the plan's validated, normalised target URLs.
+    pub(crate) fn new(plan: &Plan, bases: &[String], start: Instant) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(plan.request_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        let mut suffix = String::new();
+        if let Some(policy) = &plan.policy {
+            suffix.push_str("&policy=");
+            suffix.push_str(policy);
+        }
+        if plan.cost != 1 {
+            suffix.push_str(&format!("&cost={}", plan.cost));
+        }
+        Self {
+            client,
+            targets: bases
+                .iter()
+                .map(|base| Target {
+                    prefix: format!("{base}/rate?key="),
+                    down_until_ns: AtomicU64::new(0),
+                })
+                .collect(),
+            suffix,
+            auth: plan.api_key.as_ref().map(|key| {
+                let mut value =
+                    HeaderValue::try_from(format!("Bearer {key}")).expect("validated API key");
+                value.set_sensitive(true);
+                value
+            }),
+            keys: plan.keys,
+            seed: plan.seed,
+            spread: plan.spread,
+            failover: plan.failover,
+            timeout: plan.request_timeout,
+            start,
+        }
+    }
+
+    /// Sends request `seq` (due at `due` since the start, i.e. at `intended`) and records it.
+    pub(crate) async fn request(
+        &self,
+        recorder: &Recorder,
+        seq: u64,
+        due: Duration,
+        intended: Instant,
+    ) {
+        let mut key = String::with_capacity(16);
+        self.keys.key_for(self.seed, seq, &mut key);
+        let n = self.targets.len();
+        let first = match self.spread {
+            Spread::RoundRobin => (seq % n as u64) as usize,
+            Spread::One(i) => i,
+        };
+        let mut last = first;
+        for attempt in 0..n {
+            let t = (first + attempt) % n;
+            let target = &self.targets[t];
+            if self.failover && self.is_down(target) {
+                recorder.failed_over(t);
+                continue;
+            }
+            last = t;
+            let outcome = self.try_once(target, &key).await;
+            if self.failover && outcome == Outcome::Error(ErrorKind::Connect) {
+                let until = self.start.elapsed() + FAILOVER_PAUSE;
+                target
+                    .down_until_ns
+                    .fetch_max(until.as_nanos() as u64, Relaxed);
+                recorder.failed_over(t);
+                continue;
+            }
+            let answered = matches!(
+                outcome,
+                Outcome::Allowed | Outcome::Rejected | Outcome::Error(ErrorKind::Status(_))
+            );
+            let latency = answered.then(|| intended.elapsed());
+            recorder.finished(seq, due, t, outcome, latency);
+            return;
+        }
+        // Every target refused (or is still paused after refusing).
+        recorder.finished(seq, due, last, Outcome::Error(ErrorKind::Connect), None);
+    }
+
+    fn is_down(&self, target: &Target) -> bool {
+        let until = target.down_until_ns.load(Relaxed);
+        until != 0 && (self.start.elapsed().as_nanos() as u64) < until
+    }
+
+    async fn try_once(&self, target: &Target, key: &str) -> Outcome {
+        let mut uri = String::with_capacity(target.prefix.len() + key.len() + self.suffix.len());
+        uri.push_str(&target.prefix);
+        uri.push_str(key);
+        uri.push_str(&self.suffix);
+        let mut request = Request::get(uri);
+        if let Some(auth) = &self.auth {
+            request = request.header(header::AUTHORIZATION, auth.clone());
+        }
+        let Ok(request) = request.body(Empty::new()) else {
+            return Outcome::Error(ErrorKind::Transport);
+        };
+        let exchange = async {
+            let response = match self.client.request(request).await {
+                Ok(response) => response,
+                Err(e) if e.is_connect() => return Outcome::Error(ErrorKind::Connect),
+                Err(_) => return Outcome::Error(ErrorKind::Transport),
+            };
+            let status = response.status();
+            // Read the body to the end so the connection goes back to the pool.
+            if response.into_body().collect().await.is_err() {
+                return Outcome::Error(ErrorKind::Transport);
+            }
+            match status {
+                StatusCode::OK => Outcome::Allowed,
+                StatusCode::TOO_MANY_REQUESTS => Outcome::Rejected,
+                other => Outcome::Error(ErrorKind::Status(other.as_u16())),
+            }
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .unwrap_or(Outcome::Error(ErrorKind::Timeout))
+    }
+}

@@ -1,0 +1,295 @@
+//! The load generator against the real `openclaw-limiter` binary on 127.0.0.1 (build it first:
+//! `cargo build -p openclaw-limiter`, same profile as the tests). The limiter's own decisions and
+//! `/metrics` are the reference the counts are checked against.
+
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openclaw_e2e::{Service, http_client};
+use openclaw_loadgen::{Drive, Error, Keys, Plan, Progress, RateProfile, Spread, Summary, run};
+
+const START: Duration = Duration::from_secs(20);
+
+fn limiter(envs: &[(&str, &str)]) -> Service {
+    Service::spawn(
+        "openclaw-limiter",
+        &["--listen", "127.0.0.1:0"],
+        envs,
+        START,
+    )
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Runs `plan` to its end (no cancellation), collecting the progress reports.
+fn run_plan(plan: &Plan) -> (Summary, Vec<Progress>) {
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let sink = reports.clone();
+    let summary = runtime()
+        .block_on(run(
+            plan,
+            move |p: &Progress| sink.lock().unwrap().push(p.clone()),
+            std::future::pending(),
+        ))
+        .expect("a valid plan");
+    let reports = reports.lock().unwrap().clone();
+    (summary, reports)
+}
+
+fn assert_adds_up(summary: &Summary) {
+    assert_eq!(
+        summary.requests,
+        summary.allowed + summary.rejected + summary.errors,
+        "{summary:#?}"
+    );
+    let per_target: u64 = summary.per_target.iter().map(|t| t.requests).sum();
+    assert_eq!(per_target, summary.requests, "{summary:#?}");
+    let timeline: u64 = summary.timeline.iter().map(|s| s.sent).sum();
+    assert_eq!(timeline, summary.requests, "{summary:#?}");
+    let errors: u64 = summary.errors_by_kind.values().sum();
+    assert_eq!(errors, summary.errors, "{summary:#?}");
+}
+
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A loopback port that refuses connections: bound, then closed.
+fn dead_target() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    format!("http://127.0.0.1:{port}")
+}
+
+#[test]
+fn counts_add_up_and_agree_with_the_limiters_policy_and_metrics() {
+    // 50 tokens, refilled continuously at 50 per second; one hot key takes every request.
+    let service = limiter(&[("BUCKET_CAPACITY", "50"), ("REFILL_INTERVAL_MS", "1000")]);
+    let plan = Plan {
+        targets: vec![service.url.clone()],
+        drive: Drive::OpenLoop(RateProfile::Constant(300.0)),
+        keys: Keys::Hot {
+            count: 1,
+            share: 1.0,
+        },
+        duration: Duration::from_secs(2),
+        ..Plan::default()
+    };
+    let (summary, _) = run_plan(&plan);
+    assert_adds_up(&summary);
+    assert_eq!(summary.errors, 0, "{summary:#?}");
+
+    // The bucket starts full (50) and refills at 50/s between the first request (due at 1/300 s)
+    // and the last (due just before 2 s); each decision happens within a few ms of its due time
+    // at this load, so the window is 2 s give or take 0.1 s: 50 + 50 * (2 +- 0.1) = 150 +- 5,
+    // plus one for a partly refilled token.
+    let allowed = summary.allowed as i64;
+    assert!(
+        (144..=156).contains(&allowed),
+        "allowed {allowed}, expected 150 +- 6: {summary:#?}"
+    );
+    assert!(summary.rejected > 400, "{summary:#?}");
+
+    // The limiter counted exactly what the generator saw.
+    let text = http_client()
+        .get(format!("{}/metrics", service.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let allowed_series = r#"openclaw_requests_total{policy="default",decision="allowed"}"#;
+    let rejected_series = r#"openclaw_requests_total{policy="default",decision="rejected"}"#;
+    assert_eq!(
+        metric(&text, allowed_series),
+        Some(summary.allowed as f64),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, rejected_series),
+        Some(summary.rejected as f64),
+        "{text}"
+    );
+    assert!(summary.latency.count == summary.requests && summary.latency.p50_us > 0);
+    assert!(summary.latency.p50_us <= summary.latency.p99_us);
+    assert!(summary.latency.p99_us <= summary.latency.max_us);
+}
+
+#[test]
+fn open_loop_holds_the_asked_rate() {
+    let service = limiter(&[]);
+    let plan = Plan {
+        targets: vec![service.url.clone()],
+        drive: Drive::OpenLoop(RateProfile::Constant(300.0)),
+        duration: Duration::from_secs(2),
+        progress_interval: Duration::from_millis(100),
+        ..Plan::default()
+    };
+    let (summary, progress) = run_plan(&plan);
+    assert_adds_up(&summary);
+    assert_eq!((summary.errors, summary.missed), (0, 0), "{summary:#?}");
+    // 300/s for 2 s: the first is due at 1/300 s, the 600th at 2 s (or a rounding before it).
+    assert!((599..=600).contains(&summary.requests), "{summary:#?}");
+    assert_eq!(summary.timeline.len(), 2, "{summary:#?}");
+    for second in &summary.timeline {
+        assert!(
+            (295..=300).contains(&second.sent),
+            "second {}: sent {}",
+            second.second,
+            second.sent
+        );
+        assert!((second.target_rate - 300.0).abs() < 1e-6);
+    }
+    let elapsed = summary.elapsed.as_secs_f64();
+    assert!((1.95..=2.0).contains(&elapsed), "elapsed {elapsed}");
+
+    // Progress every 100 ms, and once more at the end with the final count.
+    assert!(progress.len() >= 15, "{} reports", progress.len());
+    assert!(progress.windows(2).all(|w| w[0].sent <= w[1].sent));
+    let last = progress.last().unwrap();
+    assert_eq!(last.sent, summary.requests);
+    let mid = &progress[progress.len() / 2];
+    assert!(
+        (240.0..=360.0).contains(&mid.achieved_rps) && mid.target_rate == 300.0,
+        "{mid:?}"
+    );
+}
+
+#[test]
+fn max_requests_is_honoured_in_both_loops() {
+    let service = limiter(&[]);
+    let closed = Plan {
+        targets: vec![service.url.clone()],
+        drive: Drive::ClosedLoop { connections: 4 },
+        duration: Duration::from_secs(10),
+        max_requests: Some(100),
+        ..Plan::default()
+    };
+    let (summary, _) = run_plan(&closed);
+    assert_adds_up(&summary);
+    assert_eq!((summary.requests, summary.errors), (100, 0), "{summary:#?}");
+    assert!(summary.elapsed < Duration::from_secs(5), "{summary:#?}");
+
+    let open = Plan {
+        drive: Drive::OpenLoop(RateProfile::Constant(1000.0)),
+        max_requests: Some(50),
+        ..closed
+    };
+    let (summary, _) = run_plan(&open);
+    assert_adds_up(&summary);
+    assert_eq!((summary.requests, summary.errors), (50, 0), "{summary:#?}");
+    assert!(summary.elapsed < Duration::from_secs(1), "{summary:#?}");
+}
+
+#[test]
+fn non_loopback_targets_are_refused_before_anything_is_sent() {
+    let plan = Plan {
+        targets: vec![
+            "http://192.0.2.1:8080".into(),
+            "http://localhost.example.com".into(),
+            "http://127.0.0.1:9".into(),
+        ],
+        drive: Drive::ClosedLoop { connections: 1 },
+        ..Plan::default()
+    };
+    let err = runtime()
+        .block_on(run(&plan, |_: &Progress| {}, std::future::pending()))
+        .expect_err("a remote target must be refused");
+    let Error::InvalidPlan(problems) = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(problems.len(), 2, "{err}");
+    assert!(problems[0].contains("192.0.2.1") && problems[0].contains("not loopback"));
+    assert!(problems[1].contains("localhost.example.com"));
+}
+
+#[test]
+fn failover_sends_around_a_dead_target_and_without_it_the_refusals_are_errors() {
+    let service = limiter(&[]);
+    let plan = Plan {
+        targets: vec![dead_target(), service.url.clone()],
+        drive: Drive::OpenLoop(RateProfile::Constant(200.0)),
+        spread: Spread::RoundRobin,
+        duration: Duration::from_secs(1),
+        failover: true,
+        ..Plan::default()
+    };
+    let (summary, _) = run_plan(&plan);
+    assert_adds_up(&summary);
+    assert_eq!(summary.errors, 0, "{summary:#?}");
+    assert!((199..=200).contains(&summary.requests), "{summary:#?}");
+    let (dead, live) = (&summary.per_target[0], &summary.per_target[1]);
+    assert_eq!(
+        (dead.requests, live.requests),
+        (0, summary.requests),
+        "{summary:#?}"
+    );
+    // Half the requests start on the dead target and move on.
+    assert!((90..=110).contains(&dead.failed_over), "{summary:#?}");
+
+    let plan = Plan {
+        failover: false,
+        ..plan
+    };
+    let (summary, _) = run_plan(&plan);
+    assert_adds_up(&summary);
+    assert!((199..=200).contains(&summary.requests), "{summary:#?}");
+    // Round robin from the dead target: requests 0, 2, 4, ...
+    assert_eq!(summary.errors, summary.requests.div_ceil(2), "{summary:#?}");
+    assert_eq!(summary.errors_by_kind.get("connect"), Some(&summary.errors));
+    assert_eq!(summary.per_target[0].errors, summary.errors);
+    assert_eq!(summary.per_target[1].errors, 0);
+}
+
+#[test]
+fn cancelling_ends_the_run_early_and_still_returns_the_summary() {
+    let service = limiter(&[]);
+    let plan = Plan {
+        targets: vec![service.url.clone()],
+        drive: Drive::ClosedLoop { connections: 2 },
+        duration: Duration::from_secs(60),
+        ..Plan::default()
+    };
+    let summary = runtime()
+        .block_on(async {
+            let cancel = tokio::time::sleep(Duration::from_millis(300));
+            run(&plan, |_: &Progress| {}, cancel).await
+        })
+        .unwrap();
+    assert_adds_up(&summary);
+    assert!(summary.cancelled);
+    assert!(summary.requests > 0 && summary.errors == 0, "{summary:#?}");
+    assert!(summary.elapsed < Duration::from_secs(2), "{summary:#?}");
+}
+
+#[test]
+fn the_api_key_is_sent_as_a_bearer_token() {
+    let service = limiter(&[("OPENCLAW_API_KEY", "loadgen-test-secret")]);
+    let plan = Plan {
+        targets: vec![service.url.clone()],
+        drive: Drive::ClosedLoop { connections: 1 },
+        max_requests: Some(5),
+        policy: Some("default".into()),
+        ..Plan::default()
+    };
+    let (summary, _) = run_plan(&plan);
+    assert_eq!(summary.errors, 5, "{summary:#?}");
+    assert_eq!(summary.errors_by_kind.get("http 401"), Some(&5));
+
+    let plan = Plan {
+        api_key: Some("loadgen-test-secret".into()),
+        ..plan
+    };
+    let (summary, _) = run_plan(&plan);
+    assert_eq!((summary.allowed, summary.errors), (5, 0), "{summary:#?}");
+}
