@@ -11,14 +11,10 @@
 use std::fmt::Write as _;
 use std::future::Future;
 
-use k8s_openapi::api::autoscaling::v2::{HPAScalingRules, HorizontalPodAutoscaler, MetricTarget};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-
 use crate::api::{ExternalMetricValueList, final_promql, items};
 use crate::config::{Config, OnEmpty, OnNan, Rule, SeriesPolicy};
-use crate::hpa::{
-    self, Behavior, History, PolicyKind, ScalingPolicy, ScalingRules, SelectPolicy, Spec, Target,
-};
+use crate::hpa::{self, History, Target};
+use crate::hpa_manifest::HpaManifest;
 use crate::prometheus::QueryResult;
 use crate::quantity::{Milli, parse_quantity_milli};
 use crate::selector::Selector;
@@ -59,12 +55,21 @@ where
     let mut out = String::new();
     let (steps, hpa) = match &req.hpa_yaml {
         Some(yaml) => {
-            let hpa: HorizontalPodAutoscaler = serde_norway::from_str(yaml).map_err(|e| {
-                Error::Hpa(format!(
-                    "not an autoscaling/v2 HorizontalPodAutoscaler: {e}"
-                ))
-            })?;
-            let steps = hpa_steps(&hpa, &mut out)?;
+            let hpa = HpaManifest::parse(yaml)?;
+            for note in &hpa.ignored {
+                let _ = writeln!(out, "-- {note}");
+            }
+            let steps = hpa
+                .metrics
+                .iter()
+                .map(|m| {
+                    Ok(MetricStep {
+                        name: m.name.clone(),
+                        selector: Selector::parse(&m.selector)?,
+                        target: Some((m.target_text.clone(), m.target)),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
             (steps, Some(hpa))
         }
         None => {
@@ -84,7 +89,7 @@ where
     };
     let namespace = hpa
         .as_ref()
-        .and_then(|h| h.metadata.namespace.clone())
+        .and_then(|h| h.namespace.clone())
         .unwrap_or_else(|| req.namespace.clone());
 
     let mut usages: Vec<(MetricStep, std::result::Result<Milli, String>)> = Vec::new();
@@ -235,176 +240,27 @@ fn indent(s: &str) -> String {
         .join("\n")
 }
 
-fn hpa_steps(hpa: &HorizontalPodAutoscaler, out: &mut String) -> Result<Vec<MetricStep>> {
-    let spec = hpa
-        .spec
-        .as_ref()
-        .ok_or_else(|| Error::Hpa("no spec".to_owned()))?;
-    let mut steps = Vec::new();
-    for (i, m) in spec.metrics.iter().flatten().enumerate() {
-        let Some(ext) = &m.external else {
-            let _ = writeln!(
-                out,
-                "-- spec.metrics[{i}] is of type {}: not served by this adapter, not evaluated",
-                m.type_
-            );
-            continue;
-        };
-        let selector = selector_from(ext.metric.selector.as_ref())?;
-        let target = target_from(&ext.target)
-            .map_err(|e| Error::Hpa(format!("spec.metrics[{i}].external.target: {e}")))?;
-        steps.push(MetricStep {
-            name: ext.metric.name.clone(),
-            selector,
-            target: Some(target),
-        });
-    }
-    if steps.is_empty() {
-        return Err(Error::Hpa("the HPA has no External metrics".to_owned()));
-    }
-    Ok(steps)
-}
-
-/// A `metav1.LabelSelector` as the selector string the HPA controller sends.
-fn selector_from(sel: Option<&LabelSelector>) -> Result<Selector> {
-    let Some(sel) = sel else {
-        return Ok(Selector::everything());
-    };
-    let mut parts = Vec::new();
-    for (k, v) in sel.match_labels.iter().flatten() {
-        parts.push(format!("{k}={v}"));
-    }
-    for e in sel.match_expressions.iter().flatten() {
-        let values = e.values.clone().unwrap_or_default().join(",");
-        parts.push(match e.operator.as_str() {
-            "In" => format!("{} in ({values})", e.key),
-            "NotIn" => format!("{} notin ({values})", e.key),
-            "Exists" => e.key.clone(),
-            "DoesNotExist" => format!("!{}", e.key),
-            other => {
-                return Err(Error::Hpa(format!(
-                    "selector operator {other:?} is not a LabelSelector operator"
-                )));
-            }
-        });
-    }
-    Selector::parse(&parts.join(","))
-}
-
-fn target_from(t: &MetricTarget) -> std::result::Result<(String, Target), String> {
-    match t.type_.as_str() {
-        "Value" => {
-            let q = t.value.as_ref().ok_or("type Value needs target.value")?;
-            let m = parse_quantity_milli(&q.0).map_err(|e| e.to_string())?;
-            Ok((format!("Value {q}", q = q.0), Target::Value(m.0)))
-        }
-        "AverageValue" => {
-            let q = t
-                .average_value
-                .as_ref()
-                .ok_or("type AverageValue needs target.averageValue")?;
-            let m = parse_quantity_milli(&q.0).map_err(|e| e.to_string())?;
-            Ok((
-                format!("AverageValue {q}", q = q.0),
-                Target::AverageValue(m.0),
-            ))
-        }
-        other => Err(format!(
-            "type {other:?} does not apply to External metrics (use Value or AverageValue)"
-        )),
-    }
-}
-
-fn rules_from(
-    r: Option<&HPAScalingRules>,
-    default: ScalingRules,
-) -> std::result::Result<ScalingRules, String> {
-    let Some(r) = r else { return Ok(default) };
-    let mut rules = default;
-    if let Some(w) = r.stabilization_window_seconds {
-        rules.stabilization_window_seconds = w;
-    }
-    if let Some(p) = &r.select_policy {
-        rules.select_policy = match p.as_str() {
-            "Max" => SelectPolicy::Max,
-            "Min" => SelectPolicy::Min,
-            "Disabled" => SelectPolicy::Disabled,
-            other => return Err(format!("selectPolicy {other:?}")),
-        };
-    }
-    if let Some(ps) = &r.policies {
-        rules.policies = ps
-            .iter()
-            .map(|p| {
-                let kind = match p.type_.as_str() {
-                    "Pods" => PolicyKind::Pods,
-                    "Percent" => PolicyKind::Percent,
-                    other => return Err(format!("policy type {other:?}")),
-                };
-                Ok(ScalingPolicy {
-                    kind,
-                    value: p.value,
-                    period_seconds: p.period_seconds,
-                })
-            })
-            .collect::<std::result::Result<_, _>>()?;
-    }
-    if let Some(t) = &r.tolerance {
-        rules.tolerance = Some(
-            parse_quantity_milli(&t.0)
-                .map_err(|e| e.to_string())?
-                .to_f64(),
-        );
-    }
-    Ok(rules)
-}
-
 fn explain_hpa(
-    hpa: &HorizontalPodAutoscaler,
+    hpa: &HpaManifest,
     req: &Request,
     usages: &[(MetricStep, std::result::Result<Milli, String>)],
     out: &mut String,
 ) -> Result<()> {
-    let spec = hpa
-        .spec
-        .as_ref()
-        .ok_or_else(|| Error::Hpa("no spec".to_owned()))?;
-    let behavior = spec.behavior.as_ref();
-    let behavior = Behavior {
-        scale_up: rules_from(
-            behavior.and_then(|b| b.scale_up.as_ref()),
-            ScalingRules::default_scale_up(),
-        )
-        .map_err(|e| Error::Hpa(format!("behavior.scaleUp: {e}")))?,
-        scale_down: rules_from(
-            behavior.and_then(|b| b.scale_down.as_ref()),
-            ScalingRules::default_scale_down(),
-        )
-        .map_err(|e| Error::Hpa(format!("behavior.scaleDown: {e}")))?,
-    };
     let current = req
         .current_replicas
-        .or_else(|| hpa.status.as_ref().and_then(|s| s.current_replicas))
+        .or(hpa.status_current_replicas)
         .ok_or_else(|| {
             Error::Hpa(
                 "give --current-replicas (the manifest has no status.currentReplicas)".to_owned(),
             )
         })?;
     let ready = req.ready_replicas.unwrap_or(current);
-    let hpa_spec = Spec {
-        min_replicas: spec.min_replicas.unwrap_or(1),
-        max_replicas: spec.max_replicas,
-        behavior,
-    };
-    let tol = hpa_spec.behavior.tolerances();
+    let hpa_spec = &hpa.spec;
+    let tol = hpa_spec.tolerances();
     let _ = writeln!(
         out,
         "== HPA {}: current replicas {current}, ready {ready}, minReplicas {}, maxReplicas {}, tolerance -{}/+{}",
-        hpa.metadata.name.as_deref().unwrap_or("(unnamed)"),
-        hpa_spec.min_replicas,
-        hpa_spec.max_replicas,
-        tol.scale_down,
-        tol.scale_up,
+        hpa.name, hpa_spec.min_replicas, hpa_spec.max_replicas, tol.scale_down, tol.scale_up,
     );
     let mut proposals = Vec::new();
     for (step, usage) in usages {
@@ -445,18 +301,33 @@ fn explain_hpa(
         }
     };
     let _ = writeln!(out, "Largest proposal: {proposed}");
-    let mut history = History::fresh(0.0, current, &hpa_spec.behavior);
-    let d = hpa::decide(&hpa_spec, current, proposed, 0.0, &mut history);
+    let mut history = History::fresh(0.0, current);
+    let d = hpa::decide(hpa_spec, current, proposed, 0.0, &mut history);
+    let windows = if hpa_spec.behavior.is_none() {
+        format!(
+            "no spec.behavior, so the controller's original rules: the highest recommendation of the last {}s",
+            hpa_spec.scale_down_window_seconds()
+        )
+    } else {
+        format!(
+            "scale-up window {}s, scale-down window {}s",
+            hpa_spec.scale_up_window_seconds(),
+            hpa_spec.scale_down_window_seconds()
+        )
+    };
     let _ = writeln!(
         out,
-        "Stabilization (scale-up window {}s, scale-down window {}s, as a freshly started controller that has seen only the current count): {}",
-        hpa_spec.behavior.scale_up.stabilization_window_seconds,
-        hpa_spec.behavior.scale_down.stabilization_window_seconds,
+        "Stabilization ({windows}, as a freshly started controller that has seen only the current count): {}",
         d.stabilized
     );
+    let limits = if hpa_spec.behavior.is_none() {
+        " (no spec.behavior: at most max(2 x current, 4) up per sync)"
+    } else {
+        ""
+    };
     let _ = writeln!(
         out,
-        "Rate limits and min/max: {} ({})",
+        "Rate limits and min/max{limits}: {} ({})",
         d.replicas, d.reason
     );
     let _ = writeln!(
@@ -469,7 +340,7 @@ fn explain_hpa(
         let _ = writeln!(
             out,
             "   It would go down to {eventual} once the metrics have asked for it for {}s.",
-            hpa_spec.behavior.scale_down.stabilization_window_seconds
+            hpa_spec.scale_down_window_seconds()
         );
     }
     Ok(())
@@ -576,10 +447,11 @@ HPA reads: usage 812500m (sum over 1 item)
     }
 
     #[tokio::test]
-    async fn golden_value_target_scales_up_by_the_ratio_within_rate_limits() {
+    async fn golden_value_target_scales_up_by_the_ratio_within_the_behavior_policies() {
         // 2500 rps against 1k on 2 ready pods: ceil(2.5 * 2) = 5; +4 pods / +100% allows 6.
+        let behavior = "  behavior:\n    scaleUp: {stabilizationWindowSeconds: 0}\n";
         let req = Request {
-            hpa_yaml: Some(hpa(RPS_VALUE_1K, "")),
+            hpa_yaml: Some(hpa(RPS_VALUE_1K, behavior)),
             current_replicas: Some(2),
             ..Default::default()
         };
@@ -597,6 +469,29 @@ Rate limits and min/max: 5 (DesiredWithinRange)
         );
         assert!(out.contains("selector policy=default"));
         assert!(out.contains("{policy=\"default\"}"));
+    }
+
+    #[tokio::test]
+    async fn golden_without_behavior_the_controller_doubles_at_most_or_adds_four() {
+        // The same numbers with no spec.behavior: the controller's original limit max(2 x 2, 4)
+        // = 4, not the documented default policies' 6.
+        let req = Request {
+            hpa_yaml: Some(hpa(RPS_VALUE_1K, "")),
+            current_replicas: Some(2),
+            ..Default::default()
+        };
+        let out = run(req, "2500", "0").await;
+        let tail = out.split("== HPA").nth(1).unwrap();
+        assert_eq!(
+            tail,
+            " limiter: current replicas 2, ready 2, minReplicas 2, maxReplicas 20, tolerance -0.1/+0.1
+openclaw_requests_per_second: usage 2500, target Value 1k: ratio 2.5000, ceil(2.5000 x 2 ready) -> 5 replicas
+Largest proposal: 5
+Stabilization (no spec.behavior, so the controller's original rules: the highest recommendation of the last 300s, as a freshly started controller that has seen only the current count): 5
+Rate limits and min/max (no spec.behavior: at most max(2 x current, 4) up per sync): 4 (ScaleUpLimit)
+=> The HPA would set 4 replicas (now 2).
+"
+        );
     }
 
     #[tokio::test]
@@ -636,7 +531,8 @@ Rate limits and min/max: 5 (DesiredWithinRange)
 
     #[tokio::test]
     async fn golden_several_metrics_take_the_largest_proposal() {
-        // RPS asks for ceil(3.0 * 4) = 12, depletion ceil(0.5/0.2) = 3: 12 wins, +100% allows 8.
+        // RPS asks for ceil(3.0 * 4) = 12, depletion ceil(0.5/0.2) = 3: 12 wins, and without
+        // behavior max(2 x 4, 4) allows 8.
         let metrics = format!("{RPS_VALUE_1K}{DEPLETION_AVG_200M}");
         let req = Request {
             hpa_yaml: Some(hpa(&metrics, "")),
@@ -647,10 +543,7 @@ Rate limits and min/max: 5 (DesiredWithinRange)
         assert!(out.contains("-> 12 replicas"), "{out}");
         assert!(out.contains("-> 3 replicas"), "{out}");
         assert!(out.contains("Largest proposal: 12"), "{out}");
-        assert!(
-            out.contains("Rate limits and min/max: 8 (ScaleUpLimit)"),
-            "{out}"
-        );
+        assert!(out.contains("up per sync): 8 (ScaleUpLimit)"), "{out}");
         assert!(
             out.contains("=> The HPA would set 8 replicas (now 4)."),
             "{out}"
@@ -677,7 +570,10 @@ Rate limits and min/max: 5 (DesiredWithinRange)
             out.contains("ratio 0.2000, ceil(0.2000 x 10 ready) -> 2 replicas"),
             "{out}"
         );
-        assert!(out.contains("scale-down window 300s"), "{out}");
+        assert!(
+            out.contains("the highest recommendation of the last 300s"),
+            "{out}"
+        );
         assert!(
             out.contains("=> The HPA would set 10 replicas (now 10)."),
             "{out}"

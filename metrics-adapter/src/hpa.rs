@@ -265,17 +265,17 @@ pub struct History {
 }
 
 impl History {
-    /// A freshly started controller: it seeds the scale-down window with the current count, so
-    /// it never scales down right after a restart.
-    pub fn fresh(now: f64, current: i32, behavior: &Behavior) -> History {
-        let mut h = History::default();
-        if behavior.scale_down.stabilization_window_seconds > 0 {
-            h.recommendations.push(Recommendation {
+    /// A controller seeing the HPA for the first time (`recordInitialRecommendation`): it
+    /// records the current count as a recommendation, so it never scales down right after a
+    /// restart (a window of 0 s ignores the seed).
+    pub fn fresh(now: f64, current: i32) -> History {
+        History {
+            recommendations: vec![Recommendation {
                 at: now,
                 replicas: current,
-            });
+            }],
+            ..History::default()
         }
-        h
     }
 }
 
@@ -298,11 +298,46 @@ pub struct Decision {
 pub struct Spec {
     pub min_replicas: i32,
     pub max_replicas: i32,
-    pub behavior: Behavior,
+    /// `spec.behavior` with defaults applied, or `None` when the manifest has none: the API
+    /// server does not fill in an absent `behavior`, and the controller then runs its original
+    /// normalization ([`decide`] explains the difference).
+    pub behavior: Option<Behavior>,
+}
+
+impl Spec {
+    /// The tolerance band: per-direction tolerances of `behavior` over the controller default.
+    pub fn tolerances(&self) -> Tolerances {
+        self.behavior
+            .as_ref()
+            .map_or_else(Tolerances::default, Behavior::tolerances)
+    }
+
+    /// The scale-down stabilization window, seconds (the controller's 300 s without `behavior`).
+    pub fn scale_down_window_seconds(&self) -> i32 {
+        self.behavior
+            .as_ref()
+            .map_or(DEFAULT_SCALE_DOWN_STABILIZATION_SECONDS, |b| {
+                b.scale_down.stabilization_window_seconds
+            })
+    }
+
+    /// The scale-up stabilization window, seconds (none without `behavior`).
+    pub fn scale_up_window_seconds(&self) -> i32 {
+        self.behavior
+            .as_ref()
+            .map_or(0, |b| b.scale_up.stabilization_window_seconds)
+    }
 }
 
 /// Contract item 13, second half: from the metrics' proposal to the replica count set, with
 /// `history` (updated in place: the recommendation and any scale event are recorded).
+///
+/// With `behavior` this is `normalizeDesiredReplicasWithBehaviors`: both stabilization windows,
+/// then the rate policies over their periods. Without it, `normalizeDesiredReplicas`: the
+/// highest recommendation of the last 300 s (counting the one being made), then at most
+/// `max(2 x current, 4)` per sync upwards and nothing but `minReplicas` downwards. So an HPA
+/// without `behavior` does not get the documented default policies (+4 pods or +100% per
+/// 15 s): from 2 replicas it goes to 4, not 6.
 pub fn decide(
     spec: &Spec,
     current: i32,
@@ -334,8 +369,12 @@ pub fn decide(
             reason: "TooFewReplicas".to_owned(),
         };
     }
-    let (stabilized, stab_reason) = stabilize(spec, current, proposed, now, history);
-    let (replicas, rate_reason) = apply_rate_limits(spec, current, stabilized, now, history);
+    let Some(behavior) = &spec.behavior else {
+        return decide_without_behavior(spec, current, proposed, now, history);
+    };
+    let (stabilized, stab_reason) = stabilize(behavior, current, proposed, now, history);
+    let (replicas, rate_reason) =
+        apply_rate_limits(spec, behavior, current, stabilized, now, history);
     let change = replicas - current;
     if change > 0 {
         history.scale_up_events.push(ScaleEvent { at: now, change });
@@ -360,15 +399,69 @@ pub fn decide(
     }
 }
 
-fn stabilize(
+/// The controller's scale-up limit per sync when the HPA has no `behavior`.
+fn legacy_scale_up_limit(current: i32) -> i32 {
+    // int32(math.Max(2.0 * float64(current), 4.0))
+    ceil_i32((2.0 * f64::from(current)).max(4.0))
+}
+
+/// `normalizeDesiredReplicas` + `convertDesiredReplicasWithRules`: no scale events are kept.
+fn decide_without_behavior(
     spec: &Spec,
+    current: i32,
+    proposed: i32,
+    now: f64,
+    history: &mut History,
+) -> Decision {
+    // stabilizeRecommendation: the max over recommendations not older than the window
+    // (`!Before(cutoff)`, so one exactly at the cutoff still counts), then this one recorded.
+    let cutoff = now - f64::from(DEFAULT_SCALE_DOWN_STABILIZATION_SECONDS);
+    let stabilized = history
+        .recommendations
+        .iter()
+        .filter(|r| r.at >= cutoff)
+        .map(|r| r.replicas)
+        .fold(proposed, i32::max);
+    history.recommendations.retain(|r| r.at >= cutoff);
+    history.recommendations.push(Recommendation {
+        at: now,
+        replicas: proposed,
+    });
+    let limit = legacy_scale_up_limit(current);
+    let (maximum, max_reason) = if spec.max_replicas > limit {
+        (limit, "ScaleUpLimit")
+    } else {
+        (spec.max_replicas, "TooManyReplicas")
+    };
+    let (replicas, rate_reason) = if stabilized < spec.min_replicas {
+        (spec.min_replicas, "TooFewReplicas")
+    } else if stabilized > maximum {
+        (maximum, max_reason)
+    } else {
+        (stabilized, "DesiredWithinRange")
+    };
+    let reason = if replicas == stabilized && stabilized != proposed {
+        "ScaleDownStabilized"
+    } else {
+        rate_reason
+    };
+    Decision {
+        proposed,
+        stabilized,
+        replicas,
+        reason: reason.to_owned(),
+    }
+}
+
+fn stabilize(
+    behavior: &Behavior,
     current: i32,
     desired: i32,
     now: f64,
     history: &mut History,
 ) -> (i32, String) {
-    let up_cutoff = now - f64::from(spec.behavior.scale_up.stabilization_window_seconds);
-    let down_cutoff = now - f64::from(spec.behavior.scale_down.stabilization_window_seconds);
+    let up_cutoff = now - f64::from(behavior.scale_up.stabilization_window_seconds);
+    let down_cutoff = now - f64::from(behavior.scale_down.stabilization_window_seconds);
     let mut up = desired;
     let mut down = desired;
     for r in &history.recommendations {
@@ -454,13 +547,14 @@ fn scale_down_limit(current: i32, rules: &ScalingRules, history: &History, now: 
 
 fn apply_rate_limits(
     spec: &Spec,
+    behavior: &Behavior,
     current: i32,
     desired: i32,
     now: f64,
     history: &History,
 ) -> (i32, String) {
     if desired > current {
-        let limit = scale_up_limit(current, &spec.behavior.scale_up, history, now).max(current);
+        let limit = scale_up_limit(current, &behavior.scale_up, history, now).max(current);
         let (maximum, reason) = if spec.max_replicas > limit {
             (limit, "ScaleUpLimit")
         } else {
@@ -470,7 +564,7 @@ fn apply_rate_limits(
             return (maximum, reason.to_owned());
         }
     } else if desired < current {
-        let limit = scale_down_limit(current, &spec.behavior.scale_down, history, now).min(current);
+        let limit = scale_down_limit(current, &behavior.scale_down, history, now).min(current);
         let (minimum, reason) = if spec.min_replicas < limit {
             (limit, "ScaleDownLimit")
         } else {
@@ -496,8 +590,12 @@ mod tests {
         Spec {
             min_replicas: min,
             max_replicas: max,
-            behavior: Behavior::default(),
+            behavior: Some(Behavior::default()),
         }
+    }
+
+    fn behavior(s: &mut Spec) -> &mut Behavior {
+        s.behavior.as_mut().unwrap()
     }
 
     // Worked examples (contract items 10-12).
@@ -647,7 +745,7 @@ mod tests {
     #[test]
     fn scale_down_waits_for_the_stabilization_window() {
         let s = spec(1, 10);
-        let mut h = History::fresh(0.0, 8, &s.behavior);
+        let mut h = History::fresh(0.0, 8);
         // Metrics want 2 right after start: the window holds 8.
         let d = decide(&s, 8, 2, 15.0, &mut h);
         assert_eq!(
@@ -663,7 +761,7 @@ mod tests {
     #[test]
     fn min_replicas_floors_the_result() {
         let mut s = spec(3, 10);
-        s.behavior.scale_down.stabilization_window_seconds = 0;
+        behavior(&mut s).scale_down.stabilization_window_seconds = 0;
         let d = decide(&s, 6, 1, 0.0, &mut History::default());
         assert_eq!((d.replicas, d.reason.as_str()), (3, "TooFewReplicas"));
     }
@@ -671,7 +769,7 @@ mod tests {
     #[test]
     fn scale_down_percent_policies_truncate_as_go_does() {
         let mut s = spec(1, 100);
-        s.behavior.scale_down = ScalingRules {
+        behavior(&mut s).scale_down = ScalingRules {
             stabilization_window_seconds: 0,
             select_policy: SelectPolicy::Max,
             policies: vec![ScalingPolicy {
@@ -688,8 +786,61 @@ mod tests {
     #[test]
     fn a_disabled_direction_never_moves() {
         let mut s = spec(1, 100);
-        s.behavior.scale_up.select_policy = SelectPolicy::Disabled;
+        behavior(&mut s).scale_up.select_policy = SelectPolicy::Disabled;
         assert_eq!(decide(&s, 3, 9, 0.0, &mut History::default()).replicas, 3);
+    }
+
+    fn no_behavior(min: i32, max: i32) -> Spec {
+        Spec {
+            min_replicas: min,
+            max_replicas: max,
+            behavior: None,
+        }
+    }
+
+    #[test]
+    fn without_behavior_scale_up_is_limited_to_double_or_four_per_sync() {
+        // From 2: max(4, 4) = 4 (the documented default policies would allow 6).
+        let d = decide(&no_behavior(1, 100), 2, 20, 0.0, &mut History::default());
+        assert_eq!((d.replicas, d.reason.as_str()), (4, "ScaleUpLimit"));
+        // From 1: max(2, 4) = 4. From 10: 20.
+        assert_eq!(
+            decide(&no_behavior(1, 100), 1, 20, 0.0, &mut History::default()).replicas,
+            4
+        );
+        assert_eq!(
+            decide(&no_behavior(1, 100), 10, 50, 0.0, &mut History::default()).replicas,
+            20
+        );
+        // No period: the next sync doubles again from the new count.
+        let mut h = History::default();
+        assert_eq!(decide(&no_behavior(1, 100), 4, 50, 0.0, &mut h).replicas, 8);
+        assert_eq!(
+            decide(&no_behavior(1, 100), 8, 50, 1.0, &mut h).replicas,
+            16
+        );
+        // maxReplicas below the limit names TooManyReplicas.
+        let d = decide(&no_behavior(1, 5), 4, 9, 0.0, &mut History::default());
+        assert_eq!((d.replicas, d.reason.as_str()), (5, "TooManyReplicas"));
+    }
+
+    #[test]
+    fn without_behavior_the_highest_recommendation_of_300_s_holds_and_then_drops_at_once() {
+        let s = no_behavior(2, 20);
+        let mut h = History::fresh(0.0, 10);
+        let d = decide(&s, 10, 3, 15.0, &mut h);
+        assert_eq!(
+            (d.stabilized, d.replicas, d.reason.as_str()),
+            (10, 10, "ScaleDownStabilized")
+        );
+        // A recommendation exactly 300 s old still counts (Go: !Before(cutoff)) ...
+        assert_eq!(decide(&s, 10, 3, 300.0, &mut h).replicas, 10);
+        // ... and once it is older, down to the highest of the rest in one step (no rate
+        // policy), floored by minReplicas.
+        assert_eq!(decide(&s, 10, 1, 300.5, &mut h).replicas, 3);
+        let mut h = History::default();
+        let d = decide(&s, 10, 1, 0.0, &mut h);
+        assert_eq!((d.replicas, d.reason.as_str()), (2, "TooFewReplicas"));
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //! injected into the parsed query ([`promql`]), through a bounded, single-flight cache
 //! ([`cache`], [`prometheus`]), and answer with canonical Kubernetes quantities ([`quantity`])
 //! in the exact wire shape the HPA decodes ([`api`]). [`explain`] shows an SRE every step of
-//! that for one metric, down to the replica count the HPA would pick ([`hpa`]).
+//! that for one metric, down to the replica count the HPA would pick ([`hpa`], reading the
+//! manifest with [`hpa_manifest`]); [`hpa_sim`] runs that controller loop over time against a
+//! live external metrics API, as the local stack does.
 //!
 //! Serving is TLS ([`tls`]) with delegated authentication and authorization ([`auth`]) in front
 //! of [`api::router`]. Everything is in the library; `main.rs` only parses flags and wires the
@@ -21,6 +23,8 @@ pub mod config;
 mod error;
 pub mod explain;
 pub mod hpa;
+pub mod hpa_manifest;
+pub mod hpa_sim;
 pub mod metrics;
 pub mod prometheus;
 pub mod promql;

@@ -201,13 +201,13 @@ impl Parser<'_> {
             self.skip_ws();
             return Err(self.err_here("expected a label key"));
         }
-        validate_key(&key)?;
+        validate_label_key(&key)?;
         Ok(key)
     }
 
     fn value(&mut self) -> Result<String> {
         let value = self.word().to_owned();
-        validate_value(&value)?;
+        validate_label_value(&value)?;
         Ok(value)
     }
 
@@ -296,7 +296,7 @@ impl Parser<'_> {
 
 /// Label keys: an optional DNS-subdomain prefix and '/', then a name of at most 63 characters
 /// (`[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?`).
-fn validate_key(key: &str) -> Result<()> {
+pub(crate) fn validate_label_key(key: &str) -> Result<()> {
     let (prefix, name) = match key.rsplit_once('/') {
         Some((p, n)) => (Some(p), n),
         None => (None, key),
@@ -328,8 +328,8 @@ fn validate_key(key: &str) -> Result<()> {
     Ok(())
 }
 
-/// Label values: empty, or a name as in [`validate_key`].
-fn validate_value(value: &str) -> Result<()> {
+/// Label values: empty, or a name as in [`validate_label_key`].
+pub(crate) fn validate_label_value(value: &str) -> Result<()> {
     if value.is_empty() || is_label_name_or_value(value) {
         Ok(())
     } else {
