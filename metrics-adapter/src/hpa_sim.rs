@@ -506,3 +506,374 @@ impl fmt::Display for SyncRecord {
         )
     }
 }
+
+/// A plain-HTTP client for [`HpaSimulator::sync`] and [`run`]: no proxy, bounded connect and
+/// request time (`timeout`), and ring installed as rustls' provider in case a workspace build
+/// unified a TLS feature into reqwest.
+pub fn http_client(timeout: Duration) -> Result<reqwest::Client> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .no_proxy()
+        .connect_timeout(timeout.min(Duration::from_secs(2)))
+        .timeout(timeout)
+        .build()
+        .map_err(|e| Error::Hpa(format!("cannot build the HTTP client: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    fn deploy_hpa() -> String {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/base/limiter/hpa.yaml"
+        );
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
+    }
+
+    fn units(v: f64) -> std::result::Result<i64, String> {
+        Ok((v * 1000.0).round() as i64)
+    }
+
+    fn failed() -> std::result::Result<i64, String> {
+        Err("no metrics returned from external metrics API".to_owned())
+    }
+
+    #[test]
+    fn list_calls_are_the_controllers_paths_with_the_selector_escaped_as_go_does() {
+        let sim = HpaSimulator::from_manifest(&deploy_hpa(), 2).unwrap();
+        assert_eq!(sim.namespace(), "openclaw");
+        assert_eq!(
+            sim.list_paths(),
+            vec![
+                "/apis/external.metrics.k8s.io/v1beta1/namespaces/openclaw/openclaw_requests_per_second?labelSelector=decision+in+%28allowed%2Crejected%29",
+                "/apis/external.metrics.k8s.io/v1beta1/namespaces/openclaw/openclaw_token_depletion_rate?labelSelector=policy",
+            ]
+        );
+        assert_eq!(
+            list_path("edge", "m", "!canary,app=x,tier notin (a,b)"),
+            "/apis/external.metrics.k8s.io/v1beta1/namespaces/edge/m?labelSelector=%21canary%2Capp%3Dx%2Ctier+notin+%28a%2Cb%29"
+        );
+        assert_eq!(
+            list_path("edge", "m", ""),
+            "/apis/external.metrics.k8s.io/v1beta1/namespaces/edge/m"
+        );
+        assert_eq!(go_query_escape("a-b_c.d~e/f*g"), "a-b_c.d~e%2Ff%2Ag");
+    }
+
+    #[test]
+    fn the_initial_count_is_clamped_to_the_manifest_range_and_overrides_apply() {
+        let yaml = deploy_hpa();
+        assert_eq!(
+            HpaSimulator::from_manifest(&yaml, 1)
+                .unwrap()
+                .current_replicas(),
+            2
+        );
+        assert_eq!(
+            HpaSimulator::from_manifest(&yaml, 40)
+                .unwrap()
+                .current_replicas(),
+            15
+        );
+        assert!(HpaSimulator::from_manifest(&yaml, 0).is_err());
+        // The production overlay's patch raises the floor to 3.
+        let patch = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/overlays/production/hpa.yaml"
+        ))
+        .unwrap();
+        let overrides = Overrides {
+            patches: vec![patch],
+            ..Overrides::default()
+        };
+        let sim = HpaSimulator::from_manifest_with(&yaml, &overrides, 2).unwrap();
+        assert_eq!(
+            (
+                sim.current_replicas(),
+                sim.spec().min_replicas,
+                sim.spec().max_replicas
+            ),
+            (3, 3, 15)
+        );
+        let overrides = Overrides {
+            max_replicas: Some(4),
+            namespace: Some("edge".into()),
+            ..Overrides::default()
+        };
+        let sim = HpaSimulator::from_manifest_with(&yaml, &overrides, 9).unwrap();
+        assert_eq!((sim.current_replicas(), sim.namespace()), (4, "edge"));
+        let overrides = Overrides {
+            max_replicas: Some(1),
+            ..Overrides::default()
+        };
+        assert!(HpaSimulator::from_manifest_with(&yaml, &overrides, 2).is_err());
+    }
+
+    /// deploy/'s HPA through a spike and its end, every 15 s, with hand-computed controller
+    /// results. Requests: AverageValue 800; depletion: Value 900m; up: max(+100%, +4) per 15 s;
+    /// down: 300 s window, then 20% per 60 s; 2..15 replicas.
+    #[test]
+    fn deploys_hpa_scales_up_by_its_policies_holds_then_steps_down_by_twenty_percent() {
+        let mut sim = HpaSimulator::from_manifest(&deploy_hpa(), 2).unwrap();
+        let mut records = Vec::new();
+        for step in 0..=48 {
+            let t = f64::from(step) * 15.0;
+            let (rps, depletion) = match step {
+                // Spike: 16000 rps asks for ceil(16000 / 800) = 20 replicas.
+                0 | 2 => (units(16_000.0), units(0.5)),
+                // The depletion metric fails, but the request metric wants more: scale up.
+                1 => (units(16_000.0), failed()),
+                // 12600 over 15 replicas: ratio 12600 / (800 x 15) = 1.05, within tolerance.
+                3 => (units(12_600.0), units(0.5)),
+                // Load gone, one metric failing: wants 2, so the controller holds (no record).
+                8 => (units(1_600.0), failed()),
+                // Both failing.
+                26 => (failed(), failed()),
+                // Load gone: 1600 rps asks for 2; depletion 0.1 / 0.9 x 15 -> ceil(1.67) = 2.
+                _ => (units(1_600.0), units(0.1)),
+            };
+            records.push(sim.decide_from_readings(t, &[rps, depletion]));
+        }
+        let steps: Vec<(f64, i32, i32)> = records
+            .iter()
+            .filter(|r| r.desired != r.current)
+            .map(|r| (r.at_s, r.current, r.desired))
+            .collect();
+        assert_eq!(
+            steps,
+            vec![
+                // +max(100%, 4): 2 -> 6 -> 12, then maxReplicas.
+                (0.0, 2, 6),
+                (15.0, 6, 12),
+                (30.0, 12, 15),
+                // The last 15 was recommended at 45 s: held until 345 s, then 20% per minute
+                // (truncated): 12, 9.6 -> 9, 7.2 -> 7, 5.6 -> 5, 4, 3.2 -> 3, 2.4 -> 2.
+                (345.0, 15, 12),
+                (405.0, 12, 9),
+                (465.0, 9, 7),
+                (525.0, 7, 5),
+                (585.0, 5, 4),
+                (645.0, 4, 3),
+                (705.0, 3, 2),
+            ]
+        );
+        let at = |t: f64| records.iter().find(|r| r.at_s == t).unwrap();
+        let r = at(0.0);
+        assert_eq!(
+            (r.metrics[0].proposal, r.metrics[1].proposal),
+            (Some(20), Some(2)) // 0.5 / 0.9 x 2 ready = 1.11 -> 2
+        );
+        assert_eq!((r.proposed, r.reason.as_str()), (20, "ScaleUpLimit"));
+        let r = at(15.0);
+        assert_eq!(r.reason, "ScaleUpLimit");
+        assert!(r.metrics[1].value.is_err() && r.metrics[1].proposal.is_none());
+        assert_eq!(at(30.0).reason, "TooManyReplicas");
+        let r = at(45.0);
+        assert!(r.metrics[0].within_tolerance);
+        assert_eq!(r.metrics[0].proposal, Some(15));
+        assert_eq!(r.metrics[1].proposal, Some(9)); // 0.5 / 0.9 x 15 = 8.33 -> 9
+        assert_eq!((r.desired, r.reason.as_str()), (15, "DesiredWithinRange"));
+        for t in [60.0, 330.0] {
+            let r = at(t);
+            assert_eq!(
+                (r.proposed, r.stabilized, r.desired, r.reason.as_str()),
+                (2, 15, 15, "ScaleDownStabilized"),
+                "at {t}"
+            );
+        }
+        let r = at(120.0);
+        assert_eq!(r.desired, 15);
+        assert!(
+            r.reason.starts_with(
+                "FailedGetExternalMetric: openclaw_token_depletion_rate: no metrics returned"
+            ) && r.reason.contains("scale-down is held"),
+            "{}",
+            r.reason
+        );
+        let r = at(360.0);
+        assert_eq!(
+            (r.stabilized, r.desired, r.reason.as_str()),
+            (2, 12, "ScaleDownLimit")
+        );
+        let r = at(390.0);
+        assert_eq!(r.desired, 12);
+        assert!(
+            r.reason.starts_with("FailedGetExternalMetric"),
+            "{}",
+            r.reason
+        );
+        assert_eq!(at(705.0).reason, "DesiredWithinRange");
+        assert_eq!(sim.current_replicas(), 2);
+    }
+
+    #[test]
+    fn a_sync_without_a_decision_leaves_the_controllers_memory_as_it_was() {
+        let mut sim = HpaSimulator::from_manifest(&deploy_hpa(), 10).unwrap();
+        // The first sync seeds the window with the current count even when it fails, as
+        // recordInitialRecommendation runs before the metrics are read.
+        let r = sim.decide_from_readings(0.0, &[failed(), failed()]);
+        assert_eq!(r.desired, 10);
+        let seeded = sim.history.clone().unwrap();
+        assert_eq!(seeded, History::fresh(0.0, 10));
+        sim.decide_from_readings(15.0, &[units(1_600.0), failed()]);
+        assert_eq!(sim.history.as_ref(), Some(&seeded));
+        // A scale-up with one metric failing is a decision: it is recorded.
+        let r = sim.decide_from_readings(30.0, &[units(16_000.0), failed()]);
+        assert_eq!(r.desired, 15);
+        let h = sim.history.as_ref().unwrap();
+        assert_eq!(h.recommendations.len(), 2);
+        assert_eq!(h.scale_up_events.len(), 1);
+    }
+
+    #[test]
+    fn list_answers_are_summed_and_failures_carry_the_status_message() {
+        let body = br#"{"kind":"ExternalMetricValueList","apiVersion":"external.metrics.k8s.io/v1beta1","metadata":{},
+            "items":[{"metricName":"m","metricLabels":{},"timestamp":"2026-01-02T03:04:05Z","value":"800m"},
+                     {"metricName":"m","metricLabels":{"a":"b"},"timestamp":"2026-01-02T03:04:05Z","window":60,"value":"2k"}]}"#;
+        assert_eq!(read_list_answer(200, body), Ok(2_000_800));
+        let empty = br#"{"kind":"ExternalMetricValueList","metadata":{},"items":[]}"#;
+        assert_eq!(
+            read_list_answer(200, empty),
+            Err("no metrics returned from external metrics API".to_owned())
+        );
+        let status = br#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"no data for external metric","reason":"NotFound","code":404}"#;
+        let e = read_list_answer(404, status).unwrap_err();
+        assert!(
+            e.contains("no data for external metric") && e.contains("HTTP 404"),
+            "{e}"
+        );
+        assert!(
+            read_list_answer(503, b"upstream down")
+                .unwrap_err()
+                .contains("upstream down")
+        );
+        assert!(read_list_answer(200, b"not json").is_err());
+        assert!(read_list_answer(200, br#"{"items":[{"value":"lots"}]}"#).is_err());
+    }
+
+    fn list_body(value: &str) -> Vec<u8> {
+        format!(
+            r#"{{"kind":"ExternalMetricValueList","apiVersion":"external.metrics.k8s.io/v1beta1","metadata":{{}},"items":[{{"metricName":"m","metricLabels":{{}},"timestamp":"2026-01-02T03:04:05Z","value":"{value}"}}]}}"#
+        )
+        .into_bytes()
+    }
+
+    #[tokio::test]
+    async fn sync_asks_each_metric_in_manifest_order_and_decides_from_the_answers() {
+        let mut sim = HpaSimulator::from_manifest(&deploy_hpa(), 2).unwrap();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let log = asked.clone();
+        let r = sim
+            .sync_with(0.0, move |path: String| {
+                log.lock().unwrap().push(path.clone());
+                let answer = if path.contains("requests") {
+                    Ok((200, list_body("4k")))
+                } else {
+                    Ok((
+                        404,
+                        br#"{"kind":"Status","message":"no data","code":404}"#.to_vec(),
+                    ))
+                };
+                std::future::ready(answer)
+            })
+            .await;
+        assert_eq!(*asked.lock().unwrap(), sim.list_paths());
+        assert_eq!(r.metrics[0].value, Ok(4000.0));
+        assert_eq!(r.metrics[0].proposal, Some(5));
+        assert!(r.metrics[1].value.as_ref().unwrap_err().contains("no data"));
+        // 5 is a scale-up, so the failing metric does not block it.
+        assert_eq!((r.current, r.desired, sim.current_replicas()), (2, 5, 5));
+        let line = r.to_string();
+        assert!(
+            line.starts_with("t=0.0s current=2 | openclaw_requests_per_second{decision in (allowed,rejected)} = 4000 vs AverageValue 800: ratio 2.5000 -> 5 | openclaw_token_depletion_rate{policy} failed: "),
+            "{line}"
+        );
+        assert!(
+            line.ends_with("| proposed=5 desired=5 (DesiredWithinRange)"),
+            "{line}"
+        );
+        // A transport error is a failed metric too.
+        let r = sim
+            .sync_with(15.0, |_| {
+                std::future::ready(Err("connection refused".to_owned()))
+            })
+            .await;
+        assert_eq!(r.desired, 5);
+        assert!(r.reason.contains("connection refused"), "{}", r.reason);
+    }
+
+    /// The compressed clock: tokio's paused time stands in for real time, so this runs in
+    /// microseconds while `run` sees 12 s pass.
+    #[tokio::test(start_paused = true)]
+    async fn at_time_scale_30_the_300_s_scale_down_window_passes_in_10_s_of_real_time() {
+        let mut sim = HpaSimulator::from_manifest(&deploy_hpa(), 2).unwrap();
+        let start = tokio::time::Instant::now();
+        let mut seen = Vec::new();
+        let records = run_with(
+            &mut sim,
+            30.0,
+            |path: String| {
+                // A spike at the first sync only, then 1600 rps (2 replicas' worth).
+                let spike = start.elapsed() < Duration::from_millis(250);
+                let value = match (path.contains("requests"), spike) {
+                    (true, true) => "16k",
+                    (true, false) => "1600",
+                    (false, _) => "0",
+                };
+                std::future::ready(Ok((200, list_body(value))))
+            },
+            |r: &SyncRecord| seen.push((start.elapsed(), r.at_s, r.current, r.desired)),
+            tokio::time::sleep(Duration::from_secs(12)),
+        )
+        .await;
+        assert_eq!(records.len(), seen.len());
+        assert!(
+            (23..=25).contains(&records.len()),
+            "{} syncs",
+            records.len()
+        );
+        // One sync every 0.5 s of real time, 15 s of simulated time apart.
+        for (i, (real, sim_s, _, _)) in seen.iter().enumerate() {
+            let want = 0.5 * i as f64;
+            assert!(
+                (real.as_secs_f64() - want).abs() < 0.01,
+                "sync {i} at {real:?}"
+            );
+            assert!((sim_s - 30.0 * want).abs() < 0.3, "sync {i} at {sim_s} s");
+        }
+        assert_eq!((seen[0].2, seen[0].3), (2, 6));
+        let first_down = seen.iter().position(|s| s.3 < s.2).unwrap();
+        let (real, sim_s, current, desired) = seen[first_down];
+        // 300 simulated seconds after the spike's recommendation, 20% of 6 -> 4.8 -> 4.
+        assert!((sim_s - 300.0).abs() < 0.3, "first scale-down at {sim_s} s");
+        assert!(
+            (real.as_secs_f64() - 10.0).abs() < 0.01,
+            "first scale-down after {real:?} of real time"
+        );
+        assert_eq!((current, desired), (6, 4));
+        assert!(
+            seen[..first_down]
+                .iter()
+                .skip(1)
+                .all(|s| s.2 == 6 && s.3 == 6)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stop_ends_the_run_even_while_a_list_call_hangs() {
+        let mut sim = HpaSimulator::from_manifest(&deploy_hpa(), 3).unwrap();
+        let records = run_with(
+            &mut sim,
+            1.0,
+            |_| std::future::pending(),
+            |_| {},
+            tokio::time::sleep(Duration::from_secs(60)),
+        )
+        .await;
+        assert!(records.is_empty());
+        assert_eq!(sim.current_replicas(), 3);
+    }
+}
