@@ -15,6 +15,7 @@ pub mod bucket;
 pub mod clock;
 pub mod config;
 pub mod crdt;
+pub mod escrow;
 pub mod http;
 pub mod membership;
 pub mod metrics;

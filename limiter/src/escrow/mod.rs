@@ -1,0 +1,349 @@
+//! `strict` mode: escrow. Each replica decides a strict policy's requests from a private
+//! sub-bucket holding its share of the policy's capacity and refill ([`share`]); the shares are
+//! allocated by the protocol in [`protocol`], whose state travels with every replication message.
+//! Only refill creates tokens and the shares in use never sum above the whole, so a cluster
+//! admits at most `C + r·T` over any period `T`, whatever the replicas do not yet know about each
+//! other (docs/crdt.md, "strict mode", derives it and states the clock-skew guard).
+//!
+//! This module is the runtime around the pure parts: it reads the clock, holds the locks, and
+//! measures demand. Lock order: `node`, then `shares`, then a bucket shard. A decision takes
+//! `shares` for reading, so a share change (under the write lock) waits for decisions in flight,
+//! and what the node acknowledges afterwards is in force for every later decision.
+
+pub mod protocol;
+pub mod share;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use serde::Serialize;
+
+use self::protocol::{Control, Node, Params, Version};
+use self::share::{Ppm, ShareHistory, SubBucket, WHOLE};
+use crate::bucket::{MAX_INTERVAL_MS, Micros, Outcome, Rate};
+use crate::clock::Clock;
+use crate::crdt::ReplicaId;
+use crate::policy::{Mode, PolicySet};
+use crate::store::PolicyId;
+
+const SHARDS: usize = 64;
+/// Demand is measured over windows this long.
+const DEMAND_WINDOW_US: Micros = 500_000;
+
+type Keys = HashMap<Box<str>, SubBucket, foldhash::fast::RandomState>;
+
+/// Escrow state of one replica.
+#[derive(Debug)]
+pub struct Escrow {
+    clock: Arc<dyn Clock>,
+    node: Mutex<Node>,
+    /// Per strict policy name: this replica's share over time.
+    shares: RwLock<HashMap<String, ShareHistory>>,
+    /// Mirror of the node's lease, read by every decision.
+    lease_until: AtomicU64,
+    buckets: Box<[Mutex<HashMap<PolicyId, Keys>>]>,
+    /// Tokens asked for per policy since `window_start`.
+    asked: Mutex<(Micros, HashMap<String, u64>)>,
+}
+
+/// What `/status` shows about escrow.
+#[derive(Debug, Clone, Serialize)]
+pub struct EscrowStatus {
+    pub replica: String,
+    pub allocation: Option<u64>,
+    pub proposer: Option<String>,
+    pub members: Vec<String>,
+    /// Shares this replica uses now, as fractions of each policy.
+    pub usable: BTreeMap<String, f64>,
+    pub lease_remaining_ms: i64,
+    pub sub_buckets: usize,
+}
+
+impl Escrow {
+    pub fn new(replica: ReplicaId, params: Params, clock: Arc<dyn Clock>) -> Self {
+        let now = clock.now();
+        Self {
+            clock,
+            node: Mutex::new(Node::new(replica.0, params)),
+            shares: RwLock::default(),
+            lease_until: AtomicU64::new(0),
+            buckets: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            asked: Mutex::new((now, HashMap::new())),
+        }
+    }
+
+    fn node(&self) -> MutexGuard<'_, Node> {
+        self.node.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn shard(&self, key: &str) -> MutexGuard<'_, HashMap<PolicyId, Keys>> {
+        let hash = foldhash::fast::FixedState::default().hash_one(key);
+        self.buckets[(hash as usize) % SHARDS]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Spend `cost` tokens of `key` from this replica's share of `policy`.
+    pub fn decide(
+        &self,
+        policy_id: PolicyId,
+        policy: &str,
+        key: &str,
+        rate: Rate,
+        cost: u64,
+    ) -> Outcome {
+        {
+            let mut asked = self.asked.lock().unwrap_or_else(|p| p.into_inner());
+            *asked.1.entry_ref_or_default(policy) += cost;
+        }
+        let shares = self.shares.read().unwrap_or_else(|p| p.into_inner());
+        let now = self.clock.now();
+        let Some(history) = shares.get(policy) else {
+            return SubBucket { level: 0, at: now }.describe(rate, 0, false, cost);
+        };
+        let mut shard = self.shard(key);
+        let keys = shard.entry(policy_id).or_default();
+        let bucket = match keys.get_mut(key) {
+            Some(bucket) => bucket,
+            None => keys
+                .entry(key.into())
+                .or_insert_with(|| SubBucket::fresh(history, rate, now)),
+        };
+        if now >= self.lease_until.load(Ordering::Acquire) {
+            // The lease ran out: spend nothing until the node has renewed it or given up the
+            // share (see `tick`).
+            history.settle(bucket, rate, now);
+            return bucket.describe(rate, 0, false, cost);
+        }
+        bucket.try_spend(history, rate, cost, now)
+    }
+
+    /// What a decision would see, without spending.
+    pub fn peek(
+        &self,
+        policy_id: PolicyId,
+        policy: &str,
+        key: &str,
+        rate: Rate,
+        cost: u64,
+    ) -> Outcome {
+        let shares = self.shares.read().unwrap_or_else(|p| p.into_inner());
+        let now = self.clock.now();
+        let Some(history) = shares.get(policy) else {
+            return SubBucket { level: 0, at: now }.describe(rate, 0, false, cost);
+        };
+        let shard = self.shard(key);
+        let mut bucket = shard
+            .get(&policy_id)
+            .and_then(|keys| keys.get(key))
+            .copied()
+            .unwrap_or_else(|| SubBucket::fresh(history, rate, now));
+        history.settle(&mut bucket, rate, now);
+        let lease_ok = now < self.lease_until.load(Ordering::Acquire);
+        let needed = share::cost_units(rate, cost);
+        let share = if lease_ok { history.current() } else { 0 };
+        bucket.describe(rate, share, lease_ok && bucket.level >= needed, cost)
+    }
+
+    /// The control state to send to peers.
+    pub fn control(&self) -> Control {
+        self.node().control.clone()
+    }
+
+    /// Merge a peer's control state (it sent a message or answered one).
+    pub fn receive(&self, from: u64, control: &Control) {
+        let now = self.clock.now();
+        self.node().receive(from, control, now);
+    }
+
+    /// A round of messages sent at `sent_at` was answered by `answered`.
+    pub fn round_answered(&self, sent_at: Micros, answered: &BTreeSet<u64>) {
+        let mut node = self.node();
+        node.round_answered(sent_at, answered);
+        self.lease_until
+            .store(node.lease_until(), Ordering::Release);
+    }
+
+    /// Advance the protocol: publish demand, follow allocations, propose one if this replica is
+    /// the proposer. Called every sync round, before the round's messages are built.
+    pub fn tick(&self, policies: &PolicySet, all_peers_answered: bool) {
+        let strict: Vec<String> = policies
+            .iter()
+            .filter(|p| p.mode == Mode::Strict)
+            .map(|p| p.name.clone())
+            .collect();
+        let mut node = self.node();
+        let now = self.clock.now();
+        if let Some(demand) = self.demand_if_due(now) {
+            node.set_demand(demand);
+        }
+        let changes = node.step(now, &strict, all_peers_answered);
+        self.apply(&changes, &strict);
+        self.lease_until
+            .store(node.lease_until(), Ordering::Release);
+    }
+
+    /// Stop spending for good (SIGTERM): peers then drop this replica without waiting out its
+    /// lease.
+    pub fn retire(&self) {
+        let mut node = self.node();
+        let changes = node.retire();
+        self.apply(&changes, &[]);
+        self.lease_until.store(0, Ordering::Release);
+    }
+
+    /// Apply share changes; called with the node locked, before the node's new record can be
+    /// sent anywhere.
+    fn apply(&self, changes: &[(String, Ppm)], strict: &[String]) {
+        let mut shares = self.shares.write().unwrap_or_else(|p| p.into_inner());
+        // Stamped after every decision that has already read the clock (see `ShareHistory::set`).
+        let at = self.clock.now() + 1;
+        let longest_us = MAX_INTERVAL_MS * 1000;
+        for name in strict {
+            shares
+                .entry(name.clone())
+                .or_insert_with(|| ShareHistory::new(at, longest_us));
+        }
+        for (policy, share) in changes {
+            shares
+                .entry(policy.clone())
+                .or_insert_with(|| ShareHistory::new(at, longest_us))
+                .set(at, *share);
+        }
+    }
+
+    fn demand_if_due(&self, now: Micros) -> Option<BTreeMap<String, u64>> {
+        let mut asked = self.asked.lock().unwrap_or_else(|p| p.into_inner());
+        let elapsed = now.saturating_sub(asked.0);
+        if elapsed < DEMAND_WINDOW_US {
+            return None;
+        }
+        let demand = asked
+            .1
+            .drain()
+            .map(|(policy, tokens)| {
+                let per_second = u128::from(tokens) * 1_000_000 / u128::from(elapsed);
+                (policy, u64::try_from(per_second).unwrap_or(u64::MAX))
+            })
+            .filter(|&(_, d)| d > 0)
+            .collect();
+        asked.0 = now;
+        Some(demand)
+    }
+
+    /// Settle every sub-bucket and drop those a fresh one would equal. Returns how many were
+    /// dropped.
+    pub fn sweep(&self, policies: &PolicySet) -> usize {
+        let shares = self.shares.read().unwrap_or_else(|p| p.into_inner());
+        let now = self.clock.now();
+        let mut reclaimed = 0;
+        for shard in self.buckets.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            shard.retain(|&policy_id, keys| {
+                let Some(policy) = policies.by_id(policy_id) else {
+                    reclaimed += keys.len();
+                    return false;
+                };
+                let Some(history) = shares.get(&policy.name) else {
+                    reclaimed += keys.len();
+                    return false;
+                };
+                let before = keys.len();
+                keys.retain(|key, bucket| {
+                    let rate = policy.rate_for(key);
+                    history.settle(bucket, rate, now);
+                    !bucket.is_reclaimable(history, rate, now)
+                });
+                reclaimed += before - keys.len();
+                !keys.is_empty()
+            });
+        }
+        reclaimed
+    }
+
+    /// Sub-buckets held now.
+    pub fn len(&self) -> usize {
+        self.buckets
+            .iter()
+            .map(|s| {
+                s.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .map(HashMap::len)
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Shares in use now (fractions), for metrics.
+    pub fn usable_shares(&self) -> BTreeMap<String, f64> {
+        let node = self.node();
+        let lease_ok = self.clock.now() < node.lease_until();
+        node.usable_shares()
+            .iter()
+            .map(|(p, &u)| {
+                (
+                    p.clone(),
+                    if lease_ok {
+                        f64::from(u) / f64::from(WHOLE)
+                    } else {
+                        0.0
+                    },
+                )
+            })
+            .collect()
+    }
+
+    pub fn lease_valid(&self) -> bool {
+        self.clock.now() < self.lease_until.load(Ordering::Acquire)
+    }
+
+    pub fn allocation_version(&self) -> Option<Version> {
+        self.node().allocation().map(|a| a.version)
+    }
+
+    pub fn status(&self) -> EscrowStatus {
+        let sub_buckets = self.len();
+        let node = self.node();
+        let now = self.clock.now();
+        let allocation = node.allocation();
+        EscrowStatus {
+            replica: format!("{:016x}", node.me),
+            allocation: allocation.map(|a| a.version.number),
+            proposer: allocation.map(|a| format!("{:016x}", a.version.proposer)),
+            members: allocation.map_or_else(Vec::new, |a| {
+                a.members.iter().map(|m| format!("{m:016x}")).collect()
+            }),
+            usable: node
+                .usable_shares()
+                .iter()
+                .map(|(p, &u)| (p.clone(), f64::from(u) / f64::from(WHOLE)))
+                .collect(),
+            lease_remaining_ms: (node.lease_until() as i64 - now as i64) / 1000,
+            sub_buckets,
+        }
+    }
+}
+
+trait EntryRefOrDefault {
+    fn entry_ref_or_default(&mut self, key: &str) -> &mut u64;
+}
+
+impl EntryRefOrDefault for HashMap<String, u64> {
+    /// Count without allocating the key once it is present.
+    fn entry_ref_or_default(&mut self, key: &str) -> &mut u64 {
+        if !self.contains_key(key) {
+            self.insert(key.to_owned(), 0);
+        }
+        self.get_mut(key).expect("inserted above")
+    }
+}
+
+#[cfg(test)]
+mod tests;

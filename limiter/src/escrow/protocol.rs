@@ -1,0 +1,519 @@
+//! Who may spend which share of a `strict` policy: the allocation protocol, as pure state
+//! machines (time and messages are arguments; the runtime in [`super`] does the I/O).
+//!
+//! The replicated part is [`Control`], a join-semilattice sent in every peer message and answer:
+//! the latest [`Allocation`] (a max register by [`Version`]) and one [`Record`] per replica (a
+//! max register by `seq`, written only by that replica: what it has acknowledged, whether it has
+//! retired, its demand). [`Node`] is one replica's view and what it may use.
+//!
+//! The rules (docs/crdt.md, "strict mode", has the argument):
+//! * A replica that sees a newer allocation lowers what it uses to the smaller of its old and new
+//!   share, and only then acknowledges it.
+//! * It uses its new share in full once every (non-retired) member has acknowledged that exact
+//!   allocation. So at any moment no replica uses more than its share of one allocation that
+//!   everyone has lowered to: the shares in use sum to at most the whole.
+//! * Shares are leases: a replica uses its share only until `lease` after sending a round that
+//!   every other member answered. The proposer drops a member only after hearing nothing from it
+//!   for `lease + guard`: by then the member has stopped spending, if clocks differ by less than
+//!   `guard`. A replica whose lease ran out drops its shares to zero and takes a share again only
+//!   from a newer allocation.
+//! * The proposer is the lowest live member of the current allocation, and proposes only while a
+//!   majority of the members is live; the first allocation waits until every discovered peer has
+//!   answered.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::share::{Ppm, WHOLE};
+use crate::bucket::Micros;
+
+/// Orders allocations: by number, then by proposer (two proposers of the same number cannot
+/// both win).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Version {
+    pub number: u64,
+    pub proposer: u64,
+}
+
+/// Shares of every strict policy among the members.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub version: Version,
+    pub members: BTreeSet<u64>,
+    /// Policy name -> member -> share.
+    pub shares: BTreeMap<String, BTreeMap<u64, Ppm>>,
+}
+
+impl Allocation {
+    pub fn share(&self, policy: &str, replica: u64) -> Ppm {
+        self.shares
+            .get(policy)
+            .and_then(|s| s.get(&replica))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Members, shares and sums are consistent (checked on everything received from a peer).
+    pub fn validate(&self) -> Result<(), String> {
+        const MAX_MEMBERS: usize = 1024;
+        const MAX_POLICIES: usize = 1024;
+        if self.members.len() > MAX_MEMBERS || self.shares.len() > MAX_POLICIES {
+            return Err("allocation too large".into());
+        }
+        for (policy, shares) in &self.shares {
+            let mut sum: u64 = 0;
+            for (replica, &share) in shares {
+                if !self.members.contains(replica) {
+                    return Err(format!("share of policy {policy} for a non-member"));
+                }
+                sum += u64::from(share);
+            }
+            if sum > u64::from(WHOLE) {
+                return Err(format!("shares of policy {policy} sum to {sum} ppm"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What one replica says about itself. Only that replica writes it; `seq` orders its writes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub seq: u64,
+    /// The allocation it has lowered to and acknowledged.
+    pub acked: Option<Version>,
+    /// It has left (SIGTERM) and will never spend again.
+    pub retired: bool,
+    /// Tokens per second it was asked for, per strict policy (admitted or not).
+    pub demand: BTreeMap<String, u64>,
+    /// Its lease ran out while this allocation was current: it spends nothing until a newer
+    /// one, which the proposer therefore issues.
+    pub expired: Option<Version>,
+}
+
+/// The replicated control state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Control {
+    pub allocation: Option<Allocation>,
+    pub records: BTreeMap<u64, Record>,
+}
+
+impl Control {
+    /// The join: the later allocation, and per replica the later record. Returns whether
+    /// anything changed.
+    pub fn join(&mut self, other: &Control) -> bool {
+        let mut changed = false;
+        if let Some(theirs) = &other.allocation {
+            let newer = self
+                .allocation
+                .as_ref()
+                .is_none_or(|ours| theirs.version > ours.version);
+            if newer {
+                self.allocation = Some(theirs.clone());
+                changed = true;
+            }
+        }
+        for (&replica, theirs) in &other.records {
+            let ours = self.records.entry(replica).or_default();
+            if theirs.seq > ours.seq {
+                *ours = theirs.clone();
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        const MAX_RECORDS: usize = 4096;
+        if self.records.len() > MAX_RECORDS {
+            return Err("too many replica records".into());
+        }
+        if let Some(allocation) = &self.allocation {
+            allocation.validate()?;
+        }
+        Ok(())
+    }
+}
+
+/// Timing and fairness of the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Params {
+    /// How long a replica may spend after sending a round every member answered.
+    pub lease_us: Micros,
+    /// Clock-skew guard: shares of a silent member are reassigned after `lease + guard`.
+    pub guard_us: Micros,
+    /// At most one new allocation this often.
+    pub rebalance_us: Micros,
+    /// Share every live member keeps whatever its demand, so new traffic is served at once.
+    pub floor: Ppm,
+    /// A new allocation for demand alone only when a share would move by more than this.
+    pub hysteresis: Ppm,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Self {
+            lease_us: 1_000_000,
+            guard_us: 500_000,
+            rebalance_us: 1_000_000,
+            floor: 20_000,
+            hysteresis: 50_000,
+        }
+    }
+}
+
+/// One replica's protocol state.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub me: u64,
+    pub params: Params,
+    pub control: Control,
+    /// What this replica may use now, per policy (absent = 0).
+    usable: BTreeMap<String, Ppm>,
+    raised_on: Option<Version>,
+    /// After a lease ran out: only allocations newer than this may raise shares again.
+    expired_at_version: Option<Version>,
+    lease_until: Micros,
+    /// When a valid message or answer from each replica last arrived.
+    heard: BTreeMap<u64, Micros>,
+    last_proposal: Option<Micros>,
+}
+
+impl Node {
+    pub fn new(me: u64, params: Params) -> Self {
+        let mut control = Control::default();
+        control.records.insert(
+            me,
+            Record {
+                seq: 1,
+                ..Record::default()
+            },
+        );
+        Self {
+            me,
+            params,
+            control,
+            usable: BTreeMap::new(),
+            raised_on: None,
+            expired_at_version: None,
+            lease_until: 0,
+            heard: BTreeMap::new(),
+            last_proposal: None,
+        }
+    }
+
+    pub fn usable(&self, policy: &str) -> Ppm {
+        self.usable.get(policy).copied().unwrap_or(0)
+    }
+
+    pub fn usable_shares(&self) -> &BTreeMap<String, Ppm> {
+        &self.usable
+    }
+
+    pub fn lease_until(&self) -> Micros {
+        self.lease_until
+    }
+
+    pub fn allocation(&self) -> Option<&Allocation> {
+        self.control.allocation.as_ref()
+    }
+
+    fn record_mut(&mut self) -> &mut Record {
+        let record = self.control.records.entry(self.me).or_default();
+        record.seq += 1;
+        record
+    }
+
+    fn my_record(&self) -> Option<&Record> {
+        self.control.records.get(&self.me)
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.my_record().is_some_and(|r| r.retired)
+    }
+
+    /// Merge a peer's control state (from a message it sent or an answer it gave) and note that
+    /// it is alive.
+    pub fn receive(&mut self, from: u64, control: &Control, now: Micros) {
+        if from != self.me {
+            let heard = self.heard.entry(from).or_insert(0);
+            *heard = (*heard).max(now);
+        }
+        // Our own record is ours alone: a peer's copy of it is never newer than ours.
+        let mut theirs = control.clone();
+        theirs.records.remove(&self.me);
+        self.control.join(&theirs);
+    }
+
+    /// Publish this replica's demand (tokens per second asked for, per policy).
+    pub fn set_demand(&mut self, demand: BTreeMap<String, u64>) {
+        if self.my_record().is_some_and(|r| r.demand == demand) {
+            return;
+        }
+        self.record_mut().demand = demand;
+    }
+
+    fn is_live(&self, replica: u64, now: Micros) -> bool {
+        replica == self.me
+            || self.heard.get(&replica).is_some_and(|&t| {
+                now.saturating_sub(t) < self.params.lease_us + self.params.guard_us
+            })
+    }
+
+    fn is_retired_replica(&self, replica: u64) -> bool {
+        self.control
+            .records
+            .get(&replica)
+            .is_some_and(|r| r.retired)
+    }
+
+    /// Members whose answers a lease needs and whose acknowledgements a raise needs.
+    fn active_members(&self) -> Vec<u64> {
+        self.control.allocation.as_ref().map_or_else(Vec::new, |a| {
+            a.members
+                .iter()
+                .copied()
+                .filter(|&m| !self.is_retired_replica(m))
+                .collect()
+        })
+    }
+
+    /// A round sent at `sent_at` was answered by `answered` (after their answers were merged
+    /// and [`Node::step`] ran): renew the lease if every other active member is among them.
+    pub fn round_answered(&mut self, sent_at: Micros, answered: &BTreeSet<u64>) {
+        let Some(allocation) = &self.control.allocation else {
+            return;
+        };
+        // An answer may have brought a newer allocation: renew only once `step` has lowered to
+        // it, so a renewed lease never covers a share someone else may be given.
+        let acked = self.my_record().and_then(|r| r.acked);
+        if !allocation.members.contains(&self.me) || acked != Some(allocation.version) {
+            return;
+        }
+        let all = self
+            .active_members()
+            .into_iter()
+            .all(|m| m == self.me || answered.contains(&m));
+        if all {
+            self.lease_until = self.lease_until.max(sent_at + self.params.lease_us);
+        }
+    }
+
+    /// Leave: stop spending for good and say so.
+    pub fn retire(&mut self) -> Vec<(String, Ppm)> {
+        let changes = self.lower_all_to_zero();
+        self.record_mut().retired = true;
+        changes
+    }
+
+    fn lower_all_to_zero(&mut self) -> Vec<(String, Ppm)> {
+        let changes: Vec<(String, Ppm)> = self
+            .usable
+            .iter()
+            .filter(|&(_, &u)| u > 0)
+            .map(|(p, _)| (p.clone(), 0))
+            .collect();
+        self.usable.clear();
+        changes
+    }
+
+    /// Advance the protocol at `now`. `policies`: the strict policies in force here;
+    /// `all_peers_answered`: every peer discovery lists has answered recently (for the first
+    /// allocation). Returns the share changes to apply, in order, BEFORE anything this node
+    /// says (its record) is sent to a peer.
+    pub fn step(
+        &mut self,
+        now: Micros,
+        policies: &[String],
+        all_peers_answered: bool,
+    ) -> Vec<(String, Ppm)> {
+        let mut changes = Vec::new();
+        if self.is_retired() {
+            return changes;
+        }
+        // 1. A lease that ran out: stop, and wait for a newer allocation.
+        let expired = self.control.allocation.as_ref().map(|a| a.version);
+        if now >= self.lease_until
+            && (self.raised_on.is_some() || !self.usable.is_empty())
+            && expired.is_some()
+        {
+            changes.extend(self.lower_all_to_zero());
+            self.expired_at_version = expired;
+            self.raised_on = None;
+            self.record_mut().expired = expired;
+        }
+        // 2. Propose, if this replica is the proposer and something should change.
+        if let Some(next) = self.proposal(now, policies, all_peers_answered) {
+            self.control.allocation = Some(next);
+            self.last_proposal = Some(now);
+        }
+        // 3. A newer allocation: lower to min(old, new), then acknowledge.
+        if let Some(allocation) = self.control.allocation.clone() {
+            let acked = self.my_record().and_then(|r| r.acked);
+            if acked.is_none_or(|v| allocation.version > v) {
+                let mut lowered = BTreeMap::new();
+                for (policy, &u) in &self.usable {
+                    let new = u.min(allocation.share(policy, self.me));
+                    if new != u {
+                        changes.push((policy.clone(), new));
+                    }
+                    if new > 0 {
+                        lowered.insert(policy.clone(), new);
+                    }
+                }
+                self.usable = lowered;
+                self.record_mut().acked = Some(allocation.version);
+            }
+            // 4. Everyone has lowered to it: use it in full (while the lease holds).
+            let version = allocation.version;
+            let can_raise = self.raised_on != Some(version)
+                && self.expired_at_version.is_none_or(|v| version > v)
+                && allocation.members.contains(&self.me)
+                && now < self.lease_until
+                && self
+                    .active_members()
+                    .iter()
+                    .all(|m| self.control.records.get(m).and_then(|r| r.acked) == Some(version));
+            if can_raise {
+                let mut full = BTreeMap::new();
+                for (policy, shares) in &allocation.shares {
+                    let share = shares.get(&self.me).copied().unwrap_or(0);
+                    if share != self.usable(policy) {
+                        changes.push((policy.clone(), share));
+                    }
+                    if share > 0 {
+                        full.insert(policy.clone(), share);
+                    }
+                }
+                for (policy, &u) in &self.usable {
+                    if u > 0 && !full.contains_key(policy) {
+                        changes.push((policy.clone(), 0));
+                    }
+                }
+                self.usable = full;
+                self.raised_on = Some(version);
+            }
+        }
+        changes
+    }
+
+    /// The next allocation, if this replica should propose one now.
+    fn proposal(
+        &self,
+        now: Micros,
+        policies: &[String],
+        all_peers_answered: bool,
+    ) -> Option<Allocation> {
+        if self
+            .last_proposal
+            .is_some_and(|t| now.saturating_sub(t) < self.params.rebalance_us)
+        {
+            return None;
+        }
+        let heard_live: BTreeSet<u64> = std::iter::once(self.me)
+            .chain(self.heard.keys().copied())
+            .filter(|&r| self.is_live(r, now) && !self.is_retired_replica(r))
+            .collect();
+        let Some(current) = &self.control.allocation else {
+            // The first allocation: everyone discovery knows must be heard from, so two sides
+            // of a partition cannot both start one.
+            if !all_peers_answered || heard_live.first() != Some(&self.me) {
+                return None;
+            }
+            return Some(self.allocate(
+                Version {
+                    number: 1,
+                    proposer: self.me,
+                },
+                &heard_live,
+                policies,
+            ));
+        };
+        let active = self.active_members();
+        if !active.contains(&self.me) {
+            return None;
+        }
+        let live: Vec<u64> = active
+            .iter()
+            .copied()
+            .filter(|&m| self.is_live(m, now))
+            .collect();
+        if live.first() != Some(&self.me) || live.len() * 2 <= active.len() {
+            return None;
+        }
+        let dropping = live.len() < current.members.len();
+        let fully_acked = active
+            .iter()
+            .all(|m| self.control.records.get(m).and_then(|r| r.acked) == Some(current.version));
+        if !fully_acked && !dropping {
+            return None;
+        }
+        // Live members, plus live replicas that are not members yet.
+        let members: BTreeSet<u64> = live.iter().copied().chain(heard_live).collect();
+        let next = self.allocate(
+            Version {
+                number: current.version.number + 1,
+                proposer: self.me,
+            },
+            &members,
+            policies,
+        );
+        let waiting = live
+            .iter()
+            .any(|m| self.control.records.get(m).and_then(|r| r.expired) == Some(current.version));
+        let moved = waiting
+            || next.members != current.members
+            || policies.iter().any(|p| {
+                members.iter().any(|&m| {
+                    next.share(p, m).abs_diff(current.share(p, m)) > self.params.hysteresis
+                }) || !current.shares.contains_key(p)
+            });
+        moved.then_some(next)
+    }
+
+    /// Shares following demand: a floor each, the rest in proportion to what each was asked.
+    fn allocate(
+        &self,
+        version: Version,
+        members: &BTreeSet<u64>,
+        policies: &[String],
+    ) -> Allocation {
+        let n = members.len().max(1) as u64;
+        let floor = u64::from(self.params.floor).min(u64::from(WHOLE) / (2 * n));
+        let mut shares = BTreeMap::new();
+        for policy in policies {
+            let demand: Vec<(u64, u64)> = members
+                .iter()
+                .map(|&m| {
+                    let d = self
+                        .control
+                        .records
+                        .get(&m)
+                        .and_then(|r| r.demand.get(policy))
+                        .copied()
+                        .unwrap_or(0);
+                    (m, d)
+                })
+                .collect();
+            let total: u128 = demand.iter().map(|&(_, d)| u128::from(d)).sum();
+            let rest = u128::from(u64::from(WHOLE) - floor * n);
+            let per_policy = demand
+                .iter()
+                .map(|&(m, d)| {
+                    // Nobody asked for anything: equal shares.
+                    let share = (rest * u128::from(d))
+                        .checked_div(total)
+                        .map_or(u64::from(WHOLE) / n, |s| floor + s as u64);
+                    (m, share as Ppm)
+                })
+                .collect();
+            shares.insert(policy.clone(), per_policy);
+        }
+        Allocation {
+            version,
+            members: members.clone(),
+            shares,
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! A replica's private sub-bucket of a `strict` policy: capacity `u·C`, refilled at `u·r`, where
+//! `u` is this replica's current share (in parts per million) and changes over time.
+//!
+//! Pure arithmetic, time is an argument. The rules that keep a share change from creating
+//! tokens (docs/crdt.md, "strict mode"):
+//!
+//! * between changes the sub-bucket is a textbook bucket of capacity `u·C` and rate `u·r`;
+//! * a share that shrinks clamps the level to the new capacity;
+//! * a share that grows leaves the level where it is: the new part starts empty and fills at the
+//!   new rate.
+//!
+//! A sub-bucket nobody has touched for a while is settled lazily by replaying the share history
+//! since it was last touched. A key this replica has no sub-bucket for (never seen, or dropped
+//! when full) starts at [`ShareHistory::fresh_level`]: the lowest level any idle sub-bucket could
+//! have now, which is the smallest capacity of the last interval (a bucket idle for a whole
+//! interval at a share of at least `u` holds at least `u·C`).
+//!
+//! Units: a level of `L` is `L / (interval_us · WHOLE)` tokens, so refill over `dt` µs at share
+//! `u` is exactly `u · C · dt` and nothing rounds.
+
+use crate::bucket::{Micros, Outcome, Rate};
+
+/// Shares are parts per million of a policy's capacity and refill.
+pub type Ppm = u32;
+/// A whole policy.
+pub const WHOLE: Ppm = 1_000_000;
+
+/// History kept beyond the longest interval: a sub-bucket untouched for longer than this (the
+/// sweep settles every sub-bucket each second, so only a stalled sweep gets here) is treated as
+/// empty, which can only under-admit.
+const HISTORY_SLACK_US: Micros = 10_000_000;
+
+/// The share of one policy over time, oldest first. The first entry is the share this replica
+/// started with (0: a new replica owns nothing until an allocation includes it).
+#[derive(Debug, Clone)]
+pub struct ShareHistory {
+    changes: Vec<(Micros, Ppm)>,
+    /// Entries older than `longest interval + slack` are dropped (keeping the one in force).
+    keep_us: Micros,
+}
+
+impl ShareHistory {
+    /// A policy this replica holds no share of yet, as of `now`.
+    pub fn new(now: Micros, longest_interval_us: Micros) -> Self {
+        Self {
+            changes: vec![(now, 0)],
+            keep_us: longest_interval_us + HISTORY_SLACK_US,
+        }
+    }
+
+    /// The share in force now.
+    pub fn current(&self) -> Ppm {
+        self.changes.last().map_or(0, |&(_, u)| u)
+    }
+
+    /// When the history starts (older sub-buckets are treated as empty).
+    fn start(&self) -> Micros {
+        self.changes.first().map_or(0, |&(t, _)| t)
+    }
+
+    /// Set the share from `at` on. Change times strictly increase, and a caller must stamp a
+    /// change later than every settle that happened before it (the runtime uses `now + 1` under
+    /// its write lock): replay treats a change at or before a bucket's `at` as already applied.
+    pub fn set(&mut self, at: Micros, share: Ppm) {
+        let share = share.min(WHOLE);
+        if share == self.current() {
+            return;
+        }
+        let last = self.changes.last().map_or(0, |&(t, _)| t);
+        let at = at.max(last + 1);
+        self.changes.push((at, share));
+        self.trim(at);
+    }
+
+    fn trim(&mut self, now: Micros) {
+        let horizon = now.saturating_sub(self.keep_us);
+        // Keep the last change at or before the horizon: it says what was in force there.
+        let first_kept = self
+            .changes
+            .iter()
+            .rposition(|&(t, _)| t <= horizon)
+            .unwrap_or(0);
+        if first_kept > 0 {
+            self.changes.drain(..first_kept);
+        }
+    }
+
+    pub fn set_longest_interval(&mut self, longest_interval_us: Micros) {
+        self.keep_us = longest_interval_us + HISTORY_SLACK_US;
+    }
+
+    /// The smallest share in force at any time in `[from, now]`; 0 when the history does not
+    /// reach back that far.
+    fn min_since(&self, from: Micros) -> Ppm {
+        if from < self.start() {
+            return 0;
+        }
+        // The change in force at `from`, and every one after it.
+        let first = self
+            .changes
+            .iter()
+            .rposition(|&(t, _)| t <= from)
+            .unwrap_or(0);
+        self.changes[first..]
+            .iter()
+            .map(|&(_, u)| u)
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// The level a sub-bucket that nobody has spent from recently holds at `now`, at least.
+    pub fn fresh_level(&self, rate: Rate, now: Micros) -> i128 {
+        let interval_us = interval_us(rate);
+        let u = self.min_since(now.saturating_sub(interval_us));
+        capacity(rate, u)
+    }
+
+    /// Bring `bucket` to `now`, replaying every share change since it was last settled.
+    pub fn settle(&self, bucket: &mut SubBucket, rate: Rate, now: Micros) {
+        if now <= bucket.at {
+            return;
+        }
+        if bucket.at < self.start() {
+            // Older than the history: we cannot know how far it refilled; empty is safe.
+            bucket.level = 0;
+            bucket.at = self.start();
+        }
+        // The first change after the bucket was last settled; the one before it was in force.
+        let next = self.changes.partition_point(|&(t, _)| t <= bucket.at);
+        let first = next.saturating_sub(1);
+        let mut share = self.changes[first].1;
+        let mut level = bucket.level;
+        let mut at = bucket.at;
+        for &(change_at, next) in &self.changes[first + 1..] {
+            if change_at > now {
+                break;
+            }
+            level = refill(rate, share, level, change_at - at);
+            at = change_at;
+            share = next;
+            level = level.min(capacity(rate, share));
+        }
+        bucket.level = refill(rate, share, level, now - at);
+        bucket.at = now;
+    }
+}
+
+/// One key's private sub-bucket on this replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubBucket {
+    /// In units of `1 / (interval_us · WHOLE)` tokens; never negative, never above the capacity
+    /// of the share in force at `at`.
+    pub level: i128,
+    pub at: Micros,
+}
+
+impl SubBucket {
+    /// A sub-bucket for a key with no recent spending on this replica.
+    pub fn fresh(history: &ShareHistory, rate: Rate, now: Micros) -> Self {
+        Self {
+            level: history.fresh_level(rate, now),
+            at: now,
+        }
+    }
+
+    /// Spend `cost` at `now` if the sub-bucket holds it (after settling it to `now`).
+    pub fn try_spend(
+        &mut self,
+        history: &ShareHistory,
+        rate: Rate,
+        cost: u64,
+        now: Micros,
+    ) -> Outcome {
+        history.settle(self, rate, now);
+        let needed = cost_units(rate, cost);
+        let allowed = self.level >= needed;
+        if allowed {
+            self.level -= needed;
+        }
+        self.describe(rate, history.current(), allowed, cost)
+    }
+
+    /// What a client sees: limit is the policy's capacity (the global limit), remaining and
+    /// the times are this replica's share of it.
+    pub fn describe(&self, rate: Rate, share: Ppm, allowed: bool, cost: u64) -> Outcome {
+        let unit = i128::from(interval_us(rate)) * i128::from(WHOLE);
+        let per_us = i128::from(rate.capacity()) * i128::from(share);
+        let time_to = |deficit: i128| -> u64 {
+            if deficit <= 0 {
+                0
+            } else if per_us == 0 {
+                // No share now: nothing refills until an allocation gives this replica one.
+                interval_us(rate)
+            } else {
+                u64::try_from((deficit + per_us - 1) / per_us).unwrap_or(u64::MAX)
+            }
+        };
+        Outcome {
+            allowed,
+            limit: rate.capacity(),
+            remaining: u64::try_from(self.level.max(0) / unit).unwrap_or(0),
+            reset_after_us: time_to(capacity(rate, share) - self.level),
+            retry_after_us: if allowed {
+                0
+            } else {
+                time_to(cost_units(rate, cost) - self.level)
+            },
+        }
+    }
+
+    /// True when dropping this sub-bucket loses nothing: it is full, and a fresh one would be
+    /// too. Settle it first.
+    pub fn is_reclaimable(&self, history: &ShareHistory, rate: Rate, now: Micros) -> bool {
+        let full = capacity(rate, history.current());
+        self.level >= full && history.fresh_level(rate, now) >= full
+    }
+}
+
+fn interval_us(rate: Rate) -> Micros {
+    rate.interval_ms() * 1000
+}
+
+/// Capacity of a share `u` of `rate`, in sub-bucket units.
+pub fn capacity(rate: Rate, share: Ppm) -> i128 {
+    i128::from(share) * i128::from(rate.capacity()) * i128::from(interval_us(rate))
+}
+
+/// `cost` tokens in sub-bucket units.
+pub fn cost_units(rate: Rate, cost: u64) -> i128 {
+    i128::from(cost) * i128::from(interval_us(rate)) * i128::from(WHOLE)
+}
+
+fn refill(rate: Rate, share: Ppm, level: i128, dt_us: Micros) -> i128 {
+    let added = i128::from(share) * i128::from(rate.capacity()) * i128::from(dt_us);
+    (level + added).min(capacity(rate, share))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Micros = 1_000_000;
+
+    fn rate() -> Rate {
+        Rate::try_new(100, 1000).unwrap()
+    }
+
+    fn tokens(level: i128) -> f64 {
+        level as f64 / (1e6 * 1e6)
+    }
+
+    #[test]
+    fn a_new_replica_owns_nothing() {
+        let history = ShareHistory::new(0, S);
+        let mut bucket = SubBucket::fresh(&history, rate(), 5 * S);
+        let outcome = bucket.try_spend(&history, rate(), 1, 5 * S);
+        assert!(!outcome.allowed);
+        assert_eq!(
+            outcome.retry_after_us, S,
+            "no share: retry after one interval"
+        );
+    }
+
+    #[test]
+    fn a_grown_share_starts_empty_and_fills_at_the_new_rate() {
+        let mut history = ShareHistory::new(0, S);
+        history.set(10 * S, WHOLE / 2);
+        // Right after the grant: a fresh key holds nothing yet.
+        assert_eq!(history.fresh_level(rate(), 10 * S), 0);
+        let mut bucket = SubBucket::fresh(&history, rate(), 10 * S);
+        // Half a second at half the rate: 25 tokens.
+        history.settle(&mut bucket, rate(), 10 * S + S / 2);
+        assert_eq!(tokens(bucket.level), 25.0);
+        // After a whole interval at 50 %, fresh keys start with half the capacity.
+        assert_eq!(tokens(history.fresh_level(rate(), 11 * S)), 50.0);
+    }
+
+    #[test]
+    fn a_shrunk_share_clamps_the_level_at_the_moment_it_shrinks() {
+        let mut history = ShareHistory::new(0, S);
+        history.set(0, WHOLE);
+        let mut bucket = SubBucket::fresh(&history, rate(), 0);
+        assert!(bucket.try_spend(&history, rate(), 10, 2 * S).allowed); // 90 left
+        history.set(3 * S, WHOLE / 10); // capacity 10: clamp to 10 at 3 s
+        history.set(3 * S + S / 10, WHOLE); // back to whole; the new 90 starts empty
+        // Settled lazily at 3.2 s: 10, then 0.1 s at 100 %/s = +10 -> 20.
+        history.settle(&mut bucket, rate(), 3 * S + S / 5);
+        assert_eq!(tokens(bucket.level), 20.0);
+    }
+
+    #[test]
+    fn fresh_keys_never_hold_more_than_any_idle_bucket_could() {
+        let mut history = ShareHistory::new(0, S);
+        history.set(0, WHOLE);
+        history.set(5 * S, WHOLE / 4);
+        history.set(5 * S + S / 2, WHOLE);
+        // Within one interval of the dip a fresh key gets only the dip's capacity.
+        assert_eq!(tokens(history.fresh_level(rate(), 6 * S)), 25.0);
+        assert_eq!(
+            tokens(history.fresh_level(rate(), 6 * S + S / 2 + 1)),
+            100.0
+        );
+    }
+
+    #[test]
+    fn a_bucket_older_than_the_history_is_taken_as_empty() {
+        let mut history = ShareHistory::new(0, S);
+        history.set(0, WHOLE);
+        let mut bucket = SubBucket { level: 0, at: 0 };
+        // Many changes much later push the start of the history past the bucket.
+        for i in 0..20u64 {
+            history.set(100 * S + i * S, if i % 2 == 0 { WHOLE / 2 } else { WHOLE });
+        }
+        assert!(history.start() > 0);
+        history.settle(&mut bucket, rate(), 200 * S);
+        // Refilled since the history start only, at the last share: full at 100 % by now.
+        assert_eq!(tokens(bucket.level), 100.0);
+    }
+
+    #[test]
+    fn outcome_reports_the_global_limit_and_this_replicas_remaining() {
+        let mut history = ShareHistory::new(0, S);
+        history.set(0, WHOLE / 4);
+        let mut bucket = SubBucket::fresh(&history, rate(), 2 * S);
+        assert_eq!(tokens(bucket.level), 25.0);
+        let spent = bucket.try_spend(&history, rate(), 20, 2 * S);
+        assert!(spent.allowed);
+        assert_eq!((spent.limit, spent.remaining), (100, 5));
+        let refused = bucket.try_spend(&history, rate(), 10, 2 * S);
+        assert!(!refused.allowed);
+        // 5 tokens missing at 25 tokens/s.
+        assert_eq!(refused.retry_after_us, 200_000);
+    }
+}

@@ -1,0 +1,519 @@
+//! Strict mode in a simulated cluster: 3 to 5 replicas running the real protocol ([`Node`]) and
+//! sub-buckets ([`SubBucket`]) over a simulated network that delays, drops and cuts messages,
+//! with crashes, restarts (as new replicas), graceful leaves and clock offsets. After every step
+//! the shares that replicas could spend from sum to at most the whole; at the end, the tokens
+//! admitted across the cluster never exceed `C + r·T` over any window.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use proptest::prelude::*;
+
+use super::protocol::{Control, Node, Params};
+use super::share::{Ppm, ShareHistory, SubBucket, WHOLE};
+use crate::bucket::{Micros, Rate};
+
+const MS: Micros = 1_000;
+const SYNC: Micros = 50 * MS;
+const ANSWER_TIMEOUT: Micros = 200 * MS;
+const POLICY: &str = "strict";
+/// 100 tokens per 10 s: shares move (within a second or two) much faster than a bucket refills,
+/// so a share change that created tokens would show as excess.
+const CAPACITY: u64 = 100;
+const INTERVAL_MS: u64 = 10_000;
+/// Keys that see a request now and then: their sub-buckets are dropped when full and created
+/// again, so fresh sub-buckets after share changes are exercised.
+const COLD_KEYS: [&str; 8] = ["c0", "c1", "c2", "c3", "c4", "c5", "c6", "c7"];
+
+fn rate() -> Rate {
+    Rate::try_new(CAPACITY, INTERVAL_MS).unwrap()
+}
+
+/// A tiny deterministic generator (the schedule comes from proptest's seed).
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+#[derive(Debug)]
+struct Replica {
+    node: Node,
+    history: ShareHistory,
+    buckets: HashMap<&'static str, SubBucket>,
+    alive: bool,
+    /// Local clock = simulated time + offset.
+    offset: Micros,
+    next_round: Micros,
+    /// Open rounds: sent_at (local) -> (answered by, deadline in simulated time).
+    rounds: VecDeque<(Micros, BTreeSet<u64>, Micros)>,
+    answered_last_round: BTreeSet<u64>,
+    asked: u64,
+    last_demand: Micros,
+}
+
+impl Replica {
+    fn new(id: u64, now: Micros, offset: Micros) -> Self {
+        Self {
+            node: Node::new(id, Params::default()),
+            history: ShareHistory::new(now + offset, 3_600_000_000),
+            buckets: HashMap::new(),
+            alive: true,
+            offset,
+            next_round: now,
+            rounds: VecDeque::new(),
+            answered_last_round: BTreeSet::new(),
+            asked: 0,
+            last_demand: now,
+        }
+    }
+
+    fn local(&self, t: Micros) -> Micros {
+        t + self.offset
+    }
+
+    fn apply(&mut self, changes: Vec<(String, Ppm)>, t: Micros) {
+        let at = self.local(t) + 1;
+        for (policy, share) in changes {
+            assert_eq!(policy, POLICY);
+            self.history.set(at, share);
+        }
+    }
+
+    /// What this replica could spend from now.
+    fn effective_share(&self, t: Micros) -> Ppm {
+        if !self.alive || self.local(t) >= self.node.lease_until() {
+            0
+        } else {
+            self.history.current()
+        }
+    }
+
+    /// The runtime's once-a-second pass: settle, and drop what a fresh sub-bucket would equal.
+    fn sweep(&mut self, t: Micros) {
+        let now = self.local(t);
+        let history = &self.history;
+        self.buckets.retain(|_, bucket| {
+            history.settle(bucket, rate(), now);
+            !bucket.is_reclaimable(history, rate(), now)
+        });
+    }
+
+    fn decide(&mut self, key: &'static str, t: Micros) -> bool {
+        self.asked += 1;
+        let now = self.local(t);
+        let history = &self.history;
+        let bucket = self
+            .buckets
+            .entry(key)
+            .or_insert_with(|| SubBucket::fresh(history, rate(), now));
+        if now >= self.node.lease_until() {
+            return false;
+        }
+        bucket.try_spend(history, rate(), 1, now).allowed
+    }
+}
+
+#[derive(Debug)]
+enum Payload {
+    Push { sent_at: Micros },
+    Answer { sent_at: Micros },
+}
+
+#[derive(Debug)]
+struct Message {
+    deliver_at: Micros,
+    from: usize,
+    to: usize,
+    control: Control,
+    payload: Payload,
+}
+
+#[derive(Debug, Clone)]
+struct Faults {
+    drop_percent: u64,
+    max_delay_ms: u64,
+    /// (start ms, end ms, replica index cut off from the others).
+    partitions: Vec<(u64, u64, usize)>,
+    /// (at ms, replica index, restart after ms).
+    crashes: Vec<(u64, usize, Option<u64>)>,
+    /// (at ms, replica index): SIGTERM.
+    leaves: Vec<(u64, usize)>,
+    /// Now and then a burst on one key at one replica.
+    bursts: bool,
+}
+
+struct Cluster {
+    replicas: Vec<Replica>,
+    network: Vec<Message>,
+    rng: Rng,
+    faults: Faults,
+    /// Per key: (simulated time, tokens) of every admission.
+    admitted: BTreeMap<&'static str, Vec<(Micros, u64)>>,
+    next_id: u64,
+}
+
+impl Cluster {
+    fn new(n: usize, seed: u64, faults: Faults) -> Self {
+        let mut rng = Rng(seed | 1);
+        let replicas = (0..n)
+            .map(|i| {
+                let offset = rng.below(200 * MS); // clocks up to 200 ms apart
+                Replica::new(1000 + i as u64 * 7, 0, offset)
+            })
+            .collect();
+        Self {
+            replicas,
+            network: Vec::new(),
+            rng,
+            faults,
+            admitted: BTreeMap::new(),
+            next_id: 5000,
+        }
+    }
+
+    fn cut(&self, a: usize, b: usize, t: Micros) -> bool {
+        self.faults.partitions.iter().any(|&(start, end, who)| {
+            (start * MS..end * MS).contains(&t) && (a == who) != (b == who)
+        })
+    }
+
+    fn send(&mut self, from: usize, to: usize, payload: Payload, t: Micros) {
+        if self.rng.chance(self.faults.drop_percent) || self.cut(from, to, t) {
+            return;
+        }
+        let delay = self.rng.below(self.faults.max_delay_ms * MS + 1) + 100;
+        let control = self.replicas[from].node.control.clone();
+        self.network.push(Message {
+            deliver_at: t + delay,
+            from,
+            to,
+            control,
+            payload,
+        });
+    }
+
+    fn deliver(&mut self, t: Micros) {
+        let (due, pending): (Vec<Message>, Vec<Message>) =
+            self.network.drain(..).partition(|m| m.deliver_at <= t);
+        self.network = pending;
+        for message in due {
+            let to = message.to;
+            if !self.replicas[to].alive || self.cut(message.from, to, t) {
+                continue;
+            }
+            let from_id = self.replicas[message.from].node.me;
+            let now = self.replicas[to].local(t);
+            self.replicas[to]
+                .node
+                .receive(from_id, &message.control, now);
+            match message.payload {
+                Payload::Push { sent_at } => {
+                    self.send(to, message.from, Payload::Answer { sent_at }, t);
+                }
+                Payload::Answer { sent_at } => {
+                    let replica = &mut self.replicas[to];
+                    if let Some(round) = replica.rounds.iter_mut().find(|r| r.0 == sent_at) {
+                        round.1.insert(from_id);
+                        let answered = round.1.clone();
+                        // As the runtime does: merge, step, then count the answers.
+                        let changes = replica.node.step(now, &[POLICY.to_owned()], false);
+                        replica.apply(changes, t);
+                        replica.node.round_answered(sent_at, &answered);
+                    }
+                }
+            }
+        }
+    }
+
+    fn round(&mut self, i: usize, t: Micros) {
+        let peers: Vec<usize> = (0..self.replicas.len())
+            .filter(|&j| j != i && self.replicas[j].alive)
+            .collect();
+        let peer_ids: BTreeSet<u64> = peers.iter().map(|&j| self.replicas[j].node.me).collect();
+        let replica = &mut self.replicas[i];
+        let now = replica.local(t);
+        if now.saturating_sub(replica.last_demand) >= 500 * MS {
+            let per_second = replica.asked * 1_000_000 / (now - replica.last_demand);
+            let mut demand = BTreeMap::new();
+            if per_second > 0 {
+                demand.insert(POLICY.to_owned(), per_second);
+            }
+            replica.node.set_demand(demand);
+            replica.asked = 0;
+            replica.last_demand = now;
+        }
+        // Discovery lists the live replicas; "answered" = each answered the last round.
+        let all_answered = peer_ids.is_subset(&replica.answered_last_round);
+        let changes = replica.node.step(now, &[POLICY.to_owned()], all_answered);
+        replica.apply(changes, t);
+        // Close rounds past their deadline.
+        while replica.rounds.front().is_some_and(|r| r.2 <= t) {
+            let (_, answered, _) = replica.rounds.pop_front().unwrap();
+            replica.answered_last_round = answered;
+        }
+        if peers.is_empty() {
+            replica.node.round_answered(now, &BTreeSet::new());
+        }
+        replica
+            .rounds
+            .push_back((now, BTreeSet::new(), t + ANSWER_TIMEOUT));
+        replica.next_round = t + SYNC;
+        for j in peers {
+            self.send(i, j, Payload::Push { sent_at: now }, t);
+        }
+    }
+
+    fn check_shares(&self, t: Micros) {
+        let total: u64 = self
+            .replicas
+            .iter()
+            .map(|r| u64::from(r.effective_share(t)))
+            .sum();
+        assert!(
+            total <= u64::from(WHOLE),
+            "at {} ms the spendable shares sum to {total} ppm: {:?}",
+            t / MS,
+            self.replicas
+                .iter()
+                .map(|r| (
+                    r.node.me,
+                    r.alive,
+                    r.effective_share(t),
+                    r.node.allocation().map(|a| a.version)
+                ))
+                .collect::<Vec<_>>()
+        );
+    }
+
+    fn faults_at(&mut self, t: Micros) {
+        let ms = t / MS;
+        if !t.is_multiple_of(MS) {
+            return;
+        }
+        for (at, who, restart) in self.faults.crashes.clone() {
+            if at == ms && self.replicas[who].alive {
+                self.replicas[who].alive = false;
+            }
+            if restart.is_some_and(|after| at + after == ms) && !self.replicas[who].alive {
+                // A restarted process is a new replica with nothing.
+                self.next_id += 13;
+                let offset = self.replicas[who].offset;
+                self.replicas[who] = Replica::new(self.next_id, t, offset);
+            }
+        }
+        for (at, who) in self.faults.leaves.clone() {
+            if at == ms && self.replicas[who].alive {
+                let changes = self.replicas[who].node.retire();
+                self.replicas[who].apply(changes, t);
+                self.round(who, t);
+                self.replicas[who].alive = false;
+            }
+        }
+    }
+
+    /// Run for `duration`, with `demand(i, rng)` deciding whether replica `i` gets a request in
+    /// a given millisecond.
+    fn run(&mut self, duration: Micros, demand: impl FnMut(Micros, usize, &mut Rng) -> bool) {
+        self.run_from(0, duration, demand);
+    }
+
+    fn run_from(
+        &mut self,
+        start: Micros,
+        duration: Micros,
+        mut demand: impl FnMut(Micros, usize, &mut Rng) -> bool,
+    ) {
+        let mut t = start;
+        while t < duration {
+            self.faults_at(t);
+            self.deliver(t);
+            for i in 0..self.replicas.len() {
+                if self.replicas[i].alive && self.replicas[i].next_round <= t {
+                    self.round(i, t);
+                }
+            }
+            for i in 0..self.replicas.len() {
+                if self.replicas[i].alive && demand(t, i, &mut self.rng) {
+                    let key = if self.rng.chance(80) {
+                        "hot"
+                    } else {
+                        COLD_KEYS[self.rng.below(COLD_KEYS.len() as u64) as usize]
+                    };
+                    if self.replicas[i].decide(key, t) {
+                        self.admitted.entry(key).or_default().push((t, 1));
+                    }
+                }
+                if t.is_multiple_of(1000 * MS) {
+                    self.replicas[i].sweep(t);
+                }
+            }
+            // Now and then a burst on one key at one replica: it drains that replica's
+            // sub-bucket while the others' stay full (and get dropped by their sweeps).
+            if self.faults.bursts && self.rng.chance(1) && self.rng.chance(40) {
+                let i = self.rng.below(self.replicas.len() as u64) as usize;
+                if self.replicas[i].alive {
+                    for _ in 0..60 {
+                        if self.replicas[i].decide("burst", t) {
+                            self.admitted.entry("burst").or_default().push((t, 1));
+                        }
+                    }
+                }
+            }
+            self.check_shares(t);
+            t += MS;
+        }
+    }
+
+    /// The most admitted for any key over any window, minus what a bucket allows there.
+    fn worst_excess(&self) -> f64 {
+        let r = CAPACITY as f64 / (INTERVAL_MS as f64 * 1e3); // tokens per µs
+        let mut worst = f64::NEG_INFINITY;
+        for admitted in self.admitted.values() {
+            let mut best_start = f64::NEG_INFINITY; // max over a of (r·t_a − admitted before a)
+            let mut before = 0.0;
+            for &(t, tokens) in admitted {
+                best_start = best_start.max(r * t as f64 - before);
+                before += tokens as f64;
+                // Admitted in [t_a, t] = before − before_a; allowed = C + r (t − t_a).
+                worst = worst.max(before - r * t as f64 + best_start - CAPACITY as f64);
+            }
+        }
+        worst
+    }
+
+    fn admitted_between(&self, from: Micros, to: Micros) -> u64 {
+        self.admitted
+            .get("hot")
+            .into_iter()
+            .flatten()
+            .filter(|&&(t, _)| (from..to).contains(&t))
+            .map(|&(_, n)| n)
+            .sum()
+    }
+}
+
+fn faults() -> impl Strategy<Value = (usize, Faults)> {
+    (3usize..=5).prop_flat_map(|n| {
+        (
+            Just(n),
+            0u64..30,
+            0u64..40,
+            prop::collection::vec((0u64..8_000, 100u64..4_000, 0..n), 0..3),
+            prop::collection::vec((0u64..8_000, 0..n, prop::option::of(100u64..3_000)), 0..3),
+            prop::collection::vec((0u64..8_000, 0..n), 0..2),
+        )
+            .prop_map(
+                |(n, drop_percent, max_delay_ms, partitions, crashes, leaves)| {
+                    let partitions = partitions
+                        .into_iter()
+                        .map(|(start, len, who)| (start, start + len, who))
+                        .collect();
+                    (
+                        n,
+                        Faults {
+                            drop_percent,
+                            max_delay_ms,
+                            partitions,
+                            crashes,
+                            leaves,
+                            bursts: true,
+                        },
+                    )
+                },
+            )
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// The property: in strict mode the sum of admitted tokens never exceeds the global
+    /// limit over any window, however messages, clocks and replicas misbehave (within the
+    /// stated fault model: replicas are cut off whole, not in one direction only).
+    #[test]
+    fn strict_never_admits_more_than_the_bucket_over_any_window(
+        (n, faults) in faults(),
+        seed in any::<u64>(),
+        skewed in any::<bool>(),
+    ) {
+        let mut cluster = Cluster::new(n, seed, faults);
+        // 2x the limit (20 requests/s), spread evenly or mostly to one replica, which changes
+        // every 2 s (so shares keep moving).
+        cluster.run(10_000 * MS, |t, i, rng| {
+            let busy = (t / (2_000 * MS)) as usize % n;
+            let per_mille = if skewed { if i == busy { 18 } else { 1 } } else { 20 / n as u64 };
+            rng.below(1000) < per_mille
+        });
+        let excess = cluster.worst_excess();
+        prop_assert!(excess <= 1e-6, "admitted {excess} tokens over the bucket in some window");
+    }
+}
+
+#[test]
+fn skewed_steady_load_uses_at_least_90_percent_of_the_limit() {
+    let faults = Faults {
+        drop_percent: 0,
+        max_delay_ms: 2,
+        partitions: vec![],
+        crashes: vec![],
+        leaves: vec![],
+        bursts: false,
+    };
+    let mut cluster = Cluster::new(3, 42, faults);
+    // 40 requests/s, all to replica 0: four times the limit (the hot key gets 80 %).
+    cluster.run(30_000 * MS, |_, i, rng| i == 0 && rng.below(1000) < 40);
+    let hot_share = 0.8;
+    // Steady state: after the first interval (a new cluster starts with empty sub-buckets).
+    let admitted = cluster.admitted_between(12_000 * MS, 30_000 * MS) as f64;
+    let utilization = admitted / (CAPACITY as f64 * 18.0 / 10.0);
+    assert!(
+        utilization >= 0.9,
+        "utilization {utilization:.3} (hot key gets {hot_share} of the requests)"
+    );
+    let excess = cluster.worst_excess();
+    assert!(
+        excess <= 1e-6,
+        "admitted {excess} tokens over the bucket in some window"
+    );
+}
+
+#[test]
+fn a_crashed_replicas_share_is_reassigned_after_lease_and_guard() {
+    let faults = Faults {
+        drop_percent: 0,
+        max_delay_ms: 2,
+        partitions: vec![],
+        crashes: vec![(3_000, 2, None)],
+        leaves: vec![],
+        bursts: false,
+    };
+    let mut cluster = Cluster::new(3, 7, faults);
+    cluster.run(16_000 * MS, |_, i, rng| i == 0 && rng.below(1000) < 40);
+    let version_before = cluster.replicas[0].node.allocation().unwrap().version;
+    let members = &cluster.replicas[0].node.allocation().unwrap().members;
+    assert_eq!(
+        members.len(),
+        2,
+        "the crashed replica was dropped: {members:?}"
+    );
+    assert!(version_before.number >= 2);
+    // Spending resumed: the last 8 seconds were served at (nearly) the full rate.
+    let admitted = cluster.admitted_between(8_000 * MS, 16_000 * MS) as f64;
+    assert!(
+        admitted >= 0.9 * 80.0,
+        "admitted {admitted} in the last 8 s"
+    );
+    assert!(cluster.worst_excess() <= 1e-6);
+}
