@@ -4,10 +4,11 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, watch};
+use tokio::runtime::Handle;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -28,6 +29,8 @@ struct Shared {
     max_requests: Option<u64>,
     /// Request numbers handed out (closed loop: one per request about to be sent).
     claimed: AtomicU64,
+    /// Set when the run ends: nothing new is sent after it.
+    stopped: AtomicBool,
 }
 
 impl Shared {
@@ -61,23 +64,21 @@ where
         start,
         max_requests: plan.max_requests,
         claimed: AtomicU64::new(0),
+        stopped: AtomicBool::new(false),
     });
-    let (stop_tx, stop_rx) = watch::channel(false);
     let in_flight = Arc::new(Semaphore::new(plan.max_in_flight));
     let mut drivers = JoinSet::new();
     let profile = match &plan.drive {
         Drive::OpenLoop(profile) => {
-            drivers.spawn(open_loop(
-                shared.clone(),
-                Schedule::new(profile.clone(), plan.duration),
-                in_flight.clone(),
-                stop_rx.clone(),
-            ));
+            let (shared, in_flight) = (shared.clone(), in_flight.clone());
+            let schedule = Schedule::new(profile.clone(), plan.duration);
+            let runtime = Handle::current();
+            drivers.spawn_blocking(move || open_loop(&shared, schedule, &in_flight, &runtime));
             Some(profile.clone())
         }
         Drive::ClosedLoop { connections } => {
             for _ in 0..*connections {
-                drivers.spawn(closed_loop(shared.clone(), stop_rx.clone()));
+                drivers.spawn(closed_loop(shared.clone()));
             }
             None
         }
@@ -116,7 +117,7 @@ where
         }
     }
     let stopped = start.elapsed().min(plan.duration);
-    let _ = stop_tx.send(true);
+    shared.stopped.store(true, Relaxed);
 
     // Wait for the answers still coming: every request carries its own timeout, so this ends.
     let drain = async {
@@ -144,12 +145,19 @@ where
         }))
 }
 
+/// The longest single sleep of the scheduler, so that it notices the end of the run quickly.
+const MAX_NAP: Duration = Duration::from_millis(5);
+
 /// Sends on the schedule's clock, never waiting for answers; latency counts from the due time.
-async fn open_loop(
-    shared: Arc<Shared>,
+///
+/// Runs on a thread of its own: Tokio's timers fire on whole milliseconds, which would add up
+/// to a millisecond of the generator's own lag to every request (the server answers in tens of
+/// microseconds); the OS sleep wakes within tens of microseconds of the due time.
+fn open_loop(
+    shared: &Arc<Shared>,
     mut schedule: Schedule,
-    in_flight: Arc<Semaphore>,
-    mut stop: watch::Receiver<bool>,
+    in_flight: &Arc<Semaphore>,
+    runtime: &Handle,
 ) {
     let mut seq = 0u64;
     while let Some(due) = schedule.next_due() {
@@ -157,13 +165,15 @@ async fn open_loop(
             return;
         }
         let when = shared.start + due;
-        if when > Instant::now() {
-            tokio::select! {
-                () = tokio::time::sleep_until(when) => {}
-                _ = stop.wait_for(|stopped| *stopped) => return,
+        loop {
+            if shared.stopped.load(Relaxed) {
+                return;
             }
-        } else if *stop.borrow() {
-            return;
+            let now = Instant::now();
+            if when <= now {
+                break;
+            }
+            std::thread::sleep((when - now).min(MAX_NAP));
         }
         match in_flight.clone().try_acquire_owned() {
             Ok(permit) => {
@@ -171,10 +181,10 @@ async fn open_loop(
                 let shared = shared.clone();
                 let this = seq;
                 seq += 1;
-                tokio::spawn(async move {
+                runtime.spawn(async move {
                     shared
                         .sender
-                        .request(&shared.recorder, this, due, when)
+                        .request(&shared.recorder, this, due, when, true)
                         .await;
                     drop(permit);
                 });
@@ -185,14 +195,14 @@ async fn open_loop(
 }
 
 /// One connection's worth of load: the next request leaves when the previous one is answered.
-async fn closed_loop(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
-    while !*stop.borrow() {
+async fn closed_loop(shared: Arc<Shared>) {
+    while !shared.stopped.load(Relaxed) {
         let Some(seq) = shared.claim() else { return };
         let sent_at = shared.start.elapsed();
         shared.recorder.sent(sent_at);
         shared
             .sender
-            .request(&shared.recorder, seq, sent_at, Instant::now())
+            .request(&shared.recorder, seq, sent_at, Instant::now(), false)
             .await;
     }
 }

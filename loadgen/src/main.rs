@@ -1,7 +1,315 @@
-//! `openclaw-load`: the command-line front of the load generator (in progress: the library is
-//! usable, the CLI lands in the next commit).
+//! `openclaw-load`: load on the limiter's `/rate` API from the command line. Parses and checks
+//! every flag (listing every problem, exit 64), runs the plan with a progress line on stderr,
+//! stops early on Ctrl-C or SIGTERM, and prints the summary (a table, or JSON with `--json`).
 
-fn main() -> std::process::ExitCode {
-    eprintln!("openclaw-load: the command line is not built yet; use the openclaw_loadgen library");
-    std::process::ExitCode::from(70)
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use openclaw_loadgen::report::{bar_line, plain_line, summary_table};
+use openclaw_loadgen::{Drive, Error, Keys, Plan, Progress, RateProfile, Spread, run};
+
+/// Exit code for bad input (EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+/// Duration when neither `--duration` nor a profile with an end says how long.
+const DEFAULT_DURATION: Duration = Duration::from_secs(10);
+
+/// Load generator for the OpenClaw limiter's decision API (GET /rate), loopback targets only.
+///
+/// Open loop (`--rate PROFILE`) sends on the profile's clock whatever the answers do, and
+/// measures latency from each request's due time; closed loop (`--connections N`) keeps N
+/// requests outstanding. See loadgen/README.md for the profile syntax and examples.
+#[derive(Debug, Parser)]
+#[command(name = "openclaw-load", version)]
+struct Args {
+    /// Limiter API base URL, e.g. http://127.0.0.1:8080 (repeat, or a comma list).
+    #[arg(long = "target", value_name = "URL", value_delimiter = ',')]
+    targets: Vec<String>,
+    /// Open loop at this rate profile: 500 | steps:200x10s,1000x20s | ramp:100-2000/60s |
+    /// spike:300,3000@20s+10s.
+    #[arg(long, value_name = "PROFILE", allow_hyphen_values = true)]
+    rate: Option<String>,
+    /// Closed loop with this many connections, each sending when its last answer came.
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    connections: Option<String>,
+    /// How long to send [default: the profile's length, else 10s].
+    #[arg(long, value_name = "DURATION")]
+    duration: Option<String>,
+    /// Stop after sending this many requests.
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    max_requests: Option<String>,
+    /// many:COUNT (uniform over key-0..) or hot:COUNT[:SHARE] (SHARE of requests, default 0.9,
+    /// on hot-0..; the rest over a million cold keys).
+    #[arg(long, value_name = "KEYS", default_value = "many:10000")]
+    keys: String,
+    /// round-robin, or one:INDEX to send everything to one target.
+    #[arg(long, value_name = "SPREAD", default_value = "round-robin")]
+    spread: String,
+    /// Policy to ask for (?policy=); the limiter's default when absent.
+    #[arg(long)]
+    policy: Option<String>,
+    /// Tokens per request (?cost=).
+    #[arg(long, default_value = "1", allow_hyphen_values = true)]
+    cost: String,
+    /// Bearer token for a limiter with OPENCLAW_API_KEY set.
+    #[arg(long, env = "OPENCLAW_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Skip a target that refuses connections for 1 s and send to the next live one.
+    #[arg(long)]
+    failover: bool,
+    /// A request unanswered after this is an error.
+    #[arg(long, value_name = "DURATION", default_value = "2s")]
+    timeout: String,
+    /// Open loop: most requests outstanding; a request due beyond this is counted as missed.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value = "4096",
+        allow_hyphen_values = true
+    )]
+    max_in_flight: String,
+    /// Seed of the key choice (same seed, same keys in the same order).
+    #[arg(long, allow_hyphen_values = true)]
+    seed: Option<String>,
+    /// Print the summary as JSON on stdout (the table goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// No progress line.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::from(EXIT_USAGE);
+        }
+        Err(e) => {
+            // --help, --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    let (plan, describe) = match plan_from(&args) {
+        Ok(plan) => plan,
+        Err(problems) => {
+            eprintln!("openclaw-load: invalid arguments:");
+            for problem in problems {
+                eprintln!("  - {problem}");
+            }
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("openclaw-load: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async_main(plan, describe, &args))
+}
+
+async fn async_main(plan: Plan, describe: String, args: &Args) -> ExitCode {
+    let terminal = std::io::stderr().is_terminal();
+    let quiet = args.quiet;
+    if !quiet {
+        eprintln!("openclaw-load: {describe}");
+    }
+    let on_progress = move |p: &Progress| {
+        if quiet {
+            return;
+        }
+        let mut err = std::io::stderr().lock();
+        if terminal {
+            let _ = write!(err, "\r\x1b[2K{}", bar_line(p));
+        } else {
+            let _ = writeln!(err, "{}", plain_line(p));
+        }
+        let _ = err.flush();
+    };
+    let summary = match run(&plan, on_progress, stop_signal()).await {
+        Ok(summary) => summary,
+        Err(Error::InvalidPlan(problems)) => {
+            eprintln!("openclaw-load: invalid arguments:");
+            for problem in problems {
+                eprintln!("  - {problem}");
+            }
+            return ExitCode::from(EXIT_USAGE);
+        }
+        Err(e) => {
+            eprintln!("openclaw-load: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if terminal && !quiet {
+        eprintln!();
+    }
+    let table = summary_table(&summary);
+    if args.json {
+        eprint!("{table}");
+        match serde_json::to_string_pretty(&summary) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("openclaw-load: cannot write the summary as JSON: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{table}");
+    }
+    if summary.requests > 0 && summary.errors == summary.requests {
+        eprintln!("openclaw-load: no request was answered with a decision");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+/// Completes on Ctrl-C or SIGTERM; never if neither can be listened for.
+async fn stop_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+/// Every flag checked; every problem listed. Returns the plan and a one-line description.
+fn plan_from(args: &Args) -> Result<(Plan, String), Vec<String>> {
+    let mut problems = Vec::new();
+    let mut plan = Plan {
+        targets: args
+            .targets
+            .iter()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+            .collect(),
+        ..Plan::default()
+    };
+    if plan.targets.is_empty() {
+        problems.push("--target: give at least one limiter URL, e.g. http://127.0.0.1:8080".into());
+    }
+    let mut profile_length = None;
+    match (&args.rate, &args.connections) {
+        (Some(_), Some(_)) => problems.push(
+            "--rate (open loop) and --connections (closed loop) exclude each other: give one"
+                .into(),
+        ),
+        (None, None) => {
+            problems.push("give --rate PROFILE (open loop) or --connections N (closed loop)".into())
+        }
+        (Some(rate), None) => match RateProfile::parse(rate) {
+            Ok(profile) => {
+                profile_length = profile.length();
+                plan.drive = Drive::OpenLoop(profile);
+            }
+            Err(e) => problems.push(format!("--rate: {e}")),
+        },
+        (None, Some(connections)) => match connections.trim().parse::<usize>() {
+            Ok(n) if (1..=10_000).contains(&n) => plan.drive = Drive::ClosedLoop { connections: n },
+            _ => problems.push(format!(
+                "--connections `{connections}`: expected a whole number from 1 to 10000"
+            )),
+        },
+    }
+    plan.duration = match &args.duration {
+        Some(d) => duration("--duration", d, &mut problems).unwrap_or(DEFAULT_DURATION),
+        None => profile_length.unwrap_or(DEFAULT_DURATION),
+    };
+    if let Some(max) = &args.max_requests {
+        plan.max_requests = number("--max-requests", max, 1, &mut problems);
+    }
+    match Keys::parse(&args.keys) {
+        Ok(keys) => plan.keys = keys,
+        Err(e) => problems.push(format!("--keys: {e}")),
+    }
+    match Spread::parse(&args.spread) {
+        Ok(spread) => plan.spread = spread,
+        Err(e) => problems.push(format!("--spread: {e}")),
+    }
+    plan.policy = args.policy.clone();
+    plan.cost = number("--cost", &args.cost, 1, &mut problems).unwrap_or(1);
+    plan.api_key = args.api_key.clone().filter(|k| !k.is_empty());
+    plan.failover = args.failover;
+    if let Some(timeout) = duration("--timeout", &args.timeout, &mut problems) {
+        plan.request_timeout = timeout;
+    }
+    if let Some(n) = number("--max-in-flight", &args.max_in_flight, 1, &mut problems) {
+        plan.max_in_flight = usize::try_from(n).unwrap_or(usize::MAX);
+    }
+    if let Some(seed) = &args.seed {
+        plan.seed = number("--seed", seed, 0, &mut problems).unwrap_or(plan.seed);
+    }
+    // What the flags alone cannot tell: loopback targets, spread index, policy name, bounds.
+    // (No targets was said already.)
+    if let Err(Error::InvalidPlan(more)) = plan.validate() {
+        problems.extend(more.into_iter().filter(|p| !p.starts_with("no target")));
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let drive = match (&args.rate, &plan.drive) {
+        (Some(rate), _) => format!("open loop at {rate} req/s"),
+        (None, Drive::ClosedLoop { connections }) => {
+            format!("closed loop, {connections} connections")
+        }
+        (None, Drive::OpenLoop(_)) => "open loop".to_owned(),
+    };
+    let describe = format!(
+        "{drive} for {} on {} target{}, keys {}, {}{}{}",
+        humantime::format_duration(plan.duration),
+        plan.targets.len(),
+        if plan.targets.len() == 1 { "" } else { "s" },
+        args.keys,
+        args.spread,
+        plan.max_requests
+            .map(|m| format!(", at most {m} requests"))
+            .unwrap_or_default(),
+        if plan.failover { ", failover" } else { "" },
+    );
+    Ok((plan, describe))
+}
+
+fn duration(flag: &str, value: &str, problems: &mut Vec<String>) -> Option<Duration> {
+    match humantime::parse_duration(value.trim()) {
+        Ok(d) if !d.is_zero() => Some(d),
+        Ok(_) => {
+            problems.push(format!("{flag} `{value}`: must be longer than 0 s"));
+            None
+        }
+        Err(e) => {
+            problems.push(format!("{flag} `{value}`: {e} (e.g. 500ms, 30s, 2m)"));
+            None
+        }
+    }
+}
+
+fn number(flag: &str, value: &str, min: u64, problems: &mut Vec<String>) -> Option<u64> {
+    match value.trim().parse::<u64>() {
+        Ok(n) if n >= min => Some(n),
+        _ => {
+            problems.push(format!(
+                "{flag} `{value}`: expected a whole number, at least {min}"
+            ));
+            None
+        }
+    }
 }

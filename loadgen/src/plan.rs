@@ -220,9 +220,11 @@ impl Plan {
             && !self.targets.is_empty()
             && i >= self.targets.len()
         {
+            let n = self.targets.len();
             problems.push(format!(
-                "spread one:{i}: there are only {} targets (the first is one:0)",
-                self.targets.len()
+                "spread one:{i}: there {} only {n} target{} (the first is one:0)",
+                if n == 1 { "is" } else { "are" },
+                if n == 1 { "" } else { "s" },
             ));
         }
         match &self.drive {

@@ -129,6 +129,10 @@ pub struct Summary {
     /// Whether the run was cut short by the caller (Ctrl-C).
     pub cancelled: bool,
     pub latency: Percentiles,
+    /// Open loop: how late requests left the generator after their due time (its own timer and
+    /// scheduling delay, included in `latency`). Large values mean the generator, not the
+    /// server, fell behind. Zero in closed loop.
+    pub send_lag: Percentiles,
     pub per_target: Vec<TargetCounts>,
     pub timeline: Vec<SecondCounts>,
 }
@@ -187,6 +191,45 @@ pub(crate) struct Recorder {
     seconds: Vec<Counts>,
     errors_by_kind: Mutex<BTreeMap<ErrorKind, u64>>,
     latency: Vec<Mutex<Histogram<u64>>>,
+    send_lag: Vec<Mutex<Histogram<u64>>>,
+}
+
+fn histograms() -> Vec<Mutex<Histogram<u64>>> {
+    (0..SHARDS)
+        .map(|_| {
+            Mutex::new(
+                Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid histogram bounds"),
+            )
+        })
+        .collect()
+}
+
+fn record(shards: &[Mutex<Histogram<u64>>], seq: u64, value: Duration) {
+    let us = (value.as_micros() as u64).clamp(1, MAX_LATENCY_US);
+    shards[seq as usize % SHARDS]
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .saturating_record(us);
+}
+
+fn percentiles(shards: &[Mutex<Histogram<u64>>]) -> Percentiles {
+    let mut merged = Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid bounds");
+    for shard in shards {
+        let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+        merged.add(&*shard).expect("same bounds");
+    }
+    if merged.is_empty() {
+        return Percentiles::default();
+    }
+    Percentiles {
+        p50_us: merged.value_at_quantile(0.50),
+        p90_us: merged.value_at_quantile(0.90),
+        p99_us: merged.value_at_quantile(0.99),
+        p999_us: merged.value_at_quantile(0.999),
+        max_us: merged.max(),
+        mean_us: merged.mean(),
+        count: merged.len(),
+    }
 }
 
 impl Recorder {
@@ -197,14 +240,8 @@ impl Recorder {
             targets: (0..targets).map(|_| TargetSlot::default()).collect(),
             seconds: (0..seconds).map(|_| Counts::default()).collect(),
             errors_by_kind: Mutex::new(BTreeMap::new()),
-            latency: (0..SHARDS)
-                .map(|_| {
-                    Mutex::new(
-                        Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
-                            .expect("valid histogram bounds"),
-                    )
-                })
-                .collect(),
+            latency: histograms(),
+            send_lag: histograms(),
         }
     }
 
@@ -257,12 +294,13 @@ impl Recorder {
                 .or_default() += 1;
         }
         if let Some(latency) = latency {
-            let us = (latency.as_micros() as u64).clamp(1, MAX_LATENCY_US);
-            let mut histogram = self.latency[seq as usize % SHARDS]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            histogram.saturating_record(us);
+            record(&self.latency, seq, latency);
         }
+    }
+
+    /// Open loop: request `seq` left `lag` after it was due.
+    pub(crate) fn lag(&self, seq: u64, lag: Duration) {
+        record(&self.send_lag, seq, lag);
     }
 
     pub(crate) fn total_sent(&self) -> u64 {
@@ -316,25 +354,7 @@ impl Recorder {
         cancelled: bool,
         rate_over: impl Fn(Duration, Duration) -> f64,
     ) -> Summary {
-        let mut merged =
-            Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid bounds");
-        for shard in &self.latency {
-            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-            merged.add(&*shard).expect("same bounds");
-        }
-        let latency = if merged.is_empty() {
-            Percentiles::default()
-        } else {
-            Percentiles {
-                p50_us: merged.value_at_quantile(0.50),
-                p90_us: merged.value_at_quantile(0.90),
-                p99_us: merged.value_at_quantile(0.99),
-                p999_us: merged.value_at_quantile(0.999),
-                max_us: merged.max(),
-                mean_us: merged.mean(),
-                count: merged.len(),
-            }
-        };
+        let latency = percentiles(&self.latency);
         let seconds = (elapsed.as_secs_f64().ceil() as usize).clamp(1, self.seconds.len());
         let timeline = self.seconds[..seconds]
             .iter()
@@ -383,6 +403,7 @@ impl Recorder {
             elapsed,
             cancelled,
             latency,
+            send_lag: percentiles(&self.send_lag),
             per_target,
             timeline,
         }

@@ -84,14 +84,19 @@ impl Sender {
         }
     }
 
-    /// Sends request `seq` (due at `due` since the start, i.e. at `intended`) and records it.
+    /// Sends request `seq` (due at `due` since the start, i.e. at `intended`) and records it;
+    /// `open_loop` also records how late it leaves.
     pub(crate) async fn request(
         &self,
         recorder: &Recorder,
         seq: u64,
         due: Duration,
         intended: Instant,
+        open_loop: bool,
     ) {
+        if open_loop {
+            recorder.lag(seq, intended.elapsed());
+        }
         let mut key = String::with_capacity(16);
         self.keys.key_for(self.seed, seq, &mut key);
         let n = self.targets.len();

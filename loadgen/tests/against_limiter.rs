@@ -152,6 +152,12 @@ fn open_loop_holds_the_asked_rate() {
     }
     let elapsed = summary.elapsed.as_secs_f64();
     assert!((1.95..=2.0).contains(&elapsed), "elapsed {elapsed}");
+    // Every request's delay behind its due time is measured, and is part of its latency.
+    assert_eq!(summary.send_lag.count, summary.requests);
+    assert!(
+        summary.send_lag.p50_us <= summary.latency.p50_us,
+        "{summary:#?}"
+    );
 
     // Progress every 100 ms, and once more at the end with the final count.
     assert!(progress.len() >= 15, "{} reports", progress.len());
@@ -179,6 +185,10 @@ fn max_requests_is_honoured_in_both_loops() {
     assert_adds_up(&summary);
     assert_eq!((summary.requests, summary.errors), (100, 0), "{summary:#?}");
     assert!(summary.elapsed < Duration::from_secs(5), "{summary:#?}");
+    assert_eq!(
+        summary.send_lag.count, 0,
+        "closed loop sends when it is ready"
+    );
 
     let open = Plan {
         drive: Drive::OpenLoop(RateProfile::Constant(1000.0)),
