@@ -422,11 +422,20 @@ pub async fn run(
 ///
 /// The first sync is at once; then one every `sync_period / time_scale` of real time (a sync
 /// that takes longer delays the next, as the controller's work queue would). Simulated time is
-/// real time since the start times `time_scale` (at least 1: values below 1 and non-finite ones
-/// count as 1), so stabilization windows and policy periods shrink with it: at 30, the 300 s
-/// scale-down window passes in 10 s. Real time is tokio's clock, so a test with paused time
-/// runs a long simulation instantly. `stop` also cancels a sync in flight (its list calls are
-/// dropped; the simulator keeps the state of the previous sync).
+/// real time since the first sync times `time_scale` (at least 1: values below 1 and
+/// non-finite ones count as 1), so stabilization windows and policy periods shrink with it: at
+/// 30, the 300 s scale-down window passes in 10 s.
+///
+/// Each sync is stamped with the time it was due (the interval's tick), rounded to the
+/// millisecond, not with when the runtime got to it: syncs are then exactly one period apart,
+/// and a scale event one period old has left a policy period of the same length, as it has in
+/// a cluster, where the controller requeues an HPA a full period after processing it (so
+/// deploy/'s HPA goes 2 -> 6 -> 12 in two syncs). Stamping with the measured time would let
+/// a millisecond of scheduling jitter decide that boundary.
+///
+/// Real time is tokio's clock, so a test with paused time runs a long simulation instantly.
+/// `stop` also cancels a sync in flight (its list calls are dropped; the simulator keeps the
+/// state of the previous sync).
 pub async fn run_with<F, Fut>(
     sim: &mut HpaSimulator,
     time_scale: f64,
@@ -443,18 +452,19 @@ where
     } else {
         1.0
     };
-    let start = tokio::time::Instant::now();
     let mut ticker = tokio::time::interval(sim.sync_period().div_f64(scale));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut start = None;
     let mut records = Vec::new();
     tokio::pin!(stop);
     loop {
-        tokio::select! {
+        let due = tokio::select! {
             biased;
             () = &mut stop => break,
-            _ = ticker.tick() => {}
-        }
-        let now_s = start.elapsed().as_secs_f64() * scale;
+            due = ticker.tick() => due,
+        };
+        let start = *start.get_or_insert(due);
+        let now_s = (due.duration_since(start).as_secs_f64() * scale * 1000.0).round() / 1000.0;
         let record = tokio::select! {
             biased;
             () = &mut stop => break,
@@ -518,6 +528,70 @@ pub fn http_client(timeout: Duration) -> Result<reqwest::Client> {
         .timeout(timeout)
         .build()
         .map_err(|e| Error::Hpa(format!("cannot build the HTTP client: {e}")))
+}
+
+/// List calls over HTTPS, for an adapter serving TLS: the server certificate must chain to the
+/// CA in a PEM file (e.g. what `serve --tls-self-signed-ca-out` wrote). Uses kube's client
+/// (rustls on ring), which the adapter already carries for delegated auth, so plain-HTTP
+/// reqwest stays free of TLS features. No client credentials are sent: use it against
+/// `--authentication none`.
+#[derive(Clone)]
+pub struct HttpsLister {
+    client: kube::Client,
+}
+
+impl fmt::Debug for HttpsLister {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpsLister").finish_non_exhaustive()
+    }
+}
+
+impl HttpsLister {
+    pub fn new(base_url: &str, ca_file: &std::path::Path, timeout: Duration) -> Result<Self> {
+        let uri: http::Uri = base_url
+            .trim_end_matches('/')
+            .parse()
+            .map_err(|e| Error::Hpa(format!("adapter URL {base_url:?}: {e}")))?;
+        if uri.scheme_str() != Some("https") {
+            return Err(Error::Hpa(format!(
+                "adapter URL {base_url:?}: a CA file is for https:// URLs"
+            )));
+        }
+        if !ca_file.is_file() {
+            return Err(Error::Hpa(format!(
+                "CA file {} does not exist",
+                ca_file.display()
+            )));
+        }
+        let mut config = kube::Config::new(uri);
+        config.root_cert_file = Some(ca_file.to_path_buf());
+        config.connect_timeout = Some(timeout.min(Duration::from_secs(2)));
+        config.read_timeout = Some(timeout);
+        config.reset_reader_on_write = true;
+        // The controller's metrics client does not retry a list call within a sync.
+        config.default_retry = false;
+        let client = kube::Client::try_from(config)
+            .map_err(|e| Error::Hpa(format!("cannot build the HTTPS client: {e}")))?;
+        Ok(HttpsLister { client })
+    }
+
+    /// One list call: `path` as from [`list_path`].
+    pub async fn get(&self, path: String) -> std::result::Result<(u16, Vec<u8>), String> {
+        let request = http::Request::get(&path)
+            .header(http::header::ACCEPT, ACCEPT)
+            .body(Vec::new())
+            .map_err(|e| format!("GET {path}: {e}"))?;
+        match self.client.request_text(request).await {
+            Ok(text) => Ok((200, text.into_bytes())),
+            Err(kube::Error::Api(status)) => Ok((
+                status.code,
+                serde_json::json!({"kind": "Status", "message": status.message, "code": status.code})
+                    .to_string()
+                    .into_bytes(),
+            )),
+            Err(e) => Err(format!("GET {path}: {e}")),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,14 +1,16 @@
-//! `openclaw-metrics-adapter`: `serve`, `check-config` and `explain`. Everything else is in the
-//! library; this file only parses flags and wires the pieces.
+//! `openclaw-metrics-adapter`: `serve`, `check-config`, `explain` and `simulate-hpa`. Everything
+//! else is in the library; this file only parses flags and wires the pieces.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use metrics_adapter::api::{AppState, router};
 use metrics_adapter::config::{Config, ConfigStore};
+use metrics_adapter::hpa_sim::{self, HpaSimulator, HttpsLister, Overrides, SyncRecord};
 use metrics_adapter::metrics::Metrics;
 use metrics_adapter::prometheus::Prometheus;
 use metrics_adapter::server::{
@@ -38,6 +40,9 @@ enum Command {
     },
     /// Show the final PromQL, Prometheus' answer, the served items and the HPA's decision.
     Explain(ExplainArgs),
+    /// Run the HPA controller's loop for a manifest against a live external metrics API:
+    /// one line per sync on stdout, exit after --duration (or Ctrl-C).
+    SimulateHpa(SimulateHpaArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -83,6 +88,48 @@ struct ExplainArgs {
     ready_replicas: Option<i32>,
 }
 
+#[derive(Debug, clap::Args)]
+struct SimulateHpaArgs {
+    /// An autoscaling/v2 HorizontalPodAutoscaler manifest (YAML), e.g.
+    /// deploy/base/limiter/hpa.yaml.
+    #[arg(long, value_name = "FILE")]
+    hpa: PathBuf,
+    /// A kustomize patch of that HPA to apply first (repeatable, in order), e.g.
+    /// deploy/overlays/production/hpa.yaml.
+    #[arg(long, value_name = "FILE")]
+    patch: Vec<PathBuf>,
+    /// Base URL of the external metrics API (the adapter): http://HOST:PORT, or https:// with
+    /// --ca-file.
+    #[arg(long, value_name = "URL")]
+    adapter_url: String,
+    /// PEM CA that signed the adapter's serving certificate (https:// URLs only).
+    #[arg(long, value_name = "PEM")]
+    ca_file: Option<PathBuf>,
+    /// Replicas of the scale target at the start (clamped to minReplicas..maxReplicas).
+    #[arg(long, default_value_t = 1)]
+    initial_replicas: i32,
+    /// Override minReplicas.
+    #[arg(long)]
+    min_replicas: Option<i32>,
+    /// Override maxReplicas.
+    #[arg(long)]
+    max_replicas: Option<i32>,
+    /// Namespace of the list calls (default: the manifest's, else `default`).
+    #[arg(long, short = 'n')]
+    namespace: Option<String>,
+    /// Simulated seconds per real second (at least 1): at 30, one sync every 0.5 s and the
+    /// 300 s scale-down window passes in 10 s.
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// Wall-clock time to run (e.g. `90s`, `10m`); the simulated time covered is this times
+    /// --time-scale.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    duration: Duration,
+    /// Bound on each list call.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    request_timeout: Duration,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -113,6 +160,7 @@ fn main() -> ExitCode {
         }
         Command::CheckConfig { config } => return check_config(config),
         Command::Explain(args) => runtime.block_on(run_explain(args)),
+        Command::SimulateHpa(args) => runtime.block_on(simulate_hpa(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -212,5 +260,90 @@ async fn run_explain(args: ExplainArgs) -> Result<()> {
     })
     .await?;
     print!("{report}");
+    Ok(())
+}
+
+async fn simulate_hpa(args: SimulateHpaArgs) -> Result<()> {
+    if !(args.time_scale.is_finite() && args.time_scale >= 1.0) {
+        anyhow::bail!(
+            "--time-scale {} must be a number of at least 1",
+            args.time_scale
+        );
+    }
+    let read = |p: &PathBuf| {
+        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+    };
+    let yaml = read(&args.hpa)?;
+    let overrides = Overrides {
+        patches: args.patch.iter().map(read).collect::<Result<_>>()?,
+        min_replicas: args.min_replicas,
+        max_replicas: args.max_replicas,
+        namespace: args.namespace.clone(),
+    };
+    let mut sim = HpaSimulator::from_manifest_with(&yaml, &overrides, args.initial_replicas)?;
+    let spec = sim.spec();
+    println!(
+        "HPA {} in namespace {}: minReplicas {}, maxReplicas {}, {}, {} External metric(s); \
+         starting at {} replicas; time scale {} (a sync every {:?} of real time) for {:?}",
+        sim.name(),
+        sim.namespace(),
+        spec.min_replicas,
+        spec.max_replicas,
+        if spec.behavior.is_some() {
+            "with behavior"
+        } else {
+            "no behavior (the controller's original rules)"
+        },
+        sim.metrics().len(),
+        sim.current_replicas(),
+        args.time_scale,
+        sim.sync_period().div_f64(args.time_scale),
+        args.duration,
+    );
+    let stop = async {
+        tokio::select! {
+            () = tokio::time::sleep(args.duration) => {}
+            () = shutdown_signal() => {}
+        }
+    };
+    let print = |r: &SyncRecord| println!("{r}");
+    let records = match &args.ca_file {
+        Some(ca) => {
+            let lister = HttpsLister::new(&args.adapter_url, ca, args.request_timeout)?;
+            hpa_sim::run_with(&mut sim, args.time_scale, |p| lister.get(p), print, stop).await
+        }
+        None => {
+            if !args.adapter_url.starts_with("http://") {
+                anyhow::bail!(
+                    "--adapter-url {:?}: use http://, or https:// with --ca-file",
+                    args.adapter_url
+                );
+            }
+            let client = hpa_sim::http_client(args.request_timeout)?;
+            hpa_sim::run(
+                &mut sim,
+                &client,
+                &args.adapter_url,
+                args.time_scale,
+                print,
+                stop,
+            )
+            .await
+        }
+    };
+    let peak = records.iter().map(|r| r.desired).max().unwrap_or(0);
+    let failed = records
+        .iter()
+        .filter(|r| r.metrics.iter().any(|m| m.value.is_err()))
+        .count();
+    println!(
+        "done: {} syncs over {:.0} simulated s; replicas {} -> {} (peak {peak}); {failed} syncs with a failed metric",
+        records.len(),
+        records.last().map_or(0.0, |r| r.at_s),
+        records
+            .first()
+            .map_or(sim.current_replicas(), |r| r.current),
+        sim.current_replicas(),
+    );
     Ok(())
 }
