@@ -66,6 +66,8 @@ where
         claimed: AtomicU64::new(0),
         stopped: AtomicBool::new(false),
     });
+    // If the caller drops this future mid-run, the scheduler thread and the workers stop too.
+    let _stop_on_drop = StopOnDrop(shared.clone());
     let in_flight = Arc::new(Semaphore::new(plan.max_in_flight));
     let mut drivers = JoinSet::new();
     let profile = match &plan.drive {
@@ -204,6 +206,16 @@ async fn closed_loop(shared: Arc<Shared>) {
             .sender
             .request(&shared.recorder, seq, sent_at, Instant::now(), false)
             .await;
+    }
+}
+
+/// Sets the stop flag when dropped: at the end of `run`, or when its future is dropped.
+#[derive(Debug)]
+struct StopOnDrop(Arc<Shared>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stopped.store(true, Relaxed);
     }
 }
 

@@ -15,6 +15,27 @@
 //! - [`record`]: counters, timeline, histograms, [`Progress`] and [`Summary`].
 //! - `engine`: the scheduler, the workers and the bounds ([`run`]).
 //! - [`report`]: human-readable progress lines and the summary table.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use openclaw_loadgen::{Drive, Keys, Plan, Progress, RateProfile, Spread, run};
+//!
+//! async fn spike() -> Result<(), openclaw_loadgen::Error> {
+//!     let plan = Plan {
+//!         targets: vec!["http://127.0.0.1:41001".into(), "http://127.0.0.1:41002".into()],
+//!         drive: Drive::OpenLoop(RateProfile::parse("steps:200x10s,1000x20s")?),
+//!         keys: Keys::Hot { count: 4, share: 0.9 },
+//!         spread: Spread::RoundRobin,
+//!         duration: Duration::from_secs(30),
+//!         failover: true,
+//!         ..Plan::default()
+//!     };
+//!     let on_progress = |p: &Progress| eprintln!("{:.0}s: {} sent", p.elapsed.as_secs_f64(), p.sent);
+//!     let summary = run(&plan, on_progress, std::future::pending()).await?;
+//!     assert_eq!(summary.requests, summary.allowed + summary.rejected + summary.errors);
+//!     Ok(())
+//! }
+//! ```
 
 mod engine;
 pub mod plan;

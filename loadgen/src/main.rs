@@ -267,7 +267,7 @@ fn plan_from(args: &Args) -> Result<(Plan, String), Vec<String>> {
         return Err(problems);
     }
     let drive = match (&args.rate, &plan.drive) {
-        (Some(rate), _) => format!("open loop at {rate} req/s"),
+        (Some(rate), _) => format!("open loop, rate {rate}"),
         (None, Drive::ClosedLoop { connections }) => {
             format!("closed loop, {connections} connections")
         }

@@ -27,7 +27,7 @@ pub const COLD_KEYS: u64 = 1_000_000;
 /// };
 /// assert!(plan.validate().is_ok());
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Plan {
     /// Base URLs of limiter APIs (`http://127.0.0.1:41234`). Loopback only: anything else is
     /// refused, so a typo cannot load someone else's service.
@@ -58,6 +58,27 @@ pub struct Plan {
     pub progress_interval: Duration,
     /// Seeds the key choice, so two runs with the same seed ask for the same keys in order.
     pub seed: u64,
+}
+
+impl std::fmt::Debug for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plan")
+            .field("targets", &self.targets)
+            .field("drive", &self.drive)
+            .field("keys", &self.keys)
+            .field("spread", &self.spread)
+            .field("policy", &self.policy)
+            .field("cost", &self.cost)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("duration", &self.duration)
+            .field("max_requests", &self.max_requests)
+            .field("failover", &self.failover)
+            .field("request_timeout", &self.request_timeout)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("progress_interval", &self.progress_interval)
+            .field("seed", &self.seed)
+            .finish()
+    }
 }
 
 impl Default for Plan {
@@ -412,6 +433,19 @@ mod tests {
             assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
         }
         assert_eq!(problems.len(), 9, "{all}");
+    }
+
+    #[test]
+    fn debug_output_does_not_show_the_api_key() {
+        let plan = Plan {
+            api_key: Some("s3cret-token".into()),
+            ..Plan::default()
+        };
+        let shown = format!("{plan:?}");
+        assert!(
+            !shown.contains("s3cret") && shown.contains("<redacted>"),
+            "{shown}"
+        );
     }
 
     #[test]

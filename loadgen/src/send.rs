@@ -132,6 +132,9 @@ impl Sender {
         }
         // Every target refused (or is still paused after refusing).
         recorder.finished(seq, due, last, Outcome::Error(ErrorKind::Connect), None);
+        // Nothing above may have awaited (every target paused): let a closed-loop worker's
+        // neighbours run rather than spin on this thread.
+        tokio::task::yield_now().await;
     }
 
     fn is_down(&self, target: &Target) -> bool {

@@ -303,3 +303,70 @@ fn the_api_key_is_sent_as_a_bearer_token() {
     let (summary, _) = run_plan(&plan);
     assert_eq!((summary.allowed, summary.errors), (5, 0), "{summary:#?}");
 }
+
+fn requests_counted(service: &Service) -> f64 {
+    let text = http_client()
+        .get(format!("{}/metrics", service.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    ["allowed", "rejected"]
+        .iter()
+        .filter_map(|d| {
+            metric(
+                &text,
+                &format!(r#"openclaw_requests_total{{policy="default",decision="{d}"}}"#),
+            )
+        })
+        .sum()
+}
+
+#[test]
+fn dropping_the_run_stops_the_load() {
+    let service = limiter(&[]);
+    let plan = Plan {
+        targets: vec![service.url.clone()],
+        drive: Drive::OpenLoop(RateProfile::Constant(500.0)),
+        duration: Duration::from_secs(30),
+        ..Plan::default()
+    };
+    let rt = runtime();
+    let outcome = rt.block_on(async {
+        let run = run(&plan, |_: &Progress| {}, std::future::pending());
+        tokio::time::timeout(Duration::from_millis(300), run).await
+    });
+    assert!(outcome.is_err(), "the run was cut by the timeout");
+    // Answers to requests already sent may still land; after that nothing new may arrive.
+    let settled = openclaw_e2e::wait_until(Duration::from_secs(5), "the count to settle", || {
+        let before = requests_counted(&service);
+        std::thread::sleep(Duration::from_millis(200));
+        (requests_counted(&service) == before).then_some(before)
+    });
+    assert!(settled > 50.0, "it was sending: {settled}");
+    // Over a further second at 500/s, a leaked scheduler would add ~500.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(requests_counted(&service), settled);
+    drop(rt);
+}
+
+#[test]
+fn closed_loop_on_a_dead_fleet_with_failover_ends_on_time_with_connect_errors() {
+    let plan = Plan {
+        targets: vec![dead_target(), dead_target()],
+        drive: Drive::ClosedLoop { connections: 2 },
+        duration: Duration::from_millis(500),
+        failover: true,
+        ..Plan::default()
+    };
+    let started = std::time::Instant::now();
+    let (summary, _) = run_plan(&plan);
+    assert!(started.elapsed() < Duration::from_secs(3), "{summary:#?}");
+    assert_adds_up(&summary);
+    assert!(summary.requests > 0, "{summary:#?}");
+    assert_eq!(summary.errors, summary.requests);
+    assert_eq!(
+        summary.errors_by_kind.get("connect"),
+        Some(&summary.requests)
+    );
+}
