@@ -427,9 +427,10 @@ pub async fn run(
 /// 30, the 300 s scale-down window passes in 10 s.
 ///
 /// Each sync is stamped with the time it was due (the interval's tick), rounded to the
-/// millisecond, not with when the runtime got to it: syncs are then exactly one period apart,
-/// and a scale event one period old has left a policy period of the same length, as it has in
-/// a cluster, where the controller requeues an HPA a full period after processing it (so
+/// millisecond, not with when the runtime got to it. Syncs are then exactly one period apart,
+/// or more when one was late (the next is due a full period after the late one, as the
+/// controller requeues an HPA a full period after processing it), never less: a scale event
+/// one period old has always left a policy period of the same length, as in a cluster (so
 /// deploy/'s HPA goes 2 -> 6 -> 12 in two syncs). Stamping with the measured time would let
 /// a millisecond of scheduling jitter decide that boundary.
 ///
