@@ -937,6 +937,22 @@ mod tests {
         );
     }
 
+    #[test]
+    fn run_and_sync_futures_can_be_spawned_on_a_multi_threaded_runtime() {
+        fn is_send<T: Send>(_: &T) {}
+        let client = http_client(Duration::from_secs(1)).unwrap();
+        let mut sim = HpaSimulator::from_manifest(&deploy_hpa(), 2).unwrap();
+        is_send(&sim.sync(&client, "http://127.0.0.1:9", 0.0));
+        is_send(&run(
+            &mut sim,
+            &client,
+            "http://127.0.0.1:9",
+            1.0,
+            |_| {},
+            async {},
+        ));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn stop_ends_the_run_even_while_a_list_call_hangs() {
         let mut sim = HpaSimulator::from_manifest(&deploy_hpa(), 3).unwrap();
