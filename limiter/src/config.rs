@@ -113,6 +113,17 @@ pub struct Args {
     )]
     pub anti_entropy_interval_ms: u64,
 
+    /// `strict` mode: how long a replica may spend its escrow share after sending a round of
+    /// peer messages that every other member answered, in milliseconds (docs/crdt.md).
+    #[arg(long, env = "OPENCLAW_STRICT_LEASE_MS", default_value_t = 1000)]
+    pub strict_lease_ms: u64,
+
+    /// `strict` mode: the clock-skew guard. A silent replica's share is given to others after
+    /// lease + guard; strict mode's bound holds while replicas' clocks drift apart by less than
+    /// this over one lease, in milliseconds.
+    #[arg(long, env = "OPENCLAW_STRICT_SKEW_GUARD_MS", default_value_t = 500)]
+    pub strict_skew_guard_ms: u64,
+
     /// Longest wait at start for peers' state before reporting ready anyway, in milliseconds.
     #[arg(long, env = "OPENCLAW_READY_MAX_WAIT_MS", default_value_t = 5000)]
     pub ready_max_wait_ms: u64,
@@ -146,6 +157,8 @@ pub struct ReplicationSettings {
     pub sync_interval: Duration,
     pub anti_entropy_interval: Duration,
     pub ready_max_wait: Duration,
+    pub strict_lease: Duration,
+    pub strict_skew_guard: Duration,
 }
 
 /// A validated configuration.
@@ -287,6 +300,13 @@ fn replication_settings(args: &Args, errors: &mut Vec<String>) -> Option<Replica
             errors.push(format!("{name} must be at least {min}"));
         }
     }
+    if args.strict_lease_ms < 4 * args.sync_interval_ms {
+        errors.push(
+            "OPENCLAW_STRICT_LEASE_MS must be at least 4 sync intervals (OPENCLAW_SYNC_INTERVAL_MS): \
+             a lease is renewed once per round"
+                .into(),
+        );
+    }
     if args.anti_entropy_interval_ms < args.sync_interval_ms {
         errors.push(
             "OPENCLAW_ANTI_ENTROPY_INTERVAL_MS must not be shorter than OPENCLAW_SYNC_INTERVAL_MS"
@@ -302,6 +322,8 @@ fn replication_settings(args: &Args, errors: &mut Vec<String>) -> Option<Replica
         sync_interval: Duration::from_millis(args.sync_interval_ms),
         anti_entropy_interval: Duration::from_millis(args.anti_entropy_interval_ms),
         ready_max_wait: Duration::from_millis(args.ready_max_wait_ms),
+        strict_lease: Duration::from_millis(args.strict_lease_ms),
+        strict_skew_guard: Duration::from_millis(args.strict_skew_guard_ms),
     })
 }
 

@@ -10,6 +10,7 @@ use clap::Parser;
 use openclaw_limiter::clock::WallClock;
 use openclaw_limiter::config::{Args, Config, LogFormat};
 use openclaw_limiter::crdt::ReplicaId;
+use openclaw_limiter::escrow::protocol::Params;
 use openclaw_limiter::membership::{Membership, SelfAddrs};
 use openclaw_limiter::replication::{ReplicationOptions, Replicator};
 use openclaw_limiter::server::{Replication, ServerOptions, serve};
@@ -119,6 +120,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
                     anti_entropy_interval: settings.anti_entropy_interval,
                     request_timeout: (settings.sync_interval * 20)
                         .clamp(Duration::from_millis(500), Duration::from_secs(5)),
+                    strict: Params {
+                        lease_us: settings.strict_lease.as_micros() as u64,
+                        guard_us: settings.strict_skew_guard.as_micros() as u64,
+                        ..Params::default()
+                    },
                 },
             )?;
             let membership = Membership::new(

@@ -16,7 +16,7 @@
 //! incarnation, consumed, absorbed], ...]]`): about 80 bytes per changed bucket with one
 //! component (measured in `docs/accuracy.md`), and readable with curl when debugging a cluster.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,6 +33,8 @@ use tokio::sync::watch;
 
 use crate::bucket::Micros;
 use crate::crdt::{BucketState, Component, ReplicaId};
+use crate::escrow::Escrow;
+use crate::escrow::protocol::{Control, Params};
 use crate::metrics::{DirectionLabels, PeerLabels, ReasonLabels, StateLabels};
 use crate::service::Limiter;
 use crate::store::PolicyId;
@@ -57,6 +59,8 @@ pub struct ReplicationOptions {
     pub anti_entropy_interval: Duration,
     /// Bound on one request to a peer.
     pub request_timeout: Duration,
+    /// Leases and fairness of `strict` mode's escrow.
+    pub strict: Params,
 }
 
 /// One message between replicas: the changed buckets (or all of them).
@@ -71,6 +75,9 @@ struct SyncMessage {
     /// Policy names; entries refer to them by index.
     policies: Vec<String>,
     entries: Vec<WireEntry>,
+    /// Escrow control state (`strict` mode), when the sender has a strict policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    escrow: Option<Control>,
 }
 
 /// `[policy index, key, epoch, rebaser, [[replica, incarnation, consumed, absorbed], ...]]`
@@ -82,6 +89,12 @@ struct WireEntry(u32, String, Micros, u64, Vec<(u64, Micros, u64, u64)>);
 struct SyncAnswer {
     node: String,
     merged: usize,
+    /// The answering replica: a `strict` lease counts answers by replica.
+    #[serde(default)]
+    replica: Option<u64>,
+    /// Its escrow control state, merged by the sender before it counts the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    escrow: Option<Control>,
 }
 
 /// What this replica knows about one peer it sends to.
@@ -109,6 +122,7 @@ pub struct Replicator {
     client: reqwest::Client,
     /// Peers by address (from discovery), plus nodes we only heard from (by `node:<id>`).
     peers: Mutex<BTreeMap<String, PeerStatus>>,
+    escrow: Arc<Escrow>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,7 +142,14 @@ impl Replicator {
             .connect_timeout(options.request_timeout)
             .pool_idle_timeout(Duration::from_secs(30))
             .build()?;
+        let escrow = Arc::new(Escrow::new(
+            limiter.store().replica(),
+            options.strict,
+            limiter.clock(),
+        ));
+        limiter.enable_escrow(escrow.clone());
         Ok(Self {
+            escrow,
             key: hmac::Key::new(hmac::HMAC_SHA256, &options.secret),
             limiter,
             options,
@@ -139,6 +160,36 @@ impl Replicator {
 
     pub fn limiter(&self) -> &Arc<Limiter> {
         &self.limiter
+    }
+
+    pub fn escrow(&self) -> &Arc<Escrow> {
+        &self.escrow
+    }
+
+    /// Escrow state travels only while some policy is `strict`.
+    fn strict_active(&self) -> bool {
+        self.limiter
+            .policies()
+            .iter()
+            .any(|p| p.mode == crate::policy::Mode::Strict)
+    }
+
+    fn escrow_control(&self) -> Option<Control> {
+        self.strict_active().then(|| self.escrow.control())
+    }
+
+    /// Advance the escrow protocol. The first allocation waits until this replica is ready and
+    /// every peer discovery lists has answered.
+    fn escrow_tick(&self) {
+        let all_answered = self.limiter.is_ready()
+            && self
+                .peers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .filter(|p| !p.address.starts_with("node:"))
+                .all(|p| p.up);
+        self.escrow.tick(&self.limiter.policies(), all_answered);
     }
 
     /// Peers and what this replica knows of them, for `/status`.
@@ -269,6 +320,7 @@ impl Replicator {
             ));
         }
         let chunk = if full { FULL_SYNC_CHUNK } else { usize::MAX };
+        let escrow = self.escrow_control();
         let mut messages = Vec::new();
         let mut entries = entries.into_iter().peekable();
         // A full sync of an empty store still sends one (empty) message: it is the heartbeat
@@ -283,6 +335,7 @@ impl Replicator {
                 full,
                 policies: names.clone(),
                 entries: batch,
+                escrow: escrow.clone(),
             };
             messages
                 .push(serde_json::to_vec(&message).expect("serializing plain data cannot fail"));
@@ -306,6 +359,11 @@ impl Replicator {
         let now = self.limiter.now();
         let metrics = self.limiter.metrics();
         // Validate everything before merging anything: a malformed message changes nothing.
+        if let Some(control) = &message.escrow {
+            control
+                .validate()
+                .map_err(|e| Rejection::Malformed(format!("escrow: {e}")))?;
+        }
         for WireEntry(policy_index, key, ..) in &message.entries {
             if *policy_index as usize >= message.policies.len() {
                 return Err(Rejection::Malformed(format!(
@@ -344,6 +402,9 @@ impl Replicator {
                 changed += 1;
             }
         }
+        if let Some(control) = &message.escrow {
+            self.escrow.receive(message.replica, control);
+        }
         metrics.merges.inc_by(changed as u64);
         metrics
             .replication_entries
@@ -361,8 +422,10 @@ impl Replicator {
         Ok(changed as usize)
     }
 
-    /// Send one signed message to a peer. Errors are recorded in the peer's status.
-    async fn send(&self, address: SocketAddr, body: Vec<u8>) -> bool {
+    /// Send one signed message to a peer. Errors are recorded in the peer's status. Returns
+    /// the answering replica's id when it took the message (`Some(None)` from a peer that does
+    /// not say).
+    async fn send(&self, address: SocketAddr, body: Vec<u8>) -> Option<Option<u64>> {
         let timestamp = self.limiter.now();
         let signature = self.sign(timestamp, &body);
         let bytes = body.len() as u64;
@@ -377,7 +440,17 @@ impl Replicator {
             .await;
         let outcome = match result {
             Ok(response) if response.status().is_success() => {
-                Ok(response.json::<SyncAnswer>().await.ok().map(|a| a.node))
+                let answer = response.json::<SyncAnswer>().await.ok();
+                if let Some(SyncAnswer {
+                    replica: Some(replica),
+                    escrow: Some(control),
+                    ..
+                }) = &answer
+                    && control.validate().is_ok()
+                {
+                    self.escrow.receive(*replica, control);
+                }
+                Ok(answer.map(|a| (a.node, a.replica)))
             }
             Ok(response) => Err(format!("peer answered {}", response.status())),
             Err(e) => Err(format!("{e}")),
@@ -399,12 +472,12 @@ impl Replicator {
                     }
                     peer.last_error = Some(e.clone());
                 }
-                Ok(node) => {
+                Ok(answer) => {
                     if !peer.up {
                         tracing::info!(peer = %address, "peer reachable");
                     }
-                    if node.is_some() {
-                        peer.node.clone_from(node);
+                    if let Some((node, _)) = answer {
+                        peer.node = Some(node.clone());
                     }
                     peer.last_error = None;
                     peer.last_contact_us = Some(now);
@@ -413,36 +486,40 @@ impl Replicator {
             }
             peer.up = ok;
         });
-        ok
+        outcome
+            .ok()
+            .map(|answer| answer.and_then(|(_, replica)| replica))
     }
 
-    /// Send `messages` to every peer concurrently; returns how many peers took all of them.
+    /// Send `messages` to every peer concurrently; returns the replicas that took all of them
+    /// (and how many peers did).
     async fn broadcast(
         self: &Arc<Self>,
         peers: &[SocketAddr],
         messages: Vec<Vec<u8>>,
         entries: usize,
-    ) -> usize {
+    ) -> (BTreeSet<u64>, usize) {
         let messages = Arc::new(messages);
         let mut sends = tokio::task::JoinSet::new();
         for &peer in peers {
             let (replicator, messages) = (self.clone(), messages.clone());
             sends.spawn(async move {
+                let mut replica = None;
                 for message in messages.iter() {
-                    if !replicator.send(peer, message.clone()).await {
-                        return false;
-                    }
+                    replica = Some(replicator.send(peer, message.clone()).await?);
                 }
-                true
+                replica
             });
         }
-        let delivered = sends.join_all().await.into_iter().filter(|ok| *ok).count();
+        let results: Vec<Option<Option<u64>>> = sends.join_all().await;
+        let delivered = results.iter().filter(|r| r.is_some()).count();
+        let answered = results.into_iter().flatten().flatten().collect();
         self.limiter
             .metrics()
             .replication_entries
             .get_or_create(&DirectionLabels { direction: "sent" })
             .inc_by((entries * delivered) as u64);
-        delivered
+        (answered, delivered)
     }
 
     fn changed_buckets(&self) -> Vec<(PolicyId, String, BucketState)> {
@@ -461,15 +538,33 @@ impl Replicator {
         buckets
     }
 
-    /// One delta round: push what local decisions changed since the last round.
+    /// One delta round: push what local decisions changed since the last round. While a
+    /// policy is `strict` a round goes out even with no changes: it carries the escrow state,
+    /// and its answers renew this replica's lease.
     pub async fn push_changes(self: &Arc<Self>, peers: &[SocketAddr]) {
+        let strict = self.strict_active();
+        if strict {
+            self.escrow_tick();
+        }
+        let sent_at = self.limiter.now();
+        if peers.is_empty() {
+            if strict {
+                self.escrow.round_answered(sent_at, &BTreeSet::new());
+            }
+            return;
+        }
         let buckets = self.changed_buckets();
-        if buckets.is_empty() || peers.is_empty() {
+        if buckets.is_empty() && !strict {
             return;
         }
         let entries = buckets.len();
         let messages = self.encode(false, buckets);
-        self.broadcast(peers, messages, entries).await;
+        let (answered, _) = self.broadcast(peers, messages, entries).await;
+        if strict {
+            // Follow what the answers brought before counting them toward the lease.
+            self.escrow_tick();
+            self.escrow.round_answered(sent_at, &answered);
+        }
     }
 
     /// One anti-entropy round: push the whole state (also the heartbeat when idle).
@@ -624,6 +719,8 @@ async fn receive(
         Ok(changed) => axum::Json(SyncAnswer {
             node: replicator.limiter.node_id().to_owned(),
             merged: changed,
+            replica: Some(replicator.limiter.store().replica().0),
+            escrow: replicator.escrow_control(),
         })
         .into_response(),
         Err(rejection) => refuse(&replicator, rejection),
@@ -696,7 +793,9 @@ pub async fn run(
             result = stop.changed() => if result.is_err() { break },
         }
     }
-    // Hand off: whatever changed since the last round goes out before we exit.
+    // Hand off: whatever changed since the last round goes out before we exit, with this
+    // replica's escrow shares given up, so peers need not wait out its lease.
+    replicator.escrow.retire();
     replicator.push_changes(&current).await;
 }
 

@@ -6,15 +6,17 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
+
+use crate::escrow::Escrow;
 
 use crate::bucket::{Micros, Outcome, Rate};
 use crate::clock::Clock;
 use crate::crdt::ReplicaId;
 use crate::metrics::{Metrics, PolicyCounters, PolicyLabels, ResultLabels};
-use crate::policy::{Mode, PolicyErrors, PolicyIds, PolicySet};
+use crate::policy::{Mode, Policy, PolicyErrors, PolicyIds, PolicySet};
 use crate::store::{PolicyId, Store, SweepReport};
 
 /// Why a well-formed request could not be decided.
@@ -102,6 +104,8 @@ pub struct Limiter {
     last_sweep: AtomicU64,
     started: Micros,
     ready: AtomicBool,
+    /// Decides `strict` policies once replication is on (see [`Limiter::enable_escrow`]).
+    escrow: OnceLock<Arc<Escrow>>,
 }
 
 impl Limiter {
@@ -128,6 +132,7 @@ impl Limiter {
             last_sweep: AtomicU64::new(now),
             started: now,
             ready: AtomicBool::new(false),
+            escrow: OnceLock::new(),
         };
         limiter.publish_policy_gauges();
         limiter
@@ -149,6 +154,10 @@ impl Limiter {
         self.clock.now()
     }
 
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        self.clock.clone()
+    }
+
     pub fn started(&self) -> Micros {
         self.started
     }
@@ -156,6 +165,35 @@ impl Limiter {
     /// The policies in force now.
     pub fn policies(&self) -> PolicySet {
         self.active.load().set.clone()
+    }
+
+    /// Decide `strict` policies from this replica's escrow share from now on. Without it (a
+    /// single replica, no peers) a strict policy is the exact textbook bucket, which never
+    /// overshoots either.
+    pub fn enable_escrow(&self, escrow: Arc<Escrow>) {
+        let _ = self.escrow.set(escrow);
+    }
+
+    pub fn escrow(&self) -> Option<&Arc<Escrow>> {
+        self.escrow.get()
+    }
+
+    /// One decision, by the policy's mode.
+    #[inline]
+    fn decide_one(
+        &self,
+        policy: &Policy,
+        key: &str,
+        rate: Rate,
+        cost: u64,
+        now: Micros,
+    ) -> Outcome {
+        if policy.mode == Mode::Strict
+            && let Some(escrow) = self.escrow.get()
+        {
+            return escrow.decide(policy.id, &policy.name, key, rate, cost);
+        }
+        self.store.decide(policy.id, key, rate, cost, now)
     }
 
     /// Readiness is a latch: set once start-up recovery is done.
@@ -180,9 +218,7 @@ impl Limiter {
                 capacity: rate.capacity(),
             });
         }
-        let outcome = self
-            .store
-            .decide(policy.id, key, rate, cost, self.clock.now());
+        let outcome = self.decide_one(policy, key, rate, cost, self.clock.now());
         counters.count(&outcome, cost);
         Ok(Verdict { outcome, rate })
     }
@@ -215,7 +251,7 @@ impl Limiter {
             .map(|&(policy, key, cost)| {
                 let (policy, counters) = active.lookup(policy).expect("checked above");
                 let rate = policy.rate_for(key);
-                let outcome = self.store.decide(policy.id, key, rate, cost, now);
+                let outcome = self.decide_one(policy, key, rate, cost, now);
                 counters.count(&outcome, cost);
                 Verdict { outcome, rate }
             })
@@ -228,13 +264,15 @@ impl Limiter {
         let active = self.active.load();
         let (policy, _) = active.lookup(policy)?;
         let rate = policy.rate_for(key);
-        let outcome = self.store.peek(
-            policy.id,
-            key,
-            rate,
-            cost.min(rate.capacity()),
-            self.clock.now(),
-        );
+        let cost = cost.min(rate.capacity());
+        let outcome = match self.escrow.get() {
+            Some(escrow) if policy.mode == Mode::Strict => {
+                escrow.peek(policy.id, &policy.name, key, rate, cost)
+            }
+            _ => self
+                .store
+                .peek(policy.id, key, rate, cost, self.clock.now()),
+        };
         Ok((
             Verdict { outcome, rate },
             self.store.contains(policy.id, key),
@@ -252,17 +290,6 @@ impl Limiter {
             .inc();
         self.metrics.policy_reload_ok.set(i64::from(result.is_ok()));
         let set = result?;
-        let strict: Vec<&str> = set
-            .iter()
-            .filter(|p| p.mode == Mode::Strict)
-            .map(|p| p.name.as_str())
-            .collect();
-        if !strict.is_empty() {
-            tracing::warn!(
-                policies = ?strict,
-                "mode: strict is not implemented yet and behaves as shared: replicas may overshoot while deltas are in flight (docs/crdt.md)"
-            );
-        }
         let previous = self
             .active
             .swap(Arc::new(Active::build(set, &self.metrics)));
@@ -303,7 +330,7 @@ impl Limiter {
             active.set.by_id(id).map(|policy| policy.rate_for(key))
         });
         self.publish_usage(now, &active, &report);
-        report.reclaimed
+        report.reclaimed + self.escrow.get().map_or(0, |e| e.sweep(&active.set))
     }
 
     /// The same pass, yielding to other tasks every few shards. A pass over many buckets takes
@@ -326,7 +353,7 @@ impl Limiter {
             }
         }
         self.publish_usage(now, &active, &report);
-        report.reclaimed
+        report.reclaimed + self.escrow.get().map_or(0, |e| e.sweep(&active.set))
     }
 
     /// Publish what a sweep saw: per-policy usage gauges and the rejection ratio.

@@ -9,8 +9,8 @@
 //! The rules (docs/crdt.md, "strict mode", has the argument):
 //! * A replica that sees a newer allocation lowers what it uses to the smaller of its old and new
 //!   share, and only then acknowledges it.
-//! * It uses its new share in full once every (non-retired) member has acknowledged that exact
-//!   allocation. So at any moment no replica uses more than its share of one allocation that
+//! * It uses its new share in full once every (non-retired) member, and every replica it hears
+//!   from, has acknowledged that exact allocation. So at any moment no replica uses more than its share of one allocation that
 //!   everyone has lowered to: the shares in use sum to at most the whole.
 //! * Shares are leases: a replica uses its share only until `lease` after sending a round that
 //!   every other member answered. The proposer drops a member only after hearing nothing from it
@@ -374,7 +374,14 @@ impl Node {
                 && self
                     .active_members()
                     .iter()
-                    .all(|m| self.control.records.get(m).and_then(|r| r.acked) == Some(version));
+                    .all(|m| self.control.records.get(m).and_then(|r| r.acked) == Some(version))
+                // And every replica this one hears from, member or not: one that another
+                // proposer's allocation still gives a share must have lowered to this one first.
+                && self.heard.keys().all(|&r| {
+                    !self.is_live(r, now)
+                        || self.is_retired_replica(r)
+                        || self.control.records.get(&r).and_then(|rec| rec.acked) == Some(version)
+                });
             if can_raise {
                 let mut full = BTreeMap::new();
                 for (policy, shares) in &allocation.shares {
