@@ -11,8 +11,11 @@
 //! use this library.
 
 pub mod forward;
+pub mod plot;
 pub mod process;
 pub mod prometheus;
+pub mod report;
+pub mod scenario;
 pub mod stack;
 pub mod timescale;
 
@@ -57,3 +60,12 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A multi-threaded Tokio runtime for callers that have none (the end-to-end tests): the
+/// stack, the load generator and the HPA simulator are async.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Other(format!("tokio runtime: {e}")))
+}

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use openclaw_stack::process::Group;
+use openclaw_stack::report;
+use openclaw_stack::scenario::{self, Kill, Options as ScenarioOptions, Profile, minsec};
 use openclaw_stack::stack::{Options, Stack, default_config_dir};
 use openclaw_stack::timescale::TimeScale;
 
@@ -42,6 +44,29 @@ struct StackArgs {
 enum Cmd {
     /// Start the stack, print where everything listens, run until Ctrl-C or SIGTERM.
     Up(StackArgs),
+    /// Start the stack, run a load scenario with the simulated HPA, write a report, stop.
+    Scenario(ScenarioArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ScenarioArgs {
+    #[command(flatten)]
+    stack: StackArgs,
+    /// Report directory (report.md, SVG plots, CSV).
+    #[arg(long, default_value = "openclaw-scenario-report")]
+    out: PathBuf,
+    /// Phases: `standard` (20 min) or `quick` (13.5 min), in scenario time.
+    #[arg(long, default_value = "standard")]
+    profile: String,
+    /// SIGKILL one replica at this scenario time (e.g. `5m`, `150s`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    kill_replica_at: Option<std::time::Duration>,
+    /// Which replica to kill (0 is the first) [default: the last].
+    #[arg(long)]
+    kill_replica: Option<usize>,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    quiet: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,6 +77,7 @@ fn main() -> anyhow::Result<()> {
         .context("tokio runtime")?;
     match cli.command {
         Cmd::Up(args) => runtime.block_on(up(args)),
+        Cmd::Scenario(args) => runtime.block_on(scenario(args)),
     }
 }
 
@@ -111,6 +137,63 @@ async fn up(args: StackArgs) -> anyhow::Result<()> {
         eprintln!("  {name}: {how}");
     }
     Ok(())
+}
+
+async fn scenario(args: ScenarioArgs) -> anyhow::Result<()> {
+    let (options, _temp) = options(&args.stack)?;
+    let profile = Profile::named(&args.profile, options.replicas)?;
+    let kill = args.kill_replica_at.map(|at| Kill {
+        replica: args
+            .kill_replica
+            .unwrap_or(options.replicas.saturating_sub(1)),
+        at,
+    });
+    let command = std::env::args()
+        .map(|a| shell_quote(&a))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let k = options.time_scale.factor();
+    eprintln!(
+        "scenario {}: {} of scenario time at time scale {k} ({:.0} s real), report in {}",
+        profile.name,
+        minsec(profile.total().as_secs_f64()),
+        profile.total().as_secs_f64() / k,
+        args.out.display()
+    );
+    let mut stack = tokio::select! {
+        stack = Stack::up(options) => stack?,
+        _ = shutdown_signal() => anyhow::bail!("interrupted while starting"),
+    };
+    for line in stack.listening_lines() {
+        println!("{line}");
+    }
+    eprintln!("stack up in {:.1} s", stack.startup.as_secs_f64());
+    let scenario_options = ScenarioOptions {
+        profile,
+        kill,
+        progress: !args.quiet,
+    };
+    let outcome = scenario::run(&mut stack, &scenario_options, shutdown_signal()).await;
+    eprintln!("stopping the stack...");
+    stack.shutdown().await;
+    let outcome = outcome?;
+    report::write(&outcome, &args.out, &command)?;
+    eprintln!("report: {}", args.out.join("report.md").display());
+    if let Some((peak, at)) = outcome.peak_desired() {
+        eprintln!("peak desired replicas {peak} at {}", minsec(at));
+    }
+    Ok(())
+}
+
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@".contains(&b))
+    {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 /// Ctrl-C or SIGTERM.

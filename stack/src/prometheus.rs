@@ -89,13 +89,19 @@ fn yaml_string(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-/// A running Prometheus and a client for its HTTP API.
+/// A running Prometheus.
 #[derive(Debug)]
 pub struct Prometheus {
     pub proc: Proc,
-    url: String,
+    api: PromApi,
     config_path: PathBuf,
     config: ScrapeConfig,
+}
+
+/// A client for Prometheus' HTTP API (cheap to clone: one connection pool).
+#[derive(Debug, Clone)]
+pub struct PromApi {
+    url: String,
     http: reqwest::Client,
 }
 
@@ -142,10 +148,12 @@ impl Prometheus {
             .map_err(|e| Error::Other(format!("HTTP client: {e}")))?;
         let mut prometheus = Prometheus {
             proc,
-            url: format!("http://{address}"),
+            api: PromApi {
+                url: format!("http://{address}"),
+                http,
+            },
             config_path,
             config,
-            http,
         };
         prometheus.wait_ready().await?;
         prometheus.config.itself = Some(address);
@@ -157,8 +165,9 @@ impl Prometheus {
         let until = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             let ready = self
+                .api
                 .http
-                .get(format!("{}/-/ready", self.url))
+                .get(format!("{}/-/ready", self.api.url))
                 .send()
                 .await
                 .is_ok_and(|r| r.status().is_success());
@@ -179,7 +188,12 @@ impl Prometheus {
 
     /// `http://127.0.0.1:PORT`.
     pub fn url(&self) -> &str {
-        &self.url
+        &self.api.url
+    }
+
+    /// A client for the HTTP API, to keep while the stack runs.
+    pub fn api(&self) -> &PromApi {
+        &self.api
     }
 
     pub fn config(&self) -> &ScrapeConfig {
@@ -201,8 +215,9 @@ impl Prometheus {
         std::fs::write(&self.config_path, self.config.render())
             .map_err(|e| Error::io(&self.config_path, e))?;
         let r = self
+            .api
             .http
-            .post(format!("{}/-/reload", self.url))
+            .post(format!("{}/-/reload", self.api.url))
             .send()
             .await
             .map_err(|e| Error::Other(format!("Prometheus reload: {e}")))?;
@@ -214,6 +229,13 @@ impl Prometheus {
             )));
         }
         Ok(())
+    }
+}
+
+impl PromApi {
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     /// An instant query; returns `data` (`resultType`, `result`).

@@ -310,7 +310,7 @@ impl Stack {
         let until = Instant::now() + deadline;
         let expected = self.limiters.len() + 2;
         loop {
-            let targets = self.prometheus.targets().await.unwrap_or_default();
+            let targets = self.prometheus.api().targets().await.unwrap_or_default();
             let up = targets.iter().filter(|(_, _, h)| h == "up").count();
             if up >= expected {
                 return Ok(());
@@ -336,6 +336,37 @@ impl Stack {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// The adapter's rules as loaded: (external metric name, PromQL).
+    pub fn adapter_queries(&self) -> Result<Vec<(String, String)>> {
+        let path = &self.adapter_config;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let doc: serde_norway::Value = serde_norway::from_str(&text)
+            .map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+        Ok(doc["rules"]
+            .as_sequence()
+            .map(|rules| {
+                rules
+                    .iter()
+                    .filter_map(|r| {
+                        Some((
+                            r["name"].as_str()?.to_owned(),
+                            r["query"].as_str()?.trim().to_owned(),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// The PromQL the adapter runs for external metric `name`.
+    pub fn adapter_query(&self, name: &str) -> Option<String> {
+        self.adapter_queries()
+            .ok()?
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, q)| q)
     }
 
     /// The decision API URLs of the replicas, in order (killed ones included).

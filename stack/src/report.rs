@@ -1,0 +1,947 @@
+//! The report directory of a scenario: `report.md` (what ran, what the load generator, the HPA
+//! and Prometheus saw, which alerts fired when, what happened around a kill), the plots as SVG,
+//! and the raw series as CSV (`samples.csv`, `hpa.csv`, `load.csv`) for anyone who wants to
+//! plot them differently.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::plot::{self, AlertRow, Backdrop, Line, PALETTE};
+use crate::scenario::{HPA_TARGET_PER_POD, Outcome, minsec};
+use crate::timescale::format_duration;
+use crate::{Error, Result};
+
+/// The plots, in the order the report shows them: (file, what it shows).
+pub const PLOTS: &[(&str, &str)] = &[
+    (
+        "rps.svg",
+        "Requests per second: fleet and per pod (Prometheus), sent by the load generator",
+    ),
+    ("rejections.svg", "Share of decisions rejected"),
+    ("depletion.svg", "Token depletion and bucket usage"),
+    (
+        "replicas.svg",
+        "HPA desired replicas and each metric's proposal",
+    ),
+    ("replication-lag.svg", "Replication lag per peer"),
+    ("alerts.svg", "Alerts pending and firing"),
+];
+
+/// Writes the report into `dir` (created if needed). `command` is how the run was started.
+pub fn write(outcome: &Outcome, dir: &Path, command: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let backdrop = backdrop(outcome);
+    plots(outcome, dir, &backdrop)?;
+    csv(outcome, dir)?;
+    let md = markdown(outcome, command);
+    let path = dir.join("report.md");
+    std::fs::write(&path, md).map_err(|e| Error::io(&path, e))
+}
+
+fn backdrop(o: &Outcome) -> Backdrop {
+    let end = o
+        .phases
+        .last()
+        .map(|p| p.end_s)
+        .unwrap_or(0.0)
+        .max(o.samples.last().map_or(0.0, |s| s.t));
+    Backdrop {
+        phases: o
+            .phases
+            .iter()
+            .map(|p| (p.start_s, p.end_s, p.phase.name.clone()))
+            .collect(),
+        kill: o.kill.as_ref().map(|k| (k.at_s, k.node_id.clone())),
+        end,
+    }
+}
+
+/// (scenario seconds, value) of a sampled series.
+fn series(o: &Outcome, name: &str) -> Vec<(f64, f64)> {
+    o.samples
+        .iter()
+        .filter_map(|s| s.get(name).map(|v| (s.t, v)))
+        .collect()
+}
+
+/// Series names with a prefix (`rps:pod=`), sorted.
+fn names_with(o: &Outcome, prefix: &str) -> Vec<String> {
+    let set: BTreeSet<String> = o
+        .samples
+        .iter()
+        .flat_map(|s| s.values.keys())
+        .filter(|k| k.starts_with(prefix))
+        .cloned()
+        .collect();
+    set.into_iter().collect()
+}
+
+/// The load generator's per-second counts on the scenario clock: (t, sent, allowed, rejected,
+/// errors) per real second, as rates per second.
+fn client_timeline(o: &Outcome) -> Vec<(f64, f64, f64, f64, f64)> {
+    let mut out = Vec::new();
+    for p in &o.phases {
+        let Some(summary) = &p.summary else { continue };
+        for c in &summary.timeline {
+            let t = p.start_s + (c.second as f64 + 0.5) * o.time_scale;
+            if t > p.end_s {
+                continue;
+            }
+            out.push((
+                t,
+                c.sent as f64,
+                c.allowed as f64,
+                c.rejected as f64,
+                c.errors as f64,
+            ));
+        }
+    }
+    out
+}
+
+/// The value an HPA sync read for `metric`, per sync.
+fn hpa_metric(o: &Outcome, metric: &str) -> Vec<(f64, f64)> {
+    o.syncs
+        .iter()
+        .filter_map(|s| {
+            let m = s.metrics.iter().find(|m| m.name == metric)?;
+            m.value.as_ref().ok().map(|v| (s.at_s, *v))
+        })
+        .collect()
+}
+
+fn plots(o: &Outcome, dir: &Path, backdrop: &Backdrop) -> Result<()> {
+    let client = client_timeline(o);
+    let end = backdrop.end;
+
+    // Requests per second.
+    let mut lines = vec![Line::new(
+        "fleet (Prometheus)",
+        series(o, "rps"),
+        PALETTE[0],
+    )];
+    for (i, name) in names_with(o, "rps:pod=").iter().enumerate() {
+        lines.push(
+            Line::new(
+                name.trim_start_matches("rps:pod="),
+                series(o, name),
+                PALETTE[(i + 2) % PALETTE.len()],
+            )
+            .dashed(),
+        );
+    }
+    let mut sent = Line::new(
+        "sent by the load generator",
+        client.iter().map(|c| (c.0, c.1)).collect(),
+        PALETTE[1],
+    );
+    sent.width = 1;
+    lines.push(sent);
+    lines.push(
+        Line::new(
+            format!("HPA target: 800/pod x {} pods", o.replicas),
+            vec![
+                (0.0, HPA_TARGET_PER_POD * o.replicas as f64),
+                (end, HPA_TARGET_PER_POD * o.replicas as f64),
+            ],
+            PALETTE[7],
+        )
+        .dashed(),
+    );
+    plot::line_chart(
+        &dir.join("rps.svg"),
+        "Decisions per second",
+        "requests/s",
+        &lines,
+        None,
+        backdrop,
+    )?;
+
+    // Rejections.
+    let pct = |v: Vec<(f64, f64)>| v.into_iter().map(|(t, x)| (t, x * 100.0)).collect();
+    let lines = vec![
+        Line::new(
+            "rejected share, fleet (Prometheus, recording rule)",
+            pct(series(o, "rejected_ratio")),
+            PALETTE[3],
+        ),
+        {
+            let mut l = Line::new(
+                "rejected share of each second's requests (load generator)",
+                client
+                    .iter()
+                    .filter(|c| c.1 > 0.0)
+                    .map(|c| (c.0, 100.0 * c.3 / c.1))
+                    .collect(),
+                PALETTE[1],
+            );
+            l.width = 1;
+            l
+        },
+        Line::new("warning 2%", vec![(0.0, 2.0), (end, 2.0)], PALETTE[7]).dashed(),
+        Line::new("critical 5%", vec![(0.0, 5.0), (end, 5.0)], PALETTE[3]).dashed(),
+    ];
+    plot::line_chart(
+        &dir.join("rejections.svg"),
+        "Share of decisions rejected",
+        "percent",
+        &lines,
+        None,
+        backdrop,
+    )?;
+
+    // Depletion and usage.
+    let lines = vec![
+        Line::new(
+            "depletion ratio (Prometheus, recording rule)",
+            series(o, "depletion"),
+            PALETTE[0],
+        ),
+        Line::new(
+            "openclaw_token_depletion_rate served to the HPA",
+            hpa_metric(o, "openclaw_token_depletion_rate"),
+            PALETTE[2],
+        )
+        .step(),
+        Line::new(
+            "most depleted bucket's usage ratio",
+            series(o, "usage"),
+            PALETTE[3],
+        ),
+        Line::new(
+            "usage warning 0.7",
+            vec![(0.0, 0.7), (end, 0.7)],
+            PALETTE[1],
+        )
+        .dashed(),
+        Line::new(
+            "usage critical 0.9 / HPA target 0.9",
+            vec![(0.0, 0.9), (end, 0.9)],
+            PALETTE[3],
+        )
+        .dashed(),
+    ];
+    plot::line_chart(
+        &dir.join("depletion.svg"),
+        "Token depletion (consumed / refilled) and bucket usage",
+        "ratio",
+        &lines,
+        None,
+        backdrop,
+    )?;
+
+    // Replicas.
+    let desired: Vec<(f64, f64)> = o
+        .syncs
+        .iter()
+        .map(|s| (s.at_s, f64::from(s.desired)))
+        .collect();
+    let mut lines = vec![{
+        let mut l = Line::new("desired replicas", desired, PALETTE[0]).step();
+        l.width = 3;
+        l
+    }];
+    let metric_names: BTreeSet<String> = o
+        .syncs
+        .iter()
+        .flat_map(|s| s.metrics.iter().map(|m| m.name.clone()))
+        .collect();
+    for (i, name) in metric_names.iter().enumerate() {
+        let points: Vec<(f64, f64)> = o
+            .syncs
+            .iter()
+            .filter_map(|s| {
+                let m = s.metrics.iter().find(|m| &m.name == name)?;
+                m.proposal.map(|p| (s.at_s, f64::from(p)))
+            })
+            .collect();
+        lines.push(
+            Line::new(
+                format!("proposal of {name}"),
+                points,
+                PALETTE[(i + 1) % PALETTE.len()],
+            )
+            .step()
+            .dashed(),
+        );
+    }
+    let (min, max) = hpa_bounds(&o.hpa_manifest);
+    if let Some(min) = min {
+        lines.push(Line::new("minReplicas", vec![(0.0, min), (end, min)], PALETTE[7]).dashed());
+    }
+    let top = o
+        .syncs
+        .iter()
+        .flat_map(|s| std::iter::once(s.desired).chain(s.metrics.iter().filter_map(|m| m.proposal)))
+        .max()
+        .unwrap_or(1);
+    plot::line_chart(
+        &dir.join("replicas.svg"),
+        &format!(
+            "HPA openclaw-hpa (simulated, deploy/base/limiter/hpa.yaml{})",
+            max.map_or(String::new(), |m| format!(", maxReplicas {m}"))
+        ),
+        "replicas",
+        &lines,
+        Some(f64::from(top) + 1.5),
+        backdrop,
+    )?;
+
+    // Replication lag.
+    let lines: Vec<Line> = names_with(o, "lag:")
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let mut l = Line::new(
+                name.trim_start_matches("lag:"),
+                series(o, name),
+                PALETTE[i % PALETTE.len()],
+            );
+            l.width = 1;
+            l
+        })
+        .collect();
+    plot::line_chart(
+        &dir.join("replication-lag.svg"),
+        "Replication lag: seconds since each replica last merged state from each peer",
+        "seconds",
+        &lines,
+        None,
+        backdrop,
+    )?;
+
+    // Alerts.
+    let rows: Vec<AlertRow> = alert_rows(o, end);
+    plot::alert_timeline(
+        &dir.join("alerts.svg"),
+        "Alerts in Prometheus (pending: yellow; firing: orange warning, red critical)",
+        &rows,
+        backdrop,
+    )
+}
+
+fn alert_rows(o: &Outcome, end: f64) -> Vec<AlertRow> {
+    let mut rows: Vec<AlertRow> = Vec::new();
+    for span in &o.alerts {
+        let label = if span.labels.is_empty() {
+            span.name.clone()
+        } else {
+            format!("{} {}", span.name, span.labels)
+        };
+        let stop = span.resolved_at.unwrap_or(end);
+        let (pending, firing) = match span.firing_at {
+            Some(f) => ((span.pending_at, f), Some((f, stop))),
+            None => ((span.pending_at, stop), None),
+        };
+        match rows.iter_mut().find(|r| r.label == label) {
+            Some(row) => {
+                row.pending.push(pending);
+                row.firing.extend(firing);
+            }
+            None => rows.push(AlertRow {
+                label,
+                critical: span.severity == "critical",
+                pending: vec![pending],
+                firing: firing.into_iter().collect(),
+            }),
+        }
+    }
+    rows
+}
+
+/// minReplicas and maxReplicas of the manifest.
+fn hpa_bounds(yaml: &str) -> (Option<f64>, Option<f64>) {
+    let doc: serde_norway::Value = serde_norway::from_str(yaml).unwrap_or_default();
+    (
+        doc["spec"]["minReplicas"].as_f64(),
+        doc["spec"]["maxReplicas"].as_f64(),
+    )
+}
+
+fn csv(o: &Outcome, dir: &Path) -> Result<()> {
+    let names: BTreeSet<String> = o
+        .samples
+        .iter()
+        .flat_map(|s| s.values.keys().cloned())
+        .collect();
+    let mut out = String::from("t_s");
+    for n in &names {
+        out.push(',');
+        out.push_str(n);
+    }
+    out.push('\n');
+    for s in &o.samples {
+        let _ = write!(out, "{:.1}", s.t);
+        for n in &names {
+            out.push(',');
+            if let Some(v) = s.get(n) {
+                let _ = write!(out, "{v}");
+            }
+        }
+        out.push('\n');
+    }
+    write_file(&dir.join("samples.csv"), &out)?;
+
+    let mut out = String::from("t_s,current,proposed,stabilized,desired,reason");
+    let metric_names: Vec<String> = o
+        .syncs
+        .first()
+        .map(|s| s.metrics.iter().map(|m| m.name.clone()).collect())
+        .unwrap_or_default();
+    for m in &metric_names {
+        let _ = write!(out, ",{m},{m}_proposal");
+    }
+    out.push('\n');
+    for s in &o.syncs {
+        let _ = write!(
+            out,
+            "{:.1},{},{},{},{},\"{}\"",
+            s.at_s,
+            s.current,
+            s.proposed,
+            s.stabilized,
+            s.desired,
+            s.reason.replace('"', "'")
+        );
+        for name in &metric_names {
+            let m = s.metrics.iter().find(|m| &m.name == name);
+            let value = m
+                .and_then(|m| m.value.as_ref().ok())
+                .map_or(String::new(), |v| v.to_string());
+            let proposal = m
+                .and_then(|m| m.proposal)
+                .map_or(String::new(), |v| v.to_string());
+            let _ = write!(out, ",{value},{proposal}");
+        }
+        out.push('\n');
+    }
+    write_file(&dir.join("hpa.csv"), &out)?;
+
+    let mut out = String::from("t_s,sent_per_s,allowed_per_s,rejected_per_s,errors_per_s\n");
+    for (t, sent, allowed, rejected, errors) in client_timeline(o) {
+        let _ = writeln!(out, "{t:.1},{sent},{allowed},{rejected},{errors}");
+    }
+    write_file(&dir.join("load.csv"), &out)
+}
+
+fn write_file(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+}
+
+/// `2m05s` scenario time, with the real time when compressed.
+fn when(o: &Outcome, t: f64) -> String {
+    if o.time_scale == 1.0 {
+        minsec(t)
+    } else {
+        format!("{} ({:.1} s real)", minsec(t), t / o.time_scale)
+    }
+}
+
+fn phase_name(o: &Outcome, t: f64) -> String {
+    o.phase_at(t)
+        .map(|p| p.phase.name.clone())
+        .unwrap_or_else(|| "after the phases".into())
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.2} ms", us as f64 / 1000.0)
+}
+
+fn markdown(o: &Outcome, command: &str) -> String {
+    let mut md = String::new();
+    let k = o.time_scale;
+    let total: f64 = o.phases.iter().map(|p| p.end_s - p.start_s).sum();
+    let date = humantime::format_rfc3339_seconds(o.started);
+    let _ = writeln!(
+        md,
+        "# Scenario `{}`: {} limiter replicas, time scale {k}\n",
+        o.profile.name, o.replicas
+    );
+    let _ = writeln!(
+        md,
+        "Run {date}. {} of scenario time{} in {:.0} s of real time (stack started in {:.1} s). \
+         Everything on 127.0.0.1: {} `openclaw-limiter` replicas peered with each other, Debian's \
+         Prometheus scraping every {} with the rules of `alerts/rules/`{}, `openclaw-metrics-adapter` \
+         serving the external metrics API from it (plain HTTP, no authentication: no Kubernetes API \
+         server here), and the HPA controller's algorithm run on `deploy/base/limiter/hpa.yaml` \
+         against that adapter every {} of scenario time.{}\n",
+        minsec(total),
+        if k == 1.0 { " (real time)" } else { "" },
+        o.wall.as_secs_f64(),
+        o.stack_startup.as_secs_f64(),
+        o.replicas,
+        format_duration(o.scrape_interval),
+        if k == 1.0 { "" } else { " (compressed copies)" },
+        if k == 1.0 {
+            "15 s".to_owned()
+        } else {
+            format!("15 s ({:.2} s real)", 15.0 / k)
+        },
+        if o.cancelled {
+            " **Cut short by Ctrl-C.**"
+        } else {
+            ""
+        }
+    );
+
+    // Headline figures.
+    let _ = writeln!(md, "## In short\n");
+    let peak_rps = series(o, "rps")
+        .into_iter()
+        .fold(None::<(f64, f64)>, |acc, (t, v)| match acc {
+            Some((_, best)) if best >= v => acc,
+            _ => Some((t, v)),
+        });
+    if let Some((t, v)) = peak_rps {
+        let _ = writeln!(
+            md,
+            "- Peak fleet rate seen by Prometheus: **{v:.0} decisions/s** at {} ({}).",
+            when(o, t),
+            phase_name(o, t)
+        );
+    }
+    if let Some((peak, at)) = o.peak_desired() {
+        let start = o.syncs.first().map_or(0, |s| s.current);
+        let last = o.syncs.last().map_or(0, |s| s.desired);
+        let _ = writeln!(
+            md,
+            "- HPA: {start} replicas at the start, peak desired **{peak}** from {} ({}), **{last}** at the end.",
+            when(o, at),
+            phase_name(o, at)
+        );
+        if let Some(down) = first_scale_down_after_peak(o) {
+            let _ = writeln!(
+                md,
+                "- First scale-down after the peak: {} -> {} at {} ({}).",
+                down.0,
+                down.1,
+                when(o, down.2),
+                phase_name(o, down.2)
+            );
+        }
+    }
+    let fired: BTreeSet<&str> = o
+        .alerts
+        .iter()
+        .filter(|a| a.firing_at.is_some())
+        .map(|a| a.name.as_str())
+        .collect();
+    let _ = writeln!(
+        md,
+        "- Alerts that fired: {}.",
+        if fired.is_empty() {
+            "none".to_owned()
+        } else {
+            fired
+                .iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
+    if let Some(kill) = &o.kill {
+        let _ = writeln!(
+            md,
+            "- `{}` (pid {}) was killed with SIGKILL at {} ({}): see [the kill](#the-kill).",
+            kill.node_id,
+            kill.pid,
+            when(o, kill.at_s),
+            phase_name(o, kill.at_s)
+        );
+    }
+    md.push('\n');
+
+    // Phases.
+    let _ = writeln!(md, "## Phases and the load generator's view\n");
+    let _ = writeln!(
+        md,
+        "Open-loop load from `openclaw_loadgen` (latency measured from each request's due time), \
+         spread round-robin over every replica with failover (a refused connection goes to the \
+         next replica, as a Service would route around a dead pod).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| phase | scenario time | asked | keys | sent | allowed | rejected | errors | missed | p50 | p99 | max |"
+    );
+    let _ = writeln!(
+        md,
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
+    for p in &o.phases {
+        let keys = match &p.phase.load {
+            Some(l) => match l.keys {
+                openclaw_loadgen::Keys::Many { count } => format!("{count} keys"),
+                openclaw_loadgen::Keys::Hot { count, share } => {
+                    format!("{count} hot keys ({:.0}%)", share * 100.0)
+                }
+            },
+            None => "-".into(),
+        };
+        let span = format!("{}-{}", minsec(p.start_s), minsec(p.end_s));
+        match &p.summary {
+            Some(s) => {
+                let _ = writeln!(
+                    md,
+                    "| {} | {span} | {:.0}/s ({:.0}/pod) | {keys} | {} ({:.0}/s) | {} | {} ({:.1}%) | {} | {} | {} | {} | {} |",
+                    p.phase.name,
+                    p.rate,
+                    p.rate / o.replicas as f64,
+                    s.requests,
+                    s.achieved_rps(),
+                    s.allowed,
+                    s.rejected,
+                    if s.requests > 0 {
+                        100.0 * s.rejected as f64 / s.requests as f64
+                    } else {
+                        0.0
+                    },
+                    s.errors,
+                    s.missed,
+                    ms(s.latency.p50_us),
+                    ms(s.latency.p99_us),
+                    ms(s.latency.max_us),
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    md,
+                    "| {} | {span} | none | - | - | - | - | - | - | - | - | - |",
+                    p.phase.name
+                );
+            }
+        }
+    }
+    md.push('\n');
+    for p in &o.phases {
+        let _ = writeln!(md, "- **{}**: {}.", p.phase.name, p.phase.purpose);
+    }
+    md.push('\n');
+
+    // HPA.
+    let _ = writeln!(md, "## The HPA's decisions\n");
+    let _ = writeln!(
+        md,
+        "`metrics_adapter::hpa_sim` on `deploy/base/limiter/hpa.yaml`: each sync lists both \
+         external metrics from the adapter as the controller does, then applies tolerance, \
+         the max over metrics, the stabilization windows and the `behavior` policies. The \
+         Deployment is assumed to follow at once (the stack itself keeps {} replicas: the \
+         decision is simulated, the load per real replica is not). Changes of the desired count:\n",
+        o.replicas
+    );
+    let _ = writeln!(
+        md,
+        "| scenario time | phase | current -> desired | reason | metrics |"
+    );
+    let _ = writeln!(md, "| --- | --- | --- | --- | --- |");
+    let mut last = None;
+    for s in &o.syncs {
+        if last == Some(s.desired) {
+            continue;
+        }
+        last = Some(s.desired);
+        let metrics: Vec<String> = s.metrics.iter().map(|m| m.to_string()).collect();
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} -> **{}** | {} | {} |",
+            when(o, s.at_s),
+            phase_name(o, s.at_s),
+            s.current,
+            s.desired,
+            s.reason,
+            metrics.join("<br>")
+        );
+    }
+    let failed = o
+        .syncs
+        .iter()
+        .filter(|s| s.metrics.iter().any(|m| m.value.is_err()))
+        .count();
+    let _ = writeln!(
+        md,
+        "\n{} syncs in all; {failed} had a metric the adapter could not serve.\n",
+        o.syncs.len()
+    );
+
+    // Alerts.
+    let _ = writeln!(md, "## Alerts\n");
+    let _ = writeln!(
+        md,
+        "From Prometheus' `/api/v1/alerts`, polled every {} of scenario time. *Pending* is \
+         Prometheus' `activeAt` (when the condition started to hold); *firing* and *resolved* \
+         are the first poll that saw the change.\n",
+        if k == 1.0 {
+            "5 s".to_owned()
+        } else {
+            format!("5 s ({:.2} s real, at least 0.5 s)", 5.0 / k)
+        }
+    );
+    if o.alerts.is_empty() {
+        let _ = writeln!(md, "No alert went pending.\n");
+    } else {
+        let _ = writeln!(
+            md,
+            "| alert | severity | labels | pending | firing | resolved | last value |"
+        );
+        let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- |");
+        for a in &o.alerts {
+            let _ = writeln!(
+                md,
+                "| `{}` | {} | {} | {} | {} | {} | {} |",
+                a.name,
+                a.severity,
+                a.labels,
+                when(o, a.pending_at),
+                a.firing_at.map_or("never".into(), |t| when(o, t)),
+                a.resolved_at
+                    .map_or("still active at the end".into(), |t| when(o, t)),
+                short_value(&a.last_value),
+            );
+        }
+        md.push('\n');
+    }
+
+    // Kill.
+    if let Some(kill) = &o.kill {
+        kill_section(&mut md, o, kill);
+    }
+
+    // Plots.
+    let _ = writeln!(md, "## Plots\n");
+    let _ = writeln!(
+        md,
+        "Shaded bands are the phases{}.\n",
+        if o.kill.is_some() {
+            "; the red line is the kill"
+        } else {
+            ""
+        }
+    );
+    for (file, what) in PLOTS {
+        let _ = writeln!(md, "### {what}\n\n![{what}]({file})\n");
+    }
+    plot_notes(&mut md, o);
+
+    // Commands.
+    let _ = writeln!(md, "## How this was produced\n");
+    let _ = writeln!(md, "```sh\n{command}\n```\n");
+    let _ = writeln!(md, "The stack listened on:\n\n```");
+    for l in &o.listening {
+        let _ = writeln!(md, "{l}");
+    }
+    let _ = writeln!(md, "```\n");
+    let _ = writeln!(
+        md,
+        "The external metrics' PromQL, as the adapter loaded it:\n"
+    );
+    for (name, q) in &o.adapter_queries {
+        let _ = writeln!(md, "- `{name}`: `{q}`");
+    }
+    md.push('\n');
+    if k != 1.0 {
+        let _ = writeln!(
+            md,
+            "Time scale {k}: Prometheus scraped and evaluated every {}, every rule's `for:` and \
+             range window, the adapter's windows and cache lifetime, the HPA's sync period, \
+             windows and policy periods, and the phases were divided by {k} (floors: windows at \
+             least 4 scrapes, `for` at least 2 evaluations; see docs/local-stack.md). Request \
+             rates, bucket refill and thresholds in seconds are not compressed. All times in \
+             this report are scenario times.\n",
+            format_duration(o.scrape_interval)
+        );
+    }
+    let _ = writeln!(
+        md,
+        "Raw data: `samples.csv` (Prometheus), `hpa.csv` (every HPA sync), `load.csv` (the load \
+         generator's per-second counts)."
+    );
+    md
+}
+
+fn short_value(v: &str) -> String {
+    match v.parse::<f64>() {
+        Ok(x) => format!("{x:.3}"),
+        Err(_) => v.to_owned(),
+    }
+}
+
+/// (from, to, scenario seconds) of the first decrease of the desired count after its peak.
+fn first_scale_down_after_peak(o: &Outcome) -> Option<(i32, i32, f64)> {
+    let (peak, at) = o.peak_desired()?;
+    let mut prev = peak;
+    for s in o.syncs.iter().filter(|s| s.at_s >= at) {
+        if s.desired < prev {
+            return Some((prev, s.desired, s.at_s));
+        }
+        prev = s.desired;
+    }
+    None
+}
+
+fn plot_notes(md: &mut String, o: &Outcome) {
+    let _ = writeln!(
+        md,
+        "Reading the plots: the fleet rate is `sum(openclaw:requests:rate1m)` (the recording \
+         rule the alerts read), per pod `sum by (pod) (rate(openclaw_requests_total[1m]))`{}; \
+         both trail the load by up to one window. Replication lag is \
+         `openclaw_replication_lag_seconds`, the time since a replica last merged a message from \
+         a peer: under load deltas flow every 50 ms; idle replicas exchange only the full-state \
+         heartbeat every 5 s, so the lag saws up to about 5 s without anything being wrong.\n",
+        if o.time_scale == 1.0 {
+            ""
+        } else {
+            " (windows compressed)"
+        }
+    );
+}
+
+fn kill_section(md: &mut String, o: &Outcome, kill: &crate::scenario::KillOutcome) {
+    let _ = writeln!(md, "## The kill\n");
+    let _ = writeln!(
+        md,
+        "`{}` ({}, pid {}) got SIGKILL at {} ({} phase): no shutdown, no last push to its peers.\n",
+        kill.node_id,
+        kill.api,
+        kill.pid,
+        when(o, kill.at_s),
+        phase_name(o, kill.at_s)
+    );
+    // The load generator around it.
+    if let Some(p) = o.phase_at(kill.at_s)
+        && let Some(s) = &p.summary
+    {
+        let target = openclaw_loadgen::plan::loopback_base(&kill.api).unwrap_or_default();
+        if let Some(t) = s.per_target.iter().find(|t| t.target == target) {
+            let _ = writeln!(
+                md,
+                "- Load generator, {} phase: requests whose last attempt went to `{}`: {}; \
+                 requests moved from it to a live replica (failover): **{}**; errors in the \
+                 whole phase: {} ({}).",
+                p.phase.name,
+                kill.node_id,
+                t.requests,
+                t.failed_over,
+                s.errors,
+                if s.errors_by_kind.is_empty() {
+                    "none".to_owned()
+                } else {
+                    s.errors_by_kind
+                        .iter()
+                        .map(|(k, n)| format!("{k}: {n}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            );
+        }
+        let after: Vec<String> = s
+            .per_target
+            .iter()
+            .filter(|t| t.target != target)
+            .map(|t| {
+                format!(
+                    "{}: {} allowed, {} rejected",
+                    t.target, t.allowed, t.rejected
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            md,
+            "- The survivors answered in that phase: {}.",
+            after.join("; ")
+        );
+    }
+    let client = client_timeline(o);
+    let window = 60.0_f64.max(3.0 * o.time_scale);
+    let errs: f64 = client
+        .iter()
+        .filter(|c| (c.0 - kill.at_s).abs() <= window)
+        .map(|c| c.4)
+        .sum();
+    let answered: f64 = client
+        .iter()
+        .filter(|c| c.0 > kill.at_s && c.0 <= kill.at_s + window)
+        .map(|c| c.2 + c.3)
+        .sum();
+    let _ = writeln!(
+        md,
+        "- Within {} of the kill: {errs:.0} requests failed; {answered:.0} were answered in the \
+         {} after it.",
+        minsec(window),
+        minsec(window)
+    );
+    // Prometheus.
+    let up_key = format!("up:{}", kill.node_id);
+    if let Some(s) = o
+        .samples
+        .iter()
+        .find(|s| s.t >= kill.at_s && s.get(&up_key) == Some(0.0))
+    {
+        let _ = writeln!(
+            md,
+            "- Prometheus: `up{{pod=\"{}\"}}` was 0 from {} on (a failed scrape); the replica's \
+             series went stale, so the fleet rate is the survivors' from one window later.",
+            kill.node_id,
+            when(o, s.t)
+        );
+    }
+    let before = o
+        .samples
+        .iter()
+        .rev()
+        .find(|s| s.t < kill.at_s)
+        .and_then(|s| s.get("rps"));
+    let after = o
+        .samples
+        .iter()
+        .find(|s| s.t > kill.at_s + window)
+        .and_then(|s| s.get("rps"));
+    if let (Some(b), Some(a)) = (before, after) {
+        let _ = writeln!(
+            md,
+            "- Fleet rate (Prometheus) just before: {b:.0}/s; {} later: {a:.0}/s (the survivors \
+             took the dead replica's share).",
+            minsec(window)
+        );
+    }
+    let started: Vec<String> = o
+        .alerts
+        .iter()
+        .filter(|a| {
+            a.pending_at >= kill.at_s - 1.0
+                && (a.labels.contains(&kill.node_id) || a.name.starts_with("OpenClaw"))
+        })
+        .map(|a| {
+            format!(
+                "`{}` ({}) pending {}, firing {}",
+                a.name,
+                a.labels,
+                when(o, a.pending_at),
+                a.firing_at.map_or("never".into(), |t| when(o, t))
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        md,
+        "- Alerts about the replicas after the kill: {}.",
+        if started.is_empty() {
+            "none".to_owned()
+        } else {
+            started.join("; ")
+        }
+    );
+    let hpa_failed: Vec<f64> = o
+        .syncs
+        .iter()
+        .filter(|s| s.at_s >= kill.at_s && s.metrics.iter().any(|m| m.value.is_err()))
+        .map(|s| s.at_s)
+        .collect();
+    let _ = writeln!(
+        md,
+        "- HPA: {} after the kill with a metric the adapter could not serve.\n",
+        if hpa_failed.is_empty() {
+            "no sync".to_owned()
+        } else {
+            format!("{} syncs", hpa_failed.len())
+        }
+    );
+}

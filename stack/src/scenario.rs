@@ -1,0 +1,832 @@
+//! A load scenario on a running [`Stack`], measured from every side.
+//!
+//! While the phases of a [`Profile`] run one after the other (each one a run of the project's
+//! load generator against every replica, with failover), three things happen in parallel:
+//! - the HPA simulator (`metrics_adapter::hpa_sim`) syncs `deploy/base/limiter/hpa.yaml`
+//!   against the metrics adapter every 15 s of scenario time, as the controller would;
+//! - a sampler asks Prometheus, every few seconds of scenario time, for the request rate (fleet
+//!   and per pod), the rejected share, token depletion and usage, replication lag per peer and
+//!   target health, and polls `/api/v1/alerts` to note when each alert went pending, firing
+//!   and resolved;
+//! - optionally, one replica is SIGKILLed at a given scenario time.
+//!
+//! Scenario time is simulated time: real time multiplied by the stack's time scale, so that a
+//! compressed run reads like an uncompressed one. Rates are never compressed (see
+//! [`crate::timescale`]).
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use metrics_adapter::hpa_sim::{self, HpaSimulator, SyncRecord};
+use openclaw_loadgen::{Drive, Keys, Plan, Progress, RateProfile, Spread, Summary};
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::prometheus::{LIMITER_JOB, PromApi};
+use crate::stack::Stack;
+use crate::timescale::{TimeScale, format_duration};
+use crate::{Error, Result};
+
+/// The per-pod request rate the HPA targets (`averageValue: "800"` in `hpa.yaml`).
+pub const HPA_TARGET_PER_POD: f64 = 800.0;
+
+/// Load of one phase.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Load {
+    /// Requests per second per limiter replica of the stack (the HPA's "per pod").
+    pub per_pod: f64,
+    pub keys: Keys,
+}
+
+/// One phase of a scenario.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Phase {
+    pub name: String,
+    /// What it is for, in words (goes into the report).
+    pub purpose: String,
+    /// Scenario (simulated) time.
+    pub duration: Duration,
+    /// `None`: no load at all.
+    pub load: Option<Load>,
+}
+
+/// A named sequence of phases.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Profile {
+    pub name: String,
+    pub phases: Vec<Phase>,
+}
+
+/// The profiles `--profile` accepts.
+pub const PROFILES: &[(&str, &str)] = &[
+    (
+        "standard",
+        "baseline 2m, spike 2m, overload on hot keys 7m, load stopped 9m (20 min of scenario time)",
+    ),
+    (
+        "quick",
+        "baseline 1m, spike 1.5m, overload on hot keys 4m, load stopped 7m (13.5 min of scenario time; for compressed tests)",
+    ),
+];
+
+impl Profile {
+    /// A profile by name, for a stack of `replicas` limiters.
+    ///
+    /// Baseline: half the HPA's 800 req/s per pod, spread over 10 000 keys (nobody near a
+    /// limit). Spike: 1.5 times the target per pod over the same keys, so the HPA must add
+    /// replicas (ceil(1.5 x N) of them). Overload: the same rate, all of it on N hot keys, each
+    /// asked for 1200 tokens/s against a refill of 1000/s, so their buckets empty and stay empty
+    /// (token usage alerts, rejections, depletion near 1). Then no load: the HPA must come back
+    /// down after its 5-minute stabilization window, and the alerts resolve.
+    pub fn named(name: &str, replicas: usize) -> Result<Profile> {
+        let (baseline, spike, overload, stopped) = match name {
+            "standard" => (120, 120, 420, 540),
+            "quick" => (60, 90, 240, 420),
+            other => {
+                let names: Vec<&str> = PROFILES.iter().map(|(n, _)| *n).collect();
+                return Err(Error::Other(format!(
+                    "unknown profile {other:?}: choose one of {}",
+                    names.join(", ")
+                )));
+            }
+        };
+        let hot = u32::try_from(replicas.max(1)).unwrap_or(u32::MAX);
+        let phase = |name: &str, purpose: &str, secs: u64, load: Option<Load>| Phase {
+            name: name.to_owned(),
+            purpose: purpose.to_owned(),
+            duration: Duration::from_secs(secs),
+            load,
+        };
+        Ok(Profile {
+            name: name.to_owned(),
+            phases: vec![
+                phase(
+                    "baseline",
+                    "half the HPA target per pod over 10 000 keys: nothing should happen",
+                    baseline,
+                    Some(Load {
+                        per_pod: 0.5 * HPA_TARGET_PER_POD,
+                        keys: Keys::Many { count: 10_000 },
+                    }),
+                ),
+                phase(
+                    "spike",
+                    "1.5x the HPA target per pod over 10 000 keys: the HPA scales up",
+                    spike,
+                    Some(Load {
+                        per_pod: 1.5 * HPA_TARGET_PER_POD,
+                        keys: Keys::Many { count: 10_000 },
+                    }),
+                ),
+                phase(
+                    "overload",
+                    "the same rate on one hot key per pod, 1200 req/s each against a refill \
+                     of 1000/s: buckets drain, token alerts fire, requests are rejected",
+                    overload,
+                    Some(Load {
+                        per_pod: 1.5 * HPA_TARGET_PER_POD,
+                        keys: Keys::Hot {
+                            count: hot,
+                            share: 1.0,
+                        },
+                    }),
+                ),
+                phase(
+                    "stopped",
+                    "no load: alerts resolve, the HPA scales down after its stabilization window",
+                    stopped,
+                    None,
+                ),
+            ],
+        })
+    }
+
+    /// Scenario time of the whole profile.
+    pub fn total(&self) -> Duration {
+        self.phases.iter().map(|p| p.duration).sum()
+    }
+
+    /// Start and end (scenario seconds) of each phase.
+    pub fn bounds(&self) -> Vec<(f64, f64)> {
+        let mut t = 0.0;
+        self.phases
+            .iter()
+            .map(|p| {
+                let start = t;
+                t += p.duration.as_secs_f64();
+                (start, t)
+            })
+            .collect()
+    }
+}
+
+/// Kill one replica at a scenario time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Kill {
+    pub replica: usize,
+    pub at: Duration,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub profile: Profile,
+    pub kill: Option<Kill>,
+    /// Progress lines on stderr.
+    pub progress: bool,
+}
+
+/// One phase as it ran.
+#[derive(Debug, Clone)]
+pub struct PhaseOutcome {
+    pub phase: Phase,
+    /// Scenario seconds.
+    pub start_s: f64,
+    pub end_s: f64,
+    /// Total request rate asked for (req/s), 0 without load.
+    pub rate: f64,
+    /// The load generator's summary (None without load).
+    pub summary: Option<Summary>,
+}
+
+/// Prometheus' view at one instant: series name -> value (see [`Sampler`] for the names).
+#[derive(Debug, Clone, Default)]
+pub struct Sample {
+    /// Scenario seconds.
+    pub t: f64,
+    pub values: BTreeMap<String, f64>,
+}
+
+impl Sample {
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.values.get(name).copied()
+    }
+}
+
+/// One alert (name and labels) from when it went pending until it resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertSpan {
+    pub name: String,
+    pub severity: String,
+    /// The labels that tell instances apart (pod, peer, policy...), `k=v` joined by commas.
+    pub labels: String,
+    /// Scenario seconds: Prometheus' `activeAt` (when the condition started to hold).
+    pub pending_at: f64,
+    /// First poll that saw it firing.
+    pub firing_at: Option<f64>,
+    /// First poll that no longer saw it.
+    pub resolved_at: Option<f64>,
+    /// The value Prometheus last rendered for it.
+    pub last_value: String,
+}
+
+/// The kill, as it happened.
+#[derive(Debug, Clone)]
+pub struct KillOutcome {
+    pub replica: usize,
+    pub node_id: String,
+    pub pid: u32,
+    pub api: String,
+    /// Scenario seconds.
+    pub at_s: f64,
+}
+
+/// Everything a report needs.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub profile: Profile,
+    pub time_scale: f64,
+    pub replicas: usize,
+    pub started: SystemTime,
+    /// Real time the scenario took (without starting and stopping the stack).
+    pub wall: Duration,
+    pub stack_startup: Duration,
+    pub listening: Vec<String>,
+    pub scrape_interval: Duration,
+    /// The PromQL of the adapter's two metrics, as loaded.
+    pub adapter_queries: Vec<(String, String)>,
+    pub hpa_manifest: String,
+    pub phases: Vec<PhaseOutcome>,
+    pub samples: Vec<Sample>,
+    /// HPA syncs; `at_s` is scenario seconds.
+    pub syncs: Vec<SyncRecord>,
+    pub alerts: Vec<AlertSpan>,
+    pub kill: Option<KillOutcome>,
+    /// Cut short by Ctrl-C.
+    pub cancelled: bool,
+}
+
+impl Outcome {
+    /// The largest desired replica count and the first scenario time it was set.
+    pub fn peak_desired(&self) -> Option<(i32, f64)> {
+        let max = self.syncs.iter().map(|s| s.desired).max()?;
+        let at = self.syncs.iter().find(|s| s.desired == max)?.at_s;
+        Some((max, at))
+    }
+
+    /// Spans of alert `name`.
+    pub fn alert(&self, name: &str) -> Vec<&AlertSpan> {
+        self.alerts.iter().filter(|a| a.name == name).collect()
+    }
+
+    /// The phase a scenario time falls in.
+    pub fn phase_at(&self, t: f64) -> Option<&PhaseOutcome> {
+        // The first phase also owns the instant the scenario starts (before its own start).
+        self.phases.iter().find(|p| t < p.end_s)
+    }
+}
+
+/// Shared state for progress lines.
+#[derive(Debug, Default)]
+struct Status {
+    phase: String,
+    phase_index: usize,
+    phase_start: f64,
+    phase_length: f64,
+    load: Option<Progress>,
+    desired: Option<i32>,
+    note: String,
+}
+
+/// Runs `options.profile` on `stack`; `cancel` (Ctrl-C) ends it early with what was measured.
+pub async fn run(
+    stack: &mut Stack,
+    options: &Options,
+    cancel: impl std::future::Future<Output = ()> + Send,
+) -> Result<Outcome> {
+    let scale = stack.options.time_scale;
+    let k = scale.factor();
+    let replicas = stack.limiters.len();
+    if let Some(kill) = options.kill
+        && kill.replica >= replicas
+    {
+        return Err(Error::Other(format!(
+            "cannot kill replica {}: the stack has {replicas} (0 to {})",
+            kill.replica,
+            replicas - 1
+        )));
+    }
+    let hpa_path = stack.options.hpa_manifest();
+    let hpa_yaml = std::fs::read_to_string(&hpa_path).map_err(|e| Error::io(&hpa_path, e))?;
+    let mut sim = HpaSimulator::from_manifest(&hpa_yaml, replicas as i32)
+        .map_err(|e| Error::Other(format!("{}: {e}", hpa_path.display())))?;
+    let adapter_queries = stack.adapter_queries()?;
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| Error::Other(format!("HTTP client: {e}")))?;
+
+    let prom = stack.prometheus.api().clone();
+    let adapter_url = stack.adapter_url.clone();
+    let targets = stack.limiter_urls();
+    let profile = options.profile.clone();
+    let total = profile.total().as_secs_f64();
+    let status = Arc::new(Mutex::new(Status::default()));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let started = SystemTime::now();
+    let start = Instant::now();
+    let now_s = move || start.elapsed().as_secs_f64() * k;
+
+    // The phases, one after the other; then everything else stops.
+    let load = {
+        let status = status.clone();
+        let stop_rx = stop_rx.clone();
+        let stop_tx = &stop_tx;
+        async move {
+            let mut outcomes = Vec::new();
+            let mut cancelled = false;
+            let mut cancel = std::pin::pin!(cancel);
+            for (index, phase) in profile.phases.iter().enumerate() {
+                let start_s = now_s();
+                {
+                    let mut s = lock(&status);
+                    s.phase = phase.name.clone();
+                    s.phase_index = index;
+                    s.phase_start = start_s;
+                    s.phase_length = phase.duration.as_secs_f64();
+                    s.load = None;
+                }
+                let real = scale.to_real(phase.duration);
+                let (rate, summary) = match &phase.load {
+                    Some(load) => {
+                        let rate = load.per_pod * replicas as f64;
+                        let plan = Plan {
+                            targets: targets.clone(),
+                            drive: Drive::OpenLoop(RateProfile::Constant(rate)),
+                            keys: load.keys,
+                            spread: Spread::RoundRobin,
+                            duration: real,
+                            failover: true,
+                            seed: 0x0C1A_3000_5EED ^ index as u64,
+                            ..Plan::default()
+                        };
+                        let status = status.clone();
+                        let summary = openclaw_loadgen::run(
+                            &plan,
+                            move |p: &Progress| lock(&status).load = Some(p.clone()),
+                            &mut cancel,
+                        )
+                        .await
+                        .map_err(|e| Error::Other(format!("phase {}: {e}", phase.name)));
+                        match summary {
+                            Ok(s) => {
+                                cancelled |= s.cancelled;
+                                (rate, Some(s))
+                            }
+                            Err(e) => {
+                                let _ = stop_tx.send(true);
+                                return Err(e);
+                            }
+                        }
+                    }
+                    None => {
+                        tokio::select! {
+                            _ = tokio::time::sleep(real) => {}
+                            _ = &mut cancel => cancelled = true,
+                        }
+                        (0.0, None)
+                    }
+                };
+                outcomes.push(PhaseOutcome {
+                    phase: phase.clone(),
+                    start_s,
+                    end_s: now_s(),
+                    rate,
+                    summary,
+                });
+                if cancelled {
+                    break;
+                }
+            }
+            let _ = stop_tx.send(true);
+            drop(stop_rx);
+            Ok((outcomes, cancelled))
+        }
+    };
+
+    // The HPA, syncing against the adapter.
+    let hpa = {
+        let status = status.clone();
+        let stop = stopped(stop_rx.clone());
+        let http = &http;
+        let adapter_url = &adapter_url;
+        let sim = &mut sim;
+        async move {
+            hpa_sim::run(
+                sim,
+                http,
+                adapter_url,
+                k,
+                move |r: &SyncRecord| lock(&status).desired = Some(r.desired),
+                stop,
+            )
+            .await
+        }
+    };
+
+    // Prometheus' view and its alerts.
+    let sampler = {
+        let stop_rx = stop_rx.clone();
+        let sampler = Sampler::new(prom.clone(), scale);
+        async move { sampler.run(now_s, stop_rx).await }
+    };
+
+    // The kill.
+    let kill_task = {
+        let status = status.clone();
+        let mut stop_rx = stop_rx.clone();
+        let stack = &mut *stack;
+        async move {
+            let kill = options.kill?;
+            tokio::select! {
+                _ = tokio::time::sleep(scale.to_real(kill.at)) => {}
+                _ = stop_rx.wait_for(|s| *s) => return None,
+            }
+            let at_s = now_s();
+            let l = &stack.limiters[kill.replica];
+            let (node_id, api) = (l.node_id.clone(), l.api.clone());
+            match stack.kill_replica(kill.replica) {
+                Ok(pid) => {
+                    lock(&status).note =
+                        format!("killed {node_id} (pid {pid}) at {}", minsec(at_s));
+                    Some(KillOutcome {
+                        replica: kill.replica,
+                        node_id,
+                        pid,
+                        api,
+                        at_s,
+                    })
+                }
+                Err(e) => {
+                    lock(&status).note = format!("kill failed: {e}");
+                    None
+                }
+            }
+        }
+    };
+
+    // Progress on stderr.
+    let progress = {
+        let status = status.clone();
+        let mut stop_rx = stop_rx.clone();
+        let show = options.progress;
+        let phases = options.profile.phases.len();
+        async move {
+            if !show {
+                return;
+            }
+            let tty = std::io::stderr().is_terminal();
+            let every = if tty {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_secs(10)
+            };
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop_rx.wait_for(|s| *s) => break,
+                }
+                let line = progress_line(&lock(&status), now_s(), total, phases, k);
+                let mut err = std::io::stderr().lock();
+                if tty {
+                    let _ = write!(err, "\r\x1b[2K{line}");
+                } else {
+                    let _ = writeln!(err, "{line}");
+                }
+                let _ = err.flush();
+            }
+            if tty {
+                eprintln!();
+            }
+        }
+    };
+
+    let (load, syncs, (samples, alerts), kill, ()) =
+        tokio::join!(load, hpa, sampler, kill_task, progress);
+    let (phases, cancelled) = load?;
+    Ok(Outcome {
+        profile: options.profile.clone(),
+        time_scale: k,
+        replicas,
+        started,
+        wall: start.elapsed(),
+        stack_startup: stack.startup,
+        listening: stack.listening_lines(),
+        scrape_interval: scale.scrape_interval(),
+        adapter_queries,
+        hpa_manifest: hpa_yaml,
+        phases,
+        samples,
+        syncs,
+        alerts,
+        kill,
+        cancelled,
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `12m05s`.
+pub fn minsec(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    format!("{}m{:02}s", s / 60, s % 60)
+}
+
+fn progress_line(s: &Status, now: f64, total: f64, phases: usize, k: f64) -> String {
+    let in_phase = now - s.phase_start;
+    let mut line = format!(
+        "[{}/{phases} {}] {}/{} | scenario {}/{}",
+        s.phase_index + 1,
+        s.phase,
+        minsec(in_phase),
+        minsec(s.phase_length),
+        minsec(now),
+        minsec(total),
+    );
+    if k != 1.0 {
+        line.push_str(&format!(" (x{k})"));
+    }
+    if let Some(p) = &s.load {
+        line.push_str(&format!(
+            " | {:.0} req/s sent, {} allowed, {} rejected, {} errors",
+            p.achieved_rps, p.allowed, p.rejected, p.errors
+        ));
+    }
+    if let Some(d) = s.desired {
+        line.push_str(&format!(" | HPA desired {d}"));
+    }
+    if !s.note.is_empty() {
+        line.push_str(&format!(" | {}", s.note));
+    }
+    line
+}
+
+/// Samples Prometheus and tracks its alerts.
+///
+/// Series names in [`Sample::values`]:
+/// - `rps`: fleet decisions per second (`sum(openclaw:requests:rate1m)`), `rps:allowed`,
+///   `rps:rejected`, and `rps:pod=NAME` per replica;
+/// - `rejected_ratio`: `max(openclaw:requests_rejected:ratio_rate1m)` (share of decisions
+///   rejected, 0 when there is traffic and nothing is rejected, absent without traffic);
+/// - `depletion`: `max(openclaw:token_depletion_rate:ratio)`;
+/// - `usage`: `max(openclaw:token_bucket_usage:ratio)`;
+/// - `lag:POD->PEER`: `openclaw_replication_lag_seconds`;
+/// - `up:POD`: `up{job="openclaw-limiter"}`.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    prom: PromApi,
+    scale: TimeScale,
+}
+
+impl Sampler {
+    pub fn new(prom: PromApi, scale: TimeScale) -> Sampler {
+        Sampler { prom, scale }
+    }
+
+    /// Every 5 s of scenario time (at least every scrape interval), until `stop`.
+    pub async fn run(
+        &self,
+        now_s: impl Fn() -> f64,
+        mut stop: watch::Receiver<bool>,
+    ) -> (Vec<Sample>, Vec<AlertSpan>) {
+        let every = self
+            .scale
+            .wait(Duration::from_secs(5))
+            .max(Duration::from_millis(500));
+        let mut samples = Vec::new();
+        let mut alerts = AlertTracker::default();
+        let mut ticker = tokio::time::interval(every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
+            let t = now_s();
+            samples.push(self.sample(t).await);
+            if let Ok(active) = self.prom.alerts().await {
+                alerts.observe(t, &active, now_s() - t, |at| self.scenario_time(at, t));
+            }
+        }
+        // One last look after the load, so alerts that resolved at the very end are seen.
+        let t = now_s();
+        samples.push(self.sample(t).await);
+        if let Ok(active) = self.prom.alerts().await {
+            alerts.observe(t, &active, 0.0, |at| self.scenario_time(at, t));
+        }
+        (samples, alerts.finish())
+    }
+
+    /// Scenario seconds of an RFC 3339 time from Prometheus, given that now is `now_t`.
+    fn scenario_time(&self, rfc3339: &str, now_t: f64) -> Option<f64> {
+        let at = humantime::parse_rfc3339_weak(rfc3339.trim_end_matches('Z'))
+            .or_else(|_| humantime::parse_rfc3339(rfc3339))
+            .ok()?;
+        let ago = SystemTime::now().duration_since(at).unwrap_or_default();
+        Some(now_t - self.scale.to_simulated(ago).as_secs_f64())
+    }
+
+    /// One sample at scenario time `t`.
+    pub async fn sample(&self, t: f64) -> Sample {
+        let window = format_duration(self.scale.window(Duration::from_secs(60)));
+        let mut values = BTreeMap::new();
+        let single = [
+            ("rps", "sum(openclaw:requests:rate1m)".to_owned()),
+            (
+                "rps:allowed",
+                "sum(openclaw:requests:rate1m{decision=\"allowed\"})".to_owned(),
+            ),
+            (
+                "rps:rejected",
+                "sum(openclaw:requests:rate1m{decision=\"rejected\"})".to_owned(),
+            ),
+            (
+                "rejected_ratio",
+                "max(openclaw:requests_rejected:ratio_rate1m)".to_owned(),
+            ),
+            (
+                "depletion",
+                "max(openclaw:token_depletion_rate:ratio)".to_owned(),
+            ),
+            ("usage", "max(openclaw:token_bucket_usage:ratio)".to_owned()),
+        ];
+        for (name, q) in single {
+            if let Ok(Some(v)) = self.prom.scalar(&q).await {
+                values.insert(name.to_owned(), v);
+            }
+        }
+        let per_pod = format!(
+            "sum by (pod) (rate(openclaw_requests_total{{job=\"{LIMITER_JOB}\"}}[{window}]))"
+        );
+        if let Ok(v) = self.prom.vector(&per_pod).await {
+            for (labels, value) in v {
+                values.insert(format!("rps:pod={}", label(&labels, "pod")), value);
+            }
+        }
+        let lag = format!("openclaw_replication_lag_seconds{{job=\"{LIMITER_JOB}\"}}");
+        if let Ok(v) = self.prom.vector(&lag).await {
+            for (labels, value) in v {
+                values.insert(
+                    format!("lag:{}->{}", label(&labels, "pod"), label(&labels, "peer")),
+                    value,
+                );
+            }
+        }
+        if let Ok(v) = self
+            .prom
+            .vector(&format!("up{{job=\"{LIMITER_JOB}\"}}"))
+            .await
+        {
+            for (labels, value) in v {
+                values.insert(format!("up:{}", label(&labels, "pod")), value);
+            }
+        }
+        Sample { t, values }
+    }
+}
+
+fn label(labels: &serde_json::Map<String, Value>, name: &str) -> String {
+    labels
+        .get(name)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Turns successive `/api/v1/alerts` answers into spans.
+#[derive(Debug, Default)]
+pub struct AlertTracker {
+    open: BTreeMap<(String, String), AlertSpan>,
+    closed: Vec<AlertSpan>,
+}
+
+/// Labels that are the same on every alert of the stack or only repeat the rule: left out of
+/// the span's label summary.
+const COMMON_LABELS: &[&str] = &["alertname", "severity", "namespace", "job"];
+
+impl AlertTracker {
+    /// One poll at scenario time `t` (`lag`: how long the poll took, in scenario seconds);
+    /// `to_t` converts Prometheus' `activeAt` to scenario time.
+    pub fn observe(
+        &mut self,
+        t: f64,
+        active: &[Value],
+        _lag: f64,
+        to_t: impl Fn(&str) -> Option<f64>,
+    ) {
+        let mut seen = Vec::new();
+        for a in active {
+            let labels = a["labels"].as_object().cloned().unwrap_or_default();
+            let name = label(&labels, "alertname");
+            let summary: Vec<String> = labels
+                .iter()
+                .filter(|(k, _)| !COMMON_LABELS.contains(&k.as_str()))
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect();
+            let key = (name.clone(), summary.join(","));
+            let state = a["state"].as_str().unwrap_or_default();
+            let value = a["value"].as_str().unwrap_or_default().to_owned();
+            let pending_at = a["activeAt"].as_str().and_then(&to_t).unwrap_or(t);
+            let span = self.open.entry(key.clone()).or_insert_with(|| AlertSpan {
+                name,
+                severity: label(&labels, "severity"),
+                labels: key.1.clone(),
+                pending_at,
+                firing_at: None,
+                resolved_at: None,
+                last_value: String::new(),
+            });
+            if state == "firing" && span.firing_at.is_none() {
+                span.firing_at = Some(t);
+            }
+            span.last_value = value;
+            seen.push(key);
+        }
+        let gone: Vec<_> = self
+            .open
+            .keys()
+            .filter(|k| !seen.contains(k))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some(mut span) = self.open.remove(&key) {
+                span.resolved_at = Some(t);
+                self.closed.push(span);
+            }
+        }
+    }
+
+    /// Every span, resolved or still open, by the time it went pending.
+    pub fn finish(mut self) -> Vec<AlertSpan> {
+        self.closed.extend(self.open.into_values());
+        self.closed.sort_by(|a, b| {
+            a.pending_at
+                .total_cmp(&b.pending_at)
+                .then_with(|| a.name.cmp(&b.name))
+        });
+        self.closed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn profiles_put_the_spike_above_the_hpa_target_and_the_baseline_below() {
+        let p = Profile::named("standard", 3).unwrap();
+        assert_eq!(p.total(), Duration::from_secs(1200));
+        let per_pod: Vec<f64> = p
+            .phases
+            .iter()
+            .map(|ph| ph.load.as_ref().map_or(0.0, |l| l.per_pod))
+            .collect();
+        assert!(per_pod[0] < HPA_TARGET_PER_POD);
+        assert!(per_pod[1] > HPA_TARGET_PER_POD);
+        assert!(per_pod[2] > HPA_TARGET_PER_POD);
+        assert_eq!(per_pod[3], 0.0);
+        // Overload: each hot key is asked for more than its bucket refills (1000/s).
+        let Some(Load {
+            keys: Keys::Hot { count, share },
+            per_pod,
+        }) = p.phases[2].load.clone()
+        else {
+            panic!("overload is on hot keys");
+        };
+        assert!(per_pod * 3.0 * share / f64::from(count) > 1000.0);
+        assert!(Profile::named("nope", 3).is_err());
+        assert_eq!(p.bounds()[1], (120.0, 240.0));
+    }
+
+    #[test]
+    fn alert_polls_become_spans_from_pending_through_firing_to_resolved() {
+        let mut tracker = AlertTracker::default();
+        let alert = |state: &str| {
+            json!({"labels": {"alertname": "TokenBucketHighUsage", "severity": "warning",
+                              "namespace": "openclaw", "policy": "default"},
+                   "state": state, "activeAt": "x", "value": "1e+00"})
+        };
+        tracker.observe(10.0, &[alert("pending")], 0.0, |_| Some(8.0));
+        tracker.observe(20.0, &[alert("pending")], 0.0, |_| Some(8.0));
+        tracker.observe(130.0, &[alert("firing")], 0.0, |_| Some(8.0));
+        tracker.observe(300.0, &[], 0.0, |_| None);
+        tracker.observe(310.0, &[alert("pending")], 0.0, |_| Some(305.0));
+        let spans = tracker.finish();
+        assert_eq!(spans.len(), 2);
+        assert_eq!(spans[0].labels, "policy=default");
+        assert_eq!(spans[0].pending_at, 8.0);
+        assert_eq!(spans[0].firing_at, Some(130.0));
+        assert_eq!(spans[0].resolved_at, Some(300.0));
+        assert_eq!(spans[1].pending_at, 305.0);
+        assert_eq!(spans[1].resolved_at, None);
+    }
+}
