@@ -111,6 +111,14 @@ pub async fn status(
     if let Some(bucket) = bucket {
         body["bucket"] = bucket;
     }
+    if let Some(escrow) = limiter.escrow()
+        && policies
+            .iter()
+            .any(|p| p.mode == crate::policy::Mode::Strict)
+    {
+        // strict mode: the allocation this replica follows and the shares it may spend now.
+        body["escrow"] = serde_json::to_value(escrow.status()).unwrap_or_default();
+    }
     Ok(Json(body).into_response())
 }
 

@@ -1,4 +1,4 @@
-//! Accuracy harness for `shared` mode: three real `openclaw-limiter` replicas on 127.0.0.1,
+//! Accuracy harness for `shared` and `strict` mode (`--mode`): three real `openclaw-limiter` replicas on 127.0.0.1,
 //! driven at a multiple of the limit, measuring how far the cluster goes over the limit, how
 //! much of it it uses, how fast an admission reaches the other replicas, and what replication
 //! costs. A benchmark, not a test: it prints figures, the targets they are compared with, and
@@ -54,6 +54,8 @@ struct Options {
     /// Overrides of the hot-key patterns' bucket (capacity, refill interval in ms).
     hot_capacity: Option<u64>,
     hot_refill_ms: Option<u64>,
+    /// `shared` or `strict`: the mode of the loaded (`default`) policy.
+    mode: String,
 }
 
 impl Options {
@@ -68,6 +70,7 @@ impl Options {
             patterns: PATTERNS.iter().map(|p| p.name.to_owned()).collect(),
             hot_capacity: None,
             hot_refill_ms: None,
+            mode: "shared".to_owned(),
         };
         let mut args = std::env::args().skip(1);
         while let Some(flag) = args.next() {
@@ -93,6 +96,13 @@ impl Options {
                 "--workers" => options.workers = number()? as usize,
                 "--capacity" => options.hot_capacity = Some(number()? as u64),
                 "--refill-ms" => options.hot_refill_ms = Some(number()? as u64),
+                "--mode" => {
+                    let mode = value.clone();
+                    if mode != "shared" && mode != "strict" {
+                        return Err(format!("--mode is shared or strict, not {mode:?}"));
+                    }
+                    options.mode = mode;
+                }
                 "--patterns" => {
                     options.patterns = value.split(',').map(str::to_owned).collect();
                     if let Some(unknown) = options
@@ -114,7 +124,7 @@ impl Options {
 const USAGE: &str = "usage: openclaw-accuracy [--duration-s 10] [--sync-ms 50] \
 [--anti-entropy-ms 5000] [--load-factor 2] [--keys 50] [--workers 8] \
 [--patterns hot-uniform,hot-one,keys-uniform,keys-one] \
-[--capacity 1000 --refill-ms 1000 (the hot-key patterns' bucket)]";
+[--capacity 1000 --refill-ms 1000 (the hot-key patterns' bucket)] [--mode shared|strict]";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Spread {
@@ -184,7 +194,9 @@ impl Cluster {
         std::fs::write(
             &policies,
             format!(
-                "policies:\n  probe:\n    capacity: {PROBE_CAPACITY}\n    refill_interval_ms: 3600000\n"
+                "policies:\n  probe:\n    capacity: {PROBE_CAPACITY}\n    refill_interval_ms: 3600000\n\
+                 \x20 default:\n    capacity: {}\n    refill_interval_ms: {}\n    mode: {}\n",
+                pattern.capacity, pattern.refill_ms, options.mode
             ),
         )
         .expect("write the policies file");
@@ -245,7 +257,7 @@ impl Cluster {
 }
 
 /// Ready, and every replica has pushed to and heard from both others (connections are open).
-fn warm_up(cluster: &Cluster, http: &Client) {
+fn warm_up(cluster: &Cluster, http: &Client, options: &Options, pattern: &Pattern) {
     for (i, url) in cluster.urls().iter().enumerate() {
         wait_until(Duration::from_secs(20), "replicas to be ready", || {
             http.get(format!("{url}/ready"))
@@ -265,6 +277,30 @@ fn warm_up(cluster: &Cluster, http: &Client) {
             let peers = status["peers"].as_array()?;
             (peers.len() == REPLICAS - 1 && peers.iter().all(|p| p["up"] == true)).then_some(())
         });
+    }
+    if options.mode == "strict" {
+        // Escrow: every replica follows an allocation of all three, and a key none of them has
+        // seen holds that replica's share of the bucket (new shares start empty and fill within
+        // one refill interval).
+        for (i, url) in cluster.urls().iter().enumerate() {
+            wait_until(
+                Duration::from_secs(30),
+                "an escrow allocation and full shares",
+                || {
+                    let status: Value = http
+                        .get(format!("{url}/status"))
+                        .query(&[("key", format!("never-seen-{i}"))])
+                        .send()
+                        .ok()?
+                        .json()
+                        .ok()?;
+                    let members = status["escrow"]["members"].as_array()?.len();
+                    let remaining = status["bucket"]["remaining"].as_u64()?;
+                    (members == REPLICAS && remaining * REPLICAS as u64 + 1 >= pattern.capacity)
+                        .then_some(())
+                },
+            );
+        }
     }
 }
 
@@ -539,7 +575,7 @@ fn run_pattern(pattern: &Pattern, options: &Options) -> Report {
     );
     let cluster = Cluster::start(pattern, options);
     let http = client(Duration::from_secs(5));
-    warm_up(&cluster, &http);
+    warm_up(&cluster, &http, options, pattern);
     let urls = cluster.urls();
     let before = counters(&cluster, &http);
 
@@ -645,9 +681,13 @@ fn main() -> std::process::ExitCode {
     };
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "openclaw accuracy harness: {REPLICAS} replicas on 127.0.0.1 ({cpus} CPUs), mode shared, \
+        "openclaw accuracy harness: {REPLICAS} replicas on 127.0.0.1 ({cpus} CPUs), mode {}, \
          sync interval {} ms, anti-entropy {} ms, load {}x the limit for {:?} per pattern",
-        options.sync_ms, options.anti_entropy_ms, options.load_factor, options.duration
+        options.mode,
+        options.sync_ms,
+        options.anti_entropy_ms,
+        options.load_factor,
+        options.duration
     );
     let mut reports = BTreeMap::new();
     for name in &options.patterns {
@@ -715,6 +755,24 @@ fn main() -> std::process::ExitCode {
         let overshoot = report.admitted as f64 - report.ideal;
         let pct = overshoot / report.ideal * 100.0;
         let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+        if options.mode == "strict" {
+            let skewed = report.pattern.ends_with("-one");
+            println!(
+                "  {:<13} strict: overshoot {overshoot:.0} (target 0: {}); utilization {:.1}%{}",
+                report.pattern,
+                verdict(overshoot <= 0.0),
+                report.utilization,
+                if skewed {
+                    format!(
+                        " (skewed load, target >= 90%: {})",
+                        verdict(report.utilization >= 90.0)
+                    )
+                } else {
+                    String::new()
+                },
+            );
+            continue;
+        }
         println!(
             "  {:<13} overshoot {overshoot:.0} within bound {:.0}: {}; under 5%: {} ({pct:.2}%); \
              steady-state excess (N-1)r*D = {:.0}; conv p99 {:.1} ms within 2 sync intervals \
@@ -736,6 +794,5 @@ fn main() -> std::process::ExitCode {
             },
         );
     }
-    println!("  strict mode: not built (it behaves as shared), so not measured.");
     std::process::ExitCode::SUCCESS
 }
