@@ -296,7 +296,7 @@ fn warm_up(cluster: &Cluster, http: &Client, options: &Options, pattern: &Patter
                         .ok()?;
                     let members = status["escrow"]["members"].as_array()?.len();
                     let remaining = status["bucket"]["remaining"].as_u64()?;
-                    (members == REPLICAS && remaining * REPLICAS as u64 + 1 >= pattern.capacity)
+                    (members == REPLICAS && (remaining + 1) * REPLICAS as u64 >= pattern.capacity)
                         .then_some(())
                 },
             );
