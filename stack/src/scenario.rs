@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use metrics_adapter::hpa_sim::{self, HpaSimulator, SyncRecord};
-use openclaw_loadgen::{Drive, Keys, Plan, Progress, RateProfile, Spread, Summary};
+pub use openclaw_loadgen::Summary;
+use openclaw_loadgen::{Drive, Keys, Plan, Progress, RateProfile, Spread};
 use serde_json::Value;
 use tokio::sync::watch;
 
@@ -67,7 +68,7 @@ pub const PROFILES: &[(&str, &str)] = &[
     ),
     (
         "quick",
-        "baseline 1m, spike 1.5m, overload on hot keys 4m, load stopped 7m (13.5 min of scenario time; for compressed tests)",
+        "baseline 1m, spike 1.5m, overload on hot keys 6m, load stopped 7m (15.5 min of scenario time; for compressed tests)",
     ),
 ];
 
@@ -83,7 +84,7 @@ impl Profile {
     pub fn named(name: &str, replicas: usize) -> Result<Profile> {
         let (baseline, spike, overload, stopped) = match name {
             "standard" => (120, 120, 420, 540),
-            "quick" => (60, 90, 240, 420),
+            "quick" => (60, 90, 360, 420),
             other => {
                 let names: Vec<&str> = PROFILES.iter().map(|(n, _)| *n).collect();
                 return Err(Error::Other(format!(
@@ -600,7 +601,7 @@ impl Sampler {
         let every = self
             .scale
             .wait(Duration::from_secs(5))
-            .max(Duration::from_millis(500));
+            .max(self.scale.scrape_interval());
         let mut samples = Vec::new();
         let mut alerts = AlertTracker::default();
         let mut ticker = tokio::time::interval(every);

@@ -4,7 +4,7 @@
 //! one real second stands for K seconds of the uncompressed world:
 //!
 //! - Prometheus' scrape and rule evaluation interval: 15 s (the ServiceMonitors in `deploy/`)
-//!   divided by K, at least [`MIN_INTERVAL`] (1 s).
+//!   divided by K, at least [`MIN_INTERVAL`] (0.5 s): up to K = 30 the compression is exact.
 //! - In every rule of `alerts/rules/*.yaml`: `for:` divided by K, at least 2 evaluation
 //!   intervals (a `for` shorter than that is one evaluation, no longer a duration); every range
 //!   window (`rate(x[1m])`, subquery ranges and steps) and `offset` divided by K, at least 4
@@ -34,8 +34,9 @@ use crate::{Error, Result};
 
 /// The scrape interval of `deploy/`'s ServiceMonitors, which the rules' windows assume.
 pub const PRODUCTION_SCRAPE_INTERVAL: Duration = Duration::from_secs(15);
-/// The shortest scrape and evaluation interval the stack uses.
-pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// The shortest scrape and evaluation interval the stack uses (a few loopback targets and a few
+/// dozen rules cost Prometheus little even twice a second).
+pub const MIN_INTERVAL: Duration = Duration::from_millis(500);
 /// Range windows keep at least this many scrape intervals.
 pub const MIN_SAMPLES_PER_WINDOW: u32 = 4;
 /// `for:` keeps at least this many evaluation intervals.
@@ -281,14 +282,19 @@ mod tests {
     fn intervals_windows_and_holds_shrink_by_k_down_to_their_floors() {
         assert_eq!(TimeScale::REAL.scrape_interval(), Duration::from_secs(15));
         assert_eq!(k(15.0).scrape_interval(), Duration::from_secs(1));
-        assert_eq!(k(100.0).scrape_interval(), Duration::from_secs(1));
+        assert_eq!(k(30.0).scrape_interval(), Duration::from_millis(500));
+        assert_eq!(k(100.0).scrape_interval(), Duration::from_millis(500));
+        assert_eq!(
+            k(30.0).window(Duration::from_secs(60)),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            k(60.0).window(Duration::from_secs(60)),
+            Duration::from_secs(2)
+        );
         assert_eq!(k(5.0).scrape_interval(), Duration::from_secs(3));
         assert_eq!(
             k(15.0).window(Duration::from_secs(60)),
-            Duration::from_secs(4)
-        );
-        assert_eq!(
-            k(30.0).window(Duration::from_secs(60)),
             Duration::from_secs(4)
         );
         assert_eq!(
@@ -301,7 +307,7 @@ mod tests {
         );
         assert_eq!(
             k(120.0).hold(Duration::from_secs(120)),
-            Duration::from_secs(2)
+            Duration::from_secs(1)
         );
         assert_eq!(
             TimeScale::REAL.window(Duration::from_secs(60)),

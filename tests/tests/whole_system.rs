@@ -1,0 +1,489 @@
+//! The whole system on 127.0.0.1, 30 times faster than real time: three real limiter
+//! replicas peered with each other, Debian's Prometheus scraping them and evaluating (compressed
+//! copies of) the rules of `alerts/rules/`, the real metrics adapter serving the external
+//! metrics API from that Prometheus, the HPA controller's algorithm on
+//! `deploy/base/limiter/hpa.yaml` against the adapter, and the project's load generator
+//! (`openclaw-stack`'s `quick` scenario: baseline, spike above 800 req/s per pod, overload on
+//! hot keys, load stopped).
+//!
+//! What runs for real and what is simulated: every process is the real binary; the HPA is
+//! simulated because no Kubernetes API server runs here (the simulator reads the adapter exactly
+//! as the controller does and applies the controller's arithmetic, `metrics_adapter::hpa_sim`),
+//! and the Deployment it scales is the stack's fixed three replicas (the request rate per real
+//! replica is not divided by the simulated count).
+//!
+//! Time compression (stack/src/timescale.rs): scrape and evaluation every 0.5 s, every `for`
+//! and range window divided by 30 (`[1m]` -> `[2s]`, `for: 2m` -> `4s`), the HPA's 15 s sync
+//! and 300 s stabilization window likewise. Request rates and bucket refill are real, so a hot
+//! bucket takes its real 5 s to drain (150 s of scenario time): the overload phase is long
+//! enough for that plus the alert's `for`.
+//!
+//! Each test takes about 40 s (a 15.5-minute scenario at x30 plus start and stop). They hold a
+//! lock file so that only one stack runs at a time: two at once on this 2-core machine (3600
+//! requests/s each to debug builds) starve the limiters into client timeouts.
+//! Needs `cargo build --workspace --bins` (debug) and `/usr/bin/prometheus`.
+
+use std::fs::File;
+use std::path::Path;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use metrics_adapter::hpa_sim::SyncRecord;
+use openclaw_e2e::{http_client, wait_until, workspace_bin};
+use openclaw_stack::process::Group;
+use openclaw_stack::scenario::{self, Kill, Outcome, Profile};
+use openclaw_stack::stack::{Options, Stack, default_config_dir};
+use openclaw_stack::timescale::TimeScale;
+use serde_json::Value;
+
+const SCALE: f64 = 30.0;
+const REPLICAS: usize = 3;
+const RPS: &str = "openclaw_requests_per_second";
+/// Scenario seconds one poll or sync may be late by, from scheduling on a busy machine (2 s of
+/// real time).
+const JITTER_S: f64 = 2.0 * SCALE;
+
+/// Only one stack at a time: both tests load the two cores fully.
+fn one_stack_at_a_time() -> File {
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("whole_system.lock");
+    let file = File::create(&path).expect("lock file");
+    file.lock().expect("lock the whole-system lock file");
+    file
+}
+
+fn options(work: &Path) -> Options {
+    let limiter = workspace_bin("openclaw-limiter");
+    workspace_bin("openclaw-metrics-adapter");
+    let bin_dir = limiter.parent().expect("target dir").to_path_buf();
+    let mut options = Options::new(default_config_dir(), bin_dir, work.to_path_buf());
+    options.replicas = REPLICAS;
+    options.time_scale = TimeScale::new(SCALE).expect("time scale");
+    // Children in the test's process group: the test runner's timeout kill reaches them too.
+    options.group = Group::Inherit;
+    options
+}
+
+fn phase<'a>(o: &'a Outcome, name: &str) -> &'a scenario::PhaseOutcome {
+    o.phases
+        .iter()
+        .find(|p| p.phase.name == name)
+        .unwrap_or_else(|| panic!("no phase {name}"))
+}
+
+/// The RPS metric as the HPA read it at a sync, with the replicas it proposed.
+fn rps_reading(s: &SyncRecord) -> Option<(f64, i32)> {
+    let m = s.metrics.iter().find(|m| m.name == RPS)?;
+    Some((*m.value.as_ref().ok()?, m.proposal?))
+}
+
+fn describe_syncs(o: &Outcome) -> String {
+    o.syncs
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Polls, while the scenario runs, until the adapter serves `metric` with the same value that
+/// Prometheus gives for the adapter's PromQL at a moment when Prometheus' own answer is stable
+/// (taken before and after the adapter call), with at least `min_value`. Returns (Prometheus,
+/// adapter). rate() moves with the evaluation time and the adapter may serve an answer cached
+/// for up to 5 s / 15, so single comparisons may differ; a consistently different answer never
+/// matches and fails at the deadline.
+fn compare_adapter_with_prometheus(
+    adapter: String,
+    prometheus: String,
+    metric: &'static str,
+    promql: String,
+    min_value: f64,
+    deadline: Duration,
+) -> JoinHandle<Result<(f64, f64), String>> {
+    std::thread::spawn(move || {
+        let http = http_client();
+        let direct = || -> Option<f64> {
+            let body: Value = http
+                .get(format!("{prometheus}/api/v1/query"))
+                .query(&[("query", promql.as_str())])
+                .send()
+                .ok()?
+                .json()
+                .ok()?;
+            body["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+        };
+        let served = || -> Option<f64> {
+            let body: Value = http
+                .get(format!(
+                    "{adapter}/apis/external.metrics.k8s.io/v1beta1/namespaces/openclaw/{metric}"
+                ))
+                .send()
+                .ok()?
+                .json()
+                .ok()?;
+            let q = body["items"][0]["value"].as_str()?;
+            let milli = metrics_adapter::quantity::parse_quantity_milli(q).ok()?.0;
+            Some(milli as f64 / 1000.0)
+        };
+        let until = Instant::now() + deadline;
+        let mut last = String::from("nothing compared yet");
+        while Instant::now() < until {
+            if let (Some(before), Some(value), Some(after)) = (direct(), served(), direct()) {
+                let stable = (before - after).abs() <= 0.005 * before;
+                if before >= min_value && stable && (value - before).abs() <= 0.01 * before {
+                    return Ok((before, value));
+                }
+                last = format!("Prometheus {before} then {after}, adapter {value}");
+            }
+            // Polling interval, not a synchronization: each attempt re-reads both sides.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(format!(
+            "the adapter never served {metric} equal to Prometheus' `{promql}` (>= {min_value}) \
+             within {deadline:?}; last: {last}"
+        ))
+    })
+}
+
+#[test]
+fn load_reaches_prometheus_and_the_adapter_the_hpa_scales_up_on_the_spike_and_back_down_and_token_usage_alerts_fire_and_resolve()
+ {
+    let _serial = one_stack_at_a_time();
+    let work = tempfile::tempdir().unwrap();
+    let rt = openclaw_stack::runtime().unwrap();
+    let mut stack = rt.block_on(Stack::up(options(work.path()))).unwrap();
+    let profile = Profile::named("quick", REPLICAS).unwrap();
+    let load_real_s: f64 = profile.phases[..3]
+        .iter()
+        .map(|p| p.duration.as_secs_f64())
+        .sum::<f64>()
+        / SCALE;
+
+    // 1. While load runs: the adapter serves what Prometheus computes from the limiters.
+    let promql = stack
+        .adapter_query(RPS)
+        .expect("the adapter has the RPS rule");
+    let comparison = compare_adapter_with_prometheus(
+        stack.adapter_url.clone(),
+        stack.prometheus.url().to_owned(),
+        RPS,
+        promql.clone(),
+        // Half the baseline (1200 req/s): the load has clearly arrived.
+        600.0,
+        Duration::from_secs_f64(load_real_s),
+    );
+    let outcome = rt
+        .block_on(scenario::run(
+            &mut stack,
+            &scenario::Options {
+                profile,
+                kill: None,
+                progress: false,
+            },
+            std::future::pending(),
+        ))
+        .unwrap();
+    let (direct, served) = comparison
+        .join()
+        .expect("comparison thread")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        (served - direct).abs() <= 0.01 * direct,
+        "{promql}: {direct} vs {served}"
+    );
+
+    // 2. Every decision the load generator got back is in Prometheus' counters.
+    let sent = |f: fn(&scenario::Summary) -> u64| -> u64 {
+        outcome
+            .phases
+            .iter()
+            .filter_map(|p| p.summary.as_ref())
+            .map(f)
+            .sum()
+    };
+    let (allowed, rejected, errors) = (
+        sent(|s| s.allowed),
+        sent(|s| s.rejected),
+        sent(|s| s.errors),
+    );
+    assert!(rejected > 0, "the overload rejected nothing");
+    let prometheus = stack.prometheus.url().to_owned();
+    let http = http_client();
+    let counted = wait_until(
+        Duration::from_secs(20),
+        "Prometheus' decision counters to match the load generator's",
+        || {
+            let body: Value = http
+                .get(format!("{prometheus}/api/v1/query"))
+                .query(&[(
+                    "query",
+                    "sum by (decision) (openclaw_requests_total{job=\"openclaw-limiter\"})",
+                )])
+                .send()
+                .ok()?
+                .json()
+                .ok()?;
+            let mut counts = (0u64, 0u64);
+            for s in body["data"]["result"].as_array()? {
+                let v: f64 = s["value"][1].as_str()?.parse().ok()?;
+                match s["metric"]["decision"].as_str()? {
+                    "allowed" => counts.0 = v as u64,
+                    "rejected" => counts.1 = v as u64,
+                    _ => {}
+                }
+            }
+            // A request that timed out on the client may still have been decided.
+            let fits = |seen: u64, got: u64| got >= seen && got <= seen + errors;
+            (fits(allowed, counts.0) && fits(rejected, counts.1)).then_some(counts)
+        },
+    );
+    assert!(errors <= allowed / 1000, "{errors} errors: {counted:?}");
+
+    // 3. The HPA: the request rate it read through the adapter rose above 800 per pod during
+    //    the spike and it scaled up; it came back down only after the 5-minute window.
+    let baseline = phase(&outcome, "baseline");
+    let spike = phase(&outcome, "spike");
+    let overload = phase(&outcome, "overload");
+    let stopped = phase(&outcome, "stopped");
+    let under_load: Vec<(f64, i32)> = outcome
+        .syncs
+        .iter()
+        .filter(|s| s.at_s >= spike.start_s && s.at_s < overload.end_s)
+        .filter_map(rps_reading)
+        .collect();
+    let (peak_rps, peak_proposal) = under_load
+        .iter()
+        .copied()
+        .fold((0.0, 0), |a, b| (f64::max(a.0, b.0), a.1.max(b.1)));
+    assert!(
+        peak_rps > 800.0 * REPLICAS as f64,
+        "the HPA never read more than 800 req/s per pod: {peak_rps}\n{}",
+        describe_syncs(&outcome)
+    );
+    assert!(
+        peak_proposal > REPLICAS as i32,
+        "the request rate never asked for more than {REPLICAS} replicas\n{}",
+        describe_syncs(&outcome)
+    );
+    // At the end of the baseline (half the target per pod), the request rate alone asks for
+    // no more than the minimum.
+    let (rps, proposal) = outcome
+        .syncs
+        .iter()
+        .filter(|s| s.at_s > baseline.start_s + 30.0 && s.at_s < baseline.end_s)
+        .filter_map(rps_reading)
+        .next_back()
+        .unwrap_or_else(|| {
+            panic!(
+                "no sync read the rate at baseline\n{}",
+                describe_syncs(&outcome)
+            )
+        });
+    assert!(
+        rps > 0.0 && rps < 800.0 * REPLICAS as f64 && proposal <= 2,
+        "at baseline the request rate alone asked for {proposal} ({rps} req/s)"
+    );
+    let (peak, peak_at) = outcome.peak_desired().unwrap();
+    assert!(
+        peak >= peak_proposal,
+        "peak desired {peak} < {peak_proposal}"
+    );
+    assert!(peak_at < overload.end_s, "peaked only at {peak_at}");
+    // The first scale-down after the peak honours the 300 s window: no sync in the 300 s
+    // before it recommended as many replicas as were then running.
+    let down = outcome
+        .syncs
+        .iter()
+        .find(|s| s.at_s > peak_at && s.desired < s.current)
+        .unwrap_or_else(|| {
+            panic!(
+                "the HPA never scaled down after the peak\n{}",
+                describe_syncs(&outcome)
+            )
+        });
+    let last_high = outcome
+        .syncs
+        .iter()
+        .filter(|s| s.at_s < down.at_s && s.proposed >= down.current)
+        .map(|s| s.at_s)
+        .fold(f64::MIN, f64::max);
+    assert!(
+        down.at_s - last_high >= 300.0 - JITTER_S,
+        "scaled down {} -> {} at {} s, only {} s after a recommendation of {}",
+        down.current,
+        down.desired,
+        down.at_s,
+        down.at_s - last_high,
+        down.current
+    );
+    assert!(
+        down.at_s > stopped.start_s,
+        "scaled down at {} s, before the load stopped at {} s\n{}",
+        down.at_s,
+        stopped.start_s,
+        describe_syncs(&outcome)
+    );
+    let last = outcome.syncs.last().unwrap();
+    assert!(last.desired < peak, "still {} at the end", last.desired);
+
+    // 4. Alerts: TokenBucketHighUsage did not fire before the hot keys, fired under the
+    //    overload after its `for` (2m / 15), and resolved once the load stopped.
+    let spans = outcome.alert("TokenBucketHighUsage");
+    assert!(
+        spans
+            .iter()
+            .all(|a| a.pending_at >= overload.start_s - JITTER_S),
+        "TokenBucketHighUsage pending before the overload: {spans:?}"
+    );
+    let fired = spans
+        .iter()
+        .find(|a| a.firing_at.is_some())
+        .unwrap_or_else(|| panic!("TokenBucketHighUsage never fired: {:?}", outcome.alerts));
+    let firing_at = fired.firing_at.unwrap();
+    assert!(
+        firing_at - fired.pending_at >= 120.0 - JITTER_S,
+        "fired before its `for`: {fired:?}"
+    );
+    assert!(
+        firing_at <= overload.end_s + JITTER_S,
+        "fired only after the overload: {fired:?}"
+    );
+    let resolved = fired
+        .resolved_at
+        .unwrap_or_else(|| panic!("TokenBucketHighUsage never resolved: {fired:?}"));
+    assert!(
+        resolved >= overload.end_s - JITTER_S && resolved <= stopped.start_s + 120.0,
+        "resolved at {resolved}, the load stopped at {}",
+        stopped.start_s
+    );
+
+    // 5. The report.
+    let report = work.path().join("report");
+    openclaw_stack::report::write(&outcome, &report, "whole_system test").unwrap();
+    for (file, _) in openclaw_stack::report::PLOTS {
+        let svg = std::fs::read_to_string(report.join(file)).unwrap();
+        assert!(svg.starts_with("<svg"), "{file}");
+    }
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
+    assert!(md.contains(&format!("peak desired **{peak}**")), "{md}");
+    assert!(md.contains("`TokenBucketHighUsage`"), "{md}");
+    rt.block_on(stack.shutdown());
+}
+
+#[test]
+fn with_one_replica_killed_mid_spike_the_survivors_keep_answering_and_the_report_shows_the_kill() {
+    let _serial = one_stack_at_a_time();
+    let work = tempfile::tempdir().unwrap();
+    let rt = openclaw_stack::runtime().unwrap();
+    let mut stack = rt.block_on(Stack::up(options(work.path()))).unwrap();
+    let victim = REPLICAS - 1;
+    let victim_api = stack.limiters[victim].api.clone();
+    let outcome = rt
+        .block_on(scenario::run(
+            &mut stack,
+            &scenario::Options {
+                profile: Profile::named("quick", REPLICAS).unwrap(),
+                kill: Some(Kill {
+                    replica: victim,
+                    at: Duration::from_secs(120),
+                }),
+                progress: false,
+            },
+            std::future::pending(),
+        ))
+        .unwrap();
+    let kill = outcome.kill.clone().expect("the replica was killed");
+    assert_eq!(kill.node_id, "limiter-2");
+    assert!(!stack.limiters[victim].is_running());
+    let spike = phase(&outcome, "spike");
+    let overload = phase(&outcome, "overload");
+    assert!(spike.start_s <= kill.at_s && kill.at_s < spike.end_s);
+
+    // The load generator: requests in flight on the dead replica at the kill may fail; after it,
+    // every request is answered by a survivor.
+    let spike_summary = spike.summary.as_ref().unwrap();
+    assert!(
+        spike_summary.errors <= spike_summary.requests / 100,
+        "{} of {} requests failed in the spike",
+        spike_summary.errors,
+        spike_summary.requests
+    );
+    let dead = spike_summary
+        .per_target
+        .iter()
+        .find(|t| victim_api.ends_with(t.target.trim_start_matches("http://")))
+        .expect("the killed target in the summary");
+    assert!(
+        dead.failed_over > 0,
+        "no failover from the dead replica: {dead:?}"
+    );
+    let later = overload.summary.as_ref().unwrap();
+    assert_eq!(
+        later.errors, 0,
+        "errors after the kill: {:?}",
+        later.errors_by_kind
+    );
+    for t in &later.per_target {
+        if victim_api.ends_with(t.target.trim_start_matches("http://")) {
+            assert_eq!(t.requests, 0, "the dead replica answered: {t:?}");
+        } else {
+            assert!(t.allowed > 0, "a survivor allowed nothing: {t:?}");
+        }
+    }
+    for second in &later.timeline {
+        let answered = second.allowed + second.rejected;
+        assert!(
+            answered * 2 >= second.sent,
+            "second {} of the overload: {answered} of {} answered",
+            second.second,
+            second.sent
+        );
+    }
+
+    // Prometheus saw the target go down, and the alert for it fired (for: 5m / 15).
+    let up = format!("up:{}", kill.node_id);
+    assert!(
+        outcome
+            .samples
+            .iter()
+            .any(|s| s.t > kill.at_s && s.get(&up) == Some(0.0)),
+        "Prometheus never saw {up} = 0"
+    );
+    let target_down = outcome.alert("OpenClawLimiterTargetDown");
+    assert!(
+        target_down
+            .iter()
+            .any(|a| a.labels.contains("pod=limiter-2") && a.firing_at.is_some()),
+        "OpenClawLimiterTargetDown did not fire for limiter-2: {:?}",
+        outcome.alerts
+    );
+    // The HPA kept reading its metrics from the survivors' series.
+    assert!(
+        outcome
+            .syncs
+            .iter()
+            .filter(|s| s.at_s > kill.at_s)
+            .all(|s| s.metrics.iter().all(|m| m.value.is_ok())),
+        "a metric failed after the kill\n{}",
+        describe_syncs(&outcome)
+    );
+    assert!(outcome.peak_desired().unwrap().0 > REPLICAS as i32);
+
+    // The report tells the story.
+    let report = work.path().join("report");
+    openclaw_stack::report::write(&outcome, &report, "whole_system test").unwrap();
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
+    for expected in [
+        "## The kill",
+        "`limiter-2`",
+        "SIGKILL",
+        "(failover): **",
+        "`up{pod=\"limiter-2\"}` was 0",
+        "OpenClawLimiterTargetDown",
+    ] {
+        assert!(md.contains(expected), "report.md lacks {expected:?}:\n{md}");
+    }
+    let lag = std::fs::read_to_string(report.join("replication-lag.svg")).unwrap();
+    assert!(lag.contains("kill -9 limiter-2"));
+    let alerts = std::fs::read_to_string(report.join("alerts.svg")).unwrap();
+    assert!(alerts.contains("OpenClawLimiterTargetDown"));
+    rt.block_on(stack.shutdown());
+}
