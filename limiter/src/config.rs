@@ -115,8 +115,9 @@ pub struct Args {
 
     /// `strict` mode: how long a replica may spend its escrow share after sending a round of
     /// peer messages that every other member answered, in milliseconds (docs/crdt.md).
-    #[arg(long, env = "OPENCLAW_STRICT_LEASE_MS", default_value_t = 1000)]
-    pub strict_lease_ms: u64,
+    /// Default: 1000, or 4 sync intervals if that is longer.
+    #[arg(long, env = "OPENCLAW_STRICT_LEASE_MS")]
+    pub strict_lease_ms: Option<u64>,
 
     /// `strict` mode: the clock-skew guard. A silent replica's share is given to others after
     /// lease + guard; strict mode's bound holds while replicas' clocks drift apart by less than
@@ -300,7 +301,10 @@ fn replication_settings(args: &Args, errors: &mut Vec<String>) -> Option<Replica
             errors.push(format!("{name} must be at least {min}"));
         }
     }
-    if args.strict_lease_ms < 4 * args.sync_interval_ms {
+    let strict_lease_ms = args
+        .strict_lease_ms
+        .unwrap_or((4 * args.sync_interval_ms).max(1000));
+    if strict_lease_ms < 4 * args.sync_interval_ms {
         errors.push(
             "OPENCLAW_STRICT_LEASE_MS must be at least 4 sync intervals (OPENCLAW_SYNC_INTERVAL_MS): \
              a lease is renewed once per round"
@@ -322,7 +326,7 @@ fn replication_settings(args: &Args, errors: &mut Vec<String>) -> Option<Replica
         sync_interval: Duration::from_millis(args.sync_interval_ms),
         anti_entropy_interval: Duration::from_millis(args.anti_entropy_interval_ms),
         ready_max_wait: Duration::from_millis(args.ready_max_wait_ms),
-        strict_lease: Duration::from_millis(args.strict_lease_ms),
+        strict_lease: Duration::from_millis(strict_lease_ms),
         strict_skew_guard: Duration::from_millis(args.strict_skew_guard_ms),
     })
 }

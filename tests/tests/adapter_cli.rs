@@ -109,14 +109,14 @@ fn explain_shows_the_final_promql_prometheus_answer_items_and_the_hpa_decision()
         "{stdout}"
     );
     assert!(stdout.contains("\"value\": \"1\""), "{stdout}");
-    // Usage 1 against 250m on 2 ready pods: ratio 4 -> ceil(4 x 2) = 8; the default scale-up
-    // limit from 2 is max(2 + 4 pods, 2 + 100%) = 6.
+    // Usage 1 against 250m on 2 ready pods: ratio 4 -> ceil(4 x 2) = 8. The manifest has no
+    // spec.behavior, so the controller's legacy limit applies: at most max(2 x 2, 4) = 4.
     assert!(
         stdout.contains("ratio 4.0000, ceil(4.0000 x 2 ready) -> 8 replicas"),
         "{stdout}"
     );
     assert!(
-        stdout.contains("=> The HPA would set 6 replicas (now 2)."),
+        stdout.contains("=> The HPA would set 4 replicas (now 2)."),
         "{stdout}"
     );
 
