@@ -403,9 +403,10 @@ fn with_failover_a_replica_killed_mid_run_costs_only_the_requests_in_flight() {
     assert_adds_up(&summary);
     let killed_at = killed_at.expect("killed during the run");
     // Only requests on the wire to the dead replica when it died can fail, as a broken
-    // connection: at 1000/s that is one request per millisecond of latency; 30 leaves room for a
-    // 2-core machine busy with other tests. Refusals afterwards fail over: no connect errors.
-    assert!(summary.errors <= 30, "{summary:#?}");
+    // connection: at 1000/s one request per millisecond of latency. Under a full CI run on 2
+    // cores latency reaches tens of ms (65 seen), so the bound is 10 % of the run: without
+    // failover half of the requests after the kill (about 37 %) would fail.
+    assert!(summary.errors * 10 <= summary.requests, "{summary:#?}");
     assert_eq!(
         summary
             .errors_by_kind

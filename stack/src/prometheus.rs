@@ -141,10 +141,9 @@ impl Prometheus {
                 |line| listening_address(&line.text),
             )
             .await?;
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(10))
-            .build()
+        // The adapter's helper also installs ring as rustls' provider: a workspace build unifies
+        // a TLS feature into reqwest, and building any client without a provider panics.
+        let http = metrics_adapter::hpa_sim::http_client(Duration::from_secs(10))
             .map_err(|e| Error::Other(format!("HTTP client: {e}")))?;
         let mut prometheus = Prometheus {
             proc,
