@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
@@ -237,14 +237,39 @@ impl PromApi {
         &self.url
     }
 
-    /// An instant query; returns `data` (`resultType`, `result`).
+    /// An instant query now; returns `data` (`resultType`, `result`).
     pub async fn query(&self, promql: &str) -> Result<Value> {
-        self.api("/api/v1/query", &[("query", promql)]).await
+        self.query_at(promql, None).await
+    }
+
+    /// An instant query evaluated at `at` (now if `None`).
+    pub async fn query_at(&self, promql: &str, at: Option<SystemTime>) -> Result<Value> {
+        match at {
+            Some(at) => {
+                let secs = at
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64();
+                let time = format!("{secs:.3}");
+                self.api("/api/v1/query", &[("query", promql), ("time", &time)])
+                    .await
+            }
+            None => self.api("/api/v1/query", &[("query", promql)]).await,
+        }
     }
 
     /// The samples of an instant vector query, as (labels, value).
     pub async fn vector(&self, promql: &str) -> Result<Vec<(serde_json::Map<String, Value>, f64)>> {
-        let data = self.query(promql).await?;
+        self.vector_at(promql, None).await
+    }
+
+    /// [`PromApi::vector`] evaluated at `at`.
+    pub async fn vector_at(
+        &self,
+        promql: &str,
+        at: Option<SystemTime>,
+    ) -> Result<Vec<(serde_json::Map<String, Value>, f64)>> {
+        let data = self.query_at(promql, at).await?;
         let result = data["result"]
             .as_array()
             .ok_or_else(|| Error::Other(format!("`{promql}` is not a vector: {data}")))?;
@@ -260,7 +285,12 @@ impl PromApi {
 
     /// The only (or first) value of a query, if any.
     pub async fn scalar(&self, promql: &str) -> Result<Option<f64>> {
-        Ok(self.vector(promql).await?.first().map(|(_, v)| *v))
+        self.scalar_at(promql, None).await
+    }
+
+    /// [`PromApi::scalar`] evaluated at `at`.
+    pub async fn scalar_at(&self, promql: &str, at: Option<SystemTime>) -> Result<Option<f64>> {
+        Ok(self.vector_at(promql, at).await?.first().map(|(_, v)| *v))
     }
 
     /// `/api/v1/alerts`: the alerts pending or firing now.

@@ -750,6 +750,25 @@ fn markdown(o: &Outcome, command: &str) -> String {
             format_duration(o.scrape_interval)
         );
     }
+    let h = &o.health;
+    let num =
+        |v: Option<f64>, digits: usize| v.map_or("unknown".to_owned(), |v| format!("{v:.digits$}"));
+    let _ = writeln!(
+        md,
+        "Measurement health (Prometheus about itself, over the run): {} of {} limiter scrapes \
+         failed{}, the slowest took {} s (timeout {}), {} rule evaluations were skipped. Failed \
+         scrapes and skipped evaluations leave holes in the rates and reset alerts' `for`.\n",
+        num(h.failed_scrapes, 0),
+        num(h.scrapes, 0),
+        if o.kill.is_some() {
+            " (the killed replica's included)"
+        } else {
+            ""
+        },
+        num(h.slowest_scrape_s, 3),
+        format_duration(o.scrape_interval.min(std::time::Duration::from_secs(10))),
+        num(h.missed_evaluations, 0),
+    );
     let _ = writeln!(
         md,
         "Raw data: `samples.csv` (Prometheus), `hpa.csv` (every HPA sync), `load.csv` (the load \

@@ -32,6 +32,9 @@ use crate::{Error, Result};
 
 /// The per-pod request rate the HPA targets (`averageValue: "800"` in `hpa.yaml`).
 pub const HPA_TARGET_PER_POD: f64 = 800.0;
+/// Requests per second on each hot key in the overload phase: 1.8 times the default policy's
+/// refill (1000 tokens/s), so a full bucket drains in 1.25 s.
+pub const HOT_KEY_RATE: f64 = 1800.0;
 
 /// Load of one phase.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,10 +80,12 @@ impl Profile {
     ///
     /// Baseline: half the HPA's 800 req/s per pod, spread over 10 000 keys (nobody near a
     /// limit). Spike: 1.5 times the target per pod over the same keys, so the HPA must add
-    /// replicas (ceil(1.5 x N) of them). Overload: the same rate, all of it on N hot keys, each
-    /// asked for 1200 tokens/s against a refill of 1000/s, so their buckets empty and stay empty
-    /// (token usage alerts, rejections, depletion near 1). Then no load: the HPA must come back
-    /// down after its 5-minute stabilization window, and the alerts resolve.
+    /// replicas (ceil(1.5 x N) of them). Overload: the same rate, all of it on a few hot keys,
+    /// each asked for about 1800 tokens/s against a refill of 1000/s, so their buckets empty
+    /// within about a second and stay empty (token usage alerts, rejections, depletion near 1).
+    /// Bucket refill is never compressed: at 1200/s a bucket would take 5 real seconds to
+    /// drain, 150 s of scenario time at x30, too much of a compressed phase. Then no load: the
+    /// HPA must come back down after its 5-minute stabilization window, and the alerts resolve.
     pub fn named(name: &str, replicas: usize) -> Result<Profile> {
         let (baseline, spike, overload, stopped) = match name {
             "standard" => (120, 120, 420, 540),
@@ -93,7 +98,8 @@ impl Profile {
                 )));
             }
         };
-        let hot = u32::try_from(replicas.max(1)).unwrap_or(u32::MAX);
+        let overload_rate = 1.5 * HPA_TARGET_PER_POD * replicas.max(1) as f64;
+        let hot = ((overload_rate / HOT_KEY_RATE).round() as u32).max(1);
         let phase = |name: &str, purpose: &str, secs: u64, load: Option<Load>| Phase {
             name: name.to_owned(),
             purpose: purpose.to_owned(),
@@ -123,8 +129,8 @@ impl Profile {
                 ),
                 phase(
                     "overload",
-                    "the same rate on one hot key per pod, 1200 req/s each against a refill \
-                     of 1000/s: buckets drain, token alerts fire, requests are rejected",
+                    "the same rate on a few hot keys, about 1800 req/s each against a refill \
+                     of 1000/s: their buckets drain, token alerts fire, requests are rejected",
                     overload,
                     Some(Load {
                         per_pod: 1.5 * HPA_TARGET_PER_POD,
@@ -257,6 +263,21 @@ pub struct Outcome {
     pub kill: Option<KillOutcome>,
     /// Cut short by Ctrl-C.
     pub cancelled: bool,
+    /// How well Prometheus kept up, over the whole scenario.
+    pub health: Health,
+}
+
+/// Whether the measurements can be trusted: an overloaded machine makes scrapes time out and
+/// rule evaluations skip, which resets alerts' `for` and leaves holes in the rates.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Health {
+    /// Scrapes of limiter targets that failed (killed replicas included).
+    pub failed_scrapes: Option<f64>,
+    pub scrapes: Option<f64>,
+    /// The slowest limiter scrape, seconds (the timeout is the scrape interval, at most 10 s).
+    pub slowest_scrape_s: Option<f64>,
+    /// Rule group evaluations Prometheus skipped because the previous one ran late.
+    pub missed_evaluations: Option<f64>,
 }
 
 impl Outcome {
@@ -434,7 +455,7 @@ pub async fn run(
     // Prometheus' view and its alerts.
     let sampler = {
         let stop_rx = stop_rx.clone();
-        let sampler = Sampler::new(prom.clone(), scale);
+        let sampler = Sampler::new(prom.clone(), scale, started);
         async move { sampler.run(now_s, stop_rx).await }
     };
 
@@ -511,6 +532,9 @@ pub async fn run(
     let (load, syncs, (samples, alerts), kill, ()) =
         tokio::join!(load, hpa, sampler, kill_task, progress);
     let (phases, cancelled) = load?;
+    let health = Sampler::new(prom, scale, started)
+        .health(start.elapsed())
+        .await;
     Ok(Outcome {
         profile: options.profile.clone(),
         time_scale: k,
@@ -528,6 +552,7 @@ pub async fn run(
         alerts,
         kill,
         cancelled,
+        health,
     })
 }
 
@@ -585,11 +610,22 @@ fn progress_line(s: &Status, now: f64, total: f64, phases: usize, k: f64) -> Str
 pub struct Sampler {
     prom: PromApi,
     scale: TimeScale,
+    /// The wall-clock time of scenario time 0.
+    started: SystemTime,
 }
 
 impl Sampler {
-    pub fn new(prom: PromApi, scale: TimeScale) -> Sampler {
-        Sampler { prom, scale }
+    pub fn new(prom: PromApi, scale: TimeScale, started: SystemTime) -> Sampler {
+        Sampler {
+            prom,
+            scale,
+            started,
+        }
+    }
+
+    /// The wall-clock time of scenario time `t`.
+    fn wall(&self, t: f64) -> SystemTime {
+        self.started + self.scale.to_real(Duration::from_secs_f64(t.max(0.0)))
     }
 
     /// Every 5 s of scenario time (at least every scrape interval), until `stop`.
@@ -611,32 +647,62 @@ impl Sampler {
                 _ = ticker.tick() => {}
                 _ = stop.wait_for(|s| *s) => break,
             }
-            let t = now_s();
-            samples.push(self.sample(t).await);
-            if let Ok(active) = self.prom.alerts().await {
-                alerts.observe(t, &active, now_s() - t, |at| self.scenario_time(at, t));
-            }
+            samples.push(self.sample(now_s()).await);
+            self.poll_alerts(&mut alerts, &now_s).await;
         }
         // One last look after the load, so alerts that resolved at the very end are seen.
-        let t = now_s();
-        samples.push(self.sample(t).await);
-        if let Ok(active) = self.prom.alerts().await {
-            alerts.observe(t, &active, 0.0, |at| self.scenario_time(at, t));
-        }
+        samples.push(self.sample(now_s()).await);
+        self.poll_alerts(&mut alerts, &now_s).await;
         (samples, alerts.finish())
     }
 
-    /// Scenario seconds of an RFC 3339 time from Prometheus, given that now is `now_t`.
-    fn scenario_time(&self, rfc3339: &str, now_t: f64) -> Option<f64> {
+    /// Scrape and rule evaluation health over the last `real` seconds.
+    pub async fn health(&self, real: Duration) -> Health {
+        let d = format!("{}s", real.as_secs() + 5);
+        let job = format!("job=\"{LIMITER_JOB}\"");
+        let q = |q: String| async move { self.prom.scalar(&q).await.ok().flatten() };
+        Health {
+            failed_scrapes: q(format!(
+                "sum(count_over_time(up{{{job}}}[{d}])) - sum(sum_over_time(up{{{job}}}[{d}]))"
+            ))
+            .await,
+            scrapes: q(format!("sum(count_over_time(up{{{job}}}[{d}]))")).await,
+            slowest_scrape_s: q(format!(
+                "max(max_over_time(scrape_duration_seconds{{{job}}}[{d}]))"
+            ))
+            .await,
+            missed_evaluations: q(format!(
+                "sum(increase(prometheus_rule_group_iterations_missed_total{{job=\"prometheus\"}}[{d}]))"
+            ))
+            .await,
+        }
+    }
+
+    /// Asks for the active alerts; the poll counts as made when the answer arrived (the state
+    /// it describes is at most that old).
+    async fn poll_alerts(&self, alerts: &mut AlertTracker, now_s: &impl Fn() -> f64) {
+        if let Ok(active) = self.prom.alerts().await {
+            let t = now_s();
+            alerts.observe(t, &active, |at| self.scenario_time(at));
+        }
+    }
+
+    /// Scenario seconds of an RFC 3339 time from Prometheus.
+    fn scenario_time(&self, rfc3339: &str) -> Option<f64> {
         let at = humantime::parse_rfc3339_weak(rfc3339.trim_end_matches('Z'))
             .or_else(|_| humantime::parse_rfc3339(rfc3339))
             .ok()?;
-        let ago = SystemTime::now().duration_since(at).unwrap_or_default();
-        Some(now_t - self.scale.to_simulated(ago).as_secs_f64())
+        let real = match at.duration_since(self.started) {
+            Ok(after) => after.as_secs_f64(),
+            Err(before) => -before.duration().as_secs_f64(),
+        };
+        Some(real * self.scale.factor())
     }
 
-    /// One sample at scenario time `t`.
+    /// One sample at scenario time `t`: every query is evaluated at that instant, however long
+    /// the queries take to answer.
     pub async fn sample(&self, t: f64) -> Sample {
+        let at = Some(self.wall(t));
         let window = format_duration(self.scale.window(Duration::from_secs(60)));
         let mut values = BTreeMap::new();
         let single = [
@@ -660,20 +726,20 @@ impl Sampler {
             ("usage", "max(openclaw:token_bucket_usage:ratio)".to_owned()),
         ];
         for (name, q) in single {
-            if let Ok(Some(v)) = self.prom.scalar(&q).await {
+            if let Ok(Some(v)) = self.prom.scalar_at(&q, at).await {
                 values.insert(name.to_owned(), v);
             }
         }
         let per_pod = format!(
             "sum by (pod) (rate(openclaw_requests_total{{job=\"{LIMITER_JOB}\"}}[{window}]))"
         );
-        if let Ok(v) = self.prom.vector(&per_pod).await {
+        if let Ok(v) = self.prom.vector_at(&per_pod, at).await {
             for (labels, value) in v {
                 values.insert(format!("rps:pod={}", label(&labels, "pod")), value);
             }
         }
         let lag = format!("openclaw_replication_lag_seconds{{job=\"{LIMITER_JOB}\"}}");
-        if let Ok(v) = self.prom.vector(&lag).await {
+        if let Ok(v) = self.prom.vector_at(&lag, at).await {
             for (labels, value) in v {
                 values.insert(
                     format!("lag:{}->{}", label(&labels, "pod"), label(&labels, "peer")),
@@ -683,7 +749,7 @@ impl Sampler {
         }
         if let Ok(v) = self
             .prom
-            .vector(&format!("up{{job=\"{LIMITER_JOB}\"}}"))
+            .vector_at(&format!("up{{job=\"{LIMITER_JOB}\"}}"), at)
             .await
         {
             for (labels, value) in v {
@@ -714,15 +780,9 @@ pub struct AlertTracker {
 const COMMON_LABELS: &[&str] = &["alertname", "severity", "namespace", "job"];
 
 impl AlertTracker {
-    /// One poll at scenario time `t` (`lag`: how long the poll took, in scenario seconds);
-    /// `to_t` converts Prometheus' `activeAt` to scenario time.
-    pub fn observe(
-        &mut self,
-        t: f64,
-        active: &[Value],
-        _lag: f64,
-        to_t: impl Fn(&str) -> Option<f64>,
-    ) {
+    /// One poll answered at scenario time `t`; `to_t` converts Prometheus' `activeAt` to
+    /// scenario time.
+    pub fn observe(&mut self, t: f64, active: &[Value], to_t: impl Fn(&str) -> Option<f64>) {
         let mut seen = Vec::new();
         for a in active {
             let labels = a["labels"].as_object().cloned().unwrap_or_default();
@@ -816,11 +876,11 @@ mod tests {
                               "namespace": "openclaw", "policy": "default"},
                    "state": state, "activeAt": "x", "value": "1e+00"})
         };
-        tracker.observe(10.0, &[alert("pending")], 0.0, |_| Some(8.0));
-        tracker.observe(20.0, &[alert("pending")], 0.0, |_| Some(8.0));
-        tracker.observe(130.0, &[alert("firing")], 0.0, |_| Some(8.0));
-        tracker.observe(300.0, &[], 0.0, |_| None);
-        tracker.observe(310.0, &[alert("pending")], 0.0, |_| Some(305.0));
+        tracker.observe(10.0, &[alert("pending")], |_| Some(8.0));
+        tracker.observe(20.0, &[alert("pending")], |_| Some(8.0));
+        tracker.observe(130.0, &[alert("firing")], |_| Some(8.0));
+        tracker.observe(300.0, &[], |_| None);
+        tracker.observe(310.0, &[alert("pending")], |_| Some(305.0));
         let spans = tracker.finish();
         assert_eq!(spans.len(), 2);
         assert_eq!(spans[0].labels, "policy=default");

@@ -63,6 +63,13 @@ fn options(work: &Path) -> Options {
     options
 }
 
+/// Where a test's report goes: kept after the run (also when it fails) for a look.
+fn report_dir(test: &str) -> std::path::PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("whole_system-{test}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
 fn phase<'a>(o: &'a Outcome, name: &str) -> &'a scenario::PhaseOutcome {
     o.phases
         .iter()
@@ -181,6 +188,15 @@ fn load_reaches_prometheus_and_the_adapter_the_hpa_scales_up_on_the_spike_and_ba
             std::future::pending(),
         ))
         .unwrap();
+    // The report first, so that a failing assertion leaves it to look at.
+    let report = report_dir("causal_chain");
+    openclaw_stack::report::write(
+        &outcome,
+        &report,
+        "cargo nextest run -p openclaw-e2e --test whole_system",
+    )
+    .unwrap();
+    eprintln!("report: {}", report.join("report.md").display());
     let (direct, served) = comparison
         .join()
         .expect("comparison thread")
@@ -336,7 +352,12 @@ fn load_reaches_prometheus_and_the_adapter_the_hpa_scales_up_on_the_spike_and_ba
     let fired = spans
         .iter()
         .find(|a| a.firing_at.is_some())
-        .unwrap_or_else(|| panic!("TokenBucketHighUsage never fired: {:?}", outcome.alerts));
+        .unwrap_or_else(|| {
+            panic!(
+                "TokenBucketHighUsage never fired: {:?}\nPrometheus health: {:?}",
+                outcome.alerts, outcome.health
+            )
+        });
     let firing_at = fired.firing_at.unwrap();
     assert!(
         firing_at - fired.pending_at >= 120.0 - JITTER_S,
@@ -356,8 +377,6 @@ fn load_reaches_prometheus_and_the_adapter_the_hpa_scales_up_on_the_spike_and_ba
     );
 
     // 5. The report.
-    let report = work.path().join("report");
-    openclaw_stack::report::write(&outcome, &report, "whole_system test").unwrap();
     for (file, _) in openclaw_stack::report::PLOTS {
         let svg = std::fs::read_to_string(report.join(file)).unwrap();
         assert!(svg.starts_with("<svg"), "{file}");
@@ -390,6 +409,15 @@ fn with_one_replica_killed_mid_spike_the_survivors_keep_answering_and_the_report
             std::future::pending(),
         ))
         .unwrap();
+    // The report first, so that a failing assertion leaves it to look at.
+    let report = report_dir("kill");
+    openclaw_stack::report::write(
+        &outcome,
+        &report,
+        "cargo nextest run -p openclaw-e2e --test whole_system",
+    )
+    .unwrap();
+    eprintln!("report: {}", report.join("report.md").display());
     let kill = outcome.kill.clone().expect("the replica was killed");
     assert_eq!(kill.node_id, "limiter-2");
     assert!(!stack.limiters[victim].is_running());
@@ -468,8 +496,6 @@ fn with_one_replica_killed_mid_spike_the_survivors_keep_answering_and_the_report
     assert!(outcome.peak_desired().unwrap().0 > REPLICAS as i32);
 
     // The report tells the story.
-    let report = work.path().join("report");
-    openclaw_stack::report::write(&outcome, &report, "whole_system test").unwrap();
     let md = std::fs::read_to_string(report.join("report.md")).unwrap();
     for expected in [
         "## The kill",
