@@ -29,7 +29,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use metrics_adapter::hpa_sim::SyncRecord;
-use openclaw_e2e::{http_client, wait_until, workspace_bin};
+use openclaw_e2e::{ChildGuard, http_client, parse_listening, wait_until, workspace_bin};
 use openclaw_stack::process::Group;
 use openclaw_stack::scenario::{self, Kill, Outcome, Profile};
 use openclaw_stack::stack::{Options, Stack, default_config_dir};
@@ -512,4 +512,157 @@ fn with_one_replica_killed_mid_spike_the_survivors_keep_answering_and_the_report
     let alerts = std::fs::read_to_string(report.join("alerts.svg")).unwrap();
     assert!(alerts.contains("OpenClawLimiterTargetDown"));
     rt.block_on(stack.shutdown());
+}
+
+/// `openclaw-stack up` as a user runs it; on drop (also on panic) SIGTERM, so the stack stops
+/// its children, then SIGKILL to the process group of every child it listed, in case it hung.
+struct UpCommand {
+    stack: ChildGuard,
+    children: Vec<u32>,
+}
+
+impl Drop for UpCommand {
+    fn drop(&mut self) {
+        self.stack.terminate(Duration::from_secs(20));
+        for pid in &self.children {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &format!("-{pid}")])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// The process ids in the stack's table on stderr (`limiter-0  http://...  14597  peer ...`).
+fn table_pids(log: &str) -> Vec<u32> {
+    log.lines()
+        .filter(|l| {
+            ["limiter-", "prometheus ", "metrics-adapter "]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
+        .filter_map(|l| l.split_whitespace().nth(2)?.parse().ok())
+        .collect()
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+#[test]
+fn the_up_command_prints_where_everything_listens_and_ctrl_c_stops_every_process() {
+    let mut cmd = std::process::Command::new(workspace_bin("openclaw-stack"));
+    cmd.args(["up", "--time-scale", "30", "--replicas", "3"]);
+    let mut up = UpCommand {
+        stack: ChildGuard::spawn("openclaw-stack", cmd),
+        children: Vec::new(),
+    };
+    let lines = up.stack.stdout_lines();
+    let mut listening = Vec::new();
+    let until = Instant::now() + Duration::from_secs(60);
+    while listening.len() < 5 {
+        let left = until.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => listening.extend(parse_listening(&line)),
+            Err(e) => panic!(
+                "{} listening lines before {e:?}:\n{}",
+                listening.len(),
+                up.stack.log_tail(40)
+            ),
+        }
+    }
+    let url = |name: &str| {
+        listening
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, u)| u.clone())
+            .unwrap_or_else(|| panic!("no `listening {name}=` in {listening:?}"))
+    };
+    // The table follows the listening lines on stderr.
+    up.children = wait_until(Duration::from_secs(10), "the table of processes", || {
+        let pids = table_pids(&up.stack.log());
+        (pids.len() == 5).then_some(pids)
+    });
+
+    // Everything answers, and the replicas are peered: 600 tokens spent on limiter-0 are
+    // missing on limiter-2.
+    let http = http_client();
+    let spent = http
+        .get(format!("{}/rate?key=alice&cost=600", url("limiter-0")))
+        .send()
+        .unwrap();
+    assert_eq!(spent.status(), 200);
+    wait_until(
+        Duration::from_secs(10),
+        "limiter-2 to see limiter-0's consumption",
+        || {
+            let status: Value = http
+                .get(format!("{}/status?key=alice", url("limiter-2")))
+                .send()
+                .ok()?
+                .json()
+                .ok()?;
+            (status["bucket"]["remaining"].as_u64()? < 1000).then_some(())
+        },
+    );
+    let metric = http
+        .get(format!(
+            "{}/apis/external.metrics.k8s.io/v1beta1/namespaces/openclaw/{RPS}",
+            url("metrics-adapter")
+        ))
+        .send()
+        .unwrap();
+    assert_eq!(metric.status(), 200, "{:?}", metric.text());
+    let targets: Value = http
+        .get(format!("{}/api/v1/targets", url("prometheus")))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let jobs: Vec<(&str, &str)> = targets["data"]["activeTargets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["labels"]["job"].as_str().unwrap_or_default(),
+                t["health"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    for job in ["openclaw-limiter", "openclaw-metrics-adapter", "prometheus"] {
+        assert!(
+            jobs.iter().any(|(j, h)| *j == job && *h == "up"),
+            "{job} not scraped: {jobs:?}"
+        );
+    }
+
+    // Ctrl-C: the stack stops every child cleanly, then exits.
+    let pid = up.stack.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    wait_until(
+        Duration::from_secs(40),
+        "the stack to exit after SIGINT",
+        || up.stack.has_exited().then_some(()),
+    );
+    let log = up.stack.log();
+    for name in [
+        "limiter-0",
+        "limiter-1",
+        "limiter-2",
+        "prometheus",
+        "metrics-adapter",
+    ] {
+        assert!(
+            log.contains(&format!("  {name}: exit status: 0")),
+            "{name} did not exit cleanly:\n{log}"
+        );
+    }
+    for child in &up.children {
+        assert!(!alive(*child), "process {child} outlived the stack");
+    }
 }
