@@ -16,6 +16,8 @@ COPY common/ common/
 COPY limiter/ limiter/
 COPY metrics-adapter/ metrics-adapter/
 COPY tests/ tests/
+COPY loadgen/ loadgen/
+COPY stack/ stack/
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p openclaw-limiter --bin openclaw-limiter \
