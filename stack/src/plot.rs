@@ -107,7 +107,8 @@ pub fn line_chart(
         .light_line_style(RGBColor(235, 235, 235))
         .draw()
         .map_err(err)?;
-    draw_backdrop(&mut chart, backdrop, y_top)?;
+    // Phase names along the top, the kill's label near the bottom (clear of the load lines).
+    draw_backdrop(&mut chart, backdrop, y_top, (y_top * 0.97, y_top * 0.09))?;
     for line in lines {
         let points: Vec<(f64, f64)> = to_minutes(line);
         let style = ShapeStyle {
@@ -167,6 +168,7 @@ fn draw_backdrop<DB: DrawingBackend>(
     >,
     backdrop: &Backdrop,
     y_top: f64,
+    labels: (f64, f64),
 ) -> Result<()>
 where
     DB::ErrorType: 'static,
@@ -183,7 +185,7 @@ where
         chart
             .draw_series(std::iter::once(Text::new(
                 name.clone(),
-                (x0 + (x1 - x0) * 0.02, y_top * 0.97),
+                (x0 + (x1 - x0) * 0.02, labels.0),
                 ("sans-serif", 12).into_font().color(&RGBColor(90, 90, 90)),
             )))
             .map_err(err)?;
@@ -198,8 +200,8 @@ where
             .map_err(err)?;
         chart
             .draw_series(std::iter::once(Text::new(
-                format!("kill -9 {what}"),
-                (x, y_top * 0.90),
+                format!(" kill -9 {what}"),
+                (x, labels.1),
                 ("sans-serif", 12).into_font().color(&RGBColor(200, 0, 0)),
             )))
             .map_err(err)?;
@@ -217,6 +219,9 @@ pub struct AlertRow {
     pub firing: Vec<(f64, f64)>,
 }
 
+/// Rows of room above the alerts for the phase names and the kill's label.
+const TOP_BAND: f64 = 1.5;
+
 /// Alerts over time: one row each, pending in amber, firing in red (orange for warnings).
 pub fn alert_timeline(
     path: &Path,
@@ -225,7 +230,7 @@ pub fn alert_timeline(
     backdrop: &Backdrop,
 ) -> Result<()> {
     let n = rows.len().max(1);
-    let height = (90 + 26 * n as u32).max(200);
+    let height = (120 + 26 * n as u32).max(220);
     let root = SVGBackend::new(path, (WIDTH, height)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let x_max = (backdrop.end / 60.0).max(0.1);
@@ -241,13 +246,13 @@ pub fn alert_timeline(
         .margin(12)
         .x_label_area_size(38)
         .y_label_area_size(label_width)
-        .build_cartesian_2d(0.0..x_max, 0.0..n as f64)
+        .build_cartesian_2d(0.0..x_max, 0.0..n as f64 + TOP_BAND)
         .map_err(err)?;
     let labels: Vec<String> = rows.iter().map(|r| r.label.clone()).collect();
     chart
         .configure_mesh()
         .x_desc("scenario time (minutes)")
-        .y_labels(n * 2 + 1)
+        .y_labels(n * 2 + 4)
         .y_label_formatter(&|y| {
             // Rows are drawn top to bottom; label each at its middle.
             let i = (n as f64 - y - 0.5).round();
@@ -261,7 +266,8 @@ pub fn alert_timeline(
         .light_line_style(RGBColor(235, 235, 235))
         .draw()
         .map_err(err)?;
-    draw_backdrop(&mut chart, backdrop, n as f64)?;
+    let top = n as f64 + TOP_BAND;
+    draw_backdrop(&mut chart, backdrop, top, (top - 0.15, top - 0.75))?;
     for (i, row) in rows.iter().enumerate() {
         let top = n as f64 - i as f64 - 0.15;
         let bottom = n as f64 - i as f64 - 0.85;

@@ -28,6 +28,9 @@ pub const PLOTS: &[(&str, &str)] = &[
     ("alerts.svg", "Alerts pending and firing"),
 ];
 
+/// Top of the replication lag plot: a dead peer's lag grows for the rest of the run.
+const LAG_CAP_S: f64 = 30.0;
+
 /// Writes the report into `dir` (created if needed). `command` is how the run was started.
 pub fn write(outcome: &Outcome, dir: &Path, command: &str) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -288,14 +291,23 @@ fn plots(o: &Outcome, dir: &Path, backdrop: &Backdrop) -> Result<()> {
         backdrop,
     )?;
 
-    // Replication lag.
+    // Replication lag: a dead peer's lag grows without bound; cap the axis so the live
+    // peers' lag stays readable.
+    let mut capped = false;
     let lines: Vec<Line> = names_with(o, "lag:")
         .iter()
         .enumerate()
         .map(|(i, name)| {
+            let points = series(o, name)
+                .into_iter()
+                .map(|(t, v)| {
+                    capped |= v > LAG_CAP_S;
+                    (t, v.min(LAG_CAP_S))
+                })
+                .collect();
             let mut l = Line::new(
                 name.trim_start_matches("lag:"),
-                series(o, name),
+                points,
                 PALETTE[i % PALETTE.len()],
             );
             l.width = 1;
@@ -304,10 +316,17 @@ fn plots(o: &Outcome, dir: &Path, backdrop: &Backdrop) -> Result<()> {
         .collect();
     plot::line_chart(
         &dir.join("replication-lag.svg"),
-        "Replication lag: seconds since each replica last merged state from each peer",
+        &format!(
+            "Replication lag: seconds since each replica last merged state from each peer{}",
+            if capped {
+                format!(" (axis cut at {LAG_CAP_S:.0} s)")
+            } else {
+                String::new()
+            }
+        ),
         "seconds",
         &lines,
-        None,
+        capped.then_some(LAG_CAP_S * 1.1),
         backdrop,
     )?;
 
@@ -487,18 +506,15 @@ fn markdown(o: &Outcome, command: &str) -> String {
 
     // Headline figures.
     let _ = writeln!(md, "## In short\n");
-    let peak_rps = series(o, "rps")
-        .into_iter()
-        .fold(None::<(f64, f64)>, |acc, (t, v)| match acc {
-            Some((_, best)) if best >= v => acc,
-            _ => Some((t, v)),
-        });
-    if let Some((t, v)) = peak_rps {
+    let rps = series(o, "rps");
+    let max_rps = rps.iter().map(|p| p.1).fold(0.0_f64, f64::max);
+    if let Some((t, _)) = rps.iter().find(|p| p.1 >= 0.995 * max_rps && max_rps > 0.0) {
         let _ = writeln!(
             md,
-            "- Peak fleet rate seen by Prometheus: **{v:.0} decisions/s** at {} ({}).",
-            when(o, t),
-            phase_name(o, t)
+            "- Peak fleet rate seen by Prometheus: **{max_rps:.0} decisions/s**, first reached at \
+             {} ({}).",
+            when(o, *t),
+            phase_name(o, *t)
         );
     }
     if let Some((peak, at)) = o.peak_desired() {
@@ -640,7 +656,11 @@ fn markdown(o: &Outcome, command: &str) -> String {
             continue;
         }
         last = Some(s.desired);
-        let metrics: Vec<String> = s.metrics.iter().map(|m| m.to_string()).collect();
+        let metrics: Vec<String> = s
+            .metrics
+            .iter()
+            .map(|m| shorten(&m.to_string(), 160))
+            .collect();
         let _ = writeln!(
             md,
             "| {} | {} | {} -> **{}** | {} | {} |",
@@ -648,7 +668,7 @@ fn markdown(o: &Outcome, command: &str) -> String {
             phase_name(o, s.at_s),
             s.current,
             s.desired,
-            s.reason,
+            shorten(&s.reason, 60),
             metrics.join("<br>")
         );
     }
@@ -670,10 +690,13 @@ fn markdown(o: &Outcome, command: &str) -> String {
         "From Prometheus' `/api/v1/alerts`, polled every {} of scenario time. *Pending* is \
          Prometheus' `activeAt` (when the condition started to hold); *firing* and *resolved* \
          are the first poll that saw the change.\n",
-        if k == 1.0 {
-            "5 s".to_owned()
-        } else {
-            format!("5 s ({:.2} s real, at least 0.5 s)", 5.0 / k)
+        {
+            let real = (5.0 / k).max(o.scrape_interval.as_secs_f64());
+            if k == 1.0 {
+                format!("{real:.0} s (every scrape interval)")
+            } else {
+                format!("{:.0} s ({real:.2} s real)", real * k)
+            }
         }
     );
     if o.alerts.is_empty() {
@@ -775,6 +798,16 @@ fn markdown(o: &Outcome, command: &str) -> String {
          generator's per-second counts)."
     );
     md
+}
+
+/// At most `max` characters, with an ellipsis when cut (the full text is in hpa.csv).
+fn shorten(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        text.to_owned()
+    } else {
+        let cut: String = text.chars().take(max).collect();
+        format!("{cut}...")
+    }
 }
 
 fn short_value(v: &str) -> String {

@@ -777,7 +777,8 @@ pub struct AlertTracker {
 
 /// Labels that are the same on every alert of the stack or only repeat the rule: left out of
 /// the span's label summary.
-const COMMON_LABELS: &[&str] = &["alertname", "severity", "namespace", "job"];
+/// (`instance` only repeats `pod` here.)
+const COMMON_LABELS: &[&str] = &["alertname", "severity", "namespace", "job", "instance"];
 
 impl AlertTracker {
     /// One poll answered at scenario time `t`; `to_t` converts Prometheus' `activeAt` to

@@ -15,12 +15,13 @@
 //! Time compression (stack/src/timescale.rs): scrape and evaluation every 0.5 s, every `for`
 //! and range window divided by 30 (`[1m]` -> `[2s]`, `for: 2m` -> `4s`), the HPA's 15 s sync
 //! and 300 s stabilization window likewise. Request rates and bucket refill are real, so a hot
-//! bucket takes its real 5 s to drain (150 s of scenario time): the overload phase is long
-//! enough for that plus the alert's `for`.
+//! bucket takes its real time to drain (1.25 s at 1800 requests/s: 37 s of scenario time); the
+//! overload phase is long enough for that plus the alert's `for`.
 //!
-//! Each test takes about 40 s (a 15.5-minute scenario at x30 plus start and stop). They hold a
-//! lock file so that only one stack runs at a time: two at once on this 2-core machine (3600
-//! requests/s each to debug builds) starve the limiters into client timeouts.
+//! The two scenario tests take about 40 s each (a 15.5-minute scenario at x30 plus start and
+//! stop). They hold a lock file so that only one scenario runs at a time: two at once on this
+//! 2-core machine (3600 requests/s each to debug builds) starve the limiters into client
+//! timeouts. A third test runs `openclaw-stack up` as a user would and stops it with Ctrl-C.
 //! Needs `cargo build --workspace --bins` (debug) and `/usr/bin/prometheus`.
 
 use std::fs::File;
@@ -605,14 +606,21 @@ fn the_up_command_prints_where_everything_listens_and_ctrl_c_stops_every_process
             (status["bucket"]["remaining"].as_u64()? < 1000).then_some(())
         },
     );
-    let metric = http
-        .get(format!(
-            "{}/apis/external.metrics.k8s.io/v1beta1/namespaces/openclaw/{RPS}",
-            url("metrics-adapter")
-        ))
-        .send()
-        .unwrap();
-    assert_eq!(metric.status(), 200, "{:?}", metric.text());
+    // rate() needs two scrapes: poll until the adapter has a value to serve.
+    wait_until(
+        Duration::from_secs(30),
+        "the adapter to serve openclaw_requests_per_second",
+        || {
+            http.get(format!(
+                "{}/apis/external.metrics.k8s.io/v1beta1/namespaces/openclaw/{RPS}",
+                url("metrics-adapter")
+            ))
+            .send()
+            .ok()
+            .filter(|r| r.status() == 200)
+            .map(|_| ())
+        },
+    );
     let targets: Value = http
         .get(format!("{}/api/v1/targets", url("prometheus")))
         .send()
