@@ -287,7 +287,7 @@ fn plots(o: &Outcome, dir: &Path, backdrop: &Backdrop) -> Result<()> {
         ),
         "replicas",
         &lines,
-        Some(f64::from(top) + 1.5),
+        Some(f64::from(top) * 1.4 + 1.0),
         backdrop,
     )?;
 
@@ -326,7 +326,7 @@ fn plots(o: &Outcome, dir: &Path, backdrop: &Backdrop) -> Result<()> {
         ),
         "seconds",
         &lines,
-        capped.then_some(LAG_CAP_S * 1.1),
+        capped.then_some(LAG_CAP_S * 1.5),
         backdrop,
     )?;
 
@@ -838,12 +838,15 @@ fn plot_notes(md: &mut String, o: &Outcome) {
          both trail the load by up to one window. Replication lag is \
          `openclaw_replication_lag_seconds`, the time since a replica last merged a message from \
          a peer: under load deltas flow every 50 ms; idle replicas exchange only the full-state \
-         heartbeat every 5 s, so the lag saws up to about 5 s without anything being wrong.\n",
+         heartbeat every 5 s, so the lag saws up to about 5 s without anything being wrong (scraped \
+         every {}: when that is a multiple of 5 s, each scrape catches the sawtooth at about the \
+         same phase and it looks flat). A dead peer's lag grows until the end.\n",
         if o.time_scale == 1.0 {
             ""
         } else {
             " (windows compressed)"
-        }
+        },
+        format_duration(o.scrape_interval)
     );
 }
 
