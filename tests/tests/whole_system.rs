@@ -516,7 +516,7 @@ fn with_one_replica_killed_mid_spike_the_survivors_keep_answering_and_the_report
 }
 
 /// `openclaw-stack up` as a user runs it; on drop (also on panic) SIGTERM, so the stack stops
-/// its children, then SIGKILL to the process group of every child it listed, in case it hung.
+/// its children, then SIGKILL to any child it listed that is still alive, in case it hung.
 struct UpCommand {
     stack: ChildGuard,
     children: Vec<u32>,
@@ -525,11 +525,15 @@ struct UpCommand {
 impl Drop for UpCommand {
     fn drop(&mut self) {
         self.stack.terminate(Duration::from_secs(20));
-        for pid in &self.children {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &format!("-{pid}")])
-                .stderr(std::process::Stdio::null())
-                .status();
+        for &pid in &self.children {
+            // Positive process ids only, and only live ones: procps' `kill -KILL -PGID` (without
+            // `--`) signals every process (-1), and a reaped pid may have been reused.
+            if pid > 1 && alive(pid) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-s", "KILL", "--", &pid.to_string()])
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
         }
     }
 }
@@ -646,9 +650,10 @@ fn the_up_command_prints_where_everything_listens_and_ctrl_c_stops_every_process
     }
 
     // Ctrl-C: the stack stops every child cleanly, then exits.
-    let pid = up.stack.id().to_string();
+    let pid = up.stack.id();
+    assert!(pid > 1, "no process id for the stack");
     let sent = std::process::Command::new("kill")
-        .args(["-INT", &pid])
+        .args(["-s", "INT", "--", &pid.to_string()])
         .status()
         .unwrap();
     assert!(sent.success());
