@@ -335,10 +335,8 @@ pub async fn run(
     let mut sim = HpaSimulator::from_manifest(&hpa_yaml, replicas as i32)
         .map_err(|e| Error::Other(format!("{}: {e}", hpa_path.display())))?;
     let adapter_queries = stack.adapter_queries()?;
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(10))
-        .build()
+    // The adapter's helper installs ring as rustls' provider (see `Prometheus::start`).
+    let http = hpa_sim::http_client(Duration::from_secs(10))
         .map_err(|e| Error::Other(format!("HTTP client: {e}")))?;
 
     let prom = stack.prometheus.api().clone();
