@@ -168,10 +168,7 @@ impl Replicator {
 
     /// Escrow state travels only while some policy is `strict`.
     fn strict_active(&self) -> bool {
-        self.limiter
-            .policies()
-            .iter()
-            .any(|p| p.mode == crate::policy::Mode::Strict)
+        self.limiter.has_strict_policies()
     }
 
     fn escrow_control(&self) -> Option<Control> {

@@ -45,6 +45,8 @@ pub struct Verdict {
 #[derive(Debug)]
 struct Active {
     set: PolicySet,
+    /// Some policy is `strict` (replication then carries escrow state every round).
+    any_strict: bool,
     /// Indexed by [`PolicyId`].
     counters: Vec<Option<PolicyCounters>>,
 }
@@ -160,6 +162,11 @@ impl Limiter {
 
     pub fn started(&self) -> Micros {
         self.started
+    }
+
+    /// Whether some policy in force is `strict`.
+    pub fn has_strict_policies(&self) -> bool {
+        self.active.load().any_strict
     }
 
     /// The policies in force now.
@@ -422,7 +429,12 @@ impl Active {
             }
             counters[slot] = Some(metrics.policy_counters(&policy.name));
         }
-        Self { set, counters }
+        let any_strict = set.iter().any(|p| p.mode == Mode::Strict);
+        Self {
+            set,
+            counters,
+            any_strict,
+        }
     }
 
     fn counters_of(&self, id: PolicyId) -> Option<&PolicyCounters> {

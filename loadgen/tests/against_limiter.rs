@@ -6,19 +6,8 @@ use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openclaw_e2e::{Service, http_client};
+use openclaw_e2e::{Service, http_client, spawn_limiter};
 use openclaw_loadgen::{Drive, Error, Keys, Plan, Progress, RateProfile, Spread, Summary, run};
-
-const START: Duration = Duration::from_secs(20);
-
-fn limiter(envs: &[(&str, &str)]) -> Service {
-    Service::spawn(
-        "openclaw-limiter",
-        &["--listen", "127.0.0.1:0"],
-        envs,
-        START,
-    )
-}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -75,7 +64,7 @@ fn dead_target() -> String {
 #[test]
 fn counts_add_up_and_agree_with_the_limiters_policy_and_metrics() {
     // 50 tokens, refilled continuously at 50 per second; one hot key takes every request.
-    let service = limiter(&[("BUCKET_CAPACITY", "50"), ("REFILL_INTERVAL_MS", "1000")]);
+    let service = spawn_limiter(&[("BUCKET_CAPACITY", "50"), ("REFILL_INTERVAL_MS", "1000")]);
     let plan = Plan {
         targets: vec![service.url.clone()],
         drive: Drive::OpenLoop(RateProfile::Constant(300.0)),
@@ -131,7 +120,7 @@ fn counts_add_up_and_agree_with_the_limiters_policy_and_metrics() {
 
 #[test]
 fn open_loop_holds_the_asked_rate() {
-    let service = limiter(&[]);
+    let service = spawn_limiter(&[]);
     let plan = Plan {
         targets: vec![service.url.clone()],
         drive: Drive::OpenLoop(RateProfile::Constant(300.0)),
@@ -177,7 +166,7 @@ fn open_loop_holds_the_asked_rate() {
 
 #[test]
 fn max_requests_is_honoured_in_both_loops() {
-    let service = limiter(&[]);
+    let service = spawn_limiter(&[]);
     let closed = Plan {
         targets: vec![service.url.clone()],
         drive: Drive::ClosedLoop { connections: 4 },
@@ -229,7 +218,7 @@ fn non_loopback_targets_are_refused_before_anything_is_sent() {
 
 #[test]
 fn failover_sends_around_a_dead_target_and_without_it_the_refusals_are_errors() {
-    let service = limiter(&[]);
+    let service = spawn_limiter(&[]);
     let plan = Plan {
         targets: vec![dead_target(), service.url.clone()],
         drive: Drive::OpenLoop(RateProfile::Constant(200.0)),
@@ -267,7 +256,7 @@ fn failover_sends_around_a_dead_target_and_without_it_the_refusals_are_errors() 
 
 #[test]
 fn cancelling_ends_the_run_early_and_still_returns_the_summary() {
-    let service = limiter(&[]);
+    let service = spawn_limiter(&[]);
     let plan = Plan {
         targets: vec![service.url.clone()],
         drive: Drive::ClosedLoop { connections: 2 },
@@ -288,7 +277,7 @@ fn cancelling_ends_the_run_early_and_still_returns_the_summary() {
 
 #[test]
 fn the_api_key_is_sent_as_a_bearer_token() {
-    let service = limiter(&[("OPENCLAW_API_KEY", "loadgen-test-secret")]);
+    let service = spawn_limiter(&[("OPENCLAW_API_KEY", "loadgen-test-secret")]);
     let plan = Plan {
         targets: vec![service.url.clone()],
         drive: Drive::ClosedLoop { connections: 1 },
@@ -328,7 +317,7 @@ fn requests_counted(service: &Service) -> f64 {
 
 #[test]
 fn dropping_the_run_stops_the_load() {
-    let service = limiter(&[]);
+    let service = spawn_limiter(&[]);
     let plan = Plan {
         targets: vec![service.url.clone()],
         drive: Drive::OpenLoop(RateProfile::Constant(500.0)),
@@ -377,8 +366,8 @@ fn closed_loop_on_a_dead_fleet_with_failover_ends_on_time_with_connect_errors() 
 
 #[test]
 fn with_failover_a_replica_killed_mid_run_costs_only_the_requests_in_flight() {
-    let mut doomed = limiter(&[]);
-    let survivor = limiter(&[]);
+    let mut doomed = spawn_limiter(&[]);
+    let survivor = spawn_limiter(&[]);
     let plan = Plan {
         targets: vec![doomed.url.clone(), survivor.url.clone()],
         drive: Drive::OpenLoop(RateProfile::Constant(1000.0)),

@@ -328,6 +328,16 @@ pub struct Prometheus {
 /// The metrics adapter binary.
 pub const ADAPTER_BIN: &str = "openclaw-metrics-adapter";
 
+/// Starts one `openclaw-limiter` with its decision API on 127.0.0.1 (port 0) and `envs`.
+pub fn spawn_limiter(envs: &[(&str, &str)]) -> Service {
+    Service::spawn(
+        "openclaw-limiter",
+        &["--listen", "127.0.0.1:0"],
+        envs,
+        Duration::from_secs(20),
+    )
+}
+
 /// Starts `openclaw-metrics-adapter serve` on 127.0.0.1 (port 0) without authentication (no
 /// Kubernetes API here), asking `prometheus_url` with the rules in `config`. `plain_http` serves
 /// HTTP instead of HTTPS; `extra` arguments are appended.

@@ -4,18 +4,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use openclaw_common::wire::Decision;
-use openclaw_e2e::{Service, http_client, wait_until, workspace_bin};
-
-const START: Duration = Duration::from_secs(20);
-
-fn limiter(envs: &[(&str, &str)]) -> Service {
-    Service::spawn(
-        "openclaw-limiter",
-        &["--listen", "127.0.0.1:0"],
-        envs,
-        START,
-    )
-}
+use openclaw_e2e::{http_client, spawn_limiter, wait_until, workspace_bin};
 
 fn metric_value(text: &str, series: &str) -> Option<f64> {
     text.lines()
@@ -26,7 +15,7 @@ fn metric_value(text: &str, series: &str) -> Option<f64> {
 
 #[test]
 fn with_no_flags_it_runs_the_embedded_single_node_default() {
-    let service = limiter(&[]);
+    let service = spawn_limiter(&[]);
     let client = http_client();
     let status: serde_json::Value = client
         .get(format!("{}/status", service.url))
@@ -50,7 +39,7 @@ fn with_no_flags_it_runs_the_embedded_single_node_default() {
 
 #[test]
 fn decides_over_http_exports_metrics_and_stops_cleanly_on_sigterm() {
-    let mut service = limiter(&[("BUCKET_CAPACITY", "5"), ("REFILL_INTERVAL_MS", "600000")]);
+    let mut service = spawn_limiter(&[("BUCKET_CAPACITY", "5"), ("REFILL_INTERVAL_MS", "600000")]);
     let client = http_client();
     for i in 0..5 {
         let response = client
@@ -160,7 +149,7 @@ fn policies_file_is_reloaded_and_a_broken_edit_keeps_the_last_good_one() {
     )
     .unwrap();
     let path = policies.to_str().unwrap();
-    let service = limiter(&[
+    let service = spawn_limiter(&[
         ("OPENCLAW_POLICIES", path),
         ("OPENCLAW_POLICIES_RELOAD_MS", "100"),
     ]);

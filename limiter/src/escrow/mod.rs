@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use serde::Serialize;
 
-use self::protocol::{Control, Node, Params, Version};
+use self::protocol::{Control, Node, Params};
 use self::share::{Ppm, ShareHistory, SubBucket, WHOLE};
 use crate::bucket::{MAX_INTERVAL_MS, Micros, Outcome, Rate};
 use crate::clock::Clock;
@@ -96,28 +96,30 @@ impl Escrow {
     ) -> Outcome {
         {
             let mut asked = self.asked.lock().unwrap_or_else(|p| p.into_inner());
-            *asked.1.entry_ref_or_default(policy) += cost;
+            match asked.1.get_mut(policy) {
+                Some(tokens) => *tokens += cost,
+                None => {
+                    asked.1.insert(policy.to_owned(), cost);
+                }
+            }
         }
-        let shares = self.shares.read().unwrap_or_else(|p| p.into_inner());
-        let now = self.clock.now();
-        let Some(history) = shares.get(policy) else {
-            return SubBucket { level: 0, at: now }.describe(rate, 0, false, cost);
-        };
-        let mut shard = self.shard(key);
-        let keys = shard.entry(policy_id).or_default();
-        let bucket = match keys.get_mut(key) {
-            Some(bucket) => bucket,
-            None => keys
-                .entry(key.into())
-                .or_insert_with(|| SubBucket::fresh(history, rate, now)),
-        };
-        if now >= self.lease_until.load(Ordering::Acquire) {
-            // The lease ran out: spend nothing until the node has renewed it or given up the
-            // share (see `tick`).
-            history.settle(bucket, rate, now);
-            return bucket.describe(rate, 0, false, cost);
-        }
-        bucket.try_spend(history, rate, cost, now)
+        self.with_history(policy, rate, cost, |history, now, lease_ok| {
+            let mut shard = self.shard(key);
+            let keys = shard.entry(policy_id).or_default();
+            let bucket = match keys.get_mut(key) {
+                Some(bucket) => bucket,
+                None => keys
+                    .entry(key.into())
+                    .or_insert_with(|| SubBucket::fresh(history, rate, now)),
+            };
+            if !lease_ok {
+                // The lease ran out: spend nothing until the node has renewed it or given up
+                // the share (see `tick`).
+                history.settle(bucket, rate, now);
+                return bucket.describe(rate, 0, false, cost);
+            }
+            bucket.try_spend(history, rate, cost, now)
+        })
     }
 
     /// What a decision would see, without spending.
@@ -129,22 +131,36 @@ impl Escrow {
         rate: Rate,
         cost: u64,
     ) -> Outcome {
+        self.with_history(policy, rate, cost, |history, now, lease_ok| {
+            let mut bucket = self
+                .shard(key)
+                .get(&policy_id)
+                .and_then(|keys| keys.get(key))
+                .copied()
+                .unwrap_or_else(|| SubBucket::fresh(history, rate, now));
+            history.settle(&mut bucket, rate, now);
+            let share = if lease_ok { history.current() } else { 0 };
+            let allowed = lease_ok && bucket.level >= share::cost_units(rate, cost);
+            bucket.describe(rate, share, allowed, cost)
+        })
+    }
+
+    /// Run `decide` with this policy's share history, the time (read under the shares lock, so
+    /// after every share change made before it) and whether the lease holds. A policy with no
+    /// history yet (no allocation has reached this replica) grants nothing.
+    fn with_history(
+        &self,
+        policy: &str,
+        rate: Rate,
+        cost: u64,
+        decide: impl FnOnce(&ShareHistory, Micros, bool) -> Outcome,
+    ) -> Outcome {
         let shares = self.shares.read().unwrap_or_else(|p| p.into_inner());
         let now = self.clock.now();
-        let Some(history) = shares.get(policy) else {
-            return SubBucket { level: 0, at: now }.describe(rate, 0, false, cost);
-        };
-        let shard = self.shard(key);
-        let mut bucket = shard
-            .get(&policy_id)
-            .and_then(|keys| keys.get(key))
-            .copied()
-            .unwrap_or_else(|| SubBucket::fresh(history, rate, now));
-        history.settle(&mut bucket, rate, now);
-        let lease_ok = now < self.lease_until.load(Ordering::Acquire);
-        let needed = share::cost_units(rate, cost);
-        let share = if lease_ok { history.current() } else { 0 };
-        bucket.describe(rate, share, lease_ok && bucket.level >= needed, cost)
+        match shares.get(policy) {
+            None => SubBucket { level: 0, at: now }.describe(rate, 0, false, cost),
+            Some(history) => decide(history, now, now < self.lease_until.load(Ordering::Acquire)),
+        }
     }
 
     /// The control state to send to peers.
@@ -281,33 +297,6 @@ impl Escrow {
         self.len() == 0
     }
 
-    /// Shares in use now (fractions), for metrics.
-    pub fn usable_shares(&self) -> BTreeMap<String, f64> {
-        let node = self.node();
-        let lease_ok = self.clock.now() < node.lease_until();
-        node.usable_shares()
-            .iter()
-            .map(|(p, &u)| {
-                (
-                    p.clone(),
-                    if lease_ok {
-                        f64::from(u) / f64::from(WHOLE)
-                    } else {
-                        0.0
-                    },
-                )
-            })
-            .collect()
-    }
-
-    pub fn lease_valid(&self) -> bool {
-        self.clock.now() < self.lease_until.load(Ordering::Acquire)
-    }
-
-    pub fn allocation_version(&self) -> Option<Version> {
-        self.node().allocation().map(|a| a.version)
-    }
-
     pub fn status(&self) -> EscrowStatus {
         let sub_buckets = self.len();
         let node = self.node();
@@ -328,20 +317,6 @@ impl Escrow {
             lease_remaining_ms: (node.lease_until() as i64 - now as i64) / 1000,
             sub_buckets,
         }
-    }
-}
-
-trait EntryRefOrDefault {
-    fn entry_ref_or_default(&mut self, key: &str) -> &mut u64;
-}
-
-impl EntryRefOrDefault for HashMap<String, u64> {
-    /// Count without allocating the key once it is present.
-    fn entry_ref_or_default(&mut self, key: &str) -> &mut u64 {
-        if !self.contains_key(key) {
-            self.insert(key.to_owned(), 0);
-        }
-        self.get_mut(key).expect("inserted above")
     }
 }
 

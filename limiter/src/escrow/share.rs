@@ -85,10 +85,6 @@ impl ShareHistory {
         }
     }
 
-    pub fn set_longest_interval(&mut self, longest_interval_us: Micros) {
-        self.keep_us = longest_interval_us + HISTORY_SLACK_US;
-    }
-
     /// The smallest share in force at any time in `[from, now]`; 0 when the history does not
     /// reach back that far.
     fn min_since(&self, from: Micros) -> Ppm {

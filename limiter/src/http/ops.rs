@@ -112,9 +112,7 @@ pub async fn status(
         body["bucket"] = bucket;
     }
     if let Some(escrow) = limiter.escrow()
-        && policies
-            .iter()
-            .any(|p| p.mode == crate::policy::Mode::Strict)
+        && limiter.has_strict_policies()
     {
         // strict mode: the allocation this replica follows and the shares it may spend now.
         body["escrow"] = serde_json::to_value(escrow.status()).unwrap_or_default();
