@@ -5,6 +5,9 @@
 pub const REQUESTS_TOTAL: &str = "openclaw_requests_total";
 /// Tokens admitted by this replica, by `policy`. Counter.
 pub const TOKENS_CONSUMED_TOTAL: &str = "openclaw_tokens_consumed_total";
+/// Sum over decisions of how empty the bucket was when asked (0 full .. 1 empty), by `policy`.
+/// Counter; its rate over the rate of [`REQUESTS_TOTAL`] is the average depletion requests meet.
+pub const BUCKET_DEPLETION_TOTAL: &str = "openclaw_bucket_depletion_total";
 /// Requests refused as malformed before any decision, by `reason`. Counter.
 pub const BAD_REQUESTS_TOTAL: &str = "openclaw_bad_requests_total";
 /// HTTP request latency on the decision API, by `route`. Histogram (seconds).
@@ -34,8 +37,8 @@ pub const TOKEN_BUCKET_REJECTION_RATE: &str = "token_bucket_rejection_rate";
 
 /// External metric: requests per second across the limiter fleet.
 pub const EXTERNAL_REQUESTS_PER_SECOND: &str = "openclaw_requests_per_second";
-/// External metric: tokens consumed as a share of what the active buckets refill, 0..1 (and above
-/// 1 only while bursts drain stored tokens).
+/// External metric: how empty, on average, the buckets that decisions meet are: 0 (full) to 1
+/// (empty), weighted by request.
 pub const EXTERNAL_TOKEN_DEPLETION_RATE: &str = "openclaw_token_depletion_rate";
 
 /// Peers known to this replica, by `state` (`up` | `down`). Gauge.
@@ -59,6 +62,7 @@ pub const SNAPSHOTS_TOTAL: &str = "openclaw_snapshots_total";
 pub const ALL: &[&str] = &[
     REQUESTS_TOTAL,
     TOKENS_CONSUMED_TOTAL,
+    BUCKET_DEPLETION_TOTAL,
     BAD_REQUESTS_TOTAL,
     HTTP_REQUEST_DURATION_SECONDS,
     ACTIVE_BUCKETS,

@@ -59,15 +59,17 @@ pub struct VersionLabels {
 }
 
 type FloatGauge = Gauge<f64, AtomicU64>;
+type FloatCounter = Counter<f64, AtomicU64>;
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
-/// Counter handles for one policy, resolved once per policy load so that a decision bumps two
-/// atomics instead of hashing label sets.
+/// Counter handles for one policy, resolved once per policy load so that a decision bumps a
+/// few atomics instead of hashing label sets.
 #[derive(Clone, Debug)]
 pub struct PolicyCounters {
     pub allowed: Counter,
     pub rejected: Counter,
     pub tokens: Counter,
+    pub depletion: FloatCounter,
 }
 
 impl PolicyCounters {
@@ -79,7 +81,25 @@ impl PolicyCounters {
         } else {
             self.rejected.inc();
         }
+        self.depletion.inc_by(depletion_before(outcome, cost));
     }
+}
+
+/// How empty the bucket was when the decision was asked for: 0 full, 1 empty.
+///
+/// This is what `openclaw_token_depletion_rate` averages. It is a level the request met, not a
+/// count of buckets: a fleet serving many clients far from their limits reads about 0 however
+/// many buckets are briefly below full, and one where the traffic goes to drained buckets reads
+/// about 1. A rejected request met a bucket without `cost` tokens; an allowed one met the tokens
+/// left plus the ones it took.
+#[inline]
+pub fn depletion_before(outcome: &crate::bucket::Outcome, cost: u64) -> f64 {
+    if outcome.limit == 0 {
+        return 1.0;
+    }
+    let taken = if outcome.allowed { cost } else { 0 };
+    let before = outcome.remaining.saturating_add(taken).min(outcome.limit);
+    1.0 - before as f64 / outcome.limit as f64
 }
 
 #[derive(Debug)]
@@ -87,6 +107,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<DecisionLabels, Counter>,
     tokens: Family<PolicyLabels, Counter>,
+    depletion: Family<PolicyLabels, FloatCounter>,
     pub bad_requests: Family<ReasonLabels, Counter>,
     pub http_duration: HistogramFamily<RouteLabels>,
     pub active_buckets: Family<PolicyLabels, Gauge>,
@@ -138,6 +159,7 @@ impl Metrics {
         let metrics = Self {
             requests: Family::default(),
             tokens: Family::default(),
+            depletion: Family::default(),
             bad_requests: Family::default(),
             http_duration: Family::new_with_constructor(latency_histogram),
             active_buckets: Family::default(),
@@ -169,6 +191,12 @@ impl Metrics {
             counter_name(names::TOKENS_CONSUMED_TOTAL),
             "Tokens admitted by this replica, by policy",
             metrics.tokens.clone(),
+        );
+        registry.register(
+            counter_name(names::BUCKET_DEPLETION_TOTAL),
+            "Sum over decisions of how empty the bucket was when asked (0 full, 1 empty), by policy; \
+             over the rate of openclaw_requests_total it is the average depletion requests meet",
+            metrics.depletion.clone(),
         );
         registry.register(
             counter_name(names::BAD_REQUESTS_TOTAL),
@@ -336,16 +364,16 @@ impl Metrics {
         // the same family while it lives would wait for the write lock forever.
         let allowed = self.requests.get_or_create(&label("allowed")).clone();
         let rejected = self.requests.get_or_create(&label("rejected")).clone();
-        let tokens = self
-            .tokens
-            .get_or_create(&PolicyLabels {
-                policy: policy.to_owned(),
-            })
-            .clone();
+        let policy = PolicyLabels {
+            policy: policy.to_owned(),
+        };
+        let tokens = self.tokens.get_or_create(&policy).clone();
+        let depletion = self.depletion.get_or_create(&policy).clone();
         PolicyCounters {
             allowed,
             rejected,
             tokens,
+            depletion,
         }
     }
 

@@ -542,6 +542,47 @@ mod tests {
     }
 
     #[test]
+    fn depletion_sums_how_empty_each_decision_found_its_bucket() {
+        let limiter = limiter(Arc::new(ManualClock::at(0)));
+        let depletion = |limiter: &Limiter| {
+            let text = limiter.render_metrics();
+            text.lines()
+                .find(|l| l.starts_with("openclaw_bucket_depletion_total{policy=\"default\"}"))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("no depletion series in\n{text}"))
+        };
+        // Capacity 10, no time passes: the first request meets a full bucket (0), the second 6 of
+        // 10 tokens (0.4), the third 2, too few for its cost (0.8, rejected).
+        for _ in 0..3 {
+            limiter.decide("default", "hot", 4).unwrap();
+        }
+        assert!(
+            (depletion(&limiter) - 1.2).abs() < 1e-9,
+            "{}",
+            depletion(&limiter)
+        );
+        // Many clients far from their limits add nothing however many there are.
+        let keys: Vec<String> = (0..100).map(|i| format!("client-{i}")).collect();
+        let batch: Vec<(&str, &str, u64)> =
+            keys.iter().map(|k| ("default", k.as_str(), 1)).collect();
+        limiter.decide_all(&batch).unwrap();
+        assert!(
+            (depletion(&limiter) - 1.2).abs() < 1e-9,
+            "{}",
+            depletion(&limiter)
+        );
+        // Taking the last 2 tokens met 2 of 10 (0.8); the next request met an empty bucket (1).
+        limiter.decide("default", "hot", 2).unwrap();
+        limiter.decide("default", "hot", 1).unwrap();
+        assert!(
+            (depletion(&limiter) - 3.0).abs() < 1e-9,
+            "{}",
+            depletion(&limiter)
+        );
+    }
+
+    #[test]
     fn cost_above_capacity_is_refused_before_touching_state() {
         let limiter = limiter(Arc::new(ManualClock::at(0)));
         assert!(matches!(

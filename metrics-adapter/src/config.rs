@@ -625,9 +625,8 @@ mod tests {
         let rps = c.rule(m::EXTERNAL_REQUESTS_PER_SECOND).unwrap();
         let depletion = c.rule(m::EXTERNAL_TOKEN_DEPLETION_RATE).unwrap();
         assert!(rps.query.source.contains(m::REQUESTS_TOTAL));
-        assert!(depletion.query.source.contains(m::TOKENS_CONSUMED_TOTAL));
-        assert!(depletion.query.source.contains(m::TOKEN_BUCKET_FILL_RATE));
-        assert!(depletion.query.source.contains(m::ACTIVE_BUCKETS));
+        assert!(depletion.query.source.contains(m::BUCKET_DEPLETION_TOTAL));
+        assert!(depletion.query.source.contains(m::REQUESTS_TOTAL));
         assert_eq!(rps.window, Some(Duration::from_secs(60)));
         assert!(rps.selectable_labels.contains("policy"));
     }

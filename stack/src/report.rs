@@ -194,19 +194,25 @@ fn plots(o: &Outcome, dir: &Path, backdrop: &Backdrop) -> Result<()> {
         backdrop,
     )?;
 
-    // Depletion and usage.
-    let lines = vec![
-        Line::new(
-            "depletion ratio (Prometheus, recording rule)",
-            series(o, "depletion"),
-            PALETTE[0],
-        ),
-        Line::new(
-            "openclaw_token_depletion_rate served to the HPA",
-            hpa_metric(o, "openclaw_token_depletion_rate"),
-            PALETTE[2],
-        )
-        .step(),
+    // Depletion and usage. The adapter's depletion metric is drawn only if the HPA asked for it
+    // (the default HPA does not scale on it; deploy/components/scale-on-depletion adds it).
+    let mut lines = vec![Line::new(
+        "depletion: how empty the buckets requests met were (recording rule)",
+        series(o, "depletion"),
+        PALETTE[0],
+    )];
+    let served = hpa_metric(o, "openclaw_token_depletion_rate");
+    if !served.is_empty() {
+        lines.push(
+            Line::new(
+                "openclaw_token_depletion_rate served to the HPA",
+                served,
+                PALETTE[2],
+            )
+            .step(),
+        );
+    }
+    lines.extend([
         Line::new(
             "most depleted bucket's usage ratio",
             series(o, "usage"),
@@ -219,15 +225,21 @@ fn plots(o: &Outcome, dir: &Path, backdrop: &Backdrop) -> Result<()> {
         )
         .dashed(),
         Line::new(
-            "usage critical 0.9 / HPA target 0.9",
+            "usage critical 0.9",
             vec![(0.0, 0.9), (end, 0.9)],
             PALETTE[3],
         )
         .dashed(),
-    ];
+        Line::new(
+            "depletion alert 0.95",
+            vec![(0.0, 0.95), (end, 0.95)],
+            PALETTE[0],
+        )
+        .dashed(),
+    ]);
     plot::line_chart(
         &dir.join("depletion.svg"),
-        "Token depletion (consumed / refilled) and bucket usage",
+        "Token depletion (request-weighted) and bucket usage",
         "ratio",
         &lines,
         None,
@@ -638,9 +650,9 @@ fn markdown(o: &Outcome, command: &str) -> String {
     let _ = writeln!(md, "## The HPA's decisions\n");
     let _ = writeln!(
         md,
-        "`metrics_adapter::hpa_sim` on `deploy/base/limiter/hpa.yaml`: each sync lists both \
-         external metrics from the adapter as the controller does, then applies tolerance, \
-         the max over metrics, the stabilization windows and the `behavior` policies. The \
+        "`metrics_adapter::hpa_sim` on `deploy/base/limiter/hpa.yaml`: each sync lists the \
+         HPA's external metrics from the adapter as the controller does, then applies \
+         tolerance, the max over metrics, the stabilization windows and the `behavior` policies. The \
          Deployment is assumed to follow at once (the stack itself keeps {} replicas: the \
          decision is simulated, the load per real replica is not). Changes of the desired count:\n",
         o.replicas

@@ -33,7 +33,7 @@ fn check_config_accepts_the_shipped_rules_and_exits_zero() {
         assert!(stdout.contains("OK, 2 external metrics"), "{stdout}");
         assert!(
             stdout.contains(
-                "openclaw_token_depletion_rate: sum(rate(openclaw_tokens_consumed_total[1m]))"
+                "openclaw_token_depletion_rate: sum(rate(openclaw_bucket_depletion_total[1m]))"
             ),
             "{stdout}"
         );
