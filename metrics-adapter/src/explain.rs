@@ -376,7 +376,10 @@ mod tests {
         depletion: &'static str,
     ) -> impl Fn(String, std::time::Duration) -> std::future::Ready<Result<QueryResult>> {
         move |promql: String, _| {
-            let v = if promql.contains("openclaw_requests_total") {
+            // The depletion query divides by openclaw_requests_total too: its own counter first.
+            let v = if promql.contains("openclaw_bucket_depletion_total") {
+                depletion
+            } else if promql.contains("openclaw_requests_total") {
                 rps
             } else {
                 depletion
