@@ -20,7 +20,15 @@ cd "$ROOT"
 # Kubernetes versions to validate against: the oldest we support (preStop `sleep` is on by
 # default from 1.30), one in the middle and the newest kubernetes-validate knows.
 VERSIONS="${OPENCLAW_K8S_VERSIONS:-1.30,1.33,latest}"
-TARGETS=(base overlays/production overlays/canary overlays/dev)
+TARGETS=(base overlays/production overlays/canary overlays/dev tests/targets/scale-on-depletion)
+# The HPA's External metrics per target: request rate alone by default; the opt-in component
+# components/scale-on-depletion (built by tests/targets/scale-on-depletion) adds depletion.
+RPS=openclaw_requests_per_second
+DEPLETION=openclaw_token_depletion_rate
+declare -A HPA_METRICS=(
+  [base]=$RPS [overlays/production]=$RPS [overlays/canary]=$RPS [overlays/dev]=$RPS
+  [tests/targets/scale-on-depletion]=$RPS,$DEPLETION
+)
 
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
@@ -113,6 +121,21 @@ EOF
   node "$HERE/validate_crs.mjs" "$WORK/crs.json"
 }
 
+rendered() {
+  echo "$WORK/$(echo "$1" | tr / -).yaml"
+}
+
+# Every target's HPA against the adapter config rendered with it, in one run so a metric
+# named by several targets (the component restates the base's) is compared across them.
+check_hpa_metrics() {
+  local args=() files=() t
+  for t in "${TARGETS[@]}"; do
+    files+=("$(rendered "$t")")
+    args+=(--expect "$(rendered "$t")=${HPA_METRICS[$t]:?no HPA_METRICS entry for $t}")
+  done
+  python3 "$HERE/check_hpa_metrics.py" "${args[@]}" "${files[@]}"
+}
+
 fixture_crs() {
   python3 "$HERE/validate_manifests.py" --versions "$VERSIONS" --custom-out "$WORK/fixture.json" "$1" \
     && node "$HERE/validate_crs.mjs" "$WORK/fixture.json"
@@ -137,6 +160,10 @@ check "deploy/base/limiter/secret.example.yaml" \
   python3 "$HERE/validate_manifests.py" --versions "$VERSIONS" "$DEPLOY/base/limiter/secret.example.yaml"
 check "custom resources (ServiceMonitor, PrometheusRule, cert-manager) of every target" validate_crs
 
+echo "== HPA metrics and selectors against the adapter config"
+check "every target's HPA names served metrics with selectable labels (depletion only with the component)" \
+  check_hpa_metrics
+
 echo "== the checks can fail (fixtures in deploy/tests/fixtures)"
 must_fail "the guide's autoscaling/v2beta2 HPA is rejected (no schema is a failure)" \
   "no schema for kind HorizontalPodAutoscaler in autoscaling/v2beta2" \
@@ -148,6 +175,10 @@ must_fail "a misspelt ServiceMonitor field is rejected" \
   "jobLable" fixture_crs "$HERE/fixtures/servicemonitor-unknown-field.yaml"
 must_fail "a ServiceMonitor interval that is not a duration is rejected" \
   "interval must match pattern" fixture_crs "$HERE/fixtures/servicemonitor-bad-interval.yaml"
+must_fail "an HPA selector on a label the adapter cannot select by is rejected" \
+  "selector keys \\['app'\\] are not in the adapter's selectable_labels" \
+  python3 "$HERE/check_hpa_metrics.py" --adapter-config "$DEPLOY/base/metrics-adapter/config.yaml" \
+  "$HERE/fixtures/hpa-unselectable-label.yaml"
 must_fail "a Dockerfile building a binary the workspace does not have is rejected" \
   "not a loadable workspace" \
   python3 "$HERE/check_dockerfiles.py" "$HERE/fixtures/wrong-binary.Dockerfile"

@@ -600,12 +600,29 @@ mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
 
+    fn read_repo(rel: &str) -> String {
+        let path = format!("{}/../{rel}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
+    }
+
+    /// The default HPA: deploy/base/limiter/hpa.yaml, request rate alone.
     fn deploy_hpa() -> String {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../deploy/base/limiter/hpa.yaml"
-        );
-        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
+        read_repo("deploy/base/limiter/hpa.yaml")
+    }
+
+    /// The opt-in component's patch, which adds the depletion metric to the default HPA.
+    fn depletion_patch() -> String {
+        read_repo("deploy/components/scale-on-depletion/hpa.yaml")
+    }
+
+    /// The default HPA with deploy/components/scale-on-depletion applied: both metrics,
+    /// requests first.
+    fn with_depletion(initial_replicas: i32) -> HpaSimulator {
+        let overrides = Overrides {
+            patches: vec![depletion_patch()],
+            ..Overrides::default()
+        };
+        HpaSimulator::from_manifest_with(&deploy_hpa(), &overrides, initial_replicas).unwrap()
     }
 
     fn units(v: f64) -> std::result::Result<i64, String> {
@@ -618,10 +635,18 @@ mod tests {
 
     #[test]
     fn list_calls_are_the_controllers_paths_with_the_selector_escaped_as_go_does() {
+        // The default HPA lists the request metric alone.
         let sim = HpaSimulator::from_manifest(&deploy_hpa(), 2).unwrap();
         assert_eq!(sim.namespace(), "openclaw");
         assert_eq!(
             sim.list_paths(),
+            vec![
+                "/apis/external.metrics.k8s.io/v1beta1/namespaces/openclaw/openclaw_requests_per_second?labelSelector=decision+in+%28allowed%2Crejected%29",
+            ]
+        );
+        // The component adds depletion after it, with the `policy` Exists selector.
+        assert_eq!(
+            with_depletion(2).list_paths(),
             vec![
                 "/apis/external.metrics.k8s.io/v1beta1/namespaces/openclaw/openclaw_requests_per_second?labelSelector=decision+in+%28allowed%2Crejected%29",
                 "/apis/external.metrics.k8s.io/v1beta1/namespaces/openclaw/openclaw_token_depletion_rate?labelSelector=policy",
@@ -655,13 +680,9 @@ mod tests {
         );
         assert!(HpaSimulator::from_manifest(&yaml, 0).is_err());
         // The production overlay's patch raises the floor to 3.
-        let patch = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../deploy/overlays/production/hpa.yaml"
-        ))
-        .unwrap();
+        let patch = read_repo("deploy/overlays/production/hpa.yaml");
         let overrides = Overrides {
-            patches: vec![patch],
+            patches: vec![patch.clone()],
             ..Overrides::default()
         };
         let sim = HpaSimulator::from_manifest_with(&yaml, &overrides, 2).unwrap();
@@ -669,9 +690,28 @@ mod tests {
             (
                 sim.current_replicas(),
                 sim.spec().min_replicas,
-                sim.spec().max_replicas
+                sim.spec().max_replicas,
+                sim.metrics().len()
             ),
-            (3, 3, 15)
+            (3, 3, 15, 1)
+        );
+        // Production with the depletion component (deploy/tests/targets/scale-on-depletion):
+        // the floor stays 3 and the component's metric list replaces the base's.
+        let overrides = Overrides {
+            patches: vec![patch, depletion_patch()],
+            ..Overrides::default()
+        };
+        let sim = HpaSimulator::from_manifest_with(&yaml, &overrides, 2).unwrap();
+        assert_eq!((sim.current_replicas(), sim.spec().min_replicas), (3, 3));
+        assert_eq!(
+            sim.metrics()
+                .iter()
+                .map(|m| m.name.as_str())
+                .collect::<Vec<_>>(),
+            vec![
+                "openclaw_requests_per_second",
+                "openclaw_token_depletion_rate"
+            ]
         );
         let overrides = Overrides {
             max_replicas: Some(4),
@@ -687,12 +727,13 @@ mod tests {
         assert!(HpaSimulator::from_manifest_with(&yaml, &overrides, 2).is_err());
     }
 
-    /// deploy/'s HPA through a spike and its end, every 15 s, with hand-computed controller
-    /// results. Requests: AverageValue 800; depletion: Value 900m; up: max(+100%, +4) per 15 s;
-    /// down: 300 s window, then 20% per 60 s; 2..15 replicas.
+    /// deploy/'s HPA with the depletion component through a spike and its end, every 15 s,
+    /// with hand-computed controller results: the policies, the max over two metrics and a
+    /// failing metric. Requests: AverageValue 800; depletion: Value 900m; up: max(+100%, +4)
+    /// per 15 s; down: 300 s window, then 20% per 60 s; 2..15 replicas.
     #[test]
-    fn deploys_hpa_scales_up_by_its_policies_holds_then_steps_down_by_twenty_percent() {
-        let mut sim = HpaSimulator::from_manifest(&deploy_hpa(), 2).unwrap();
+    fn deploy_hpa_with_depletion_scales_by_its_policies_and_holds_on_a_failing_metric() {
+        let mut sim = with_depletion(2);
         let mut records = Vec::new();
         for step in 0..=48 {
             let t = f64::from(step) * 15.0;
@@ -784,9 +825,41 @@ mod tests {
         assert_eq!(sim.current_replicas(), 2);
     }
 
+    /// Why depletion is not in the default HPA. Clients at their limits keep the buckets their
+    /// requests hit empty: depletion 1.0 against Value 0.9 is a ratio of 1.111, outside the
+    /// 10% tolerance, whatever the replica count, while the request rate (1600/s, 2 replicas'
+    /// worth) asks for fewer. Hand-computed, each sync proposes ceil(current x 10 / 9):
+    /// 3 -> ceil(3.33) = 4 -> ceil(4.44) = 5 -> 6 -> 7 -> 8 -> 9 -> ceil(10.0) = 10
+    /// -> ceil(11.11) = 12 -> ceil(13.33) = 14 -> ceil(15.56), capped at maxReplicas 15 (each
+    /// step is within the +max(100%, 4) policy). Depletion then easing to 0.85 is a ratio of
+    /// 0.944, inside the tolerance band, so the count stays at 15. The default HPA, on the
+    /// same request rate, stays at its starting 3 (a proposal of 2 held by the 300 s window).
+    #[test]
+    fn depletion_ratchets_to_max_replicas_while_clients_run_at_their_limits() {
+        let mut ratchet = with_depletion(3);
+        let mut default = HpaSimulator::from_manifest(&deploy_hpa(), 3).unwrap();
+        let mut path = Vec::new();
+        let mut default_path = Vec::new();
+        for step in 0..20 {
+            let t = f64::from(step) * 15.0;
+            let depletion = if step < 12 { 1.0 } else { 0.85 };
+            let r = ratchet.decide_from_readings(t, &[units(1_600.0), units(depletion)]);
+            assert_eq!(r.metrics[0].proposal, Some(2), "at {t}: requests ask for 2");
+            path.push(r.desired);
+            default_path.push(default.decide_from_readings(t, &[units(1_600.0)]).desired);
+        }
+        assert_eq!(
+            path,
+            vec![
+                4, 5, 6, 7, 8, 9, 10, 12, 14, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15
+            ]
+        );
+        assert_eq!(default_path, vec![3; 20]);
+    }
+
     #[test]
     fn a_sync_without_a_decision_leaves_the_controllers_memory_as_it_was() {
-        let mut sim = HpaSimulator::from_manifest(&deploy_hpa(), 10).unwrap();
+        let mut sim = with_depletion(10);
         // The first sync seeds the window with the current count even when it fails, as
         // recordInitialRecommendation runs before the metrics are read.
         let r = sim.decide_from_readings(0.0, &[failed(), failed()]);
@@ -838,7 +911,7 @@ mod tests {
 
     #[tokio::test]
     async fn sync_asks_each_metric_in_manifest_order_and_decides_from_the_answers() {
-        let mut sim = HpaSimulator::from_manifest(&deploy_hpa(), 2).unwrap();
+        let mut sim = with_depletion(2);
         let asked = Arc::new(Mutex::new(Vec::new()));
         let log = asked.clone();
         let r = sim
@@ -891,14 +964,16 @@ mod tests {
             &mut sim,
             30.0,
             |path: String| {
-                // A spike at the first sync only, then 1600 rps (2 replicas' worth).
-                let spike = start.elapsed() < Duration::from_millis(250);
-                let value = match (path.contains("requests"), spike) {
-                    (true, true) => "16k",
-                    (true, false) => "1600",
-                    (false, _) => "0",
+                // The default HPA asks for the request rate alone: a spike at the first sync
+                // only, then 1600 rps (2 replicas' worth).
+                let answer = if !path.contains("/openclaw_requests_per_second?") {
+                    Err(format!("the default HPA asked for {path}"))
+                } else if start.elapsed() < Duration::from_millis(250) {
+                    Ok((200, list_body("16k")))
+                } else {
+                    Ok((200, list_body("1600")))
                 };
-                std::future::ready(Ok((200, list_body(value))))
+                std::future::ready(answer)
             },
             |r: &SyncRecord| seen.push((start.elapsed(), r.at_s, r.current, r.desired)),
             tokio::time::sleep(Duration::from_secs(12)),

@@ -95,7 +95,8 @@ struct SimulateHpaArgs {
     #[arg(long, value_name = "FILE")]
     hpa: PathBuf,
     /// A kustomize patch of that HPA to apply first (repeatable, in order), e.g.
-    /// deploy/overlays/production/hpa.yaml.
+    /// deploy/overlays/production/hpa.yaml, or deploy/components/scale-on-depletion/hpa.yaml
+    /// (adds the depletion metric to the default HPA's request rate).
     #[arg(long, value_name = "FILE")]
     patch: Vec<PathBuf>,
     /// Base URL of the external metrics API (the adapter): http://HOST:PORT, or https:// with

@@ -11,7 +11,10 @@
 //! tests run the adapter against Debian's real Prometheus; here the point is the simulator's
 //! requests and arithmetic, which need exact values.
 //!
-//! The manifest is deploy/base/limiter/hpa.yaml, read from the repository at test time.
+//! The manifests are read from the repository at test time: deploy/base/limiter/hpa.yaml (the
+//! default HPA, request rate alone) and, where two metrics are the point (the exact list calls
+//! for both, a failing metric, the max over metrics), that file with the opt-in component's
+//! patch deploy/components/scale-on-depletion/hpa.yaml applied.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -40,7 +43,11 @@ async fn prom_query(
 ) -> Response {
     let query = params.get("query").cloned().unwrap_or_default();
     fake.queries.lock().unwrap().push(query.clone());
-    let value = if query.contains("openclaw_requests_total") {
+    // The depletion query reads openclaw_requests_total too (as its denominator): recognise it
+    // by its own counter first.
+    let value = if query.contains("openclaw_bucket_depletion_total") {
+        *fake.depletion.lock().unwrap()
+    } else if query.contains("openclaw_requests_total") {
         *fake.requests.lock().unwrap()
     } else {
         *fake.depletion.lock().unwrap()
@@ -165,11 +172,19 @@ async fn stack_with(plain_http: bool) -> Stack {
 }
 
 fn deploy_hpa() -> String {
-    std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/base/limiter/hpa.yaml"
-    ))
-    .unwrap()
+    std::fs::read_to_string(deploy_hpa_path()).unwrap()
+}
+
+/// The default HPA with deploy/components/scale-on-depletion applied: requests, then depletion.
+fn with_depletion(initial_replicas: i32) -> HpaSimulator {
+    let overrides = hpa_sim::Overrides {
+        patches: vec![std::fs::read_to_string(depletion_patch_path()).unwrap()],
+        ..hpa_sim::Overrides::default()
+    };
+    let sim =
+        HpaSimulator::from_manifest_with(&deploy_hpa(), &overrides, initial_replicas).unwrap();
+    assert_eq!(sim.metrics().len(), 2, "the component lists both metrics");
+    sim
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,7 +193,7 @@ async fn sync_reads_what_the_adapter_serves_with_the_controllers_exact_requests(
     *s.prometheus.requests.lock().unwrap() = Some("1600");
     *s.prometheus.depletion.lock().unwrap() = Some("0.45");
     let client = hpa_sim::http_client(Duration::from_secs(5)).unwrap();
-    let mut sim = HpaSimulator::from_manifest(&deploy_hpa(), 3).unwrap();
+    let mut sim = with_depletion(3);
 
     let r = sim.sync(&client, &s.url, 0.0).await;
     assert_eq!(r.metrics[0].value, Ok(1600.0), "{r}");
@@ -216,11 +231,13 @@ async fn sync_reads_what_the_adapter_serves_with_the_controllers_exact_requests(
         "{}",
         queries[0]
     );
-    assert!(
-        queries[1].contains(r#"openclaw_tokens_consumed_total{policy!=""}"#),
-        "{}",
-        queries[1]
-    );
+    // Depletion: both of its counters narrowed by the HPA's `policy` Exists selector.
+    for series in [
+        r#"openclaw_bucket_depletion_total{policy!=""}"#,
+        r#"openclaw_requests_total{policy!=""}"#,
+    ] {
+        assert!(queries[1].contains(series), "{series} in {}", queries[1]);
+    }
 
     // A spike: 16000 rps asks for 20; deploy's policies allow max(3 x 2, 3 + 4) = 7.
     *s.prometheus.requests.lock().unwrap() = Some("16000");
@@ -263,6 +280,7 @@ async fn run_syncs_on_the_compressed_period_until_stopped() {
     };
     let records = hpa_sim::run(&mut sim, &client, &s.url, 30.0, on_sync, stop).await;
     assert_eq!(records.len(), 3, "{records:#?}");
+    assert!(records.iter().all(|r| r.metrics.len() == 1), "{records:#?}");
     // A sync every 0.5 s of real time is 15 s of simulated time (loaded-machine slack: 3 s).
     for (i, r) in records.iter().enumerate() {
         let want = 15.0 * i as f64;
@@ -271,7 +289,14 @@ async fn run_syncs_on_the_compressed_period_until_stopped() {
     // 4000 rps asks for 5 replicas: 2 -> 5 at the first sync, then it stays.
     let path: Vec<i32> = records.iter().map(|r| r.desired).collect();
     assert_eq!(path, vec![5, 5, 5]);
-    assert_eq!(s.recorder.seen.lock().unwrap().len(), 6);
+    // The default HPA: one list call per sync, for the request rate.
+    let seen = s.recorder.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(
+        seen.iter()
+            .all(|(target, _)| target.contains("/openclaw_requests_per_second?")),
+        "{seen:?}"
+    );
 }
 
 /// Runs `openclaw-metrics-adapter simulate-hpa ARGS` to completion (killed if it outlives
@@ -307,14 +332,24 @@ fn deploy_hpa_path() -> &'static str {
     )
 }
 
+fn depletion_patch_path() -> &'static str {
+    concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/components/scale-on-depletion/hpa.yaml"
+    )
+}
+
+/// With `--patch`, as an SRE would simulate the HPA of an overlay using the depletion component.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_cli_prints_one_line_per_sync_and_exits_after_the_duration() {
+async fn the_cli_applies_patches_prints_one_line_per_sync_and_exits_after_the_duration() {
     let s = stack().await;
     *s.prometheus.requests.lock().unwrap() = Some("16000");
     *s.prometheus.depletion.lock().unwrap() = Some("0.45");
     let lines = simulate_hpa_cli(&[
         "--hpa",
         deploy_hpa_path(),
+        "--patch",
+        depletion_patch_path(),
         "--adapter-url",
         &s.url,
         "--initial-replicas",
@@ -356,7 +391,6 @@ async fn the_cli_prints_one_line_per_sync_and_exits_after_the_duration() {
 async fn the_cli_reaches_a_tls_adapter_with_its_ca_file() {
     let s = stack_with(false).await;
     *s.prometheus.requests.lock().unwrap() = Some("1600");
-    *s.prometheus.depletion.lock().unwrap() = Some("0.45");
     assert!(s.adapter.url.starts_with("https://"), "{}", s.adapter.url);
     let ca = s.ca_file();
     let lines = simulate_hpa_cli(&[
@@ -374,10 +408,12 @@ async fn the_cli_reaches_a_tls_adapter_with_its_ca_file() {
     .await;
     let syncs: Vec<&String> = lines.iter().filter(|l| l.starts_with("t=")).collect();
     assert_eq!(syncs.len(), 1, "{lines:#?}");
+    // The default HPA: the request rate alone. 1600 / (800 x 3) = 0.67 -> ceil(1600 / 800) = 2,
+    // held at 3 by the scale-down window.
     assert!(
-        syncs[0].contains("= 1600 vs AverageValue 800")
-            && syncs[0].contains("= 0.45 vs Value 900m")
-            && syncs[0].ends_with("proposed=2 desired=3 (ScaleDownStabilized)"),
+        syncs[0].contains("current=3 | openclaw_requests_per_second{decision in (allowed,rejected)} = 1600 vs AverageValue 800: ratio 0.6667 -> 2 | proposed=2")
+            && syncs[0].ends_with("proposed=2 desired=3 (ScaleDownStabilized)")
+            && !syncs[0].contains("depletion"),
         "{}",
         syncs[0]
     );
