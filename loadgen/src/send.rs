@@ -106,7 +106,7 @@ impl Sender {
         };
         let mut last = first;
         for attempt in 0..n {
-            let t = (first + attempt) % n;
+            let t = failover_order(first, n, seq, attempt);
             let target = &self.targets[t];
             if self.failover && self.is_down(target) {
                 recorder.failed_over(t);
@@ -174,5 +174,48 @@ impl Sender {
         tokio::time::timeout(self.timeout, exchange)
             .await
             .unwrap_or(Outcome::Error(ErrorKind::Timeout))
+    }
+}
+
+/// The target of `attempt` (0 = the planned one) for request `seq` whose planned target is
+/// `first` of `n`. Later attempts visit every other target once, starting at a different one
+/// for consecutive requests of the same planned target: the requests of a dead target spread
+/// evenly over the live ones, as a Service spreads them over the ready pods that remain, rather
+/// than all landing on its neighbour.
+fn failover_order(first: usize, n: usize, seq: u64, attempt: usize) -> usize {
+    if attempt == 0 || n < 2 {
+        return (first + attempt) % n.max(1);
+    }
+    let others = n - 1;
+    let rotation = ((seq / n as u64) % others as u64) as usize;
+    (first + 1 + (rotation + attempt - 1) % others) % n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::failover_order;
+
+    #[test]
+    fn the_requests_of_a_dead_target_spread_evenly_over_the_others() {
+        // Four targets, round robin, target 1 dead: its requests 1, 5, 9, ... go to 2, 3, 0 in
+        // turn on their second attempt.
+        let second: Vec<usize> = (0..6u64)
+            .map(|k| failover_order(1, 4, 1 + 4 * k, 1))
+            .collect();
+        assert_eq!(second, vec![2, 3, 0, 2, 3, 0]);
+    }
+
+    #[test]
+    fn every_request_tries_each_target_exactly_once() {
+        for n in 1..6 {
+            for seq in 0..40u64 {
+                let first = (seq % n as u64) as usize;
+                let mut seen: Vec<usize> =
+                    (0..n).map(|a| failover_order(first, n, seq, a)).collect();
+                assert_eq!(seen[0], first);
+                seen.sort_unstable();
+                assert_eq!(seen, (0..n).collect::<Vec<_>>(), "n={n} seq={seq}");
+            }
+        }
     }
 }

@@ -255,6 +255,32 @@ fn failover_sends_around_a_dead_target_and_without_it_the_refusals_are_errors() 
 }
 
 #[test]
+fn failover_spreads_a_dead_targets_share_evenly_over_the_live_ones() {
+    let (a, b) = (spawn_limiter(&[]), spawn_limiter(&[]));
+    let plan = Plan {
+        targets: vec![a.url.clone(), dead_target(), b.url.clone()],
+        drive: Drive::OpenLoop(RateProfile::Constant(300.0)),
+        spread: Spread::RoundRobin,
+        duration: Duration::from_secs(1),
+        failover: true,
+        ..Plan::default()
+    };
+    let (summary, _) = run_plan(&plan);
+    assert_adds_up(&summary);
+    assert_eq!(summary.errors, 0, "{summary:#?}");
+    // A third of the requests start on the dead target; half of those go to each live one
+    // (all to the next one would be 100 and 200).
+    let live = [
+        summary.per_target[0].requests,
+        summary.per_target[2].requests,
+    ];
+    assert!(
+        live.iter().all(|r| (140..=160).contains(r)),
+        "{live:?} {summary:#?}"
+    );
+}
+
+#[test]
 fn cancelling_ends_the_run_early_and_still_returns_the_summary() {
     let service = spawn_limiter(&[]);
     let plan = Plan {
