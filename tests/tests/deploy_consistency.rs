@@ -35,7 +35,10 @@ const TARGETS: &[&str] = &[
     "overlays/production",
     "overlays/canary",
     "overlays/dev",
+    // The base with the opt-in component that adds the depletion metric to the HPA.
+    SCALE_ON_DEPLETION,
 ];
+const SCALE_ON_DEPLETION: &str = "tests/targets/scale-on-depletion";
 const LIMITER: &str = "openclaw-limiter";
 const ADAPTER: &str = "openclaw-metrics-adapter";
 /// Scrape jobs `alerts/` matches on (alerts/README.md, "Assumptions about the scrape").
@@ -1008,14 +1011,14 @@ fn the_hpa_names_metrics_the_adapter_config_serves_with_selectors_it_allows() {
         let hpa = of_kind(&objs, "HorizontalPodAutoscaler").next().unwrap();
         let metrics = hpa_metrics(hpa);
         let names: BTreeSet<&str> = metrics.iter().map(|(n, _, _)| n.as_str()).collect();
-        assert_eq!(
-            names,
-            BTreeSet::from([
-                openclaw_common::metric_names::EXTERNAL_REQUESTS_PER_SECOND,
-                openclaw_common::metric_names::EXTERNAL_TOKEN_DEPLETION_RATE
-            ]),
-            "{target}: the HPA's metrics are the operations guide's two"
-        );
+        // The request rate always; depletion only with the component: more replicas cannot
+        // lower it, so scaling on it by default would ratchet to maxReplicas (deploy/README.md).
+        let mut expected =
+            BTreeSet::from([openclaw_common::metric_names::EXTERNAL_REQUESTS_PER_SECOND]);
+        if *target == SCALE_ON_DEPLETION {
+            expected.insert(openclaw_common::metric_names::EXTERNAL_TOKEN_DEPLETION_RATE);
+        }
+        assert_eq!(names, expected, "{target}: the HPA's metrics");
         for (metric, selector, t) in &metrics {
             let rule = config
                 .rules
