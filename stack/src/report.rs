@@ -585,8 +585,9 @@ fn markdown(o: &Outcome, command: &str) -> String {
     let _ = writeln!(
         md,
         "Open-loop load from `openclaw_loadgen` (latency measured from each request's due time), \
-         spread round-robin over every replica with failover (a refused connection goes to the \
-         next replica, as a Service would route around a dead pod).\n"
+         spread round-robin over every replica with failover (a replica refusing connections \
+         is skipped and its requests spread over the live ones, as a Service routes around a \
+         dead pod).\n"
     );
     let _ = writeln!(
         md,
