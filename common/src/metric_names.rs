@@ -58,6 +58,13 @@ pub const SNAPSHOT_AGE_SECONDS: &str = "openclaw_snapshot_age_seconds";
 /// Snapshot attempts, by `result` (`success` | `failure`). Counter.
 pub const SNAPSHOTS_TOTAL: &str = "openclaw_snapshots_total";
 
+/// Share of a strict `policy` this replica may spend now, 0..1 (0 while its lease has lapsed).
+/// Gauge, strict policies only.
+pub const STRICT_SHARE: &str = "openclaw_strict_share";
+/// Seconds until this replica's strict-mode lease lapses without renewal (0: lapsed). Gauge,
+/// exported once a strict policy has been configured.
+pub const STRICT_LEASE_REMAINING_SECONDS: &str = "openclaw_strict_lease_remaining_seconds";
+
 /// Every name above, for checks that documents and artifacts mention them all.
 pub const ALL: &[&str] = &[
     REQUESTS_TOTAL,
@@ -85,6 +92,8 @@ pub const ALL: &[&str] = &[
     PEER_MESSAGES_REJECTED_TOTAL,
     SNAPSHOT_AGE_SECONDS,
     SNAPSHOTS_TOTAL,
+    STRICT_SHARE,
+    STRICT_LEASE_REMAINING_SECONDS,
 ];
 
 #[cfg(test)]

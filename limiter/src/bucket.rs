@@ -120,6 +120,31 @@ pub struct Outcome {
     pub reset_after_us: u64,
     /// Microseconds until the requested cost would be granted; 0 when allowed.
     pub retry_after_us: u64,
+    /// How empty the bucket was when asked, in millionths: 0 full, 1 000 000 empty; always
+    /// 1 000 000 for a rejected request (its bucket could not pay). In strict mode, of this
+    /// replica's share of the bucket. What `openclaw_token_depletion_rate` averages
+    /// (`metrics::PolicyCounters::count`).
+    pub depleted_ppm: u32,
+}
+
+/// `1 - before / full` in millionths, for a bucket holding `before` of `full` (any one unit).
+#[inline]
+pub fn depleted_ppm(before: i128, full: i128) -> u32 {
+    if full <= 0 {
+        return 1_000_000;
+    }
+    let missing = full - before.clamp(0, full);
+    if missing == 0 {
+        return 0;
+    }
+    // A bucket's scaled units fit an i64 (MAX_CAPACITY x MAX_INTERVAL_MS in µs < 2^63), whose
+    // conversion to f64 is one instruction; an i128's is a library call. Escrow sub-buckets
+    // count in finer units and may take the slow path.
+    let empty = match (i64::try_from(missing), i64::try_from(full)) {
+        (Ok(missing), Ok(full)) => missing as f64 / full as f64,
+        _ => missing as f64 / full as f64,
+    };
+    (empty * 1e6 + 0.5) as u32
 }
 
 impl Outcome {
@@ -131,12 +156,20 @@ impl Outcome {
         } else {
             rate.time_to_refill_us(rate.tokens_scaled(cost) - level_scaled)
         };
+        // A rejected request counts as an empty bucket: it could not pay (and no division on
+        // the path every request of a client over its limit takes).
+        let depleted_ppm = if allowed {
+            depleted_ppm(level_scaled + rate.tokens_scaled(cost), rate.full_scaled())
+        } else {
+            1_000_000
+        };
         Self {
             allowed,
             limit: rate.capacity(),
             remaining: rate.whole_tokens(level_scaled),
             reset_after_us: rate.time_to_refill_us(rate.full_scaled() - level_scaled),
             retry_after_us,
+            depleted_ppm,
         }
     }
 }

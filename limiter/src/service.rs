@@ -333,11 +333,43 @@ impl Limiter {
     pub fn sweep(&self) -> usize {
         let now = self.clock.now();
         let active = self.active.load_full();
-        let report = self.store.sweep(now, |id, key| {
+        let mut report = self.store.sweep(now, |id, key| {
             active.set.by_id(id).map(|policy| policy.rate_for(key))
         });
+        let reclaimed = self.sweep_escrow(&active, &mut report);
         self.publish_usage(now, &active, &report);
-        report.reclaimed + self.escrow.get().map_or(0, |e| e.sweep(&active.set))
+        report.reclaimed + reclaimed
+    }
+
+    /// The escrow's part of a sweep: its sub-buckets (their usage goes into `report`) and the
+    /// strict-mode gauges.
+    fn sweep_escrow(&self, active: &Active, report: &mut SweepReport) -> usize {
+        let Some(escrow) = self.escrow.get() else {
+            return 0;
+        };
+        let reclaimed = escrow.sweep(&active.set, report);
+        let status = escrow.status();
+        let m = &self.metrics;
+        if active.any_strict {
+            m.strict_lease_remaining
+                .get_or_create(&Vec::new())
+                .set(status.lease_remaining_ms.max(0) as f64 / 1e3);
+        } else {
+            m.strict_lease_remaining.clear();
+        }
+        for policy in active.set.iter() {
+            let labels = PolicyLabels {
+                policy: policy.name.clone(),
+            };
+            if policy.mode == Mode::Strict {
+                let share = status.usable.get(&policy.name).copied().unwrap_or(0.0);
+                m.strict_share.get_or_create(&labels).set(share);
+            } else {
+                // A reload may have turned a strict policy into a shared one.
+                m.strict_share.remove(&labels);
+            }
+        }
+        reclaimed
     }
 
     /// The same pass, yielding to other tasks every few shards. A pass over many buckets takes
@@ -359,8 +391,9 @@ impl Limiter {
                 tokio::task::yield_now().await;
             }
         }
+        let reclaimed = self.sweep_escrow(&active, &mut report);
         self.publish_usage(now, &active, &report);
-        report.reclaimed + self.escrow.get().map_or(0, |e| e.sweep(&active.set))
+        report.reclaimed + reclaimed
     }
 
     /// Publish what a sweep saw: per-policy usage gauges and the rejection ratio.
@@ -532,6 +565,8 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
+        // No strict policy, no strict-mode series (a lease of 0 would read as lapsed).
+        assert!(!text.contains("openclaw_strict_"), "{text}");
         let ratio = text
             .lines()
             .find(|l| l.starts_with("token_bucket_rejection_rate{policy=\"default\"}"))
@@ -553,12 +588,12 @@ mod tests {
                 .unwrap_or_else(|| panic!("no depletion series in\n{text}"))
         };
         // Capacity 10, no time passes: the first request meets a full bucket (0), the second 6 of
-        // 10 tokens (0.4), the third 2, too few for its cost (0.8, rejected).
+        // 10 tokens (0.4), the third 2, too few for its cost: rejected, it counts as empty (1).
         for _ in 0..3 {
             limiter.decide("default", "hot", 4).unwrap();
         }
         assert!(
-            (depletion(&limiter) - 1.2).abs() < 1e-9,
+            (depletion(&limiter) - 1.4).abs() < 1e-9,
             "{}",
             depletion(&limiter)
         );
@@ -568,7 +603,7 @@ mod tests {
             keys.iter().map(|k| ("default", k.as_str(), 1)).collect();
         limiter.decide_all(&batch).unwrap();
         assert!(
-            (depletion(&limiter) - 1.2).abs() < 1e-9,
+            (depletion(&limiter) - 1.4).abs() < 1e-9,
             "{}",
             depletion(&limiter)
         );
@@ -576,7 +611,7 @@ mod tests {
         limiter.decide("default", "hot", 2).unwrap();
         limiter.decide("default", "hot", 1).unwrap();
         assert!(
-            (depletion(&limiter) - 3.0).abs() < 1e-9,
+            (depletion(&limiter) - 3.2).abs() < 1e-9,
             "{}",
             depletion(&limiter)
         );

@@ -64,6 +64,21 @@ pub struct SweepReport {
     pub usage: Vec<(PolicyId, PolicyUsage)>,
 }
 
+impl SweepReport {
+    /// Count one bucket of `policy` that is not full and holds `available` whole tokens.
+    pub fn record_active(&mut self, policy: PolicyId, available: u64) {
+        let usage = match self.usage.iter_mut().find(|(p, _)| *p == policy) {
+            Some((_, usage)) => usage,
+            None => {
+                self.usage.push((policy, PolicyUsage::default()));
+                &mut self.usage.last_mut().expect("just pushed").1
+            }
+        };
+        usage.active += 1;
+        usage.min_available = Some(usage.min_available.map_or(available, |m| m.min(available)));
+    }
+}
+
 #[derive(Debug)]
 pub struct Store {
     shards: Box<[Shard]>,
@@ -330,16 +345,7 @@ impl Store {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
             let mut usage_of = |entry: &Entry, available: u64| {
-                let usage = match report.usage.iter_mut().find(|(p, _)| *p == entry.policy) {
-                    Some((_, usage)) => usage,
-                    None => {
-                        report.usage.push((entry.policy, PolicyUsage::default()));
-                        &mut report.usage.last_mut().expect("just pushed").1
-                    }
-                };
-                usage.active += 1;
-                usage.min_available =
-                    Some(usage.min_available.map_or(available, |m| m.min(available)));
+                report.record_active(entry.policy, available);
             };
             table
                 .entries

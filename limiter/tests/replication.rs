@@ -320,6 +320,30 @@ async fn a_strict_policy_is_never_exceeded_and_its_shares_follow_demand() {
     let busy = replicas[0].replicator.escrow().status();
     let share = busy.usable.get("checkout").copied().unwrap_or(0.0);
     assert!(share > 0.8, "busy replica's share {share}: {busy:?}");
+    // And the busy replica's gauges say so: its share, a live lease, and the hot key's
+    // sub-bucket (drained by 10 000 requests/s against a refill of 50/s) as a full bucket's
+    // worth of usage, as shared mode would show it.
+    replicas[0].limiter.sweep();
+    let text = replicas[0].limiter.render_metrics();
+    let gauge = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    };
+    assert!(
+        gauge("openclaw_strict_share{policy=\"checkout\"}") > 0.8,
+        "{text}"
+    );
+    assert!(
+        gauge("openclaw_strict_lease_remaining_seconds") > 0.0,
+        "{text}"
+    );
+    assert!(
+        gauge("token_bucket_current_usage{policy=\"checkout\"}") >= 45.0,
+        "{text}"
+    );
     for replica in replicas {
         replica.shutdown().await;
     }

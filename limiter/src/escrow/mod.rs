@@ -27,6 +27,7 @@ use crate::clock::Clock;
 use crate::crdt::ReplicaId;
 use crate::policy::{Mode, PolicySet};
 use crate::store::PolicyId;
+use crate::store::SweepReport;
 
 const SHARDS: usize = 64;
 /// Demand is measured over windows this long.
@@ -250,8 +251,11 @@ impl Escrow {
     }
 
     /// Settle every sub-bucket and drop those a fresh one would equal. Returns how many were
-    /// dropped.
-    pub fn sweep(&self, policies: &PolicySet) -> usize {
+    /// dropped; the sub-buckets that are not full are counted in `report` as the store's
+    /// buckets are, with their level scaled to the policy's capacity (a sub-bucket half empty
+    /// counts as half the capacity available, whatever this replica's share), so the usage
+    /// gauges and the alerts on them read the same in strict mode as in shared mode.
+    pub fn sweep(&self, policies: &PolicySet, report: &mut SweepReport) -> usize {
         let shares = self.shares.read().unwrap_or_else(|p| p.into_inner());
         let now = self.clock.now();
         let mut reclaimed = 0;
@@ -270,7 +274,13 @@ impl Escrow {
                 keys.retain(|key, bucket| {
                     let rate = policy.rate_for(key);
                     history.settle(bucket, rate, now);
-                    !bucket.is_reclaimable(history, rate, now)
+                    if bucket.is_reclaimable(history, rate, now) {
+                        return false;
+                    }
+                    if let Some(available) = bucket.available_of_capacity(history.current(), rate) {
+                        report.record_active(policy_id, available);
+                    }
+                    true
                 });
                 reclaimed += before - keys.len();
                 !keys.is_empty()

@@ -191,9 +191,15 @@ impl SubBucket {
                 u64::try_from((deficit + per_us - 1) / per_us).unwrap_or(u64::MAX)
             }
         };
+        let depleted_ppm = if allowed {
+            crate::bucket::depleted_ppm(self.level + cost_units(rate, cost), capacity(rate, share))
+        } else {
+            1_000_000
+        };
         Outcome {
             allowed,
             limit: rate.capacity(),
+            depleted_ppm,
             remaining: u64::try_from(self.level.max(0) / unit).unwrap_or(0),
             reset_after_us: time_to(capacity(rate, share) - self.level),
             retry_after_us: if allowed {
@@ -202,6 +208,21 @@ impl SubBucket {
                 time_to(cost_units(rate, cost) - self.level)
             },
         }
+    }
+
+    /// When not full: how much of the policy's capacity this sub-bucket's level stands for,
+    /// in whole tokens (its fill ratio times the capacity). `None` when full. With no share it
+    /// holds nothing of nothing: 0.
+    pub fn available_of_capacity(&self, share: Ppm, rate: Rate) -> Option<u64> {
+        let full = capacity(rate, share);
+        if full > 0 && self.level >= full {
+            return None;
+        }
+        if full <= 0 {
+            return Some(0);
+        }
+        let ratio = self.level.clamp(0, full) as f64 / full as f64;
+        Some((ratio * rate.capacity() as f64).floor() as u64)
     }
 
     /// True when dropping this sub-bucket loses nothing: it is full, and a fresh one would be
@@ -255,6 +276,22 @@ mod tests {
             outcome.retry_after_us, S,
             "no share: retry after one interval"
         );
+    }
+
+    #[test]
+    fn depletion_is_measured_against_this_replicas_share_not_the_whole_bucket() {
+        let mut history = ShareHistory::new(0, S);
+        history.set(0, WHOLE / 4); // 25 of the policy's 100 tokens
+        let mut bucket = SubBucket::fresh(&history, rate(), 2 * S);
+        // A full share reads 0, though it holds only a quarter of the bucket.
+        let first = bucket.try_spend(&history, rate(), 5, 2 * S);
+        assert_eq!((first.allowed, first.depleted_ppm), (true, 0));
+        // 20 of 25 left: 20 % empty.
+        let second = bucket.try_spend(&history, rate(), 20, 2 * S);
+        assert_eq!((second.allowed, second.depleted_ppm), (true, 200_000));
+        // Empty: 1, and refused.
+        let third = bucket.try_spend(&history, rate(), 1, 2 * S);
+        assert_eq!((third.allowed, third.depleted_ppm), (false, 1_000_000));
     }
 
     #[test]
