@@ -92,8 +92,14 @@ pub fn line_chart(
         .flat_map(|l| l.points.iter().map(|p| p.1))
         .filter(|v| v.is_finite())
         .fold(0.0_f64, f64::max);
-    // Headroom above the highest point keeps the legend (upper right) off the lines.
-    let y_top = y_max.unwrap_or(if highest > 0.0 { highest * 1.4 } else { 1.0 });
+    // Headroom above the highest point keeps the legend (upper right) off the lines: the
+    // legend is about one fourteenth of the plot's height per entry.
+    let headroom = 1.15 + 0.07 * lines.len() as f64;
+    let y_top = y_max.unwrap_or(if highest > 0.0 {
+        highest * headroom
+    } else {
+        1.0
+    });
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 18))
         .margin(12)
