@@ -64,6 +64,11 @@ struct ScenarioArgs {
     /// Which replica to kill (0 is the first) [default: the last].
     #[arg(long)]
     kill_replica: Option<usize>,
+    /// A kustomize patch of deploy/base/limiter/hpa.yaml to simulate with, relative to the
+    /// repository (repeatable, applied in order), e.g.
+    /// deploy/components/scale-on-depletion/hpa.yaml or deploy/overlays/production/hpa.yaml.
+    #[arg(long, value_name = "FILE")]
+    hpa_patch: Vec<PathBuf>,
     /// No progress lines on stderr.
     #[arg(long)]
     quiet: bool,
@@ -171,6 +176,7 @@ async fn scenario(args: ScenarioArgs) -> anyhow::Result<()> {
     let scenario_options = ScenarioOptions {
         profile,
         kill,
+        hpa_patches: args.hpa_patch.clone(),
         progress: !args.quiet,
     };
     let outcome = scenario::run(&mut stack, &scenario_options, shutdown_signal()).await;

@@ -281,10 +281,8 @@ fn plots(o: &Outcome, dir: &Path, backdrop: &Backdrop) -> Result<()> {
             .dashed(),
         );
     }
-    let (min, max) = hpa_bounds(&o.hpa_manifest);
-    if let Some(min) = min {
-        lines.push(Line::new("minReplicas", vec![(0.0, min), (end, min)], PALETTE[7]).dashed());
-    }
+    let min = f64::from(o.hpa_min_replicas);
+    lines.push(Line::new("minReplicas", vec![(0.0, min), (end, min)], PALETTE[7]).dashed());
     let top = o
         .syncs
         .iter()
@@ -294,8 +292,8 @@ fn plots(o: &Outcome, dir: &Path, backdrop: &Backdrop) -> Result<()> {
     plot::line_chart(
         &dir.join("replicas.svg"),
         &format!(
-            "HPA openclaw-hpa (simulated, deploy/base/limiter/hpa.yaml{})",
-            max.map_or(String::new(), |m| format!(", maxReplicas {m}"))
+            "HPA openclaw-hpa (simulated, {}, maxReplicas {})",
+            o.hpa_source, o.hpa_max_replicas
         ),
         "replicas",
         &lines,
@@ -382,14 +380,6 @@ fn alert_rows(o: &Outcome, end: f64) -> Vec<AlertRow> {
 }
 
 /// minReplicas and maxReplicas of the manifest.
-fn hpa_bounds(yaml: &str) -> (Option<f64>, Option<f64>) {
-    let doc: serde_norway::Value = serde_norway::from_str(yaml).unwrap_or_default();
-    (
-        doc["spec"]["minReplicas"].as_f64(),
-        doc["spec"]["maxReplicas"].as_f64(),
-    )
-}
-
 fn csv(o: &Outcome, dir: &Path) -> Result<()> {
     let names: BTreeSet<String> = o
         .samples
@@ -495,7 +485,7 @@ fn markdown(o: &Outcome, command: &str) -> String {
          Everything on 127.0.0.1: {} `openclaw-limiter` replicas peered with each other, Debian's \
          Prometheus scraping every {} with the rules of `alerts/rules/`{}, `openclaw-metrics-adapter` \
          serving the external metrics API from it (plain HTTP, no authentication: no Kubernetes API \
-         server here), and the HPA controller's algorithm run on `deploy/base/limiter/hpa.yaml` \
+         server here), and the HPA controller's algorithm run on `{}` \
          against that adapter every {} of scenario time.{}\n",
         minsec(total),
         if k == 1.0 { " (real time)" } else { "" },
@@ -504,6 +494,7 @@ fn markdown(o: &Outcome, command: &str) -> String {
         o.replicas,
         format_duration(o.scrape_interval),
         if k == 1.0 { "" } else { " (compressed copies)" },
+        o.hpa_source,
         if k == 1.0 {
             "15 s".to_owned()
         } else {
@@ -651,12 +642,12 @@ fn markdown(o: &Outcome, command: &str) -> String {
     let _ = writeln!(md, "## The HPA's decisions\n");
     let _ = writeln!(
         md,
-        "`metrics_adapter::hpa_sim` on `deploy/base/limiter/hpa.yaml`: each sync lists the \
+        "`metrics_adapter::hpa_sim` on `{}`: each sync lists the \
          HPA's external metrics from the adapter as the controller does, then applies \
          tolerance, the max over metrics, the stabilization windows and the `behavior` policies. The \
          Deployment is assumed to follow at once (the stack itself keeps {} replicas: the \
          decision is simulated, the load per real replica is not). Changes of the desired count:\n",
-        o.replicas
+        o.hpa_source, o.replicas
     );
     let _ = writeln!(
         md,

@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -181,6 +182,9 @@ pub struct Kill {
 pub struct Options {
     pub profile: Profile,
     pub kill: Option<Kill>,
+    /// Kustomize patches of the HPA manifest, applied in order before simulating (e.g.
+    /// `deploy/components/scale-on-depletion/hpa.yaml`), as paths relative to the repository.
+    pub hpa_patches: Vec<PathBuf>,
     /// Progress lines on stderr.
     pub progress: bool,
 }
@@ -254,7 +258,10 @@ pub struct Outcome {
     pub scrape_interval: Duration,
     /// The PromQL of the adapter's two metrics, as loaded.
     pub adapter_queries: Vec<(String, String)>,
-    pub hpa_manifest: String,
+    /// What the HPA was simulated from: the manifest and its patches, as paths.
+    pub hpa_source: String,
+    pub hpa_min_replicas: i32,
+    pub hpa_max_replicas: i32,
     pub phases: Vec<PhaseOutcome>,
     pub samples: Vec<Sample>,
     /// HPA syncs; `at_s` is scenario seconds.
@@ -312,6 +319,31 @@ struct Status {
     note: String,
 }
 
+/// The simulated HPA: `deploy/base/limiter/hpa.yaml` of the repository at `config_dir` with
+/// `patches` (paths relative to it) applied in order, starting at `replicas`; and a description
+/// of what it was built from, for the report.
+pub fn hpa_simulator(
+    config_dir: &Path,
+    patches: &[PathBuf],
+    replicas: i32,
+) -> Result<(HpaSimulator, String)> {
+    const MANIFEST: &str = "deploy/base/limiter/hpa.yaml";
+    let read = |relative: &Path| {
+        let path = config_dir.join(relative);
+        std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))
+    };
+    let manifest = read(Path::new(MANIFEST))?;
+    let mut source = String::from(MANIFEST);
+    let mut overrides = hpa_sim::Overrides::default();
+    for patch in patches {
+        overrides.patches.push(read(patch)?);
+        source.push_str(&format!(" + {}", patch.display()));
+    }
+    let sim = HpaSimulator::from_manifest_with(&manifest, &overrides, replicas)
+        .map_err(|e| Error::Other(format!("{source}: {e}")))?;
+    Ok((sim, source))
+}
+
 /// Runs `options.profile` on `stack`; `cancel` (Ctrl-C) ends it early with what was measured.
 pub async fn run(
     stack: &mut Stack,
@@ -330,10 +362,12 @@ pub async fn run(
             replicas - 1
         )));
     }
-    let hpa_path = stack.options.hpa_manifest();
-    let hpa_yaml = std::fs::read_to_string(&hpa_path).map_err(|e| Error::io(&hpa_path, e))?;
-    let mut sim = HpaSimulator::from_manifest(&hpa_yaml, replicas as i32)
-        .map_err(|e| Error::Other(format!("{}: {e}", hpa_path.display())))?;
+    let (mut sim, hpa_source) = hpa_simulator(
+        &stack.options.config_dir,
+        &options.hpa_patches,
+        replicas as i32,
+    )?;
+    let (hpa_min_replicas, hpa_max_replicas) = (sim.spec().min_replicas, sim.spec().max_replicas);
     let adapter_queries = stack.adapter_queries()?;
     // The adapter's helper installs ring as rustls' provider (see `Prometheus::start`).
     let http = hpa_sim::http_client(Duration::from_secs(10))
@@ -543,7 +577,9 @@ pub async fn run(
         listening: stack.listening_lines(),
         scrape_interval: scale.scrape_interval(),
         adapter_queries,
-        hpa_manifest: hpa_yaml,
+        hpa_source,
+        hpa_min_replicas,
+        hpa_max_replicas,
         phases,
         samples,
         syncs,
@@ -840,6 +876,45 @@ impl AlertTracker {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn repository() -> PathBuf {
+        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+    }
+
+    #[test]
+    fn the_simulated_hpa_is_the_deployed_one_with_the_patches_asked_for() {
+        let (default, source) = hpa_simulator(&repository(), &[], 3).unwrap();
+        assert_eq!(source, "deploy/base/limiter/hpa.yaml");
+        let names: Vec<&str> = default.metrics().iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["openclaw_requests_per_second"]);
+
+        let patches = [
+            PathBuf::from("deploy/overlays/production/hpa.yaml"),
+            PathBuf::from("deploy/components/scale-on-depletion/hpa.yaml"),
+        ];
+        let (patched, source) = hpa_simulator(&repository(), &patches, 3).unwrap();
+        assert_eq!(
+            source,
+            "deploy/base/limiter/hpa.yaml + deploy/overlays/production/hpa.yaml + \
+             deploy/components/scale-on-depletion/hpa.yaml"
+        );
+        let names: Vec<&str> = patched.metrics().iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "openclaw_requests_per_second",
+                "openclaw_token_depletion_rate"
+            ]
+        );
+        // Production raises the floor to one replica per zone.
+        assert_eq!(patched.spec().min_replicas, 3);
+
+        let missing = [PathBuf::from("deploy/components/no-such/hpa.yaml")];
+        let Err(e) = hpa_simulator(&repository(), &missing, 3) else {
+            panic!("a missing patch was accepted");
+        };
+        assert!(e.to_string().contains("no-such/hpa.yaml"), "{e}");
+    }
 
     #[test]
     fn profiles_put_the_spike_above_the_hpa_target_and_the_baseline_below() {

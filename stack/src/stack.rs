@@ -75,10 +75,6 @@ impl Options {
         }
     }
 
-    pub fn hpa_manifest(&self) -> PathBuf {
-        self.config_dir.join("deploy/base/limiter/hpa.yaml")
-    }
-
     fn rules_dir(&self) -> PathBuf {
         self.config_dir.join("alerts/rules")
     }

@@ -185,6 +185,7 @@ fn load_reaches_prometheus_and_the_adapter_the_hpa_scales_up_on_the_spike_and_ba
                 profile,
                 kill: None,
                 progress: false,
+                hpa_patches: Vec::new(),
             },
             std::future::pending(),
         ))
@@ -406,6 +407,7 @@ fn with_one_replica_killed_mid_spike_the_survivors_keep_answering_and_the_report
                     at: Duration::from_secs(120),
                 }),
                 progress: false,
+                hpa_patches: Vec::new(),
             },
             std::future::pending(),
         ))
