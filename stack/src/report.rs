@@ -379,7 +379,6 @@ fn alert_rows(o: &Outcome, end: f64) -> Vec<AlertRow> {
     rows
 }
 
-/// minReplicas and maxReplicas of the manifest.
 fn csv(o: &Outcome, dir: &Path) -> Result<()> {
     let names: BTreeSet<String> = o
         .samples
