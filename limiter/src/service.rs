@@ -348,21 +348,22 @@ impl Limiter {
             return 0;
         };
         let reclaimed = escrow.sweep(&active.set, report);
-        let status = escrow.status();
         let m = &self.metrics;
-        if active.any_strict {
-            m.strict_lease_remaining
-                .get_or_create(&Vec::new())
-                .set(status.lease_remaining_ms.max(0) as f64 / 1e3);
-        } else {
+        if !active.any_strict {
             m.strict_lease_remaining.clear();
+            m.strict_share.clear();
+            return reclaimed;
         }
+        let (usable, lease_remaining_ms) = escrow.shares_and_lease();
+        m.strict_lease_remaining
+            .get_or_create(&Vec::new())
+            .set(lease_remaining_ms.max(0) as f64 / 1e3);
         for policy in active.set.iter() {
             let labels = PolicyLabels {
                 policy: policy.name.clone(),
             };
             if policy.mode == Mode::Strict {
-                let share = status.usable.get(&policy.name).copied().unwrap_or(0.0);
+                let share = usable.get(&policy.name).copied().unwrap_or(0.0);
                 m.strict_share.get_or_create(&labels).set(share);
             } else {
                 // A reload may have turned a strict policy into a shared one.

@@ -65,9 +65,18 @@ fn options(work: &Path) -> Options {
 }
 
 /// Where a test's report goes: kept after the run (also when it fails) for a look.
-fn report_dir(test: &str) -> std::path::PathBuf {
+/// Writes the report of `outcome` to `target/tmp/whole_system-TEST/` (kept after a failure, so
+/// write it before asserting) and returns the directory.
+fn write_report(outcome: &Outcome, test: &str) -> std::path::PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("whole_system-{test}"));
     let _ = std::fs::remove_dir_all(&dir);
+    openclaw_stack::report::write(
+        outcome,
+        &dir,
+        "cargo nextest run -p openclaw-e2e --test whole_system",
+    )
+    .unwrap();
+    eprintln!("report: {}", dir.join("report.md").display());
     dir
 }
 
@@ -191,14 +200,7 @@ fn load_reaches_prometheus_and_the_adapter_the_hpa_scales_up_on_the_spike_and_ba
         ))
         .unwrap();
     // The report first, so that a failing assertion leaves it to look at.
-    let report = report_dir("causal_chain");
-    openclaw_stack::report::write(
-        &outcome,
-        &report,
-        "cargo nextest run -p openclaw-e2e --test whole_system",
-    )
-    .unwrap();
-    eprintln!("report: {}", report.join("report.md").display());
+    let report = write_report(&outcome, "causal_chain");
     let (direct, served) = comparison
         .join()
         .expect("comparison thread")
@@ -413,14 +415,7 @@ fn with_one_replica_killed_mid_spike_the_survivors_keep_answering_and_the_report
         ))
         .unwrap();
     // The report first, so that a failing assertion leaves it to look at.
-    let report = report_dir("kill");
-    openclaw_stack::report::write(
-        &outcome,
-        &report,
-        "cargo nextest run -p openclaw-e2e --test whole_system",
-    )
-    .unwrap();
-    eprintln!("report: {}", report.join("report.md").display());
+    let report = write_report(&outcome, "kill");
     let kill = outcome.kill.clone().expect("the replica was killed");
     assert_eq!(kill.node_id, "limiter-2");
     assert!(!stack.limiters[victim].is_running());

@@ -307,10 +307,21 @@ impl Escrow {
         self.len() == 0
     }
 
-    pub fn status(&self) -> EscrowStatus {
-        let sub_buckets = self.len();
+    /// The shares this replica may spend now, as fractions of each policy, and the
+    /// milliseconds left on its lease (negative: lapsed). What the strict-mode gauges show.
+    pub fn shares_and_lease(&self) -> (BTreeMap<String, f64>, i64) {
         let node = self.node();
         let now = self.clock.now();
+        (
+            usable_fractions(&node),
+            (node.lease_until() as i64 - now as i64) / 1000,
+        )
+    }
+
+    pub fn status(&self) -> EscrowStatus {
+        let sub_buckets = self.len();
+        let (usable, lease_remaining_ms) = self.shares_and_lease();
+        let node = self.node();
         let allocation = node.allocation();
         EscrowStatus {
             replica: format!("{:016x}", node.me),
@@ -319,15 +330,18 @@ impl Escrow {
             members: allocation.map_or_else(Vec::new, |a| {
                 a.members.iter().map(|m| format!("{m:016x}")).collect()
             }),
-            usable: node
-                .usable_shares()
-                .iter()
-                .map(|(p, &u)| (p.clone(), f64::from(u) / f64::from(WHOLE)))
-                .collect(),
-            lease_remaining_ms: (node.lease_until() as i64 - now as i64) / 1000,
+            usable,
+            lease_remaining_ms,
             sub_buckets,
         }
     }
+}
+
+fn usable_fractions(node: &Node) -> BTreeMap<String, f64> {
+    node.usable_shares()
+        .iter()
+        .map(|(p, &u)| (p.clone(), f64::from(u) / f64::from(WHOLE)))
+        .collect()
 }
 
 #[cfg(test)]
