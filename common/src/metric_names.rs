@@ -53,6 +53,16 @@ pub const REPLICATION_ENTRIES_TOTAL: &str = "openclaw_replication_entries_total"
 pub const MERGES_TOTAL: &str = "openclaw_merges_total";
 /// Peer messages refused (bad auth, malformed, oversized), by `reason`. Counter.
 pub const PEER_MESSAGES_REJECTED_TOTAL: &str = "openclaw_peer_messages_rejected_total";
+/// How far `peer`'s clock is ahead of this replica's (negative: behind), seen on its last
+/// message: its send time minus the receiving time, so the network delay makes it read low.
+/// Gauge.
+pub const PEER_CLOCK_OFFSET_SECONDS: &str = "openclaw_peer_clock_offset_seconds";
+/// How far this replica's clock runs ahead of its system clock to keep up with the fastest peer
+/// within the guard. Gauge.
+pub const CLOCK_LEAD_SECONDS: &str = "openclaw_clock_lead_seconds";
+/// Peer timestamps refused by the clock guard, by `reason` (`message_ahead`: the whole message;
+/// `epoch_ahead`, `incarnation_ahead`: one bucket entry). Counter.
+pub const PEER_CLOCK_REFUSED_TOTAL: &str = "openclaw_peer_clock_refused_total";
 /// Seconds since the last successful snapshot was written (or restored). Gauge.
 pub const SNAPSHOT_AGE_SECONDS: &str = "openclaw_snapshot_age_seconds";
 /// Snapshot attempts, by `result` (`success` | `failure`). Counter.
@@ -90,6 +100,9 @@ pub const ALL: &[&str] = &[
     REPLICATION_ENTRIES_TOTAL,
     MERGES_TOTAL,
     PEER_MESSAGES_REJECTED_TOTAL,
+    PEER_CLOCK_OFFSET_SECONDS,
+    CLOCK_LEAD_SECONDS,
+    PEER_CLOCK_REFUSED_TOTAL,
     SNAPSHOT_AGE_SECONDS,
     SNAPSHOTS_TOTAL,
     STRICT_SHARE,

@@ -125,6 +125,13 @@ pub struct Args {
     #[arg(long, env = "OPENCLAW_STRICT_SKEW_GUARD_MS", default_value_t = 500)]
     pub strict_skew_guard_ms: u64,
 
+    /// Clock guard, in milliseconds: a peer whose clock is ahead of this replica's by up to this
+    /// much pulls this replica's clock forward to its own (so offsets cancel); a peer message,
+    /// claim epoch or incarnation further ahead is refused and counted
+    /// (`openclaw_peer_clock_refused_total`). See docs/crdt.md, "Clocks".
+    #[arg(long, env = "OPENCLAW_CLOCK_SKEW_GUARD_MS", default_value_t = 500)]
+    pub clock_skew_guard_ms: u64,
+
     /// Longest wait at start for peers' state before reporting ready anyway, in milliseconds.
     #[arg(long, env = "OPENCLAW_READY_MAX_WAIT_MS", default_value_t = 5000)]
     pub ready_max_wait_ms: u64,
@@ -160,6 +167,7 @@ pub struct ReplicationSettings {
     pub ready_max_wait: Duration,
     pub strict_lease: Duration,
     pub strict_skew_guard: Duration,
+    pub clock_skew_guard: Duration,
 }
 
 /// A validated configuration.
@@ -296,6 +304,7 @@ fn replication_settings(args: &Args, errors: &mut Vec<String>) -> Option<Replica
             1,
         ),
         ("OPENCLAW_DISCOVERY_REFRESH_S", args.discovery_refresh_s, 1),
+        ("OPENCLAW_CLOCK_SKEW_GUARD_MS", args.clock_skew_guard_ms, 1),
     ] {
         if value < min {
             errors.push(format!("{name} must be at least {min}"));
@@ -328,6 +337,7 @@ fn replication_settings(args: &Args, errors: &mut Vec<String>) -> Option<Replica
         ready_max_wait: Duration::from_millis(args.ready_max_wait_ms),
         strict_lease: Duration::from_millis(strict_lease_ms),
         strict_skew_guard: Duration::from_millis(args.strict_skew_guard_ms),
+        clock_skew_guard: Duration::from_millis(args.clock_skew_guard_ms),
     })
 }
 

@@ -125,6 +125,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                         guard_us: settings.strict_skew_guard.as_micros() as u64,
                         ..Params::default()
                     },
+                    clock_guard: settings.clock_skew_guard,
                 },
             )?;
             let membership = Membership::new(

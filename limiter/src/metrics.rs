@@ -144,6 +144,9 @@ pub struct Metrics {
     pub replication_entries: Family<DirectionLabels, Counter>,
     pub merges: Counter,
     pub peer_rejected: Family<ReasonLabels, Counter>,
+    pub peer_clock_offset: Family<PeerLabels, FloatGauge>,
+    pub clock_lead: FloatGauge,
+    pub peer_clock_refused: Family<ReasonLabels, Counter>,
     pub snapshot_age: FloatGauge,
     pub snapshots: Family<ResultLabels, Counter>,
     pub strict_share: Family<PolicyLabels, FloatGauge>,
@@ -200,6 +203,9 @@ impl Metrics {
             replication_entries: Family::default(),
             merges: Counter::default(),
             peer_rejected: Family::default(),
+            peer_clock_offset: Family::default(),
+            clock_lead: FloatGauge::default(),
+            peer_clock_refused: Family::default(),
             snapshot_age: FloatGauge::default(),
             snapshots: Family::default(),
             strict_share: Family::default(),
@@ -309,6 +315,24 @@ impl Metrics {
             metrics.peer_rejected.clone(),
         );
         registry.register(
+            names::PEER_CLOCK_OFFSET_SECONDS,
+            "How far the peer's clock is ahead of this replica's (negative: behind), from its last \
+             message (send time minus receive time: reads low by the network delay)",
+            metrics.peer_clock_offset.clone(),
+        );
+        registry.register(
+            names::CLOCK_LEAD_SECONDS,
+            "How far this replica's clock runs ahead of its system clock to keep up with the \
+             fastest peer within the clock guard",
+            metrics.clock_lead.clone(),
+        );
+        registry.register(
+            counter_name(names::PEER_CLOCK_REFUSED_TOTAL),
+            "Peer timestamps further ahead than the clock guard, refused and never merged, by \
+             reason (message_ahead, epoch_ahead, incarnation_ahead)",
+            metrics.peer_clock_refused.clone(),
+        );
+        registry.register(
             names::SNAPSHOT_AGE_SECONDS,
             "Seconds since the last snapshot was written or restored (0 when snapshots are off)",
             metrics.snapshot_age.clone(),
@@ -335,9 +359,20 @@ impl Metrics {
         }
         // Counters that alerts take `rate()` or `increase()` of must exist at 0 before their first
         // increment, or the first failure is invisible to those functions.
-        for reason in ["unauthenticated", "malformed", "too_large", "incompatible"] {
+        for reason in [
+            "unauthenticated",
+            "malformed",
+            "too_large",
+            "incompatible",
+            "clock_ahead",
+        ] {
             let _ = metrics
                 .peer_rejected
+                .get_or_create(&ReasonLabels { reason });
+        }
+        for reason in ["message_ahead", "epoch_ahead", "incarnation_ahead"] {
+            let _ = metrics
+                .peer_clock_refused
                 .get_or_create(&ReasonLabels { reason });
         }
         for result in ["success", "failure"] {

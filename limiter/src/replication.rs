@@ -32,15 +32,21 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::bucket::Micros;
-use crate::crdt::{BucketState, Component, ReplicaId};
+use crate::clock::{ClockAhead, follow_peer};
+use crate::crdt::{BucketState, Component, ReplicaId, UNLISTED};
 use crate::escrow::Escrow;
 use crate::escrow::protocol::{Control, Params};
 use crate::metrics::{DirectionLabels, PeerLabels, ReasonLabels, StateLabels};
 use crate::service::Limiter;
 use crate::store::PolicyId;
 
-/// Version of the peer protocol; a peer speaking another one is refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of the peer protocol this build sends. Version 2 can leave a component unlisted by
+/// its bucket's claim (`absorbed` = `u64::MAX`); version 1 messages are still read (module docs).
+pub const PROTOCOL_VERSION: u32 = 2;
+/// The earlier version still read: written before claims could leave a component unlisted. A
+/// component it sends with nothing absorbed and an incarnation before its claim was one the
+/// claimant did not know, and is read as unlisted (as snapshots of format 2 are).
+const PROTOCOL_VERSION_1: u32 = 1;
 /// Largest peer message accepted or sent. Full-state transfers are split to stay under it.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Buckets per full-state message (about 1 MB of JSON).
@@ -61,6 +67,9 @@ pub struct ReplicationOptions {
     pub request_timeout: Duration,
     /// Leases and fairness of `strict` mode's escrow.
     pub strict: Params,
+    /// Peers ahead of this replica's clock by up to this much pull it forward; further ahead,
+    /// their timestamps are refused (`clock::follow_peer`).
+    pub clock_guard: Duration,
 }
 
 /// One message between replicas: the changed buckets (or all of them).
@@ -80,7 +89,8 @@ struct SyncMessage {
     escrow: Option<Control>,
 }
 
-/// `[policy index, key, epoch, rebaser, [[replica, incarnation, consumed, absorbed], ...]]`
+/// `[policy index, key, epoch, rebaser, [[replica, incarnation, consumed, absorbed], ...]]`;
+/// `absorbed` is `u64::MAX` for a component the claim does not list.
 #[derive(Debug, Serialize, Deserialize)]
 struct WireEntry(u32, String, Micros, u64, Vec<(u64, Micros, u64, u64)>);
 
@@ -109,6 +119,9 @@ pub struct PeerStatus {
     /// Wall-clock µs of the last merge of state it sent us.
     pub last_merge_us: Option<Micros>,
     pub last_error: Option<String>,
+    /// The peer's clock minus this replica's, from its last message (µs; reads low by the
+    /// network delay).
+    pub clock_offset_us: Option<i64>,
     pub messages_sent: u64,
     pub messages_received: u64,
 }
@@ -242,7 +255,17 @@ impl Replicator {
             .get_or_create(&StateLabels { state: "down" })
             .set(down);
         metrics.replication_lag.clear();
+        metrics.peer_clock_offset.clear();
+        metrics
+            .clock_lead
+            .set(self.limiter.clock().lead_us() as f64 / 1e6);
         for peer in peers.values() {
+            if let (Some(node), Some(offset)) = (&peer.node, peer.clock_offset_us) {
+                metrics
+                    .peer_clock_offset
+                    .get_or_create(&PeerLabels { peer: node.clone() })
+                    .set(offset as f64 / 1e6);
+            }
             if let (Some(node), Some(merged)) = (&peer.node, peer.last_merge_us) {
                 let lag = now.saturating_sub(merged) as f64 / 1e6;
                 metrics
@@ -344,7 +367,7 @@ impl Replicator {
 
     /// Merge a verified message; returns how many buckets changed.
     fn apply(&self, message: SyncMessage) -> Result<usize, Rejection> {
-        if message.v != PROTOCOL_VERSION {
+        if message.v != PROTOCOL_VERSION && message.v != PROTOCOL_VERSION_1 {
             return Err(Rejection::Incompatible(message.v));
         }
         if message.replica == self.limiter.store().replica().0 {
@@ -352,9 +375,28 @@ impl Replicator {
                 "message from this replica itself".into(),
             ));
         }
+        let metrics = self.limiter.metrics();
+        let guard_us = self.options.clock_guard.as_micros() as Micros;
+        let clock_offset = match follow_peer(&*self.limiter.clock(), message.sent_at, guard_us) {
+            Ok(offset) => offset,
+            Err(ahead) => {
+                metrics
+                    .peer_clock_refused
+                    .get_or_create(&ReasonLabels {
+                        reason: "message_ahead",
+                    })
+                    .inc();
+                self.with_peer(&format!("node:{}", message.node), |peer| {
+                    peer.node = Some(message.node.clone());
+                    peer.clock_offset_us = Some(ahead.ahead_us as i64);
+                });
+                return Err(Rejection::ClockAhead(ahead));
+            }
+        };
         let policies = self.limiter.policies();
         let now = self.limiter.now();
-        let metrics = self.limiter.metrics();
+        let latest = now.saturating_add(guard_us);
+        let upgrade = message.v == PROTOCOL_VERSION_1;
         // Validate everything before merging anything: a malformed message changes nothing.
         if let Some(control) = &message.escrow {
             control
@@ -373,7 +415,21 @@ impl Replicator {
         }
         let mut changed = 0;
         let received = message.entries.len() as u64;
+        let mut refused: [(&'static str, u64); 2] = [("epoch_ahead", 0), ("incarnation_ahead", 0)];
         for WireEntry(policy_index, key, epoch, rebaser, components) in message.entries {
+            // A stamp beyond the guard would hold the bucket below its level (or win every
+            // merge) for as long as it is ahead: refused, the rest of the message merged.
+            if epoch > latest {
+                refused[0].1 += 1;
+                continue;
+            }
+            if components
+                .iter()
+                .any(|&(_, incarnation, _, _)| incarnation > latest)
+            {
+                refused[1].1 += 1;
+                continue;
+            }
             // A policy this replica does not have (a rollout of the policies file in progress):
             // nothing to merge into; the sender resends in its next anti-entropy round.
             let Some(policy) = policies.get(&message.policies[policy_index as usize]) else {
@@ -388,7 +444,11 @@ impl Replicator {
                         replica: ReplicaId(replica),
                         incarnation,
                         consumed,
-                        absorbed,
+                        absorbed: if upgrade && absorbed == 0 && incarnation < epoch {
+                            UNLISTED
+                        } else {
+                            absorbed
+                        },
                     }),
             );
             if self
@@ -402,6 +462,20 @@ impl Replicator {
         if let Some(control) = &message.escrow {
             self.escrow.receive(message.replica, control);
         }
+        for (reason, count) in refused {
+            if count > 0 {
+                metrics
+                    .peer_clock_refused
+                    .get_or_create(&ReasonLabels { reason })
+                    .inc_by(count);
+                tracing::warn!(
+                    node = %message.node,
+                    reason,
+                    entries = count,
+                    "refused bucket entries stamped beyond the clock guard"
+                );
+            }
+        }
         metrics.merges.inc_by(changed as u64);
         metrics
             .replication_entries
@@ -414,6 +488,7 @@ impl Replicator {
             peer.up = true;
             peer.last_contact_us = Some(now);
             peer.last_merge_us = Some(now);
+            peer.clock_offset_us = Some(clock_offset);
             peer.messages_received += 1;
         });
         Ok(changed as usize)
@@ -638,8 +713,10 @@ enum Rejection {
     Malformed(String),
     #[error("message larger than {MAX_MESSAGE_BYTES} bytes")]
     TooLarge,
-    #[error("protocol version {0} is not {PROTOCOL_VERSION}")]
+    #[error("protocol version {0} is not {PROTOCOL_VERSION} (or {PROTOCOL_VERSION_1})")]
     Incompatible(u32),
+    #[error("{0}")]
+    ClockAhead(ClockAhead),
 }
 
 impl Rejection {
@@ -649,6 +726,7 @@ impl Rejection {
             Rejection::Malformed(_) => "malformed",
             Rejection::TooLarge => "too_large",
             Rejection::Incompatible(_) => "incompatible",
+            Rejection::ClockAhead(_) => "clock_ahead",
         }
     }
 
@@ -658,6 +736,7 @@ impl Rejection {
             Rejection::Malformed(_) => StatusCode::BAD_REQUEST,
             Rejection::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::Incompatible(_) => StatusCode::CONFLICT,
+            Rejection::ClockAhead(_) => StatusCode::CONFLICT,
         }
     }
 }

@@ -19,6 +19,9 @@ use crate::snapshot::Snapshots;
 
 /// How often the refill-and-reclaim pass runs (and so how fresh the usage gauges are).
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the clock follows the system clock: a backward correction is taken at most a tenth
+/// as fast as time passes, so the clock never steps back by more than 1 ms.
+pub const CLOCK_RESYNC_INTERVAL: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -57,6 +60,10 @@ pub async fn serve(
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(
         sweeper(limiter.clone(), stop_rx.clone()).instrument(tracing::info_span!("sweeper")),
+    );
+    tasks.spawn(
+        follow_system_clock(limiter.clone(), stop_rx.clone())
+            .instrument(tracing::info_span!("clock")),
     );
     if let Some(path) = options.policies_path.clone() {
         let span = tracing::info_span!("policy_watcher", path = %path.display());
@@ -211,6 +218,19 @@ async fn recover_then_replicate(
     }
     replicator.limiter().mark_ready();
     replication::run(replicator, peers, stop).await;
+}
+
+/// Keeps the limiter's clock on the system clock's corrections (`clock::WallClock`).
+async fn follow_system_clock(limiter: Arc<Limiter>, mut stop: watch::Receiver<bool>) {
+    let clock = limiter.clock();
+    let mut ticks = tokio::time::interval(CLOCK_RESYNC_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !*stop.borrow_and_update() {
+        tokio::select! {
+            _ = ticks.tick() => clock.resync(),
+            result = stop.changed() => if result.is_err() { return },
+        }
+    }
 }
 
 async fn sweeper(limiter: Arc<Limiter>, mut stop: watch::Receiver<bool>) {

@@ -67,7 +67,7 @@
 //! | field | encoding |
 //! |---|---|
 //! | magic | 8 bytes `OCLSNAP\0` |
-//! | format version | `u16` = 2 |
+//! | format version | `u16` = 3 (2 is read too) |
 //! | file length | `u64`, every byte including the checksum |
 //! | created | `u64`, µs since the UNIX epoch, on the writer's clock |
 //! | writer's replica id | `u64` |
@@ -77,7 +77,7 @@
 //! | &nbsp; key | string |
 //! | &nbsp; epoch | `u64` µs |
 //! | &nbsp; rebaser | `u64`, the replica whose rebase the epoch is |
-//! | &nbsp; components | `u32` count, then per component four `u64`: replica, incarnation (µs), consumed, absorbed |
+//! | &nbsp; components | `u32` count, then per component four `u64`: replica, incarnation (µs), consumed, absorbed (`u64::MAX`: not listed by the claim) |
 //! | policy table | `u32` count, then each policy name (string) |
 //! | checksum | 32 bytes, SHA-256 of every byte before it |
 //!
@@ -92,7 +92,7 @@
 //! anything is built from it, so a hostile or damaged length can never cause an allocation (the
 //! only buffer is the file itself, bounded by [`Snapshots::with_max_bytes`]); the reader checks
 //! invariants a generic decoder would not (components sorted by (replica, incarnation) and unique,
-//! `absorbed <= consumed`, policy indexes in range, no trailing bytes); and it costs no
+//! a listed `absorbed <= consumed`, policy indexes in range, no trailing bytes); and it costs no
 //! dependency. It is about a hundred lines each way.
 //!
 //! Reading checks, in order: magic (else [`SnapshotError::Foreign`]), version (else
@@ -117,15 +117,19 @@ use ring::digest;
 use serde::Serialize;
 
 use crate::bucket::Micros;
-use crate::crdt::{BucketState, Component, ReplicaId};
+use crate::crdt::{BucketState, Component, ReplicaId, UNLISTED};
 use crate::metrics::ResultLabels;
 use crate::service::Limiter;
 use crate::store::PolicyId;
 
 /// First bytes of every snapshot file.
 pub const MAGIC: [u8; 8] = *b"OCLSNAP\0";
-/// The format version this build writes and the only one it reads.
-pub const FORMAT_VERSION: u16 = 2;
+/// The format version this build writes.
+pub const FORMAT_VERSION: u16 = 3;
+/// The earlier version this build still reads: the same layout, written before claims could
+/// leave a component unlisted. A component it wrote with nothing absorbed and an incarnation
+/// before its claim was one the claimant did not know, and is read as unlisted.
+const FORMAT_VERSION_2: u16 = 2;
 /// Snapshots kept by default: the newest, and two to fall back on if it is damaged.
 pub const DEFAULT_KEEP: usize = 3;
 /// Largest snapshot written or read by default. A bucket with one component and a short key
@@ -654,6 +658,7 @@ fn put_str(out: &mut Vec<u8>, s: &str) -> bool {
 #[derive(Debug)]
 pub struct Snapshot {
     bytes: Vec<u8>,
+    version: u16,
     node_id: String,
     replica: ReplicaId,
     created_us: Micros,
@@ -716,7 +721,7 @@ impl Snapshot {
             });
         }
         let version = u16::from_le_bytes([bytes[8], bytes[9]]);
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != FORMAT_VERSION_2 {
             return Err(SnapshotError::UnsupportedVersion {
                 found: version,
                 supported: FORMAT_VERSION,
@@ -775,6 +780,7 @@ impl Snapshot {
         }
         Ok(Self {
             bytes,
+            version,
             node_id,
             replica,
             created_us,
@@ -827,10 +833,20 @@ impl Snapshot {
             let record = reader
                 .record()
                 .expect("every record was checked by Snapshot::decode");
+            let upgrade = self.version == FORMAT_VERSION_2;
             let state = BucketState::from_parts(
                 record.epoch,
                 record.rebaser,
-                record.components.chunks_exact(COMPONENT_LEN).map(component),
+                record
+                    .components
+                    .chunks_exact(COMPONENT_LEN)
+                    .map(component)
+                    .map(|mut c| {
+                        if upgrade && c.absorbed == 0 && c.incarnation < record.epoch {
+                            c.absorbed = UNLISTED;
+                        }
+                        c
+                    }),
             );
             (record.policy, record.key, state)
         })
@@ -952,7 +968,7 @@ impl<'a> Reader<'a> {
         let mut previous: Option<(ReplicaId, Micros)> = None;
         for chunk in components.chunks_exact(COMPONENT_LEN) {
             let c = component(chunk);
-            if c.absorbed > c.consumed {
+            if c.is_listed() && c.absorbed > c.consumed {
                 return Err(SnapshotError::Malformed(
                     "a component absorbed more than it consumed",
                 ));
@@ -1014,7 +1030,7 @@ mod tests {
         limiter.decide("extra", "vip", 40).unwrap();
         let policy = limiter.policies().get("default").unwrap().clone();
         let mut remote = BucketState::full_at(START);
-        remote.try_consume_at(policy.rate, ReplicaId(9), START - 5, 4, START);
+        remote.try_consume_at(policy.rate, ReplicaId(9), &mut (START - 5), 4, START);
         limiter
             .store()
             .merge(policy.id, "a", &remote, policy.rate, START);
@@ -1077,7 +1093,11 @@ mod tests {
             let byte = bit / 8;
             let expected_ok = match byte {
                 0..8 => matches!(error, SnapshotError::Foreign),
-                8..10 => matches!(error, SnapshotError::UnsupportedVersion { .. }),
+                // A flip that lands on the other readable version is caught by the checksum.
+                8..10 => matches!(
+                    error,
+                    SnapshotError::UnsupportedVersion { .. } | SnapshotError::ChecksumMismatch
+                ),
                 // The length field: raised, the file looks truncated; lowered, the checksum
                 // (which covers it) no longer matches.
                 10..18 => matches!(
@@ -1332,7 +1352,7 @@ mod tests {
                     Op::Remote { replica, key, cost } => {
                         let now = limiter.now();
                         let mut remote = BucketState::full_at(now);
-                        remote.try_consume_at(default.rate, ReplicaId(replica), 1, cost, now);
+                        remote.try_consume_at(default.rate, ReplicaId(replica), &mut 1, cost, now);
                         limiter.store().merge(default.id, &format!("k{key}"), &remote, default.rate, now);
                     }
                 }

@@ -7,7 +7,7 @@
 
 use std::hash::BuildHasher;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use compact_str::CompactString;
 use hashbrown::HashTable;
@@ -85,7 +85,6 @@ pub struct Store {
     shard_mask: usize,
     hasher: foldhash::fast::FixedState,
     replica: ReplicaId,
-    last_incarnation: AtomicU64,
     len: AtomicUsize,
     /// Whether to remember which buckets changed (only replication needs it).
     track_changes: bool,
@@ -100,7 +99,6 @@ impl Store {
             shard_mask: shards - 1,
             hasher: foldhash::fast::FixedState::with_seed(replica.0),
             replica,
-            last_incarnation: AtomicU64::new(0),
             len: AtomicUsize::new(0),
             track_changes: false,
         }
@@ -137,17 +135,6 @@ impl Store {
         &self.shards[(hash >> 32) as usize & self.shard_mask]
     }
 
-    /// A stamp later than any incarnation this store issued before, and not before `now`.
-    fn next_incarnation(&self, now: Micros) -> Micros {
-        let previous = self
-            .last_incarnation
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
-                Some(now.max(last + 1))
-            })
-            .unwrap_or_else(|last| last);
-        now.max(previous + 1)
-    }
-
     /// Spend `cost` tokens of (policy, key) at `now` if its bucket holds them.
     #[inline]
     pub fn decide(
@@ -169,13 +156,10 @@ impl Store {
             .entries
             .find_mut(hash, |e| e.policy == policy && e.key == key)
         {
-            if entry.incarnation == 0 {
-                entry.incarnation = self.next_incarnation(now);
-            }
             let outcome =
                 entry
                     .state
-                    .try_consume_at(rate, self.replica, entry.incarnation, cost, now);
+                    .try_consume_at(rate, self.replica, &mut entry.incarnation, cost, now);
             if outcome.allowed && self.track_changes && !entry.changed {
                 entry.changed = true;
                 table.changed.push((policy, entry.key.clone()));
@@ -183,8 +167,8 @@ impl Store {
             return outcome;
         }
         let mut state = BucketState::full_at(now);
-        let incarnation = self.next_incarnation(now);
-        let outcome = state.try_consume_at(rate, self.replica, incarnation, cost, now);
+        let mut incarnation = 0;
+        let outcome = state.try_consume_at(rate, self.replica, &mut incarnation, cost, now);
         if outcome.allowed {
             let key = CompactString::from(key);
             if self.track_changes {
@@ -259,6 +243,10 @@ impl Store {
             .find_mut(hash, |e| e.policy == policy && e.key == key)
         {
             let before = entry.state.clone();
+            // A bucket full here before the merge was full in fact (what arrives happened
+            // earlier or concurrently): claim it first, so the refill it held while full is
+            // not credited to what arrives.
+            entry.state.rebase_if_full_at(rate, now, self.replica);
             entry.state.join(remote);
             entry.state.rebase_if_full_at(rate, now, self.replica);
             return entry.state != before;
@@ -483,29 +471,19 @@ mod tests {
     fn spending_on_an_adopted_bucket_uses_a_fresh_incarnation() {
         let a = Store::new(ReplicaId(1), 4);
         let b = Store::new(ReplicaId(2), 4);
-        a.decide(P, "k", rate(), 3, 0);
+        a.decide(P, "k", rate(), 3, 1_000);
         let mut state = None;
         a.for_each(|_, _, s| state = Some(s.clone()));
-        b.merge(P, "k", &state.unwrap(), rate(), 0);
-        b.decide(P, "k", rate(), 2, 0);
+        b.merge(P, "k", &state.unwrap(), rate(), 1_000);
+        b.decide(P, "k", rate(), 2, 2_000);
         let mut components = Vec::new();
         b.for_each(|_, _, s| components = s.components().to_vec());
         assert_eq!(components.len(), 2);
         assert!(
             components
                 .iter()
-                .any(|c| c.replica == ReplicaId(2) && c.incarnation > 0)
+                .any(|c| c.replica == ReplicaId(2) && c.incarnation == 2_000)
         );
-        assert_eq!(b.peek(P, "k", rate(), 1, 0).remaining, 5);
-    }
-
-    #[test]
-    fn incarnations_increase_even_when_the_clock_does_not() {
-        let store = Store::new(ReplicaId(1), 1);
-        let first = store.next_incarnation(100);
-        let second = store.next_incarnation(100);
-        let third = store.next_incarnation(50);
-        assert_eq!(first, 100);
-        assert!(second > first && third > second);
+        assert_eq!(b.peek(P, "k", rate(), 1, 2_000).remaining, 5);
     }
 }

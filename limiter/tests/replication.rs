@@ -46,6 +46,7 @@ impl Replica {
                     anti_entropy_interval: Duration::from_secs(60),
                     request_timeout: Duration::from_secs(2),
                     strict: Params::default(),
+                    clock_guard: Duration::from_millis(500),
                 },
             )
             .unwrap(),
@@ -241,7 +242,7 @@ async fn unauthenticated_malformed_and_oversized_messages_are_refused_and_never_
         assert_eq!(response.status(), 400, "{body}");
     }
     let other_version =
-        r#"{"v":2,"node":"x","replica":5,"sent_at":1,"full":false,"policies":[],"entries":[]}"#;
+        r#"{"v":3,"node":"x","replica":5,"sent_at":1,"full":false,"policies":[],"entries":[]}"#;
     let response = client
         .post(&url)
         .header("x-openclaw-timestamp", &now)
@@ -268,6 +269,86 @@ async fn unauthenticated_malformed_and_oversized_messages_are_refused_and_never_
     ] {
         assert!(text.contains(line), "missing {line} in\n{text}");
     }
+    target.shutdown().await;
+}
+
+/// The clock guard over real HTTP: a peer ahead within the guard pulls the replica's clock
+/// forward (and shows as an offset); a message stamped beyond it is refused whole; a bucket entry
+/// stamped beyond it is refused alone while the rest of the message merges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_times_beyond_the_clock_guard_are_refused_and_counted() {
+    let target = Replica::start("target", 1).await;
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/v1/sync", target.address);
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET);
+    let post = |body: String| {
+        let now = target.limiter.now().to_string();
+        let tag = ring::hmac::sign(&key, format!("{now}\n{body}").as_bytes());
+        let signature: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        client
+            .post(&url)
+            .header("x-openclaw-timestamp", now)
+            .header("x-openclaw-signature", signature)
+            .body(body)
+            .send()
+    };
+    let message = |sent_at: u64, entries: &str| {
+        format!(
+            r#"{{"v":2,"node":"peer","replica":7,"sent_at":{sent_at},"full":false,"policies":["default"],"entries":[{entries}]}}"#
+        )
+    };
+
+    // 2 s ahead (guard 500 ms): refused whole, nothing moves.
+    let before = target.limiter.now();
+    let far = message(
+        before + 2_000_000,
+        r#"[0,"far",0,0,[[7,1,5,18446744073709551615]]]"#,
+    );
+    assert_eq!(post(far).await.unwrap().status(), 409);
+    assert!(
+        target.limiter.now() < before + 1_000_000,
+        "followed a clock beyond the guard"
+    );
+    assert!(target.limiter.store().is_empty());
+
+    // 200 ms ahead: followed. One entry's epoch is 2 s ahead even so: that entry alone is refused.
+    let now = target.limiter.now();
+    let entries = format!(
+        r#"[0,"ok",{now},7,[[7,{now},5,18446744073709551615]]],[0,"bad",{},7,[[7,{now},5,18446744073709551615]]]"#,
+        now + 3_000_000
+    );
+    let ahead = message(now + 200_000, &entries);
+    assert_eq!(post(ahead).await.unwrap().status(), 200);
+    assert!(
+        target.limiter.now() >= now + 200_000,
+        "did not follow the peer's clock"
+    );
+    let default = target.limiter.policies().get("default").unwrap().id;
+    assert!(target.limiter.store().contains(default, "ok"));
+    assert!(!target.limiter.store().contains(default, "bad"));
+
+    target.replicator.publish_gauges();
+    let text = target.limiter.render_metrics();
+    for line in [
+        "openclaw_peer_messages_rejected_total{reason=\"clock_ahead\"} 1",
+        "openclaw_peer_clock_refused_total{reason=\"message_ahead\"} 1",
+        "openclaw_peer_clock_refused_total{reason=\"epoch_ahead\"} 1",
+        "openclaw_peer_clock_refused_total{reason=\"incarnation_ahead\"} 0",
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
+    let offset = text
+        .lines()
+        .find(|l| l.starts_with("openclaw_peer_clock_offset_seconds{peer=\"peer\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .expect("the peer's clock offset is exported");
+    assert!((0.15..=0.2).contains(&offset), "offset {offset}");
+    let lead = text
+        .lines()
+        .find(|l| l.starts_with("openclaw_clock_lead_seconds "))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .expect("the clock lead is exported");
+    assert!(lead >= 0.15, "lead {lead}");
     target.shutdown().await;
 }
 

@@ -56,7 +56,7 @@ fn spend(limiter: &Limiter, clock: &ManualClock) {
     let now = limiter.now();
     for key in ["a", "c", "z"] {
         let mut remote = BucketState::full_at(now);
-        remote.try_consume_at(policy.rate, ReplicaId(99), now - 1, 2, now);
+        remote.try_consume_at(policy.rate, ReplicaId(99), &mut (now - 1), 2, now);
         limiter
             .store()
             .merge(policy.id, key, &remote, policy.rate, now);
