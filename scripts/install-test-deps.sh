@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian machine, and nothing when it is already
 # there: Prometheus and promtool (Debian's `prometheus`), the load tools used by the benchmark
-# scripts (`wrk`, `hey`), and the Python packages of the contract and manifest checks.
+# scripts (`wrk`, `hey`), libfaketime (Debian's `faketime`: scripts/accuracy.sh moves one
+# replica's wall clock ahead with it), and the Python packages of the contract and manifest
+# checks.
 set -euo pipefail
 
 need_apt=()
 [ -x /usr/bin/prometheus ] && command -v promtool >/dev/null || need_apt+=(prometheus)
 command -v kubectl >/dev/null || need_apt+=(kubernetes-client)
+compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null || need_apt+=(faketime)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
