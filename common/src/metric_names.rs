@@ -51,11 +51,12 @@ pub const REPLICATION_BYTES_TOTAL: &str = "openclaw_replication_bytes_total";
 pub const REPLICATION_ENTRIES_TOTAL: &str = "openclaw_replication_entries_total";
 /// Remote entries merged into local state. Counter.
 pub const MERGES_TOTAL: &str = "openclaw_merges_total";
-/// Peer messages refused (bad auth, malformed, oversized), by `reason`. Counter.
+/// Peer messages refused (unauthenticated, malformed, too_large, incompatible, clock_ahead), by
+/// `reason`. Counter.
 pub const PEER_MESSAGES_REJECTED_TOTAL: &str = "openclaw_peer_messages_rejected_total";
-/// How far `peer`'s clock is ahead of this replica's (negative: behind), seen on its last
-/// message: its send time minus the receiving time, so the network delay makes it read low.
-/// Gauge.
+/// How far `peer`'s clock is ahead of this replica's system clock (negative: behind), seen on
+/// its last message: its send time minus the receiving time, so the network delay makes it read
+/// low. Gauge.
 pub const PEER_CLOCK_OFFSET_SECONDS: &str = "openclaw_peer_clock_offset_seconds";
 /// How far this replica's clock runs ahead of its system clock to keep up with the fastest peer
 /// within the guard. Gauge.

@@ -316,8 +316,8 @@ impl Metrics {
         );
         registry.register(
             names::PEER_CLOCK_OFFSET_SECONDS,
-            "How far the peer's clock is ahead of this replica's (negative: behind), from its last \
-             message (send time minus receive time: reads low by the network delay)",
+            "How far the peer's clock is ahead of this replica's system clock (negative: behind), \
+             from its last message (send time minus receive time: reads low by the network delay)",
             metrics.peer_clock_offset.clone(),
         );
         registry.register(

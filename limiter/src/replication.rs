@@ -119,8 +119,8 @@ pub struct PeerStatus {
     /// Wall-clock µs of the last merge of state it sent us.
     pub last_merge_us: Option<Micros>,
     pub last_error: Option<String>,
-    /// The peer's clock minus this replica's, from its last message (µs; reads low by the
-    /// network delay).
+    /// The peer's clock minus this replica's system clock, from its last message (µs; reads low
+    /// by the network delay).
     pub clock_offset_us: Option<i64>,
     pub messages_sent: u64,
     pub messages_received: u64,
@@ -377,8 +377,11 @@ impl Replicator {
         }
         let metrics = self.limiter.metrics();
         let guard_us = self.options.clock_guard.as_micros() as Micros;
+        // The offset shown is against this replica's system clock (before the lead it took from
+        // faster peers): followed or not, it says how far apart the clocks are.
+        let lead = self.limiter.clock().lead_us() as i64;
         let clock_offset = match follow_peer(&*self.limiter.clock(), message.sent_at, guard_us) {
-            Ok(offset) => offset,
+            Ok(offset) => offset.saturating_add(lead),
             Err(ahead) => {
                 metrics
                     .peer_clock_refused
@@ -388,7 +391,7 @@ impl Replicator {
                     .inc();
                 self.with_peer(&format!("node:{}", message.node), |peer| {
                     peer.node = Some(message.node.clone());
-                    peer.clock_offset_us = Some(ahead.ahead_us as i64);
+                    peer.clock_offset_us = Some((ahead.ahead_us as i64).saturating_add(lead));
                 });
                 return Err(Rejection::ClockAhead(ahead));
             }
