@@ -38,6 +38,14 @@ pub trait Clock: Send + Sync + Debug + 'static {
     fn lead_us(&self) -> Micros {
         0
     }
+
+    /// Microseconds that never jump: the system clock's reading at start advanced by the
+    /// monotonic clock only, with no correction and no lead. For what a replica measures on its
+    /// own and never compares with a peer's stamps: `strict` mode's leases and sub-bucket refill,
+    /// whose bound a forward step of the clock would break (a step of `Δ` refills `r·Δ`).
+    fn steady_now(&self) -> Micros {
+        self.now()
+    }
 }
 
 /// How far a peer's time is ahead of this replica's (negative: behind).
@@ -111,6 +119,8 @@ impl Lead {
 pub struct WallClock {
     clock: quanta::Clock,
     origin: quanta::Instant,
+    /// The system clock's time at `origin`, never corrected (`Clock::steady_now`).
+    origin_system: Micros,
     /// The system clock's time at `origin`, as of the last resync.
     base: AtomicU64,
     /// Monotonic µs since `origin` at the last resync.
@@ -131,8 +141,10 @@ impl WallClock {
     pub fn new() -> Self {
         let clock = quanta::Clock::new();
         let origin = clock.now();
+        let origin_system = system_now();
         Self {
-            base: AtomicU64::new(system_now()),
+            base: AtomicU64::new(origin_system),
+            origin_system,
             clock,
             origin,
             resynced_at: AtomicU64::new(0),
@@ -197,6 +209,11 @@ impl Clock for WallClock {
     fn lead_us(&self) -> Micros {
         self.lead.get()
     }
+
+    #[inline]
+    fn steady_now(&self) -> Micros {
+        self.origin_system + self.elapsed()
+    }
 }
 
 /// A clock that moves only when told to: for tests.
@@ -228,7 +245,22 @@ mod tests {
         let clock = WallClock::new();
         let before = clock.now();
         clock.resync_to(system_now() + 2_000_000);
-        assert!(clock.now() >= before + 2_000_000);
+        assert!(clock.now() + 10_000 >= before + 2_000_000);
+    }
+
+    #[test]
+    fn the_steady_clock_takes_neither_corrections_nor_leads() {
+        let clock = WallClock::new();
+        let before = clock.steady_now();
+        clock.resync_to(system_now() + 2_000_000);
+        clock.catch_up(400_000, 500_000);
+        let after = clock.steady_now();
+        assert!(
+            after >= before && after < before + 1_000_000,
+            "{before} -> {after}"
+        );
+        // The monotonic and system clocks may disagree by a little (calibration): 10 ms of slack.
+        assert!(clock.now() + 10_000 >= after + 2_400_000);
     }
 
     #[test]

@@ -243,10 +243,8 @@ impl Store {
             .find_mut(hash, |e| e.policy == policy && e.key == key)
         {
             let before = entry.state.clone();
-            // A bucket full here before the merge was full in fact (what arrives happened
-            // earlier or concurrently): claim it first, so the refill it held while full is
-            // not credited to what arrives.
-            entry.state.rebase_if_full_at(rate, now, self.replica);
+            // No claim before joining: what arrives was spent before now, and a claim made
+            // without it would count it from now, a refill late.
             entry.state.join(remote);
             entry.state.rebase_if_full_at(rate, now, self.replica);
             return entry.state != before;
