@@ -10,7 +10,7 @@ use proptest::prelude::*;
 
 use super::protocol::{Control, Node, Params};
 use super::share::{Ppm, ShareHistory, SubBucket, WHOLE};
-use crate::bucket::{Micros, Rate};
+use crate::bucket::{Micros, Rate, ReferenceBucket};
 
 const MS: Micros = 1_000;
 const SYNC: Micros = 50 * MS;
@@ -49,6 +49,7 @@ impl Rng {
 
 #[derive(Debug)]
 struct Replica {
+    rate: Rate,
     node: Node,
     history: ShareHistory,
     buckets: HashMap<&'static str, SubBucket>,
@@ -64,8 +65,9 @@ struct Replica {
 }
 
 impl Replica {
-    fn new(id: u64, now: Micros, offset: Micros) -> Self {
+    fn new(id: u64, now: Micros, offset: Micros, rate: Rate) -> Self {
         Self {
+            rate,
             node: Node::new(id, Params::default()),
             history: ShareHistory::new(now + offset, 3_600_000_000),
             buckets: HashMap::new(),
@@ -103,25 +105,25 @@ impl Replica {
     /// The runtime's once-a-second pass: settle, and drop what a fresh sub-bucket would equal.
     fn sweep(&mut self, t: Micros) {
         let now = self.local(t);
-        let history = &self.history;
+        let (history, rate) = (&self.history, self.rate);
         self.buckets.retain(|_, bucket| {
-            history.settle(bucket, rate(), now);
-            !bucket.is_reclaimable(history, rate(), now)
+            history.settle(bucket, rate, now);
+            !bucket.is_reclaimable(history, rate, now)
         });
     }
 
     fn decide(&mut self, key: &'static str, t: Micros) -> bool {
         self.asked += 1;
         let now = self.local(t);
-        let history = &self.history;
+        let (history, rate) = (&self.history, self.rate);
         let bucket = self
             .buckets
             .entry(key)
-            .or_insert_with(|| SubBucket::fresh(history, rate(), now));
+            .or_insert_with(|| SubBucket::fresh(history, rate, now));
         if now >= self.node.lease_until() {
             return false;
         }
-        bucket.try_spend(history, rate(), 1, now).allowed
+        bucket.try_spend(history, rate, 1, now).allowed
     }
 }
 
@@ -155,6 +157,7 @@ struct Faults {
 }
 
 struct Cluster {
+    rate: Rate,
     replicas: Vec<Replica>,
     network: Vec<Message>,
     rng: Rng,
@@ -166,14 +169,19 @@ struct Cluster {
 
 impl Cluster {
     fn new(n: usize, seed: u64, faults: Faults) -> Self {
+        Self::with_rate(n, seed, faults, rate())
+    }
+
+    fn with_rate(n: usize, seed: u64, faults: Faults, rate: Rate) -> Self {
         let mut rng = Rng(seed | 1);
         let replicas = (0..n)
             .map(|i| {
                 let offset = rng.below(200 * MS); // clocks up to 200 ms apart
-                Replica::new(1000 + i as u64 * 7, 0, offset)
+                Replica::new(1000 + i as u64 * 7, 0, offset, rate)
             })
             .collect();
         Self {
+            rate,
             replicas,
             network: Vec::new(),
             rng,
@@ -310,7 +318,7 @@ impl Cluster {
                 // A restarted process is a new replica with nothing.
                 self.next_id += 13;
                 let offset = self.replicas[who].offset;
-                self.replicas[who] = Replica::new(self.next_id, t, offset);
+                self.replicas[who] = Replica::new(self.next_id, t, offset, self.rate);
             }
         }
         for (at, who) in self.faults.leaves.clone() {
@@ -321,6 +329,47 @@ impl Cluster {
                 self.replicas[who].alive = false;
             }
         }
+    }
+
+    /// Faults, deliveries and sync rounds due at `t`.
+    fn advance(&mut self, t: Micros) {
+        self.faults_at(t);
+        self.deliver(t);
+        for i in 0..self.replicas.len() {
+            if self.replicas[i].alive && self.replicas[i].next_round <= t {
+                self.round(i, t);
+            }
+        }
+    }
+
+    /// One client's requests on `key`, each of one token at the replica it names (arrival
+    /// times are whole milliseconds), until `duration`. Returns each request's verdict.
+    fn serve(
+        &mut self,
+        key: &'static str,
+        arrivals: &[(Micros, usize)],
+        duration: Micros,
+    ) -> Vec<bool> {
+        let mut verdicts = Vec::with_capacity(arrivals.len());
+        let mut t = 0;
+        while t < duration {
+            self.advance(t);
+            while let Some(&(_, i)) = arrivals.get(verdicts.len()).filter(|a| a.0 <= t) {
+                let allowed = self.replicas[i].alive && self.replicas[i].decide(key, t);
+                if allowed {
+                    self.admitted.entry(key).or_default().push((t, 1));
+                }
+                verdicts.push(allowed);
+            }
+            if t.is_multiple_of(1000 * MS) {
+                for replica in &mut self.replicas {
+                    replica.sweep(t);
+                }
+            }
+            self.check_shares(t);
+            t += MS;
+        }
+        verdicts
     }
 
     /// Run for `duration`, with `demand(i, rng)` deciding whether replica `i` gets a request in
@@ -337,13 +386,7 @@ impl Cluster {
     ) {
         let mut t = start;
         while t < duration {
-            self.faults_at(t);
-            self.deliver(t);
-            for i in 0..self.replicas.len() {
-                if self.replicas[i].alive && self.replicas[i].next_round <= t {
-                    self.round(i, t);
-                }
-            }
+            self.advance(t);
             for i in 0..self.replicas.len() {
                 if self.replicas[i].alive && demand(t, i, &mut self.rng) {
                     let key = if self.rng.chance(80) {
@@ -378,7 +421,8 @@ impl Cluster {
 
     /// The most admitted for any key over any window, minus what a bucket allows there.
     fn worst_excess(&self) -> f64 {
-        let r = CAPACITY as f64 / (INTERVAL_MS as f64 * 1e3); // tokens per µs
+        let capacity = self.rate.capacity() as f64;
+        let r = capacity / (self.rate.interval_ms() as f64 * 1e3); // tokens per µs
         let mut worst = f64::NEG_INFINITY;
         for admitted in self.admitted.values() {
             let mut best_start = f64::NEG_INFINITY; // max over a of (r·t_a − admitted before a)
@@ -387,7 +431,7 @@ impl Cluster {
                 best_start = best_start.max(r * t as f64 - before);
                 before += tokens as f64;
                 // Admitted in [t_a, t] = before − before_a; allowed = C + r (t − t_a).
-                worst = worst.max(before - r * t as f64 + best_start - CAPACITY as f64);
+                worst = worst.max(before - r * t as f64 + best_start - capacity);
             }
         }
         worst
@@ -516,4 +560,145 @@ fn a_crashed_replicas_share_is_reassigned_after_lease_and_guard() {
         "admitted {admitted} in the last 8 s"
     );
     assert!(cluster.worst_excess() <= 1e-6);
+}
+
+/// A uniform draw in [0, 1).
+fn uniform(rng: &mut Rng) -> f64 {
+    (rng.next() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Poisson arrivals at `per_second`, each at a replica drawn uniformly from `n`, rounded down to
+/// the millisecond.
+fn poisson_arrivals(
+    per_second: f64,
+    n: usize,
+    duration: Micros,
+    rng: &mut Rng,
+) -> Vec<(Micros, usize)> {
+    let mut arrivals = Vec::new();
+    let mut t = 0.0;
+    loop {
+        t += -(1.0 - uniform(rng)).ln() * 1e6 / per_second;
+        let at = t as Micros / MS * MS;
+        if at >= duration {
+            return arrivals;
+        }
+        arrivals.push((at, rng.below(n as u64) as usize));
+    }
+}
+
+/// One arrival every `period` from a random phase, each at a replica drawn uniformly from `n`.
+fn periodic_arrivals(
+    period: Micros,
+    n: usize,
+    duration: Micros,
+    rng: &mut Rng,
+) -> Vec<(Micros, usize)> {
+    let phase = rng.below(period / MS) * MS;
+    (0..)
+        .map(|k| phase + k * period)
+        .take_while(|&at| at < duration)
+        .map(|at| (at, rng.below(n as u64) as usize))
+        .collect()
+}
+
+/// Strict mode's verdicts against the textbook bucket's on the same arrivals (fed from a full
+/// bucket at 0), counting requests from `from` on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct VersusIdeal {
+    requests: usize,
+    ideal: usize,
+    strict: usize,
+    /// Admitted by the ideal bucket, refused by strict mode.
+    missed: usize,
+}
+
+impl VersusIdeal {
+    fn new(rate: Rate, arrivals: &[(Micros, usize)], verdicts: &[bool], from: Micros) -> Self {
+        assert_eq!(arrivals.len(), verdicts.len());
+        let mut ideal = ReferenceBucket::new_at(rate, 0);
+        let mut counts = Self {
+            requests: 0,
+            ideal: 0,
+            strict: 0,
+            missed: 0,
+        };
+        for (&(at, _), &strict) in arrivals.iter().zip(verdicts) {
+            let admits = ideal.try_consume_at(1, at).allowed;
+            if at < from {
+                continue;
+            }
+            counts.requests += 1;
+            counts.ideal += usize::from(admits);
+            counts.strict += usize::from(strict);
+            counts.missed += usize::from(admits && !strict);
+        }
+        counts
+    }
+
+    /// Of what the ideal bucket admits, the part strict mode admits too.
+    fn kept(&self) -> f64 {
+        1.0 - self.missed as f64 / self.ideal.max(1) as f64
+    }
+}
+
+/// The brief's cluster: three replicas on a quiet network, 20 tokens per second, one client
+/// whose requests each go to a random replica.
+fn under_limit_run(
+    arrivals: &[(Micros, usize)],
+    duration: Micros,
+    from: Micros,
+) -> (VersusIdeal, VersusIdeal, f64) {
+    let faults = Faults {
+        drop_percent: 0,
+        max_delay_ms: 2,
+        partitions: vec![],
+        crashes: vec![],
+        leaves: vec![],
+        bursts: false,
+    };
+    let rate = Rate::try_new(20, 1000).unwrap();
+    let mut cluster = Cluster::with_rate(3, 11, faults, rate);
+    let verdicts = cluster.serve("client", arrivals, duration);
+    (
+        VersusIdeal::new(rate, arrivals, &verdicts, 0),
+        VersusIdeal::new(rate, arrivals, &verdicts, from),
+        cluster.worst_excess(),
+    )
+}
+
+#[test]
+#[ignore = "fails on this code (74.91 % Poisson, 85.04 % periodic): the fix follows"]
+fn a_client_at_half_its_limit_on_random_replicas_is_admitted_as_the_ideal_bucket_admits_it() {
+    const DURATION: Micros = 120_000 * MS;
+    const SETTLED: Micros = 5_000 * MS;
+    let mut rng = Rng(2024);
+    let mut failures = Vec::new();
+    for (pattern, arrivals) in [
+        ("poisson", poisson_arrivals(10.0, 3, DURATION, &mut rng)),
+        (
+            "periodic",
+            periodic_arrivals(100 * MS, 3, DURATION, &mut rng),
+        ),
+    ] {
+        let (whole, settled, excess) = under_limit_run(&arrivals, DURATION, SETTLED);
+        let figures = format!(
+            "{pattern} 10/s: kept {:.2} % after {} s {settled:?}; whole run {whole:?}",
+            100.0 * settled.kept(),
+            SETTLED / 1_000_000
+        );
+        eprintln!("{figures}");
+        assert!(
+            excess <= 1e-6,
+            "{pattern}: admitted {excess} tokens over the bucket in some window"
+        );
+        if settled.kept() < 0.99 {
+            failures.push(figures);
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "strict refused what the ideal bucket admits:\n{}",
+        failures.join("\n")
+    );
 }
