@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use super::share::{Ppm, WHOLE};
-use crate::bucket::Micros;
+use crate::bucket::{Micros, Rate};
 
 /// Orders allocations: by number, then by proposer (two proposers of the same number cannot
 /// both win).
@@ -85,7 +85,8 @@ pub struct Record {
     pub acked: Option<Version>,
     /// It has left (SIGTERM) and will never spend again.
     pub retired: bool,
-    /// Tokens per second it was asked for, per strict policy (admitted or not).
+    /// Tokens it was asked for over the last demand window ([`Params::demand_window_us`]), per
+    /// strict policy (admitted or not).
     pub demand: BTreeMap<String, u64>,
     /// Its lease ran out while this allocation was current: it spends nothing until a newer
     /// one, which the proposer therefore issues.
@@ -149,6 +150,8 @@ pub struct Params {
     pub floor: Ppm,
     /// A new allocation for demand alone only when a share would move by more than this.
     pub hysteresis: Ppm,
+    /// Demand is counted over this long (see [`super::demand`]).
+    pub demand_window_us: Micros,
 }
 
 impl Default for Params {
@@ -159,6 +162,7 @@ impl Default for Params {
             rebalance_us: 1_000_000,
             floor: 20_000,
             hysteresis: 50_000,
+            demand_window_us: 4_000_000,
         }
     }
 }
@@ -246,7 +250,7 @@ impl Node {
         self.control.join(&theirs);
     }
 
-    /// Publish this replica's demand (tokens per second asked for, per policy).
+    /// Publish this replica's demand (tokens asked for over the last demand window, per policy).
     pub fn set_demand(&mut self, demand: BTreeMap<String, u64>) {
         if self.my_record().is_some_and(|r| r.demand == demand) {
             return;
@@ -318,14 +322,15 @@ impl Node {
         changes
     }
 
-    /// Advance the protocol at `now`. `policies`: the strict policies in force here;
+    /// Advance the protocol at `now`. `policies`: the strict policies in force here and their
+    /// rates;
     /// `all_peers_answered`: every peer discovery lists has answered recently (for the first
     /// allocation). Returns the share changes to apply, in order, BEFORE anything this node
     /// says (its record) is sent to a peer.
     pub fn step(
         &mut self,
         now: Micros,
-        policies: &[String],
+        policies: &[(String, Rate)],
         all_peers_answered: bool,
     ) -> Vec<(String, Ppm)> {
         let mut changes = Vec::new();
@@ -409,7 +414,7 @@ impl Node {
     fn proposal(
         &self,
         now: Micros,
-        policies: &[String],
+        policies: &[(String, Rate)],
         all_peers_answered: bool,
     ) -> Option<Allocation> {
         if self
@@ -435,6 +440,7 @@ impl Node {
                 },
                 &heard_live,
                 policies,
+                None,
             ));
         };
         let active = self.active_members();
@@ -465,62 +471,89 @@ impl Node {
             },
             &members,
             policies,
+            Some(current),
         );
         let waiting = live
             .iter()
             .any(|m| self.control.records.get(m).and_then(|r| r.expired) == Some(current.version));
-        let moved = waiting
-            || next.members != current.members
-            || policies.iter().any(|p| {
-                members.iter().any(|&m| {
-                    next.share(p, m).abs_diff(current.share(p, m)) > self.params.hysteresis
-                }) || !current.shares.contains_key(p)
-            });
+        // `allocate` keeps a policy's current shares unless demand moved them significantly.
+        let moved = waiting || next.members != current.members || next.shares != current.shares;
         moved.then_some(next)
     }
 
-    /// Shares following demand: a floor each, the rest in proportion to what each was asked.
+    /// Shares following demand, policy by policy ([`Node::split`]). A policy keeps the shares
+    /// `current` gives it when the members are the same and demand does not say they are wrong.
     fn allocate(
         &self,
         version: Version,
         members: &BTreeSet<u64>,
-        policies: &[String],
+        policies: &[(String, Rate)],
+        current: Option<&Allocation>,
     ) -> Allocation {
-        let n = members.len().max(1) as u64;
-        let floor = u64::from(self.params.floor).min(u64::from(WHOLE) / (2 * n));
-        let mut shares = BTreeMap::new();
-        for policy in policies {
-            let demand: Vec<(u64, u64)> = members
-                .iter()
-                .map(|&m| {
-                    let d = self
-                        .control
-                        .records
-                        .get(&m)
-                        .and_then(|r| r.demand.get(policy))
-                        .copied()
-                        .unwrap_or(0);
-                    (m, d)
-                })
-                .collect();
-            let total: u128 = demand.iter().map(|&(_, d)| u128::from(d)).sum();
-            let rest = u128::from(u64::from(WHOLE) - floor * n);
-            let per_policy = demand
-                .iter()
-                .map(|&(m, d)| {
-                    // Nobody asked for anything: equal shares.
-                    let share = (rest * u128::from(d))
-                        .checked_div(total)
-                        .map_or(u64::from(WHOLE) / n, |s| floor + s as u64);
-                    (m, share as Ppm)
-                })
-                .collect();
-            shares.insert(policy.clone(), per_policy);
-        }
+        let same_members = current.filter(|c| &c.members == members);
+        let shares = policies
+            .iter()
+            .map(|(policy, rate)| {
+                let kept = same_members.and_then(|c| c.shares.get(policy));
+                (policy.clone(), self.split(members, policy, *rate, kept))
+            })
+            .collect();
         Allocation {
             version,
             members: members.clone(),
             shares,
+        }
+    }
+
+    /// One policy's shares among `members`: a floor each, the rest in proportion to the tokens
+    /// each was asked for over the demand window (even when nobody asked for any). `kept` (the
+    /// shares in force) stays unless some share would move by more than the hysteresis.
+    fn split(
+        &self,
+        members: &BTreeSet<u64>,
+        policy: &str,
+        _rate: Rate,
+        kept: Option<&BTreeMap<u64, Ppm>>,
+    ) -> BTreeMap<u64, Ppm> {
+        let n = members.len().max(1) as u64;
+        let floor = u64::from(self.params.floor).min(u64::from(WHOLE) / (2 * n));
+        let asked: Vec<(u64, u64)> = members
+            .iter()
+            .map(|&m| {
+                let c = self
+                    .control
+                    .records
+                    .get(&m)
+                    .and_then(|r| r.demand.get(policy))
+                    .copied()
+                    .unwrap_or(0);
+                (m, c)
+            })
+            .collect();
+        let total: u128 = asked.iter().map(|&(_, c)| u128::from(c)).sum();
+        let rest = u128::from(u64::from(WHOLE) - floor * n);
+        let target: BTreeMap<u64, Ppm> = asked
+            .iter()
+            .map(|&(m, c)| {
+                // Nobody asked for anything: equal shares.
+                let share = (rest * u128::from(c))
+                    .checked_div(total)
+                    .map_or(u64::from(WHOLE) / n, |s| floor + s as u64);
+                (m, share as Ppm)
+            })
+            .collect();
+        match kept {
+            Some(kept)
+                if target.iter().all(|(m, &t)| {
+                    t.abs_diff(kept.get(m).copied().unwrap_or(0)) <= self.params.hysteresis
+                }) =>
+            {
+                members
+                    .iter()
+                    .map(|m| (*m, kept.get(m).copied().unwrap_or(0)))
+                    .collect()
+            }
+            _ => target,
         }
     }
 }

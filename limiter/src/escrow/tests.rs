@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use proptest::prelude::*;
 
+use super::demand::DemandMeter;
 use super::protocol::{Control, Node, Params};
 use super::share::{Ppm, ShareHistory, SubBucket, WHOLE};
 use crate::bucket::{Micros, Rate, ReferenceBucket};
@@ -60,8 +61,7 @@ struct Replica {
     /// Open rounds: sent_at (local) -> (answered by, deadline in simulated time).
     rounds: VecDeque<(Micros, BTreeSet<u64>, Micros)>,
     answered_last_round: BTreeSet<u64>,
-    asked: u64,
-    last_demand: Micros,
+    asked: DemandMeter,
 }
 
 impl Replica {
@@ -76,8 +76,7 @@ impl Replica {
             next_round: now,
             rounds: VecDeque::new(),
             answered_last_round: BTreeSet::new(),
-            asked: 0,
-            last_demand: now,
+            asked: DemandMeter::new(now + offset, Params::default().demand_window_us, 500 * MS),
         }
     }
 
@@ -112,8 +111,12 @@ impl Replica {
         });
     }
 
+    fn policies(&self) -> [(String, Rate); 1] {
+        [(POLICY.to_owned(), self.rate)]
+    }
+
     fn decide(&mut self, key: &'static str, t: Micros) -> bool {
-        self.asked += 1;
+        self.asked.record(POLICY, 1);
         let now = self.local(t);
         let (history, rate) = (&self.history, self.rate);
         let bucket = self
@@ -236,7 +239,7 @@ impl Cluster {
                         round.1.insert(from_id);
                         let answered = round.1.clone();
                         // As the runtime does: merge, step, then count the answers.
-                        let changes = replica.node.step(now, &[POLICY.to_owned()], false);
+                        let changes = replica.node.step(now, &replica.policies(), false);
                         replica.apply(changes, t);
                         replica.node.round_answered(sent_at, &answered);
                     }
@@ -252,19 +255,12 @@ impl Cluster {
         let peer_ids: BTreeSet<u64> = peers.iter().map(|&j| self.replicas[j].node.me).collect();
         let replica = &mut self.replicas[i];
         let now = replica.local(t);
-        if now.saturating_sub(replica.last_demand) >= 500 * MS {
-            let per_second = replica.asked * 1_000_000 / (now - replica.last_demand);
-            let mut demand = BTreeMap::new();
-            if per_second > 0 {
-                demand.insert(POLICY.to_owned(), per_second);
-            }
+        if let Some(demand) = replica.asked.publish_if_due(now) {
             replica.node.set_demand(demand);
-            replica.asked = 0;
-            replica.last_demand = now;
         }
         // Discovery lists the live replicas; "answered" = each answered the last round.
         let all_answered = peer_ids.is_subset(&replica.answered_last_round);
-        let changes = replica.node.step(now, &[POLICY.to_owned()], all_answered);
+        let changes = replica.node.step(now, &replica.policies(), all_answered);
         replica.apply(changes, t);
         // Close rounds past their deadline.
         while replica.rounds.front().is_some_and(|r| r.2 <= t) {
