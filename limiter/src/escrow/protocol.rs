@@ -148,8 +148,10 @@ pub struct Params {
     pub rebalance_us: Micros,
     /// Share every live member keeps whatever its demand, so new traffic is served at once.
     pub floor: Ppm,
-    /// A new allocation for demand alone only when a share would move by more than this.
+    /// A new allocation for demand alone only when a share would move by more than this...
     pub hysteresis: Ppm,
+    /// ...plus this many standard deviations of the counting noise in the demand it follows.
+    pub significance: u32,
     /// Demand is counted over this long (see [`super::demand`]).
     pub demand_window_us: Micros,
 }
@@ -162,6 +164,7 @@ impl Default for Params {
             rebalance_us: 1_000_000,
             floor: 20_000,
             hysteresis: 50_000,
+            significance: 3,
             demand_window_us: 4_000_000,
         }
     }
@@ -505,18 +508,44 @@ impl Node {
         }
     }
 
-    /// One policy's shares among `members`: a floor each, the rest in proportion to the tokens
-    /// each was asked for over the demand window (even when nobody asked for any). `kept` (the
-    /// shares in force) stays unless some share would move by more than the hysteresis.
+    /// One policy's shares among `members`: a floor `f` each, the rest `1 − n·f` split by
+    /// weights `a_i` that sum to 1. With `c_i` the tokens member `i` was asked for over the
+    /// demand window `W`, `N = Σ c_i`, `p_i = c_i / N` its part of the demand, and `ρ =
+    /// min(1, N / (r·W))` the policy's load (demand over what its bucket refills in `W`):
+    ///
+    /// ```text
+    /// a_i = ((1 + ρ)·p_i + (1 − ρ)/n) / 2        (1/n when N = 0)
+    /// ```
+    ///
+    /// Over its limit a policy is split in proportion to demand. Under it, half of the room
+    /// nobody asked for is split evenly, so a member whose demand the counts under-state still
+    /// has room, and the other half in proportion, so the busiest member is not loaded much
+    /// above the policy: a member with all the demand gets `(1 + ρ)/2 + (1 − ρ)/(2n)` of the
+    /// rest, at least `0.75` of it for a policy at half its limit.
+    ///
+    /// Counts are noisy (a count `c` is uncertain by about `√c`), and a low-rate policy's are
+    /// mostly noise: a client at 10 requests/s over three replicas shows each about 13 ± 4
+    /// tokens in 4 s. So the split is the even one while the counts are consistent with an
+    /// even spread: no member's target is further from `1/n` than the hysteresis plus
+    /// `significance` standard deviations of what an even spread's counting noise does to it,
+    /// `σ(a_i) = (1 + ρ)/(2n) · √((n − 1)/N)`. Otherwise it follows the counts. Either way
+    /// `kept` (the shares in force) stays unless some share would move by more than the
+    /// hysteresis.
     fn split(
         &self,
         members: &BTreeSet<u64>,
         policy: &str,
-        _rate: Rate,
+        rate: Rate,
         kept: Option<&BTreeMap<u64, Ppm>>,
     ) -> BTreeMap<u64, Ppm> {
+        /// Counts beyond this (a trillion tokens per window) are clamped, so the arithmetic
+        /// below stays within u128.
+        const MAX_COUNT: u64 = 1 << 40;
+        /// Weights in parts per billion.
+        const PPB: u128 = 1_000_000_000;
         let n = members.len().max(1) as u64;
         let floor = u64::from(self.params.floor).min(u64::from(WHOLE) / (2 * n));
+        let rest = u128::from(u64::from(WHOLE) - floor * n);
         let asked: Vec<(u64, u64)> = members
             .iter()
             .map(|&m| {
@@ -527,25 +556,46 @@ impl Node {
                     .and_then(|r| r.demand.get(policy))
                     .copied()
                     .unwrap_or(0);
-                (m, c)
+                (m, c.min(MAX_COUNT))
             })
             .collect();
-        let total: u128 = asked.iter().map(|&(_, c)| u128::from(c)).sum();
-        let rest = u128::from(u64::from(WHOLE) - floor * n);
-        let target: BTreeMap<u64, Ppm> = asked
-            .iter()
-            .map(|&(m, c)| {
-                // Nobody asked for anything: equal shares.
-                let share = (rest * u128::from(c))
-                    .checked_div(total)
-                    .map_or(u64::from(WHOLE) / n, |s| floor + s as u64);
-                (m, share as Ppm)
-            })
-            .collect();
+        // Tokens times the interval in µs, so that r·W is an integer.
+        let interval_us = u128::from(rate.interval_ms()) * 1000;
+        let n = u128::from(n);
+        let total = asked.iter().map(|&(_, c)| u128::from(c)).sum::<u128>() * interval_us;
+        let refilled = u128::from(rate.capacity()) * u128::from(self.params.demand_window_us);
+        let load = total * PPB / total.max(refilled).max(1);
+        let share_of = |c: u64| -> Ppm {
+            // Each part rounds down, so the weights sum to at most PPB and the shares to at
+            // most the whole.
+            let weight = match total {
+                0 => PPB / n,
+                _ => {
+                    (PPB + load) * u128::from(c) * interval_us / (2 * total)
+                        + (PPB - load) / (2 * n)
+                }
+            };
+            (u128::from(floor) + rest * weight / PPB) as Ppm
+        };
+        let even = (u128::from(floor) + rest / n) as Ppm;
+        let asked_tokens = total as f64 / interval_us as f64;
+        let noise = rest as f64 * (1.0 + load as f64 / PPB as f64) / (2.0 * n as f64)
+            * ((n - 1) as f64 / asked_tokens.max(1.0)).sqrt();
+        let tolerance =
+            f64::from(self.params.hysteresis) + f64::from(self.params.significance) * noise;
+        let target: BTreeMap<u64, Ppm> = asked.iter().map(|&(m, c)| (m, share_of(c))).collect();
+        let spread = target
+            .values()
+            .any(|&t| f64::from(t.abs_diff(even)) > tolerance);
+        let chosen = if spread {
+            target
+        } else {
+            members.iter().map(|&m| (m, even)).collect()
+        };
         match kept {
             Some(kept)
-                if target.iter().all(|(m, &t)| {
-                    t.abs_diff(kept.get(m).copied().unwrap_or(0)) <= self.params.hysteresis
+                if chosen.iter().all(|(m, &u)| {
+                    u.abs_diff(kept.get(m).copied().unwrap_or(0)) <= self.params.hysteresis
                 }) =>
             {
                 members
@@ -553,7 +603,7 @@ impl Node {
                     .map(|m| (*m, kept.get(m).copied().unwrap_or(0)))
                     .collect()
             }
-            _ => target,
+            _ => chosen,
         }
     }
 }
