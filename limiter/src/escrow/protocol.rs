@@ -182,8 +182,11 @@ pub struct Node {
     /// After a lease ran out: only allocations newer than this may raise shares again.
     expired_at_version: Option<Version>,
     lease_until: Micros,
-    /// When a valid message or answer from each replica last arrived.
+    /// When a valid message or answer from each replica last arrived, moved later by the time
+    /// this replica heard from no one at all (see [`Node::receive`]).
     heard: BTreeMap<u64, Micros>,
+    /// When a valid message or answer from any peer last arrived.
+    heard_any: Option<Micros>,
     last_proposal: Option<Micros>,
 }
 
@@ -206,6 +209,7 @@ impl Node {
             expired_at_version: None,
             lease_until: 0,
             heard: BTreeMap::new(),
+            heard_any: None,
             last_proposal: None,
         }
     }
@@ -244,6 +248,22 @@ impl Node {
     /// it is alive.
     pub fn receive(&mut self, from: u64, control: &Control, now: Micros) {
         if from != self.me {
+            // Silence counts against a peer only while this replica could hear: a peer it did
+            // not hear while it heard no one may have been spending all along, renewing its
+            // lease with members this replica was cut off from (found by the simulated
+            // cluster: a proposer back from a partition dropped a replica it had not heard
+            // for 2.5 s, which had renewed its lease with the others until 0.9 s before, and
+            // raised its own share over it). Time beyond `isolation` with no message from
+            // anyone is taken off every peer's silence.
+            if let Some(last) = self.heard_any {
+                let excess = now.saturating_sub(last).saturating_sub(self.isolation_us());
+                if excess > 0 {
+                    for heard in self.heard.values_mut() {
+                        *heard = (*heard + excess).min(now);
+                    }
+                }
+            }
+            self.heard_any = Some(self.heard_any.map_or(now, |last| last.max(now)));
             let heard = self.heard.entry(from).or_insert(0);
             *heard = (*heard).max(now);
         }
@@ -261,10 +281,18 @@ impl Node {
         self.record_mut().demand = demand;
     }
 
+    /// A gap in everything heard up to this long is not taken off a peer's silence (a peer
+    /// sends every sync round, so a connected replica hears someone many times in it); so a
+    /// peer counts as gone only after `lease + guard + isolation` of silence.
+    fn isolation_us(&self) -> Micros {
+        self.params.guard_us / 5
+    }
+
     fn is_live(&self, replica: u64, now: Micros) -> bool {
         replica == self.me
             || self.heard.get(&replica).is_some_and(|&t| {
-                now.saturating_sub(t) < self.params.lease_us + self.params.guard_us
+                now.saturating_sub(t)
+                    < self.params.lease_us + self.params.guard_us + self.isolation_us()
             })
     }
 
