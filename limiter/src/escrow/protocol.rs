@@ -14,8 +14,8 @@
 //!   everyone has lowered to: the shares in use sum to at most the whole.
 //! * Shares are leases: a replica uses its share only until `lease` after sending a round that
 //!   every other member answered. The proposer drops a member only after hearing nothing from it
-//!   for `lease + guard`: by then the member has stopped spending, if clocks differ by less than
-//!   `guard`. A replica whose lease ran out drops its shares to zero and takes a share again only
+//!   for `lease + guard` (plus a little, [`Node::receive`]) while it could hear anyone: by then
+//!   the member has stopped spending, if clocks differ by less than `guard`. A replica whose lease ran out drops its shares to zero and takes a share again only
 //!   from a newer allocation.
 //! * The proposer is the lowest live member of the current allocation, and proposes only while a
 //!   majority of the members is live; the first allocation waits until every discovered peer has

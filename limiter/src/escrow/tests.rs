@@ -638,63 +638,127 @@ impl VersusIdeal {
     }
 }
 
-/// The brief's cluster: three replicas on a quiet network, 20 tokens per second, one client
-/// whose requests each go to a random replica.
-fn under_limit_run(
-    arrivals: &[(Micros, usize)],
-    duration: Micros,
-    from: Micros,
-) -> (VersusIdeal, VersusIdeal, f64) {
-    let faults = Faults {
-        drop_percent: 0,
-        max_delay_ms: 2,
-        partitions: vec![],
-        crashes: vec![],
-        leaves: vec![],
-        bursts: false,
-    };
-    let rate = Rate::try_new(20, 1000).unwrap();
-    let mut cluster = Cluster::with_rate(3, 11, faults, rate);
-    let verdicts = cluster.serve("client", arrivals, duration);
-    (
-        VersusIdeal::new(rate, arrivals, &verdicts, 0),
-        VersusIdeal::new(rate, arrivals, &verdicts, from),
-        cluster.worst_excess(),
-    )
+/// The positive root of `ρ·(e^θ − 1) = θ`: the decay rate of a Poisson-fed bucket's deficit
+/// (Lundberg's exponent for cost-1 requests at `ρ` of the refill).
+fn lundberg(load: f64) -> f64 {
+    let (mut low, mut high) = (1e-12_f64, 64.0_f64);
+    for _ in 0..200 {
+        let mid = (low + high) / 2.0;
+        if load * (mid.exp() - 1.0) < mid {
+            low = mid;
+        } else {
+            high = mid;
+        }
+    }
+    low
 }
 
-#[test]
-#[ignore = "fails on this code (74.91 % Poisson, 85.04 % periodic): the fix follows"]
-fn a_client_at_half_its_limit_on_random_replicas_is_admitted_as_the_ideal_bucket_admits_it() {
+/// docs/crdt.md, "strict mode", utilization: the part of its requests a bucket of `tokens`
+/// refuses at most, fed Poisson requests of one token at `load` of its refill:
+/// `(1 − ρ)·q / (1 − ρ·q)` with `q = e^(−θ(ρ)·(B − 1))`.
+fn refused_at_most(load: f64, tokens: f64) -> f64 {
+    if load >= 1.0 {
+        return 1.0;
+    }
+    let q = (-lundberg(load) * (tokens - 1.0)).exp().min(1.0);
+    (1.0 - load) * q / (1.0 - load * q)
+}
+
+/// The brief's cluster: three replicas on a quiet network, 20 tokens per second, one client at
+/// `load` of the limit whose requests each go to a random replica (Poisson, then periodic),
+/// for two minutes. After the shares settle, strict mode refuses no more of what the ideal
+/// bucket admits than the documented bound for the shares in force allows (plus three
+/// standard deviations of a count with that mean, plus one, for a finite run), and at least
+/// `kept` of it is admitted. Returns what each pattern kept.
+fn assert_under_limit_bound(load: f64, kept: f64) -> Vec<(&'static str, VersusIdeal)> {
+    const REPLICAS: usize = 3;
     const DURATION: Micros = 120_000 * MS;
-    const SETTLED: Micros = 5_000 * MS;
+    // The first allocation (under a second here), then the demand window (4 s), a rebalance
+    // period (1 s) and one refill interval (1 s) for a grown share to fill.
+    const SETTLED: Micros = 7_000 * MS;
+    let rate = Rate::try_new(20, 1000).unwrap();
+    let per_second = load * 20.0;
     let mut rng = Rng(2024);
-    let mut failures = Vec::new();
-    for (pattern, arrivals) in [
-        ("poisson", poisson_arrivals(10.0, 3, DURATION, &mut rng)),
+    let patterns = [
+        (
+            "poisson",
+            poisson_arrivals(per_second, REPLICAS, DURATION, &mut rng),
+        ),
         (
             "periodic",
-            periodic_arrivals(100 * MS, 3, DURATION, &mut rng),
+            periodic_arrivals(
+                (1e6 / per_second) as Micros / MS * MS,
+                REPLICAS,
+                DURATION,
+                &mut rng,
+            ),
         ),
-    ] {
-        let (whole, settled, excess) = under_limit_run(&arrivals, DURATION, SETTLED);
-        let figures = format!(
-            "{pattern} 10/s: kept {:.2} % after {} s {settled:?}; whole run {whole:?}",
-            100.0 * settled.kept(),
-            SETTLED / 1_000_000
-        );
-        eprintln!("{figures}");
+    ];
+    let mut failures = Vec::new();
+    let mut figures = Vec::new();
+    for (pattern, arrivals) in patterns {
+        let faults = Faults {
+            drop_percent: 0,
+            max_delay_ms: 2,
+            partitions: vec![],
+            crashes: vec![],
+            leaves: vec![],
+            bursts: false,
+        };
+        let mut cluster = Cluster::with_rate(REPLICAS, 11, faults, rate);
+        let verdicts = cluster.serve("client", &arrivals, DURATION);
+        let whole = VersusIdeal::new(rate, &arrivals, &verdicts, 0);
+        let settled = VersusIdeal::new(rate, &arrivals, &verdicts, SETTLED);
+        let excess = cluster.worst_excess();
         assert!(
             excess <= 1e-6,
             "{pattern}: admitted {excess} tokens over the bucket in some window"
         );
-        if settled.kept() < 0.99 {
-            failures.push(figures);
+        // The bound for the shares in force: each replica gets a third of the requests.
+        let shares: Vec<f64> = cluster
+            .replicas
+            .iter()
+            .map(|r| f64::from(r.history.current()) / f64::from(WHOLE))
+            .collect();
+        let spread = 1.0 / REPLICAS as f64;
+        let bound: f64 = shares
+            .iter()
+            .map(|&u| spread * refused_at_most(load * spread / u, u * 20.0))
+            .sum();
+        let expected = bound * settled.ideal as f64;
+        let allowed = expected + 3.0 * expected.sqrt() + 1.0;
+        let line = format!(
+            "{pattern} at {:.0} % of the limit: kept {:.2} % after {} s ({settled:?}), \
+             bound {:.3} % refused ({allowed:.1} allowed), shares {shares:?}; whole run {whole:?}",
+            100.0 * load,
+            100.0 * settled.kept(),
+            SETTLED / 1_000_000,
+            100.0 * bound,
+        );
+        eprintln!("{line}");
+        if settled.missed as f64 > allowed || settled.kept() < kept {
+            failures.push(line);
         }
+        figures.push((pattern, settled));
     }
     assert!(
         failures.is_empty(),
-        "strict refused what the ideal bucket admits:\n{}",
+        "strict refused more of what the ideal bucket admits than the bound allows:\n{}",
         failures.join("\n")
     );
+    figures
+}
+
+/// The brief's bug: on main, 22 % of a half-limit client's requests were refused (75 % and
+/// 85 % kept here, with demand measured over 500 ms and shares jumping between 2 % and 96 %).
+#[test]
+fn a_client_at_half_its_limit_on_random_replicas_is_admitted_as_the_ideal_bucket_admits_it() {
+    assert_under_limit_bound(0.5, 0.99);
+}
+
+/// At 90 % of the limit a third of the bucket per replica costs a few percent (the bound is
+/// 4.3 % refused); measured, not a target.
+#[test]
+fn a_client_at_90_percent_of_its_limit_on_random_replicas_loses_no_more_than_the_bound() {
+    assert_under_limit_bound(0.9, 0.0);
 }
