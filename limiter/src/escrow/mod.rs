@@ -10,6 +10,7 @@
 //! `shares` for reading, so a share change (under the write lock) waits for decisions in flight,
 //! and what the node acknowledges afterwards is in force for every later decision.
 
+pub mod demand;
 pub mod protocol;
 pub mod share;
 
@@ -20,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use serde::Serialize;
 
+use self::demand::DemandMeter;
 use self::protocol::{Control, Node, Params};
 use self::share::{Ppm, ShareHistory, SubBucket, WHOLE};
 use crate::bucket::{MAX_INTERVAL_MS, Micros, Outcome, Rate};
@@ -30,8 +32,8 @@ use crate::store::PolicyId;
 use crate::store::SweepReport;
 
 const SHARDS: usize = 64;
-/// Demand is measured over windows this long.
-const DEMAND_WINDOW_US: Micros = 500_000;
+/// Demand is published this often (counted over the protocol's demand window).
+const DEMAND_SLOT_US: Micros = 500_000;
 
 type Keys = HashMap<Box<str>, SubBucket, foldhash::fast::RandomState>;
 
@@ -45,8 +47,8 @@ pub struct Escrow {
     /// Mirror of the node's lease, read by every decision.
     lease_until: AtomicU64,
     buckets: Box<[Mutex<HashMap<PolicyId, Keys>>]>,
-    /// Tokens asked for per policy since `window_start`.
-    asked: Mutex<(Micros, HashMap<String, u64>)>,
+    /// Tokens asked for per policy.
+    asked: Mutex<DemandMeter>,
 }
 
 /// What `/status` shows about escrow.
@@ -68,10 +70,14 @@ impl Escrow {
         Self {
             clock,
             node: Mutex::new(Node::new(replica.0, params)),
+            asked: Mutex::new(DemandMeter::new(
+                now,
+                params.demand_window_us,
+                DEMAND_SLOT_US,
+            )),
             shares: RwLock::default(),
             lease_until: AtomicU64::new(0),
             buckets: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            asked: Mutex::new((now, HashMap::new())),
         }
     }
 
@@ -95,15 +101,10 @@ impl Escrow {
         rate: Rate,
         cost: u64,
     ) -> Outcome {
-        {
-            let mut asked = self.asked.lock().unwrap_or_else(|p| p.into_inner());
-            match asked.1.get_mut(policy) {
-                Some(tokens) => *tokens += cost,
-                None => {
-                    asked.1.insert(policy.to_owned(), cost);
-                }
-            }
-        }
+        self.asked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(policy, cost);
         self.with_history(policy, rate, cost, |history, now, lease_ok| {
             let mut shard = self.shard(key);
             let keys = shard.entry(policy_id).or_default();
@@ -186,14 +187,19 @@ impl Escrow {
     /// Advance the protocol: publish demand, follow allocations, propose one if this replica is
     /// the proposer. Called every sync round, before the round's messages are built.
     pub fn tick(&self, policies: &PolicySet, all_peers_answered: bool) {
-        let strict: Vec<String> = policies
+        let strict: Vec<(String, Rate)> = policies
             .iter()
             .filter(|p| p.mode == Mode::Strict)
-            .map(|p| p.name.clone())
+            .map(|p| (p.name.clone(), p.rate))
             .collect();
         let mut node = self.node();
         let now = self.clock.now();
-        if let Some(demand) = self.demand_if_due(now) {
+        let demand = self
+            .asked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .publish_if_due(now);
+        if let Some(demand) = demand {
             node.set_demand(demand);
         }
         let changes = node.step(now, &strict, all_peers_answered);
@@ -213,12 +219,12 @@ impl Escrow {
 
     /// Apply share changes; called with the node locked, before the node's new record can be
     /// sent anywhere.
-    fn apply(&self, changes: &[(String, Ppm)], strict: &[String]) {
+    fn apply(&self, changes: &[(String, Ppm)], strict: &[(String, Rate)]) {
         let mut shares = self.shares.write().unwrap_or_else(|p| p.into_inner());
         // Stamped after every decision that has already read the clock (see `ShareHistory::set`).
         let at = self.clock.now() + 1;
         let longest_us = MAX_INTERVAL_MS * 1000;
-        for name in strict {
+        for (name, _) in strict {
             shares
                 .entry(name.clone())
                 .or_insert_with(|| ShareHistory::new(at, longest_us));
@@ -229,25 +235,6 @@ impl Escrow {
                 .or_insert_with(|| ShareHistory::new(at, longest_us))
                 .set(at, *share);
         }
-    }
-
-    fn demand_if_due(&self, now: Micros) -> Option<BTreeMap<String, u64>> {
-        let mut asked = self.asked.lock().unwrap_or_else(|p| p.into_inner());
-        let elapsed = now.saturating_sub(asked.0);
-        if elapsed < DEMAND_WINDOW_US {
-            return None;
-        }
-        let demand = asked
-            .1
-            .drain()
-            .map(|(policy, tokens)| {
-                let per_second = u128::from(tokens) * 1_000_000 / u128::from(elapsed);
-                (policy, u64::try_from(per_second).unwrap_or(u64::MAX))
-            })
-            .filter(|&(_, d)| d > 0)
-            .collect();
-        asked.0 = now;
-        Some(demand)
     }
 
     /// Settle every sub-bucket and drop those a fresh one would equal. Returns how many were

@@ -14,8 +14,8 @@
 //!   everyone has lowered to: the shares in use sum to at most the whole.
 //! * Shares are leases: a replica uses its share only until `lease` after sending a round that
 //!   every other member answered. The proposer drops a member only after hearing nothing from it
-//!   for `lease + guard`: by then the member has stopped spending, if clocks differ by less than
-//!   `guard`. A replica whose lease ran out drops its shares to zero and takes a share again only
+//!   for `lease + guard` (plus a little, [`Node::receive`]) while it could hear anyone: by then
+//!   the member has stopped spending, if clocks differ by less than `guard`. A replica whose lease ran out drops its shares to zero and takes a share again only
 //!   from a newer allocation.
 //! * The proposer is the lowest live member of the current allocation, and proposes only while a
 //!   majority of the members is live; the first allocation waits until every discovered peer has
@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use super::share::{Ppm, WHOLE};
-use crate::bucket::Micros;
+use crate::bucket::{Micros, Rate};
 
 /// Orders allocations: by number, then by proposer (two proposers of the same number cannot
 /// both win).
@@ -85,7 +85,8 @@ pub struct Record {
     pub acked: Option<Version>,
     /// It has left (SIGTERM) and will never spend again.
     pub retired: bool,
-    /// Tokens per second it was asked for, per strict policy (admitted or not).
+    /// Tokens it was asked for over the last demand window ([`Params::demand_window_us`]), per
+    /// strict policy (admitted or not).
     pub demand: BTreeMap<String, u64>,
     /// Its lease ran out while this allocation was current: it spends nothing until a newer
     /// one, which the proposer therefore issues.
@@ -147,8 +148,12 @@ pub struct Params {
     pub rebalance_us: Micros,
     /// Share every live member keeps whatever its demand, so new traffic is served at once.
     pub floor: Ppm,
-    /// A new allocation for demand alone only when a share would move by more than this.
+    /// A new allocation for demand alone only when a share would move by more than this...
     pub hysteresis: Ppm,
+    /// ...plus this many standard deviations of the counting noise in the demand it follows.
+    pub significance: u32,
+    /// Demand is counted over this long (see [`super::demand`]).
+    pub demand_window_us: Micros,
 }
 
 impl Default for Params {
@@ -159,6 +164,8 @@ impl Default for Params {
             rebalance_us: 1_000_000,
             floor: 20_000,
             hysteresis: 50_000,
+            significance: 3,
+            demand_window_us: 4_000_000,
         }
     }
 }
@@ -175,8 +182,11 @@ pub struct Node {
     /// After a lease ran out: only allocations newer than this may raise shares again.
     expired_at_version: Option<Version>,
     lease_until: Micros,
-    /// When a valid message or answer from each replica last arrived.
+    /// When a valid message or answer from each replica last arrived, moved later by the time
+    /// this replica heard from no one at all (see [`Node::receive`]).
     heard: BTreeMap<u64, Micros>,
+    /// When a valid message or answer from any peer last arrived.
+    heard_any: Option<Micros>,
     last_proposal: Option<Micros>,
 }
 
@@ -199,6 +209,7 @@ impl Node {
             expired_at_version: None,
             lease_until: 0,
             heard: BTreeMap::new(),
+            heard_any: None,
             last_proposal: None,
         }
     }
@@ -237,6 +248,22 @@ impl Node {
     /// it is alive.
     pub fn receive(&mut self, from: u64, control: &Control, now: Micros) {
         if from != self.me {
+            // Silence counts against a peer only while this replica could hear: a peer it did
+            // not hear while it heard no one may have been spending all along, renewing its
+            // lease with members this replica was cut off from (found by the simulated
+            // cluster: a proposer back from a partition dropped a replica it had not heard
+            // for 2.5 s, which had renewed its lease with the others until 0.9 s before, and
+            // raised its own share over it). Time beyond `isolation` with no message from
+            // anyone is taken off every peer's silence.
+            if let Some(last) = self.heard_any {
+                let excess = now.saturating_sub(last).saturating_sub(self.isolation_us());
+                if excess > 0 {
+                    for heard in self.heard.values_mut() {
+                        *heard = (*heard + excess).min(now);
+                    }
+                }
+            }
+            self.heard_any = Some(self.heard_any.map_or(now, |last| last.max(now)));
             let heard = self.heard.entry(from).or_insert(0);
             *heard = (*heard).max(now);
         }
@@ -246,7 +273,7 @@ impl Node {
         self.control.join(&theirs);
     }
 
-    /// Publish this replica's demand (tokens per second asked for, per policy).
+    /// Publish this replica's demand (tokens asked for over the last demand window, per policy).
     pub fn set_demand(&mut self, demand: BTreeMap<String, u64>) {
         if self.my_record().is_some_and(|r| r.demand == demand) {
             return;
@@ -254,10 +281,18 @@ impl Node {
         self.record_mut().demand = demand;
     }
 
+    /// A gap in everything heard up to this long is not taken off a peer's silence (a peer
+    /// sends every sync round, so a connected replica hears someone many times in it); so a
+    /// peer counts as gone only after `lease + guard + isolation` of silence.
+    fn isolation_us(&self) -> Micros {
+        self.params.guard_us / 5
+    }
+
     fn is_live(&self, replica: u64, now: Micros) -> bool {
         replica == self.me
             || self.heard.get(&replica).is_some_and(|&t| {
-                now.saturating_sub(t) < self.params.lease_us + self.params.guard_us
+                now.saturating_sub(t)
+                    < self.params.lease_us + self.params.guard_us + self.isolation_us()
             })
     }
 
@@ -318,14 +353,15 @@ impl Node {
         changes
     }
 
-    /// Advance the protocol at `now`. `policies`: the strict policies in force here;
+    /// Advance the protocol at `now`. `policies`: the strict policies in force here and their
+    /// rates;
     /// `all_peers_answered`: every peer discovery lists has answered recently (for the first
     /// allocation). Returns the share changes to apply, in order, BEFORE anything this node
     /// says (its record) is sent to a peer.
     pub fn step(
         &mut self,
         now: Micros,
-        policies: &[String],
+        policies: &[(String, Rate)],
         all_peers_answered: bool,
     ) -> Vec<(String, Ppm)> {
         let mut changes = Vec::new();
@@ -409,7 +445,7 @@ impl Node {
     fn proposal(
         &self,
         now: Micros,
-        policies: &[String],
+        policies: &[(String, Rate)],
         all_peers_answered: bool,
     ) -> Option<Allocation> {
         if self
@@ -435,6 +471,7 @@ impl Node {
                 },
                 &heard_live,
                 policies,
+                None,
             ));
         };
         let active = self.active_members();
@@ -465,62 +502,136 @@ impl Node {
             },
             &members,
             policies,
+            Some(current),
         );
         let waiting = live
             .iter()
             .any(|m| self.control.records.get(m).and_then(|r| r.expired) == Some(current.version));
-        let moved = waiting
-            || next.members != current.members
-            || policies.iter().any(|p| {
-                members.iter().any(|&m| {
-                    next.share(p, m).abs_diff(current.share(p, m)) > self.params.hysteresis
-                }) || !current.shares.contains_key(p)
-            });
+        // `allocate` keeps a policy's current shares unless demand moved them significantly.
+        let moved = waiting || next.members != current.members || next.shares != current.shares;
         moved.then_some(next)
     }
 
-    /// Shares following demand: a floor each, the rest in proportion to what each was asked.
+    /// Shares following demand, policy by policy ([`Node::split`]). A policy keeps the shares
+    /// `current` gives it when the members are the same and demand does not say they are wrong.
     fn allocate(
         &self,
         version: Version,
         members: &BTreeSet<u64>,
-        policies: &[String],
+        policies: &[(String, Rate)],
+        current: Option<&Allocation>,
     ) -> Allocation {
-        let n = members.len().max(1) as u64;
-        let floor = u64::from(self.params.floor).min(u64::from(WHOLE) / (2 * n));
-        let mut shares = BTreeMap::new();
-        for policy in policies {
-            let demand: Vec<(u64, u64)> = members
-                .iter()
-                .map(|&m| {
-                    let d = self
-                        .control
-                        .records
-                        .get(&m)
-                        .and_then(|r| r.demand.get(policy))
-                        .copied()
-                        .unwrap_or(0);
-                    (m, d)
-                })
-                .collect();
-            let total: u128 = demand.iter().map(|&(_, d)| u128::from(d)).sum();
-            let rest = u128::from(u64::from(WHOLE) - floor * n);
-            let per_policy = demand
-                .iter()
-                .map(|&(m, d)| {
-                    // Nobody asked for anything: equal shares.
-                    let share = (rest * u128::from(d))
-                        .checked_div(total)
-                        .map_or(u64::from(WHOLE) / n, |s| floor + s as u64);
-                    (m, share as Ppm)
-                })
-                .collect();
-            shares.insert(policy.clone(), per_policy);
-        }
+        let same_members = current.filter(|c| &c.members == members);
+        let shares = policies
+            .iter()
+            .map(|(policy, rate)| {
+                let kept = same_members.and_then(|c| c.shares.get(policy));
+                (policy.clone(), self.split(members, policy, *rate, kept))
+            })
+            .collect();
         Allocation {
             version,
             members: members.clone(),
             shares,
+        }
+    }
+
+    /// One policy's shares among `members`: a floor `f` each, the rest `1 − n·f` split by
+    /// weights `a_i` that sum to 1. With `c_i` the tokens member `i` was asked for over the
+    /// demand window `W`, `N = Σ c_i`, `p_i = c_i / N` its part of the demand, and `ρ =
+    /// min(1, N / (r·W))` the policy's load (demand over what its bucket refills in `W`):
+    ///
+    /// ```text
+    /// a_i = ((1 + ρ)·p_i + (1 − ρ)/n) / 2        (1/n when N = 0)
+    /// ```
+    ///
+    /// Over its limit a policy is split in proportion to demand. Under it, half of the room
+    /// nobody asked for is split evenly, so a member whose demand the counts under-state still
+    /// has room, and the other half in proportion, so the busiest member is not loaded much
+    /// above the policy: a member with all the demand gets `(1 + ρ)/2 + (1 − ρ)/(2n)` of the
+    /// rest, at least `0.75` of it for a policy at half its limit.
+    ///
+    /// Counts are noisy (a count `c` is uncertain by about `√c`), and a low-rate policy's are
+    /// mostly noise: a client at 10 requests/s over three replicas shows each about 13 ± 4
+    /// tokens in 4 s. So the split is the even one while the counts are consistent with an
+    /// even spread: no member's target is further from `1/n` than the hysteresis plus
+    /// `significance` standard deviations of what an even spread's counting noise does to it,
+    /// `σ(a_i) = (1 + ρ)/(2n) · √((n − 1)/N)`. Otherwise it follows the counts. Either way
+    /// `kept` (the shares in force) stays unless some share would move by more than the
+    /// hysteresis.
+    fn split(
+        &self,
+        members: &BTreeSet<u64>,
+        policy: &str,
+        rate: Rate,
+        kept: Option<&BTreeMap<u64, Ppm>>,
+    ) -> BTreeMap<u64, Ppm> {
+        /// Counts beyond this (a trillion tokens per window) are clamped, so the arithmetic
+        /// below stays within u128.
+        const MAX_COUNT: u64 = 1 << 40;
+        /// Weights in parts per billion.
+        const PPB: u128 = 1_000_000_000;
+        let n = members.len().max(1) as u64;
+        let floor = u64::from(self.params.floor).min(u64::from(WHOLE) / (2 * n));
+        let rest = u128::from(u64::from(WHOLE) - floor * n);
+        let asked: Vec<(u64, u64)> = members
+            .iter()
+            .map(|&m| {
+                let c = self
+                    .control
+                    .records
+                    .get(&m)
+                    .and_then(|r| r.demand.get(policy))
+                    .copied()
+                    .unwrap_or(0);
+                (m, c.min(MAX_COUNT))
+            })
+            .collect();
+        // Tokens times the interval in µs, so that r·W is an integer.
+        let interval_us = u128::from(rate.interval_ms()) * 1000;
+        let n = u128::from(n);
+        let total = asked.iter().map(|&(_, c)| u128::from(c)).sum::<u128>() * interval_us;
+        let refilled = u128::from(rate.capacity()) * u128::from(self.params.demand_window_us);
+        let load = total * PPB / total.max(refilled).max(1);
+        let share_of = |c: u64| -> Ppm {
+            // Each part rounds down, so the weights sum to at most PPB and the shares to at
+            // most the whole.
+            let weight = match total {
+                0 => PPB / n,
+                _ => {
+                    (PPB + load) * u128::from(c) * interval_us / (2 * total)
+                        + (PPB - load) / (2 * n)
+                }
+            };
+            (u128::from(floor) + rest * weight / PPB) as Ppm
+        };
+        let even = (u128::from(floor) + rest / n) as Ppm;
+        let asked_tokens = total as f64 / interval_us as f64;
+        let noise = rest as f64 * (1.0 + load as f64 / PPB as f64) / (2.0 * n as f64)
+            * ((n - 1) as f64 / asked_tokens.max(1.0)).sqrt();
+        let tolerance =
+            f64::from(self.params.hysteresis) + f64::from(self.params.significance) * noise;
+        let target: BTreeMap<u64, Ppm> = asked.iter().map(|&(m, c)| (m, share_of(c))).collect();
+        let spread = target
+            .values()
+            .any(|&t| f64::from(t.abs_diff(even)) > tolerance);
+        let chosen = if spread {
+            target
+        } else {
+            members.iter().map(|&m| (m, even)).collect()
+        };
+        match kept {
+            Some(kept)
+                if chosen.iter().all(|(m, &u)| {
+                    u.abs_diff(kept.get(m).copied().unwrap_or(0)) <= self.params.hysteresis
+                }) =>
+            {
+                members
+                    .iter()
+                    .map(|m| (*m, kept.get(m).copied().unwrap_or(0)))
+                    .collect()
+            }
+            _ => chosen,
         }
     }
 }

@@ -11,9 +11,8 @@
 //!
 //! A sub-bucket nobody has touched for a while is settled lazily by replaying the share history
 //! since it was last touched. A key this replica has no sub-bucket for (never seen, or dropped
-//! when full) starts at [`ShareHistory::fresh_level`]: the lowest level any idle sub-bucket could
-//! have now, which is the smallest capacity of the last interval (a bucket idle for a whole
-//! interval at a share of at least `u` holds at least `u·C`).
+//! when full) starts at [`ShareHistory::fresh_level`]: the lowest level any sub-bucket of it could
+//! have now, which is what one emptied an interval ago would have refilled to since.
 //!
 //! Units: a level of `L` is `L / (interval_us · WHOLE)` tokens, so refill over `dt` µs at share
 //! `u` is exactly `u · C · dt` and nothing rounds.
@@ -85,30 +84,19 @@ impl ShareHistory {
         }
     }
 
-    /// The smallest share in force at any time in `[from, now]`; 0 when the history does not
-    /// reach back that far.
-    fn min_since(&self, from: Micros) -> Ppm {
-        if from < self.start() {
-            return 0;
-        }
-        // The change in force at `from`, and every one after it.
-        let first = self
-            .changes
-            .iter()
-            .rposition(|&(t, _)| t <= from)
-            .unwrap_or(0);
-        self.changes[first..]
-            .iter()
-            .map(|&(_, u)| u)
-            .min()
-            .unwrap_or(0)
-    }
-
-    /// The level a sub-bucket that nobody has spent from recently holds at `now`, at least.
+    /// The level of a key this replica holds no sub-bucket for: what a sub-bucket emptied one
+    /// interval ago holds at `now`, replaying the shares since. No sub-bucket of the key can
+    /// hold less: one dropped within the interval was full when dropped, and one dropped (or
+    /// never created) earlier held at least nothing an interval ago. At least the smallest
+    /// capacity of the interval (refill at shares of at least `u` for a whole interval reaches
+    /// `u·C`), and more right after a share grew: the part refilled since counts.
     pub fn fresh_level(&self, rate: Rate, now: Micros) -> i128 {
-        let interval_us = interval_us(rate);
-        let u = self.min_since(now.saturating_sub(interval_us));
-        capacity(rate, u)
+        let mut bucket = SubBucket {
+            level: 0,
+            at: now.saturating_sub(interval_us(rate)),
+        };
+        self.settle(&mut bucket, rate, now);
+        bucket.level
     }
 
     /// Bring `bucket` to `now`, replaying every share change since it was last settled.
@@ -327,8 +315,25 @@ mod tests {
         history.set(0, WHOLE);
         history.set(5 * S, WHOLE / 4);
         history.set(5 * S + S / 2, WHOLE);
-        // Within one interval of the dip a fresh key gets only the dip's capacity.
-        assert_eq!(tokens(history.fresh_level(rate(), 6 * S)), 25.0);
+        // A bucket full before the dip: clamped to 25 at 5 s, 75 by 6 s. One emptied at 5 s:
+        // 12.5 at the dip's 25 %/s, then 50 at 100 %/s: 62.5, which is what a fresh key gets.
+        let mut full = SubBucket {
+            level: capacity(rate(), WHOLE),
+            at: 4 * S,
+        };
+        history.settle(&mut full, rate(), 6 * S);
+        assert_eq!(tokens(full.level), 75.0);
+        let mut emptied = SubBucket {
+            level: 0,
+            at: 5 * S,
+        };
+        history.settle(&mut emptied, rate(), 6 * S);
+        assert_eq!(tokens(emptied.level), 62.5);
+        assert_eq!(history.fresh_level(rate(), 6 * S), emptied.level);
+        // More than the dip's capacity, which the fresh level used to be: the refill since
+        // the share grew back counts.
+        assert!(history.fresh_level(rate(), 6 * S) > capacity(rate(), WHOLE / 4));
+        // One interval after the dip ended, a fresh key is full.
         assert_eq!(
             tokens(history.fresh_level(rate(), 6 * S + S / 2 + 1)),
             100.0

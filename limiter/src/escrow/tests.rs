@@ -8,9 +8,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use proptest::prelude::*;
 
+use super::demand::DemandMeter;
 use super::protocol::{Control, Node, Params};
 use super::share::{Ppm, ShareHistory, SubBucket, WHOLE};
-use crate::bucket::{Micros, Rate};
+use crate::bucket::{Micros, Rate, ReferenceBucket};
 
 const MS: Micros = 1_000;
 const SYNC: Micros = 50 * MS;
@@ -49,6 +50,7 @@ impl Rng {
 
 #[derive(Debug)]
 struct Replica {
+    rate: Rate,
     node: Node,
     history: ShareHistory,
     buckets: HashMap<&'static str, SubBucket>,
@@ -59,13 +61,13 @@ struct Replica {
     /// Open rounds: sent_at (local) -> (answered by, deadline in simulated time).
     rounds: VecDeque<(Micros, BTreeSet<u64>, Micros)>,
     answered_last_round: BTreeSet<u64>,
-    asked: u64,
-    last_demand: Micros,
+    asked: DemandMeter,
 }
 
 impl Replica {
-    fn new(id: u64, now: Micros, offset: Micros) -> Self {
+    fn new(id: u64, now: Micros, offset: Micros, rate: Rate) -> Self {
         Self {
+            rate,
             node: Node::new(id, Params::default()),
             history: ShareHistory::new(now + offset, 3_600_000_000),
             buckets: HashMap::new(),
@@ -74,8 +76,7 @@ impl Replica {
             next_round: now,
             rounds: VecDeque::new(),
             answered_last_round: BTreeSet::new(),
-            asked: 0,
-            last_demand: now,
+            asked: DemandMeter::new(now + offset, Params::default().demand_window_us, 500 * MS),
         }
     }
 
@@ -103,25 +104,29 @@ impl Replica {
     /// The runtime's once-a-second pass: settle, and drop what a fresh sub-bucket would equal.
     fn sweep(&mut self, t: Micros) {
         let now = self.local(t);
-        let history = &self.history;
+        let (history, rate) = (&self.history, self.rate);
         self.buckets.retain(|_, bucket| {
-            history.settle(bucket, rate(), now);
-            !bucket.is_reclaimable(history, rate(), now)
+            history.settle(bucket, rate, now);
+            !bucket.is_reclaimable(history, rate, now)
         });
     }
 
+    fn policies(&self) -> [(String, Rate); 1] {
+        [(POLICY.to_owned(), self.rate)]
+    }
+
     fn decide(&mut self, key: &'static str, t: Micros) -> bool {
-        self.asked += 1;
+        self.asked.record(POLICY, 1);
         let now = self.local(t);
-        let history = &self.history;
+        let (history, rate) = (&self.history, self.rate);
         let bucket = self
             .buckets
             .entry(key)
-            .or_insert_with(|| SubBucket::fresh(history, rate(), now));
+            .or_insert_with(|| SubBucket::fresh(history, rate, now));
         if now >= self.node.lease_until() {
             return false;
         }
-        bucket.try_spend(history, rate(), 1, now).allowed
+        bucket.try_spend(history, rate, 1, now).allowed
     }
 }
 
@@ -155,6 +160,7 @@ struct Faults {
 }
 
 struct Cluster {
+    rate: Rate,
     replicas: Vec<Replica>,
     network: Vec<Message>,
     rng: Rng,
@@ -166,14 +172,19 @@ struct Cluster {
 
 impl Cluster {
     fn new(n: usize, seed: u64, faults: Faults) -> Self {
+        Self::with_rate(n, seed, faults, rate())
+    }
+
+    fn with_rate(n: usize, seed: u64, faults: Faults, rate: Rate) -> Self {
         let mut rng = Rng(seed | 1);
         let replicas = (0..n)
             .map(|i| {
                 let offset = rng.below(200 * MS); // clocks up to 200 ms apart
-                Replica::new(1000 + i as u64 * 7, 0, offset)
+                Replica::new(1000 + i as u64 * 7, 0, offset, rate)
             })
             .collect();
         Self {
+            rate,
             replicas,
             network: Vec::new(),
             rng,
@@ -228,7 +239,7 @@ impl Cluster {
                         round.1.insert(from_id);
                         let answered = round.1.clone();
                         // As the runtime does: merge, step, then count the answers.
-                        let changes = replica.node.step(now, &[POLICY.to_owned()], false);
+                        let changes = replica.node.step(now, &replica.policies(), false);
                         replica.apply(changes, t);
                         replica.node.round_answered(sent_at, &answered);
                     }
@@ -244,19 +255,12 @@ impl Cluster {
         let peer_ids: BTreeSet<u64> = peers.iter().map(|&j| self.replicas[j].node.me).collect();
         let replica = &mut self.replicas[i];
         let now = replica.local(t);
-        if now.saturating_sub(replica.last_demand) >= 500 * MS {
-            let per_second = replica.asked * 1_000_000 / (now - replica.last_demand);
-            let mut demand = BTreeMap::new();
-            if per_second > 0 {
-                demand.insert(POLICY.to_owned(), per_second);
-            }
+        if let Some(demand) = replica.asked.publish_if_due(now) {
             replica.node.set_demand(demand);
-            replica.asked = 0;
-            replica.last_demand = now;
         }
         // Discovery lists the live replicas; "answered" = each answered the last round.
         let all_answered = peer_ids.is_subset(&replica.answered_last_round);
-        let changes = replica.node.step(now, &[POLICY.to_owned()], all_answered);
+        let changes = replica.node.step(now, &replica.policies(), all_answered);
         replica.apply(changes, t);
         // Close rounds past their deadline.
         while replica.rounds.front().is_some_and(|r| r.2 <= t) {
@@ -310,7 +314,7 @@ impl Cluster {
                 // A restarted process is a new replica with nothing.
                 self.next_id += 13;
                 let offset = self.replicas[who].offset;
-                self.replicas[who] = Replica::new(self.next_id, t, offset);
+                self.replicas[who] = Replica::new(self.next_id, t, offset, self.rate);
             }
         }
         for (at, who) in self.faults.leaves.clone() {
@@ -321,6 +325,47 @@ impl Cluster {
                 self.replicas[who].alive = false;
             }
         }
+    }
+
+    /// Faults, deliveries and sync rounds due at `t`.
+    fn advance(&mut self, t: Micros) {
+        self.faults_at(t);
+        self.deliver(t);
+        for i in 0..self.replicas.len() {
+            if self.replicas[i].alive && self.replicas[i].next_round <= t {
+                self.round(i, t);
+            }
+        }
+    }
+
+    /// One client's requests on `key`, each of one token at the replica it names (arrival
+    /// times are whole milliseconds), until `duration`. Returns each request's verdict.
+    fn serve(
+        &mut self,
+        key: &'static str,
+        arrivals: &[(Micros, usize)],
+        duration: Micros,
+    ) -> Vec<bool> {
+        let mut verdicts = Vec::with_capacity(arrivals.len());
+        let mut t = 0;
+        while t < duration {
+            self.advance(t);
+            while let Some(&(_, i)) = arrivals.get(verdicts.len()).filter(|a| a.0 <= t) {
+                let allowed = self.replicas[i].alive && self.replicas[i].decide(key, t);
+                if allowed {
+                    self.admitted.entry(key).or_default().push((t, 1));
+                }
+                verdicts.push(allowed);
+            }
+            if t.is_multiple_of(1000 * MS) {
+                for replica in &mut self.replicas {
+                    replica.sweep(t);
+                }
+            }
+            self.check_shares(t);
+            t += MS;
+        }
+        verdicts
     }
 
     /// Run for `duration`, with `demand(i, rng)` deciding whether replica `i` gets a request in
@@ -337,13 +382,7 @@ impl Cluster {
     ) {
         let mut t = start;
         while t < duration {
-            self.faults_at(t);
-            self.deliver(t);
-            for i in 0..self.replicas.len() {
-                if self.replicas[i].alive && self.replicas[i].next_round <= t {
-                    self.round(i, t);
-                }
-            }
+            self.advance(t);
             for i in 0..self.replicas.len() {
                 if self.replicas[i].alive && demand(t, i, &mut self.rng) {
                     let key = if self.rng.chance(80) {
@@ -378,7 +417,8 @@ impl Cluster {
 
     /// The most admitted for any key over any window, minus what a bucket allows there.
     fn worst_excess(&self) -> f64 {
-        let r = CAPACITY as f64 / (INTERVAL_MS as f64 * 1e3); // tokens per µs
+        let capacity = self.rate.capacity() as f64;
+        let r = capacity / (self.rate.interval_ms() as f64 * 1e3); // tokens per µs
         let mut worst = f64::NEG_INFINITY;
         for admitted in self.admitted.values() {
             let mut best_start = f64::NEG_INFINITY; // max over a of (r·t_a − admitted before a)
@@ -387,7 +427,7 @@ impl Cluster {
                 best_start = best_start.max(r * t as f64 - before);
                 before += tokens as f64;
                 // Admitted in [t_a, t] = before − before_a; allowed = C + r (t − t_a).
-                worst = worst.max(before - r * t as f64 + best_start - CAPACITY as f64);
+                worst = worst.max(before - r * t as f64 + best_start - capacity);
             }
         }
         worst
@@ -516,4 +556,209 @@ fn a_crashed_replicas_share_is_reassigned_after_lease_and_guard() {
         "admitted {admitted} in the last 8 s"
     );
     assert!(cluster.worst_excess() <= 1e-6);
+}
+
+/// A uniform draw in [0, 1).
+fn uniform(rng: &mut Rng) -> f64 {
+    (rng.next() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Poisson arrivals at `per_second`, each at a replica drawn uniformly from `n`, rounded down to
+/// the millisecond.
+fn poisson_arrivals(
+    per_second: f64,
+    n: usize,
+    duration: Micros,
+    rng: &mut Rng,
+) -> Vec<(Micros, usize)> {
+    let mut arrivals = Vec::new();
+    let mut t = 0.0;
+    loop {
+        t += -(1.0 - uniform(rng)).ln() * 1e6 / per_second;
+        let at = t as Micros / MS * MS;
+        if at >= duration {
+            return arrivals;
+        }
+        arrivals.push((at, rng.below(n as u64) as usize));
+    }
+}
+
+/// One arrival every `period` from a random phase, each at a replica drawn uniformly from `n`.
+fn periodic_arrivals(
+    period: Micros,
+    n: usize,
+    duration: Micros,
+    rng: &mut Rng,
+) -> Vec<(Micros, usize)> {
+    let phase = rng.below(period / MS) * MS;
+    (0..)
+        .map(|k| phase + k * period)
+        .take_while(|&at| at < duration)
+        .map(|at| (at, rng.below(n as u64) as usize))
+        .collect()
+}
+
+/// Strict mode's verdicts against the textbook bucket's on the same arrivals (fed from a full
+/// bucket at 0), counting requests from `from` on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct VersusIdeal {
+    requests: usize,
+    ideal: usize,
+    strict: usize,
+    /// Admitted by the ideal bucket, refused by strict mode.
+    missed: usize,
+}
+
+impl VersusIdeal {
+    fn new(rate: Rate, arrivals: &[(Micros, usize)], verdicts: &[bool], from: Micros) -> Self {
+        assert_eq!(arrivals.len(), verdicts.len());
+        let mut ideal = ReferenceBucket::new_at(rate, 0);
+        let mut counts = Self {
+            requests: 0,
+            ideal: 0,
+            strict: 0,
+            missed: 0,
+        };
+        for (&(at, _), &strict) in arrivals.iter().zip(verdicts) {
+            let admits = ideal.try_consume_at(1, at).allowed;
+            if at < from {
+                continue;
+            }
+            counts.requests += 1;
+            counts.ideal += usize::from(admits);
+            counts.strict += usize::from(strict);
+            counts.missed += usize::from(admits && !strict);
+        }
+        counts
+    }
+
+    /// Of what the ideal bucket admits, the part strict mode admits too.
+    fn kept(&self) -> f64 {
+        1.0 - self.missed as f64 / self.ideal.max(1) as f64
+    }
+}
+
+/// The positive root of `ρ·(e^θ − 1) = θ`: the decay rate of a Poisson-fed bucket's deficit
+/// (Lundberg's exponent for cost-1 requests at `ρ` of the refill).
+fn lundberg(load: f64) -> f64 {
+    let (mut low, mut high) = (1e-12_f64, 64.0_f64);
+    for _ in 0..200 {
+        let mid = (low + high) / 2.0;
+        if load * (mid.exp() - 1.0) < mid {
+            low = mid;
+        } else {
+            high = mid;
+        }
+    }
+    low
+}
+
+/// docs/crdt.md, "strict mode", utilization: the part of its requests a bucket of `tokens`
+/// refuses at most, fed Poisson requests of one token at `load` of its refill:
+/// `(1 − ρ)·q / (1 − ρ·q)` with `q = e^(−θ(ρ)·(B − 1))`.
+fn refused_at_most(load: f64, tokens: f64) -> f64 {
+    if load >= 1.0 {
+        return 1.0;
+    }
+    let q = (-lundberg(load) * (tokens - 1.0)).exp().min(1.0);
+    (1.0 - load) * q / (1.0 - load * q)
+}
+
+/// The brief's cluster: three replicas on a quiet network, 20 tokens per second, one client at
+/// `load` of the limit whose requests each go to a random replica (Poisson, then periodic),
+/// for two minutes. After the shares settle, strict mode refuses no more of what the ideal
+/// bucket admits than the documented bound for the shares in force allows (plus three
+/// standard deviations of a count with that mean, plus one, for a finite run), and at least
+/// `kept` of it is admitted. Returns what each pattern kept.
+fn assert_under_limit_bound(load: f64, kept: f64) -> Vec<(&'static str, VersusIdeal)> {
+    const REPLICAS: usize = 3;
+    const DURATION: Micros = 120_000 * MS;
+    // The first allocation (under a second here), then the demand window (4 s), a rebalance
+    // period (1 s) and one refill interval (1 s) for a grown share to fill.
+    const SETTLED: Micros = 7_000 * MS;
+    let rate = Rate::try_new(20, 1000).unwrap();
+    let per_second = load * 20.0;
+    let mut rng = Rng(2024);
+    let patterns = [
+        (
+            "poisson",
+            poisson_arrivals(per_second, REPLICAS, DURATION, &mut rng),
+        ),
+        (
+            "periodic",
+            periodic_arrivals(
+                (1e6 / per_second) as Micros / MS * MS,
+                REPLICAS,
+                DURATION,
+                &mut rng,
+            ),
+        ),
+    ];
+    let mut failures = Vec::new();
+    let mut figures = Vec::new();
+    for (pattern, arrivals) in patterns {
+        let faults = Faults {
+            drop_percent: 0,
+            max_delay_ms: 2,
+            partitions: vec![],
+            crashes: vec![],
+            leaves: vec![],
+            bursts: false,
+        };
+        let mut cluster = Cluster::with_rate(REPLICAS, 11, faults, rate);
+        let verdicts = cluster.serve("client", &arrivals, DURATION);
+        let whole = VersusIdeal::new(rate, &arrivals, &verdicts, 0);
+        let settled = VersusIdeal::new(rate, &arrivals, &verdicts, SETTLED);
+        let excess = cluster.worst_excess();
+        assert!(
+            excess <= 1e-6,
+            "{pattern}: admitted {excess} tokens over the bucket in some window"
+        );
+        // The bound for the shares in force: each replica gets a third of the requests.
+        let shares: Vec<f64> = cluster
+            .replicas
+            .iter()
+            .map(|r| f64::from(r.history.current()) / f64::from(WHOLE))
+            .collect();
+        let spread = 1.0 / REPLICAS as f64;
+        let bound: f64 = shares
+            .iter()
+            .map(|&u| spread * refused_at_most(load * spread / u, u * 20.0))
+            .sum();
+        let expected = bound * settled.ideal as f64;
+        let allowed = expected + 3.0 * expected.sqrt() + 1.0;
+        let line = format!(
+            "{pattern} at {:.0} % of the limit: kept {:.2} % after {} s ({settled:?}), \
+             bound {:.3} % refused ({allowed:.1} allowed), shares {shares:?}; whole run {whole:?}",
+            100.0 * load,
+            100.0 * settled.kept(),
+            SETTLED / 1_000_000,
+            100.0 * bound,
+        );
+        eprintln!("{line}");
+        if settled.missed as f64 > allowed || settled.kept() < kept {
+            failures.push(line);
+        }
+        figures.push((pattern, settled));
+    }
+    assert!(
+        failures.is_empty(),
+        "strict refused more of what the ideal bucket admits than the bound allows:\n{}",
+        failures.join("\n")
+    );
+    figures
+}
+
+/// The brief's bug: on main, 22 % of a half-limit client's requests were refused (75 % and
+/// 85 % kept here, with demand measured over 500 ms and shares jumping between 2 % and 96 %).
+#[test]
+fn a_client_at_half_its_limit_on_random_replicas_is_admitted_as_the_ideal_bucket_admits_it() {
+    assert_under_limit_bound(0.5, 0.99);
+}
+
+/// At 90 % of the limit a third of the bucket per replica costs a few percent (the bound is
+/// 4.3 % refused); measured, not a target.
+#[test]
+fn a_client_at_90_percent_of_its_limit_on_random_replicas_loses_no_more_than_the_bound() {
+    assert_under_limit_bound(0.9, 0.0);
 }
