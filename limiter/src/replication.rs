@@ -621,7 +621,8 @@ impl Replicator {
         if strict {
             self.escrow_tick();
         }
-        let sent_at = self.limiter.now();
+        // The escrow measures its leases on the steady clock, which never steps (clock.rs).
+        let sent_at = self.limiter.clock().steady_now();
         if peers.is_empty() {
             if strict {
                 self.escrow.round_answered(sent_at, &BTreeSet::new());

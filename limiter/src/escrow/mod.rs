@@ -5,6 +5,10 @@
 //! admits at most `C + r·T` over any period `T`, whatever the replicas do not yet know about each
 //! other (docs/crdt.md, "strict mode", derives it and states the clock-skew guard).
 //!
+//! Every instant here is on [`Clock::steady_now`], never on the cluster clock decisions use:
+//! a clock that steps forward by `Δ` (following NTP or a faster peer) would refill every
+//! sub-bucket by `u_i·r·Δ` and shorten every silence, and strict mode's bound allows neither.
+//!
 //! This module is the runtime around the pure parts: it reads the clock, holds the locks, and
 //! measures demand. Lock order: `node`, then `shares`, then a bucket shard. A decision takes
 //! `shares` for reading, so a share change (under the write lock) waits for decisions in flight,
@@ -66,7 +70,7 @@ pub struct EscrowStatus {
 
 impl Escrow {
     pub fn new(replica: ReplicaId, params: Params, clock: Arc<dyn Clock>) -> Self {
-        let now = clock.now();
+        let now = clock.steady_now();
         Self {
             clock,
             node: Mutex::new(Node::new(replica.0, params)),
@@ -158,7 +162,7 @@ impl Escrow {
         decide: impl FnOnce(&ShareHistory, Micros, bool) -> Outcome,
     ) -> Outcome {
         let shares = self.shares.read().unwrap_or_else(|p| p.into_inner());
-        let now = self.clock.now();
+        let now = self.clock.steady_now();
         match shares.get(policy) {
             None => SubBucket { level: 0, at: now }.describe(rate, 0, false, cost),
             Some(history) => decide(history, now, now < self.lease_until.load(Ordering::Acquire)),
@@ -172,7 +176,7 @@ impl Escrow {
 
     /// Merge a peer's control state (it sent a message or answered one).
     pub fn receive(&self, from: u64, control: &Control) {
-        let now = self.clock.now();
+        let now = self.clock.steady_now();
         self.node().receive(from, control, now);
     }
 
@@ -193,7 +197,7 @@ impl Escrow {
             .map(|p| (p.name.clone(), p.rate))
             .collect();
         let mut node = self.node();
-        let now = self.clock.now();
+        let now = self.clock.steady_now();
         let demand = self
             .asked
             .lock()
@@ -222,7 +226,7 @@ impl Escrow {
     fn apply(&self, changes: &[(String, Ppm)], strict: &[(String, Rate)]) {
         let mut shares = self.shares.write().unwrap_or_else(|p| p.into_inner());
         // Stamped after every decision that has already read the clock (see `ShareHistory::set`).
-        let at = self.clock.now() + 1;
+        let at = self.clock.steady_now() + 1;
         let longest_us = MAX_INTERVAL_MS * 1000;
         for (name, _) in strict {
             shares
@@ -244,7 +248,7 @@ impl Escrow {
     /// gauges and the alerts on them read the same in strict mode as in shared mode.
     pub fn sweep(&self, policies: &PolicySet, report: &mut SweepReport) -> usize {
         let shares = self.shares.read().unwrap_or_else(|p| p.into_inner());
-        let now = self.clock.now();
+        let now = self.clock.steady_now();
         let mut reclaimed = 0;
         for shard in self.buckets.iter() {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
@@ -298,7 +302,7 @@ impl Escrow {
     /// milliseconds left on its lease (negative: lapsed). What the strict-mode gauges show.
     pub fn shares_and_lease(&self) -> (BTreeMap<String, f64>, i64) {
         let node = self.node();
-        let now = self.clock.now();
+        let now = self.clock.steady_now();
         (
             usable_fractions(&node),
             (node.lease_until() as i64 - now as i64) / 1000,
