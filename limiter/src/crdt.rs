@@ -190,6 +190,12 @@ impl BucketState {
             .sum();
         let mut level =
             full.min(full + rate.refill_scaled(now - i128::from(self.epoch)) - outstanding * unit);
+        if let [only] = self.components.as_slice() {
+            // The common case (one replica spends on the bucket): one incarnation bound.
+            let bound = full + rate.refill_scaled(now - i128::from(only.incarnation))
+                - i128::from(only.consumed) * unit;
+            return level.min(bound);
+        }
         for c in &self.components {
             let since: i128 = self
                 .components
@@ -218,6 +224,14 @@ impl BucketState {
         if now <= self.epoch || !self.is_full_at(rate, now) {
             return false;
         }
+        self.claim_at(now, me);
+        true
+    }
+
+    /// Claim the bucket, known to be full at `now` (after `epoch`), for `me`. The level stays
+    /// the capacity: every incarnation bound was at least that, and the claim's bound is now
+    /// exactly that.
+    fn claim_at(&mut self, now: Micros, me: ReplicaId) {
         self.epoch = now;
         self.rebaser = me;
         // Sorted by (replica, incarnation): a component followed by one of the same replica is
@@ -236,7 +250,6 @@ impl BucketState {
                 i += 1;
             }
         }
-        true
     }
 
     /// Spend `cost` tokens at `now` if the bucket holds them, counting them in `me`'s component
@@ -258,8 +271,11 @@ impl BucketState {
         cost: u64,
         now: Micros,
     ) -> Outcome {
-        self.rebase_if_full_at(rate, now, me);
+        // One level computation: a claim (if full) leaves the level at the capacity.
         let level = self.level_scaled_at(rate, now);
+        if level >= rate.full_scaled() && now > self.epoch {
+            self.claim_at(now, me);
+        }
         let allowed = level >= rate.tokens_scaled(cost);
         if !allowed {
             return Outcome::describe(rate, level, false, cost);
