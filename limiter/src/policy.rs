@@ -501,7 +501,7 @@ mod tests {
         for expected in [
             "extra: unknown field",
             "policies.search.capacity: must be a whole number from 1 to 1000000000, got 0",
-            "policies.search.refill_interval_ms: must be a whole number from 1 to 3600000, got 1.5",
+            "policies.search.refill_interval_ms: must be a whole number from 1 to 31622400000, got 1.5",
             "policies.search.mode: expected `shared` or `strict`, got `eventual`",
             "policies.bad name!: invalid name",
             "policies.bad name!.burst: unknown field",
@@ -526,6 +526,32 @@ mod tests {
         ] {
             assert!(load(text).is_err(), "{text:?} should be rejected");
         }
+    }
+
+    #[test]
+    fn a_policy_may_refill_over_a_day_a_year_or_the_longest_interval() {
+        let set = load(&format!(
+            "policies:\n  daily: {{capacity: 1000, refill_interval_ms: 86400000}}\n  yearly: {{capacity: 1000000000, refill_interval_ms: 31536000000}}\n  longest: {{capacity: 1000000000, refill_interval_ms: {MAX_INTERVAL_MS}}}\n"
+        ))
+        .unwrap();
+        assert_eq!(set.get("daily").unwrap().rate.interval_ms(), 86_400_000);
+        assert_eq!(
+            set.get("yearly").unwrap().rate,
+            Rate::try_new(MAX_CAPACITY, 365 * 86_400_000).unwrap()
+        );
+        assert_eq!(
+            set.get("longest").unwrap().rate.interval_ms(),
+            MAX_INTERVAL_MS
+        );
+        let errors = load(&format!(
+            "policies:\n  x: {{capacity: 1, refill_interval_ms: {}}}\n",
+            MAX_INTERVAL_MS + 1
+        ))
+        .unwrap_err();
+        assert!(
+            errors.0[0].contains("must be a whole number from 1 to 31622400000"),
+            "{errors}"
+        );
     }
 
     #[test]
