@@ -94,13 +94,20 @@ impl Rate {
         if level_scaled <= 0 {
             return 0;
         }
-        // 0 < level <= capacity * interval_us, so the quotient is at most `capacity`. A level
-        // beyond 64 bits (large capacities over long intervals) takes the 128-bit division.
+        // 0 < level <= capacity * interval_us, so the quotient is at most `capacity`.
         let level = level_scaled.min(self.full_scaled()).unsigned_abs();
         match u64::try_from(level) {
             Ok(level) => level / self.interval_us,
-            Err(_) => (level / u128::from(self.interval_us)) as u64,
+            Err(_) => self.whole_tokens_wide(level),
         }
+    }
+
+    /// [`Rate::whole_tokens`] of a level beyond 64 bits (large capacities over long intervals):
+    /// out of line, so that every decision's inlined code keeps one 64-bit division.
+    #[cold]
+    #[inline(never)]
+    fn whole_tokens_wide(&self, level: u128) -> u64 {
+        (level / u128::from(self.interval_us)) as u64
     }
 
     /// Microseconds of refill needed to add `deficit_scaled`, rounded up.
