@@ -11,11 +11,20 @@ use std::fmt;
 /// they are wall-clock time, not a process-local monotonic clock.
 pub type Micros = u64;
 
-/// Largest capacity a policy may have. With the interval bound below, `capacity * interval_us`
-/// fits comfortably in 64 bits, which keeps the hot path's divisions 64-bit.
+/// Largest capacity a policy may have.
 pub const MAX_CAPACITY: u64 = 1_000_000_000;
-/// Longest refill interval a policy may have: one hour.
-pub const MAX_INTERVAL_MS: u64 = 3_600_000;
+/// Longest refill interval a policy may have: 366 days, so that a quota per day, week, month
+/// (30 days) or year (365 days, as envoyproxy/ratelimit counts them) fits, with a day to spare.
+///
+/// What the bounds mean for the arithmetic: a full bucket is `capacity * interval_us` scaled
+/// units, at most 10^9 x 3.16 x 10^13 ≈ 3.2 x 10^22 (< 2^75), so scaled levels live in `i128`,
+/// with room to spare: a refill over any `u64` span of microseconds, or `u64::MAX` tokens, is
+/// below 2^110. A full bucket fits 64 bits only while `capacity * interval_us < 2^64`
+/// (e.g. 1000 tokens per year, or 10^9 tokens per 5 hours): [`Rate::whole_tokens`] divides in
+/// 64 bits when the level fits and in 128 bits otherwise, [`Rate::time_to_refill_us`] in 128
+/// bits, exact either way; [`depleted_ppm`] converts to `f64` from 64 bits when it can. Results
+/// fit 64 bits: whole tokens are at most `capacity`, times of refill saturate at `u64::MAX` µs.
+pub const MAX_INTERVAL_MS: u64 = 366 * 24 * 3_600_000;
 
 /// How fast a bucket refills and how much it holds.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -83,11 +92,22 @@ impl Rate {
     #[inline]
     pub fn whole_tokens(&self, level_scaled: i128) -> u64 {
         if level_scaled <= 0 {
-            0
-        } else {
-            // level <= capacity * interval_us <= MAX_CAPACITY * MAX_INTERVAL_US < 2^63.
-            (level_scaled.min(self.full_scaled()) as u64) / self.interval_us
+            return 0;
         }
+        // 0 < level <= capacity * interval_us, so the quotient is at most `capacity`.
+        let level = level_scaled.min(self.full_scaled()).unsigned_abs();
+        match u64::try_from(level) {
+            Ok(level) => level / self.interval_us,
+            Err(_) => self.whole_tokens_wide(level),
+        }
+    }
+
+    /// [`Rate::whole_tokens`] of a level beyond 64 bits (large capacities over long intervals):
+    /// out of line, so that every decision's inlined code keeps one 64-bit division.
+    #[cold]
+    #[inline(never)]
+    fn whole_tokens_wide(&self, level: u128) -> u64 {
+        (level / u128::from(self.interval_us)) as u64
     }
 
     /// Microseconds of refill needed to add `deficit_scaled`, rounded up.
@@ -137,9 +157,10 @@ pub fn depleted_ppm(before: i128, full: i128) -> u32 {
     if missing == 0 {
         return 0;
     }
-    // A bucket's scaled units fit an i64 (MAX_CAPACITY x MAX_INTERVAL_MS in µs < 2^63), whose
-    // conversion to f64 is one instruction; an i128's is a library call. Escrow sub-buckets
-    // count in finer units and may take the slow path.
+    // Most buckets' scaled units fit an i64, whose conversion to f64 is one instruction; an
+    // i128's is a library call. Large capacities over long intervals (a full bucket above 2^63,
+    // see MAX_INTERVAL_MS) and escrow sub-buckets, which count in finer units, may take it.
+    // Either way the ratio is within 2^-52 of exact, far below one millionth.
     let empty = match (i64::try_from(missing), i64::try_from(full)) {
         (Ok(missing), Ok(full)) => missing as f64 / full as f64,
         _ => missing as f64 / full as f64,
@@ -201,6 +222,12 @@ impl ReferenceBucket {
         }
     }
 
+    /// The level in scaled units as of the last request: what outcomes round to whole tokens
+    /// and microseconds, for tests that compare to the unit.
+    pub fn level_scaled(&self) -> i128 {
+        self.level_scaled
+    }
+
     /// Spend `cost` tokens at `now` if the bucket holds them.
     pub fn try_consume_at(&mut self, cost: u64, now: Micros) -> Outcome {
         self.refill_to(now);
@@ -224,7 +251,123 @@ mod tests {
             Err(RateError::Capacity(MAX_CAPACITY + 1))
         );
         assert_eq!(Rate::try_new(10, 0), Err(RateError::Interval(0)));
+        assert_eq!(
+            Rate::try_new(10, MAX_INTERVAL_MS + 1),
+            Err(RateError::Interval(MAX_INTERVAL_MS + 1))
+        );
         assert!(Rate::try_new(MAX_CAPACITY, MAX_INTERVAL_MS).is_ok());
+    }
+
+    const HOUR_US: Micros = 3_600_000_000;
+    const DAY_US: Micros = 24 * HOUR_US;
+    const YEAR_MS: u64 = 365 * 86_400_000;
+
+    #[test]
+    fn the_interval_bound_holds_a_year_with_a_day_to_spare() {
+        assert_eq!(MAX_INTERVAL_MS, 366 * 86_400_000);
+        assert!(Rate::try_new(1000, 86_400_000).is_ok());
+        assert!(Rate::try_new(MAX_CAPACITY, YEAR_MS).is_ok());
+    }
+
+    #[test]
+    fn a_per_day_bucket_drained_at_noon_holds_exactly_a_quarter_six_hours_later() {
+        let rate = Rate::try_new(1000, 86_400_000).unwrap();
+        let noon = 12 * HOUR_US;
+        let mut bucket = ReferenceBucket::new_at(rate, 0);
+        let drained = bucket.try_consume_at(1000, noon);
+        assert!(drained.allowed);
+        assert_eq!((drained.remaining, drained.reset_after_us), (0, DAY_US));
+        // One token every 86.4 s: 249 and a bit just before 18:00, exactly 250 at 18:00.
+        let before = bucket.try_consume_at(250, noon + 6 * HOUR_US - 1);
+        assert!(!before.allowed);
+        assert_eq!((before.remaining, before.retry_after_us), (249, 1));
+        let at_six = bucket.try_consume_at(251, noon + 6 * HOUR_US);
+        assert!(!at_six.allowed);
+        assert_eq!(at_six.remaining, 250);
+        assert_eq!(at_six.retry_after_us, 86_400_000);
+        assert_eq!(at_six.reset_after_us, 18 * HOUR_US);
+        let spent = bucket.try_consume_at(250, noon + 6 * HOUR_US);
+        assert!(spent.allowed);
+        assert_eq!((spent.remaining, spent.reset_after_us), (0, DAY_US));
+    }
+
+    #[test]
+    fn a_per_year_bucket_reports_remaining_reset_and_retry_after_exactly() {
+        // 1000 per 365 days: one token every 31 536 s.
+        let rate = Rate::try_new(1000, YEAR_MS).unwrap();
+        let year_us = YEAR_MS * 1000;
+        let mut bucket = ReferenceBucket::new_at(rate, 0);
+        let drained = bucket.try_consume_at(1000, 0);
+        assert_eq!((drained.remaining, drained.reset_after_us), (0, year_us));
+        let refused = bucket.try_consume_at(1, 0);
+        assert!(!refused.allowed);
+        assert_eq!(refused.retry_after_us, 31_536_000_000);
+        // 30 days later: 82.19 tokens; 100 need 36.5 days of refill, 6.5 more.
+        let later = bucket.try_consume_at(100, 30 * DAY_US);
+        assert!(!later.allowed);
+        assert_eq!(later.remaining, 82);
+        assert_eq!(later.reset_after_us, 335 * DAY_US);
+        assert_eq!(later.retry_after_us, 6 * DAY_US + 12 * HOUR_US);
+
+        // 10^9 per 365 days, a full bucket far above 64 bits: after one day, 2 739 726.03.
+        let rate = Rate::try_new(MAX_CAPACITY, YEAR_MS).unwrap();
+        let mut bucket = ReferenceBucket::new_at(rate, 0);
+        assert!(bucket.try_consume_at(MAX_CAPACITY, 0).allowed);
+        let refused = bucket.try_consume_at(2_739_727, DAY_US);
+        assert!(!refused.allowed);
+        assert_eq!(refused.remaining, 2_739_726);
+        assert_eq!(refused.reset_after_us, 364 * DAY_US);
+        // The missing 0.97 token refills in 30 672 µs, rounded up.
+        assert_eq!(refused.retry_after_us, 30_672);
+        assert!(bucket.try_consume_at(2_739_726, DAY_US).allowed);
+    }
+
+    #[test]
+    fn max_capacity_over_366_days_does_not_overflow() {
+        let rate = Rate::try_new(MAX_CAPACITY, MAX_INTERVAL_MS).unwrap();
+        let interval_us = MAX_INTERVAL_MS * 1000;
+        let full = rate.full_scaled();
+        assert_eq!(full, 31_622_400_000_000_000_000_000);
+        assert!(
+            full > i128::from(u64::MAX),
+            "the 128-bit paths are the ones tested"
+        );
+        // Level: a textbook bucket drained, half refilled, then full again.
+        let mut bucket = ReferenceBucket::new_at(rate, 0);
+        let drained = bucket.try_consume_at(MAX_CAPACITY, 0);
+        assert_eq!(
+            (drained.remaining, drained.reset_after_us),
+            (0, interval_us)
+        );
+        assert_eq!(drained.depleted_ppm, 0);
+        let half = bucket.try_consume_at(1, 183 * DAY_US);
+        assert_eq!(half.remaining, MAX_CAPACITY / 2 - 1);
+        // The token just spent refills in 31 622.4 µs, rounded up.
+        assert_eq!(half.reset_after_us, 183 * DAY_US + 31_623);
+        assert_eq!(half.depleted_ppm, 500_000);
+        let full_again = bucket.try_consume_at(MAX_CAPACITY, 549 * DAY_US);
+        assert!(full_again.allowed);
+        // whole_tokens: at most the capacity, exact at the edges, 0 for debt.
+        assert_eq!(rate.whole_tokens(full), MAX_CAPACITY);
+        assert_eq!(rate.whole_tokens(full - 1), MAX_CAPACITY - 1);
+        assert_eq!(rate.whole_tokens(full * 1000), MAX_CAPACITY);
+        assert_eq!(rate.whole_tokens(rate.tokens_scaled(5) - 1), 4);
+        assert_eq!(rate.whole_tokens(-full), 0);
+        // time_to_refill_us: a whole interval, one microsecond, and a saturated absurd cost.
+        assert_eq!(rate.time_to_refill_us(full), interval_us);
+        assert_eq!(rate.time_to_refill_us(1), 1);
+        assert_eq!(rate.time_to_refill_us(full + 1), interval_us + 1);
+        assert_eq!(
+            rate.time_to_refill_us(rate.tokens_scaled(u64::MAX)),
+            u64::MAX
+        );
+        // depleted_ppm: from a full bucket's 3.2e22 units down to one token in 10^9.
+        assert_eq!(depleted_ppm(full, full), 0);
+        assert_eq!(depleted_ppm(0, full), 1_000_000);
+        assert_eq!(depleted_ppm(-full, full), 1_000_000);
+        assert_eq!(depleted_ppm(rate.tokens_scaled(250_000_000), full), 750_000);
+        assert_eq!(depleted_ppm(full - rate.tokens_scaled(1_000), full), 1);
+        assert_eq!(depleted_ppm(full - rate.tokens_scaled(1), full), 0);
     }
 
     #[test]

@@ -368,7 +368,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::bucket::ReferenceBucket;
+    use crate::bucket::{MAX_CAPACITY, MAX_INTERVAL_MS, ReferenceBucket};
 
     const A: ReplicaId = ReplicaId(1);
     const B: ReplicaId = ReplicaId(2);
@@ -581,6 +581,85 @@ mod tests {
         proptest::collection::vec(op(), 0..40).prop_map(|ops| replay(&ops))
     }
 
+    const DAY_MS: u64 = 86_400_000;
+    const YEAR_MS: u64 = 365 * DAY_MS;
+
+    /// A rate and requests (cost, then µs since the previous one) to replay on it: half the
+    /// cases small buckets refilled within 2 s, as the service mostly sees; the rest long
+    /// intervals (an hour to the longest) and capacities up to the largest, where a full bucket
+    /// no longer fits 64 bits, with costs up to the capacity and gaps from microseconds to more
+    /// than an interval.
+    fn rate_and_requests() -> impl Strategy<Value = (u64, u64, Vec<(u64, u64)>)> {
+        let small = (1..=50u64, 1..=2_000u64).prop_flat_map(|(capacity, interval_ms)| {
+            let requests = proptest::collection::vec((0..=60u64, 0..3_000_000u64), 1..200)
+                .prop_map(move |requests| {
+                    requests
+                        .into_iter()
+                        .map(|(cost, advance)| (cost.clamp(1, capacity), advance))
+                        .collect()
+                });
+            (Just(capacity), Just(interval_ms), requests)
+        });
+        let long = prop_oneof![
+            Just((1_000, DAY_MS)),
+            Just((MAX_CAPACITY, YEAR_MS)),
+            Just((MAX_CAPACITY, MAX_INTERVAL_MS)),
+            (1..=MAX_CAPACITY, 3_600_000..=MAX_INTERVAL_MS),
+        ]
+        .prop_flat_map(|(capacity, interval_ms)| {
+            let interval_us = interval_ms * 1000;
+            let cost = prop_oneof![1..=capacity.min(60), 1..=capacity];
+            let advance = prop_oneof![0..3_000_000u64, 0..=interval_us + interval_us / 2];
+            (
+                Just(capacity),
+                Just(interval_ms),
+                proptest::collection::vec((cost, advance), 1..200),
+            )
+        });
+        prop_oneof![small, long]
+    }
+
+    #[test]
+    fn one_replica_and_the_textbook_bucket_agree_at_1000_per_day_and_a_billion_per_year() {
+        const HOUR_US: u64 = 3_600_000_000;
+        for (capacity, interval_ms) in [
+            (1_000, DAY_MS),
+            (MAX_CAPACITY, YEAR_MS),
+            (MAX_CAPACITY, MAX_INTERVAL_MS),
+        ] {
+            let rate = Rate::try_new(capacity, interval_ms).unwrap();
+            let mut state = BucketState::full_at(0);
+            let mut reference = ReferenceBucket::new_at(rate, 0);
+            let mut incarnation = 0;
+            // Drained at noon, then a quarter, a tenth and a little at a time over the next days.
+            let mut now = 12 * HOUR_US;
+            let mut steps = vec![(capacity, 0)];
+            for _ in 0..3 {
+                steps.extend([
+                    (capacity / 4, 6 * HOUR_US),
+                    (capacity / 10 + 1, 1),
+                    (1, 1_000_000),
+                    (capacity / 3, 2 * 24 * HOUR_US + 7),
+                    (capacity, 400 * 24 * HOUR_US),
+                    (capacity, 0),
+                ]);
+            }
+            for (cost, advance_us) in steps {
+                now += advance_us;
+                let cost = cost.max(1);
+                let ours = state.try_consume_at(rate, A, &mut incarnation, cost, now);
+                let theirs = reference.try_consume_at(cost, now);
+                assert_eq!(ours, theirs, "{rate:?} at {now} us, cost {cost}");
+                // To the scaled unit: outcomes round a level to whole tokens and microseconds.
+                assert_eq!(
+                    state.level_scaled_at(rate, now),
+                    reference.level_scaled(),
+                    "{rate:?} at {now} us"
+                );
+            }
+        }
+    }
+
     fn joined(a: &BucketState, b: &BucketState) -> BucketState {
         let mut out = a.clone();
         out.join(b);
@@ -613,9 +692,7 @@ mod tests {
 
         #[test]
         fn one_replica_is_exactly_the_textbook_bucket(
-            capacity in 1..=50u64,
-            interval_ms in 1..=2_000u64,
-            requests in proptest::collection::vec((0..=60u64, 0..3_000_000u64), 1..200),
+            (capacity, interval_ms, requests) in rate_and_requests(),
         ) {
             let rate = Rate::try_new(capacity, interval_ms).unwrap();
             let mut state = BucketState::full_at(0);
@@ -624,10 +701,10 @@ mod tests {
             let mut incarnation = 0;
             for (cost, advance_us) in requests {
                 now += advance_us;
-                let cost = cost.clamp(1, capacity);
                 let ours = state.try_consume_at(rate, A, &mut incarnation, cost, now);
                 let theirs = reference.try_consume_at(cost, now);
                 prop_assert_eq!(ours, theirs, "at {} us, cost {}", now, cost);
+                prop_assert_eq!(state.level_scaled_at(rate, now), reference.level_scaled());
             }
         }
     }

@@ -16,6 +16,9 @@
 //!     mode: strict                # shared (default) | strict
 //!     overrides:
 //!       partner-42: { capacity: 500, refill_interval_ms: 1000 }
+//!   api-daily:
+//!     capacity: 1000
+//!     unit: day                   # instead of refill_interval_ms: second .. year (UNITS)
 //! ```
 
 use std::collections::HashMap;
@@ -34,6 +37,19 @@ pub const DEFAULT_POLICY: &str = "default";
 pub const MAX_POLICY_NAME_BYTES: usize = 63;
 /// At most this many policies: every policy adds labelled series to `/metrics`.
 pub const MAX_POLICIES: usize = 256;
+/// The names a policy's `unit` may take instead of `refill_interval_ms`, and their length in
+/// milliseconds: envoyproxy/ratelimit's units and lengths (`UnitToDivider`: a month is 30 days, a
+/// year 365), so its configs carry over. The bucket refills continuously over that length; it is
+/// not a calendar window.
+pub const UNITS: [(&str, u64); 7] = [
+    ("second", 1_000),
+    ("minute", 60_000),
+    ("hour", 3_600_000),
+    ("day", 86_400_000),
+    ("week", 7 * 86_400_000),
+    ("month", 30 * 86_400_000),
+    ("year", 365 * 86_400_000),
+];
 
 /// How replicas share a policy's limit. On one replica both are the textbook token bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -304,10 +320,10 @@ fn parse_policy(name: &Value, spec: &Value, errors: &mut Vec<String>) -> Option<
     for (field, _) in fields {
         if !matches!(
             field.as_str(),
-            Some("capacity" | "refill_interval_ms" | "mode" | "overrides")
+            Some("capacity" | "refill_interval_ms" | "unit" | "mode" | "overrides")
         ) {
             errors.push(format!(
-                "{at}.{}: unknown field (expected capacity, refill_interval_ms, mode, overrides)",
+                "{at}.{}: unknown field (expected capacity, refill_interval_ms or unit, mode, overrides)",
                 path_part(field)
             ));
         }
@@ -349,9 +365,12 @@ fn parse_policy(name: &Value, spec: &Value, errors: &mut Vec<String>) -> Option<
                 match value {
                     Value::Mapping(fields) => {
                         for (field, _) in fields {
-                            if !matches!(field.as_str(), Some("capacity" | "refill_interval_ms")) {
+                            if !matches!(
+                                field.as_str(),
+                                Some("capacity" | "refill_interval_ms" | "unit")
+                            ) {
                                 errors.push(format!(
-                                    "{key_at}.{}: unknown field (expected capacity, refill_interval_ms)",
+                                    "{key_at}.{}: unknown field (expected capacity, refill_interval_ms or unit)",
                                     path_part(field)
                                 ));
                             }
@@ -387,15 +406,49 @@ fn parse_rate(at: &str, spec: &Value, errors: &mut Vec<String>) -> Option<Rate> 
         MAX_CAPACITY,
         errors,
     );
-    let interval = whole_number(
-        at,
-        "refill_interval_ms",
-        spec.get("refill_interval_ms"),
-        1,
-        MAX_INTERVAL_MS,
-        errors,
-    );
+    let interval = match (spec.get("refill_interval_ms"), spec.get("unit")) {
+        (Some(_), Some(_)) => {
+            errors.push(format!(
+                "{at}: refill_interval_ms and unit both set (give one)"
+            ));
+            None
+        }
+        (None, Some(unit)) => {
+            let ms = unit
+                .as_str()
+                .and_then(|name| UNITS.iter().find(|(n, _)| *n == name))
+                .map(|&(_, ms)| ms);
+            if ms.is_none() {
+                errors.push(format!(
+                    "{at}.unit: expected one of {}, got {}",
+                    unit_names(),
+                    show(unit)
+                ));
+            }
+            ms
+        }
+        (Some(interval), None) => whole_number(
+            at,
+            "refill_interval_ms",
+            Some(interval),
+            1,
+            MAX_INTERVAL_MS,
+            errors,
+        ),
+        (None, None) => {
+            errors.push(format!(
+                "{at}.refill_interval_ms: missing (a whole number from 1 to {MAX_INTERVAL_MS}, or a `unit`: {})",
+                unit_names()
+            ));
+            None
+        }
+    };
     Rate::try_new(capacity?, interval?).ok()
+}
+
+fn unit_names() -> String {
+    let names: Vec<&str> = UNITS.iter().map(|&(name, _)| name).collect();
+    names.join(", ")
 }
 
 fn whole_number(
@@ -501,7 +554,7 @@ mod tests {
         for expected in [
             "extra: unknown field",
             "policies.search.capacity: must be a whole number from 1 to 1000000000, got 0",
-            "policies.search.refill_interval_ms: must be a whole number from 1 to 3600000, got 1.5",
+            "policies.search.refill_interval_ms: must be a whole number from 1 to 31622400000, got 1.5",
             "policies.search.mode: expected `shared` or `strict`, got `eventual`",
             "policies.bad name!: invalid name",
             "policies.bad name!.burst: unknown field",
@@ -526,6 +579,76 @@ mod tests {
         ] {
             assert!(load(text).is_err(), "{text:?} should be rejected");
         }
+    }
+
+    #[test]
+    fn a_policy_may_refill_over_a_day_a_year_or_the_longest_interval() {
+        let set = load(&format!(
+            "policies:\n  daily: {{capacity: 1000, refill_interval_ms: 86400000}}\n  yearly: {{capacity: 1000000000, refill_interval_ms: 31536000000}}\n  longest: {{capacity: 1000000000, refill_interval_ms: {MAX_INTERVAL_MS}}}\n"
+        ))
+        .unwrap();
+        assert_eq!(set.get("daily").unwrap().rate.interval_ms(), 86_400_000);
+        assert_eq!(
+            set.get("yearly").unwrap().rate,
+            Rate::try_new(MAX_CAPACITY, 365 * 86_400_000).unwrap()
+        );
+        assert_eq!(
+            set.get("longest").unwrap().rate.interval_ms(),
+            MAX_INTERVAL_MS
+        );
+        let errors = load(&format!(
+            "policies:\n  x: {{capacity: 1, refill_interval_ms: {}}}\n",
+            MAX_INTERVAL_MS + 1
+        ))
+        .unwrap_err();
+        assert!(
+            errors.0[0].contains("must be a whole number from 1 to 31622400000"),
+            "{errors}"
+        );
+    }
+
+    #[test]
+    fn a_unit_names_envoy_ratelimits_lengths_instead_of_milliseconds() {
+        let set = load(
+            "policies:\n  api:\n    capacity: 1000\n    unit: day\n    overrides:\n      partner: {capacity: 5, unit: year}\n",
+        )
+        .unwrap();
+        let api = set.get("api").unwrap();
+        assert_eq!(api.rate, Rate::try_new(1000, 86_400_000).unwrap());
+        assert_eq!(
+            api.rate_for("partner"),
+            Rate::try_new(5, 365 * 86_400_000).unwrap()
+        );
+        for (unit, seconds) in [
+            ("second", 1),
+            ("minute", 60),
+            ("hour", 3_600),
+            ("day", 86_400),
+            ("week", 604_800),
+            ("month", 2_592_000),
+            ("year", 31_536_000),
+        ] {
+            let set = load(&format!("policies:\n  p: {{capacity: 1, unit: {unit}}}\n")).unwrap();
+            assert_eq!(set.get("p").unwrap().rate.interval_ms(), seconds * 1000);
+        }
+    }
+
+    #[test]
+    fn an_unknown_or_doubled_unit_is_an_error_with_its_place() {
+        let errors = load(
+            "policies:\n  a: {capacity: 1, unit: fortnight}\n  b: {capacity: 1, unit: day, refill_interval_ms: 1000}\n  c: {capacity: 1, unit: 7}\n  d: {capacity: 1}\n",
+        )
+        .unwrap_err();
+        let text = errors.to_string();
+        for expected in [
+            "policies.a.unit: expected one of second, minute, hour, day, week, month, year, got `fortnight`",
+            "policies.b: refill_interval_ms and unit both set",
+            "policies.c.unit: expected one of",
+            "policies.d.refill_interval_ms: missing (a whole number from 1 to 31622400000, or a `unit`",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+        }
+        assert_eq!(errors.0.len(), 4, "{text}");
     }
 
     #[test]

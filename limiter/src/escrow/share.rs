@@ -176,7 +176,7 @@ impl SubBucket {
                 // No share now: nothing refills until an allocation gives this replica one.
                 interval_us(rate)
             } else {
-                u64::try_from((deficit + per_us - 1) / per_us).unwrap_or(u64::MAX)
+                u64::try_from(deficit.saturating_add(per_us - 1) / per_us).unwrap_or(u64::MAX)
             }
         };
         let depleted_ppm = if allowed {
@@ -230,9 +230,11 @@ pub fn capacity(rate: Rate, share: Ppm) -> i128 {
     i128::from(share) * i128::from(rate.capacity()) * i128::from(interval_us(rate))
 }
 
-/// `cost` tokens in sub-bucket units.
+/// `cost` tokens in sub-bucket units. Any cost up to a policy's capacity fits (10^9 tokens over
+/// 366 days: 3.2 x 10^28 units); one beyond about 5 x 10^18 tokens at the longest interval does
+/// not fit an `i128` and saturates, which no level reaches, so it is refused.
 pub fn cost_units(rate: Rate, cost: u64) -> i128 {
-    i128::from(cost) * i128::from(interval_us(rate)) * i128::from(WHOLE)
+    (i128::from(cost) * i128::from(interval_us(rate))).saturating_mul(i128::from(WHOLE))
 }
 
 fn refill(rate: Rate, share: Ppm, level: i128, dt_us: Micros) -> i128 {
@@ -353,6 +355,30 @@ mod tests {
         history.settle(&mut bucket, rate(), 200 * S);
         // Refilled since the history start only, at the last share: full at 100 % by now.
         assert_eq!(tokens(bucket.level), 100.0);
+    }
+
+    #[test]
+    fn a_whole_share_of_a_billion_over_366_days_spends_and_refuses_without_overflow() {
+        use crate::bucket::{MAX_CAPACITY, MAX_INTERVAL_MS};
+        let rate = Rate::try_new(MAX_CAPACITY, MAX_INTERVAL_MS).unwrap();
+        let interval_us = MAX_INTERVAL_MS * 1000;
+        let mut history = ShareHistory::new(0, interval_us);
+        history.set(0, WHOLE); // in force from 1 µs
+        let mut bucket = SubBucket {
+            level: capacity(rate, WHOLE),
+            at: 1,
+        };
+        let spent = bucket.try_spend(&history, rate, MAX_CAPACITY / 2, 1);
+        assert_eq!((spent.allowed, spent.remaining), (true, MAX_CAPACITY / 2));
+        assert_eq!(spent.depleted_ppm, 0);
+        assert_eq!(spent.reset_after_us, interval_us / 2);
+        let refused = bucket.try_spend(&history, rate, MAX_CAPACITY, 1);
+        assert!(!refused.allowed);
+        assert_eq!(refused.retry_after_us, interval_us / 2);
+        // A cost no policy allows (the service refuses any above the capacity) saturates.
+        let absurd = bucket.try_spend(&history, rate, u64::MAX, 1);
+        assert!(!absurd.allowed);
+        assert_eq!(absurd.retry_after_us, u64::MAX);
     }
 
     #[test]
