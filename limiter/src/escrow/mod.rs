@@ -227,16 +227,25 @@ impl Escrow {
         let mut shares = self.shares.write().unwrap_or_else(|p| p.into_inner());
         // Stamped after every decision that has already read the clock (see `ShareHistory::set`).
         let at = self.clock.steady_now() + 1;
-        let longest_us = MAX_INTERVAL_MS * 1000;
+        // History is kept for the policy's own interval, not the longest one allowed (366
+        // days): a policy reloaded to a longer interval finds a shorter history, which counts
+        // older sub-buckets as empty (`ShareHistory`), the safe side.
+        let keep_us = |policy: &str| {
+            strict
+                .iter()
+                .find(|(name, _)| name == policy)
+                .map_or(MAX_INTERVAL_MS, |(_, rate)| rate.interval_ms())
+                .saturating_mul(1000)
+        };
         for (name, _) in strict {
             shares
                 .entry(name.clone())
-                .or_insert_with(|| ShareHistory::new(at, longest_us));
+                .or_insert_with(|| ShareHistory::new(at, keep_us(name)));
         }
         for (policy, share) in changes {
             shares
                 .entry(policy.clone())
-                .or_insert_with(|| ShareHistory::new(at, longest_us))
+                .or_insert_with(|| ShareHistory::new(at, keep_us(policy)))
                 .set(at, *share);
         }
     }
