@@ -472,6 +472,13 @@ impl<'a> Sim<'a> {
         );
     }
 
+    /// Whether an event scheduled for `replica` in its life `generation` still applies (it is
+    /// up and has not restarted since).
+    fn is_current(&self, replica: usize, generation: u64) -> bool {
+        let r = &self.replicas[replica];
+        r.up && r.generation == generation
+    }
+
     fn rate_of(&self, key: usize) -> Rate {
         self.scenario.keys[key].rate()
     }
@@ -702,10 +709,10 @@ impl<'a> Sim<'a> {
                     replica,
                     generation,
                 } => {
-                    let r = &self.replicas[replica];
-                    if !r.up || r.generation != generation {
+                    if !self.is_current(replica, generation) {
                         continue;
                     }
+                    let r = &self.replicas[replica];
                     let mut changed = Vec::new();
                     r.store.drain_changes(|_, key, state| {
                         changed.push((key.to_owned(), state.clone()))
@@ -727,8 +734,7 @@ impl<'a> Sim<'a> {
                     replica,
                     generation,
                 } => {
-                    let r = &self.replicas[replica];
-                    if !r.up || r.generation != generation {
+                    if !self.is_current(replica, generation) {
                         continue;
                     }
                     let states = self.everything(replica);
@@ -746,10 +752,10 @@ impl<'a> Sim<'a> {
                     replica,
                     generation,
                 } => {
-                    let r = &self.replicas[replica];
-                    if !r.up || r.generation != generation {
+                    if !self.is_current(replica, generation) {
                         continue;
                     }
+                    let r = &self.replicas[replica];
                     let local = r.local(now);
                     let rates: Vec<Rate> = (0..self.keys.len()).map(|k| self.rate_of(k)).collect();
                     let keys = self.keys.clone();
@@ -770,10 +776,10 @@ impl<'a> Sim<'a> {
                     sent_at,
                     states,
                 } => {
-                    let r = &self.replicas[to];
-                    if !r.up || r.generation != generation {
+                    if !self.is_current(to, generation) {
                         continue;
                     }
+                    let r = &self.replicas[to];
                     r.local(now);
                     if follow_peer(&r.clock, sent_at, CLOCK_GUARD).is_err() {
                         continue;
