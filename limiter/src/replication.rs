@@ -122,6 +122,8 @@ pub struct PeerStatus {
     /// The peer's clock minus this replica's system clock, from its last message (µs; reads low
     /// by the network delay).
     pub clock_offset_us: Option<i64>,
+    /// Its last message, or some of its entries, were refused by the clock guard.
+    pub clock_refused: bool,
     pub messages_sent: u64,
     pub messages_received: u64,
 }
@@ -376,29 +378,7 @@ impl Replicator {
             ));
         }
         let metrics = self.limiter.metrics();
-        let guard_us = self.options.clock_guard.as_micros() as Micros;
-        // The offset shown is against this replica's system clock (before the lead it took from
-        // faster peers): followed or not, it says how far apart the clocks are.
-        let lead = self.limiter.clock().lead_us() as i64;
-        let clock_offset = match follow_peer(&*self.limiter.clock(), message.sent_at, guard_us) {
-            Ok(offset) => offset.saturating_add(lead),
-            Err(ahead) => {
-                metrics
-                    .peer_clock_refused
-                    .get_or_create(&ReasonLabels {
-                        reason: "message_ahead",
-                    })
-                    .inc();
-                self.with_peer(&format!("node:{}", message.node), |peer| {
-                    peer.node = Some(message.node.clone());
-                    peer.clock_offset_us = Some((ahead.ahead_us as i64).saturating_add(lead));
-                });
-                return Err(Rejection::ClockAhead(ahead));
-            }
-        };
         let policies = self.limiter.policies();
-        let now = self.limiter.now();
-        let latest = now.saturating_add(guard_us);
         let upgrade = message.v == PROTOCOL_VERSION_1;
         // Validate everything before merging anything: a malformed message changes nothing.
         if let Some(control) = &message.escrow {
@@ -416,6 +396,35 @@ impl Replicator {
                 return Err(Rejection::Malformed("key length out of range".into()));
             }
         }
+        // The clock, once the message is known to be well formed: a peer ahead within the guard
+        // pulls this replica's clock forward; one further ahead is refused whole. The offset
+        // shown is against this replica's system clock (before the lead it took from faster
+        // peers): followed or not, it says how far apart the clocks are.
+        let guard_us = self.options.clock_guard.as_micros() as Micros;
+        let lead = self.limiter.clock().lead_us() as i64;
+        let peer_key = format!("node:{}", message.node);
+        let clock_offset = match follow_peer(&*self.limiter.clock(), message.sent_at, guard_us) {
+            Ok(offset) => offset.saturating_add(lead),
+            Err(ahead) => {
+                metrics
+                    .peer_clock_refused
+                    .get_or_create(&ReasonLabels {
+                        reason: "message_ahead",
+                    })
+                    .inc();
+                self.with_peer(&peer_key, |peer| {
+                    peer.node = Some(message.node.clone());
+                    peer.clock_offset_us = Some((ahead.ahead_us as i64).saturating_add(lead));
+                    if !peer.clock_refused {
+                        peer.clock_refused = true;
+                        tracing::warn!(node = %message.node, error = %ahead, "refusing a peer's messages: its clock is beyond the guard");
+                    }
+                });
+                return Err(Rejection::ClockAhead(ahead));
+            }
+        };
+        let now = self.limiter.now();
+        let latest = now.saturating_add(guard_us);
         let mut changed = 0;
         let received = message.entries.len() as u64;
         let mut refused: [(&'static str, u64); 2] = [("epoch_ahead", 0), ("incarnation_ahead", 0)];
@@ -471,14 +480,9 @@ impl Replicator {
                     .peer_clock_refused
                     .get_or_create(&ReasonLabels { reason })
                     .inc_by(count);
-                tracing::warn!(
-                    node = %message.node,
-                    reason,
-                    entries = count,
-                    "refused bucket entries stamped beyond the clock guard"
-                );
             }
         }
+        let any_refused = refused.iter().any(|&(_, count)| count > 0);
         metrics.merges.inc_by(changed as u64);
         metrics
             .replication_entries
@@ -493,6 +497,13 @@ impl Replicator {
             peer.last_merge_us = Some(now);
             peer.clock_offset_us = Some(clock_offset);
             peer.messages_received += 1;
+            // Logged once per peer when refusals start and when they stop, not per message.
+            if any_refused && !peer.clock_refused {
+                tracing::warn!(node = %message.node, ?refused, "refusing bucket entries a peer stamped beyond the clock guard");
+            } else if !any_refused && peer.clock_refused {
+                tracing::info!(node = %message.node, "a peer's stamps are within the clock guard again");
+            }
+            peer.clock_refused = any_refused;
         });
         Ok(changed as usize)
     }
@@ -769,7 +780,10 @@ fn refuse(replicator: &Replicator, rejection: Rejection) -> Response {
             reason: rejection.reason(),
         })
         .inc();
-    tracing::warn!(error = %rejection, "refused a peer message");
+    // Clock refusals are logged once per peer where they are decided (`Replicator::apply`).
+    if !matches!(rejection, Rejection::ClockAhead(_)) {
+        tracing::warn!(error = %rejection, "refused a peer message");
+    }
     (rejection.status(), rejection.to_string()).into_response()
 }
 
