@@ -712,15 +712,7 @@ impl<'a> Sim<'a> {
                     if !self.is_current(replica, generation) {
                         continue;
                     }
-                    let r = &self.replicas[replica];
-                    let mut changed = Vec::new();
-                    r.store.drain_changes(|_, key, state| {
-                        changed.push((key.to_owned(), state.clone()))
-                    });
-                    let states = changed
-                        .into_iter()
-                        .map(|(k, s)| (self.key_index(&k), s))
-                        .collect();
+                    let states = self.changes(replica);
                     self.send(replica, now, states);
                     self.schedule(
                         now + self.scenario.sync_ms * MS,
@@ -808,14 +800,7 @@ impl<'a> Sim<'a> {
                 Event::Depart { replica } => {
                     if self.replicas[replica].up && self.live().len() > 2 {
                         // A graceful leave: its last changes go out first.
-                        let mut changed = Vec::new();
-                        self.replicas[replica].store.drain_changes(|_, key, state| {
-                            changed.push((key.to_owned(), state.clone()))
-                        });
-                        let states = changed
-                            .into_iter()
-                            .map(|(k, s)| (self.key_index(&k), s))
-                            .collect();
+                        let states = self.changes(replica);
                         self.send(replica, now, states);
                         self.replicas[replica].up = false;
                     }
@@ -823,6 +808,18 @@ impl<'a> Sim<'a> {
             }
         }
         Ok(self.tally)
+    }
+
+    /// What the replica's decisions changed since its last round (a delta round's content).
+    fn changes(&self, replica: usize) -> Vec<(usize, BucketState)> {
+        let mut states = Vec::new();
+        self.replicas[replica]
+            .store
+            .drain_changes(|_, key, state| states.push((key.to_owned(), state.clone())));
+        states
+            .into_iter()
+            .map(|(k, s)| (self.key_index(&k), s))
+            .collect()
     }
 
     fn everything(&self, replica: usize) -> Vec<(usize, BucketState)> {
