@@ -126,8 +126,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
                         ..Params::default()
                     },
                     clock_guard: settings.clock_skew_guard,
+                    loan_timeout: settings.strict_loan_timeout,
                 },
             )?;
+            let replicator = Arc::new(replicator);
+            limiter.enable_loans(Arc::downgrade(&replicator));
             let membership = Membership::new(
                 settings.discovery.clone(),
                 SelfAddrs::new(peer_addr, settings.pod_ip),
@@ -136,7 +139,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             Some((
                 peer_addr,
                 Replication {
-                    replicator: Arc::new(replicator),
+                    replicator,
                     listener,
                     membership,
                     ready_max_wait: settings.ready_max_wait,

@@ -56,6 +56,12 @@ pub struct DirectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LoanLabels {
+    pub role: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
     pub version: &'static str,
 }
@@ -153,6 +159,7 @@ pub struct Metrics {
     /// Unlabelled, but a family so that it is exported only while a strict policy is in force:
     /// a 0 on a replica without one would read as a lapsed lease.
     pub strict_lease_remaining: Family<NoLabels, FloatGauge>,
+    strict_loans: Family<LoanLabels, Counter>,
     /// Latency histogram handles per route, resolved once: a request must not hash label sets.
     route_latency: Vec<(&'static str, Histogram)>,
 }
@@ -210,6 +217,7 @@ impl Metrics {
             snapshots: Family::default(),
             strict_share: Family::default(),
             strict_lease_remaining: Family::default(),
+            strict_loans: Family::default(),
             route_latency: Vec::new(),
             registry: Registry::default(),
         };
@@ -354,6 +362,11 @@ impl Metrics {
              (0: lapsed, strict policies refuse everything here)",
             metrics.strict_lease_remaining.clone(),
         );
+        registry.register(
+            counter_name(names::STRICT_LOANS_TOTAL),
+            "Strict-mode loans between replicas, by role (borrower, lender) and result",
+            metrics.strict_loans.clone(),
+        );
         for state in ["up", "down"] {
             metrics.peers.get_or_create(&StateLabels { state }).set(0);
         }
@@ -425,6 +438,13 @@ impl Metrics {
         &found
             .unwrap_or_else(|| self.route_latency.last().expect("ROUTES is not empty"))
             .1
+    }
+
+    /// One strict-mode loan request, as borrower or lender.
+    pub fn count_loan(&self, role: &'static str, result: &'static str) {
+        self.strict_loans
+            .get_or_create(&LoanLabels { role, result })
+            .inc();
     }
 
     pub fn policy_counters(&self, policy: &str) -> PolicyCounters {

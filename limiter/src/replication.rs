@@ -31,12 +31,14 @@ use ring::hmac;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::bucket::Micros;
+use crate::bucket::{Micros, Rate};
 use crate::clock::{ClockAhead, follow_peer};
 use crate::crdt::{BucketState, Component, ReplicaId, UNLISTED};
-use crate::escrow::Escrow;
 use crate::escrow::protocol::{Control, Params};
+use crate::escrow::share::{LoanAsk, capacity, cost_units, plan_pool};
+use crate::escrow::{Escrow, Shortfall};
 use crate::metrics::{DirectionLabels, PeerLabels, ReasonLabels, StateLabels};
+use crate::policy::{Mode, Policy};
 use crate::service::Limiter;
 use crate::store::PolicyId;
 
@@ -70,6 +72,8 @@ pub struct ReplicationOptions {
     /// Peers ahead of this replica's clock by up to this much pull it forward; further ahead,
     /// their timestamps are refused (`clock::follow_peer`).
     pub clock_guard: Duration,
+    /// Bound on one `strict` loan request: a request waits this long at most per peer asked.
+    pub loan_timeout: Duration,
 }
 
 /// One message between replicas: the changed buckets (or all of them).
@@ -107,12 +111,79 @@ struct SyncAnswer {
     escrow: Option<Control>,
 }
 
+/// `POST /v1/lend`: a replica short of tokens for one `strict` request asks a peer for some
+/// of its sub-bucket (docs/crdt.md, "strict mode", loans). Units are the sub-bucket's
+/// (`escrow::share::cost_units`), so both sides check they mean the same rate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LendRequest {
+    v: u32,
+    /// The borrower.
+    replica: u64,
+    /// Echoed in the signed answer: an answer is good for this request only.
+    nonce: u64,
+    policy: String,
+    key: String,
+    capacity: u64,
+    interval_ms: u64,
+    wanted: i128,
+    /// Lend the whole level when it is below `wanted` (the borrower pools several loans).
+    partial: bool,
+    /// The borrower's capacity: a lender that holds `wanted` lends as much more as leaves
+    /// both equally full (`SubBucket::lend`).
+    #[serde(default)]
+    room: i128,
+    /// What the borrower's sub-bucket keeps once its request is paid.
+    #[serde(default)]
+    kept: i128,
+    /// Not a loan: units the sender gives this replica's sub-bucket (its part of what the
+    /// sender was lent while evening out a group: `Replicator::even_out`).
+    #[serde(default)]
+    give: i128,
+}
+
+/// The lender's signed answer.
+#[derive(Debug, Serialize, Deserialize)]
+struct LendAnswer {
+    replica: u64,
+    nonce: u64,
+    lent: i128,
+    /// Its sub-bucket's level before lending.
+    level: i128,
+}
+
+/// Version of the loan messages.
+const LEND_VERSION: u32 = 1;
+
+/// What the peers lent for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loan {
+    pub lent: i128,
+    /// When every other member of the allocation answered: the most all of them held (their
+    /// levels before lending, what they lent included).
+    pub peers_held: Option<i128>,
+    /// Whom to even out with once the request is paid ([`Replicator::even_out`]).
+    pub even_out: Option<EvenOut>,
+}
+
+/// A peer: replica id and address.
+type Peer = (u64, String);
+
+/// After a loan one peer paid: that peer (with its capacity and what it kept), and the peers
+/// not asked (with their capacities).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvenOut {
+    lender: (Peer, i128, i128),
+    rest: Vec<(Peer, i128)>,
+}
+
 /// What this replica knows about one peer it sends to.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PeerStatus {
     pub address: String,
     /// The peer's node id, once it has answered.
     pub node: Option<String>,
+    /// Its replica id (the CRDT's and the escrow's), once it has answered.
+    pub replica: Option<u64>,
     pub up: bool,
     /// Wall-clock µs of the last successful exchange with it.
     pub last_contact_us: Option<Micros>,
@@ -138,6 +209,8 @@ pub struct Replicator {
     /// Peers by address (from discovery), plus nodes we only heard from (by `node:<id>`).
     peers: Mutex<BTreeMap<String, PeerStatus>>,
     escrow: Arc<Escrow>,
+    /// Background evenings out still running ([`Replicator::even_out`]).
+    evening_out: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +243,7 @@ impl Replicator {
             options,
             client,
             peers: Mutex::default(),
+            evening_out: Arc::default(),
         })
     }
 
@@ -236,6 +310,314 @@ impl Replicator {
                 ..PeerStatus::default()
             });
         }
+    }
+
+    /// The lender's side of `POST /v1/lend`.
+    fn lend_for(&self, request: &LendRequest) -> LendAnswer {
+        let me = self.limiter.store().replica().0;
+        let policies = self.limiter.policies();
+        let (lent, level) = match policies.get(&request.policy) {
+            Some(policy) if policy.mode == Mode::Strict => {
+                let rate = policy.rate_for(&request.key);
+                let whole = cost_units(rate, rate.capacity());
+                let same_rate = rate.capacity() == request.capacity
+                    && rate.interval_ms() == request.interval_ms;
+                if same_rate && request.give > 0 {
+                    self.escrow.take_balance(
+                        policy.id,
+                        &policy.name,
+                        &request.key,
+                        rate,
+                        request.give.min(whole),
+                    );
+                    (0, 0)
+                } else if same_rate && request.wanted <= whole {
+                    self.escrow.lend(
+                        policy.id,
+                        &policy.name,
+                        &request.key,
+                        rate,
+                        LoanAsk {
+                            wanted: request.wanted,
+                            partial: request.partial,
+                            room: request.room.clamp(0, whole),
+                            kept: request.kept.clamp(0, whole),
+                        },
+                    )
+                } else {
+                    (0, 0)
+                }
+            }
+            _ => (0, 0),
+        };
+        let result = if request.give > 0 {
+            "given"
+        } else if lent > 0 {
+            "lent"
+        } else {
+            "declined"
+        };
+        self.limiter.metrics().count_loan("lender", result);
+        LendAnswer {
+            replica: me,
+            nonce: request.nonce,
+            lent,
+            level,
+        }
+    }
+
+    /// Ask one peer for a loan. `None` when it did not answer well (unreachable, slow, or an
+    /// answer that is not signed, not for this request or not from the replica expected).
+    async fn ask_loan(
+        &self,
+        address: &str,
+        lender: u64,
+        request: &LendRequest,
+    ) -> Option<LendAnswer> {
+        let body = serde_json::to_vec(request).expect("serializing plain data cannot fail");
+        let timestamp = self.limiter.now();
+        let signature = self.sign(timestamp, &body);
+        let response = self
+            .client
+            .post(format!("http://{address}/v1/lend"))
+            .timeout(self.options.loan_timeout)
+            .header(TIMESTAMP_HEADER, timestamp.to_string())
+            .header(SIGNATURE_HEADER, signature)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        let headers = response.headers().clone();
+        let body = response.bytes().await.ok()?;
+        if body.len() > 4096 {
+            return None;
+        }
+        self.verify(&headers, &body).ok()?;
+        let answer: LendAnswer = serde_json::from_slice(&body).ok()?;
+        (answer.nonce == request.nonce
+            && answer.replica == lender
+            && (0..=answer.level.max(0)).contains(&answer.lent))
+        .then_some(answer)
+    }
+
+    /// Borrow `shortfall.units` of `key` for one `strict` request from the other members of
+    /// the allocation, largest share first: first from one peer that holds it all, else (when
+    /// together they hold enough) a part from each. Peers are asked one at a time, each for at
+    /// most the loan timeout.
+    pub async fn borrow(&self, policy: &str, key: &str, rate: Rate, shortfall: Shortfall) -> Loan {
+        let members = self.escrow.lenders(policy);
+        let addresses: BTreeMap<u64, String> = self
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|p| p.up && !p.address.starts_with("node:"))
+            .filter_map(|p| Some((p.replica?, p.address.clone())))
+            .collect();
+        let lenders: Vec<(u64, &String)> = members
+            .iter()
+            .filter_map(|(m, _)| Some((*m, addresses.get(m)?)))
+            .collect();
+        let me = self.limiter.store().replica().0;
+        let nonce = loan_nonce();
+        let request = LendRequest {
+            v: LEND_VERSION,
+            replica: me,
+            nonce,
+            policy: policy.to_owned(),
+            key: key.to_owned(),
+            capacity: rate.capacity(),
+            interval_ms: rate.interval_ms(),
+            wanted: shortfall.units,
+            partial: false,
+            room: shortfall.room,
+            kept: 0,
+            give: 0,
+        };
+        let metrics = self.limiter.metrics();
+        let mut held: BTreeMap<u64, i128> = BTreeMap::new();
+        // One peer that holds it all: the usual case, one round trip.
+        for (n, &(lender, address)) in lenders.iter().enumerate() {
+            let Some(answer) = self.ask_loan(address, lender, &request).await else {
+                continue;
+            };
+            held.insert(lender, answer.level);
+            if answer.lent > 0 {
+                metrics.count_loan("borrower", "granted");
+                let capacity_of = |m: u64| {
+                    capacity(
+                        rate,
+                        members
+                            .iter()
+                            .find(|(id, _)| *id == m)
+                            .map_or(0, |&(_, u)| u),
+                    )
+                };
+                return Loan {
+                    lent: answer.lent,
+                    peers_held: None,
+                    even_out: Some(EvenOut {
+                        lender: (
+                            (lender, address.clone()),
+                            capacity_of(lender),
+                            answer.level - answer.lent,
+                        ),
+                        rest: lenders[n + 1..]
+                            .iter()
+                            .map(|&(m, a)| ((m, a.clone()), capacity_of(m)))
+                            .collect(),
+                    }),
+                };
+            }
+        }
+        let everyone = members.iter().all(|(m, _)| held.contains_key(m));
+        let total: i128 = held.values().sum();
+        // Together they may: a part from each (asked at once), planned so that every
+        // sub-bucket is left equally full, from what each said it held.
+        let quoted: Vec<(u64, &String, i128, i128)> = lenders
+            .iter()
+            .filter_map(|&(m, address)| {
+                let share = members
+                    .iter()
+                    .find(|(id, _)| *id == m)
+                    .map_or(0, |&(_, u)| u);
+                Some((m, address, *held.get(&m)?, capacity(rate, share)))
+            })
+            .collect();
+        let plan = plan_pool(
+            (shortfall.needed - shortfall.units, shortfall.room),
+            &quoted
+                .iter()
+                .map(|&(_, _, level, cap)| (level, cap))
+                .collect::<Vec<_>>(),
+            shortfall.needed,
+        );
+        let mut lent = 0;
+        if let Some(plan) = plan {
+            let asks = quoted
+                .iter()
+                .zip(plan)
+                .filter(|(_, wanted)| *wanted > 0)
+                .map(|(&(lender, address, _, _), wanted)| {
+                    let request = LendRequest {
+                        nonce: loan_nonce(),
+                        wanted,
+                        partial: true,
+                        room: 0,
+                        ..request.clone()
+                    };
+                    async move { self.ask_loan(address, lender, &request).await }
+                });
+            lent = futures_util::future::join_all(asks)
+                .await
+                .into_iter()
+                .flatten()
+                .map(|answer| answer.lent)
+                .sum();
+        }
+        metrics.count_loan(
+            "borrower",
+            if lent >= shortfall.units {
+                "pooled"
+            } else if total < shortfall.units && everyone {
+                "dry"
+            } else {
+                "failed"
+            },
+        );
+        Loan {
+            lent,
+            peers_held: everyone.then_some(total),
+            even_out: None,
+        }
+    }
+
+    /// Evenings out still running: tokens they move are in transit (neither side can spend
+    /// them) until they finish.
+    pub fn evening_out(&self) -> usize {
+        self.evening_out.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// After a loan: even out `key`'s sub-buckets with the peers that were not asked, off the
+    /// request's path (in the background, one peer at a time). Each evens out with the group
+    /// of this replica and the peers already evened out with (as if they were one sub-bucket:
+    /// `SubBucket::lend`); this replica keeps its part of what it lends and gives each group
+    /// member its own. A sub-bucket left full while others are not loses its refill, which
+    /// pairwise evening out left a few percent of the time (escrow/tests.rs).
+    pub fn even_out(
+        self: &Arc<Self>,
+        policy: &Policy,
+        key: &str,
+        rate: Rate,
+        room: i128,
+        even: Option<EvenOut>,
+    ) {
+        let Some(even) = even.filter(|e| !e.rest.is_empty() && room > 0) else {
+            return;
+        };
+        let (replicator, policy_id, policy, key) =
+            (self.clone(), policy.id, policy.name.clone(), key.to_owned());
+        let running = InFlight::start(&self.evening_out);
+        tokio::spawn(async move {
+            let _running = running;
+            let escrow = &replicator.escrow;
+            let ask = |nonce| LendRequest {
+                v: LEND_VERSION,
+                replica: replicator.limiter.store().replica().0,
+                nonce,
+                policy: policy.clone(),
+                key: key.clone(),
+                capacity: rate.capacity(),
+                interval_ms: rate.interval_ms(),
+                wanted: 0,
+                partial: false,
+                room: 0,
+                kept: 0,
+                give: 0,
+            };
+            // The others in the group: (peer, capacity, level as last heard).
+            let mut group = vec![even.lender];
+            for (peer, capacity) in even.rest {
+                let own = escrow.level(policy_id, &policy, &key, rate);
+                let group_room = room + group.iter().map(|g| g.1).sum::<i128>();
+                let group_kept = own + group.iter().map(|g| g.2).sum::<i128>();
+                let request = LendRequest {
+                    room: group_room,
+                    kept: group_kept,
+                    ..ask(loan_nonce())
+                };
+                let Some(answer) = replicator.ask_loan(&peer.1, peer.0, &request).await else {
+                    continue;
+                };
+                let ratio = (group_kept + answer.lent) as f64 / group_room as f64;
+                let mut left = answer.lent;
+                for member in &mut group {
+                    let part = ((ratio * member.1 as f64) as i128 - member.2).clamp(0, left);
+                    if part > 0 {
+                        let gift = LendRequest {
+                            give: part,
+                            ..ask(loan_nonce())
+                        };
+                        // Lost on the way, it is lost for good: that only refuses.
+                        replicator.ask_loan(&member.0.1, member.0.0, &gift).await;
+                        member.2 += part;
+                        left -= part;
+                    }
+                }
+                escrow.take_balance(policy_id, &policy, &key, rate, left);
+                if answer.lent > 0 {
+                    replicator
+                        .limiter
+                        .metrics()
+                        .count_loan("borrower", "evened_out");
+                }
+                group.push((peer, capacity, answer.level - answer.lent));
+            }
+        });
     }
 
     /// Publish `openclaw_peers` and per-peer lag (called at scrape time).
@@ -562,8 +944,9 @@ impl Replicator {
                     if !peer.up {
                         tracing::info!(peer = %address, "peer reachable");
                     }
-                    if let Some((node, _)) = answer {
+                    if let Some((node, replica)) = answer {
                         peer.node = Some(node.clone());
+                        peer.replica = *replica;
                     }
                     peer.last_error = None;
                     peer.last_contact_us = Some(now);
@@ -756,12 +1139,14 @@ impl Rejection {
     }
 }
 
-/// The peer listener's routes: `POST /v1/sync` (merge a message) and `GET /v1/state` (send the
-/// whole state, for a replica that starts empty).
+/// The peer listener's routes: `POST /v1/sync` (merge a message), `GET /v1/state` (send the
+/// whole state, for a replica that starts empty) and `POST /v1/lend` (lend tokens of a strict
+/// sub-bucket to a replica short of them).
 pub fn peer_router(replicator: Arc<Replicator>) -> Router {
     Router::new()
         .route("/v1/sync", post(receive))
         .route("/v1/state", get(send_state))
+        .route("/v1/lend", post(lend))
         .with_state(replicator)
 }
 
@@ -817,6 +1202,57 @@ async fn receive(
             escrow: replicator.escrow_control(),
         })
         .into_response(),
+        Err(rejection) => refuse(&replicator, rejection),
+    }
+}
+
+/// Lend part of a strict sub-bucket to the peer asking. Validated first; a policy this replica
+/// does not hold as strict, or holds with another rate for the key, lends nothing.
+async fn lend(
+    State(replicator): State<Arc<Replicator>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let body = read_bounded(body).await?;
+        replicator.verify(&headers, &body)?;
+        let request: LendRequest =
+            serde_json::from_slice(&body).map_err(|e| Rejection::Malformed(e.to_string()))?;
+        if request.v != LEND_VERSION {
+            return Err(Rejection::Incompatible(request.v));
+        }
+        if request.replica == replicator.limiter.store().replica().0 {
+            return Err(Rejection::Malformed(
+                "loan asked by this replica itself".into(),
+            ));
+        }
+        if request.key.is_empty() || request.key.len() > crate::http::MAX_KEY_BYTES {
+            return Err(Rejection::Malformed("key length out of range".into()));
+        }
+        if request.wanted < 0
+            || request.give < 0
+            || (request.wanted == 0 && request.room <= 0 && request.give == 0)
+        {
+            return Err(Rejection::Malformed("a loan of nothing".into()));
+        }
+        Ok(replicator.lend_for(&request))
+    }
+    .await;
+    match result {
+        Ok(answer) => {
+            let body = serde_json::to_vec(&answer).expect("serializing plain data cannot fail");
+            let timestamp = replicator.limiter.now();
+            let signature = replicator.sign(timestamp, &body);
+            (
+                [
+                    (TIMESTAMP_HEADER, timestamp.to_string()),
+                    (SIGNATURE_HEADER, signature),
+                    ("content-type", "application/json".to_owned()),
+                ],
+                body,
+            )
+                .into_response()
+        }
         Err(rejection) => refuse(&replicator, rejection),
     }
 }
@@ -891,6 +1327,31 @@ pub async fn run(
     // replica's escrow shares given up, so peers need not wait out its lease.
     replicator.escrow.retire();
     replicator.push_changes(&current).await;
+}
+
+/// Counts a background task while it runs (also when it panics or is cancelled).
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    fn start(counter: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        counter.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// A loan request's nonce: unpredictable, so a recorded answer cannot be passed off as the
+/// answer to a later request.
+fn loan_nonce() -> u64 {
+    let mut bytes = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .expect("the system random source works");
+    u64::from_le_bytes(bytes)
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -47,10 +47,12 @@ impl Replica {
                     request_timeout: Duration::from_secs(2),
                     strict: Params::default(),
                     clock_guard: Duration::from_millis(500),
+                    loan_timeout: Duration::from_millis(200),
                 },
             )
             .unwrap(),
         );
+        limiter.enable_loans(Arc::downgrade(&replicator));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let (peers, peers_rx) = watch::channel(Vec::new());
@@ -424,6 +426,69 @@ async fn a_strict_policy_is_never_exceeded_and_its_shares_follow_demand() {
     assert!(
         gauge("token_bucket_current_usage{policy=\"checkout\"}") >= 45.0,
         "{text}"
+    );
+    for replica in replicas {
+        replica.shutdown().await;
+    }
+}
+
+/// The strict-mode case: a client of a strict policy of 10 tokens per second spends 5
+/// tokens per request, each on another replica. With even shares no replica holds 5 tokens of
+/// its own (a third of 10), yet the textbook bucket, full, admits two such requests: a replica
+/// short of tokens borrows the rest from its peers' shares. The third request finds the
+/// cluster's tokens spent (up to what refilled meanwhile) and is refused: borrowing moves
+/// tokens, it never makes any. Between requests the test waits for the background evening
+/// out after a loan to finish (tokens it moves are in transit meanwhile: docs/crdt.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_request_costing_more_than_one_share_borrows_from_peers_up_to_the_bucket() {
+    const POLICIES: &str =
+        "policies:\n  checkout: {capacity: 10, refill_interval_ms: 1000, mode: strict}\n";
+    let replicas = cluster(3).await;
+    for replica in &replicas {
+        replica.limiter.reload_policies(POLICIES).unwrap();
+        replica.limiter.mark_ready();
+    }
+    // Shares settled: every replica holds a third, and a fresh key's sub-bucket is full (its
+    // share has been in force for a whole interval).
+    eventually(
+        "even shares of one allocation, in force for an interval",
+        || {
+            let statuses: Vec<_> = replicas
+                .iter()
+                .map(|r| r.replicator.escrow().status())
+                .collect();
+            statuses
+                .iter()
+                .all(|s| s.allocation.is_some() && s.allocation == statuses[0].allocation)
+                && replicas.iter().zip(&statuses).all(|(r, status)| {
+                    let share = status.usable.get("checkout").copied().unwrap_or(0.0);
+                    // Allowed: the lease holds (a lapsed one shows a share of nothing, full).
+                    let peek = r.limiter.peek("checkout", "client", 1).unwrap().0.outcome;
+                    status.members.len() == 3
+                        && (share - 1.0 / 3.0).abs() < 0.01
+                        && peek.allowed
+                        && peek.reset_after_us == 0
+                })
+        },
+    )
+    .await;
+    let mut verdicts = Vec::new();
+    for replica in &replicas {
+        let verdict = replica
+            .limiter
+            .decide_with_loans("checkout", "client", 5)
+            .await
+            .unwrap();
+        verdicts.push(verdict.outcome.allowed);
+        eventually("the evening out after a loan", || {
+            replicas.iter().all(|r| r.replicator.evening_out() == 0)
+        })
+        .await;
+    }
+    assert_eq!(
+        verdicts,
+        [true, true, false],
+        "a full bucket of 10 admits two requests of 5, then refuses"
     );
     for replica in replicas {
         replica.shutdown().await;
