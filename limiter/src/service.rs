@@ -208,10 +208,10 @@ impl Limiter {
         key: &str,
         cost: u64,
     ) -> Result<Verdict, DecideError> {
-        let strict = {
+        // Without a strict policy (the usual case) this is `decide` and nothing more.
+        let strict = self.escrow.get().is_some() && {
             let active = self.active.load();
-            let (found, _) = active.lookup(policy)?;
-            found.mode == Mode::Strict && self.escrow.get().is_some()
+            active.any_strict && active.lookup(policy)?.0.mode == Mode::Strict
         };
         let lenders = self.lenders.get().and_then(Weak::upgrade);
         match lenders {
@@ -233,7 +233,7 @@ impl Limiter {
         requests: &[(&str, &str, u64)],
     ) -> Result<Vec<Verdict>, (usize, DecideError)> {
         match self.lenders.get().and_then(Weak::upgrade) {
-            Some(lenders) if self.escrow.get().is_some() => {
+            Some(lenders) if self.escrow.get().is_some() && self.has_strict_policies() => {
                 self.decide_all_with(requests, &lenders).await
             }
             _ => self.decide_all(requests),
