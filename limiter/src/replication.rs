@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -698,6 +698,32 @@ impl Replicator {
 
     /// Encode buckets as one or more messages, each under the size bound.
     fn encode(&self, full: bool, buckets: Vec<(PolicyId, String, BucketState)>) -> Vec<Vec<u8>> {
+        let chunk = if full { FULL_SYNC_CHUNK } else { usize::MAX };
+        self.encode_chunked(full, buckets, chunk)
+    }
+
+    /// One page of the whole state (`GET /v1/state?from=`, anti-entropy): the buckets of the
+    /// shards from `from` on, at least `FULL_SYNC_CHUNK` of them unless the state ends first, as
+    /// one message; the shard the next page starts at; and how many buckets it holds.
+    fn state_page(&self, from: usize) -> (Vec<u8>, Option<usize>, usize) {
+        let mut buckets = Vec::new();
+        let next =
+            self.limiter
+                .store()
+                .for_each_page(from, FULL_SYNC_CHUNK, |policy, key, state| {
+                    buckets.push((policy, key.to_owned(), state.clone()));
+                });
+        let entries = buckets.len();
+        let mut messages = self.encode_chunked(true, buckets, usize::MAX);
+        (messages.pop().expect("one message per page"), next, entries)
+    }
+
+    fn encode_chunked(
+        &self,
+        full: bool,
+        buckets: Vec<(PolicyId, String, BucketState)>,
+        chunk: usize,
+    ) -> Vec<Vec<u8>> {
         let policies = self.limiter.policies();
         let mut names: Vec<String> = Vec::new();
         let mut index_of = BTreeMap::new();
@@ -723,7 +749,6 @@ impl Replicator {
                 components,
             ));
         }
-        let chunk = if full { FULL_SYNC_CHUNK } else { usize::MAX };
         let escrow = self.escrow_control();
         let mut messages = Vec::new();
         let mut entries = entries.into_iter().peekable();
@@ -1037,15 +1062,36 @@ impl Replicator {
         }
     }
 
-    /// One anti-entropy round: push the whole state (also the heartbeat when idle).
+    /// One anti-entropy round: push the whole state (also the heartbeat when idle), a page at
+    /// a time (as `GET /v1/state` serves it), so that memory holds one page, not the state.
     pub async fn push_everything(self: &Arc<Self>, peers: &[SocketAddr]) {
         if peers.is_empty() {
             return;
         }
-        let buckets = self.all_buckets();
-        let entries = buckets.len();
-        let messages = self.encode(true, buckets);
-        self.broadcast(peers, messages, entries).await;
+        let mut from = 0;
+        loop {
+            let (message, next, entries) = self.state_page(from);
+            self.broadcast(peers, vec![message], entries).await;
+            match next {
+                Some(next) => from = next,
+                None => return,
+            }
+        }
+    }
+
+    /// A JSON body signed as a peer message is.
+    fn signed_response(&self, body: Vec<u8>) -> Response {
+        let timestamp = self.limiter.now();
+        let signature = self.sign(timestamp, &body);
+        (
+            [
+                (TIMESTAMP_HEADER, timestamp.to_string()),
+                (SIGNATURE_HEADER, signature),
+                ("content-type", "application/json".to_owned()),
+            ],
+            body,
+        )
+            .into_response()
     }
 
     /// Pull every peer's whole state (start-up recovery). Returns how many peers answered.
@@ -1058,39 +1104,43 @@ impl Replicator {
         pulls.join_all().await.into_iter().filter(|ok| *ok).count()
     }
 
+    /// Pull a peer's whole state, page by page (`GET /v1/state?from=`): each page is one
+    /// signed message of at most the message bound, merged before the next is asked for, so
+    /// memory stays at one page whatever the state's size.
     async fn pull(&self, address: SocketAddr) -> bool {
-        let timestamp = self.limiter.now();
-        let signature = self.sign(timestamp, b"");
-        let response = self
-            .client
-            .get(format!("http://{address}/v1/state"))
-            .header(TIMESTAMP_HEADER, timestamp.to_string())
-            .header(SIGNATURE_HEADER, signature)
-            .send()
-            .await;
-        let result: Result<usize, String> = async {
-            let response = response.map_err(|e| e.to_string())?;
-            if !response.status().is_success() {
-                return Err(format!("peer answered {}", response.status()));
+        let result: Result<(usize, usize), String> = async {
+            let (mut from, mut changed, mut pages) = (0, 0, 0);
+            loop {
+                let timestamp = self.limiter.now();
+                let signature = self.sign(timestamp, state_path(from).as_bytes());
+                let response = self
+                    .client
+                    .get(format!("http://{address}/v1/state?from={from}"))
+                    .header(TIMESTAMP_HEADER, timestamp.to_string())
+                    .header(SIGNATURE_HEADER, signature)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if !response.status().is_success() {
+                    return Err(format!("peer answered {}", response.status()));
+                }
+                let headers = response.headers().clone();
+                let body = read_limited(response, MAX_MESSAGE_BYTES).await?;
+                self.verify(&headers, &body).map_err(|e| e.to_string())?;
+                let page: StatePage = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+                changed += self.apply(page.message).map_err(|e| e.to_string())?;
+                pages += 1;
+                match page.next {
+                    Some(next) if next > from => from = next,
+                    Some(next) => return Err(format!("page {from} points back to {next}")),
+                    None => return Ok((changed, pages)),
+                }
             }
-            let headers = response.headers().clone();
-            let body = response.bytes().await.map_err(|e| e.to_string())?;
-            if body.len() > MAX_MESSAGE_BYTES {
-                return Err("state larger than the message bound".into());
-            }
-            self.verify(&headers, &body).map_err(|e| e.to_string())?;
-            let messages: Vec<SyncMessage> =
-                serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-            let mut changed = 0;
-            for message in messages {
-                changed += self.apply(message).map_err(|e| e.to_string())?;
-            }
-            Ok(changed)
         }
         .await;
         match result {
-            Ok(changed) => {
-                tracing::info!(peer = %address, buckets = changed, "pulled peer state");
+            Ok((changed, pages)) => {
+                tracing::info!(peer = %address, buckets = changed, pages, "pulled peer state");
                 true
             }
             Err(e) => {
@@ -1100,6 +1150,24 @@ impl Replicator {
             }
         }
     }
+}
+
+/// A response body, refused as soon as it grows past `limit` (never read whole first).
+async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+    if response
+        .content_length()
+        .is_some_and(|length| length > limit as u64)
+    {
+        return Err(format!("answer larger than {limit} bytes"));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+        if body.len() + chunk.len() > limit {
+            return Err(format!("answer larger than {limit} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// Why a peer message was refused (the `reason` label of `openclaw_peer_messages_rejected_total`).
@@ -1257,7 +1325,33 @@ async fn lend(
     }
 }
 
-async fn send_state(State(replicator): State<Arc<Replicator>>, headers: HeaderMap) -> Response {
+/// `GET /v1/state?from=SHARD`: one page of the whole state (signed as `StatePage`; the request
+/// signs its path). Without `from`: the whole state as one signed array of messages, for
+/// replicas of an earlier version (bounded by the message size, which is why pages exist).
+async fn send_state(
+    State(replicator): State<Arc<Replicator>>,
+    Query(query): Query<StateQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(from) = query.from {
+        if let Err(rejection) = replicator.verify(&headers, state_path(from).as_bytes()) {
+            return refuse(&replicator, rejection);
+        }
+        let (message, next, _) = replicator.state_page(from);
+        // `{"next": ..., "message": <the message as encoded>}`: the message is spliced in, not
+        // decoded and encoded again.
+        let mut body = Vec::with_capacity(message.len() + 40);
+        body.extend_from_slice(b"{\"next\":");
+        body.extend_from_slice(
+            serde_json::to_string(&next)
+                .expect("serializing plain data cannot fail")
+                .as_bytes(),
+        );
+        body.extend_from_slice(b",\"message\":");
+        body.extend_from_slice(&message);
+        body.push(b'}');
+        return replicator.signed_response(body);
+    }
     if let Err(rejection) = replicator.verify(&headers, b"") {
         return refuse(&replicator, rejection);
     }
@@ -1274,17 +1368,26 @@ async fn send_state(State(replicator): State<Arc<Replicator>>, headers: HeaderMa
         body.extend_from_slice(message);
     }
     body.push(b']');
-    let timestamp = replicator.limiter.now();
-    let signature = replicator.sign(timestamp, &body);
-    (
-        [
-            (TIMESTAMP_HEADER, timestamp.to_string()),
-            (SIGNATURE_HEADER, signature),
-            ("content-type", "application/json".to_owned()),
-        ],
-        body,
-    )
-        .into_response()
+    replicator.signed_response(body)
+}
+
+/// The query of `GET /v1/state`.
+#[derive(Debug, Deserialize)]
+struct StateQuery {
+    from: Option<usize>,
+}
+
+/// One page of `GET /v1/state?from=`.
+#[derive(Debug, Deserialize)]
+struct StatePage {
+    next: Option<usize>,
+    message: SyncMessage,
+}
+
+/// What a paged state request signs in place of a body: its path, so that a signature made
+/// for one page is good for no other.
+fn state_path(from: usize) -> String {
+    format!("GET /v1/state?from={from}")
 }
 
 /// The sender loop: a delta round every sync interval, a full round every anti-entropy

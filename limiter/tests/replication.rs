@@ -111,6 +111,18 @@ async fn cluster(n: usize) -> Vec<Replica> {
     replicas
 }
 
+/// The HMAC the peer protocol signs `timestamp\nbody` with, in hex.
+fn sign_bytes(timestamp: &str, body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET);
+    let mut signed = format!("{timestamp}\n").into_bytes();
+    signed.extend_from_slice(body);
+    ring::hmac::sign(&key, &signed)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     let until = tokio::time::Instant::now() + DEADLINE;
     while !condition() {
@@ -257,6 +269,27 @@ async fn unauthenticated_malformed_and_oversized_messages_are_refused_and_never_
     let huge = vec![b' '; replication::MAX_MESSAGE_BYTES + 1];
     let response = client.post(&url).body(huge).send().await.unwrap();
     assert_eq!(response.status(), 413);
+    // A page of the state is asked for with its path signed: a signature made for one page
+    // is good for no other, and a good one gets the page.
+    let state = format!("http://{}/v1/state", target.address);
+    let page_signed =
+        |from: usize| sign_bytes(&now, format!("GET /v1/state?from={from}").as_bytes());
+    let replayed = client
+        .get(format!("{state}?from=1"))
+        .header("x-openclaw-timestamp", &now)
+        .header("x-openclaw-signature", page_signed(0))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replayed.status(), 401);
+    let page = client
+        .get(format!("{state}?from=0"))
+        .header("x-openclaw-timestamp", &now)
+        .header("x-openclaw-signature", page_signed(0))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
 
     assert!(
         target.limiter.store().is_empty(),
@@ -264,7 +297,7 @@ async fn unauthenticated_malformed_and_oversized_messages_are_refused_and_never_
     );
     let text = target.limiter.render_metrics();
     for line in [
-        "openclaw_peer_messages_rejected_total{reason=\"unauthenticated\"} 2",
+        "openclaw_peer_messages_rejected_total{reason=\"unauthenticated\"} 3",
         "openclaw_peer_messages_rejected_total{reason=\"malformed\"} 2",
         "openclaw_peer_messages_rejected_total{reason=\"incompatible\"} 1",
         "openclaw_peer_messages_rejected_total{reason=\"too_large\"} 1",
@@ -493,4 +526,34 @@ async fn a_strict_request_costing_more_than_one_share_borrows_from_peers_up_to_t
     for replica in replicas {
         replica.shutdown().await;
     }
+}
+
+/// The measurement: a replica joining peers that hold 300 000 spent keys turned ready
+/// knowing none of them (the whole state went out as one signed body, over the 16 MiB bound).
+/// The state now comes in pages, each signed on its own and bounded in size: the newcomer
+/// knows every key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_pulls_a_state_larger_than_one_message_in_pages() {
+    const KEYS: usize = 300_000;
+    let peer = Replica::start("node-big", 1).await;
+    for i in 0..KEYS {
+        peer.limiter
+            .decide("default", &format!("client-{i:07}"), 1 + (i % 7) as u64)
+            .unwrap();
+    }
+    assert_eq!(peer.limiter.store().len(), KEYS);
+    let newcomer = Replica::start("node-new", 2).await;
+    let answered = newcomer.replicator.pull_from(&[peer.address]).await;
+    assert_eq!(answered, 1, "the pull succeeded");
+    assert_eq!(newcomer.limiter.store().len(), KEYS);
+    for i in (0..KEYS).step_by(9_973) {
+        let key = format!("client-{i:07}");
+        assert_eq!(
+            newcomer.remaining(&key),
+            100 - 1 - (i % 7) as u64,
+            "{key} as its owner spent it"
+        );
+    }
+    newcomer.shutdown().await;
+    peer.shutdown().await;
 }

@@ -687,8 +687,10 @@ fn counters(cluster: &Cluster, http: &Client) -> Counters {
             } else if series.starts_with(r#"openclaw_requests_total{policy="default","#) {
                 total.decisions += value;
             } else if let Some(labels) = series.strip_prefix("openclaw_strict_loans_total{") {
-                *total.loans.entry(labels.trim_end_matches('}').to_owned()).or_default() +=
-                    value;
+                *total
+                    .loans
+                    .entry(labels.trim_end_matches('}').to_owned())
+                    .or_default() += value;
             }
         }
     }
