@@ -5,7 +5,15 @@
 //! anti-entropy interval it sends its whole state, so a peer that missed deltas (restart,
 //! partition, a dropped request) converges anyway. Merging is the CRDT join, so duplicates,
 //! reordering and replays are harmless; a replica restarted empty pulls every peer's state
-//! (`GET /v1/state`) before it reports ready.
+//! (`GET /v1/state?from=SHARD`) before it reports ready.
+//!
+//! The whole state travels in pages, for a pull and for anti-entropy alike: whole shards of the
+//! store, at least 16k buckets each (about 1.3 MB) unless the state ends first, each one signed
+//! message, merged before the next is asked for; neither side holds more than a page.
+//!
+//! `strict` mode adds `POST /v1/lend`: a replica short of tokens for a request borrows them
+//! from its peers' shares (docs/crdt.md, "Loans"); request and answer are signed, the answer
+//! bound to the request's nonce.
 //!
 //! Peer traffic has its own listener (`OPENCLAW_PEER_LISTEN`) so a NetworkPolicy can keep it to
 //! replicas. Every message is authenticated with HMAC-SHA256 under `OPENCLAW_PEER_SECRET` over
