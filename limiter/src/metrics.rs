@@ -378,6 +378,8 @@ impl Metrics {
             "too_large",
             "incompatible",
             "clock_ahead",
+            "busy",
+            "too_slow",
         ] {
             let _ = metrics
                 .peer_rejected

@@ -82,7 +82,18 @@ pub struct ReplicationOptions {
     pub clock_guard: Duration,
     /// Bound on one `strict` loan request: a request waits this long at most per peer asked.
     pub loan_timeout: Duration,
+    /// Bytes of peer request bodies held at once, across all requests, before they are
+    /// authenticated ([`UNVERIFIED_BUDGET`] by default).
+    pub unverified_budget: usize,
 }
+
+/// What peer request bodies may hold at once before their signatures are checked: four
+/// messages of the largest size.
+pub const UNVERIFIED_BUDGET: usize = 4 * MAX_MESSAGE_BYTES;
+/// Longest a peer may take to send one request body.
+const BODY_DEADLINE: Duration = Duration::from_secs(10);
+/// Largest `POST /v1/lend` body.
+const MAX_LEND_BYTES: usize = 16 * 1024;
 
 /// One message between replicas: the changed buckets (or all of them).
 #[derive(Debug, Serialize, Deserialize)]
@@ -219,12 +230,18 @@ pub struct Replicator {
     escrow: Arc<Escrow>,
     /// Background evenings out still running ([`Replicator::even_out`]).
     evening_out: Arc<std::sync::atomic::AtomicUsize>,
+    /// One permit per byte of request body held before authentication.
+    unverified: Arc<tokio::sync::Semaphore>,
+    /// Compares signatures in constant time (HMACs of both under this key).
+    compare_key: hmac::Key,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
     #[error("cannot build the peer HTTP client: {0}")]
     Client(#[from] reqwest::Error),
+    #[error("the system random source failed")]
+    Random,
 }
 
 impl Replicator {
@@ -238,6 +255,7 @@ impl Replicator {
             .connect_timeout(options.request_timeout)
             .pool_idle_timeout(Duration::from_secs(30))
             .build()?;
+        let unverified_budget = options.unverified_budget;
         let escrow = Arc::new(Escrow::new(
             limiter.store().replica(),
             options.strict,
@@ -252,6 +270,9 @@ impl Replicator {
             client,
             peers: Mutex::default(),
             evening_out: Arc::default(),
+            unverified: Arc::new(tokio::sync::Semaphore::new(unverified_budget)),
+            compare_key: hmac::Key::generate(hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
+                .map_err(|_| ReplicationError::Random)?,
         })
     }
 
@@ -676,7 +697,9 @@ impl Replicator {
         hex(context.sign().as_ref())
     }
 
-    fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), Rejection> {
+    /// The signature headers of a peer message: its timestamp (checked fresh) and signature.
+    /// Checked before a byte of a request's body is read.
+    fn signature_headers(&self, headers: &HeaderMap) -> Result<(Micros, Vec<u8>), Rejection> {
         let timestamp: Micros = headers
             .get(TIMESTAMP_HEADER)
             .and_then(|v| v.to_str().ok())
@@ -687,21 +710,104 @@ impl Replicator {
             .and_then(|v| v.to_str().ok())
             .and_then(unhex)
             .ok_or(Rejection::Unauthenticated("missing or malformed signature"))?;
-        let mut signed = Vec::with_capacity(body.len() + 24);
-        signed.extend_from_slice(timestamp.to_string().as_bytes());
-        signed.push(b'\n');
-        signed.extend_from_slice(body);
-        hmac::verify(&self.key, &signed, &signature).map_err(|_| {
-            Rejection::Unauthenticated(
-                "bad signature (is OPENCLAW_PEER_SECRET the same on every replica?)",
-            )
-        })?;
         if self.limiter.now().abs_diff(timestamp) > MAX_CLOCK_SKEW_US {
             return Err(Rejection::Unauthenticated(
                 "timestamp too far from this replica's clock",
             ));
         }
-        Ok(())
+        Ok((timestamp, signature))
+    }
+
+    fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), Rejection> {
+        let (timestamp, signature) = self.signature_headers(headers)?;
+        let mut signed = Vec::with_capacity(body.len() + 24);
+        signed.extend_from_slice(timestamp.to_string().as_bytes());
+        signed.push(b'\n');
+        signed.extend_from_slice(body);
+        self.check_signature(&signed, &signature)
+    }
+
+    fn check_signature(&self, signed: &[u8], signature: &[u8]) -> Result<(), Rejection> {
+        hmac::verify(&self.key, signed, signature).map_err(|_| {
+            Rejection::Unauthenticated(
+                "bad signature (is OPENCLAW_PEER_SECRET the same on every replica?)",
+            )
+        })
+    }
+
+    /// A peer request's body, authenticated. Its signature headers are checked first (a
+    /// request without them is refused before its body is read); the body is then read within
+    /// `limit` and [`BODY_DEADLINE`], holding a permit of the replica-wide budget per byte
+    /// (a request that would exceed it is refused at once: `busy`), and its signature checked
+    /// over the bytes as they come.
+    async fn read_signed(
+        &self,
+        headers: &HeaderMap,
+        body: Body,
+        limit: usize,
+    ) -> Result<SignedBody, Rejection> {
+        use futures_util::StreamExt;
+        let (timestamp, signature) = self.signature_headers(headers)?;
+        let announced = headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if announced.is_some_and(|length| length > limit as u64) {
+            return Err(Rejection::TooLarge);
+        }
+        // The signed bytes are `timestamp \n body`. The body is kept as the chunks that came
+        // (no buffer grown by doubling: what is held is what was sent) and signed as it comes.
+        let mut context = hmac::Context::with_key(&self.key);
+        context.update(format!("{timestamp}\n").as_bytes());
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut length = 0;
+        let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
+        let mut stream = body.into_data_stream();
+        let deadline = tokio::time::Instant::now() + BODY_DEADLINE;
+        while let Some(chunk) = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .map_err(|_| Rejection::TooSlow)?
+        {
+            let chunk = chunk.map_err(|e| Rejection::Malformed(format!("body: {e}")))?;
+            if length + chunk.len() > limit {
+                return Err(Rejection::TooLarge);
+            }
+            let permit = u32::try_from(chunk.len())
+                .ok()
+                .and_then(|n| self.unverified.clone().try_acquire_many_owned(n).ok())
+                .ok_or(Rejection::Busy)?;
+            match &mut held {
+                Some(held) => held.merge(permit),
+                None => held = Some(permit),
+            }
+            context.update(&chunk);
+            length += chunk.len();
+            chunks.push(chunk);
+        }
+        // Compared in constant time: HMACs of both under a key of this process's own.
+        let tag = context.sign();
+        let expected = hmac::sign(&self.compare_key, tag.as_ref());
+        hmac::verify(&self.compare_key, &signature, expected.as_ref()).map_err(|_| {
+            Rejection::Unauthenticated(
+                "bad signature (is OPENCLAW_PEER_SECRET the same on every replica?)",
+            )
+        })?;
+        let body = match chunks.len() {
+            1 => chunks.pop().expect("one chunk"),
+            _ => {
+                let mut body = Vec::with_capacity(length);
+                for chunk in chunks {
+                    body.extend_from_slice(&chunk);
+                }
+                Bytes::from(body)
+            }
+        };
+        Ok(SignedBody { body, _held: held })
+    }
+
+    /// Bytes of request bodies held now before authentication.
+    pub fn unverified_bytes(&self) -> usize {
+        self.options.unverified_budget - self.unverified.available_permits()
     }
 
     /// Encode buckets as one or more messages, each under the size bound.
@@ -1178,6 +1284,19 @@ async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<V
     Ok(body)
 }
 
+/// An authenticated request body. Holds its part of the unverified-bytes budget until dropped
+/// (the merge is done by then).
+struct SignedBody {
+    body: Bytes,
+    _held: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl SignedBody {
+    fn body(&self) -> &[u8] {
+        &self.body
+    }
+}
+
 /// Why a peer message was refused (the `reason` label of `openclaw_peer_messages_rejected_total`).
 #[derive(Debug, thiserror::Error)]
 enum Rejection {
@@ -1191,6 +1310,10 @@ enum Rejection {
     Incompatible(u32),
     #[error("{0}")]
     ClockAhead(ClockAhead),
+    #[error("too many unauthenticated bytes held already; retry")]
+    Busy,
+    #[error("body not received within {BODY_DEADLINE:?}")]
+    TooSlow,
 }
 
 impl Rejection {
@@ -1201,6 +1324,8 @@ impl Rejection {
             Rejection::TooLarge => "too_large",
             Rejection::Incompatible(_) => "incompatible",
             Rejection::ClockAhead(_) => "clock_ahead",
+            Rejection::Busy => "busy",
+            Rejection::TooSlow => "too_slow",
         }
     }
 
@@ -1211,6 +1336,8 @@ impl Rejection {
             Rejection::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::Incompatible(_) => StatusCode::CONFLICT,
             Rejection::ClockAhead(_) => StatusCode::CONFLICT,
+            Rejection::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::TooSlow => StatusCode::REQUEST_TIMEOUT,
         }
     }
 }
@@ -1224,12 +1351,6 @@ pub fn peer_router(replicator: Arc<Replicator>) -> Router {
         .route("/v1/state", get(send_state))
         .route("/v1/lend", post(lend))
         .with_state(replicator)
-}
-
-async fn read_bounded(body: Body) -> Result<Bytes, Rejection> {
-    axum::body::to_bytes(body, MAX_MESSAGE_BYTES)
-        .await
-        .map_err(|_| Rejection::TooLarge)
 }
 
 fn refuse(replicator: &Replicator, rejection: Rejection) -> Response {
@@ -1254,8 +1375,10 @@ async fn receive(
     body: Body,
 ) -> Response {
     let result = async {
-        let body = read_bounded(body).await?;
-        replicator.verify(&headers, &body)?;
+        let signed = replicator
+            .read_signed(&headers, body, MAX_MESSAGE_BYTES)
+            .await?;
+        let body = signed.body();
         replicator
             .limiter
             .metrics()
@@ -1290,10 +1413,11 @@ async fn lend(
     body: Body,
 ) -> Response {
     let result = async {
-        let body = read_bounded(body).await?;
-        replicator.verify(&headers, &body)?;
-        let request: LendRequest =
-            serde_json::from_slice(&body).map_err(|e| Rejection::Malformed(e.to_string()))?;
+        let signed = replicator
+            .read_signed(&headers, body, MAX_LEND_BYTES)
+            .await?;
+        let request: LendRequest = serde_json::from_slice(signed.body())
+            .map_err(|e| Rejection::Malformed(e.to_string()))?;
         if request.v != LEND_VERSION {
             return Err(Rejection::Incompatible(request.v));
         }
