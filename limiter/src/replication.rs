@@ -1388,7 +1388,7 @@ async fn receive(
             })
             .inc_by(body.len() as u64);
         let message: SyncMessage =
-            serde_json::from_slice(&body).map_err(|e| Rejection::Malformed(e.to_string()))?;
+            serde_json::from_slice(body).map_err(|e| Rejection::Malformed(e.to_string()))?;
         replicator.apply(message)
     }
     .await;
