@@ -380,6 +380,7 @@ impl Metrics {
             "clock_ahead",
             "busy",
             "too_slow",
+            "replayed",
         ] {
             let _ = metrics
                 .peer_rejected

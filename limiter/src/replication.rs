@@ -17,8 +17,11 @@
 //!
 //! Peer traffic has its own listener (`OPENCLAW_PEER_LISTEN`) so a NetworkPolicy can keep it to
 //! replicas. Every message is authenticated with HMAC-SHA256 under `OPENCLAW_PEER_SECRET` over
-//! a timestamp and the body; bodies are bounded in size; anything unauthenticated, malformed,
-//! oversized or of another protocol version is refused, counted by reason, and never merged.
+//! a timestamp and the body; its signature headers are checked before its body is read, bodies
+//! are bounded in size and, before authentication, all together (one budget); a signed message
+//! is taken once (replays are refused); answers are signed and name the request they answer.
+//! Anything unauthenticated, malformed, oversized, replayed or of another protocol version is
+//! refused, counted by reason, and never merged.
 //!
 //! The wire format is JSON with positional arrays (`[policy, key, epoch, rebaser, [[replica,
 //! incarnation, consumed, absorbed], ...]]`): about 80 bytes per changed bucket with one
@@ -128,6 +131,9 @@ struct SyncAnswer {
     /// Its escrow control state, merged by the sender before it counts the answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     escrow: Option<Control>,
+    /// The signature of the request answered: a signed answer counts for that request only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    re: Option<String>,
 }
 
 /// `POST /v1/lend`: a replica short of tokens for one `strict` request asks a peer for some
@@ -234,6 +240,8 @@ pub struct Replicator {
     unverified: Arc<tokio::sync::Semaphore>,
     /// Compares signatures in constant time (HMACs of both under this key).
     compare_key: hmac::Key,
+    /// Signed requests already taken, by (timestamp, signature), while their timestamp is fresh.
+    seen: Mutex<BTreeSet<(Micros, Vec<u8>)>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -273,6 +281,7 @@ impl Replicator {
             unverified: Arc::new(tokio::sync::Semaphore::new(unverified_budget)),
             compare_key: hmac::Key::generate(hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
                 .map_err(|_| ReplicationError::Random)?,
+            seen: Mutex::default(),
         })
     }
 
@@ -792,6 +801,7 @@ impl Replicator {
                 "bad signature (is OPENCLAW_PEER_SECRET the same on every replica?)",
             )
         })?;
+        self.first_sighting(timestamp, &signature)?;
         let body = match chunks.len() {
             1 => chunks.pop().expect("one chunk"),
             _ => {
@@ -803,6 +813,23 @@ impl Replicator {
             }
         };
         Ok(SignedBody { body, _held: held })
+    }
+
+    /// Take an authenticated request once: a second one with the same timestamp and signature
+    /// is a replay. Entries are kept while their timestamp is fresh (after that, freshness
+    /// refuses the replay), so only authenticated requests take room, for 5 minutes each.
+    fn first_sighting(&self, timestamp: Micros, signature: &[u8]) -> Result<(), Rejection> {
+        let now = self.limiter.now();
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let horizon = now.saturating_sub(MAX_CLOCK_SKEW_US);
+        if seen.first().is_some_and(|(t, _)| *t < horizon) {
+            *seen = seen.split_off(&(horizon, Vec::new()));
+        }
+        if seen.insert((timestamp, signature.to_vec())) {
+            Ok(())
+        } else {
+            Err(Rejection::Replayed)
+        }
     }
 
     /// Bytes of request bodies held now before authentication.
@@ -1040,14 +1067,24 @@ impl Replicator {
             .client
             .post(format!("http://{address}/v1/sync"))
             .header(TIMESTAMP_HEADER, timestamp.to_string())
-            .header(SIGNATURE_HEADER, signature)
+            .header(SIGNATURE_HEADER, signature.clone())
             .header("content-type", "application/json")
             .body(body)
             .send()
             .await;
         let outcome = match result {
             Ok(response) if response.status().is_success() => {
-                let answer = response.json::<SyncAnswer>().await.ok();
+                // Delivered. What the answer says is trusted only when it is signed for this
+                // request: its escrow state is merged and its replica counted toward the
+                // lease. Anything else (an earlier version's unsigned answer, or something
+                // answering for the peer's address) is a delivery and nothing more.
+                let headers = response.headers().clone();
+                let answer = read_limited(response, MAX_MESSAGE_BYTES)
+                    .await
+                    .ok()
+                    .filter(|body| self.verify(&headers, body).is_ok())
+                    .and_then(|body| serde_json::from_slice::<SyncAnswer>(&body).ok())
+                    .filter(|answer| answer.re.as_deref() == Some(signature.as_str()));
                 if let Some(SyncAnswer {
                     replica: Some(replica),
                     escrow: Some(control),
@@ -1314,6 +1351,8 @@ enum Rejection {
     Busy,
     #[error("body not received within {BODY_DEADLINE:?}")]
     TooSlow,
+    #[error("this signed message was taken already (a replay)")]
+    Replayed,
 }
 
 impl Rejection {
@@ -1326,6 +1365,7 @@ impl Rejection {
             Rejection::ClockAhead(_) => "clock_ahead",
             Rejection::Busy => "busy",
             Rejection::TooSlow => "too_slow",
+            Rejection::Replayed => "replayed",
         }
     }
 
@@ -1338,6 +1378,7 @@ impl Rejection {
             Rejection::ClockAhead(_) => StatusCode::CONFLICT,
             Rejection::Busy => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::TooSlow => StatusCode::REQUEST_TIMEOUT,
+            Rejection::Replayed => StatusCode::CONFLICT,
         }
     }
 }
@@ -1393,14 +1434,24 @@ async fn receive(
     }
     .await;
     match result {
-        // The answer names this node, so the sender can show which node an address is.
-        Ok(changed) => axum::Json(SyncAnswer {
-            node: replicator.limiter.node_id().to_owned(),
-            merged: changed,
-            replica: Some(replicator.limiter.store().replica().0),
-            escrow: replicator.escrow_control(),
-        })
-        .into_response(),
+        // The answer names this node, so the sender can show which node an address is; it is
+        // signed, and names the request it answers (its signature), so that it counts for
+        // that request only.
+        Ok(changed) => {
+            let answer = SyncAnswer {
+                node: replicator.limiter.node_id().to_owned(),
+                merged: changed,
+                replica: Some(replicator.limiter.store().replica().0),
+                escrow: replicator.escrow_control(),
+                re: headers
+                    .get(SIGNATURE_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
+            };
+            replicator.signed_response(
+                serde_json::to_vec(&answer).expect("serializing plain data cannot fail"),
+            )
+        }
         Err(rejection) => refuse(&replicator, rejection),
     }
 }

@@ -654,3 +654,79 @@ async fn unauthenticated_bodies_are_held_within_one_budget_across_connections() 
     .await;
     target.shutdown().await;
 }
+
+/// Answers to `POST /v1/sync` carry the answerer's escrow state and count toward the sender's
+/// strict-mode lease, so they must come from a replica: an answer that is not signed, or is
+/// signed for another request, is taken as a delivery and nothing more (its state is not
+/// merged, its replica not counted). On the old code the fake answer below was merged and its
+/// self-declared replica recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_that_are_not_signed_for_the_request_are_not_trusted() {
+    use axum::routing::post;
+    const FAKE_ANSWER: &str = r#"{"node":"impostor","merged":0,"replica":777,"escrow":{"allocation":null,"records":{"777":{"seq":5,"acked":null,"retired":false,"demand":{},"expired":null}}}}"#;
+    let fake = axum::Router::new().route(
+        "/v1/sync",
+        post(|| async { ([("content-type", "application/json")], FAKE_ANSWER) }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fake_address = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, fake).await.unwrap() });
+    let sender = Replica::start("sender", 1).await;
+    sender.peers.send(vec![fake_address]).unwrap();
+    eventually("a message delivered to the impostor", || {
+        sender
+            .replicator
+            .peer_statuses()
+            .iter()
+            .any(|p| p.address == fake_address.to_string() && p.messages_sent > 0)
+    })
+    .await;
+    let status = sender
+        .replicator
+        .peer_statuses()
+        .into_iter()
+        .find(|p| p.address == fake_address.to_string())
+        .unwrap();
+    assert_eq!(status.replica, None, "the impostor's replica id was taken");
+    assert!(
+        !sender
+            .replicator
+            .escrow()
+            .control()
+            .records
+            .contains_key(&777),
+        "the impostor's escrow state was merged"
+    );
+    sender.shutdown().await;
+    server.abort();
+}
+
+/// A signed message is good once: the same message sent again (a replay, within the 5 minutes
+/// its timestamp is fresh) is refused, counted as `replayed`, and not merged or heard from.
+/// On the old code both were taken: merges are idempotent, but a replayed message of a dead
+/// replica kept it "heard from", which stops strict spending cluster-wide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_message_is_refused() {
+    let target = Replica::start("target", 1).await;
+    let client = reqwest::Client::new();
+    let now = target.limiter.now().to_string();
+    let body = format!(
+        r#"{{"v":2,"node":"peer","replica":5,"sent_at":{now},"full":false,"policies":["default"],"entries":[[0,"k",0,5,[[5,1,10,0]]]]}}"#
+    );
+    let send = || {
+        client
+            .post(format!("http://{}/v1/sync", target.address))
+            .header("x-openclaw-timestamp", &now)
+            .header("x-openclaw-signature", sign_bytes(&now, body.as_bytes()))
+            .body(body.clone())
+            .send()
+    };
+    assert_eq!(send().await.unwrap().status(), 200);
+    assert_eq!(send().await.unwrap().status(), 409);
+    let text = target.limiter.render_metrics();
+    assert!(
+        text.contains("openclaw_peer_messages_rejected_total{reason=\"replayed\"} 1"),
+        "{text}"
+    );
+    target.shutdown().await;
+}
