@@ -93,6 +93,11 @@ pub struct ReplicationOptions {
 /// What peer request bodies may hold at once before their signatures are checked: four
 /// messages of the largest size.
 pub const UNVERIFIED_BUDGET: usize = 4 * MAX_MESSAGE_BYTES;
+/// Nodes tracked only because they sent messages (not from discovery): each is a label value of
+/// the per-peer series, so their number is bounded.
+const MAX_HEARD_ONLY_PEERS: usize = 64;
+/// Longest node name a message may carry (a DNS name's bound).
+const MAX_NODE_NAME_BYTES: usize = 253;
 /// Longest a peer may take to send one request body.
 const BODY_DEADLINE: Duration = Duration::from_secs(10);
 /// Largest `POST /v1/lend` body.
@@ -328,6 +333,18 @@ impl Replicator {
 
     fn with_peer<T>(&self, address: &str, update: impl FnOnce(&mut PeerStatus) -> T) -> T {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        // Nodes only heard from are named by what they say: keep at most so many (their
+        // names become metric labels), forgetting the one heard from longest ago.
+        if address.starts_with("node:") && !peers.contains_key(address) {
+            let heard_only = || peers.keys().filter(|a| a.starts_with("node:"));
+            if heard_only().count() >= MAX_HEARD_ONLY_PEERS
+                && let Some(oldest) = heard_only()
+                    .min_by_key(|a| peers[*a].last_contact_us.unwrap_or(0))
+                    .cloned()
+            {
+                peers.remove(&oldest);
+            }
+        }
         let peer = peers
             .entry(address.to_owned())
             .or_insert_with(|| PeerStatus {
@@ -924,6 +941,14 @@ impl Replicator {
             return Err(Rejection::Malformed(
                 "message from this replica itself".into(),
             ));
+        }
+        if message.node.is_empty()
+            || message.node.len() > MAX_NODE_NAME_BYTES
+            || message.node.chars().any(char::is_control)
+        {
+            return Err(Rejection::Malformed(format!(
+                "node name must be 1 to {MAX_NODE_NAME_BYTES} bytes of printable text"
+            )));
         }
         let metrics = self.limiter.metrics();
         let policies = self.limiter.policies();

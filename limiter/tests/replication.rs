@@ -730,3 +730,81 @@ async fn a_replayed_message_is_refused() {
     );
     target.shutdown().await;
 }
+
+/// A peer with the secret that sends an allocation number or a record sequence number no
+/// cluster reaches (`u64::MAX`: the next allocation's `+ 1` overflows; a record's freezes it)
+/// is refused whole as malformed. On the old code both were merged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escrow_counters_no_cluster_reaches_are_refused() {
+    let target = Replica::start("target", 1).await;
+    let client = reqwest::Client::new();
+    let now = target.limiter.now().to_string();
+    let bodies = [
+        format!(
+            r#"{{"v":2,"node":"peer","replica":5,"sent_at":{now},"full":false,"policies":[],"entries":[],"escrow":{{"allocation":{{"version":{{"number":{},"proposer":5}},"members":[5],"shares":{{}}}},"records":{{}}}}}}"#,
+            u64::MAX
+        ),
+        format!(
+            r#"{{"v":2,"node":"peer","replica":5,"sent_at":{now},"full":false,"policies":[],"entries":[],"escrow":{{"allocation":null,"records":{{"9":{{"seq":{},"acked":null,"retired":false,"demand":{{}},"expired":null}}}}}}}}"#,
+            u64::MAX
+        ),
+    ];
+    for body in bodies {
+        let response = client
+            .post(format!("http://{}/v1/sync", target.address))
+            .header("x-openclaw-timestamp", &now)
+            .header("x-openclaw-signature", sign_bytes(&now, body.as_bytes()))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{}", response.text().await.unwrap());
+    }
+    let control = target.replicator.escrow().control();
+    assert!(control.allocation.is_none() && !control.records.contains_key(&9));
+    target.shutdown().await;
+}
+
+/// Every node name a message carries became a peer entry and a label value of the per-peer
+/// series, without bound: a peer with the secret could grow both at will. Nodes known only from
+/// their messages are now kept up to 64, the one heard from longest ago forgotten first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_known_only_from_their_messages_are_bounded() {
+    let target = Replica::start("target", 1).await;
+    let client = reqwest::Client::new();
+    for i in 0..100u64 {
+        let now = target.limiter.now().to_string();
+        let body = format!(
+            r#"{{"v":2,"node":"invented-{i}","replica":{},"sent_at":{now},"full":false,"policies":[],"entries":[]}}"#,
+            1000 + i
+        );
+        let response = client
+            .post(format!("http://{}/v1/sync", target.address))
+            .header("x-openclaw-timestamp", &now)
+            .header("x-openclaw-signature", sign_bytes(&now, body.as_bytes()))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let heard_only: Vec<String> = target
+        .replicator
+        .peer_statuses()
+        .into_iter()
+        .map(|p| p.address)
+        .filter(|a| a.starts_with("node:"))
+        .collect();
+    assert_eq!(heard_only.len(), 64, "{heard_only:?}");
+    assert!(heard_only.contains(&"node:invented-99".to_owned()));
+    assert!(!heard_only.contains(&"node:invented-0".to_owned()));
+    target.replicator.publish_gauges();
+    let series = target
+        .limiter
+        .render_metrics()
+        .lines()
+        .filter(|l| l.starts_with("openclaw_replication_lag_seconds{"))
+        .count();
+    assert!(series <= 64, "{series} lag series");
+    target.shutdown().await;
+}

@@ -137,10 +137,27 @@ impl Control {
         }
         if let Some(allocation) = &self.allocation {
             allocation.validate()?;
+            if allocation.version.number > MAX_COUNTER {
+                return Err(format!(
+                    "allocation number {} is beyond any a cluster reaches",
+                    allocation.version.number
+                ));
+            }
+        }
+        if let Some((replica, record)) = self.records.iter().find(|(_, r)| r.seq > MAX_COUNTER) {
+            return Err(format!(
+                "record of {replica:016x} at seq {}, beyond any a replica reaches",
+                record.seq
+            ));
         }
         Ok(())
     }
 }
+
+/// Allocation numbers and record sequence numbers count up by one per change (a few a second);
+/// 2^53 is millions of years away. One beyond it came from a peer that is not playing the
+/// protocol (it would overflow the `+ 1` that follows, or freeze the counter): refused.
+pub const MAX_COUNTER: u64 = 1 << 53;
 
 /// Timing and fairness of the protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
