@@ -293,6 +293,19 @@ impl Node {
         let mut theirs = control.clone();
         theirs.records.remove(&self.me);
         self.control.join(&theirs);
+        // A member this replica has never heard from counts as heard from now: its silence
+        // starts when this replica learns of it, not before. Otherwise a proposer that was
+        // cut off while a replica joined would drop that member at once, without waiting out
+        // its lease, and raise over a share still in use (found by the simulated cluster: a
+        // replica partitioned while another restarted dropped the restarted one on its return
+        // and took 67 % while the other still spent 11 % of an allocation it had not seen).
+        if let Some(allocation) = &self.control.allocation {
+            for &member in &allocation.members {
+                if member != self.me {
+                    self.heard.entry(member).or_insert(now);
+                }
+            }
+        }
     }
 
     /// Publish this replica's demand (tokens asked for over the last demand window, per policy).
