@@ -108,6 +108,10 @@ pub struct Limiter {
     ready: AtomicBool,
     /// Decides `strict` policies once replication is on (see [`Limiter::enable_escrow`]).
     escrow: OnceLock<Arc<Escrow>>,
+    /// Policies registered by Envoy's rate limit service (`crate::rls`), kept across reloads
+    /// of the policies file. Held while a new set is built and swapped in, so that a reload and
+    /// a registration never undo each other.
+    internal: Mutex<Vec<(String, Rate)>>,
 }
 
 impl Limiter {
@@ -135,6 +139,7 @@ impl Limiter {
             started: now,
             ready: AtomicBool::new(false),
             escrow: OnceLock::new(),
+            internal: Mutex::default(),
         };
         limiter.publish_policy_gauges();
         limiter
@@ -296,7 +301,23 @@ impl Limiter {
             .get_or_create(&ResultLabels { result: outcome })
             .inc();
         self.metrics.policy_reload_ok.set(i64::from(result.is_ok()));
-        let set = result?;
+        let internal = self.internal.lock().unwrap_or_else(|p| p.into_inner());
+        self.install(result?.with_internal(&internal, &self.ids));
+        Ok(())
+    }
+
+    /// Replace the internal policies (see [`crate::policy::Policy::internal`]) with `policies`,
+    /// keeping those of the policies file. Buckets of policies that remain keep their state;
+    /// the sweep drops those of policies that went.
+    pub fn set_internal_policies(&self, policies: Vec<(String, Rate)>) {
+        let mut internal = self.internal.lock().unwrap_or_else(|p| p.into_inner());
+        *internal = policies;
+        let set = self.active.load().set.with_internal(&internal, &self.ids);
+        self.install(set);
+    }
+
+    /// Swap `set` in and update the per-policy series.
+    fn install(&self, set: PolicySet) {
         let previous = self
             .active
             .swap(Arc::new(Active::build(set, &self.metrics)));
@@ -309,7 +330,6 @@ impl Limiter {
             self.metrics.forget_policy(&gone.name);
         }
         self.publish_policy_gauges();
-        Ok(())
     }
 
     fn publish_policy_gauges(&self) {
