@@ -243,24 +243,29 @@ fn envoy_enforces_the_rules_through_the_limiter_and_a_refused_request_charges_no
 
     // Client a, two descriptors each time: allowed up to its bucket (3), with the headers of the
     // descriptor closest to its limit (its own: 3 per minute).
-    for left in [2, 1, 0] {
+    // A token every 20 s: full again 20 s after the first request, 40 s after the second...
+    // (rounded up; a second of slack for a slow machine).
+    for (left, full_in) in [(2, 20), (1, 40), (0, 60)] {
         let answer = get(&client, &api, "a");
         assert_eq!(answer.status, 200, "{:?}", answer.headers);
         assert_eq!(answer.number("x-ratelimit-remaining"), left);
-        let limit = answer.header("x-ratelimit-limit").unwrap_or_default();
-        assert!(limit.starts_with("3"), "X-RateLimit-Limit: {limit}");
-        assert!(limit.contains("3;w=60"), "X-RateLimit-Limit: {limit}");
-        // A token every 20 s: full again within a minute.
+        assert_eq!(
+            answer.header("x-ratelimit-limit"),
+            Some(r#"3, 3;w=60;name="per_client", 4;w=86400;name="api_daily""#)
+        );
         let reset = answer.number("x-ratelimit-reset");
-        assert!((1..=60).contains(&reset), "X-RateLimit-Reset: {reset}");
+        assert!(
+            (full_in - 1..=full_in).contains(&reset),
+            "X-RateLimit-Reset: {reset}, expected {full_in}"
+        );
     }
     let refused = get(&client, &api, "a");
     assert_eq!(refused.status, 429);
     assert_eq!(refused.header("x-envoy-ratelimited"), Some("true"));
     assert_eq!(refused.number("x-ratelimit-remaining"), 0);
-    // Refused: the next token comes within 20 s.
+    // Refused: told when the next token comes (20 s), not when the bucket is full (60 s).
     let reset = refused.number("x-ratelimit-reset");
-    assert!((1..=20).contains(&reset), "X-RateLimit-Reset: {reset}");
+    assert!((19..=20).contains(&reset), "X-RateLimit-Reset: {reset}");
 
     // The API's daily quota (4) was charged 3 times, not by the refused request: b gets the
     // last one.
@@ -277,9 +282,15 @@ fn envoy_enforces_the_rules_through_the_limiter_and_a_refused_request_charges_no
     assert!(
         refused
             .header("x-ratelimit-limit")
-            .is_some_and(|l| l.starts_with("4")),
+            .is_some_and(|l| l.starts_with("4, ")),
         "{:?}",
         refused.headers
+    );
+    // The quota's next token: a day / 4.
+    let reset = refused.number("x-ratelimit-reset");
+    assert!(
+        (21_599..=21_600).contains(&reset),
+        "X-RateLimit-Reset: {reset}"
     );
     // ... and that refusal charged nothing on c's own bucket: outside /api/ (its descriptor
     // only), c has all 3 requests.

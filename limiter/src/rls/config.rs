@@ -132,6 +132,8 @@ pub struct Rule {
     /// The reference's full key of the rule (`domain.key_value.key2`): stable across reloads
     /// and replicas with the same files, so it names the rule's policy and metric label.
     pub path: String,
+    /// `rls:` and [`Rule::path`]: the internal policy holding this rule's buckets.
+    policy: String,
     pub limit: Limit,
     /// `rate_limit.name` (empty if unset): what `replaces` refers to; returned in
     /// `current_limit.name`.
@@ -143,8 +145,8 @@ pub struct Rule {
 
 impl Rule {
     /// The internal policy holding this rule's buckets.
-    pub fn policy(&self) -> String {
-        format!("rls:{}", self.path)
+    pub fn policy(&self) -> &str {
+        &self.policy
     }
 
     /// The `rule` label of the metrics: the rule's name, else its full key.
@@ -289,7 +291,7 @@ impl RlsConfig {
         }
         let mut policies: HashMap<String, &str> = HashMap::new();
         for rule in &config.rules {
-            if let Some(other) = policies.insert(rule.policy(), &rule.domain)
+            if let Some(other) = policies.insert(rule.policy().to_owned(), &rule.domain)
                 && other != rule.domain
             {
                 errors.push(format!(
@@ -321,7 +323,7 @@ impl RlsConfig {
     pub fn policies(&self) -> Vec<(String, Rate)> {
         self.rules
             .iter()
-            .filter_map(|rule| Some((rule.policy(), rule.limit.rate()?)))
+            .filter_map(|rule| Some((rule.policy().to_owned(), rule.limit.rate()?)))
             .collect()
     }
 
@@ -535,6 +537,7 @@ impl RlsConfig {
                 self.nodes[child].rule = Some(self.rules.len());
                 self.rules.push(Rule {
                     domain: domain.to_owned(),
+                    policy: format!("rls:{full_key}"),
                     path: full_key.clone(),
                     limit,
                     name,

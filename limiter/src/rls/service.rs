@@ -12,6 +12,7 @@
 //! policy `rls:limit:<requests>/<unit>`, registered the first time a rate is seen; at most
 //! [`MAX_OVERRIDE_RATES`] of them.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -112,7 +113,7 @@ struct Limited<'a> {
     unit: Unit,
     name: &'a str,
     /// The policy of its bucket; `None` for 0 requests per unit (refuses without a bucket).
-    policy: Option<(String, Rate)>,
+    policy: Option<(Cow<'a, str>, Rate)>,
     key: String,
     hits: u64,
     shadow: bool,
@@ -367,7 +368,7 @@ impl Rls {
                 None
             } else {
                 match self.override_policy(limit.requests_per_unit, unit) {
-                    Some(policy) => Some(policy),
+                    Some((policy, rate)) => Some((Cow::Owned(policy), rate)),
                     None => return Ok((Plan::None, None)),
                 }
             };
@@ -398,7 +399,10 @@ impl Rls {
                 requests_per_unit,
                 unit,
                 name: &rule.name,
-                policy: rule.limit.rate().map(|rate| (rule.policy(), rate)),
+                policy: rule
+                    .limit
+                    .rate()
+                    .map(|rate| (Cow::Borrowed(rule.policy()), rate)),
                 key: bucket_key(&request.domain, &descriptor.entries),
                 hits,
                 shadow: rule.shadow_mode,
