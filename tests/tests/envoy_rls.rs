@@ -327,8 +327,12 @@ fn envoy_enforces_the_rules_through_the_limiter_and_a_refused_request_charges_no
         3.0
     );
 
-    // The limiter gone, `failure_mode_deny: false` lets traffic through.
+    // The limiter gone, `failure_mode_deny: false` lets traffic through, and `true` (the same
+    // bootstrap, rendered with it) refuses it.
     limiter.process.kill();
     let answer = get(&client, &outside, "z");
     assert_eq!(answer.status, 200, "{:?}", answer.headers);
+    let denying = Envoy::start(&bin, &grpc, upstream, true);
+    let answer = get(&client, &format!("{}/home", denying.url), "z");
+    assert_eq!(answer.status, 500, "{:?}", answer.headers);
 }
