@@ -26,6 +26,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimit
 use envoy_types::pb::google::protobuf::Duration;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use smallvec::SmallVec;
 
 use super::config::{Limit, Lookup, RlsConfig, Rule, Unit};
 use crate::bucket::{Outcome, Rate};
@@ -248,8 +249,8 @@ impl Rls {
         apply_replaces(&loaded, &rules, &mut plans);
 
         // Lock the stripes of every bucket this request may spend from, in order: among this
-        // replica's RLS decisions, peeking all and then spending is one atomic step.
-        let mut stripes: Vec<usize> = plans
+        // replica's RLS decisions, checking all and then spending is one atomic step.
+        let mut stripes: SmallVec<[usize; 4]> = plans
             .iter()
             .filter_map(|plan| match plan {
                 Plan::Limited(l) if l.hits > 0 => l
@@ -261,28 +262,64 @@ impl Rls {
             .collect();
         stripes.sort_unstable();
         stripes.dedup();
-        let _guards: Vec<MutexGuard<'_, ()>> = stripes
+        let _guards: SmallVec<[MutexGuard<'_, ()>; 4]> = stripes
             .iter()
             .map(|&i| self.stripes[i].lock().unwrap_or_else(|p| p.into_inner()))
             .collect();
 
-        // Phase 1: what every limited descriptor would see, spending nothing.
-        let peeks: Vec<Option<Outcome>> = plans
+        // One enforced descriptor is decided directly (check and spend are one step in the
+        // store, and a refusal spends nothing); every other limited one is peeked first.
+        let direct = plans.iter().position(|plan| {
+            matches!(plan, Plan::Limited(l)
+                if !l.shadow && l.hits > 0 && l.grantable() && l.policy.is_some())
+        });
+        let mut outcomes: SmallVec<[Option<Outcome>; 4]> = plans
             .iter()
-            .map(|plan| match plan {
-                Plan::Limited(l) => self.peek(l),
+            .enumerate()
+            .map(|(i, plan)| match plan {
+                Plan::Limited(l) if Some(i) != direct => self.peek(l),
                 _ => None,
             })
             .collect();
-        let refused = plans.iter().zip(&peeks).any(|(plan, peek)| match plan {
-            Plan::Limited(l) if !l.shadow => !allowed(l, peek.as_ref()),
-            _ => false,
-        });
+        let mut spent: SmallVec<[bool; 4]> = smallvec::smallvec![false; plans.len()];
+        let mut refused = plans
+            .iter()
+            .zip(&outcomes)
+            .enumerate()
+            .any(|(i, (plan, peek))| {
+                Some(i) != direct
+                    && matches!(plan, Plan::Limited(l) if !l.shadow && !allowed(l, peek.as_ref()))
+            });
+        if let Some(d) = direct {
+            let Plan::Limited(l) = &plans[d] else {
+                unreachable!("direct is a limited descriptor")
+            };
+            if refused {
+                outcomes[d] = self.peek(l);
+            } else {
+                outcomes[d] = self.spend(l);
+                spent[d] = true;
+                refused = outcomes[d].is_some_and(|o| !o.allowed);
+            }
+        }
+        // The others: spent if the request is admitted, else left as they are.
+        if !refused {
+            for (i, plan) in plans.iter().enumerate() {
+                if let Plan::Limited(l) = plan
+                    && Some(i) != direct
+                    && l.hits > 0
+                    && l.grantable()
+                    && l.policy.is_some()
+                {
+                    outcomes[i] = self.spend(l);
+                    spent[i] = true;
+                }
+            }
+        }
 
-        // Phase 2: spend all, or (one enforced descriptor over) none.
         let mut statuses = Vec::with_capacity(plans.len());
         let mut over = false;
-        for (plan, peek) in plans.iter().zip(peeks) {
+        for ((plan, outcome), spent) in plans.iter().zip(outcomes).zip(spent) {
             let status = match plan {
                 Plan::None => {
                     loaded.no_rule.inc();
@@ -299,16 +336,18 @@ impl Rls {
                         ..Default::default()
                     }
                 }
+                // The rules changed under this request (its policy is gone): no limit now.
+                Plan::Limited(l) if l.policy.is_some() && outcome.is_none() => {
+                    loaded.no_rule.inc();
+                    DescriptorStatus {
+                        code: Code::Ok as i32,
+                        ..Default::default()
+                    }
+                }
                 Plan::Limited(l) => {
-                    let (outcome, granted) = if refused || l.hits == 0 || !l.grantable() {
-                        let granted = allowed(l, peek.as_ref());
-                        (peek, granted)
-                    } else {
-                        match self.spend(l) {
-                            Some(outcome) => (Some(outcome), outcome.allowed),
-                            // The rules changed under this request: nothing to spend from.
-                            None => (peek, allowed(l, peek.as_ref())),
-                        }
+                    let granted = match (spent, outcome) {
+                        (true, Some(o)) => o.allowed,
+                        _ => allowed(l, outcome.as_ref()),
                     };
                     let code = if granted || l.shadow {
                         Code::Ok
@@ -441,7 +480,8 @@ fn allowed(l: &Limited<'_>, peek: Option<&Outcome>) -> bool {
         // reaches only in debt (shared mode, after concurrent spending on other replicas).
         return peek.is_none_or(|o| o.allowed);
     }
-    l.grantable() && peek.is_some_and(|o| o.allowed)
+    // No outcome with a policy: the rules changed under this request and no longer limit it.
+    l.grantable() && peek.is_none_or(|o| o.allowed)
 }
 
 /// `replaces`: a rule with a name is dropped when another rule matched by the same request

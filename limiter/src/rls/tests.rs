@@ -442,3 +442,32 @@ fn bucket_keys_are_unambiguous_and_short_enough_for_peers() {
     assert_ne!(hashed, key(&[("k", &long[1..])]));
     assert!(key(&[("k", "v")]).len() <= crate::http::MAX_KEY_BYTES);
 }
+
+#[test]
+fn concurrent_requests_never_charge_one_descriptor_without_the_other() {
+    let (rls, _) = rls_with(
+        "domain: edge\ndescriptors:\n  - key: a\n    rate_limit: {unit: hour, requests_per_unit: 50}\n  - key: b\n    rate_limit: {unit: hour, requests_per_unit: 1000}\n",
+    );
+    let rls = Arc::new(rls);
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let rls = rls.clone();
+            std::thread::spawn(move || {
+                (0..100)
+                    .filter(|_| {
+                        ask(&rls, &[&[("b", "shared")], &[("a", "tight")]]).overall_code
+                            == Code::Ok as i32
+                    })
+                    .count()
+            })
+        })
+        .collect();
+    let admitted: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(admitted, 50);
+    assert_eq!(remaining(&rls, "rls:edge.a", &[("a", "tight")]), 0);
+    assert_eq!(
+        remaining(&rls, "rls:edge.b", &[("b", "shared")]),
+        950,
+        "b is charged exactly for the admitted requests"
+    );
+}
