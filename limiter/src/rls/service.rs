@@ -15,6 +15,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
@@ -94,6 +95,8 @@ pub struct Rls {
     /// Override rates registered so far (their policies), and the lock that orders
     /// registrations and reloads.
     overrides: Mutex<BTreeSet<(u32, Unit)>>,
+    /// Whether the warning about too many override rates was logged.
+    overrides_full: AtomicBool,
     stripes: Box<[Mutex<()>]>,
     hasher: foldhash::fast::FixedState,
     requests: [Counter; 3],
@@ -102,8 +105,10 @@ pub struct Rls {
 /// What applies to one descriptor of a request.
 #[derive(Debug)]
 enum Plan<'a> {
-    /// No rule (unknown domain, no match, or replaced by another rule).
+    /// No rule (unknown domain, no match).
     None,
+    /// Its rule was replaced by another rule of the request (`replaces`).
+    Replaced,
     Unlimited(&'a RuleCounters),
     Limited(Limited<'a>),
 }
@@ -144,6 +149,7 @@ impl Rls {
             limiter,
             loaded: ArcSwap::from_pointee(loaded),
             overrides: Mutex::default(),
+            overrides_full: AtomicBool::new(false),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             hasher: foldhash::fast::FixedState::default(),
         };
@@ -203,11 +209,14 @@ impl Rls {
         let mut overrides = self.lock_overrides();
         if !overrides.contains(&(requests, unit)) {
             if overrides.len() >= MAX_OVERRIDE_RATES {
-                tracing::warn!(
-                    requests,
-                    unit = unit.name(),
-                    "more than {MAX_OVERRIDE_RATES} distinct descriptor limit overrides: this one is not enforced"
-                );
+                if !self.overrides_full.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        requests,
+                        unit = unit.name(),
+                        "more than {MAX_OVERRIDE_RATES} distinct descriptor limit overrides: \
+                         new ones are not enforced (logged once)"
+                    );
+                }
                 return None;
             }
             overrides.insert((requests, unit));
@@ -328,6 +337,10 @@ impl Rls {
                         ..Default::default()
                     }
                 }
+                Plan::Replaced => DescriptorStatus {
+                    code: Code::Ok as i32,
+                    ..Default::default()
+                },
                 Plan::Unlimited(counters) => {
                     counters.unlimited.inc();
                     DescriptorStatus {
@@ -502,7 +515,7 @@ fn apply_replaces(loaded: &Loaded, rules: &[Option<usize>], plans: &mut [Plan<'_
             && replaced.contains(&all[i].name.as_str())
         {
             loaded.rules[i].replaced.inc();
-            *plan = Plan::None;
+            *plan = Plan::Replaced;
         }
     }
 }

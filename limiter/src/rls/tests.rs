@@ -358,6 +358,13 @@ fn a_rule_that_replaces_another_by_name_drops_it() {
     assert_eq!(codes(&response), [Code::Ok, Code::Ok]);
     assert_eq!(response.statuses[0].current_limit, None, "replaced");
     assert_eq!(response.statuses[1].limit_remaining, 99);
+    let text = rls.limiter().render_metrics();
+    for line in [
+        r#"openclaw_rls_descriptors_total{domain="edge",rule="per_client",decision="replaced"} 1"#,
+        r#"openclaw_rls_descriptors_total{domain="",rule="",decision="no_rule"} 0"#,
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
 }
 
 #[test]
@@ -470,4 +477,33 @@ fn concurrent_requests_never_charge_one_descriptor_without_the_other() {
         950,
         "b is charged exactly for the admitted requests"
     );
+}
+
+#[test]
+fn override_rates_are_bounded_and_past_the_bound_not_enforced() {
+    let (rls, _) = rls();
+    let with_override = |requests_per_unit: u32| {
+        let mut d = descriptor(&[("client", "a")]);
+        d.limit = Some(RateLimitOverride {
+            requests_per_unit,
+            unit: 3,
+        });
+        rls.should_rate_limit(&request("edge", vec![d])).unwrap()
+    };
+    for n in 1..=super::service::MAX_OVERRIDE_RATES as u32 {
+        let response = with_override(n);
+        assert!(response.statuses[0].current_limit.is_some(), "rate {n}");
+    }
+    let past = with_override(10_000);
+    assert_eq!(past.overall_code, Code::Ok as i32);
+    assert_eq!(past.statuses[0].current_limit, None);
+    let overrides = rls
+        .limiter()
+        .policies()
+        .iter()
+        .filter(|p| p.name.starts_with("rls:limit:"))
+        .count();
+    assert_eq!(overrides, super::service::MAX_OVERRIDE_RATES);
+    // A known rate still is.
+    assert!(with_override(1).statuses[0].current_limit.is_some());
 }
