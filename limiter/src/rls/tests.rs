@@ -507,3 +507,203 @@ fn override_rates_are_bounded_and_past_the_bound_not_enforced() {
     // A known rate still is.
     assert!(with_override(1).statuses[0].current_limit.is_some());
 }
+
+/// envoyproxy/ratelimit's README, examples 4 to 10, unchanged: each loads, and decides as the
+/// README says. (Example 11 uses `share_threshold`, which is refused as not supported.)
+mod readme_examples {
+    use super::*;
+
+    fn rls_of(yaml: &str) -> Rls {
+        rls_with(yaml).0
+    }
+
+    fn ask_in(rls: &Rls, domain: &str, descriptors: &[&[(&str, &str)]]) -> RateLimitResponse {
+        rls.should_rate_limit(&request(
+            domain,
+            descriptors.iter().map(|d| descriptor(d)).collect(),
+        ))
+        .unwrap()
+    }
+
+    fn limit_of(rls: &Rls, domain: &str, entries: &[(&str, &str)]) -> Option<u32> {
+        ask_in(rls, domain, &[entries]).statuses[0]
+            .current_limit
+            .as_ref()
+            .map(|l| l.requests_per_unit)
+    }
+
+    #[test]
+    fn example_4_matches_only_at_the_configured_depth() {
+        let flat = rls_of(
+            "domain: example4\ndescriptors:\n  - key: key\n    value: value\n    rate_limit:\n      requests_per_unit: 300\n      unit: second\n",
+        );
+        assert_eq!(
+            limit_of(
+                &flat,
+                "example4",
+                &[("key", "value"), ("subkey", "subvalue")]
+            ),
+            None
+        );
+        let nested = rls_of(
+            "domain: example4\ndescriptors:\n  - key: key\n    value: value\n    descriptors:\n      - key: subkey\n        rate_limit:\n          requests_per_unit: 300\n          unit: second\n",
+        );
+        assert_eq!(
+            limit_of(
+                &nested,
+                "example4",
+                &[("key", "value"), ("subkey", "subvalue")]
+            ),
+            Some(300)
+        );
+    }
+
+    #[test]
+    fn example_5_unlimited_returns_ok_with_max_remaining() {
+        let rls = rls_of(
+            "domain: internal\ndescriptors:\n  - key: ldap\n    rate_limit:\n      unlimited: true\n  - key: azure\n    rate_limit:\n      unit: minute\n      requests_per_unit: 100\n",
+        );
+        let response = ask_in(&rls, "internal", &[&[("ldap", "x")], &[("azure", "y")]]);
+        assert_eq!(codes(&response), [Code::Ok, Code::Ok]);
+        assert_eq!(response.statuses[0].limit_remaining, u32::MAX);
+        assert_eq!(response.statuses[1].limit_remaining, 99);
+    }
+
+    #[test]
+    fn example_6_shadow_mode_user_a_is_never_limited_user_b_is() {
+        let rls = rls_of(
+            "domain: example6\ndescriptors:\n  - key: service\n    descriptors:\n      - key: user\n        value: user-a\n        rate_limit:\n          requests_per_unit: 10\n          unit: second\n        shadow_mode: true\n      - key: user\n        value: user-b\n        rate_limit:\n          requests_per_unit: 20\n          unit: second\n",
+        );
+        let codes_for = |user: &str, n: usize| -> Vec<i32> {
+            (0..n)
+                .map(|_| {
+                    ask_in(
+                        &rls,
+                        "example6",
+                        &[&[("service", "auth-service"), ("user", user)]],
+                    )
+                    .overall_code
+                })
+                .collect()
+        };
+        assert!(
+            codes_for("user-a", 30)
+                .iter()
+                .all(|&c| c == Code::Ok as i32)
+        );
+        let b = codes_for("user-b", 21);
+        assert!(b[..20].iter().all(|&c| c == Code::Ok as i32));
+        assert_eq!(b[20], Code::OverLimit as i32);
+    }
+
+    #[test]
+    fn example_7_replaces_drops_the_named_limit() {
+        let rls = rls_of(
+            "domain: example7\ndescriptors:\n  - key: key_1\n    value: value_1\n    descriptors:\n      - key: user\n        value: bkthomps\n        rate_limit:\n          name: specific_limit\n          requests_per_unit: 5\n          unit: second\n  - key: key_2\n    value: value_2\n    descriptors:\n      - key: user\n        value: bkthomps\n        rate_limit:\n          replaces:\n            - name: specific_limit\n          requests_per_unit: 10\n          unit: second\n",
+        );
+        let one = [("key_1", "value_1"), ("user", "bkthomps")];
+        let two = [("key_2", "value_2"), ("user", "bkthomps")];
+        assert_eq!(limit_of(&rls, "example7", &one), Some(5));
+        assert_eq!(limit_of(&rls, "example7", &two), Some(10));
+        let both = ask_in(&rls, "example7", &[&one, &two]);
+        assert_eq!(both.statuses[0].current_limit, None, "replaced");
+        assert_eq!(
+            both.statuses[1]
+                .current_limit
+                .as_ref()
+                .unwrap()
+                .requests_per_unit,
+            10
+        );
+    }
+
+    #[test]
+    fn example_8_detailed_metric_values_have_their_own_series() {
+        let rls = rls_of(
+            "domain: example8\ndescriptors:\n  - key: key1\n    detailed_metric: true\n    rate_limit:\n      unit: minute\n      requests_per_unit: 10\n  - key: key1\n    value: value1\n    rate_limit:\n      unit: minute\n      requests_per_unit: 20\n",
+        );
+        assert_eq!(
+            limit_of(&rls, "example8", &[("key1", "unspecified_value")]),
+            Some(10)
+        );
+        assert_eq!(
+            limit_of(&rls, "example8", &[("key1", "unspecified_value2")]),
+            Some(10)
+        );
+        assert_eq!(limit_of(&rls, "example8", &[("key1", "value1")]), Some(20));
+        let text = rls.limiter().render_metrics();
+        for value in ["unspecified_value", "unspecified_value2"] {
+            assert!(
+                text.contains(&format!(
+                    r#"openclaw_rls_detailed_hits_total{{domain="example8",rule="example8.key1",value="{value}",decision="ok"}} 1"#
+                )),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn example_9_wildcards_trailing_middle_and_multiple() {
+        let trailing = rls_of(
+            "domain: example9\ndescriptors:\n  - key: key1\n    value: value*\n    rate_limit:\n      unit: minute\n      requests_per_unit: 20\n",
+        );
+        for v in ["value1", "value2", "valueXYZ"] {
+            assert_eq!(
+                limit_of(&trailing, "example9", &[("key1", v)]),
+                Some(20),
+                "{v}"
+            );
+        }
+        let middle = rls_of(
+            "domain: example9\ndescriptors:\n  - key: path\n    value: /api/*/action\n    rate_limit:\n      unit: minute\n      requests_per_unit: 20\n",
+        );
+        assert_eq!(
+            limit_of(&middle, "example9", &[("path", "/api/123/action")]),
+            Some(20)
+        );
+        assert_eq!(
+            limit_of(&middle, "example9", &[("path", "/api/user-id/action")]),
+            Some(20)
+        );
+        assert_eq!(
+            limit_of(&middle, "example9", &[("path", "/api/123/other")]),
+            None
+        );
+        let multiple = rls_of(
+            "domain: example9\ndescriptors:\n  - key: route\n    value: /api/*/resource/*/action\n    rate_limit:\n      unit: minute\n      requests_per_unit: 20\n",
+        );
+        for v in ["/api/v1/resource/123/action", "/api/v2/resource/456/action"] {
+            assert_eq!(
+                limit_of(&multiple, "example9", &[("route", v)]),
+                Some(20),
+                "{v}"
+            );
+        }
+    }
+
+    #[test]
+    fn example_10_value_to_metric_loads_and_limits_per_subject() {
+        let rls = rls_of(
+            "domain: example10\ndescriptors:\n  - key: route\n    value_to_metric: true\n    descriptors:\n      - key: http_method\n        value_to_metric: true\n        descriptors:\n          - key: subject_id\n            rate_limit:\n              unit: minute\n              requests_per_unit: 60\n",
+        );
+        let entries = [
+            ("route", "api"),
+            ("http_method", "GET"),
+            ("subject_id", "123"),
+        ];
+        assert_eq!(limit_of(&rls, "example10", &entries), Some(60));
+    }
+
+    #[test]
+    fn example_11_share_threshold_is_refused_as_not_supported() {
+        let errors = RlsConfig::from_files(&[(
+            "example11.yaml".into(),
+            "domain: example11\ndescriptors:\n  - key: files\n    value: files/*\n    share_threshold: true\n    rate_limit:\n      unit: hour\n      requests_per_unit: 10\n".into(),
+        )])
+        .unwrap_err();
+        assert!(
+            errors.0[0].contains("descriptors[0].share_threshold: not supported"),
+            "{errors}"
+        );
+    }
+}
