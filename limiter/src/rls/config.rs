@@ -163,6 +163,9 @@ impl Rule {
 #[derive(Debug, Default)]
 struct Node {
     rule: Option<usize>,
+    /// `share_threshold: true` on a wildcard descriptor: its value pattern. Every value it
+    /// matches shares one bucket (the pattern stands for the value in the bucket key).
+    shared_pattern: Option<String>,
     children: HashMap<String, Children, foldhash::fast::RandomState>,
 }
 
@@ -333,6 +336,17 @@ impl RlsConfig {
         domain: &str,
         entries: impl ExactSizeIterator<Item = (&'e str, &'e str)>,
     ) -> Lookup<'a> {
+        self.lookup_sharing(domain, entries, |_, _| {})
+    }
+
+    /// [`RlsConfig::lookup`], also telling `shared(i, pattern)` for each entry `i` matched by
+    /// a wildcard with `share_threshold` (its bucket key uses the pattern, not the value).
+    pub fn lookup_sharing<'a, 'e>(
+        &'a self,
+        domain: &str,
+        entries: impl ExactSizeIterator<Item = (&'e str, &'e str)>,
+        mut shared: impl FnMut(usize, &'a str),
+    ) -> Lookup<'a> {
         let Some(&root) = self.domains.get(domain) else {
             return Lookup::UnknownDomain;
         };
@@ -358,6 +372,9 @@ impl RlsConfig {
                 return Lookup::NoRule;
             };
             node = &self.nodes[next];
+            if let Some(pattern) = &node.shared_pattern {
+                shared(i, pattern);
+            }
             if i == last {
                 return match node.rule {
                     Some(rule) => Lookup::Rule(rule, &self.rules[rule]),
@@ -458,15 +475,15 @@ impl RlsConfig {
                 match field.as_str() {
                     Some(
                         "key" | "value" | "rate_limit" | "descriptors" | "shadow_mode"
-                        | "detailed_metric" | "value_to_metric" | "metadata",
+                        | "detailed_metric" | "value_to_metric" | "metadata" | "share_threshold",
                     ) => {}
-                    Some(name @ ("quota_mode" | "share_threshold")) => errors.push(format!(
-                        "{at}.{name}: not supported (it changes how buckets are counted in the \
-                         reference; OpenClaw does not implement it)"
+                    Some("quota_mode") => errors.push(format!(
+                        "{at}.quota_mode: not supported (in the reference it changes when a \
+                         request is over its limit; OpenClaw does not implement it)"
                     )),
                     _ => errors.push(format!(
                         "{at}.{}: unknown field (expected key, value, rate_limit, descriptors, \
-                         shadow_mode, detailed_metric)",
+                         shadow_mode, detailed_metric, share_threshold)",
                         path_part(field)
                     )),
                 }
@@ -508,12 +525,21 @@ impl RlsConfig {
             let shadow_mode = flag("shadow_mode", errors);
             let detailed_metric = flag("detailed_metric", errors);
             let _ = flag("value_to_metric", errors);
+            let share_threshold = flag("share_threshold", errors);
+            if share_threshold && !value.contains('*') {
+                errors.push(format!(
+                    "{at}.share_threshold: can only be used with a wildcard value (containing `*`), got value `{value}`"
+                ));
+            }
             let full_key = if value.is_empty() {
                 format!("{parent_key}.{key}")
             } else {
                 format!("{parent_key}.{key}_{value}")
             };
             let child = self.new_node();
+            if share_threshold && value.contains('*') {
+                self.nodes[child].shared_pattern = Some(value.clone());
+            }
             let children = self.nodes[parent].children.entry(key.clone()).or_default();
             let duplicate = if value.is_empty() {
                 children.any_value.replace(child).is_some()
@@ -1003,6 +1029,19 @@ descriptors:
             assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
         }
         assert_eq!(errors.0.len(), 14, "{text}");
+    }
+
+    #[test]
+    fn share_threshold_needs_a_wildcard_value() {
+        let errors = load(&[
+            "domain: d\ndescriptors:\n  - key: k\n    value: exact\n    share_threshold: true\n    rate_limit: {unit: hour, requests_per_unit: 1}\n",
+        ])
+        .unwrap_err();
+        assert!(
+            errors.0[0]
+                .contains("descriptors[0].share_threshold: can only be used with a wildcard value"),
+            "{errors}"
+        );
     }
 
     #[test]

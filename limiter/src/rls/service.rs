@@ -429,7 +429,7 @@ impl Rls {
                 unit,
                 name: "",
                 policy,
-                key: bucket_key(&request.domain, &descriptor.entries),
+                key: bucket_key(&request.domain, &descriptor.entries, &[]),
                 hits,
                 shadow: false,
                 counters: &loaded.override_counters,
@@ -437,7 +437,13 @@ impl Rls {
             });
             return Ok((plan, None));
         }
-        let (index, rule) = match loaded.config.lookup(&request.domain, entries) {
+        let mut shared: SmallVec<[(usize, &str); 2]> = SmallVec::new();
+        let found = loaded
+            .config
+            .lookup_sharing(&request.domain, entries, |i, pattern| {
+                shared.push((i, pattern))
+            });
+        let (index, rule) = match found {
             Lookup::Rule(index, rule) => (index, rule),
             Lookup::UnknownDomain | Lookup::NoRule => return Ok((Plan::None, None)),
         };
@@ -455,7 +461,7 @@ impl Rls {
                     .limit
                     .rate()
                     .map(|rate| (Cow::Borrowed(rule.policy()), rate)),
-                key: bucket_key(&request.domain, &descriptor.entries),
+                key: bucket_key(&request.domain, &descriptor.entries, &shared),
                 hits,
                 shadow: rule.shadow_mode,
                 counters,
@@ -588,23 +594,27 @@ fn override_policy(requests: u32, unit: Unit) -> String {
 
 /// The bucket key of a descriptor: its domain and entries, each length-prefixed so that no two
 /// descriptors share a key; keys longer than peers accept are replaced by their SHA-256 (hex,
-/// after a `#` no plain key starts with).
+/// after a `#` no plain key starts with). An entry `i` listed in `shared` (matched by a
+/// `share_threshold` wildcard) contributes its pattern instead of its value, after a `*` where
+/// a value's length would start, so it never equals a key with that pattern as a value.
 pub fn bucket_key(
     domain: &str,
     entries: &[envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry],
+    shared: &[(usize, &str)],
 ) -> String {
     use std::fmt::Write;
     let mut key = String::with_capacity(domain.len() + 16 * entries.len() + 8);
     let _ = write!(key, "{}:{domain}", domain.len());
-    for entry in entries {
-        let _ = write!(
-            key,
-            "{}:{}{}:{}",
-            entry.key.len(),
-            entry.key,
-            entry.value.len(),
-            entry.value
-        );
+    for (i, entry) in entries.iter().enumerate() {
+        let _ = write!(key, "{}:{}", entry.key.len(), entry.key);
+        match shared.iter().find(|&&(j, _)| j == i) {
+            Some((_, pattern)) => {
+                let _ = write!(key, "*{}:{pattern}", pattern.len());
+            }
+            None => {
+                let _ = write!(key, "{}:{}", entry.value.len(), entry.value);
+            }
+        }
     }
     if key.len() <= MAX_PLAIN_KEY_BYTES {
         return key;

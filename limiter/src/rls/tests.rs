@@ -100,7 +100,7 @@ fn codes(response: &RateLimitResponse) -> Vec<Code> {
 }
 
 fn remaining(rls: &Rls, policy: &str, entries: &[(&str, &str)]) -> u64 {
-    let key = bucket_key("edge", &descriptor(entries).entries);
+    let key = bucket_key("edge", &descriptor(entries).entries, &[]);
     rls.limiter()
         .peek(policy, &key, 1)
         .unwrap()
@@ -199,7 +199,7 @@ fn a_descriptors_own_hits_addend_overrides_the_requests_and_zero_only_checks() {
     assert!(
         !rls.limiter().store().contains(
             rls.limiter().policies().get("rls:edge.client").unwrap().id,
-            &bucket_key("edge", &descriptor(&[("client", "b")]).entries)
+            &bucket_key("edge", &descriptor(&[("client", "b")]).entries, &[])
         ),
         "a check creates no bucket"
     );
@@ -440,7 +440,7 @@ fn rule_buckets_are_policies_that_survive_a_policies_reload_and_an_rls_reload() 
 
 #[test]
 fn bucket_keys_are_unambiguous_and_short_enough_for_peers() {
-    let key = |entries: &[(&str, &str)]| bucket_key("d", &descriptor(entries).entries);
+    let key = |entries: &[(&str, &str)]| bucket_key("d", &descriptor(entries).entries, &[]);
     assert_ne!(key(&[("a", "bc")]), key(&[("ab", "c")]));
     assert_ne!(key(&[("a", "b"), ("c", "d")]), key(&[("a", "b:1:c1:d")]));
     let long = "x".repeat(1000);
@@ -448,6 +448,12 @@ fn bucket_keys_are_unambiguous_and_short_enough_for_peers() {
     assert!(hashed.starts_with('#') && hashed.len() == 65, "{hashed}");
     assert_ne!(hashed, key(&[("k", &long[1..])]));
     assert!(key(&[("k", "v")]).len() <= crate::http::MAX_KEY_BYTES);
+    let entries = descriptor(&[("f", "files/*")]).entries;
+    assert_ne!(
+        bucket_key("d", &entries, &[(0, "files/*")]),
+        bucket_key("d", &entries, &[]),
+        "a shared pattern never equals that pattern as a literal value"
+    );
 }
 
 #[test]
@@ -695,15 +701,34 @@ mod readme_examples {
     }
 
     #[test]
-    fn example_11_share_threshold_is_refused_as_not_supported() {
-        let errors = RlsConfig::from_files(&[(
-            "example11.yaml".into(),
-            "domain: example11\ndescriptors:\n  - key: files\n    value: files/*\n    share_threshold: true\n    rate_limit:\n      unit: hour\n      requests_per_unit: 10\n".into(),
-        )])
-        .unwrap_err();
+    fn example_11_share_threshold_makes_wildcard_matches_share_one_bucket() {
+        let rls = rls_of(
+            "domain: example11\ndescriptors:\n  # With share_threshold: true, all files/* matches share the same threshold\n  - key: files\n    value: files/*\n    share_threshold: true\n    rate_limit:\n      unit: hour\n      requests_per_unit: 10\n  # Without share_threshold, each files_no_share/* match has its own isolated threshold\n  - key: files_no_share\n    value: files_no_share/*\n    share_threshold: false\n    rate_limit:\n      unit: hour\n      requests_per_unit: 10\n",
+        );
+        let shared: Vec<i32> = (0..11)
+            .map(|i| {
+                let file = format!("files/{i}.txt");
+                ask_in(&rls, "example11", &[&[("files", file.as_str())]]).overall_code
+            })
+            .collect();
         assert!(
-            errors.0[0].contains("descriptors[0].share_threshold: not supported"),
-            "{errors}"
+            shared[..10].iter().all(|&c| c == Code::Ok as i32),
+            "{shared:?}"
+        );
+        assert_eq!(
+            shared[10],
+            Code::OverLimit as i32,
+            "one bucket for all files/*"
+        );
+        let isolated: Vec<i32> = (0..11)
+            .map(|i| {
+                let file = format!("files_no_share/{i}.txt");
+                ask_in(&rls, "example11", &[&[("files_no_share", file.as_str())]]).overall_code
+            })
+            .collect();
+        assert!(
+            isolated.iter().all(|&c| c == Code::Ok as i32),
+            "{isolated:?}"
         );
     }
 }
