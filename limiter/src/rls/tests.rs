@@ -732,3 +732,31 @@ mod readme_examples {
         );
     }
 }
+
+#[test]
+fn rule_buckets_are_snapshotted_and_restored_like_any_policys() {
+    let dir = tempfile::tempdir().unwrap();
+    let snapshots = crate::snapshot::Snapshots::new(dir.path());
+    let (before, clock) = rls();
+    for _ in 0..4 {
+        ask(&before, &[&[("daily", "k")]]);
+    }
+    snapshots.write(before.limiter()).unwrap();
+    // A restarted process: a new limiter on the same clock, the rules registered before the
+    // restore (as main.rs does), then the snapshot.
+    let limiter = Arc::new(Limiter::new(LimiterOptions {
+        node_id: "test".into(),
+        replica: ReplicaId(2),
+        default_rate: Rate::try_new(10, 1000).unwrap(),
+        clock,
+        shards: 4,
+        track_changes: false,
+    }));
+    let after = Rls::new(
+        limiter,
+        RlsConfig::from_files(&[("rls.yaml".into(), CONFIG.into())]).unwrap(),
+    );
+    let report = snapshots.restore_latest(after.limiter()).unwrap();
+    assert_eq!(report.skipped_unknown_policy, 0, "{report:?}");
+    assert_eq!(remaining(&after, "rls:edge.daily", &[("daily", "k")]), 996);
+}
