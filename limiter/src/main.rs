@@ -172,14 +172,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    // Machine-readable lines on stdout: scripts and tests that bind port 0 read them.
-    println!("listening api=http://{addr}");
+    // Machine-readable lines on stdout: scripts and tests that bind port 0 read them. One
+    // write for all of them, so a reader that has the first line has the others too.
+    let mut listening = format!("listening api=http://{addr}\n");
     let replication = replication.map(|(peer_addr, replication)| {
-        println!("listening peer=http://{peer_addr}");
+        listening.push_str(&format!("listening peer=http://{peer_addr}\n"));
         replication
     });
     if let Some(grpc) = &grpc {
-        println!("listening grpc=http://{}", grpc.listener.local_addr()?);
+        let grpc_addr = grpc.listener.local_addr()?;
+        listening.push_str(&format!("listening grpc=http://{grpc_addr}\n"));
+    }
+    {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_all(listening.as_bytes())?;
+        stdout.flush()?;
     }
     tracing::info!(%addr, node = %config.node_id, policies = limiter.policies().len(), "openclaw-limiter started");
     serve(
