@@ -77,7 +77,7 @@ pub const STRICT_SHARE: &str = "openclaw_strict_share";
 pub const STRICT_LEASE_REMAINING_SECONDS: &str = "openclaw_strict_lease_remaining_seconds";
 
 /// Envoy's rate limit service: `ShouldRateLimit` calls answered, by `code` (`ok`,
-/// `over_limit`, `invalid_argument`). Counter.
+/// `over_limit`, `invalid_argument`, `unauthenticated`). Counter.
 pub const RLS_REQUESTS_TOTAL: &str = "openclaw_rls_requests_total";
 /// Envoy's rate limit service: request descriptors decided, by `domain`, `rule` and `decision`.
 /// Counter; labels come from the configuration only.

@@ -168,6 +168,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 config_files: Some(settings.files.clone()),
                 reload_every: config.policies_reload,
                 shutdown_grace: config.shutdown_grace,
+                api_key: config.api_key.as_deref().map(Arc::from),
             })
         }
         _ => None,

@@ -24,6 +24,7 @@ use tonic_health::pb::health_client::HealthClient;
 
 const DEADLINE: Duration = Duration::from_secs(10);
 const RLS_SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
+const API_KEY: &str = "rls-test-key-0123456789";
 
 async fn poll<T, F: std::future::Future<Output = Option<T>>>(
     what: &str,
@@ -42,7 +43,17 @@ async fn poll<T, F: std::future::Future<Output = Option<T>>>(
     }
 }
 
-fn request(domain: &str, entries: &[(&str, &str)]) -> RateLimitRequest {
+/// A request with the API key, as Envoy sends it with `initial_metadata`.
+fn request(domain: &str, entries: &[(&str, &str)]) -> tonic::Request<RateLimitRequest> {
+    let mut request = tonic::Request::new(unauthenticated(domain, entries));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {API_KEY}").parse().unwrap(),
+    );
+    request
+}
+
+fn unauthenticated(domain: &str, entries: &[(&str, &str)]) -> RateLimitRequest {
     RateLimitRequest {
         domain: domain.into(),
         descriptors: vec![RateLimitDescriptor {
@@ -92,6 +103,7 @@ async fn grpc_health_follows_readiness_rules_reload_and_shutdown_drains() {
             config_files: Some(files),
             reload_every: Duration::from_millis(50),
             shutdown_grace: Duration::from_secs(5),
+            api_key: Some(Arc::from(API_KEY)),
         },
         stop_rx,
     ));
@@ -137,6 +149,29 @@ async fn grpc_health_follows_readiness_rules_reload_and_shutdown_drains() {
     let refused = code("", "a").await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     assert!(refused.message().contains("domain"), "{refused:?}");
+    // Without the API key (or with a wrong one): refused, nothing decided.
+    let mut anonymous = rls.clone();
+    let refused = anonymous
+        .should_rate_limit(unauthenticated("edge", &[("k", "b")]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    let mut wrong = tonic::Request::new(unauthenticated("edge", &[("k", "b")]));
+    wrong
+        .metadata_mut()
+        .insert("authorization", "Bearer guess".parse().unwrap());
+    let refused = anonymous.should_rate_limit(wrong).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    assert_eq!(
+        code("edge", "b").await.unwrap(),
+        Code::Ok as i32,
+        "b untouched"
+    );
+    assert!(
+        limiter
+            .render_metrics()
+            .contains(r#"openclaw_rls_requests_total{code="unauthenticated"} 2"#)
+    );
 
     // A changed file is applied; the bucket of the rule that stays keeps its state.
     std::fs::write(

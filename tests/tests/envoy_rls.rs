@@ -15,6 +15,11 @@ use std::time::Duration;
 use openclaw_e2e::proxy::Proxy;
 use openclaw_e2e::{ChildGuard, Service, host_port, http_client, spawn_limiter, wait_until};
 
+/// The limiters' OPENCLAW_API_KEY, which Envoy sends as gRPC metadata (the bootstrap's
+/// `initial_metadata`): without it the calls would be refused and, with
+/// `failure_mode_deny: false`, nothing limited.
+const API_KEY: &str = "envoy-e2e-api-key-0123456789";
+
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -133,6 +138,7 @@ impl Envoy {
                     "RLS_FAILURE_MODE_DENY",
                     if failure_mode_deny { "true" } else { "false" },
                 ),
+                ("OPENCLAW_API_KEY", API_KEY),
             ],
         );
         let config_path = dir.path().join("envoy.yaml");
@@ -250,6 +256,7 @@ fn envoy_enforces_the_rules_through_the_limiter_and_a_refused_request_charges_no
     let mut limiter = spawn_limiter(&[
         ("OPENCLAW_RLS_CONFIG", rules.to_str().unwrap()),
         ("OPENCLAW_GRPC_LISTEN", "127.0.0.1:0"),
+        ("OPENCLAW_API_KEY", API_KEY),
     ]);
     let grpc = host_port(
         limiter
@@ -399,6 +406,7 @@ fn three_replicas_behind_one_envoy_hold_the_limit_within_the_shared_bound() {
                 ("OPENCLAW_PEER_SECRET", "e2e-rls-cluster-secret-0123456789"),
                 ("OPENCLAW_SYNC_INTERVAL_MS", "50"),
                 ("OPENCLAW_READY_MAX_WAIT_MS", "1000"),
+                ("OPENCLAW_API_KEY", API_KEY),
             ],
             Duration::from_secs(20),
         );

@@ -38,10 +38,37 @@ pub struct GrpcOptions {
     pub config_files: Option<Vec<(String, String)>>,
     pub reload_every: Duration,
     pub shutdown_grace: Duration,
+    /// `OPENCLAW_API_KEY`: when set, `ShouldRateLimit` needs the metadata
+    /// `authorization: Bearer <key>` (Envoy: `grpc_service.initial_metadata`), as `/rate` needs
+    /// the header. Health stays open, like `/healthz`.
+    pub api_key: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone)]
-struct Service(Arc<Rls>);
+struct Service {
+    rls: Arc<Rls>,
+    api_key: Option<Arc<str>>,
+}
+
+impl Service {
+    fn authorized<T>(&self, request: &Request<T>) -> bool {
+        let Some(expected) = &self.api_key else {
+            return true;
+        };
+        request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|presented| constant_time_eq(presented.as_bytes(), expected.as_bytes()))
+    }
+}
+
+/// Compares without an early exit, so the time taken does not reveal how much of a guess
+/// matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
 
 #[tonic::async_trait]
 impl RateLimitService for Service {
@@ -49,7 +76,13 @@ impl RateLimitService for Service {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
-        self.0
+        if !self.authorized(&request) {
+            self.rls.count_unauthenticated();
+            return Err(Status::unauthenticated(
+                "missing or wrong `authorization: Bearer <OPENCLAW_API_KEY>` metadata",
+            ));
+        }
+        self.rls
             .should_rate_limit(request.get_ref())
             .map(Response::new)
             .map_err(|e| Status::invalid_argument(e.to_string()))
@@ -65,6 +98,7 @@ pub async fn serve(options: GrpcOptions, stop: watch::Receiver<bool>) {
         config_files,
         reload_every,
         shutdown_grace,
+        api_key,
     } = options;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -110,7 +144,7 @@ pub async fn serve(options: GrpcOptions, stop: watch::Receiver<bool>) {
                 .instrument(span),
         );
     }
-    let service = RateLimitServiceServer::from_arc(Arc::new(Service(rls)))
+    let service = RateLimitServiceServer::from_arc(Arc::new(Service { rls, api_key }))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut signal = stop.clone();

@@ -99,7 +99,8 @@ pub struct Rls {
     overrides_full: AtomicBool,
     stripes: Box<[Mutex<()>]>,
     hasher: foldhash::fast::FixedState,
-    requests: [Counter; 3],
+    /// `openclaw_rls_requests_total` by code: ok, over_limit, invalid_argument, unauthenticated.
+    requests: [Counter; 4],
 }
 
 /// What applies to one descriptor of a request.
@@ -139,7 +140,7 @@ impl Rls {
     pub fn new(limiter: Arc<Limiter>, config: RlsConfig) -> Self {
         let loaded = Loaded::build(config, &limiter);
         let rls = Self {
-            requests: ["ok", "over_limit", "invalid_argument"].map(|code| {
+            requests: ["ok", "over_limit", "invalid_argument", "unauthenticated"].map(|code| {
                 limiter
                     .metrics()
                     .rls_requests
@@ -223,6 +224,11 @@ impl Rls {
             self.register(&self.loaded.load().config, &overrides);
         }
         Some((name, rate))
+    }
+
+    /// Count a call refused for want of the API key (the gRPC layer checks it).
+    pub fn count_unauthenticated(&self) {
+        self.requests[3].inc();
     }
 
     /// Decide a `ShouldRateLimit` request.
