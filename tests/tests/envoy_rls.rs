@@ -139,6 +139,9 @@ impl Envoy {
                     if failure_mode_deny { "true" } else { "false" },
                 ),
                 ("OPENCLAW_API_KEY", API_KEY),
+                // Generous: a debug build on a loaded CI machine must not time out (that
+                // would let requests through and fail the test for the wrong reason).
+                ("RLS_TIMEOUT", "5s"),
             ],
         );
         let config_path = dir.path().join("envoy.yaml");
