@@ -123,15 +123,31 @@ struct Limited<'a> {
     policy: Option<(Cow<'a, str>, Rate)>,
     key: String,
     hits: u64,
+    /// An enforced descriptor's check counts the hits of every enforced descriptor of the
+    /// request on the same bucket (Envoy may send one descriptor twice): these, and whether
+    /// there are others.
+    bucket_hits: u64,
+    shares_bucket: bool,
     shadow: bool,
     counters: &'a RuleCounters,
     detailed_value: Option<&'a str>,
 }
 
 impl Limited<'_> {
-    /// Whether these hits can ever be granted: a bucket never holds more than its capacity.
+    /// Whether these hits (with the others on its bucket) can ever be granted: a bucket never
+    /// holds more than its capacity.
     fn grantable(&self) -> bool {
-        self.hits <= u64::from(self.requests_per_unit)
+        self.bucket_hits <= u64::from(self.requests_per_unit)
+    }
+
+    /// Enforced and spending: takes part in the all-or-nothing check.
+    fn enforced(&self) -> bool {
+        !self.shadow && self.hits > 0 && self.policy.is_some()
+    }
+
+    fn same_bucket(&self, other: &Limited<'_>) -> bool {
+        self.key == other.key
+            && self.policy.as_ref().map(|(p, _)| p) == other.policy.as_ref().map(|(p, _)| p)
     }
 }
 
@@ -262,6 +278,7 @@ impl Rls {
             rules.push(rule);
         }
         apply_replaces(&loaded, &rules, &mut plans);
+        count_bucket_hits(&mut plans);
 
         // Lock the stripes of every bucket this request may spend from, in order: among this
         // replica's RLS decisions, checking all and then spending is one atomic step.
@@ -285,8 +302,7 @@ impl Rls {
         // One enforced descriptor is decided directly (check and spend are one step in the
         // store, and a refusal spends nothing); every other limited one is peeked first.
         let direct = plans.iter().position(|plan| {
-            matches!(plan, Plan::Limited(l)
-                if !l.shadow && l.hits > 0 && l.grantable() && l.policy.is_some())
+            matches!(plan, Plan::Limited(l) if l.enforced() && l.grantable() && !l.shares_bucket)
         });
         let mut outcomes: SmallVec<[Option<Outcome>; 4]> = plans
             .iter()
@@ -317,17 +333,21 @@ impl Rls {
                 refused = outcomes[d].is_some_and(|o| !o.allowed);
             }
         }
-        // The others: spent if the request is admitted, else left as they are.
+        // The others: spent if the request is admitted, else left as they are; enforced ones
+        // first, so that a shadow descriptor on the same bucket never takes their tokens.
         if !refused {
-            for (i, plan) in plans.iter().enumerate() {
-                if let Plan::Limited(l) = plan
-                    && Some(i) != direct
-                    && l.hits > 0
-                    && l.grantable()
-                    && l.policy.is_some()
-                {
-                    outcomes[i] = self.spend(l);
-                    spent[i] = true;
+            for shadow in [false, true] {
+                for (i, plan) in plans.iter().enumerate() {
+                    if let Plan::Limited(l) = plan
+                        && l.shadow == shadow
+                        && Some(i) != direct
+                        && l.hits > 0
+                        && l.grantable()
+                        && l.policy.is_some()
+                    {
+                        outcomes[i] = self.spend(l);
+                        spent[i] = true;
+                    }
                 }
             }
         }
@@ -437,6 +457,8 @@ impl Rls {
                 policy,
                 key: bucket_key(&request.domain, &descriptor.entries, &[]),
                 hits,
+                bucket_hits: hits,
+                shares_bucket: false,
                 shadow: false,
                 counters: &loaded.override_counters,
                 detailed_value: None,
@@ -469,6 +491,8 @@ impl Rls {
                     .map(|rate| (Cow::Borrowed(rule.policy()), rate)),
                 key: bucket_key(&request.domain, &descriptor.entries, &shared),
                 hits,
+                bucket_hits: hits,
+                shares_bucket: false,
                 shadow: rule.shadow_mode,
                 counters,
                 detailed_value: rule
@@ -482,7 +506,7 @@ impl Rls {
 
     fn peek(&self, l: &Limited<'_>) -> Option<Outcome> {
         let (policy, rate) = l.policy.as_ref()?;
-        let cost = l.hits.min(rate.capacity());
+        let cost = l.bucket_hits.min(rate.capacity());
         self.limiter
             .peek(policy, &l.key, cost)
             .ok()
@@ -507,6 +531,34 @@ fn allowed(l: &Limited<'_>, peek: Option<&Outcome>) -> bool {
     }
     // No outcome with a policy: the rules changed under this request and no longer limit it.
     l.grantable() && peek.is_none_or(|o| o.allowed)
+}
+
+/// Sets each enforced descriptor's `bucket_hits` to the hits of all enforced descriptors of the
+/// request on its bucket, so that a bucket named twice is checked for both.
+fn count_bucket_hits(plans: &mut [Plan<'_>]) {
+    let totals: SmallVec<[(u64, bool); 4]> = plans
+        .iter()
+        .map(|plan| match plan {
+            Plan::Limited(a) if a.enforced() => {
+                plans
+                    .iter()
+                    .fold((0, false), |(sum, shared), other| match other {
+                        Plan::Limited(b) if b.enforced() && a.same_bucket(b) => {
+                            (sum + b.hits, shared || !std::ptr::eq(a, b))
+                        }
+                        _ => (sum, shared),
+                    })
+            }
+            Plan::Limited(a) => (a.hits, false),
+            _ => (0, false),
+        })
+        .collect();
+    for (plan, (total, shared)) in plans.iter_mut().zip(totals) {
+        if let Plan::Limited(l) = plan {
+            l.bucket_hits = total;
+            l.shares_bucket = shared;
+        }
+    }
 }
 
 /// `replaces`: a rule with a name is dropped when another rule matched by the same request

@@ -760,3 +760,41 @@ fn rule_buckets_are_snapshotted_and_restored_like_any_policys() {
     assert_eq!(report.skipped_unknown_policy, 0, "{report:?}");
     assert_eq!(remaining(&after, "rls:edge.daily", &[("daily", "k")]), 996);
 }
+
+#[test]
+fn a_bucket_named_twice_in_one_request_is_checked_for_both() {
+    let (rls, _) = rls();
+    for _ in 0..8 {
+        ask(&rls, &[&[("client", "a")]]);
+    }
+    // Two tokens left: the same descriptor twice takes both.
+    let response = ask(
+        &rls,
+        &[&[("client", "a")], &[("client", "a")], &[("daily", "a")]],
+    );
+    assert_eq!(codes(&response), [Code::Ok, Code::Ok, Code::Ok]);
+    assert_eq!(remaining(&rls, "rls:edge.client", &[("client", "a")]), 0);
+    // One token left: twice is over, and nothing is charged, the day quota included.
+    let before = remaining(&rls, "rls:edge.daily", &[("daily", "a")]);
+    let response = ask(&rls, &[&[("client", "c")], &[("client", "c")]]);
+    assert_eq!(
+        codes(&response),
+        [Code::Ok, Code::Ok],
+        "a fresh client has 10"
+    );
+    for _ in 0..7 {
+        ask(&rls, &[&[("client", "c")]]);
+    }
+    assert_eq!(remaining(&rls, "rls:edge.client", &[("client", "c")]), 1);
+    let response = ask(
+        &rls,
+        &[&[("client", "c")], &[("daily", "a")], &[("client", "c")]],
+    );
+    assert_eq!(response.overall_code, Code::OverLimit as i32);
+    assert_eq!(
+        remaining(&rls, "rls:edge.client", &[("client", "c")]),
+        1,
+        "nothing charged"
+    );
+    assert_eq!(remaining(&rls, "rls:edge.daily", &[("daily", "a")]), before);
+}
