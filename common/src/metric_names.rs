@@ -75,6 +75,12 @@ pub const STRICT_SHARE: &str = "openclaw_strict_share";
 /// Seconds until this replica's strict-mode lease lapses without renewal (0: lapsed). Gauge,
 /// exported once a strict policy has been configured.
 pub const STRICT_LEASE_REMAINING_SECONDS: &str = "openclaw_strict_lease_remaining_seconds";
+/// `strict` loans between replicas, by `role` (`borrower` | `lender`) and `result` (borrower:
+/// `granted` one peer lent it all, `pooled` several lent a part each, `dry` the peers together
+/// held too little, `failed` some peer did not answer, `evened_out` a background loan evened
+/// out the sub-buckets; lender: `lent`, `declined`, `given` a borrower passed on its part of
+/// an evening out). Counter.
+pub const STRICT_LOANS_TOTAL: &str = "openclaw_strict_loans_total";
 
 /// Envoy's rate limit service: `ShouldRateLimit` calls answered, by `code` (`ok`,
 /// `over_limit`, `invalid_argument`, `unauthenticated`). Counter.
@@ -122,6 +128,7 @@ pub const ALL: &[&str] = &[
     SNAPSHOTS_TOTAL,
     STRICT_SHARE,
     STRICT_LEASE_REMAINING_SECONDS,
+    STRICT_LOANS_TOTAL,
     RLS_REQUESTS_TOTAL,
     RLS_DESCRIPTORS_TOTAL,
     RLS_DETAILED_HITS_TOTAL,

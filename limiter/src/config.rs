@@ -125,6 +125,13 @@ pub struct Args {
     #[arg(long, env = "OPENCLAW_STRICT_SKEW_GUARD_MS", default_value_t = 500)]
     pub strict_skew_guard_ms: u64,
 
+    /// `strict` mode: how long a request this replica's share cannot pay waits for one peer's
+    /// loan, in milliseconds (1 to 1000). A request asks one peer at a time, at most every
+    /// other replica; an answer later than this is dropped (the tokens lent are lost, which can
+    /// only refuse, never over-admit). docs/crdt.md, "strict mode", loans.
+    #[arg(long, env = "OPENCLAW_STRICT_LOAN_TIMEOUT_MS", default_value_t = 25)]
+    pub strict_loan_timeout_ms: u64,
+
     /// Clock guard, in milliseconds: a peer whose clock is ahead of this replica's by up to this
     /// much pulls this replica's clock forward to its own (so offsets cancel); a peer message,
     /// claim epoch or incarnation further ahead is refused and counted
@@ -177,6 +184,7 @@ pub struct ReplicationSettings {
     pub ready_max_wait: Duration,
     pub strict_lease: Duration,
     pub strict_skew_guard: Duration,
+    pub strict_loan_timeout: Duration,
     pub clock_skew_guard: Duration,
 }
 
@@ -364,6 +372,9 @@ fn replication_settings(args: &Args, errors: &mut Vec<String>) -> Option<Replica
                 .into(),
         );
     }
+    if !(1..=1000).contains(&args.strict_loan_timeout_ms) {
+        errors.push("OPENCLAW_STRICT_LOAN_TIMEOUT_MS must be 1 to 1000".into());
+    }
     if args.anti_entropy_interval_ms < args.sync_interval_ms {
         errors.push(
             "OPENCLAW_ANTI_ENTROPY_INTERVAL_MS must not be shorter than OPENCLAW_SYNC_INTERVAL_MS"
@@ -381,6 +392,7 @@ fn replication_settings(args: &Args, errors: &mut Vec<String>) -> Option<Replica
         ready_max_wait: Duration::from_millis(args.ready_max_wait_ms),
         strict_lease: Duration::from_millis(strict_lease_ms),
         strict_skew_guard: Duration::from_millis(args.strict_skew_guard_ms),
+        strict_loan_timeout: Duration::from_millis(args.strict_loan_timeout_ms),
         clock_skew_guard: Duration::from_millis(args.clock_skew_guard_ms),
     })
 }

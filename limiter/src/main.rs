@@ -138,8 +138,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
                         ..Params::default()
                     },
                     clock_guard: settings.clock_skew_guard,
+                    loan_timeout: settings.strict_loan_timeout,
+                    unverified_budget: openclaw_limiter::replication::UNVERIFIED_BUDGET,
                 },
             )?;
+            let replicator = Arc::new(replicator);
+            limiter.enable_loans(Arc::downgrade(&replicator));
             let membership = Membership::new(
                 settings.discovery.clone(),
                 SelfAddrs::new(peer_addr, settings.pod_ip),
@@ -148,7 +152,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             Some((
                 peer_addr,
                 Replication {
-                    replicator: Arc::new(replicator),
+                    replicator,
                     listener,
                     membership,
                     ready_max_wait: settings.ready_max_wait,

@@ -56,6 +56,12 @@ pub struct DirectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LoanLabels {
+    pub role: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
     pub version: &'static str,
 }
@@ -176,6 +182,7 @@ pub struct Metrics {
     /// Unlabelled, but a family so that it is exported only while a strict policy is in force:
     /// a 0 on a replica without one would read as a lapsed lease.
     pub strict_lease_remaining: Family<NoLabels, FloatGauge>,
+    strict_loans: Family<LoanLabels, Counter>,
     pub rls_requests: Family<CodeLabels, Counter>,
     pub rls_descriptors: Family<RuleLabels, Counter>,
     pub rls_detailed_hits: Family<DetailedLabels, Counter>,
@@ -238,6 +245,7 @@ impl Metrics {
             snapshots: Family::default(),
             strict_share: Family::default(),
             strict_lease_remaining: Family::default(),
+            strict_loans: Family::default(),
             rls_requests: Family::default(),
             rls_descriptors: Family::default(),
             rls_detailed_hits: Family::default(),
@@ -388,6 +396,11 @@ impl Metrics {
             metrics.strict_lease_remaining.clone(),
         );
         registry.register(
+            counter_name(names::STRICT_LOANS_TOTAL),
+            "Strict-mode loans between replicas, by role (borrower, lender) and result",
+            metrics.strict_loans.clone(),
+        );
+        registry.register(
             counter_name(names::RLS_REQUESTS_TOTAL),
             "ShouldRateLimit calls of Envoy's rate limit service, by overall code",
             metrics.rls_requests.clone(),
@@ -423,6 +436,9 @@ impl Metrics {
             "too_large",
             "incompatible",
             "clock_ahead",
+            "busy",
+            "too_slow",
+            "replayed",
         ] {
             let _ = metrics
                 .peer_rejected
@@ -483,6 +499,13 @@ impl Metrics {
         &found
             .unwrap_or_else(|| self.route_latency.last().expect("ROUTES is not empty"))
             .1
+    }
+
+    /// One strict-mode loan request, as borrower or lender.
+    pub fn count_loan(&self, role: &'static str, result: &'static str) {
+        self.strict_loans
+            .get_or_create(&LoanLabels { role, result })
+            .inc();
     }
 
     pub fn policy_counters(&self, policy: &str) -> PolicyCounters {

@@ -5,12 +5,23 @@
 //! anti-entropy interval it sends its whole state, so a peer that missed deltas (restart,
 //! partition, a dropped request) converges anyway. Merging is the CRDT join, so duplicates,
 //! reordering and replays are harmless; a replica restarted empty pulls every peer's state
-//! (`GET /v1/state`) before it reports ready.
+//! (`GET /v1/state?from=SHARD`) before it reports ready.
+//!
+//! The whole state travels in pages, for a pull and for anti-entropy alike: whole shards of the
+//! store, at least 16k buckets each (about 1.3 MB) unless the state ends first, each one signed
+//! message, merged before the next is asked for; neither side holds more than a page.
+//!
+//! `strict` mode adds `POST /v1/lend`: a replica short of tokens for a request borrows them
+//! from its peers' shares (docs/crdt.md, "Loans"); request and answer are signed, the answer
+//! bound to the request's nonce.
 //!
 //! Peer traffic has its own listener (`OPENCLAW_PEER_LISTEN`) so a NetworkPolicy can keep it to
 //! replicas. Every message is authenticated with HMAC-SHA256 under `OPENCLAW_PEER_SECRET` over
-//! a timestamp and the body; bodies are bounded in size; anything unauthenticated, malformed,
-//! oversized or of another protocol version is refused, counted by reason, and never merged.
+//! a timestamp and the body; its signature headers are checked before its body is read, bodies
+//! are bounded in size and, before authentication, all together (one budget); a signed message
+//! is taken once (replays are refused); answers are signed and name the request they answer.
+//! Anything unauthenticated, malformed, oversized, replayed or of another protocol version is
+//! refused, counted by reason, and never merged.
 //!
 //! The wire format is JSON with positional arrays (`[policy, key, epoch, rebaser, [[replica,
 //! incarnation, consumed, absorbed], ...]]`): about 80 bytes per changed bucket with one
@@ -23,7 +34,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -31,12 +42,14 @@ use ring::hmac;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::bucket::Micros;
+use crate::bucket::{Micros, Rate};
 use crate::clock::{ClockAhead, follow_peer};
 use crate::crdt::{BucketState, Component, ReplicaId, UNLISTED};
-use crate::escrow::Escrow;
 use crate::escrow::protocol::{Control, Params};
+use crate::escrow::share::{LoanAsk, capacity, cost_units, plan_pool};
+use crate::escrow::{Escrow, Shortfall};
 use crate::metrics::{DirectionLabels, PeerLabels, ReasonLabels, StateLabels};
+use crate::policy::{Mode, Policy};
 use crate::service::Limiter;
 use crate::store::PolicyId;
 
@@ -70,7 +83,25 @@ pub struct ReplicationOptions {
     /// Peers ahead of this replica's clock by up to this much pull it forward; further ahead,
     /// their timestamps are refused (`clock::follow_peer`).
     pub clock_guard: Duration,
+    /// Bound on one `strict` loan request: a request waits this long at most per peer asked.
+    pub loan_timeout: Duration,
+    /// Bytes of peer request bodies held at once, across all requests, before they are
+    /// authenticated ([`UNVERIFIED_BUDGET`] by default).
+    pub unverified_budget: usize,
 }
+
+/// What peer request bodies may hold at once before their signatures are checked: four
+/// messages of the largest size.
+pub const UNVERIFIED_BUDGET: usize = 4 * MAX_MESSAGE_BYTES;
+/// Nodes tracked only because they sent messages (not from discovery): each is a label value of
+/// the per-peer series, so their number is bounded.
+const MAX_HEARD_ONLY_PEERS: usize = 64;
+/// Longest node name a message may carry (a DNS name's bound).
+const MAX_NODE_NAME_BYTES: usize = 253;
+/// Longest a peer may take to send one request body.
+const BODY_DEADLINE: Duration = Duration::from_secs(10);
+/// Largest `POST /v1/lend` body.
+const MAX_LEND_BYTES: usize = 16 * 1024;
 
 /// One message between replicas: the changed buckets (or all of them).
 #[derive(Debug, Serialize, Deserialize)]
@@ -105,6 +136,74 @@ struct SyncAnswer {
     /// Its escrow control state, merged by the sender before it counts the answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     escrow: Option<Control>,
+    /// The signature of the request answered: a signed answer counts for that request only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    re: Option<String>,
+}
+
+/// `POST /v1/lend`: a replica short of tokens for one `strict` request asks a peer for some
+/// of its sub-bucket (docs/crdt.md, "strict mode", loans). Units are the sub-bucket's
+/// (`escrow::share::cost_units`), so both sides check they mean the same rate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LendRequest {
+    v: u32,
+    /// The borrower.
+    replica: u64,
+    /// Echoed in the signed answer: an answer is good for this request only.
+    nonce: u64,
+    policy: String,
+    key: String,
+    capacity: u64,
+    interval_ms: u64,
+    wanted: i128,
+    /// Lend the whole level when it is below `wanted` (the borrower pools several loans).
+    partial: bool,
+    /// The borrower's capacity: a lender that holds `wanted` lends as much more as leaves
+    /// both equally full (`SubBucket::lend`).
+    #[serde(default)]
+    room: i128,
+    /// What the borrower's sub-bucket keeps once its request is paid.
+    #[serde(default)]
+    kept: i128,
+    /// Not a loan: units the sender gives this replica's sub-bucket (its part of what the
+    /// sender was lent while evening out a group: `Replicator::even_out`).
+    #[serde(default)]
+    give: i128,
+}
+
+/// The lender's signed answer.
+#[derive(Debug, Serialize, Deserialize)]
+struct LendAnswer {
+    replica: u64,
+    nonce: u64,
+    lent: i128,
+    /// Its sub-bucket's level before lending.
+    level: i128,
+}
+
+/// Version of the loan messages.
+const LEND_VERSION: u32 = 1;
+
+/// What the peers lent for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loan {
+    pub lent: i128,
+    /// When every other member of the allocation answered: the most all of them held (their
+    /// levels before lending, what they lent included).
+    pub peers_held: Option<i128>,
+    /// Whom to even out with once the request is paid ([`Replicator::even_out`]).
+    pub even_out: Option<EvenOut>,
+}
+
+/// A peer: replica id and address.
+type Peer = (u64, String);
+
+/// After a loan one peer paid: that peer (with its capacity and what it kept), and the peers
+/// not asked (with their capacities).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvenOut {
+    lender: (Peer, i128, i128),
+    rest: Vec<(Peer, i128)>,
 }
 
 /// What this replica knows about one peer it sends to.
@@ -113,6 +212,8 @@ pub struct PeerStatus {
     pub address: String,
     /// The peer's node id, once it has answered.
     pub node: Option<String>,
+    /// Its replica id (the CRDT's and the escrow's), once it has answered.
+    pub replica: Option<u64>,
     pub up: bool,
     /// Wall-clock µs of the last successful exchange with it.
     pub last_contact_us: Option<Micros>,
@@ -138,12 +239,22 @@ pub struct Replicator {
     /// Peers by address (from discovery), plus nodes we only heard from (by `node:<id>`).
     peers: Mutex<BTreeMap<String, PeerStatus>>,
     escrow: Arc<Escrow>,
+    /// Background evenings out still running ([`Replicator::even_out`]).
+    evening_out: Arc<std::sync::atomic::AtomicUsize>,
+    /// One permit per byte of request body held before authentication.
+    unverified: Arc<tokio::sync::Semaphore>,
+    /// Compares signatures in constant time (HMACs of both under this key).
+    compare_key: hmac::Key,
+    /// Signed requests already taken, by (timestamp, signature), while their timestamp is fresh.
+    seen: Mutex<BTreeSet<(Micros, Vec<u8>)>>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
     #[error("cannot build the peer HTTP client: {0}")]
     Client(#[from] reqwest::Error),
+    #[error("the system random source failed")]
+    Random,
 }
 
 impl Replicator {
@@ -157,6 +268,7 @@ impl Replicator {
             .connect_timeout(options.request_timeout)
             .pool_idle_timeout(Duration::from_secs(30))
             .build()?;
+        let unverified_budget = options.unverified_budget;
         let escrow = Arc::new(Escrow::new(
             limiter.store().replica(),
             options.strict,
@@ -170,6 +282,11 @@ impl Replicator {
             options,
             client,
             peers: Mutex::default(),
+            evening_out: Arc::default(),
+            unverified: Arc::new(tokio::sync::Semaphore::new(unverified_budget)),
+            compare_key: hmac::Key::generate(hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
+                .map_err(|_| ReplicationError::Random)?,
+            seen: Mutex::default(),
         })
     }
 
@@ -216,6 +333,18 @@ impl Replicator {
 
     fn with_peer<T>(&self, address: &str, update: impl FnOnce(&mut PeerStatus) -> T) -> T {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        // Nodes only heard from are named by what they say: keep at most so many (their
+        // names become metric labels), forgetting the one heard from longest ago.
+        if address.starts_with("node:") && !peers.contains_key(address) {
+            let heard_only = || peers.keys().filter(|a| a.starts_with("node:"));
+            if heard_only().count() >= MAX_HEARD_ONLY_PEERS
+                && let Some(oldest) = heard_only()
+                    .min_by_key(|a| peers[*a].last_contact_us.unwrap_or(0))
+                    .cloned()
+            {
+                peers.remove(&oldest);
+            }
+        }
         let peer = peers
             .entry(address.to_owned())
             .or_insert_with(|| PeerStatus {
@@ -236,6 +365,314 @@ impl Replicator {
                 ..PeerStatus::default()
             });
         }
+    }
+
+    /// The lender's side of `POST /v1/lend`.
+    fn lend_for(&self, request: &LendRequest) -> LendAnswer {
+        let me = self.limiter.store().replica().0;
+        let policies = self.limiter.policies();
+        let (lent, level) = match policies.get(&request.policy) {
+            Some(policy) if policy.mode == Mode::Strict => {
+                let rate = policy.rate_for(&request.key);
+                let whole = cost_units(rate, rate.capacity());
+                let same_rate = rate.capacity() == request.capacity
+                    && rate.interval_ms() == request.interval_ms;
+                if same_rate && request.give > 0 {
+                    self.escrow.take_balance(
+                        policy.id,
+                        &policy.name,
+                        &request.key,
+                        rate,
+                        request.give.min(whole),
+                    );
+                    (0, 0)
+                } else if same_rate && request.wanted <= whole {
+                    self.escrow.lend(
+                        policy.id,
+                        &policy.name,
+                        &request.key,
+                        rate,
+                        LoanAsk {
+                            wanted: request.wanted,
+                            partial: request.partial,
+                            room: request.room.clamp(0, whole),
+                            kept: request.kept.clamp(0, whole),
+                        },
+                    )
+                } else {
+                    (0, 0)
+                }
+            }
+            _ => (0, 0),
+        };
+        let result = if request.give > 0 {
+            "given"
+        } else if lent > 0 {
+            "lent"
+        } else {
+            "declined"
+        };
+        self.limiter.metrics().count_loan("lender", result);
+        LendAnswer {
+            replica: me,
+            nonce: request.nonce,
+            lent,
+            level,
+        }
+    }
+
+    /// Ask one peer for a loan. `None` when it did not answer well (unreachable, slow, or an
+    /// answer that is not signed, not for this request or not from the replica expected).
+    async fn ask_loan(
+        &self,
+        address: &str,
+        lender: u64,
+        request: &LendRequest,
+    ) -> Option<LendAnswer> {
+        let body = serde_json::to_vec(request).expect("serializing plain data cannot fail");
+        let timestamp = self.limiter.now();
+        let signature = self.sign(timestamp, &body);
+        let response = self
+            .client
+            .post(format!("http://{address}/v1/lend"))
+            .timeout(self.options.loan_timeout)
+            .header(TIMESTAMP_HEADER, timestamp.to_string())
+            .header(SIGNATURE_HEADER, signature)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        let headers = response.headers().clone();
+        let body = response.bytes().await.ok()?;
+        if body.len() > 4096 {
+            return None;
+        }
+        self.verify(&headers, &body).ok()?;
+        let answer: LendAnswer = serde_json::from_slice(&body).ok()?;
+        (answer.nonce == request.nonce
+            && answer.replica == lender
+            && (0..=answer.level.max(0)).contains(&answer.lent))
+        .then_some(answer)
+    }
+
+    /// Borrow `shortfall.units` of `key` for one `strict` request from the other members of
+    /// the allocation, largest share first: first from one peer that holds it all, else (when
+    /// together they hold enough) a part from each. Peers are asked one at a time, each for at
+    /// most the loan timeout.
+    pub async fn borrow(&self, policy: &str, key: &str, rate: Rate, shortfall: Shortfall) -> Loan {
+        let members = self.escrow.lenders(policy);
+        let addresses: BTreeMap<u64, String> = self
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|p| p.up && !p.address.starts_with("node:"))
+            .filter_map(|p| Some((p.replica?, p.address.clone())))
+            .collect();
+        let lenders: Vec<(u64, &String)> = members
+            .iter()
+            .filter_map(|(m, _)| Some((*m, addresses.get(m)?)))
+            .collect();
+        let me = self.limiter.store().replica().0;
+        let nonce = loan_nonce();
+        let request = LendRequest {
+            v: LEND_VERSION,
+            replica: me,
+            nonce,
+            policy: policy.to_owned(),
+            key: key.to_owned(),
+            capacity: rate.capacity(),
+            interval_ms: rate.interval_ms(),
+            wanted: shortfall.units,
+            partial: false,
+            room: shortfall.room,
+            kept: 0,
+            give: 0,
+        };
+        let metrics = self.limiter.metrics();
+        let mut held: BTreeMap<u64, i128> = BTreeMap::new();
+        // One peer that holds it all: the usual case, one round trip.
+        for (n, &(lender, address)) in lenders.iter().enumerate() {
+            let Some(answer) = self.ask_loan(address, lender, &request).await else {
+                continue;
+            };
+            held.insert(lender, answer.level);
+            if answer.lent > 0 {
+                metrics.count_loan("borrower", "granted");
+                let capacity_of = |m: u64| {
+                    capacity(
+                        rate,
+                        members
+                            .iter()
+                            .find(|(id, _)| *id == m)
+                            .map_or(0, |&(_, u)| u),
+                    )
+                };
+                return Loan {
+                    lent: answer.lent,
+                    peers_held: None,
+                    even_out: Some(EvenOut {
+                        lender: (
+                            (lender, address.clone()),
+                            capacity_of(lender),
+                            answer.level - answer.lent,
+                        ),
+                        rest: lenders[n + 1..]
+                            .iter()
+                            .map(|&(m, a)| ((m, a.clone()), capacity_of(m)))
+                            .collect(),
+                    }),
+                };
+            }
+        }
+        let everyone = members.iter().all(|(m, _)| held.contains_key(m));
+        let total: i128 = held.values().sum();
+        // Together they may: a part from each (asked at once), planned so that every
+        // sub-bucket is left equally full, from what each said it held.
+        let quoted: Vec<(u64, &String, i128, i128)> = lenders
+            .iter()
+            .filter_map(|&(m, address)| {
+                let share = members
+                    .iter()
+                    .find(|(id, _)| *id == m)
+                    .map_or(0, |&(_, u)| u);
+                Some((m, address, *held.get(&m)?, capacity(rate, share)))
+            })
+            .collect();
+        let plan = plan_pool(
+            (shortfall.needed - shortfall.units, shortfall.room),
+            &quoted
+                .iter()
+                .map(|&(_, _, level, cap)| (level, cap))
+                .collect::<Vec<_>>(),
+            shortfall.needed,
+        );
+        let mut lent = 0;
+        if let Some(plan) = plan {
+            let asks = quoted
+                .iter()
+                .zip(plan)
+                .filter(|(_, wanted)| *wanted > 0)
+                .map(|(&(lender, address, _, _), wanted)| {
+                    let request = LendRequest {
+                        nonce: loan_nonce(),
+                        wanted,
+                        partial: true,
+                        room: 0,
+                        ..request.clone()
+                    };
+                    async move { self.ask_loan(address, lender, &request).await }
+                });
+            lent = futures_util::future::join_all(asks)
+                .await
+                .into_iter()
+                .flatten()
+                .map(|answer| answer.lent)
+                .sum();
+        }
+        metrics.count_loan(
+            "borrower",
+            if lent >= shortfall.units {
+                "pooled"
+            } else if total < shortfall.units && everyone {
+                "dry"
+            } else {
+                "failed"
+            },
+        );
+        Loan {
+            lent,
+            peers_held: everyone.then_some(total),
+            even_out: None,
+        }
+    }
+
+    /// Evenings out still running: tokens they move are in transit (neither side can spend
+    /// them) until they finish.
+    pub fn evening_out(&self) -> usize {
+        self.evening_out.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// After a loan: even out `key`'s sub-buckets with the peers that were not asked, off the
+    /// request's path (in the background, one peer at a time). Each evens out with the group
+    /// of this replica and the peers already evened out with (as if they were one sub-bucket:
+    /// `SubBucket::lend`); this replica keeps its part of what it lends and gives each group
+    /// member its own. A sub-bucket left full while others are not loses its refill, which
+    /// pairwise evening out left a few percent of the time (escrow/tests.rs).
+    pub fn even_out(
+        self: &Arc<Self>,
+        policy: &Policy,
+        key: &str,
+        rate: Rate,
+        room: i128,
+        even: Option<EvenOut>,
+    ) {
+        let Some(even) = even.filter(|e| !e.rest.is_empty() && room > 0) else {
+            return;
+        };
+        let (replicator, policy_id, policy, key) =
+            (self.clone(), policy.id, policy.name.clone(), key.to_owned());
+        let running = InFlight::start(&self.evening_out);
+        tokio::spawn(async move {
+            let _running = running;
+            let escrow = &replicator.escrow;
+            let ask = |nonce| LendRequest {
+                v: LEND_VERSION,
+                replica: replicator.limiter.store().replica().0,
+                nonce,
+                policy: policy.clone(),
+                key: key.clone(),
+                capacity: rate.capacity(),
+                interval_ms: rate.interval_ms(),
+                wanted: 0,
+                partial: false,
+                room: 0,
+                kept: 0,
+                give: 0,
+            };
+            // The others in the group: (peer, capacity, level as last heard).
+            let mut group = vec![even.lender];
+            for (peer, capacity) in even.rest {
+                let own = escrow.level(policy_id, &policy, &key, rate);
+                let group_room = room + group.iter().map(|g| g.1).sum::<i128>();
+                let group_kept = own + group.iter().map(|g| g.2).sum::<i128>();
+                let request = LendRequest {
+                    room: group_room,
+                    kept: group_kept,
+                    ..ask(loan_nonce())
+                };
+                let Some(answer) = replicator.ask_loan(&peer.1, peer.0, &request).await else {
+                    continue;
+                };
+                let ratio = (group_kept + answer.lent) as f64 / group_room as f64;
+                let mut left = answer.lent;
+                for member in &mut group {
+                    let part = ((ratio * member.1 as f64) as i128 - member.2).clamp(0, left);
+                    if part > 0 {
+                        let gift = LendRequest {
+                            give: part,
+                            ..ask(loan_nonce())
+                        };
+                        // Lost on the way, it is lost for good: that only refuses.
+                        replicator.ask_loan(&member.0.1, member.0.0, &gift).await;
+                        member.2 += part;
+                        left -= part;
+                    }
+                }
+                escrow.take_balance(policy_id, &policy, &key, rate, left);
+                if answer.lent > 0 {
+                    replicator
+                        .limiter
+                        .metrics()
+                        .count_loan("borrower", "evened_out");
+                }
+                group.push((peer, capacity, answer.level - answer.lent));
+            }
+        });
     }
 
     /// Publish `openclaw_peers` and per-peer lag (called at scrape time).
@@ -286,7 +723,9 @@ impl Replicator {
         hex(context.sign().as_ref())
     }
 
-    fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), Rejection> {
+    /// The signature headers of a peer message: its timestamp (checked fresh) and signature.
+    /// Checked before a byte of a request's body is read.
+    fn signature_headers(&self, headers: &HeaderMap) -> Result<(Micros, Vec<u8>), Rejection> {
         let timestamp: Micros = headers
             .get(TIMESTAMP_HEADER)
             .and_then(|v| v.to_str().ok())
@@ -297,25 +736,152 @@ impl Replicator {
             .and_then(|v| v.to_str().ok())
             .and_then(unhex)
             .ok_or(Rejection::Unauthenticated("missing or malformed signature"))?;
-        let mut signed = Vec::with_capacity(body.len() + 24);
-        signed.extend_from_slice(timestamp.to_string().as_bytes());
-        signed.push(b'\n');
-        signed.extend_from_slice(body);
-        hmac::verify(&self.key, &signed, &signature).map_err(|_| {
-            Rejection::Unauthenticated(
-                "bad signature (is OPENCLAW_PEER_SECRET the same on every replica?)",
-            )
-        })?;
         if self.limiter.now().abs_diff(timestamp) > MAX_CLOCK_SKEW_US {
             return Err(Rejection::Unauthenticated(
                 "timestamp too far from this replica's clock",
             ));
         }
-        Ok(())
+        Ok((timestamp, signature))
+    }
+
+    fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), Rejection> {
+        let (timestamp, signature) = self.signature_headers(headers)?;
+        let mut signed = Vec::with_capacity(body.len() + 24);
+        signed.extend_from_slice(timestamp.to_string().as_bytes());
+        signed.push(b'\n');
+        signed.extend_from_slice(body);
+        self.check_signature(&signed, &signature)
+    }
+
+    fn check_signature(&self, signed: &[u8], signature: &[u8]) -> Result<(), Rejection> {
+        hmac::verify(&self.key, signed, signature).map_err(|_| {
+            Rejection::Unauthenticated(
+                "bad signature (is OPENCLAW_PEER_SECRET the same on every replica?)",
+            )
+        })
+    }
+
+    /// A peer request's body, authenticated. Its signature headers are checked first (a
+    /// request without them is refused before its body is read); the body is then read within
+    /// `limit` and [`BODY_DEADLINE`], holding a permit of the replica-wide budget per byte
+    /// (a request that would exceed it is refused at once: `busy`), and its signature checked
+    /// over the bytes as they come.
+    async fn read_signed(
+        &self,
+        headers: &HeaderMap,
+        body: Body,
+        limit: usize,
+    ) -> Result<SignedBody, Rejection> {
+        use futures_util::StreamExt;
+        let (timestamp, signature) = self.signature_headers(headers)?;
+        let announced = headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if announced.is_some_and(|length| length > limit as u64) {
+            return Err(Rejection::TooLarge);
+        }
+        // The signed bytes are `timestamp \n body`. The body is kept as the chunks that came
+        // (no buffer grown by doubling: what is held is what was sent) and signed as it comes.
+        let mut context = hmac::Context::with_key(&self.key);
+        context.update(format!("{timestamp}\n").as_bytes());
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut length = 0;
+        let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
+        let mut stream = body.into_data_stream();
+        let deadline = tokio::time::Instant::now() + BODY_DEADLINE;
+        while let Some(chunk) = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .map_err(|_| Rejection::TooSlow)?
+        {
+            let chunk = chunk.map_err(|e| Rejection::Malformed(format!("body: {e}")))?;
+            if length + chunk.len() > limit {
+                return Err(Rejection::TooLarge);
+            }
+            let permit = u32::try_from(chunk.len())
+                .ok()
+                .and_then(|n| self.unverified.clone().try_acquire_many_owned(n).ok())
+                .ok_or(Rejection::Busy)?;
+            match &mut held {
+                Some(held) => held.merge(permit),
+                None => held = Some(permit),
+            }
+            context.update(&chunk);
+            length += chunk.len();
+            chunks.push(chunk);
+        }
+        // Compared in constant time: HMACs of both under a key of this process's own.
+        let tag = context.sign();
+        let expected = hmac::sign(&self.compare_key, tag.as_ref());
+        hmac::verify(&self.compare_key, &signature, expected.as_ref()).map_err(|_| {
+            Rejection::Unauthenticated(
+                "bad signature (is OPENCLAW_PEER_SECRET the same on every replica?)",
+            )
+        })?;
+        self.first_sighting(timestamp, &signature)?;
+        let body = match chunks.len() {
+            1 => chunks.pop().expect("one chunk"),
+            _ => {
+                let mut body = Vec::with_capacity(length);
+                for chunk in chunks {
+                    body.extend_from_slice(&chunk);
+                }
+                Bytes::from(body)
+            }
+        };
+        Ok(SignedBody { body, _held: held })
+    }
+
+    /// Take an authenticated request once: a second one with the same timestamp and signature
+    /// is a replay. Entries are kept while their timestamp is fresh (after that, freshness
+    /// refuses the replay), so only authenticated requests take room, for 5 minutes each.
+    fn first_sighting(&self, timestamp: Micros, signature: &[u8]) -> Result<(), Rejection> {
+        let now = self.limiter.now();
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let horizon = now.saturating_sub(MAX_CLOCK_SKEW_US);
+        if seen.first().is_some_and(|(t, _)| *t < horizon) {
+            *seen = seen.split_off(&(horizon, Vec::new()));
+        }
+        if seen.insert((timestamp, signature.to_vec())) {
+            Ok(())
+        } else {
+            Err(Rejection::Replayed)
+        }
+    }
+
+    /// Bytes of request bodies held now before authentication.
+    pub fn unverified_bytes(&self) -> usize {
+        self.options.unverified_budget - self.unverified.available_permits()
     }
 
     /// Encode buckets as one or more messages, each under the size bound.
     fn encode(&self, full: bool, buckets: Vec<(PolicyId, String, BucketState)>) -> Vec<Vec<u8>> {
+        let chunk = if full { FULL_SYNC_CHUNK } else { usize::MAX };
+        self.encode_chunked(full, buckets, chunk)
+    }
+
+    /// One page of the whole state (`GET /v1/state?from=`, anti-entropy): the buckets of the
+    /// shards from `from` on, at least `FULL_SYNC_CHUNK` of them unless the state ends first, as
+    /// one message; the shard the next page starts at; and how many buckets it holds.
+    fn state_page(&self, from: usize) -> (Vec<u8>, Option<usize>, usize) {
+        let mut buckets = Vec::new();
+        let next =
+            self.limiter
+                .store()
+                .for_each_page(from, FULL_SYNC_CHUNK, |policy, key, state| {
+                    buckets.push((policy, key.to_owned(), state.clone()));
+                });
+        let entries = buckets.len();
+        let mut messages = self.encode_chunked(true, buckets, usize::MAX);
+        (messages.pop().expect("one message per page"), next, entries)
+    }
+
+    fn encode_chunked(
+        &self,
+        full: bool,
+        buckets: Vec<(PolicyId, String, BucketState)>,
+        chunk: usize,
+    ) -> Vec<Vec<u8>> {
         let policies = self.limiter.policies();
         let mut names: Vec<String> = Vec::new();
         let mut index_of = BTreeMap::new();
@@ -341,7 +907,6 @@ impl Replicator {
                 components,
             ));
         }
-        let chunk = if full { FULL_SYNC_CHUNK } else { usize::MAX };
         let escrow = self.escrow_control();
         let mut messages = Vec::new();
         let mut entries = entries.into_iter().peekable();
@@ -376,6 +941,14 @@ impl Replicator {
             return Err(Rejection::Malformed(
                 "message from this replica itself".into(),
             ));
+        }
+        if message.node.is_empty()
+            || message.node.len() > MAX_NODE_NAME_BYTES
+            || message.node.chars().any(char::is_control)
+        {
+            return Err(Rejection::Malformed(format!(
+                "node name must be 1 to {MAX_NODE_NAME_BYTES} bytes of printable text"
+            )));
         }
         let metrics = self.limiter.metrics();
         let policies = self.limiter.policies();
@@ -519,14 +1092,24 @@ impl Replicator {
             .client
             .post(format!("http://{address}/v1/sync"))
             .header(TIMESTAMP_HEADER, timestamp.to_string())
-            .header(SIGNATURE_HEADER, signature)
+            .header(SIGNATURE_HEADER, signature.clone())
             .header("content-type", "application/json")
             .body(body)
             .send()
             .await;
         let outcome = match result {
             Ok(response) if response.status().is_success() => {
-                let answer = response.json::<SyncAnswer>().await.ok();
+                // Delivered. What the answer says is trusted only when it is signed for this
+                // request: its escrow state is merged and its replica counted toward the
+                // lease. Anything else (an earlier version's unsigned answer, or something
+                // answering for the peer's address) is a delivery and nothing more.
+                let headers = response.headers().clone();
+                let answer = read_limited(response, MAX_MESSAGE_BYTES)
+                    .await
+                    .ok()
+                    .filter(|body| self.verify(&headers, body).is_ok())
+                    .and_then(|body| serde_json::from_slice::<SyncAnswer>(&body).ok())
+                    .filter(|answer| answer.re.as_deref() == Some(signature.as_str()));
                 if let Some(SyncAnswer {
                     replica: Some(replica),
                     escrow: Some(control),
@@ -562,8 +1145,9 @@ impl Replicator {
                     if !peer.up {
                         tracing::info!(peer = %address, "peer reachable");
                     }
-                    if let Some((node, _)) = answer {
+                    if let Some((node, replica)) = answer {
                         peer.node = Some(node.clone());
+                        peer.replica = *replica;
                     }
                     peer.last_error = None;
                     peer.last_contact_us = Some(now);
@@ -654,15 +1238,36 @@ impl Replicator {
         }
     }
 
-    /// One anti-entropy round: push the whole state (also the heartbeat when idle).
+    /// One anti-entropy round: push the whole state (also the heartbeat when idle), a page at
+    /// a time (as `GET /v1/state` serves it), so that memory holds one page, not the state.
     pub async fn push_everything(self: &Arc<Self>, peers: &[SocketAddr]) {
         if peers.is_empty() {
             return;
         }
-        let buckets = self.all_buckets();
-        let entries = buckets.len();
-        let messages = self.encode(true, buckets);
-        self.broadcast(peers, messages, entries).await;
+        let mut from = 0;
+        loop {
+            let (message, next, entries) = self.state_page(from);
+            self.broadcast(peers, vec![message], entries).await;
+            match next {
+                Some(next) => from = next,
+                None => return,
+            }
+        }
+    }
+
+    /// A JSON body signed as a peer message is.
+    fn signed_response(&self, body: Vec<u8>) -> Response {
+        let timestamp = self.limiter.now();
+        let signature = self.sign(timestamp, &body);
+        (
+            [
+                (TIMESTAMP_HEADER, timestamp.to_string()),
+                (SIGNATURE_HEADER, signature),
+                ("content-type", "application/json".to_owned()),
+            ],
+            body,
+        )
+            .into_response()
     }
 
     /// Pull every peer's whole state (start-up recovery). Returns how many peers answered.
@@ -675,39 +1280,43 @@ impl Replicator {
         pulls.join_all().await.into_iter().filter(|ok| *ok).count()
     }
 
+    /// Pull a peer's whole state, page by page (`GET /v1/state?from=`): each page is one
+    /// signed message of at most the message bound, merged before the next is asked for, so
+    /// memory stays at one page whatever the state's size.
     async fn pull(&self, address: SocketAddr) -> bool {
-        let timestamp = self.limiter.now();
-        let signature = self.sign(timestamp, b"");
-        let response = self
-            .client
-            .get(format!("http://{address}/v1/state"))
-            .header(TIMESTAMP_HEADER, timestamp.to_string())
-            .header(SIGNATURE_HEADER, signature)
-            .send()
-            .await;
-        let result: Result<usize, String> = async {
-            let response = response.map_err(|e| e.to_string())?;
-            if !response.status().is_success() {
-                return Err(format!("peer answered {}", response.status()));
+        let result: Result<(usize, usize), String> = async {
+            let (mut from, mut changed, mut pages) = (0, 0, 0);
+            loop {
+                let timestamp = self.limiter.now();
+                let signature = self.sign(timestamp, state_path(from).as_bytes());
+                let response = self
+                    .client
+                    .get(format!("http://{address}/v1/state?from={from}"))
+                    .header(TIMESTAMP_HEADER, timestamp.to_string())
+                    .header(SIGNATURE_HEADER, signature)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if !response.status().is_success() {
+                    return Err(format!("peer answered {}", response.status()));
+                }
+                let headers = response.headers().clone();
+                let body = read_limited(response, MAX_MESSAGE_BYTES).await?;
+                self.verify(&headers, &body).map_err(|e| e.to_string())?;
+                let page: StatePage = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+                changed += self.apply(page.message).map_err(|e| e.to_string())?;
+                pages += 1;
+                match page.next {
+                    Some(next) if next > from => from = next,
+                    Some(next) => return Err(format!("page {from} points back to {next}")),
+                    None => return Ok((changed, pages)),
+                }
             }
-            let headers = response.headers().clone();
-            let body = response.bytes().await.map_err(|e| e.to_string())?;
-            if body.len() > MAX_MESSAGE_BYTES {
-                return Err("state larger than the message bound".into());
-            }
-            self.verify(&headers, &body).map_err(|e| e.to_string())?;
-            let messages: Vec<SyncMessage> =
-                serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-            let mut changed = 0;
-            for message in messages {
-                changed += self.apply(message).map_err(|e| e.to_string())?;
-            }
-            Ok(changed)
         }
         .await;
         match result {
-            Ok(changed) => {
-                tracing::info!(peer = %address, buckets = changed, "pulled peer state");
+            Ok((changed, pages)) => {
+                tracing::info!(peer = %address, buckets = changed, pages, "pulled peer state");
                 true
             }
             Err(e) => {
@@ -716,6 +1325,37 @@ impl Replicator {
                 false
             }
         }
+    }
+}
+
+/// A response body, refused as soon as it grows past `limit` (never read whole first).
+async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+    if response
+        .content_length()
+        .is_some_and(|length| length > limit as u64)
+    {
+        return Err(format!("answer larger than {limit} bytes"));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+        if body.len() + chunk.len() > limit {
+            return Err(format!("answer larger than {limit} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// An authenticated request body. Holds its part of the unverified-bytes budget until dropped
+/// (the merge is done by then).
+struct SignedBody {
+    body: Bytes,
+    _held: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl SignedBody {
+    fn body(&self) -> &[u8] {
+        &self.body
     }
 }
 
@@ -732,6 +1372,12 @@ enum Rejection {
     Incompatible(u32),
     #[error("{0}")]
     ClockAhead(ClockAhead),
+    #[error("too many unauthenticated bytes held already; retry")]
+    Busy,
+    #[error("body not received within {BODY_DEADLINE:?}")]
+    TooSlow,
+    #[error("this signed message was taken already (a replay)")]
+    Replayed,
 }
 
 impl Rejection {
@@ -742,6 +1388,9 @@ impl Rejection {
             Rejection::TooLarge => "too_large",
             Rejection::Incompatible(_) => "incompatible",
             Rejection::ClockAhead(_) => "clock_ahead",
+            Rejection::Busy => "busy",
+            Rejection::TooSlow => "too_slow",
+            Rejection::Replayed => "replayed",
         }
     }
 
@@ -752,23 +1401,22 @@ impl Rejection {
             Rejection::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::Incompatible(_) => StatusCode::CONFLICT,
             Rejection::ClockAhead(_) => StatusCode::CONFLICT,
+            Rejection::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::TooSlow => StatusCode::REQUEST_TIMEOUT,
+            Rejection::Replayed => StatusCode::CONFLICT,
         }
     }
 }
 
-/// The peer listener's routes: `POST /v1/sync` (merge a message) and `GET /v1/state` (send the
-/// whole state, for a replica that starts empty).
+/// The peer listener's routes: `POST /v1/sync` (merge a message), `GET /v1/state` (send the
+/// whole state, for a replica that starts empty) and `POST /v1/lend` (lend tokens of a strict
+/// sub-bucket to a replica short of them).
 pub fn peer_router(replicator: Arc<Replicator>) -> Router {
     Router::new()
         .route("/v1/sync", post(receive))
         .route("/v1/state", get(send_state))
+        .route("/v1/lend", post(lend))
         .with_state(replicator)
-}
-
-async fn read_bounded(body: Body) -> Result<Bytes, Rejection> {
-    axum::body::to_bytes(body, MAX_MESSAGE_BYTES)
-        .await
-        .map_err(|_| Rejection::TooLarge)
 }
 
 fn refuse(replicator: &Replicator, rejection: Rejection) -> Response {
@@ -793,8 +1441,10 @@ async fn receive(
     body: Body,
 ) -> Response {
     let result = async {
-        let body = read_bounded(body).await?;
-        replicator.verify(&headers, &body)?;
+        let signed = replicator
+            .read_signed(&headers, body, MAX_MESSAGE_BYTES)
+            .await?;
+        let body = signed.body();
         replicator
             .limiter
             .metrics()
@@ -804,24 +1454,112 @@ async fn receive(
             })
             .inc_by(body.len() as u64);
         let message: SyncMessage =
-            serde_json::from_slice(&body).map_err(|e| Rejection::Malformed(e.to_string()))?;
+            serde_json::from_slice(body).map_err(|e| Rejection::Malformed(e.to_string()))?;
         replicator.apply(message)
     }
     .await;
     match result {
-        // The answer names this node, so the sender can show which node an address is.
-        Ok(changed) => axum::Json(SyncAnswer {
-            node: replicator.limiter.node_id().to_owned(),
-            merged: changed,
-            replica: Some(replicator.limiter.store().replica().0),
-            escrow: replicator.escrow_control(),
-        })
-        .into_response(),
+        // The answer names this node, so the sender can show which node an address is; it is
+        // signed, and names the request it answers (its signature), so that it counts for
+        // that request only.
+        Ok(changed) => {
+            let answer = SyncAnswer {
+                node: replicator.limiter.node_id().to_owned(),
+                merged: changed,
+                replica: Some(replicator.limiter.store().replica().0),
+                escrow: replicator.escrow_control(),
+                re: headers
+                    .get(SIGNATURE_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
+            };
+            replicator.signed_response(
+                serde_json::to_vec(&answer).expect("serializing plain data cannot fail"),
+            )
+        }
         Err(rejection) => refuse(&replicator, rejection),
     }
 }
 
-async fn send_state(State(replicator): State<Arc<Replicator>>, headers: HeaderMap) -> Response {
+/// Lend part of a strict sub-bucket to the peer asking. Validated first; a policy this replica
+/// does not hold as strict, or holds with another rate for the key, lends nothing.
+async fn lend(
+    State(replicator): State<Arc<Replicator>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let signed = replicator
+            .read_signed(&headers, body, MAX_LEND_BYTES)
+            .await?;
+        let request: LendRequest = serde_json::from_slice(signed.body())
+            .map_err(|e| Rejection::Malformed(e.to_string()))?;
+        if request.v != LEND_VERSION {
+            return Err(Rejection::Incompatible(request.v));
+        }
+        if request.replica == replicator.limiter.store().replica().0 {
+            return Err(Rejection::Malformed(
+                "loan asked by this replica itself".into(),
+            ));
+        }
+        if request.key.is_empty() || request.key.len() > crate::http::MAX_KEY_BYTES {
+            return Err(Rejection::Malformed("key length out of range".into()));
+        }
+        if request.wanted < 0
+            || request.give < 0
+            || (request.wanted == 0 && request.room <= 0 && request.give == 0)
+        {
+            return Err(Rejection::Malformed("a loan of nothing".into()));
+        }
+        Ok(replicator.lend_for(&request))
+    }
+    .await;
+    match result {
+        Ok(answer) => {
+            let body = serde_json::to_vec(&answer).expect("serializing plain data cannot fail");
+            let timestamp = replicator.limiter.now();
+            let signature = replicator.sign(timestamp, &body);
+            (
+                [
+                    (TIMESTAMP_HEADER, timestamp.to_string()),
+                    (SIGNATURE_HEADER, signature),
+                    ("content-type", "application/json".to_owned()),
+                ],
+                body,
+            )
+                .into_response()
+        }
+        Err(rejection) => refuse(&replicator, rejection),
+    }
+}
+
+/// `GET /v1/state?from=SHARD`: one page of the whole state (signed as `StatePage`; the request
+/// signs its path). Without `from`: the whole state as one signed array of messages, for
+/// replicas of an earlier version (bounded by the message size, which is why pages exist).
+async fn send_state(
+    State(replicator): State<Arc<Replicator>>,
+    Query(query): Query<StateQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(from) = query.from {
+        if let Err(rejection) = replicator.verify(&headers, state_path(from).as_bytes()) {
+            return refuse(&replicator, rejection);
+        }
+        let (message, next, _) = replicator.state_page(from);
+        // `{"next": ..., "message": <the message as encoded>}`: the message is spliced in, not
+        // decoded and encoded again.
+        let mut body = Vec::with_capacity(message.len() + 40);
+        body.extend_from_slice(b"{\"next\":");
+        body.extend_from_slice(
+            serde_json::to_string(&next)
+                .expect("serializing plain data cannot fail")
+                .as_bytes(),
+        );
+        body.extend_from_slice(b",\"message\":");
+        body.extend_from_slice(&message);
+        body.push(b'}');
+        return replicator.signed_response(body);
+    }
     if let Err(rejection) = replicator.verify(&headers, b"") {
         return refuse(&replicator, rejection);
     }
@@ -838,17 +1576,26 @@ async fn send_state(State(replicator): State<Arc<Replicator>>, headers: HeaderMa
         body.extend_from_slice(message);
     }
     body.push(b']');
-    let timestamp = replicator.limiter.now();
-    let signature = replicator.sign(timestamp, &body);
-    (
-        [
-            (TIMESTAMP_HEADER, timestamp.to_string()),
-            (SIGNATURE_HEADER, signature),
-            ("content-type", "application/json".to_owned()),
-        ],
-        body,
-    )
-        .into_response()
+    replicator.signed_response(body)
+}
+
+/// The query of `GET /v1/state`.
+#[derive(Debug, Deserialize)]
+struct StateQuery {
+    from: Option<usize>,
+}
+
+/// One page of `GET /v1/state?from=`.
+#[derive(Debug, Deserialize)]
+struct StatePage {
+    next: Option<usize>,
+    message: SyncMessage,
+}
+
+/// What a paged state request signs in place of a body: its path, so that a signature made
+/// for one page is good for no other.
+fn state_path(from: usize) -> String {
+    format!("GET /v1/state?from={from}")
 }
 
 /// The sender loop: a delta round every sync interval, a full round every anti-entropy
@@ -891,6 +1638,31 @@ pub async fn run(
     // replica's escrow shares given up, so peers need not wait out its lease.
     replicator.escrow.retire();
     replicator.push_changes(&current).await;
+}
+
+/// Counts a background task while it runs (also when it panics or is cancelled).
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    fn start(counter: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        counter.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// A loan request's nonce: unpredictable, so a recorded answer cannot be passed off as the
+/// answer to a later request.
+fn loan_nonce() -> u64 {
+    let mut bytes = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .expect("the system random source works");
+    u64::from_le_bytes(bytes)
 }
 
 fn hex(bytes: &[u8]) -> String {

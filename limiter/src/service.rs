@@ -6,11 +6,12 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use arc_swap::ArcSwap;
 
-use crate::escrow::Escrow;
+use crate::escrow::{self, Escrow, Shortfall};
+use crate::replication::Replicator;
 
 use crate::bucket::{Micros, Outcome, Rate};
 use crate::clock::Clock;
@@ -93,6 +94,9 @@ pub struct LimiterOptions {
     pub track_changes: bool,
 }
 
+/// A verdict, and for a refused `strict` request what a loan could still pay.
+type VerdictOrShortfall = (Verdict, Option<Shortfall>);
+
 #[derive(Debug)]
 pub struct Limiter {
     node_id: String,
@@ -108,6 +112,9 @@ pub struct Limiter {
     ready: AtomicBool,
     /// Decides `strict` policies once replication is on (see [`Limiter::enable_escrow`]).
     escrow: OnceLock<Arc<Escrow>>,
+    /// Borrows for `strict` requests this replica's share cannot pay (see
+    /// [`Limiter::enable_loans`]). Weak: the replicator holds this limiter.
+    lenders: OnceLock<Weak<Replicator>>,
     /// Policies registered by Envoy's rate limit service (`crate::rls`), kept across reloads
     /// of the policies file. Held while a new set is built and swapped in, so that a reload and
     /// a registration never undo each other.
@@ -139,6 +146,7 @@ impl Limiter {
             started: now,
             ready: AtomicBool::new(false),
             escrow: OnceLock::new(),
+            lenders: OnceLock::new(),
             internal: Mutex::default(),
         };
         limiter.publish_policy_gauges();
@@ -188,6 +196,96 @@ impl Limiter {
 
     pub fn escrow(&self) -> Option<&Arc<Escrow>> {
         self.escrow.get()
+    }
+
+    /// Let [`Limiter::decide_with_loans`] borrow from peers through `replicator`.
+    pub fn enable_loans(&self, replicator: Weak<Replicator>) {
+        let _ = self.lenders.set(replicator);
+    }
+
+    /// Like [`Limiter::decide`], and a `strict` request this replica's share cannot pay is paid
+    /// with tokens borrowed from its peers' shares when they hold them (docs/crdt.md, "strict
+    /// mode", loans): the request then waits for up to one loan timeout per peer asked.
+    /// `shared` policies decide exactly as [`Limiter::decide`].
+    pub async fn decide_with_loans(
+        &self,
+        policy: &str,
+        key: &str,
+        cost: u64,
+    ) -> Result<Verdict, DecideError> {
+        // Without a strict policy (the usual case) this is `decide` and nothing more.
+        let strict = self.escrow.get().is_some() && {
+            let active = self.active.load();
+            active.any_strict && active.lookup(policy)?.0.mode == Mode::Strict
+        };
+        let lenders = self.lenders.get().and_then(Weak::upgrade);
+        match lenders {
+            Some(lenders) if strict => {
+                let mut verdicts = self
+                    .decide_all_with(&[(policy, key, cost)], &lenders)
+                    .await
+                    .map_err(|(_, e)| e)?;
+                Ok(verdicts.pop().expect("one request, one verdict"))
+            }
+            _ => self.decide(policy, key, cost),
+        }
+    }
+
+    /// [`Limiter::decide_all`], with loans for `strict` requests as in
+    /// [`Limiter::decide_with_loans`].
+    pub async fn decide_all_with_loans(
+        &self,
+        requests: &[(&str, &str, u64)],
+    ) -> Result<Vec<Verdict>, (usize, DecideError)> {
+        match self.lenders.get().and_then(Weak::upgrade) {
+            Some(lenders) if self.escrow.get().is_some() && self.has_strict_policies() => {
+                self.decide_all_with(requests, &lenders).await
+            }
+            _ => self.decide_all(requests),
+        }
+    }
+
+    async fn decide_all_with(
+        &self,
+        requests: &[(&str, &str, u64)],
+        lenders: &Arc<Replicator>,
+    ) -> Result<Vec<Verdict>, (usize, DecideError)> {
+        let active = self.active.load_full();
+        let verdicts = self.decide_all_in(&active, requests)?;
+        let escrow = self.escrow.get().expect("checked by the callers");
+        let mut decided = Vec::with_capacity(verdicts.len());
+        for (&(policy, key, cost), (verdict, shortfall)) in requests.iter().zip(verdicts) {
+            let (policy, counters) = active.lookup(policy).expect("checked above");
+            let outcome = match shortfall {
+                None => verdict.outcome,
+                Some(shortfall) => {
+                    let rate = verdict.rate;
+                    let loan = lenders.borrow(&policy.name, key, rate, shortfall).await;
+                    let mut outcome = if loan.lent > 0 {
+                        escrow.spend_with_loan(policy.id, &policy.name, key, rate, cost, loan.lent)
+                    } else {
+                        verdict.outcome
+                    };
+                    lenders.even_out(policy, key, rate, shortfall.room, loan.even_out);
+                    if !outcome.allowed
+                        && let Some(peers_held) = loan.peers_held
+                    {
+                        let held = peers_held.saturating_add(shortfall.own_level);
+                        escrow.note_dry(policy.id, key, held);
+                        outcome.retry_after_us = outcome
+                            .retry_after_us
+                            .min(escrow::cluster_wait_us(rate, shortfall.needed - held));
+                    }
+                    outcome
+                }
+            };
+            counters.count(&outcome, cost);
+            decided.push(Verdict {
+                outcome,
+                rate: verdict.rate,
+            });
+        }
+        Ok(decided)
     }
 
     /// One decision, by the policy's mode.
@@ -242,6 +340,25 @@ impl Limiter {
         requests: &[(&str, &str, u64)],
     ) -> Result<Vec<Verdict>, (usize, DecideError)> {
         let active = self.active.load();
+        let verdicts = self.decide_all_in(&active, requests)?;
+        Ok(requests
+            .iter()
+            .zip(verdicts)
+            .map(|(&(policy, _, cost), (verdict, _))| {
+                let (_, counters) = active.lookup(policy).expect("checked above");
+                counters.count(&verdict.outcome, cost);
+                verdict
+            })
+            .collect())
+    }
+
+    /// The requests' verdicts (not yet counted), each refused `strict` one with what a loan
+    /// could still pay.
+    fn decide_all_in(
+        &self,
+        active: &Active,
+        requests: &[(&str, &str, u64)],
+    ) -> Result<Vec<VerdictOrShortfall>, (usize, DecideError)> {
         for (i, &(policy, key, cost)) in requests.iter().enumerate() {
             let (policy, _) = active.lookup(policy).map_err(|e| (i, e))?;
             let capacity = policy.rate_for(key).capacity();
@@ -258,17 +375,20 @@ impl Limiter {
             }
         }
         let now = self.clock.now();
-        let verdicts = requests
+        Ok(requests
             .iter()
             .map(|&(policy, key, cost)| {
-                let (policy, counters) = active.lookup(policy).expect("checked above");
+                let (policy, _) = active.lookup(policy).expect("checked above");
                 let rate = policy.rate_for(key);
-                let outcome = self.decide_one(policy, key, rate, cost, now);
-                counters.count(&outcome, cost);
-                Verdict { outcome, rate }
+                let (outcome, shortfall) = match self.escrow.get() {
+                    Some(escrow) if policy.mode == Mode::Strict => {
+                        escrow.decide_or_shortfall(policy.id, &policy.name, key, rate, cost)
+                    }
+                    _ => (self.store.decide(policy.id, key, rate, cost, now), None),
+                };
+                (Verdict { outcome, rate }, shortfall)
             })
-            .collect();
-        Ok(verdicts)
+            .collect())
     }
 
     /// What a decision for `cost` would see, without spending.

@@ -276,6 +276,30 @@ impl Store {
         }
     }
 
+    /// Visit the buckets of shards `from..` until at least `at_least` were visited (whole shards
+    /// only: a page of the state ends at a shard boundary). Returns the next shard to visit, or
+    /// `None` after the last one. Shards are stable (a key's shard never changes), so paging
+    /// through them visits every bucket that exists throughout, once.
+    pub fn for_each_page(
+        &self,
+        from: usize,
+        at_least: usize,
+        mut visit: impl FnMut(PolicyId, &str, &BucketState),
+    ) -> Option<usize> {
+        let mut visited = 0;
+        for (index, shard) in self.shards.iter().enumerate().skip(from) {
+            if visited >= at_least {
+                return Some(index);
+            }
+            let table = shard.table.lock().unwrap_or_else(|p| p.into_inner());
+            for entry in table.entries.iter() {
+                visit(entry.policy, &entry.key, &entry.state);
+            }
+            visited += table.entries.len();
+        }
+        None
+    }
+
     /// Visit every bucket changed by a local decision since the last call, and forget the
     /// changes. Requires [`Store::with_change_tracking`].
     pub fn drain_changes(&self, mut visit: impl FnMut(PolicyId, &str, &BucketState)) {

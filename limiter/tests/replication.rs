@@ -28,6 +28,14 @@ struct Replica {
 
 impl Replica {
     async fn start(name: &str, replica: u64) -> Replica {
+        Self::start_with(name, replica, |_| {}).await
+    }
+
+    async fn start_with(
+        name: &str,
+        replica: u64,
+        configure: impl FnOnce(&mut ReplicationOptions),
+    ) -> Replica {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let limiter = Arc::new(Limiter::new(LimiterOptions {
             node_id: name.into(),
@@ -37,20 +45,19 @@ impl Replica {
             shards: 8,
             track_changes: true,
         }));
-        let replicator = Arc::new(
-            Replicator::try_new(
-                limiter.clone(),
-                ReplicationOptions {
-                    secret: SECRET.to_vec(),
-                    sync_interval: Duration::from_millis(20),
-                    anti_entropy_interval: Duration::from_secs(60),
-                    request_timeout: Duration::from_secs(2),
-                    strict: Params::default(),
-                    clock_guard: Duration::from_millis(500),
-                },
-            )
-            .unwrap(),
-        );
+        let mut options = ReplicationOptions {
+            secret: SECRET.to_vec(),
+            sync_interval: Duration::from_millis(20),
+            anti_entropy_interval: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(2),
+            strict: Params::default(),
+            clock_guard: Duration::from_millis(500),
+            loan_timeout: Duration::from_millis(200),
+            unverified_budget: replication::UNVERIFIED_BUDGET,
+        };
+        configure(&mut options);
+        let replicator = Arc::new(Replicator::try_new(limiter.clone(), options).unwrap());
+        limiter.enable_loans(Arc::downgrade(&replicator));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let (peers, peers_rx) = watch::channel(Vec::new());
@@ -107,6 +114,18 @@ async fn cluster(n: usize) -> Vec<Replica> {
         replica.peers.send(others).unwrap();
     }
     replicas
+}
+
+/// The HMAC the peer protocol signs `timestamp\nbody` with, in hex.
+fn sign_bytes(timestamp: &str, body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET);
+    let mut signed = format!("{timestamp}\n").into_bytes();
+    signed.extend_from_slice(body);
+    ring::hmac::sign(&key, &signed)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
@@ -252,9 +271,45 @@ async fn unauthenticated_malformed_and_oversized_messages_are_refused_and_never_
         .await
         .unwrap();
     assert_eq!(response.status(), 409);
-    let huge = vec![b' '; replication::MAX_MESSAGE_BYTES + 1];
-    let response = client.post(&url).body(huge).send().await.unwrap();
-    assert_eq!(response.status(), 413);
+    // A body announced over the bound is refused before it is read (raw HTTP: the answer
+    // comes while the client would still be sending).
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(target.address)
+            .await
+            .unwrap();
+        let head = format!(
+            "POST /v1/sync HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\
+             x-openclaw-timestamp: {now}\r\nx-openclaw-signature: {}\r\n\r\n",
+            replication::MAX_MESSAGE_BYTES + 1,
+            "00".repeat(32)
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = vec![0u8; 12];
+        stream.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 413");
+    }
+    // A page of the state is asked for with its path signed: a signature made for one page
+    // is good for no other, and a good one gets the page.
+    let state = format!("http://{}/v1/state", target.address);
+    let page_signed =
+        |from: usize| sign_bytes(&now, format!("GET /v1/state?from={from}").as_bytes());
+    let replayed = client
+        .get(format!("{state}?from=1"))
+        .header("x-openclaw-timestamp", &now)
+        .header("x-openclaw-signature", page_signed(0))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replayed.status(), 401);
+    let page = client
+        .get(format!("{state}?from=0"))
+        .header("x-openclaw-timestamp", &now)
+        .header("x-openclaw-signature", page_signed(0))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
 
     assert!(
         target.limiter.store().is_empty(),
@@ -262,7 +317,7 @@ async fn unauthenticated_malformed_and_oversized_messages_are_refused_and_never_
     );
     let text = target.limiter.render_metrics();
     for line in [
-        "openclaw_peer_messages_rejected_total{reason=\"unauthenticated\"} 2",
+        "openclaw_peer_messages_rejected_total{reason=\"unauthenticated\"} 3",
         "openclaw_peer_messages_rejected_total{reason=\"malformed\"} 2",
         "openclaw_peer_messages_rejected_total{reason=\"incompatible\"} 1",
         "openclaw_peer_messages_rejected_total{reason=\"too_large\"} 1",
@@ -428,4 +483,328 @@ async fn a_strict_policy_is_never_exceeded_and_its_shares_follow_demand() {
     for replica in replicas {
         replica.shutdown().await;
     }
+}
+
+/// The issue's strict-mode case: a client of a strict policy of 10 tokens per second spends 5
+/// tokens per request, each on another replica. With even shares no replica holds 5 tokens of
+/// its own (a third of 10), yet the textbook bucket, full, admits two such requests: a replica
+/// short of tokens borrows the rest from its peers' shares. The third request finds the
+/// cluster's tokens spent (up to what refilled meanwhile) and is refused: borrowing moves
+/// tokens, it never makes any. Between requests the test waits for the background evening
+/// out after a loan to finish (tokens it moves are in transit meanwhile: docs/crdt.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_request_costing_more_than_one_share_borrows_from_peers_up_to_the_bucket() {
+    const POLICIES: &str =
+        "policies:\n  checkout: {capacity: 10, refill_interval_ms: 1000, mode: strict}\n";
+    let replicas = cluster(3).await;
+    for replica in &replicas {
+        replica.limiter.reload_policies(POLICIES).unwrap();
+        replica.limiter.mark_ready();
+    }
+    // Shares settled: every replica holds a third, and a fresh key's sub-bucket is full (its
+    // share has been in force for a whole interval).
+    eventually(
+        "even shares of one allocation, in force for an interval",
+        || {
+            let statuses: Vec<_> = replicas
+                .iter()
+                .map(|r| r.replicator.escrow().status())
+                .collect();
+            statuses
+                .iter()
+                .all(|s| s.allocation.is_some() && s.allocation == statuses[0].allocation)
+                && replicas.iter().zip(&statuses).all(|(r, status)| {
+                    let share = status.usable.get("checkout").copied().unwrap_or(0.0);
+                    // Allowed: the lease holds (a lapsed one shows a share of nothing, full).
+                    let peek = r.limiter.peek("checkout", "client", 1).unwrap().0.outcome;
+                    status.members.len() == 3
+                        && (share - 1.0 / 3.0).abs() < 0.01
+                        && peek.allowed
+                        && peek.reset_after_us == 0
+                })
+        },
+    )
+    .await;
+    let mut verdicts = Vec::new();
+    for replica in &replicas {
+        let verdict = replica
+            .limiter
+            .decide_with_loans("checkout", "client", 5)
+            .await
+            .unwrap();
+        verdicts.push(verdict.outcome.allowed);
+        eventually("the evening out after a loan", || {
+            replicas.iter().all(|r| r.replicator.evening_out() == 0)
+        })
+        .await;
+    }
+    assert_eq!(
+        verdicts,
+        [true, true, false],
+        "a full bucket of 10 admits two requests of 5, then refuses"
+    );
+    for replica in replicas {
+        replica.shutdown().await;
+    }
+}
+
+/// The issue's measurement: a replica joining peers that hold 300 000 spent keys turned ready
+/// knowing none of them (the whole state went out as one signed body, over the 16 MiB bound).
+/// The state now comes in pages, each signed on its own and bounded in size: the newcomer
+/// knows every key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_pulls_a_state_larger_than_one_message_in_pages() {
+    const KEYS: usize = 300_000;
+    // Each key spends 30 to 36 of 100 tokens refilled over 10 minutes: none is full again
+    // (and so forgotten) within the test.
+    let peer = Replica::start("node-big", 1).await;
+    for i in 0..KEYS {
+        peer.limiter
+            .decide("default", &format!("client-{i:07}"), 30 + (i % 7) as u64)
+            .unwrap();
+    }
+    assert_eq!(peer.limiter.store().len(), KEYS);
+    let newcomer = Replica::start("node-new", 2).await;
+    let answered = newcomer.replicator.pull_from(&[peer.address]).await;
+    assert_eq!(answered, 1, "the pull succeeded");
+    assert_eq!(newcomer.limiter.store().len(), KEYS);
+    for i in (0..KEYS).step_by(9_973) {
+        let key = format!("client-{i:07}");
+        // As its owner sees it (a token refills every 6 s, so the two reads may straddle one).
+        let (known, owner) = (newcomer.remaining(&key), peer.remaining(&key));
+        assert!(
+            known.abs_diff(owner) <= 1 && known <= 100 - 30 - (i % 7) as u64 + 2,
+            "{key}: {known} remaining for the newcomer, {owner} for its owner"
+        );
+    }
+    newcomer.shutdown().await;
+    peer.shutdown().await;
+}
+
+/// The issue's measurement: 200 connections each announcing a 16 MiB body and sending 2 MiB
+/// of it took one replica from 8 to 422 MiB, all held before any signature was looked at. Now
+/// a body is read only after its signature headers are well formed and fresh (a request
+/// without them is refused before its body), and what requests hold before they are
+/// authenticated is bounded across all of them (`unverified_budget`): a request that would
+/// go beyond it is refused with 503 at once. Slow senders hold their part of the budget for
+/// at most the body deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_bodies_are_held_within_one_budget_across_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const BUDGET: usize = 8 << 20;
+    const SENT: usize = 2 << 20;
+    let target =
+        Replica::start_with("target", 1, |options| options.unverified_budget = BUDGET).await;
+    let now = target.limiter.now().to_string();
+    // Well-formed, fresh, and wrong: only the whole body could tell.
+    let request = |signed: bool| {
+        let mut head = format!(
+            "POST /v1/sync HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+            16 << 20
+        );
+        if signed {
+            head += &format!(
+                "x-openclaw-timestamp: {now}\r\nx-openclaw-signature: {}\r\n",
+                "00".repeat(32)
+            );
+        }
+        head + "\r\n"
+    };
+    // Unsigned: refused before a byte of the body is read.
+    let mut unsigned = tokio::net::TcpStream::connect(target.address)
+        .await
+        .unwrap();
+    unsigned.write_all(request(false).as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 12];
+    unsigned.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 401");
+    // Signed ones send 2 MiB each and stall: four fit the budget; the fifth is refused.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut stream = tokio::net::TcpStream::connect(target.address)
+            .await
+            .unwrap();
+        stream.write_all(request(true).as_bytes()).await.unwrap();
+        stream.write_all(&vec![b' '; SENT]).await.unwrap();
+        held.push(stream);
+    }
+    eventually("the budget to fill", || {
+        target.replicator.unverified_bytes() >= 4 * SENT - 64 * 1024
+    })
+    .await;
+    let mut fifth = tokio::net::TcpStream::connect(target.address)
+        .await
+        .unwrap();
+    fifth.write_all(request(true).as_bytes()).await.unwrap();
+    // Some of the body may not be read any more; what matters is the answer.
+    let _ = fifth.write_all(&vec![b' '; SENT]).await;
+    let mut answer = vec![0u8; 12];
+    fifth.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 503");
+    assert!(target.replicator.unverified_bytes() <= BUDGET);
+    let text = target.limiter.render_metrics();
+    assert!(
+        text.contains("openclaw_peer_messages_rejected_total{reason=\"busy\"} 1"),
+        "{text}"
+    );
+    drop(held);
+    eventually("the budget to be given back", || {
+        target.replicator.unverified_bytes() == 0
+    })
+    .await;
+    target.shutdown().await;
+}
+
+/// Answers to `POST /v1/sync` carry the answerer's escrow state and count toward the sender's
+/// strict-mode lease, so they must come from a replica: an answer that is not signed, or is
+/// signed for another request, is taken as a delivery and nothing more (its state is not
+/// merged, its replica not counted). On the old code the fake answer below was merged and its
+/// self-declared replica recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_that_are_not_signed_for_the_request_are_not_trusted() {
+    use axum::routing::post;
+    const FAKE_ANSWER: &str = r#"{"node":"impostor","merged":0,"replica":777,"escrow":{"allocation":null,"records":{"777":{"seq":5,"acked":null,"retired":false,"demand":{},"expired":null}}}}"#;
+    let fake = axum::Router::new().route(
+        "/v1/sync",
+        post(|| async { ([("content-type", "application/json")], FAKE_ANSWER) }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fake_address = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, fake).await.unwrap() });
+    let sender = Replica::start("sender", 1).await;
+    sender.peers.send(vec![fake_address]).unwrap();
+    eventually("a message delivered to the impostor", || {
+        sender
+            .replicator
+            .peer_statuses()
+            .iter()
+            .any(|p| p.address == fake_address.to_string() && p.messages_sent > 0)
+    })
+    .await;
+    let status = sender
+        .replicator
+        .peer_statuses()
+        .into_iter()
+        .find(|p| p.address == fake_address.to_string())
+        .unwrap();
+    assert_eq!(status.replica, None, "the impostor's replica id was taken");
+    assert!(
+        !sender
+            .replicator
+            .escrow()
+            .control()
+            .records
+            .contains_key(&777),
+        "the impostor's escrow state was merged"
+    );
+    sender.shutdown().await;
+    server.abort();
+}
+
+/// A signed message is good once: the same message sent again (a replay, within the 5 minutes
+/// its timestamp is fresh) is refused, counted as `replayed`, and not merged or heard from.
+/// On the old code both were taken: merges are idempotent, but a replayed message of a dead
+/// replica kept it "heard from", which stops strict spending cluster-wide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_message_is_refused() {
+    let target = Replica::start("target", 1).await;
+    let client = reqwest::Client::new();
+    let now = target.limiter.now().to_string();
+    let body = format!(
+        r#"{{"v":2,"node":"peer","replica":5,"sent_at":{now},"full":false,"policies":["default"],"entries":[[0,"k",0,5,[[5,1,10,0]]]]}}"#
+    );
+    let send = || {
+        client
+            .post(format!("http://{}/v1/sync", target.address))
+            .header("x-openclaw-timestamp", &now)
+            .header("x-openclaw-signature", sign_bytes(&now, body.as_bytes()))
+            .body(body.clone())
+            .send()
+    };
+    assert_eq!(send().await.unwrap().status(), 200);
+    assert_eq!(send().await.unwrap().status(), 409);
+    let text = target.limiter.render_metrics();
+    assert!(
+        text.contains("openclaw_peer_messages_rejected_total{reason=\"replayed\"} 1"),
+        "{text}"
+    );
+    target.shutdown().await;
+}
+
+/// A peer with the secret that sends an allocation number or a record sequence number no
+/// cluster reaches (`u64::MAX`: the next allocation's `+ 1` overflows; a record's freezes it)
+/// is refused whole as malformed. On the old code both were merged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escrow_counters_no_cluster_reaches_are_refused() {
+    let target = Replica::start("target", 1).await;
+    let client = reqwest::Client::new();
+    let now = target.limiter.now().to_string();
+    let bodies = [
+        format!(
+            r#"{{"v":2,"node":"peer","replica":5,"sent_at":{now},"full":false,"policies":[],"entries":[],"escrow":{{"allocation":{{"version":{{"number":{},"proposer":5}},"members":[5],"shares":{{}}}},"records":{{}}}}}}"#,
+            u64::MAX
+        ),
+        format!(
+            r#"{{"v":2,"node":"peer","replica":5,"sent_at":{now},"full":false,"policies":[],"entries":[],"escrow":{{"allocation":null,"records":{{"9":{{"seq":{},"acked":null,"retired":false,"demand":{{}},"expired":null}}}}}}}}"#,
+            u64::MAX
+        ),
+    ];
+    for body in bodies {
+        let response = client
+            .post(format!("http://{}/v1/sync", target.address))
+            .header("x-openclaw-timestamp", &now)
+            .header("x-openclaw-signature", sign_bytes(&now, body.as_bytes()))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{}", response.text().await.unwrap());
+    }
+    let control = target.replicator.escrow().control();
+    assert!(control.allocation.is_none() && !control.records.contains_key(&9));
+    target.shutdown().await;
+}
+
+/// Every node name a message carries became a peer entry and a label value of the per-peer
+/// series, without bound: a peer with the secret could grow both at will. Nodes known only from
+/// their messages are now kept up to 64, the one heard from longest ago forgotten first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_known_only_from_their_messages_are_bounded() {
+    let target = Replica::start("target", 1).await;
+    let client = reqwest::Client::new();
+    for i in 0..100u64 {
+        let now = target.limiter.now().to_string();
+        let body = format!(
+            r#"{{"v":2,"node":"invented-{i}","replica":{},"sent_at":{now},"full":false,"policies":[],"entries":[]}}"#,
+            1000 + i
+        );
+        let response = client
+            .post(format!("http://{}/v1/sync", target.address))
+            .header("x-openclaw-timestamp", &now)
+            .header("x-openclaw-signature", sign_bytes(&now, body.as_bytes()))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let heard_only: Vec<String> = target
+        .replicator
+        .peer_statuses()
+        .into_iter()
+        .map(|p| p.address)
+        .filter(|a| a.starts_with("node:"))
+        .collect();
+    assert_eq!(heard_only.len(), 64, "{heard_only:?}");
+    assert!(heard_only.contains(&"node:invented-99".to_owned()));
+    assert!(!heard_only.contains(&"node:invented-0".to_owned()));
+    target.replicator.publish_gauges();
+    let series = target
+        .limiter
+        .render_metrics()
+        .lines()
+        .filter(|l| l.starts_with("openclaw_replication_lag_seconds{"))
+        .count();
+    assert!(series <= 64, "{series} lag series");
+    target.shutdown().await;
 }

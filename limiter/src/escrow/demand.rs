@@ -5,7 +5,10 @@
 //! trusted. Over one 500 ms slot a client at 10 requests/s spread over three replicas shows
 //! each of them 0 to 4 requests, and shares that followed those figures jumped between the 2 %
 //! floor and 96 % every second (docs/crdt.md, "strict mode", utilization). The counting noise of
-//! a count `c` is about `√c`, which is what the proposer weighs a share's move against.
+//! a count `c` is about `√c`, which is what the proposer weighs a share's move against; `c`
+//! counts requests, not tokens: a client whose requests cost 5 tokens each makes a count of
+//! tokens five times as lumpy, and shares that read its noise as demand moved 40 times in two
+//! minutes (escrow/tests.rs, `half_bucket_requests`).
 //!
 //! Pure: time is an argument.
 
@@ -13,8 +16,15 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::bucket::Micros;
 
-/// Tokens asked per policy name.
-type Counts = HashMap<String, u64>;
+/// Tokens and requests asked per policy name.
+type Counts = HashMap<String, Asked>;
+
+/// What a replica was asked for, of one policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Asked {
+    pub tokens: u64,
+    pub requests: u64,
+}
 
 #[derive(Debug, Clone)]
 pub struct DemandMeter {
@@ -37,19 +47,19 @@ impl DemandMeter {
         }
     }
 
-    /// `tokens` of `policy` were asked for.
+    /// One request for `tokens` of `policy`.
     pub fn record(&mut self, policy: &str, tokens: u64) {
-        match self.open.1.get_mut(policy) {
-            Some(count) => *count = count.saturating_add(tokens),
-            None => {
-                self.open.1.insert(policy.to_owned(), tokens);
-            }
-        }
+        let count = match self.open.1.get_mut(policy) {
+            Some(count) => count,
+            None => self.open.1.entry(policy.to_owned()).or_default(),
+        };
+        count.tokens = count.tokens.saturating_add(tokens);
+        count.requests = count.requests.saturating_add(1);
     }
 
-    /// Once a slot has passed: close it, and return the tokens asked per policy over the slots
+    /// Once a slot has passed: close it, and return what was asked per policy over the slots
     /// that end within the last window (policies asked for nothing are left out).
-    pub fn publish_if_due(&mut self, now: Micros) -> Option<BTreeMap<String, u64>> {
+    pub fn publish_if_due(&mut self, now: Micros) -> Option<BTreeMap<String, Asked>> {
         if now.saturating_sub(self.open.0) < self.slot_us {
             return None;
         }
@@ -62,14 +72,15 @@ impl DemandMeter {
         while self.closed.front().is_some_and(|&(end, _)| end <= horizon) {
             self.closed.pop_front();
         }
-        let mut total = BTreeMap::new();
+        let mut total: BTreeMap<String, Asked> = BTreeMap::new();
         for (_, counts) in &self.closed {
-            for (policy, &tokens) in counts {
-                let sum: &mut u64 = total.entry(policy.clone()).or_default();
-                *sum = sum.saturating_add(tokens);
+            for (policy, asked) in counts {
+                let sum = total.entry(policy.clone()).or_default();
+                sum.tokens = sum.tokens.saturating_add(asked.tokens);
+                sum.requests = sum.requests.saturating_add(asked.requests);
             }
         }
-        total.retain(|_, &mut tokens| tokens > 0);
+        total.retain(|_, asked| asked.requests > 0);
         Some(total)
     }
 }
@@ -88,7 +99,11 @@ mod tests {
         meter.record("p", 2);
         meter.record("q", 1);
         let first = meter.publish_if_due(500 * MS).unwrap();
-        assert_eq!(first, BTreeMap::from([("p".into(), 5), ("q".into(), 1)]));
+        let asked = |tokens, requests| Asked { tokens, requests };
+        assert_eq!(
+            first,
+            BTreeMap::from([("p".into(), asked(5, 2)), ("q".into(), asked(1, 1))])
+        );
         // Three more slots with one token of p each: the window now holds all four.
         for slot in 2..=4 {
             meter.record("p", 1);
@@ -97,7 +112,7 @@ mod tests {
         meter.record("p", 1);
         // At 2.5 s the first slot (ended at 0.5 s) has left the 2 s window.
         let later = meter.publish_if_due(2_500 * MS).unwrap();
-        assert_eq!(later, BTreeMap::from([("p".into(), 4)]));
+        assert_eq!(later, BTreeMap::from([("p".into(), asked(4, 4))]));
         // Nothing asked for a whole window: nothing published.
         for slot in 6..=10 {
             meter.publish_if_due(slot * 500 * MS).unwrap();

@@ -27,7 +27,7 @@ use serde::Serialize;
 
 use self::demand::DemandMeter;
 use self::protocol::{Control, Node, Params};
-use self::share::{Ppm, ShareHistory, SubBucket, WHOLE};
+use self::share::{LoanAsk, Ppm, ShareHistory, SubBucket, WHOLE, cost_units};
 use crate::bucket::{MAX_INTERVAL_MS, Micros, Outcome, Rate};
 use crate::clock::Clock;
 use crate::crdt::ReplicaId;
@@ -53,6 +53,24 @@ pub struct Escrow {
     buckets: Box<[Mutex<HashMap<PolicyId, Keys>>]>,
     /// Tokens asked for per policy.
     asked: Mutex<DemandMeter>,
+    /// Keys whose last loan fell short: (when, units the whole cluster held at most then).
+    dry: Mutex<HashMap<(PolicyId, Box<str>), DryNote>>,
+}
+
+/// (When, units the whole cluster held at most then.)
+type DryNote = (Micros, i128);
+
+/// What a refused strict request lacks, for a loan from peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shortfall {
+    /// Units (`share::cost_units`) this replica lacks for the request.
+    pub units: i128,
+    /// The request's whole cost in units.
+    pub needed: i128,
+    /// This replica's sub-bucket level (spendable or not: a lapsed lease spends none of it).
+    pub own_level: i128,
+    /// Its capacity while its lease holds (0 otherwise): a lender evens out with it.
+    pub room: i128,
 }
 
 /// What `/status` shows about escrow.
@@ -82,6 +100,7 @@ impl Escrow {
             shares: RwLock::default(),
             lease_until: AtomicU64::new(0),
             buckets: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            dry: Mutex::default(),
         }
     }
 
@@ -128,6 +147,190 @@ impl Escrow {
         })
     }
 
+    /// Like [`Escrow::decide`], and when refused, what borrowing from peers could still do:
+    /// `Some(units this replica lacks)` unless a recent failed loan showed that the cluster
+    /// cannot hold the cost yet ([`Escrow::note_dry`]).
+    pub fn decide_or_shortfall(
+        &self,
+        policy_id: PolicyId,
+        policy: &str,
+        key: &str,
+        rate: Rate,
+        cost: u64,
+    ) -> (Outcome, Option<Shortfall>) {
+        self.asked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(policy, cost);
+        let (outcome, shortfall, own_level, room) =
+            self.with_history_or_none(policy, |history, now, lease_ok| {
+                // No allocation has reached this replica yet: all of it must be borrowed.
+                let Some(history) = history else {
+                    let empty = SubBucket { level: 0, at: now };
+                    return (
+                        empty.describe(rate, 0, false, cost),
+                        cost_units(rate, cost),
+                        0,
+                        0,
+                    );
+                };
+                let mut shard = self.shard(key);
+                let keys = shard.entry(policy_id).or_default();
+                let bucket = match keys.get_mut(key) {
+                    Some(bucket) => bucket,
+                    None => keys
+                        .entry(key.into())
+                        .or_insert_with(|| SubBucket::fresh(history, rate, now)),
+                };
+                if !lease_ok {
+                    // The lease ran out: spend nothing of this share until the node has renewed
+                    // it or given it up (see `tick`); a loan may still pay the whole cost.
+                    history.settle(bucket, rate, now);
+                    let level = bucket.level;
+                    return (
+                        bucket.describe(rate, 0, false, cost),
+                        cost_units(rate, cost),
+                        level,
+                        0,
+                    );
+                }
+                let outcome = bucket.try_spend(history, rate, cost, now);
+                let room = SubBucket::capacity_now(history, rate);
+                (outcome, bucket.shortfall(rate, cost), bucket.level, room)
+            });
+        if outcome.allowed {
+            return (outcome, None);
+        }
+        let now = self.clock.steady_now();
+        let needed = cost_units(rate, cost);
+        let dry = self
+            .dry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(policy_id, Box::<str>::from(key)))
+            .is_some_and(|&(at, held)| {
+                held.saturating_add(cluster_refill(rate, now.saturating_sub(at))) < needed
+            });
+        let shortfall = (!dry).then_some(Shortfall {
+            units: shortfall,
+            needed,
+            own_level,
+            room,
+        });
+        (outcome, shortfall)
+    }
+
+    /// Lend part of `key`'s sub-bucket to a peer (see [`SubBucket::lend`]): nothing unless
+    /// this replica's lease holds. Returns what was lent and the sub-bucket's
+    /// level before (which the borrower adds up to decide whether several loans could do).
+    pub fn lend(
+        &self,
+        policy_id: PolicyId,
+        policy: &str,
+        key: &str,
+        rate: Rate,
+        ask: LoanAsk,
+    ) -> (i128, i128) {
+        self.with_history_or_none(policy, |history, now, lease_ok| {
+            let Some(history) = history else {
+                return (0, 0);
+            };
+            let mut shard = self.shard(key);
+            let keys = shard.entry(policy_id).or_default();
+            let bucket = keys
+                .entry(key.into())
+                .or_insert_with(|| SubBucket::fresh(history, rate, now));
+            if !lease_ok {
+                history.settle(bucket, rate, now);
+                return (0, bucket.level);
+            }
+            bucket.lend(history, rate, ask, now)
+        })
+    }
+
+    /// Decide a request [`Escrow::decide_or_shortfall`] refused, now with `loan` units peers
+    /// lent for it (see [`SubBucket::spend_with_loan`]).
+    pub fn spend_with_loan(
+        &self,
+        policy_id: PolicyId,
+        policy: &str,
+        key: &str,
+        rate: Rate,
+        cost: u64,
+        loan: i128,
+    ) -> Outcome {
+        self.with_history_or_none(policy, |history, now, lease_ok| {
+            let mut shard = self.shard(key);
+            let keys = shard.entry(policy_id).or_default();
+            match history {
+                Some(history) => {
+                    let bucket = keys
+                        .entry(key.into())
+                        .or_insert_with(|| SubBucket::fresh(history, rate, now));
+                    bucket.spend_with_loan(history, rate, cost, loan, lease_ok, now)
+                }
+                // No allocation has reached this replica: only the loan can pay, and nothing
+                // of it can stay here.
+                None => {
+                    let allowed = loan >= cost_units(rate, cost);
+                    SubBucket { level: 0, at: now }.describe(rate, 0, allowed, cost)
+                }
+            }
+        })
+    }
+
+    /// Add `units` a peer lent only to even out with this replica's sub-bucket of `key` (see
+    /// [`SubBucket::take_balance`]). A share of nothing (no allocation yet) keeps nothing.
+    pub fn take_balance(
+        &self,
+        policy_id: PolicyId,
+        policy: &str,
+        key: &str,
+        rate: Rate,
+        units: i128,
+    ) {
+        self.with_history_or_none(policy, |history, now, _| {
+            let Some(history) = history else {
+                return;
+            };
+            let mut shard = self.shard(key);
+            let keys = shard.entry(policy_id).or_default();
+            keys.entry(key.into())
+                .or_insert_with(|| SubBucket::fresh(history, rate, now))
+                .take_balance(history, rate, units, now);
+        });
+    }
+
+    /// This replica's level of `key` now (settled; a fresh sub-bucket's if it has none): what
+    /// it keeps, in an evening-out loan.
+    pub fn level(&self, policy_id: PolicyId, policy: &str, key: &str, rate: Rate) -> i128 {
+        self.with_history_or_none(policy, |history, now, _| {
+            let Some(history) = history else {
+                return 0;
+            };
+            let mut bucket = self
+                .shard(key)
+                .get(&policy_id)
+                .and_then(|keys| keys.get(key))
+                .copied()
+                .unwrap_or_else(|| SubBucket::fresh(history, rate, now));
+            history.settle(&mut bucket, rate, now);
+            bucket.level
+        })
+    }
+
+    /// A loan for `key` fell short and every replica that could hold a part of it said what
+    /// it held: `held` units in all, at most, now. Until refill could have brought that to a
+    /// request's cost, such requests are refused without asking the peers again (the cluster
+    /// refills at most at the policy's whole rate, so this never refuses what loans could pay).
+    pub fn note_dry(&self, policy_id: PolicyId, key: &str, held: i128) {
+        let now = self.clock.steady_now();
+        self.dry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((policy_id, key.into()), (now, held));
+    }
+
     /// What a decision would see, without spending.
     pub fn peek(
         &self,
@@ -167,6 +370,35 @@ impl Escrow {
             None => SubBucket { level: 0, at: now }.describe(rate, 0, false, cost),
             Some(history) => decide(history, now, now < self.lease_until.load(Ordering::Acquire)),
         }
+    }
+
+    /// [`Escrow::with_history`] for the loan paths, which also act before any allocation.
+    fn with_history_or_none<T>(
+        &self,
+        policy: &str,
+        act: impl FnOnce(Option<&ShareHistory>, Micros, bool) -> T,
+    ) -> T {
+        let shares = self.shares.read().unwrap_or_else(|p| p.into_inner());
+        let now = self.clock.steady_now();
+        let lease_ok = now < self.lease_until.load(Ordering::Acquire);
+        act(shares.get(policy), now, lease_ok)
+    }
+
+    /// The members of the allocation this replica follows, with their shares of `policy`
+    /// (largest first): whom to ask for a loan. Empty before any allocation.
+    pub fn lenders(&self, policy: &str) -> Vec<(u64, Ppm)> {
+        let node = self.node();
+        let Some(allocation) = node.allocation() else {
+            return Vec::new();
+        };
+        let mut members: Vec<(u64, Ppm)> = allocation
+            .members
+            .iter()
+            .filter(|&&m| m != node.me)
+            .map(|&m| (m, allocation.share(policy, m)))
+            .collect();
+        members.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        members
     }
 
     /// The control state to send to peers.
@@ -258,6 +490,16 @@ impl Escrow {
     pub fn sweep(&self, policies: &PolicySet, report: &mut SweepReport) -> usize {
         let shares = self.shares.read().unwrap_or_else(|p| p.into_inner());
         let now = self.clock.steady_now();
+        // A dry note is worth keeping for one interval at most: by then the cluster may hold
+        // a whole bucket again.
+        self.dry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(policy_id, _), (at, _)| {
+                policies.by_id(*policy_id).is_some_and(|p| {
+                    now.saturating_sub(*at) < p.rate.interval_ms().saturating_mul(1000)
+                })
+            });
         let mut reclaimed = 0;
         for shard in self.buckets.iter() {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
@@ -335,6 +577,23 @@ impl Escrow {
             sub_buckets,
         }
     }
+}
+
+/// The least time, in µs, before a whole policy could refill `units` (what a request lacked
+/// across the cluster): the earliest a retry could succeed.
+pub fn cluster_wait_us(rate: Rate, units: i128) -> Micros {
+    let per_us = i128::from(rate.capacity()) * i128::from(WHOLE);
+    if units <= 0 || per_us == 0 {
+        return 0;
+    }
+    u64::try_from((units + per_us - 1) / per_us).unwrap_or(u64::MAX)
+}
+
+/// The most a whole policy refills in `elapsed` µs, in sub-bucket units.
+fn cluster_refill(rate: Rate, elapsed: Micros) -> i128 {
+    i128::from(rate.capacity())
+        .saturating_mul(i128::from(WHOLE))
+        .saturating_mul(i128::from(elapsed))
 }
 
 fn usable_fractions(node: &Node) -> BTreeMap<String, f64> {

@@ -25,6 +25,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use super::demand::Asked;
 use super::share::{Ppm, WHOLE};
 use crate::bucket::{Micros, Rate};
 
@@ -88,6 +89,10 @@ pub struct Record {
     /// Tokens it was asked for over the last demand window ([`Params::demand_window_us`]), per
     /// strict policy (admitted or not).
     pub demand: BTreeMap<String, u64>,
+    /// Requests behind `demand` (what its counting noise depends on). Absent from replicas
+    /// of an earlier version: their token counts stand in.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub requests: BTreeMap<String, u64>,
     /// Its lease ran out while this allocation was current: it spends nothing until a newer
     /// one, which the proposer therefore issues.
     pub expired: Option<Version>,
@@ -132,10 +137,27 @@ impl Control {
         }
         if let Some(allocation) = &self.allocation {
             allocation.validate()?;
+            if allocation.version.number > MAX_COUNTER {
+                return Err(format!(
+                    "allocation number {} is beyond any a cluster reaches",
+                    allocation.version.number
+                ));
+            }
+        }
+        if let Some((replica, record)) = self.records.iter().find(|(_, r)| r.seq > MAX_COUNTER) {
+            return Err(format!(
+                "record of {replica:016x} at seq {}, beyond any a replica reaches",
+                record.seq
+            ));
         }
         Ok(())
     }
 }
+
+/// Allocation numbers and record sequence numbers count up by one per change (a few a second);
+/// 2^53 is millions of years away. One beyond it came from a peer that is not playing the
+/// protocol (it would overflow the `+ 1` that follows, or freeze the counter): refused.
+pub const MAX_COUNTER: u64 = 1 << 53;
 
 /// Timing and fairness of the protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -274,11 +296,20 @@ impl Node {
     }
 
     /// Publish this replica's demand (tokens asked for over the last demand window, per policy).
-    pub fn set_demand(&mut self, demand: BTreeMap<String, u64>) {
-        if self.my_record().is_some_and(|r| r.demand == demand) {
+    pub fn set_demand(&mut self, asked: BTreeMap<String, Asked>) {
+        let demand: BTreeMap<String, u64> =
+            asked.iter().map(|(p, a)| (p.clone(), a.tokens)).collect();
+        let requests: BTreeMap<String, u64> =
+            asked.iter().map(|(p, a)| (p.clone(), a.requests)).collect();
+        if self
+            .my_record()
+            .is_some_and(|r| r.demand == demand && r.requests == requests)
+        {
             return;
         }
-        self.record_mut().demand = demand;
+        let record = self.record_mut();
+        record.demand = demand;
+        record.requests = requests;
     }
 
     /// A gap in everything heard up to this long is not taken off a peer's silence (a peer
@@ -556,7 +587,9 @@ impl Node {
     /// tokens in 4 s. So the split is the even one while the counts are consistent with an
     /// even spread: no member's target is further from `1/n` than the hysteresis plus
     /// `significance` standard deviations of what an even spread's counting noise does to it,
-    /// `σ(a_i) = (1 + ρ)/(2n) · √((n − 1)/N)`. Otherwise it follows the counts. Either way
+    /// `σ(a_i) = (1 + ρ)/(2n) · √((n − 1)/R)`, `R` the requests behind the `N` tokens (requests
+    /// costing `k` tokens each make a token count `k` times as lumpy: it is the requests that
+    /// are counted at random). Otherwise it follows the counts. Either way
     /// `kept` (the shares in force) stays unless some share would move by more than the
     /// hysteresis.
     fn split(
@@ -587,6 +620,20 @@ impl Node {
                 (m, c.min(MAX_COUNT))
             })
             .collect();
+        // The counting noise is that of the requests (tokens stand in for a record that does
+        // not say, which over-states it least for the usual cost of one).
+        let requests: u64 = members
+            .iter()
+            .filter_map(|m| self.control.records.get(m))
+            .map(|r| {
+                r.requests
+                    .get(policy)
+                    .or_else(|| r.demand.get(policy))
+                    .copied()
+                    .unwrap_or(0)
+                    .min(MAX_COUNT)
+            })
+            .sum();
         // Tokens times the interval in µs, so that r·W is an integer.
         let interval_us = u128::from(rate.interval_ms()) * 1000;
         let n = u128::from(n);
@@ -606,9 +653,8 @@ impl Node {
             (u128::from(floor) + rest * weight / PPB) as Ppm
         };
         let even = (u128::from(floor) + rest / n) as Ppm;
-        let asked_tokens = total as f64 / interval_us as f64;
         let noise = rest as f64 * (1.0 + load as f64 / PPB as f64) / (2.0 * n as f64)
-            * ((n - 1) as f64 / asked_tokens.max(1.0)).sqrt();
+            * ((n - 1) as f64 / (requests as f64).max(1.0)).sqrt();
         let tolerance =
             f64::from(self.params.hysteresis) + f64::from(self.params.significance) * noise;
         let target: BTreeMap<u64, Ppm> = asked.iter().map(|&(m, c)| (m, share_of(c))).collect();

@@ -129,6 +129,19 @@ impl ShareHistory {
     }
 }
 
+/// What a borrower asks a lender for (see [`SubBucket::lend`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoanAsk {
+    /// Units it lacks for the request waiting on the loan (0: only evening out).
+    pub wanted: i128,
+    /// The whole level, when it is less than `wanted` (the borrower pools several loans).
+    pub partial: bool,
+    /// The borrower's capacity while its lease holds, else 0 (no evening out).
+    pub room: i128,
+    /// What the borrower's sub-bucket keeps once the request is paid.
+    pub kept: i128,
+}
+
 /// One key's private sub-bucket on this replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SubBucket {
@@ -162,6 +175,97 @@ impl SubBucket {
             self.level -= needed;
         }
         self.describe(rate, history.current(), allowed, cost)
+    }
+
+    /// The units this sub-bucket lacks for `cost` at `now` (settle it first): 0 when it holds
+    /// them. What a replica asks its peers to lend (see [`SubBucket::spend_with_loan`]).
+    pub fn shortfall(&self, rate: Rate, cost: u64) -> i128 {
+        (cost_units(rate, cost) - self.level).max(0)
+    }
+
+    /// Lend to a peer that lacks `ask.wanted` units, at `now`. When the level holds them: those
+    /// and, if the borrower has room (its capacity, 0 for none), as much more as leaves both
+    /// sub-buckets equally full once the borrower has spent (it keeps `ask.kept` of its own).
+    /// Else, with `ask.partial`, the whole level; else nothing. Returns `(lent, level before
+    /// lending)`. A loan of nothing wanted only evens out the two sub-buckets.
+    ///
+    /// The units leave this sub-bucket for good; the borrower spends them or keeps what fits
+    /// its capacity, so a loan moves tokens and never makes any (docs/crdt.md, "strict mode",
+    /// loans). Evening out the levels is what keeps refill from being lost: every sub-bucket's
+    /// fill ratio rises at the same pace (`r/C`), so sub-buckets equally full are full at the
+    /// same moment, and no share's refill is thrown away while another's bucket is short.
+    /// Only a replica whose lease holds may lend.
+    pub fn lend(
+        &mut self,
+        history: &ShareHistory,
+        rate: Rate,
+        ask: LoanAsk,
+        now: Micros,
+    ) -> (i128, i128) {
+        history.settle(self, rate, now);
+        let before = self.level;
+        let wanted = ask.wanted.max(0);
+        let lent = if before >= wanted {
+            let own = capacity(rate, history.current());
+            let spare = before - wanted;
+            // Equal fill ratios after the loan: (before − lent) / own = (kept + lent − wanted)
+            // / room, so lent = wanted + (spare · room − kept · own) / (own + room).
+            // Approximate is fine (any amount between `wanted` and `before` is safe); f64 keeps
+            // the products in range.
+            let extra = if ask.room > 0 && own + ask.room > 0 {
+                let (spare_f, room, own, kept) = (
+                    spare as f64,
+                    ask.room as f64,
+                    own as f64,
+                    ask.kept.max(0) as f64,
+                );
+                (((spare_f * room - kept * own) / (own + room)) as i128).clamp(0, spare)
+            } else {
+                0
+            };
+            wanted + extra
+        } else if ask.partial {
+            before.max(0)
+        } else {
+            0
+        };
+        self.level -= lent;
+        (lent, before)
+    }
+
+    /// Add `units` a peer lent to even out with this sub-bucket (no request waits on them),
+    /// up to its capacity.
+    pub fn take_balance(&mut self, history: &ShareHistory, rate: Rate, units: i128, now: Micros) {
+        history.settle(self, rate, now);
+        self.level = (self.level + units.max(0)).min(capacity(rate, history.current()).max(0));
+    }
+
+    /// This sub-bucket's capacity now: the room it offers a loan to even out with a lender.
+    pub fn capacity_now(history: &ShareHistory, rate: Rate) -> i128 {
+        capacity(rate, history.current())
+    }
+
+    /// Spend `cost` from this sub-bucket's level (only when `own` is true: this replica's lease
+    /// holds) plus `loan` units lent by peers for this request. Refused when both together fall
+    /// short; whatever of the loan is not spent stays here up to this sub-bucket's capacity,
+    /// and the rest is lost (which can only under-admit).
+    pub fn spend_with_loan(
+        &mut self,
+        history: &ShareHistory,
+        rate: Rate,
+        cost: u64,
+        loan: i128,
+        own: bool,
+        now: Micros,
+    ) -> Outcome {
+        history.settle(self, rate, now);
+        let needed = cost_units(rate, cost);
+        let usable = if own { self.level } else { 0 };
+        let allowed = usable + loan >= needed;
+        let left = if allowed { loan - needed } else { loan };
+        self.level = (self.level + left).clamp(0, capacity(rate, history.current()).max(0));
+        let share = if own { history.current() } else { 0 };
+        self.describe(rate, share, allowed, cost)
     }
 
     /// What a client sees: limit is the policy's capacity (the global limit), remaining and
@@ -219,6 +323,49 @@ impl SubBucket {
         let full = capacity(rate, history.current());
         self.level >= full && history.fresh_level(rate, now) >= full
     }
+}
+
+/// How much to ask each lender for when no one of them holds a request's shortfall but
+/// together they may: amounts that leave every sub-bucket equally full once the request is
+/// paid (so none sits full, losing its refill, while others are short). `own` is the
+/// borrower's (level it may spend, capacity), `lenders` each lender's (level it said it held,
+/// capacity), `needed` the request's cost in units. `None` when all of them together hold less
+/// than `needed`. The amounts cover the shortfall exactly or a little more (rounding).
+pub fn plan_pool(own: (i128, i128), lenders: &[(i128, i128)], needed: i128) -> Option<Vec<i128>> {
+    let shortfall = needed - own.0.max(0);
+    let held: i128 = lenders.iter().map(|&(level, _)| level.max(0)).sum();
+    if shortfall <= 0 || held < shortfall {
+        return None;
+    }
+    let capacity: f64 =
+        own.1.max(0) as f64 + lenders.iter().map(|&(_, c)| c.max(0) as f64).sum::<f64>();
+    // The fill ratio everyone ends at.
+    let ratio = if capacity > 0.0 {
+        ((own.0.max(0) + held - needed) as f64 / capacity).max(0.0)
+    } else {
+        0.0
+    };
+    let mut amounts: Vec<i128> = lenders
+        .iter()
+        .map(|&(level, cap)| {
+            let keep = (ratio * cap.max(0) as f64) as i128;
+            (level.max(0) - keep).clamp(0, level.max(0))
+        })
+        .collect();
+    // Rounding (or lenders fuller than their capacity says) may leave the sum short: the rest
+    // from whoever still has some, largest first.
+    let mut missing = shortfall - amounts.iter().sum::<i128>();
+    let mut order: Vec<usize> = (0..lenders.len()).collect();
+    order.sort_by_key(|&j| std::cmp::Reverse(lenders[j].0 - amounts[j]));
+    for j in order {
+        if missing <= 0 {
+            break;
+        }
+        let more = (lenders[j].0.max(0) - amounts[j]).min(missing);
+        amounts[j] += more;
+        missing -= more;
+    }
+    Some(amounts)
 }
 
 fn interval_us(rate: Rate) -> Micros {
@@ -379,6 +526,32 @@ mod tests {
         let absurd = bucket.try_spend(&history, rate, u64::MAX, 1);
         assert!(!absurd.allowed);
         assert_eq!(absurd.retry_after_us, u64::MAX);
+    }
+
+    #[test]
+    fn a_pooled_loan_leaves_every_sub_bucket_equally_full() {
+        let t = |tokens: f64| (tokens * 1e12) as i128;
+        let cap = t(10.0 / 3.0);
+        // The borrower holds 1.59, the lenders 2.84 each; the request costs 5: 3.41 short,
+        // more than either lender holds. Everyone ends at (1.59 + 5.68 − 5) / 10 full.
+        let amounts = plan_pool((t(1.59), cap), &[(t(2.84), cap), (t(2.84), cap)], t(5.0)).unwrap();
+        assert!(amounts.iter().sum::<i128>() >= t(5.0) - t(1.59));
+        // Each keeps a third of the 2.27 left (all three have the same capacity).
+        for amount in &amounts {
+            assert!(
+                (tokens(*amount) - (2.84 - 2.27 / 3.0)).abs() < 1e-6,
+                "{amounts:?}"
+            );
+        }
+        // Together too little: no plan.
+        assert_eq!(
+            plan_pool((t(1.0), cap), &[(t(1.0), cap), (t(2.0), cap)], t(5.0)),
+            None
+        );
+        // Lenders whose capacity is gone (their share shrank) give what they hold: the
+        // borrower keeps what is left over.
+        let amounts = plan_pool((0, cap), &[(t(3.0), 0), (t(3.0), 0)], t(5.0)).unwrap();
+        assert_eq!(amounts, [t(3.0), t(3.0)]);
     }
 
     #[test]

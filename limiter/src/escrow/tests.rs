@@ -10,7 +10,7 @@ use proptest::prelude::*;
 
 use super::demand::DemandMeter;
 use super::protocol::{Control, Node, Params};
-use super::share::{Ppm, ShareHistory, SubBucket, WHOLE};
+use super::share::{LoanAsk, Ppm, ShareHistory, SubBucket, WHOLE, capacity, cost_units, plan_pool};
 use crate::bucket::{Micros, Rate, ReferenceBucket};
 
 const MS: Micros = 1_000;
@@ -115,8 +115,10 @@ impl Replica {
         [(POLICY.to_owned(), self.rate)]
     }
 
-    fn decide(&mut self, key: &'static str, t: Micros) -> bool {
-        self.asked.record(POLICY, 1);
+    /// One request of `cost` tokens from this replica's own share: whether it was admitted,
+    /// and otherwise the units it lacks (everything while the lease has lapsed).
+    fn decide_cost(&mut self, key: &'static str, cost: u64, t: Micros) -> (bool, i128) {
+        self.asked.record(POLICY, cost);
         let now = self.local(t);
         let (history, rate) = (&self.history, self.rate);
         let bucket = self
@@ -124,9 +126,74 @@ impl Replica {
             .entry(key)
             .or_insert_with(|| SubBucket::fresh(history, rate, now));
         if now >= self.node.lease_until() {
-            return false;
+            return (false, cost_units(rate, cost));
         }
-        bucket.try_spend(history, rate, 1, now).allowed
+        let allowed = bucket.try_spend(history, rate, cost, now).allowed;
+        (allowed, bucket.shortfall(rate, cost))
+    }
+
+    fn lease_holds(&self, t: Micros) -> bool {
+        self.alive && self.local(t) < self.node.lease_until()
+    }
+
+    /// The lender's side of a loan (`Escrow::lend`): nothing unless the lease holds.
+    fn lend(&mut self, key: &'static str, ask: LoanAsk, t: Micros) -> (i128, i128) {
+        let now = self.local(t);
+        let lease = self.lease_holds(t);
+        let (history, rate) = (&self.history, self.rate);
+        let bucket = self
+            .buckets
+            .entry(key)
+            .or_insert_with(|| SubBucket::fresh(history, rate, now));
+        if !lease {
+            history.settle(bucket, rate, now);
+            return (0, bucket.level);
+        }
+        bucket.lend(history, rate, ask, now)
+    }
+
+    /// Level now, settled.
+    fn level(&mut self, key: &'static str, t: Micros) -> i128 {
+        let now = self.local(t);
+        let (history, rate) = (&self.history, self.rate);
+        let bucket = self
+            .buckets
+            .entry(key)
+            .or_insert_with(|| SubBucket::fresh(history, rate, now));
+        history.settle(bucket, rate, now);
+        bucket.level
+    }
+
+    fn take_balance(&mut self, key: &'static str, units: i128, t: Micros) {
+        let now = self.local(t);
+        let (history, rate) = (&self.history, self.rate);
+        let bucket = self
+            .buckets
+            .entry(key)
+            .or_insert_with(|| SubBucket::fresh(history, rate, now));
+        bucket.take_balance(history, rate, units, now);
+    }
+
+    /// The room this replica offers a loan: its capacity while its lease holds.
+    fn room(&self, t: Micros) -> i128 {
+        if self.lease_holds(t) {
+            SubBucket::capacity_now(&self.history, self.rate)
+        } else {
+            0
+        }
+    }
+
+    fn spend_with_loan(&mut self, key: &'static str, cost: u64, loan: i128, t: Micros) -> bool {
+        let now = self.local(t);
+        let lease = self.lease_holds(t);
+        let (history, rate) = (&self.history, self.rate);
+        let bucket = self
+            .buckets
+            .entry(key)
+            .or_insert_with(|| SubBucket::fresh(history, rate, now));
+        bucket
+            .spend_with_loan(history, rate, cost, loan, lease, now)
+            .allowed
     }
 }
 
@@ -168,6 +235,10 @@ struct Cluster {
     /// Per key: (simulated time, tokens) of every admission.
     admitted: BTreeMap<&'static str, Vec<(Micros, u64)>>,
     next_id: u64,
+    /// Refused requests borrow from peers (`Replicator::borrow`); loans are instantaneous,
+    /// and an answer is lost (the lender has lent, the borrower never hears) as often as a
+    /// message is dropped.
+    loans: bool,
 }
 
 impl Cluster {
@@ -191,7 +262,122 @@ impl Cluster {
             faults,
             admitted: BTreeMap::new(),
             next_id: 5000,
+            loans: true,
         }
+    }
+
+    /// A request of `cost` at replica `i`, paid from its share and, short of that, from loans
+    /// as `Replicator::borrow` asks for them: one peer that holds it all (largest share first),
+    /// else a part from each when together they held enough. Records the admission.
+    fn decide(&mut self, i: usize, key: &'static str, cost: u64, t: Micros) -> bool {
+        let (allowed, shortfall) = self.replicas[i].decide_cost(key, cost, t);
+        let allowed =
+            allowed || (self.loans && shortfall > 0 && self.borrow(i, key, cost, shortfall, t));
+        if allowed {
+            self.admitted.entry(key).or_default().push((t, cost));
+        }
+        allowed
+    }
+
+    fn borrow(
+        &mut self,
+        i: usize,
+        key: &'static str,
+        cost: u64,
+        shortfall: i128,
+        t: Micros,
+    ) -> bool {
+        let Some(allocation) = self.replicas[i].node.allocation().cloned() else {
+            return false;
+        };
+        let mut lenders: Vec<(Ppm, usize)> = (0..self.replicas.len())
+            .filter(|&j| j != i && self.replicas[j].alive && !self.cut(i, j, t))
+            .filter(|&j| allocation.members.contains(&self.replicas[j].node.me))
+            .map(|j| (allocation.share(POLICY, self.replicas[j].node.me), j))
+            .collect();
+        lenders.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut quotes: HashMap<usize, i128> = HashMap::new();
+        let room = self.replicas[i].room(t);
+        let ask = LoanAsk {
+            wanted: shortfall,
+            partial: false,
+            room,
+            kept: 0,
+        };
+        for (n, &(_, j)) in lenders.iter().enumerate() {
+            let (lent, level) = self.replicas[j].lend(key, ask, t);
+            if self.rng.chance(self.faults.drop_percent) {
+                continue; // the answer is lost: lent, never received
+            }
+            quotes.insert(j, level);
+            if lent > 0 {
+                let allowed = self.replicas[i].spend_with_loan(key, cost, lent, t);
+                // Then, off the request's path, even out with the peers not asked yet: each
+                // evens out with this replica and its lender as one group, and this replica
+                // passes its lender the lender's part.
+                let mut group = vec![i, j];
+                for &(_, k) in &lenders[n + 1..] {
+                    if room == 0 {
+                        break;
+                    }
+                    let group_room: i128 = group.iter().map(|&g| self.replicas[g].room(t)).sum();
+                    let group_kept: i128 =
+                        group.iter().map(|&g| self.replicas[g].level(key, t)).sum();
+                    let ask = LoanAsk {
+                        wanted: 0,
+                        partial: false,
+                        room: group_room,
+                        kept: group_kept,
+                    };
+                    let (lent, _) = self.replicas[k].lend(key, ask, t);
+                    if self.rng.chance(self.faults.drop_percent) {
+                        continue;
+                    }
+                    let ratio = (group_kept + lent) as f64 / group_room as f64;
+                    let mut left = lent;
+                    for &g in &group {
+                        let want = ((ratio * self.replicas[g].room(t) as f64) as i128
+                            - self.replicas[g].level(key, t))
+                        .clamp(0, left);
+                        self.replicas[g].take_balance(key, want, t);
+                        left -= want;
+                    }
+                    self.replicas[i].take_balance(key, left, t);
+                    group.push(k);
+                }
+                return allowed;
+            }
+        }
+        let mut lent = 0;
+        let needed = cost_units(self.rate, cost);
+        let own = (needed - shortfall, room);
+        let quoted: Vec<(i128, i128)> = lenders
+            .iter()
+            .map(|&(share, j)| {
+                (
+                    quotes.get(&j).copied().unwrap_or(0),
+                    capacity(self.rate, share),
+                )
+            })
+            .collect();
+        if let Some(plan) = plan_pool(own, &quoted, needed) {
+            for (&(_, j), wanted) in lenders.iter().zip(plan) {
+                if wanted <= 0 {
+                    continue;
+                }
+                let ask = LoanAsk {
+                    wanted,
+                    partial: true,
+                    room: 0,
+                    kept: 0,
+                };
+                let (part, _) = self.replicas[j].lend(key, ask, t);
+                if !self.rng.chance(self.faults.drop_percent) {
+                    lent += part;
+                }
+            }
+        }
+        lent > 0 && self.replicas[i].spend_with_loan(key, cost, lent, t)
     }
 
     fn cut(&self, a: usize, b: usize, t: Micros) -> bool {
@@ -327,7 +513,7 @@ impl Cluster {
         }
     }
 
-    /// Faults, deliveries and sync rounds due at `t`.
+    /// Faults, deliveries and sync rounds due at `t`.    /// Faults, deliveries and sync rounds due at `t`.
     fn advance(&mut self, t: Micros) {
         self.faults_at(t);
         self.deliver(t);
@@ -343,6 +529,7 @@ impl Cluster {
     fn serve(
         &mut self,
         key: &'static str,
+        cost: u64,
         arrivals: &[(Micros, usize)],
         duration: Micros,
     ) -> Vec<bool> {
@@ -351,10 +538,7 @@ impl Cluster {
         while t < duration {
             self.advance(t);
             while let Some(&(_, i)) = arrivals.get(verdicts.len()).filter(|a| a.0 <= t) {
-                let allowed = self.replicas[i].alive && self.replicas[i].decide(key, t);
-                if allowed {
-                    self.admitted.entry(key).or_default().push((t, 1));
-                }
+                let allowed = self.replicas[i].alive && self.decide(i, key, cost, t);
                 verdicts.push(allowed);
             }
             if t.is_multiple_of(1000 * MS) {
@@ -390,9 +574,7 @@ impl Cluster {
                     } else {
                         COLD_KEYS[self.rng.below(COLD_KEYS.len() as u64) as usize]
                     };
-                    if self.replicas[i].decide(key, t) {
-                        self.admitted.entry(key).or_default().push((t, 1));
-                    }
+                    self.decide(i, key, 1, t);
                 }
                 if t.is_multiple_of(1000 * MS) {
                     self.replicas[i].sweep(t);
@@ -404,9 +586,7 @@ impl Cluster {
                 let i = self.rng.below(self.replicas.len() as u64) as usize;
                 if self.replicas[i].alive {
                     for _ in 0..60 {
-                        if self.replicas[i].decide("burst", t) {
-                            self.admitted.entry("burst").or_default().push((t, 1));
-                        }
+                        self.decide(i, "burst", 1, t);
                     }
                 }
             }
@@ -610,7 +790,13 @@ struct VersusIdeal {
 }
 
 impl VersusIdeal {
-    fn new(rate: Rate, arrivals: &[(Micros, usize)], verdicts: &[bool], from: Micros) -> Self {
+    fn new(
+        rate: Rate,
+        cost: u64,
+        arrivals: &[(Micros, usize)],
+        verdicts: &[bool],
+        from: Micros,
+    ) -> Self {
         assert_eq!(arrivals.len(), verdicts.len());
         let mut ideal = ReferenceBucket::new_at(rate, 0);
         let mut counts = Self {
@@ -620,7 +806,7 @@ impl VersusIdeal {
             missed: 0,
         };
         for (&(at, _), &strict) in arrivals.iter().zip(verdicts) {
-            let admits = ideal.try_consume_at(1, at).allowed;
+            let admits = ideal.try_consume_at(cost, at).allowed;
             if at < from {
                 continue;
             }
@@ -706,9 +892,9 @@ fn assert_under_limit_bound(load: f64, kept: f64) -> Vec<(&'static str, VersusId
             bursts: false,
         };
         let mut cluster = Cluster::with_rate(REPLICAS, 11, faults, rate);
-        let verdicts = cluster.serve("client", &arrivals, DURATION);
-        let whole = VersusIdeal::new(rate, &arrivals, &verdicts, 0);
-        let settled = VersusIdeal::new(rate, &arrivals, &verdicts, SETTLED);
+        let verdicts = cluster.serve("client", 1, &arrivals, DURATION);
+        let whole = VersusIdeal::new(rate, 1, &arrivals, &verdicts, 0);
+        let settled = VersusIdeal::new(rate, 1, &arrivals, &verdicts, SETTLED);
         let excess = cluster.worst_excess();
         assert!(
             excess <= 1e-6,
@@ -761,4 +947,97 @@ fn a_client_at_half_its_limit_on_random_replicas_is_admitted_as_the_ideal_bucket
 #[test]
 fn a_client_at_90_percent_of_its_limit_on_random_replicas_loses_no_more_than_the_bound() {
     assert_under_limit_bound(0.9, 0.0);
+}
+
+/// The accuracy harness's clients (docs/accuracy.md): a bucket of 10 tokens per second, each
+/// request costing 5, at `load` of the limit, each request at a random one of three replicas,
+/// Poisson then periodic, for two minutes; with or without loans. Returns, per pattern, the
+/// verdicts after the shares settle against the ideal bucket's, and the worst excess over the
+/// bucket in any window.
+fn half_bucket_requests(load: f64, loans: bool) -> Vec<(&'static str, VersusIdeal, f64)> {
+    const REPLICAS: usize = 3;
+    const DURATION: Micros = 120_000 * MS;
+    const SETTLED: Micros = 7_000 * MS;
+    const COST: u64 = 5;
+    let rate = Rate::try_new(10, 1000).unwrap();
+    let per_second = load * 10.0 / COST as f64;
+    let mut rng = Rng(77);
+    let patterns = [
+        (
+            "poisson",
+            poisson_arrivals(per_second, REPLICAS, DURATION, &mut rng),
+        ),
+        (
+            "periodic",
+            periodic_arrivals((1e6 / per_second) as Micros, REPLICAS, DURATION, &mut rng),
+        ),
+    ];
+    patterns
+        .into_iter()
+        .map(|(pattern, arrivals)| {
+            let faults = Faults {
+                drop_percent: 0,
+                max_delay_ms: 2,
+                partitions: vec![],
+                crashes: vec![],
+                leaves: vec![],
+                bursts: false,
+            };
+            let mut cluster = Cluster::with_rate(REPLICAS, 11, faults, rate);
+            cluster.loans = loans;
+            let verdicts = cluster.serve("client", COST, &arrivals, DURATION);
+            let settled = VersusIdeal::new(rate, COST, &arrivals, &verdicts, SETTLED);
+            let excess = cluster.worst_excess();
+            eprintln!(
+                "{pattern} at {:.0} % of the limit, loans {loans}: kept {:.2} % ({settled:?}), \
+                 worst excess {excess:.6}",
+                100.0 * load,
+                100.0 * settled.kept()
+            );
+            (pattern, settled, excess)
+        })
+        .collect()
+}
+
+/// The issue's measurement, strict mode: a client spending 5 of its 10 tokens once a second
+/// on random replicas was refused 12 to 33 % of the time, since no replica's third of the
+/// bucket (3.3 tokens) can ever pay 5. With loans, a replica short of tokens borrows the rest
+/// from its peers' shares: it is admitted whenever the ideal bucket admits it (the first
+/// seconds aside, while the first allocation fills).
+#[test]
+fn a_client_spending_half_its_bucket_per_request_on_random_replicas_is_admitted_as_the_ideal_bucket_admits_it()
+ {
+    for (pattern, settled, excess) in half_bucket_requests(0.5, true) {
+        assert!(
+            settled.kept() >= 0.99,
+            "{pattern}: kept {:.2} % of what the ideal bucket admits: {settled:?}",
+            100.0 * settled.kept()
+        );
+        assert!(
+            excess <= 1e-6,
+            "{pattern}: admitted {excess} over the bucket"
+        );
+    }
+    // Without loans nothing of cost 5 is ever admitted: the test can tell.
+    for (pattern, settled, _) in half_bucket_requests(0.5, false) {
+        assert_eq!(settled.strict, 0, "{pattern}: {settled:?}");
+    }
+}
+
+/// At 90 % of the limit the same client keeps nearly all it would get from one bucket: a
+/// sub-bucket that is full while another is not loses its refill (docs/crdt.md), which is
+/// what stands between loans and the ideal. Measured, and held to 97 %.
+#[test]
+fn a_client_spending_half_its_bucket_per_request_at_90_percent_loses_little_to_loans() {
+    for (pattern, settled, excess) in half_bucket_requests(0.9, true) {
+        assert!(
+            settled.kept() >= 0.97,
+            "{pattern}: kept {:.2} % of what the ideal bucket admits: {settled:?}",
+            100.0 * settled.kept()
+        );
+        assert!(
+            excess <= 1e-6,
+            "{pattern}: admitted {excess} over the bucket"
+        );
+    }
 }

@@ -52,7 +52,8 @@ pub async fn rate(State(state): State<AppState>, request: Request) -> Result<Res
     let input = fields.validate("", fallback_key)?;
     let verdict = state
         .limiter
-        .decide(&input.policy, &input.key, input.cost)?;
+        .decide_with_loans(&input.policy, &input.key, input.cost)
+        .await?;
     Ok(decision_response(&input.policy, verdict))
 }
 
@@ -96,14 +97,14 @@ pub async fn batch(State(state): State<AppState>, request: Request) -> Result<Re
         .iter()
         .map(|i| (i.policy.as_str(), i.key.as_str(), i.cost))
         .collect();
-    let verdicts =
-        state
-            .limiter
-            .decide_all(&requests)
-            .map_err(|(i, e)| match ApiError::from(e) {
-                ApiError::Decide(e) => ApiError::InvalidBatch(format!("requests[{i}]: {e}")),
-                other => other,
-            })?;
+    let verdicts = state
+        .limiter
+        .decide_all_with_loans(&requests)
+        .await
+        .map_err(|(i, e)| match ApiError::from(e) {
+            ApiError::Decide(e) => ApiError::InvalidBatch(format!("requests[{i}]: {e}")),
+            other => other,
+        })?;
     let decisions = inputs
         .iter()
         .zip(verdicts)

@@ -655,11 +655,13 @@ fn clock_offset_ms(service: &Service, http: &Client) -> Option<f64> {
     best.map(|(_, offset)| offset)
 }
 
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 struct Counters {
     sent_bytes: f64,
     sent_entries: f64,
     decisions: f64,
+    /// `strict` loans by `role,result` labels (`openclaw_strict_loans_total`).
+    loans: BTreeMap<String, f64>,
 }
 
 /// Replication and decision counters summed over the replicas (from `/metrics`).
@@ -684,6 +686,11 @@ fn counters(cluster: &Cluster, http: &Client) -> Counters {
                 total.sent_entries += value;
             } else if series.starts_with(r#"openclaw_requests_total{policy="default","#) {
                 total.decisions += value;
+            } else if let Some(labels) = series.strip_prefix("openclaw_strict_loans_total{") {
+                *total
+                    .loans
+                    .entry(labels.trim_end_matches('}').to_owned())
+                    .or_default() += value;
             }
         }
     }
@@ -1275,6 +1282,18 @@ fn run_pattern(run: &Run, options: &Options) -> (Row, Option<Report>) {
         row.late_p50_ms,
         row.late_p99_ms,
     );
+    // Strict mode: the loans this run made (a `failed` one may be a refusal the cluster could
+    // have paid).
+    let loans: Vec<String> = after
+        .loans
+        .iter()
+        .map(|(labels, n)| (labels, n - before.loans.get(labels).copied().unwrap_or(0.0)))
+        .filter(|(_, n)| *n > 0.0)
+        .map(|(labels, n)| format!("{} {n}", labels.replace('"', "")))
+        .collect();
+    if !loans.is_empty() {
+        eprintln!("   strict loans: {}", loans.join("; "));
+    }
     if pattern.is_below() {
         let ideal = ideal_verdicts(&sent, run.capacity, run.refill_ms);
         print_below_details(&sent, &ideal, &cluster.started_at);
