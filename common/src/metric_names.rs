@@ -82,6 +82,20 @@ pub const STRICT_LEASE_REMAINING_SECONDS: &str = "openclaw_strict_lease_remainin
 /// an evening out). Counter.
 pub const STRICT_LOANS_TOTAL: &str = "openclaw_strict_loans_total";
 
+/// Envoy's rate limit service: `ShouldRateLimit` calls answered, by `code` (`ok`,
+/// `over_limit`, `invalid_argument`, `unauthenticated`). Counter.
+pub const RLS_REQUESTS_TOTAL: &str = "openclaw_rls_requests_total";
+/// Envoy's rate limit service: request descriptors decided, by `domain`, `rule` and `decision`.
+/// Counter; labels come from the configuration only.
+pub const RLS_DESCRIPTORS_TOTAL: &str = "openclaw_rls_descriptors_total";
+/// Envoy's rate limit service: hits (`hits_addend`) of descriptors of a `detailed_metric` rule,
+/// by `domain`, `rule`, descriptor `value` (at most a bounded number per rule) and `decision`.
+pub const RLS_DETAILED_HITS_TOTAL: &str = "openclaw_rls_detailed_hits_total";
+/// Attempts to load the rate limit configuration (`OPENCLAW_RLS_CONFIG`), by `result`. Counter.
+pub const RLS_CONFIG_RELOADS_TOTAL: &str = "openclaw_rls_config_reloads_total";
+/// 1 if the last attempt to load the rate limit configuration succeeded, else 0. Gauge.
+pub const RLS_CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "openclaw_rls_config_last_reload_successful";
+
 /// Every name above, for checks that documents and artifacts mention them all.
 pub const ALL: &[&str] = &[
     REQUESTS_TOTAL,
@@ -115,6 +129,11 @@ pub const ALL: &[&str] = &[
     STRICT_SHARE,
     STRICT_LEASE_REMAINING_SECONDS,
     STRICT_LOANS_TOTAL,
+    RLS_REQUESTS_TOTAL,
+    RLS_DESCRIPTORS_TOTAL,
+    RLS_DETAILED_HITS_TOTAL,
+    RLS_CONFIG_RELOADS_TOTAL,
+    RLS_CONFIG_LAST_RELOAD_SUCCESSFUL,
 ];
 
 #[cfg(test)]

@@ -152,6 +152,16 @@ pub struct Args {
     #[arg(long, env = "OPENCLAW_SNAPSHOT_INTERVAL_S", default_value_t = 60)]
     pub snapshot_interval_s: u64,
 
+    /// Address of Envoy's rate limit service (gRPC, HTTP/2 cleartext); served only when
+    /// OPENCLAW_RLS_CONFIG is set. Port 0 picks a free port.
+    #[arg(long, env = "OPENCLAW_GRPC_LISTEN", default_value = "0.0.0.0:8082")]
+    pub grpc_listen: SocketAddr,
+
+    /// envoyproxy/ratelimit YAML rules: a file, or a directory of .yaml/.yml files; reloaded
+    /// when they change (every OPENCLAW_POLICIES_RELOAD_MS). Setting it starts the gRPC listener.
+    #[arg(long, env = "OPENCLAW_RLS_CONFIG")]
+    pub rls_config: Option<PathBuf>,
+
     /// Validate the configuration and the policies file, print the policies, and exit.
     #[arg(long)]
     pub check_config: bool,
@@ -178,6 +188,15 @@ pub struct ReplicationSettings {
     pub clock_skew_guard: Duration,
 }
 
+/// Envoy's rate limit service, present when `OPENCLAW_RLS_CONFIG` is set.
+#[derive(Debug, Clone)]
+pub struct RlsSettings {
+    pub listen: SocketAddr,
+    pub path: PathBuf,
+    /// The files as read and validated at start: (name, text).
+    pub files: Vec<(String, String)>,
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -194,6 +213,7 @@ pub struct Config {
     pub replication: Option<ReplicationSettings>,
     pub snapshot_dir: Option<PathBuf>,
     pub snapshot_interval: Duration,
+    pub rls: Option<RlsSettings>,
 }
 
 impl Config {
@@ -240,12 +260,36 @@ impl Config {
                 }
             }
         }
+        let rls = args.rls_config.as_ref().and_then(|path| {
+            let files = crate::rls::config::read_files(path)
+                .map_err(|problems| {
+                    errors.extend(
+                        problems
+                            .0
+                            .into_iter()
+                            .map(|p| format!("OPENCLAW_RLS_CONFIG: {p}")),
+                    )
+                })
+                .ok()?;
+            match crate::rls::RlsConfig::from_files(&files) {
+                Ok(_) => Some(RlsSettings {
+                    listen: args.grpc_listen,
+                    path: path.clone(),
+                    files,
+                }),
+                Err(problems) => {
+                    errors.extend(problems.0);
+                    None
+                }
+            }
+        });
         let replication = replication_settings(&args, &mut errors);
         if args.snapshot_interval_s == 0 {
             errors.push("OPENCLAW_SNAPSHOT_INTERVAL_S must be at least 1".into());
         }
         match (errors.is_empty(), default_rate) {
             (true, Some(default_rate)) => Ok(Self {
+                rls,
                 replication,
                 snapshot_dir: args.snapshot_dir,
                 snapshot_interval: Duration::from_secs(args.snapshot_interval_s),
@@ -412,6 +456,39 @@ mod tests {
             "{errors:?}"
         );
         assert_eq!(replication.sync_interval, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn the_rate_limit_service_is_configured_by_its_rules_and_they_are_validated() {
+        let config = Config::try_from_args(args(&[])).unwrap();
+        assert!(config.rls.is_none(), "no rules, no gRPC listener");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("edge.yaml");
+        std::fs::write(
+            &file,
+            "domain: edge\ndescriptors:\n  - key: k\n    rate_limit: {unit: day, requests_per_unit: 1000}\n",
+        )
+        .unwrap();
+        let config = Config::try_from_args(args(&[
+            "--rls-config",
+            dir.path().to_str().unwrap(),
+            "--grpc-listen",
+            "127.0.0.1:0",
+        ]))
+        .unwrap();
+        let rls = config.rls.unwrap();
+        assert_eq!(rls.files.len(), 1);
+        assert_eq!(rls.listen.to_string(), "127.0.0.1:0");
+        std::fs::write(&file, "domain: edge\ndescriptors:\n  - key: k\n    rate_limit: {unit: fortnight, requests_per_unit: 1}\n").unwrap();
+        let errors =
+            Config::try_from_args(args(&["--rls-config", file.to_str().unwrap()])).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].contains(
+                "edge.yaml: descriptors[0].rate_limit.unit: invalid rate limit unit `fortnight`"
+            ),
+            "{errors:?}"
+        );
     }
 
     #[test]

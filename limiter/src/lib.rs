@@ -8,6 +8,7 @@
 //! * [`store`]: the sharded table of buckets; still no clock and no I/O.
 //! * [`policy`]: named limits and per-key overrides, validated from YAML.
 //! * [`service`]: the limiter as callers see it: reads the clock, counts, reloads policies.
+//! * [`rls`]: Envoy's rate limit service (gRPC), descriptor rules decided on the same buckets.
 //! * [`http`]: the decision API; [`server`]: lifecycle; [`config`]: flags and env vars;
 //!   [`metrics`]: the Prometheus series.
 
@@ -21,6 +22,7 @@ pub mod membership;
 pub mod metrics;
 pub mod policy;
 pub mod replication;
+pub mod rls;
 pub mod server;
 pub mod service;
 pub mod snapshot;

@@ -13,6 +13,8 @@ use openclaw_limiter::crdt::ReplicaId;
 use openclaw_limiter::escrow::protocol::Params;
 use openclaw_limiter::membership::{Membership, SelfAddrs};
 use openclaw_limiter::replication::{ReplicationOptions, Replicator};
+use openclaw_limiter::rls::grpc::GrpcOptions;
+use openclaw_limiter::rls::{Rls, RlsConfig};
 use openclaw_limiter::server::{Replication, ServerOptions, serve};
 use openclaw_limiter::service::{Limiter, LimiterOptions};
 use openclaw_limiter::snapshot::Snapshots;
@@ -78,6 +80,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .reload_policies(text)
             .map_err(|e| anyhow::anyhow!("policies file: {e}"))?;
     }
+    // The rate limit service's rules are policies of the limiter: registered before snapshots
+    // are restored, so that their buckets are restored too.
+    let rls = match &config.rls {
+        None => None,
+        Some(settings) => {
+            let rules = RlsConfig::from_files(&settings.files)
+                .map_err(|e| anyhow::anyhow!("OPENCLAW_RLS_CONFIG: {e}"))?;
+            Some(Arc::new(Rls::new(limiter.clone(), rules)))
+        }
+    };
     let snapshots = match &config.snapshot_dir {
         None => None,
         Some(dir) => {
@@ -148,12 +160,40 @@ async fn run(config: Config) -> anyhow::Result<()> {
             ))
         }
     };
-    // Machine-readable lines on stdout: scripts and tests that bind port 0 read them.
-    println!("listening api=http://{addr}");
+    let grpc = match (&config.rls, rls) {
+        (Some(settings), Some(rls)) => {
+            let listener = tokio::net::TcpListener::bind(settings.listen)
+                .await
+                .with_context(|| format!("cannot listen for gRPC on {}", settings.listen))?;
+            Some(GrpcOptions {
+                listener,
+                rls,
+                config_path: Some(settings.path.clone()),
+                config_files: Some(settings.files.clone()),
+                reload_every: config.policies_reload,
+                shutdown_grace: config.shutdown_grace,
+                api_key: config.api_key.as_deref().map(Arc::from),
+            })
+        }
+        _ => None,
+    };
+    // Machine-readable lines on stdout: scripts and tests that bind port 0 read them. One
+    // write for all of them, so a reader that has the first line has the others too.
+    let mut listening = format!("listening api=http://{addr}\n");
     let replication = replication.map(|(peer_addr, replication)| {
-        println!("listening peer=http://{peer_addr}");
+        listening.push_str(&format!("listening peer=http://{peer_addr}\n"));
         replication
     });
+    if let Some(grpc) = &grpc {
+        let grpc_addr = grpc.listener.local_addr()?;
+        listening.push_str(&format!("listening grpc=http://{grpc_addr}\n"));
+    }
+    {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_all(listening.as_bytes())?;
+        stdout.flush()?;
+    }
     tracing::info!(%addr, node = %config.node_id, policies = limiter.policies().len(), "openclaw-limiter started");
     serve(
         listener,
@@ -167,6 +207,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             snapshots,
         },
         replication,
+        grpc,
         shutdown_signal(),
     )
     .await?;

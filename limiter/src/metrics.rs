@@ -66,6 +66,29 @@ pub struct VersionLabels {
     pub version: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    pub code: &'static str,
+}
+
+/// A rate limit service rule: labels from the configuration, never from a request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    pub domain: String,
+    pub rule: String,
+    pub decision: &'static str,
+}
+
+/// [`RuleLabels`] and a descriptor value, for rules that ask for `detailed_metric` (bounded per
+/// rule by `rls::service::MAX_DETAILED_VALUES`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DetailedLabels {
+    pub domain: String,
+    pub rule: String,
+    pub value: String,
+    pub decision: &'static str,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 /// The label set of a family with one unlabelled series (the empty list).
 pub type NoLabels = Vec<(&'static str, &'static str)>;
@@ -160,6 +183,11 @@ pub struct Metrics {
     /// a 0 on a replica without one would read as a lapsed lease.
     pub strict_lease_remaining: Family<NoLabels, FloatGauge>,
     strict_loans: Family<LoanLabels, Counter>,
+    pub rls_requests: Family<CodeLabels, Counter>,
+    pub rls_descriptors: Family<RuleLabels, Counter>,
+    pub rls_detailed_hits: Family<DetailedLabels, Counter>,
+    pub rls_config_reloads: Family<ResultLabels, Counter>,
+    pub rls_config_reload_ok: Gauge,
     /// Latency histogram handles per route, resolved once: a request must not hash label sets.
     route_latency: Vec<(&'static str, Histogram)>,
 }
@@ -218,6 +246,11 @@ impl Metrics {
             strict_share: Family::default(),
             strict_lease_remaining: Family::default(),
             strict_loans: Family::default(),
+            rls_requests: Family::default(),
+            rls_descriptors: Family::default(),
+            rls_detailed_hits: Family::default(),
+            rls_config_reloads: Family::default(),
+            rls_config_reload_ok: Gauge::default(),
             route_latency: Vec::new(),
             registry: Registry::default(),
         };
@@ -366,6 +399,31 @@ impl Metrics {
             counter_name(names::STRICT_LOANS_TOTAL),
             "Strict-mode loans between replicas, by role (borrower, lender) and result",
             metrics.strict_loans.clone(),
+        );
+        registry.register(
+            counter_name(names::RLS_REQUESTS_TOTAL),
+            "ShouldRateLimit calls of Envoy's rate limit service, by overall code",
+            metrics.rls_requests.clone(),
+        );
+        registry.register(
+            counter_name(names::RLS_DESCRIPTORS_TOTAL),
+            "Request descriptors decided by the rate limit service, by domain, rule and decision",
+            metrics.rls_descriptors.clone(),
+        );
+        registry.register(
+            counter_name(names::RLS_DETAILED_HITS_TOTAL),
+            "Hits of descriptors of rules with detailed_metric, by domain, rule, value (bounded) and decision",
+            metrics.rls_detailed_hits.clone(),
+        );
+        registry.register(
+            counter_name(names::RLS_CONFIG_RELOADS_TOTAL),
+            "Attempts to load the rate limit service configuration, by result",
+            metrics.rls_config_reloads.clone(),
+        );
+        registry.register(
+            names::RLS_CONFIG_LAST_RELOAD_SUCCESSFUL,
+            "1 if the last attempt to load the rate limit service configuration succeeded, else 0",
+            metrics.rls_config_reload_ok.clone(),
         );
         for state in ["up", "down"] {
             metrics.peers.get_or_create(&StateLabels { state }).set(0);

@@ -78,6 +78,9 @@ pub struct Policy {
     pub rate: Rate,
     pub mode: Mode,
     overrides: HashMap<CompactString, Rate, foldhash::fast::RandomState>,
+    /// Registered by another part of the limiter (Envoy's rate limit service, `crate::rls`),
+    /// not by the policies file: a reload of the file keeps it.
+    pub internal: bool,
 }
 
 impl Policy {
@@ -227,8 +230,32 @@ impl PolicySet {
         Ok(Self::from_specs(specs, ids))
     }
 
-    fn from_specs(mut specs: Vec<Spec>, ids: &PolicyIds) -> Self {
-        specs.sort_by(|a, b| a.0.cmp(&b.0));
+    /// The same policies from the file, with `internal` (name, rate) in place of the internal
+    /// policies this set had. Internal names contain a `:`, which no policy in the file may
+    /// (see [`valid_policy_name`]), so the two never collide; and no `/rate` request can name
+    /// one. An internal policy is `shared` and has no overrides.
+    pub fn with_internal(&self, internal: &[(String, Rate)], ids: &PolicyIds) -> Self {
+        let mut policies: Vec<Arc<Policy>> = self
+            .policies
+            .iter()
+            .filter(|p| !p.internal)
+            .cloned()
+            .collect();
+        policies.extend(internal.iter().map(|(name, rate)| {
+            debug_assert!(name.contains(':'), "internal policy names contain a `:`");
+            Arc::new(Policy {
+                id: ids.id_of(name),
+                name: name.clone(),
+                rate: *rate,
+                mode: Mode::Shared,
+                overrides: HashMap::default(),
+                internal: true,
+            })
+        }));
+        Self::from_policies(policies)
+    }
+
+    fn from_specs(specs: Vec<Spec>, ids: &PolicyIds) -> Self {
         let policies: Vec<Arc<Policy>> = specs
             .into_iter()
             .map(|(name, rate, mode, overrides)| {
@@ -238,9 +265,15 @@ impl PolicySet {
                     rate,
                     mode,
                     overrides,
+                    internal: false,
                 })
             })
             .collect();
+        Self::from_policies(policies)
+    }
+
+    fn from_policies(mut policies: Vec<Arc<Policy>>) -> Self {
+        policies.sort_by(|a, b| a.name.cmp(&b.name));
         let by_name = policies
             .iter()
             .enumerate()

@@ -54,6 +54,7 @@ pub async fn serve(
     limiter: Arc<Limiter>,
     options: ServerOptions,
     replication: Option<Replication>,
+    grpc: Option<crate::rls::grpc::GrpcOptions>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -76,6 +77,13 @@ pub async fn serve(
                 stop_rx.clone(),
             )
             .instrument(span),
+        );
+    }
+
+    if let Some(grpc) = grpc {
+        // Drains with the HTTP server: both stop on the same signal.
+        tasks.spawn(
+            crate::rls::grpc::serve(grpc, stop_rx.clone()).instrument(tracing::info_span!("grpc")),
         );
     }
 

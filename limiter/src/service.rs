@@ -115,6 +115,10 @@ pub struct Limiter {
     /// Borrows for `strict` requests this replica's share cannot pay (see
     /// [`Limiter::enable_loans`]). Weak: the replicator holds this limiter.
     lenders: OnceLock<Weak<Replicator>>,
+    /// Policies registered by Envoy's rate limit service (`crate::rls`), kept across reloads
+    /// of the policies file. Held while a new set is built and swapped in, so that a reload and
+    /// a registration never undo each other.
+    internal: Mutex<Vec<(String, Rate)>>,
 }
 
 impl Limiter {
@@ -143,6 +147,7 @@ impl Limiter {
             ready: AtomicBool::new(false),
             escrow: OnceLock::new(),
             lenders: OnceLock::new(),
+            internal: Mutex::default(),
         };
         limiter.publish_policy_gauges();
         limiter
@@ -416,7 +421,23 @@ impl Limiter {
             .get_or_create(&ResultLabels { result: outcome })
             .inc();
         self.metrics.policy_reload_ok.set(i64::from(result.is_ok()));
-        let set = result?;
+        let internal = self.internal.lock().unwrap_or_else(|p| p.into_inner());
+        self.install(result?.with_internal(&internal, &self.ids));
+        Ok(())
+    }
+
+    /// Replace the internal policies (see [`crate::policy::Policy::internal`]) with `policies`,
+    /// keeping those of the policies file. Buckets of policies that remain keep their state;
+    /// the sweep drops those of policies that went.
+    pub fn set_internal_policies(&self, policies: Vec<(String, Rate)>) {
+        let mut internal = self.internal.lock().unwrap_or_else(|p| p.into_inner());
+        *internal = policies;
+        let set = self.active.load().set.with_internal(&internal, &self.ids);
+        self.install(set);
+    }
+
+    /// Swap `set` in and update the per-policy series.
+    fn install(&self, set: PolicySet) {
         let previous = self
             .active
             .swap(Arc::new(Active::build(set, &self.metrics)));
@@ -429,7 +450,6 @@ impl Limiter {
             self.metrics.forget_policy(&gone.name);
         }
         self.publish_policy_gauges();
-        Ok(())
     }
 
     fn publish_policy_gauges(&self) {

@@ -43,6 +43,8 @@ const LOCAL_OVERRIDES: &[&str] = &[
     "OPENCLAW_SNAPSHOT_DIR",
     "OPENCLAW_POLICIES",
     "OPENCLAW_LOG_FORMAT",
+    "OPENCLAW_GRPC_LISTEN",
+    "OPENCLAW_RLS_CONFIG",
 ];
 
 /// How to start the stack.
@@ -89,6 +91,11 @@ impl Options {
 
     fn policies_file(&self) -> PathBuf {
         self.config_dir.join("deploy/base/limiter/policies.yaml")
+    }
+
+    /// The rate limit service's rules (ConfigMap openclaw-limiter-rls in a pod).
+    fn rls_rules_file(&self) -> PathBuf {
+        self.config_dir.join("deploy/base/limiter/rls-rules.yaml")
     }
 }
 
@@ -523,6 +530,12 @@ fn limiter_env(options: &Options) -> Result<Vec<(String, String)>> {
         options.policies_file().display().to_string(),
     ));
     env.push(("OPENCLAW_LOG_FORMAT".into(), "text".into()));
+    // The gRPC rate limit service as deployed, on a port of its own per replica.
+    env.push((
+        "OPENCLAW_RLS_CONFIG".into(),
+        options.rls_rules_file().display().to_string(),
+    ));
+    env.push(("OPENCLAW_GRPC_LISTEN".into(), "127.0.0.1:0".into()));
     // Peers on loopback answer at once: do not hold readiness for the default 5 s.
     env.push(("OPENCLAW_READY_MAX_WAIT_MS".into(), "2000".into()));
     Ok(env)

@@ -457,6 +457,12 @@ fn every_env_var_and_port_in_the_manifests_is_one_the_binaries_read() {
                                 .and_then(|a| port_of_addr(&a))
                                 .unwrap_or(8081),
                         ),
+                        (
+                            "grpc",
+                            value_of("OPENCLAW_GRPC_LISTEN")
+                                .and_then(|a| port_of_addr(&a))
+                                .unwrap_or(8082),
+                        ),
                     ]
                     .into()
                 } else {
@@ -509,6 +515,8 @@ fn the_limiter_and_adapter_accept_the_deployed_configuration() {
         policies["data"]["policies.yaml"].as_str().unwrap(),
     )
     .unwrap();
+    let rls_dir = dir.path().join("rls");
+    write_config_map_files(&objs, "openclaw-limiter-rls", &rls_dir);
     let limiter = find(&objs, "Deployment", "openclaw", LIMITER).unwrap();
     let container = &limiter["spec"]["template"]["spec"]["containers"][0];
     // The deployed environment, with the pod-only paths moved to the temporary directory and
@@ -520,6 +528,7 @@ fn the_limiter_and_adapter_accept_the_deployed_configuration() {
             let value = match var.as_str() {
                 "OPENCLAW_POLICIES" => policies_file.display().to_string(),
                 "OPENCLAW_SNAPSHOT_DIR" => dir.path().display().to_string(),
+                "OPENCLAW_RLS_CONFIG" => rls_dir.display().to_string(),
                 "OPENCLAW_API_KEY" => api_key.to_owned(),
                 "OPENCLAW_PEER_SECRET" => "0123456789abcdef0123456789abcdef".to_owned(),
                 "OPENCLAW_NODE_ID" => "openclaw-limiter-abc".to_owned(),
@@ -1200,6 +1209,20 @@ struct Limiter {
     _dir: tempfile::TempDir,
 }
 
+/// Writes every file of ConfigMap `name` (namespace openclaw) into `dir`, as the kubelet mounts
+/// it.
+fn write_config_map_files(objs: &[Value], name: &str, dir: &Path) {
+    let config_map =
+        find(objs, "ConfigMap", "openclaw", name).unwrap_or_else(|| panic!("ConfigMap {name}"));
+    std::fs::create_dir_all(dir).unwrap();
+    let Value::Object(data) = &config_map["data"] else {
+        panic!("ConfigMap {name} has no data");
+    };
+    for (file, text) in data {
+        std::fs::write(dir.join(file), text.as_str().expect("file text")).unwrap();
+    }
+}
+
 fn start_limiters(objs: &[Value]) -> Vec<Limiter> {
     let deployment = find(objs, "Deployment", "openclaw", LIMITER).unwrap();
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
@@ -1226,6 +1249,8 @@ fn start_limiters(objs: &[Value]) -> Vec<Limiter> {
             std::fs::write(&policies_file, &policies).unwrap();
             let snapshots = dir.path().join("snapshots");
             std::fs::create_dir_all(&snapshots).unwrap();
+            let rls_dir = dir.path().join("rls");
+            write_config_map_files(objs, "openclaw-limiter-rls", &rls_dir);
             let peers: Vec<String> = peer_ports
                 .iter()
                 .enumerate()
@@ -1244,6 +1269,8 @@ fn start_limiters(objs: &[Value]) -> Vec<Limiter> {
                     "OPENCLAW_DISCOVERY" => "static".to_owned(),
                     "OPENCLAW_POLICIES" => policies_file.display().to_string(),
                     "OPENCLAW_SNAPSHOT_DIR" => snapshots.display().to_string(),
+                    "OPENCLAW_RLS_CONFIG" => rls_dir.display().to_string(),
+                    "OPENCLAW_GRPC_LISTEN" => "127.0.0.1:0".to_owned(),
                     "OPENCLAW_API_KEY" => api_key.clone(),
                     "OPENCLAW_PEER_SECRET" => "peer-secret-0123456789abcdef".to_owned(),
                     "OPENCLAW_NODE_ID" => format!("replica-{i}"),

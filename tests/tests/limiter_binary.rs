@@ -197,3 +197,43 @@ fn policies_file_is_reloaded_and_a_broken_edit_keeps_the_last_good_one() {
     assert_eq!(rate("fresh"), 429, "the last good policies stay in force");
     assert_eq!(rate("search"), 429);
 }
+
+#[test]
+fn check_config_validates_the_rate_limit_rules_with_file_and_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.yaml");
+    std::fs::write(
+        &good,
+        "domain: edge\ndescriptors:\n  - key: api_key\n    rate_limit: {unit: day, requests_per_unit: 1000}\n",
+    )
+    .unwrap();
+    let output = Command::new(workspace_bin("openclaw-limiter"))
+        .arg("--check-config")
+        .env("OPENCLAW_RLS_CONFIG", &good)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "domain: edge\ndescriptors:\n  - key: api_key\n    rate_limit: {unit: fortnight, requests_per_unit: 1000}\n  - value: x\n",
+    )
+    .unwrap();
+    let output = Command::new(workspace_bin("openclaw-limiter"))
+        .arg("--check-config")
+        .env("OPENCLAW_RLS_CONFIG", &bad)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for expected in [
+        "bad.yaml: descriptors[0].rate_limit.unit: invalid rate limit unit `fortnight`",
+        "bad.yaml: descriptors[1].key: missing or empty",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+}

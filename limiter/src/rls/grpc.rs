@@ -1,0 +1,220 @@
+//! The gRPC listener (`OPENCLAW_GRPC_LISTEN`, HTTP/2 cleartext): `RateLimitService` and the
+//! standard `grpc.health.v1.Health` service, which reports SERVING only once the limiter is
+//! ready (the same latch as `/ready`) and NOT_SERVING from the moment shutdown starts. The
+//! configuration watcher reloads `OPENCLAW_RLS_CONFIG` when its files change, keeping the last
+//! good rules when they do not validate.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
+    RateLimitService, RateLimitServiceServer,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use super::config::{RlsConfig, read_files};
+use super::service::Rls;
+
+/// Largest `ShouldRateLimit` request accepted (a request is a few hundred bytes; Envoy's
+/// descriptors are bounded by its route configuration).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// How often readiness is checked until the limiter is ready.
+const READY_POLL: Duration = Duration::from_millis(50);
+
+/// What the gRPC listener serves and watches.
+#[derive(Debug)]
+pub struct GrpcOptions {
+    pub listener: TcpListener,
+    pub rls: Arc<Rls>,
+    /// `OPENCLAW_RLS_CONFIG`, watched for changes; `None`: no rules (every descriptor OK).
+    pub config_path: Option<PathBuf>,
+    /// The files as applied at start, so the watcher only reacts to changes.
+    pub config_files: Option<Vec<(String, String)>>,
+    pub reload_every: Duration,
+    pub shutdown_grace: Duration,
+    /// `OPENCLAW_API_KEY`: when set, `ShouldRateLimit` needs the metadata
+    /// `authorization: Bearer <key>` (Envoy: `grpc_service.initial_metadata`), as `/rate` needs
+    /// the header. Health stays open, like `/healthz`.
+    pub api_key: Option<Arc<str>>,
+}
+
+#[derive(Debug, Clone)]
+struct Service {
+    rls: Arc<Rls>,
+    api_key: Option<Arc<str>>,
+}
+
+impl Service {
+    fn authorized<T>(&self, request: &Request<T>) -> bool {
+        let Some(expected) = &self.api_key else {
+            return true;
+        };
+        request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|presented| constant_time_eq(presented.as_bytes(), expected.as_bytes()))
+    }
+}
+
+/// Compares without an early exit, so the time taken does not reveal how much of a guess
+/// matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[tonic::async_trait]
+impl RateLimitService for Service {
+    async fn should_rate_limit(
+        &self,
+        request: Request<RateLimitRequest>,
+    ) -> Result<Response<RateLimitResponse>, Status> {
+        if !self.authorized(&request) {
+            self.rls.count_unauthenticated();
+            return Err(Status::unauthenticated(
+                "missing or wrong `authorization: Bearer <OPENCLAW_API_KEY>` metadata",
+            ));
+        }
+        self.rls
+            .should_rate_limit(request.get_ref())
+            .map(Response::new)
+            .map_err(|e| Status::invalid_argument(e.to_string()))
+    }
+}
+
+/// Serve until `stop` turns true, then drain for at most the grace period.
+pub async fn serve(options: GrpcOptions, stop: watch::Receiver<bool>) {
+    let GrpcOptions {
+        listener,
+        rls,
+        config_path,
+        config_files,
+        reload_every,
+        shutdown_grace,
+        api_key,
+    } = options;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_not_serving::<RateLimitServiceServer<Service>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let (rls, health, mut stop) = (rls.clone(), health.clone(), stop.clone());
+        tasks.spawn(
+            async move {
+                let mut ticks = tokio::time::interval(READY_POLL);
+                while !rls.limiter().is_ready() {
+                    tokio::select! {
+                        _ = ticks.tick() => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                }
+                health
+                    .set_serving::<RateLimitServiceServer<Service>>()
+                    .await;
+                health
+                    .set_service_status("", tonic_health::ServingStatus::Serving)
+                    .await;
+                let _ = stop.wait_for(|s| *s).await;
+                // Tell health-checking clients first, then drain.
+                health
+                    .set_not_serving::<RateLimitServiceServer<Service>>()
+                    .await;
+                health
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
+            .instrument(tracing::info_span!("grpc_health")),
+        );
+    }
+    if let Some(path) = config_path {
+        let span = tracing::info_span!("rls_config_watcher", path = %path.display());
+        tasks.spawn(
+            watch_config(rls.clone(), path, config_files, reload_every, stop.clone())
+                .instrument(span),
+        );
+    }
+    let service = RateLimitServiceServer::from_arc(Arc::new(Service { rls, api_key }))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let mut signal = stop.clone();
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = signal.wait_for(|s| *s).await;
+        });
+    let mut drained = stop.clone();
+    tokio::select! {
+        result = server => if let Err(e) = result {
+            tracing::error!(error = %e, "gRPC listener failed");
+        },
+        _ = async move {
+            let _ = drained.wait_for(|s| *s).await;
+            tokio::time::sleep(shutdown_grace).await;
+        } => tracing::warn!(grace_s = shutdown_grace.as_secs(), "gRPC grace period over: closing remaining streams"),
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Polls the files' contents (robust to ConfigMap symlink swaps) and applies a changed set if
+/// it validates; otherwise logs every problem once and keeps the rules in force.
+async fn watch_config(
+    rls: Arc<Rls>,
+    path: PathBuf,
+    mut applied: Option<Vec<(String, String)>>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_error: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let read = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || read_files(&path)).await
+        };
+        let result = match read {
+            Ok(Ok(files)) if applied.as_ref() == Some(&files) => continue,
+            Ok(Ok(files)) => RlsConfig::from_files(&files).map(|config| (config, files)),
+            Ok(Err(problems)) => Err(problems),
+            Err(e) => {
+                tracing::error!(error = %e, "reading the rate limit configuration failed");
+                continue;
+            }
+        };
+        match result {
+            Ok((config, files)) => {
+                let rules = config.rules().len();
+                rls.reload(config);
+                tracing::info!(rules, "rate limit configuration reloaded");
+                applied = Some(files);
+                last_error = None;
+            }
+            Err(problems) => {
+                let message = problems.to_string();
+                if last_error.as_deref() != Some(message.as_str()) {
+                    rls.reload_failed();
+                    tracing::error!(
+                        "rate limit configuration rejected, keeping the last good rules: {message}"
+                    );
+                    last_error = Some(message);
+                }
+            }
+        }
+    }
+}

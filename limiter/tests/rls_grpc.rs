@@ -1,0 +1,223 @@
+//! The rate limit service over real gRPC on 127.0.0.1:0, in-process: health follows readiness
+//! and shutdown, `ShouldRateLimit` answers and refuses bad input with INVALID_ARGUMENT, the rule
+//! files reload on change and a broken edit keeps the last good rules.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use openclaw_limiter::bucket::Rate;
+use openclaw_limiter::clock::WallClock;
+use openclaw_limiter::crdt::ReplicaId;
+use openclaw_limiter::rls::config::read_files;
+use openclaw_limiter::rls::grpc::{GrpcOptions, serve};
+use openclaw_limiter::rls::{Rls, RlsConfig};
+use openclaw_limiter::service::{Limiter, LimiterOptions};
+use tokio::sync::watch;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const DEADLINE: Duration = Duration::from_secs(10);
+const RLS_SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
+const API_KEY: &str = "rls-test-key-0123456789";
+
+async fn poll<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A request with the API key, as Envoy sends it with `initial_metadata`.
+fn request(domain: &str, entries: &[(&str, &str)]) -> tonic::Request<RateLimitRequest> {
+    let mut request = tonic::Request::new(unauthenticated(domain, entries));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {API_KEY}").parse().unwrap(),
+    );
+    request
+}
+
+fn unauthenticated(domain: &str, entries: &[(&str, &str)]) -> RateLimitRequest {
+    RateLimitRequest {
+        domain: domain.into(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: entries
+                .iter()
+                .map(|&(key, value)| Entry {
+                    key: key.into(),
+                    value: value.into(),
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        hits_addend: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_follows_readiness_rules_reload_and_shutdown_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("edge.yaml");
+    std::fs::write(
+        &file,
+        "domain: edge\ndescriptors:\n  - key: k\n    rate_limit: {unit: hour, requests_per_unit: 1}\n",
+    )
+    .unwrap();
+    let limiter = Arc::new(Limiter::new(LimiterOptions {
+        node_id: "grpc".into(),
+        replica: ReplicaId(1),
+        default_rate: Rate::try_new(10, 1000).unwrap(),
+        clock: Arc::new(WallClock::new()),
+        shards: 4,
+        track_changes: false,
+    }));
+    let files = read_files(&file).unwrap();
+    let rls = Arc::new(Rls::new(
+        limiter.clone(),
+        RlsConfig::from_files(&files).unwrap(),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server = tokio::spawn(serve(
+        GrpcOptions {
+            listener,
+            rls,
+            config_path: Some(file.clone()),
+            config_files: Some(files),
+            reload_every: Duration::from_millis(50),
+            shutdown_grace: Duration::from_secs(5),
+            api_key: Some(Arc::from(API_KEY)),
+        },
+        stop_rx,
+    ));
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .unwrap()
+        .connect_timeout(DEADLINE)
+        .connect_lazy();
+    let health = HealthClient::new(channel.clone());
+    let rls = RateLimitServiceClient::new(channel);
+    let status = |service: &str| {
+        let mut health = health.clone();
+        let service = service.to_owned();
+        async move {
+            health
+                .check(HealthCheckRequest { service })
+                .await
+                .ok()
+                .map(|r| r.into_inner().status)
+        }
+    };
+
+    // Not ready yet: the limiter has not recovered. Decisions are answered all the same.
+    let not_serving = poll("the health service", || status(RLS_SERVICE)).await;
+    assert_eq!(not_serving, ServingStatus::NotServing as i32);
+    assert_eq!(status("").await, Some(ServingStatus::NotServing as i32));
+    limiter.mark_ready();
+    poll("SERVING once ready", || async {
+        (status(RLS_SERVICE).await == Some(ServingStatus::Serving as i32)).then_some(())
+    })
+    .await;
+    assert_eq!(status("").await, Some(ServingStatus::Serving as i32));
+
+    let code = |domain: &'static str, value: &'static str| {
+        let mut rls = rls.clone();
+        async move {
+            rls.should_rate_limit(request(domain, &[("k", value)]))
+                .await
+                .map(|r| r.into_inner().overall_code)
+        }
+    };
+    assert_eq!(code("edge", "a").await.unwrap(), Code::Ok as i32);
+    assert_eq!(code("edge", "a").await.unwrap(), Code::OverLimit as i32);
+    let refused = code("", "a").await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("domain"), "{refused:?}");
+    // Without the API key (or with a wrong one): refused, nothing decided.
+    let mut anonymous = rls.clone();
+    let refused = anonymous
+        .should_rate_limit(unauthenticated("edge", &[("k", "b")]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    let mut wrong = tonic::Request::new(unauthenticated("edge", &[("k", "b")]));
+    wrong
+        .metadata_mut()
+        .insert("authorization", "Bearer guess".parse().unwrap());
+    let refused = anonymous.should_rate_limit(wrong).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    assert_eq!(
+        code("edge", "b").await.unwrap(),
+        Code::Ok as i32,
+        "b untouched"
+    );
+    assert!(
+        limiter
+            .render_metrics()
+            .contains(r#"openclaw_rls_requests_total{code="unauthenticated"} 2"#)
+    );
+
+    // A changed file is applied; the bucket of the rule that stays keeps its state.
+    std::fs::write(
+        &file,
+        "domain: edge\ndescriptors:\n  - key: k\n    rate_limit: {unit: hour, requests_per_unit: 1}\n  - key: fresh\n    rate_limit: {unit: hour, requests_per_unit: 5}\n",
+    )
+    .unwrap();
+    let mut fresh = rls.clone();
+    poll("the new rule", || {
+        let mut fresh = fresh.clone();
+        async move {
+            let r = fresh
+                .should_rate_limit(request("edge", &[("fresh", "x")]))
+                .await
+                .ok()?
+                .into_inner();
+            r.statuses[0].current_limit.is_some().then_some(())
+        }
+    })
+    .await;
+    assert_eq!(code("edge", "a").await.unwrap(), Code::OverLimit as i32);
+    // A broken edit keeps the last good rules and is reported.
+    std::fs::write(
+        &file,
+        "domain: edge\ndescriptors:\n  - key: k\n    rate_limit: {unit: fortnight}\n",
+    )
+    .unwrap();
+    poll("the failed reload to be counted", || async {
+        limiter
+            .render_metrics()
+            .contains("openclaw_rls_config_last_reload_successful 0")
+            .then_some(())
+    })
+    .await;
+    let r = fresh
+        .should_rate_limit(request("edge", &[("fresh", "x")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.statuses[0].limit_remaining, 3, "the last good rules stay");
+
+    // Shutdown: the server drains and ends within the grace period.
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(DEADLINE, server)
+        .await
+        .expect("the gRPC server stops")
+        .unwrap();
+    assert!(code("edge", "b").await.is_err(), "nothing listens any more");
+}
