@@ -20,6 +20,7 @@ pub mod http;
 pub mod membership;
 pub mod metrics;
 pub mod policy;
+pub mod remote;
 pub mod replication;
 pub mod server;
 pub mod service;
