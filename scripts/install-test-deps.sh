@@ -30,6 +30,17 @@ if [ ${#missing_py[@]} -gt 0 ]; then
   python3 -m pip install --quiet --disable-pip-version-check "${missing_py[@]}"
 fi
 
+# moto in server mode: the S3 double the off-site snapshot tests (tests/tests/snapshot_remote.rs)
+# talk to. A virtual environment of its own: installed next to the `kubernetes` client above it
+# downgrades pydantic below what that client requires. The tests look for it here (or at
+# $OPENCLAW_MOTO_PYTHON).
+MOTO_VENV=/opt/openclaw-moto
+if ! "$MOTO_VENV/bin/python" -c 'import moto.server, flask' 2>/dev/null; then
+  echo "==> pip install moto[s3,server] into $MOTO_VENV"
+  python3 -m venv "$MOTO_VENV"
+  "$MOTO_VENV/bin/python" -m pip install --quiet --disable-pip-version-check 'moto[s3,server]>=5,<6'
+fi
+
 # Node packages for offline validation of the Prometheus Operator custom resources.
 if [ -f deploy/tests/package-lock.json ] && [ ! -d deploy/tests/node_modules ]; then
   echo "==> npm ci (deploy/tests)"
