@@ -435,6 +435,7 @@ impl Remote {
                     self.reject(limiter, &mut report, object, reason, detail);
                     continue;
                 }
+                let fetching = Instant::now();
                 let bytes = match self.fetch(&meta.location).await {
                     Ok(bytes) => bytes,
                     Err(e) => {
@@ -443,6 +444,7 @@ impl Remote {
                     }
                 };
                 report.bytes_downloaded += bytes.len() as u64;
+                let download_ms = fetching.elapsed().as_millis() as u64;
                 let snapshot = match Snapshot::decode(bytes) {
                     Ok(snapshot) if snapshot.created_us() == created => snapshot,
                     Ok(snapshot) => {
@@ -477,6 +479,8 @@ impl Remote {
                     buckets = snapshot.bucket_count(),
                     restored = merge.restored,
                     skipped_unknown_policy = merge.skipped_unknown_policy,
+                    bytes = meta.size,
+                    download_ms,
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "off-site restore: snapshot merged"
                 );

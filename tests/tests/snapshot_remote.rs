@@ -249,18 +249,23 @@ impl Cluster {
             ("AWS_SECRET_ACCESS_KEY", "moto-test-secret".to_owned()),
             ("AWS_REGION", "us-east-1".to_owned()),
         ];
-        let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        // A lone replica (the figures) has no peers: no replication settings at all.
+        let envs: Vec<(&str, &str)> = envs
+            .iter()
+            .filter(|(k, _)| !peers.is_empty() || !k.starts_with("OPENCLAW_PEER"))
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect();
         let service = Service::spawn(
             "openclaw-limiter",
             &["--listen", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0"],
             &envs,
             START,
         );
-        let peer: SocketAddr = host_port(service.url_of("peer").expect("a `listening peer=` line"))
-            .parse()
-            .expect("peer address");
-        for from in (0..self.links.len()).filter(|&j| j != i) {
-            self.links[from][i].as_ref().unwrap().set_target(peer);
+        if let Some(peer) = service.url_of("peer") {
+            let peer: SocketAddr = host_port(peer).parse().expect("peer address");
+            for from in (0..self.links.len()).filter(|&j| j != i) {
+                self.links[from][i].as_ref().unwrap().set_target(peer);
+            }
         }
         self.replicas[i] = Some(service);
     }
@@ -537,4 +542,85 @@ fn decision_latencies(cluster: &Cluster, label: &str, n: usize) -> (Duration, Du
         .collect();
     times.sort();
     (times[n / 2], times[n - 1])
+}
+
+/// Figures for the DR note (not a check of correctness, hence ignored by default): upload size
+/// and time to restore `OPENCLAW_DR_KEYS` active keys (default 100 000) from moto, one replica.
+/// `cargo test -p openclaw-e2e --test snapshot_remote -- --ignored --nocapture`
+#[test]
+#[ignore = "a measurement: run with --ignored"]
+fn figures_upload_size_and_restore_time_for_many_keys() {
+    let Some(moto) = start_moto() else { return };
+    let keys: usize = std::env::var("OPENCLAW_DR_KEYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let mut old = Cluster::start(&["fig-old"], moto.addr, false);
+    old.wait_ready(0);
+    let spent_at = Instant::now();
+    for chunk in (0..keys).collect::<Vec<_>>().chunks(1000) {
+        let requests: Vec<Value> = chunk
+            .iter()
+            .map(|k| serde_json::json!({"key": format!("client-{k:08}"), "cost": 7}))
+            .collect();
+        let response = old
+            .http
+            .post(format!("{}/rate/batch", old.api(0)))
+            .bearer_auth(API_KEY)
+            .json(&serde_json::json!({ "requests": requests }))
+            .send()
+            .expect("/rate/batch answers");
+        assert!(response.status().is_success(), "{response:?}");
+    }
+    eprintln!("spent on {keys} keys in {:?}", spent_at.elapsed());
+    let written = old
+        .http
+        .post(format!("{}/admin/snapshot", old.api(0)))
+        .bearer_auth(API_KEY)
+        .send()
+        .expect("/admin/snapshot answers");
+    assert!(written.status().is_success(), "{written:?}");
+    let before = old.metric(0, UPLOADED);
+    wait_until(Duration::from_secs(120), "two more uploads", || {
+        (old.metric(0, UPLOADED) >= before + 2.0).then_some(())
+    });
+    let newest = moto.keys().into_iter().max().expect("an object");
+    let size = moto.get(&newest).len();
+    old.destroy();
+
+    let began = Instant::now();
+    let new = Cluster::start(&["fig-new"], moto.addr, true);
+    wait_until(
+        Duration::from_secs(600),
+        "the restored replica to be ready",
+        || {
+            new.http
+                .get(format!("{}/ready", new.api(0)))
+                .send()
+                .ok()
+                .filter(|r| r.status() == 200)
+                .map(|_| ())
+        },
+    );
+    let ready = began.elapsed();
+    // 7 spent of 100, plus at most a token per 36 s since (the first key was spent first).
+    let refilled = 1 + spent_at.elapsed().as_secs() / 36;
+    for key in [
+        "client-00000000".to_owned(),
+        format!("client-{:08}", keys - 1),
+    ] {
+        let left = new.remaining(0, &key);
+        assert!((93..=93 + refilled).contains(&left), "{key}: {left} left");
+    }
+    let log = new.log(0);
+    let done: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("off-site restore done") || l.contains("snapshot merged"))
+        .collect();
+    eprintln!(
+        "figures: {keys} keys -> object of {size} bytes ({:.1} bytes/key, {:.2} MB per 100k keys); \
+         new replica ready {ready:?} after start; restore log: {done:#?}",
+        size as f64 / keys as f64,
+        size as f64 / keys as f64 * 100_000.0 / 1e6,
+    );
 }
