@@ -512,7 +512,9 @@ impl Remote {
 
     async fn fetch(&self, object: &Path) -> Result<Vec<u8>, RemoteError> {
         let bytes = self.store.get(object).await?.bytes().await?;
-        Ok(bytes.to_vec())
+        // Takes the buffer over when it is the only reference (no second copy of a large
+        // snapshot in memory).
+        Ok(Vec::from(bytes))
     }
 
     fn reject(
