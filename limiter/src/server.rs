@@ -268,7 +268,12 @@ async fn recover_then_replicate(
         false => tracing::info!("no peers found within the start-up wait; ready as a lone replica"),
     }
     if let Some((remote, max_age)) = restore {
-        restore_if_empty(replicator.limiter(), &remote, max_age).await;
+        // A shutdown does not wait for a long restore.
+        let mut stopping = stop.clone();
+        tokio::select! {
+            _ = restore_if_empty(replicator.limiter(), &remote, max_age) => {}
+            _ = stopping.wait_for(|stopped| *stopped) => return,
+        }
     }
     replicator.limiter().mark_ready();
     replication::run(replicator, peers, stop).await;

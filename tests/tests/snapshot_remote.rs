@@ -528,6 +528,27 @@ fn a_cluster_destroyed_with_its_disks_is_restored_from_the_bucket_with_spent_key
     });
 }
 
+/// A store that cannot be reached at start (every connection closed on arrival) costs a replica
+/// its off-site restore, not its readiness: it logs the failure and serves, as without peers.
+/// Needs no moto.
+#[test]
+fn a_replica_whose_store_is_down_at_start_comes_up_without_the_restore() {
+    let store = Proxy::start(); // no target: every connection is closed at once
+    let began = Instant::now();
+    let cluster = Cluster::start(&["lonely"], store.addr(), true);
+    cluster.wait_ready(0);
+    let ready = began.elapsed();
+    let log = cluster.log(0);
+    assert!(log.contains("off-site restore failed"), "{log}");
+    assert!(store.refused() > 0, "the store was never asked");
+    assert_eq!(cluster.remaining(0, "k"), CAPACITY);
+    assert!(
+        ready < Duration::from_secs(25),
+        "ready only after {ready:?}: the restore's retries must be bounded"
+    );
+    eprintln!("ready {ready:?} after start with the store down");
+}
+
 /// (median, max) latency of `n` decisions spread over the replicas.
 fn decision_latencies(cluster: &Cluster, label: &str, n: usize) -> (Duration, Duration) {
     let mut times: Vec<Duration> = (0..n)
