@@ -10,6 +10,8 @@ need_apt=()
 [ -x /usr/bin/prometheus ] && command -v promtool >/dev/null || need_apt+=(prometheus)
 command -v kubectl >/dev/null || need_apt+=(kubernetes-client)
 compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null || need_apt+=(faketime)
+# `python3 -m venv` (moto's environment, below) needs ensurepip, which Debian ships apart.
+python3 -c 'import ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -32,6 +34,17 @@ python3 -c 'import envoy, os, sys; sys.exit(not os.path.isfile(os.path.join(os.p
 if [ ${#missing_py[@]} -gt 0 ]; then
   echo "==> pip install ${missing_py[*]}"
   python3 -m pip install --quiet --disable-pip-version-check "${missing_py[@]}"
+fi
+
+# moto in server mode: the S3 double the off-site snapshot tests (tests/tests/snapshot_remote.rs)
+# talk to. A virtual environment of its own: installed next to the `kubernetes` client above it
+# downgrades pydantic below what that client requires. The tests look for it here (or at
+# $OPENCLAW_MOTO_PYTHON).
+MOTO_VENV=/opt/openclaw-moto
+if ! "$MOTO_VENV/bin/python" -c 'import moto.server, flask' 2>/dev/null; then
+  echo "==> pip install moto[s3,server] into $MOTO_VENV"
+  python3 -m venv "$MOTO_VENV"
+  "$MOTO_VENV/bin/python" -m pip install --quiet --disable-pip-version-check 'moto[s3,server]>=5,<6'
 fi
 
 # Node packages for offline validation of the Prometheus Operator custom resources.

@@ -68,6 +68,16 @@ pub const PEER_CLOCK_REFUSED_TOTAL: &str = "openclaw_peer_clock_refused_total";
 pub const SNAPSHOT_AGE_SECONDS: &str = "openclaw_snapshot_age_seconds";
 /// Snapshot attempts, by `result` (`success` | `failure`). Counter.
 pub const SNAPSHOTS_TOTAL: &str = "openclaw_snapshots_total";
+/// Uploads of a snapshot to the off-site store, by `result` (`success` | `failure`). Counter.
+pub const SNAPSHOT_UPLOADS_TOTAL: &str = "openclaw_snapshot_uploads_total";
+/// Age of the newest snapshot this replica shipped off-site; before the first, seconds since
+/// start. Gauge.
+pub const SNAPSHOT_REMOTE_AGE_SECONDS: &str = "openclaw_snapshot_remote_age_seconds";
+/// Configured seconds between off-site uploads (0: off). Gauge.
+pub const SNAPSHOT_REMOTE_INTERVAL_SECONDS: &str = "openclaw_snapshot_remote_interval_seconds";
+/// Off-site objects a restore skipped, by `reason` (`too_old`, `checksum`, `unsupported_version`,
+/// ...). Counter.
+pub const SNAPSHOT_REMOTE_REJECTED_TOTAL: &str = "openclaw_snapshot_remote_rejected_total";
 
 /// Share of a strict `policy` this replica may spend now, 0..1 (0 while its lease has lapsed).
 /// Gauge, strict policies only.
@@ -126,6 +136,10 @@ pub const ALL: &[&str] = &[
     PEER_CLOCK_REFUSED_TOTAL,
     SNAPSHOT_AGE_SECONDS,
     SNAPSHOTS_TOTAL,
+    SNAPSHOT_UPLOADS_TOTAL,
+    SNAPSHOT_REMOTE_AGE_SECONDS,
+    SNAPSHOT_REMOTE_INTERVAL_SECONDS,
+    SNAPSHOT_REMOTE_REJECTED_TOTAL,
     STRICT_SHARE,
     STRICT_LEASE_REMAINING_SECONDS,
     STRICT_LOANS_TOTAL,

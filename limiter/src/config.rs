@@ -162,6 +162,35 @@ pub struct Args {
     #[arg(long, env = "OPENCLAW_RLS_CONFIG")]
     pub rls_config: Option<PathBuf>,
 
+    /// Off-site copy of the snapshots, `s3://bucket/prefix` (needs OPENCLAW_SNAPSHOT_DIR): each
+    /// replica uploads its newest verified snapshot to `prefix/<node id>/`. Credentials,
+    /// region and endpoint from the standard AWS_* variables. Unset: no off-site copy.
+    #[arg(long, env = "OPENCLAW_SNAPSHOT_REMOTE")]
+    pub snapshot_remote: Option<String>,
+
+    /// Seconds between off-site uploads (the first follows the first local snapshot).
+    #[arg(long, env = "OPENCLAW_SNAPSHOT_REMOTE_INTERVAL_S", default_value_t = crate::remote::DEFAULT_INTERVAL_S)]
+    pub snapshot_remote_interval_s: u64,
+
+    /// Off-site snapshots each replica keeps; older ones of its own are deleted.
+    #[arg(long, env = "OPENCLAW_SNAPSHOT_REMOTE_KEEP", default_value_t = crate::remote::DEFAULT_KEEP)]
+    pub snapshot_remote_keep: usize,
+
+    /// At start, when the local snapshot directory has nothing usable and peers gave no state,
+    /// merge the newest valid off-site snapshot of every replica before reporting ready.
+    #[arg(
+        long,
+        env = "OPENCLAW_RESTORE_FROM_REMOTE",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub restore_from_remote: bool,
+
+    /// Off-site snapshots taken longer ago than this many seconds are skipped by a restore.
+    #[arg(long, env = "OPENCLAW_RESTORE_MAX_AGE_S", default_value_t = crate::remote::DEFAULT_MAX_AGE_S)]
+    pub restore_max_age_s: u64,
+
     /// Validate the configuration and the policies file, print the policies, and exit.
     #[arg(long)]
     pub check_config: bool,
@@ -197,6 +226,16 @@ pub struct RlsSettings {
     pub files: Vec<(String, String)>,
 }
 
+/// Off-site snapshot settings; present only when `OPENCLAW_SNAPSHOT_REMOTE` is set.
+#[derive(Debug, Clone)]
+pub struct RemoteSettings {
+    pub location: crate::remote::RemoteLocation,
+    pub interval: Duration,
+    pub keep: usize,
+    pub restore: bool,
+    pub restore_max_age: Duration,
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -214,6 +253,7 @@ pub struct Config {
     pub snapshot_dir: Option<PathBuf>,
     pub snapshot_interval: Duration,
     pub rls: Option<RlsSettings>,
+    pub snapshot_remote: Option<RemoteSettings>,
 }
 
 impl Config {
@@ -287,9 +327,11 @@ impl Config {
         if args.snapshot_interval_s == 0 {
             errors.push("OPENCLAW_SNAPSHOT_INTERVAL_S must be at least 1".into());
         }
+        let snapshot_remote = remote_settings(&args, &mut errors);
         match (errors.is_empty(), default_rate) {
             (true, Some(default_rate)) => Ok(Self {
                 rls,
+                snapshot_remote,
                 replication,
                 snapshot_dir: args.snapshot_dir,
                 snapshot_interval: Duration::from_secs(args.snapshot_interval_s),
@@ -397,6 +439,48 @@ fn replication_settings(args: &Args, errors: &mut Vec<String>) -> Option<Replica
     })
 }
 
+fn remote_settings(args: &Args, errors: &mut Vec<String>) -> Option<RemoteSettings> {
+    let Some(url) = args.snapshot_remote.as_deref() else {
+        if args.restore_from_remote {
+            errors.push("OPENCLAW_RESTORE_FROM_REMOTE needs OPENCLAW_SNAPSHOT_REMOTE".into());
+        }
+        return None;
+    };
+    let before = errors.len();
+    let location = crate::remote::RemoteLocation::parse(url)
+        .map_err(|e| errors.push(e.to_string()))
+        .ok();
+    if args.snapshot_dir.is_none() {
+        errors.push(
+            "OPENCLAW_SNAPSHOT_REMOTE needs OPENCLAW_SNAPSHOT_DIR: what is shipped is the newest \
+             verified local snapshot"
+                .into(),
+        );
+    }
+    for (name, value) in [
+        (
+            "OPENCLAW_SNAPSHOT_REMOTE_INTERVAL_S",
+            args.snapshot_remote_interval_s,
+        ),
+        (
+            "OPENCLAW_SNAPSHOT_REMOTE_KEEP",
+            args.snapshot_remote_keep as u64,
+        ),
+        ("OPENCLAW_RESTORE_MAX_AGE_S", args.restore_max_age_s),
+    ] {
+        if value == 0 {
+            errors.push(format!("{name} must be at least 1"));
+        }
+    }
+    (errors.len() == before).then(|| RemoteSettings {
+        location: location.expect("checked above"),
+        interval: Duration::from_secs(args.snapshot_remote_interval_s),
+        keep: args.snapshot_remote_keep,
+        restore: args.restore_from_remote,
+        restore_max_age: Duration::from_secs(args.restore_max_age_s),
+    })
+}
+
 fn hostname() -> String {
     std::env::var("HOSTNAME")
         .ok()
@@ -489,6 +573,49 @@ mod tests {
             ),
             "{errors:?}"
         );
+    }
+
+    #[test]
+    fn off_site_snapshots_need_a_local_directory_an_s3_url_and_positive_numbers() {
+        let config = Config::try_from_args(args(&[])).unwrap();
+        assert!(config.snapshot_remote.is_none());
+        let errors = Config::try_from_args(args(&[
+            "--snapshot-remote",
+            "gs://b/p",
+            "--snapshot-remote-interval-s",
+            "0",
+            "--snapshot-remote-keep",
+            "0",
+        ]))
+        .unwrap_err();
+        assert_eq!(errors.len(), 4, "{errors:#?}");
+        assert!(
+            errors.iter().any(|e| e.contains("only s3://")),
+            "{errors:#?}"
+        );
+        assert!(
+            errors.iter().any(|e| e.contains("OPENCLAW_SNAPSHOT_DIR")),
+            "{errors:#?}"
+        );
+        let errors = Config::try_from_args(args(&["--restore-from-remote", "true"])).unwrap_err();
+        assert!(
+            errors[0].contains("needs OPENCLAW_SNAPSHOT_REMOTE"),
+            "{errors:#?}"
+        );
+        let config = Config::try_from_args(args(&[
+            "--snapshot-dir",
+            "/tmp/x",
+            "--snapshot-remote",
+            "s3://bucket/dr/eu",
+            "--restore-from-remote",
+            "true",
+        ]))
+        .unwrap();
+        let remote = config.snapshot_remote.unwrap();
+        assert_eq!(remote.location.prefix, "dr/eu");
+        assert_eq!(remote.interval, Duration::from_secs(86_400));
+        assert_eq!(remote.keep, 7);
+        assert!(remote.restore);
     }
 
     #[test]

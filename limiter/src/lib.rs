@@ -21,6 +21,7 @@ pub mod http;
 pub mod membership;
 pub mod metrics;
 pub mod policy;
+pub mod remote;
 pub mod replication;
 pub mod rls;
 pub mod server;

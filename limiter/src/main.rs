@@ -12,10 +12,11 @@ use openclaw_limiter::config::{Args, Config, LogFormat};
 use openclaw_limiter::crdt::ReplicaId;
 use openclaw_limiter::escrow::protocol::Params;
 use openclaw_limiter::membership::{Membership, SelfAddrs};
+use openclaw_limiter::remote::Remote;
 use openclaw_limiter::replication::{ReplicationOptions, Replicator};
 use openclaw_limiter::rls::grpc::GrpcOptions;
 use openclaw_limiter::rls::{Rls, RlsConfig};
-use openclaw_limiter::server::{Replication, ServerOptions, serve};
+use openclaw_limiter::server::{RemoteOptions, Replication, ServerOptions, serve};
 use openclaw_limiter::service::{Limiter, LimiterOptions};
 use openclaw_limiter::snapshot::Snapshots;
 
@@ -110,9 +111,24 @@ async fn run(config: Config) -> anyhow::Result<()> {
                     "no usable snapshot; starting empty"
                 ),
             }
-            Some((snapshots, config.snapshot_interval))
+            Some((snapshots, config.snapshot_interval, report.used.is_some()))
         }
     };
+    let remote = match &config.snapshot_remote {
+        None => None,
+        Some(settings) => {
+            let remote = Remote::s3_from_env(&settings.location, &config.node_id, settings.keep)
+                .context("off-site snapshots")?;
+            let restored_locally = snapshots.as_ref().is_some_and(|(_, _, used)| *used);
+            Some(RemoteOptions {
+                remote: Arc::new(remote),
+                interval: settings.interval,
+                restore_max_age: (settings.restore && !restored_locally)
+                    .then_some(settings.restore_max_age),
+            })
+        }
+    };
+    let snapshots = snapshots.map(|(snapshots, every, _)| (snapshots, every));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -205,6 +221,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             policies_reload: config.policies_reload,
             shutdown_grace: config.shutdown_grace,
             snapshots,
+            remote,
         },
         replication,
         grpc,

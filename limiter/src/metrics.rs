@@ -178,6 +178,11 @@ pub struct Metrics {
     pub peer_clock_refused: Family<ReasonLabels, Counter>,
     pub snapshot_age: FloatGauge,
     pub snapshots: Family<ResultLabels, Counter>,
+    /// Off-site snapshots (`crate::remote`).
+    pub snapshot_uploads: Family<ResultLabels, Counter>,
+    pub snapshot_remote_age: FloatGauge,
+    pub snapshot_remote_interval: Gauge,
+    pub snapshot_remote_rejected: Family<ReasonLabels, Counter>,
     pub strict_share: Family<PolicyLabels, FloatGauge>,
     /// Unlabelled, but a family so that it is exported only while a strict policy is in force:
     /// a 0 on a replica without one would read as a lapsed lease.
@@ -243,6 +248,10 @@ impl Metrics {
             peer_clock_refused: Family::default(),
             snapshot_age: FloatGauge::default(),
             snapshots: Family::default(),
+            snapshot_uploads: Family::default(),
+            snapshot_remote_age: FloatGauge::default(),
+            snapshot_remote_interval: Gauge::default(),
+            snapshot_remote_rejected: Family::default(),
             strict_share: Family::default(),
             strict_lease_remaining: Family::default(),
             strict_loans: Family::default(),
@@ -384,6 +393,27 @@ impl Metrics {
             metrics.snapshots.clone(),
         );
         registry.register(
+            counter_name(names::SNAPSHOT_UPLOADS_TOTAL),
+            "Uploads of a snapshot to the off-site store, by result",
+            metrics.snapshot_uploads.clone(),
+        );
+        registry.register(
+            names::SNAPSHOT_REMOTE_AGE_SECONDS,
+            "Age of the newest snapshot this replica shipped off-site (before the first: time \
+             since start; 0 when off-site snapshots are off)",
+            metrics.snapshot_remote_age.clone(),
+        );
+        registry.register(
+            names::SNAPSHOT_REMOTE_INTERVAL_SECONDS,
+            "Configured seconds between off-site uploads (0 when off-site snapshots are off)",
+            metrics.snapshot_remote_interval.clone(),
+        );
+        registry.register(
+            counter_name(names::SNAPSHOT_REMOTE_REJECTED_TOTAL),
+            "Off-site snapshot objects a restore skipped and did not trust, by reason",
+            metrics.snapshot_remote_rejected.clone(),
+        );
+        registry.register(
             names::STRICT_SHARE,
             "Share of a strict policy's capacity and refill this replica may spend now, 0 to 1 \
              (0 while its lease has lapsed), by policy",
@@ -451,6 +481,9 @@ impl Metrics {
         }
         for result in ["success", "failure"] {
             let _ = metrics.snapshots.get_or_create(&ResultLabels { result });
+            let _ = metrics
+                .snapshot_uploads
+                .get_or_create(&ResultLabels { result });
             let _ = metrics
                 .policy_reloads
                 .get_or_create(&ResultLabels { result });

@@ -13,6 +13,7 @@ use tracing::Instrument;
 
 use crate::http::{AppState, router};
 use crate::membership::Membership;
+use crate::remote::Remote;
 use crate::replication::{self, Replicator, peer_router};
 use crate::service::Limiter;
 use crate::snapshot::Snapshots;
@@ -33,6 +34,19 @@ pub struct ServerOptions {
     pub shutdown_grace: Duration,
     /// Where and how often to snapshot the state (restored by the caller before `serve`).
     pub snapshots: Option<(Arc<Snapshots>, Duration)>,
+    /// Off-site snapshots (`crate::remote`); shipped only together with `snapshots`.
+    pub remote: Option<RemoteOptions>,
+}
+
+/// Off-site snapshots: where, how often, and whether to restore from there at start.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    pub remote: Arc<Remote>,
+    pub interval: Duration,
+    /// Restore from the store before reporting ready, skipping snapshots older than this, if the
+    /// state is still empty once the peers' state is in. The caller sets it only when the local
+    /// snapshot directory had nothing usable.
+    pub restore_max_age: Option<Duration>,
 }
 
 /// Everything replication needs at run time.
@@ -89,8 +103,26 @@ pub async fn serve(
 
     let replicator = replication.as_ref().map(|r| r.replicator.clone());
     let discovery = replication.as_ref().map(|r| r.membership.status());
+    let restore = options
+        .remote
+        .as_ref()
+        .and_then(|r| Some((r.remote.clone(), r.restore_max_age?)));
     match replication {
-        None => limiter.mark_ready(),
+        None => match restore.clone() {
+            None => limiter.mark_ready(),
+            Some((remote, max_age)) => {
+                let (limiter, mut stop) = (limiter.clone(), stop_rx.clone());
+                tasks.spawn(
+                    async move {
+                        tokio::select! {
+                            _ = restore_if_empty(&limiter, &remote, max_age) => limiter.mark_ready(),
+                            _ = stop.wait_for(|stopped| *stopped) => {}
+                        }
+                    }
+                    .instrument(tracing::info_span!("remote_restore")),
+                );
+            }
+        },
         Some(replication) => {
             let mut stop = stop_rx.clone();
             let peer_server = axum::serve(
@@ -120,6 +152,7 @@ pub async fn serve(
                     replication.replicator,
                     peers_rx,
                     replication.ready_max_wait,
+                    restore,
                     stop_rx.clone(),
                 )
                 .instrument(tracing::info_span!("replication")),
@@ -134,6 +167,23 @@ pub async fn serve(
         snapshots: options.snapshots.as_ref().map(|(s, _)| s.clone()),
     });
     if let Some((snapshots, every)) = options.snapshots.clone() {
+        if let Some(remote) = options.remote.clone() {
+            limiter
+                .metrics()
+                .snapshot_remote_interval
+                .set(remote.interval.as_secs() as i64);
+            let span = tracing::info_span!("remote_snapshots", remote = %remote.remote.url());
+            tasks.spawn(
+                crate::remote::ship(
+                    remote.remote,
+                    snapshots.clone(),
+                    limiter.clone(),
+                    remote.interval,
+                    stop_rx.clone(),
+                )
+                .instrument(span),
+            );
+        }
         tasks.spawn(
             periodic_snapshots(limiter.clone(), snapshots, every, stop_rx.clone())
                 .instrument(tracing::info_span!("snapshots")),
@@ -205,6 +255,7 @@ async fn recover_then_replicate(
     replicator: Arc<Replicator>,
     mut peers: watch::Receiver<Vec<SocketAddr>>,
     max_wait: Duration,
+    restore: Option<(Arc<Remote>, Duration)>,
     stop: watch::Receiver<bool>,
 ) {
     let deadline = tokio::time::Instant::now() + max_wait;
@@ -224,8 +275,33 @@ async fn recover_then_replicate(
         }
         false => tracing::info!("no peers found within the start-up wait; ready as a lone replica"),
     }
+    if let Some((remote, max_age)) = restore {
+        // A shutdown does not wait for a long restore.
+        let mut stopping = stop.clone();
+        tokio::select! {
+            _ = restore_if_empty(replicator.limiter(), &remote, max_age) => {}
+            _ = stopping.wait_for(|stopped| *stopped) => return,
+        }
+    }
     replicator.limiter().mark_ready();
     replication::run(replicator, peers, stop).await;
+}
+
+/// Disaster recovery: a replica that found nothing usable on local disk and got no state from
+/// its peers (after a regional outage, all of them are new) merges the off-site snapshots.
+/// A store that cannot be listed is logged, and the replica comes up without them, as it does
+/// without peers: it must still serve.
+async fn restore_if_empty(limiter: &Arc<Limiter>, remote: &Remote, max_age: Duration) {
+    if !limiter.store().is_empty() {
+        tracing::info!(
+            buckets = limiter.store().len(),
+            "state received from peers: no off-site restore"
+        );
+        return;
+    }
+    if let Err(e) = remote.restore(limiter, max_age).await {
+        tracing::error!(remote = %remote.url(), error = %e, "off-site restore failed: ready without it");
+    }
 }
 
 /// Keeps the limiter's clock on the system clock's corrections (`clock::WallClock`).

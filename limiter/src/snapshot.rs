@@ -814,6 +814,19 @@ impl Snapshot {
         &self.policies
     }
 
+    /// The checked file, byte for byte (what is shipped off-site, `crate::remote`).
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+
+    /// Merge every bucket whose policy still exists into `limiter`'s store, as a restore does
+    /// (`crate::remote` merges several snapshots this way).
+    pub fn merge_into(&self, limiter: &Limiter) -> RestoreReport {
+        let mut report = RestoreReport::default();
+        merge_into(self, limiter, &mut report);
+        report
+    }
+
     /// Every bucket, in file order.
     pub fn buckets(&self) -> impl Iterator<Item = SnapshotBucket<'_>> {
         self.records().map(|(policy, key, state)| SnapshotBucket {

@@ -37,6 +37,8 @@ const TARGETS: &[&str] = &[
     "overlays/dev",
     // The base with the opt-in component that adds the depletion metric to the HPA.
     SCALE_ON_DEPLETION,
+    // The production overlay with the opt-in off-site snapshots (credentials, egress policy).
+    "tests/targets/offsite-snapshots",
 ];
 const SCALE_ON_DEPLETION: &str = "tests/targets/scale-on-depletion";
 const LIMITER: &str = "openclaw-limiter";

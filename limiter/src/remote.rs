@@ -1,0 +1,961 @@
+//! Off-site snapshots: each replica ships its newest verified local snapshot to an object store
+//! (S3 or an S3-compatible store), and a replica started after a disaster (nothing usable on
+//! local disk, no state from peers) restores the cluster's state from there before `/ready`.
+//!
+//! # Objects
+//!
+//! `<prefix>/<node-id>/<created>.ocs`, where `created` (20 digits, zero-padded) is the
+//! snapshot's creation time in µs, read from the file's own header, so the newest object of a
+//! replica has the largest name and a restore can skip a too-old object without downloading it.
+//! The object's bytes are the local snapshot file unchanged ([`crate::snapshot`], format version
+//! 3): it carries its own SHA-256, which the restore checks like any local file, so a damaged or
+//! truncated object is detected whatever the store did. An upload is one PUT, which S3 makes
+//! visible whole or not at all: a reader never sees half an object.
+//!
+//! Each replica writes and prunes only its own `<node-id>/` folder (the newest `keep` objects
+//! stay); node ids must therefore differ between replicas, as pod names do. Folders of replicas
+//! that are gone are left alone: their snapshots age out of every restore through the maximum
+//! age, and a bucket lifecycle rule can delete them (deploy/README.md).
+//!
+//! # Restore
+//!
+//! [`Remote::restore`] lists the whole prefix, takes for every node folder its newest object
+//! that passes every check (falling back to older ones), and merges each into the store. The
+//! merge is the CRDT join, so combining the snapshots of several replicas, taken at different
+//! times, is safe: it can only make the view more conservative. Objects older than the maximum
+//! age, damaged, of a foreign or unsupported format, or whose name disagrees with their header
+//! are logged, counted in `openclaw_snapshot_remote_rejected_total{reason}` and skipped, never
+//! trusted. Buckets of policies that no longer exist are dropped, as for local snapshots.
+//!
+//! # Failures
+//!
+//! Shipping runs in a background task ([`ship`]) that never touches the decision path: it reads
+//! a file on a blocking thread and talks to the store; a store that is down costs retries with
+//! back-off, counted in `openclaw_snapshot_uploads_total{result="failure"}`, and the age gauge
+//! `openclaw_snapshot_remote_age_seconds` keeps growing until an upload succeeds (the
+//! `OpenClawOffsiteSnapshotStale` alert).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::bucket::Micros;
+use crate::metrics::{ReasonLabels, ResultLabels};
+use crate::service::Limiter;
+use crate::snapshot::{DEFAULT_MAX_BYTES, Snapshot, SnapshotError, Snapshots};
+
+/// The standard variables the S3 client reads (`AmazonS3Builder::from_env` reads every `AWS_*`
+/// it knows): listed so that start-up can log which are set (never their values), and so the
+/// deployment checks know the limiter reads them.
+pub const AWS_ENV: &[&str] = &[
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ALLOW_HTTP",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+];
+
+/// Snapshots each replica keeps off-site by default: a week of daily copies.
+pub const DEFAULT_KEEP: usize = 7;
+/// Default seconds between uploads: the operations guide's daily copy.
+pub const DEFAULT_INTERVAL_S: u64 = 86_400;
+/// Default maximum age of a snapshot a restore trusts: older ones are skipped without being
+/// downloaded.
+pub const DEFAULT_MAX_AGE_S: u64 = 7 * 86_400;
+
+const OBJECT_SUFFIX: &str = ".ocs";
+/// First wait after a failed upload; doubled after each failure up to [`MAX_BACKOFF`] (and never
+/// beyond the upload interval).
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// How soon to look again when there is no new local snapshot to ship yet.
+const RECHECK: Duration = Duration::from_secs(5);
+/// How often the age gauge is refreshed.
+const AGE_REFRESH: Duration = Duration::from_secs(1);
+const NEVER: u64 = u64::MAX;
+
+/// Why talking to the object store, or reading what to ship, failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// The `OPENCLAW_SNAPSHOT_REMOTE` URL is not one this build can use.
+    #[error("OPENCLAW_SNAPSHOT_REMOTE {url:?}: {reason}")]
+    Url { url: String, reason: String },
+    /// The object store refused a request or could not be reached (after its own retries).
+    #[error("object store: {0}")]
+    Store(#[from] object_store::Error),
+    /// The local snapshot directory could not be listed or a snapshot file read.
+    #[error("local snapshot: {0}")]
+    Local(#[from] SnapshotError),
+    /// A blocking task (reading a file, merging a snapshot) panicked or was cancelled.
+    #[error("task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Where off-site snapshots go: `s3://bucket/prefix`, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteLocation {
+    pub url: String,
+    pub bucket: String,
+    /// Without leading or trailing `/`; may be empty.
+    pub prefix: String,
+}
+
+impl RemoteLocation {
+    /// Accepts `s3://bucket` and `s3://bucket/some/prefix`. Other schemes (gs://, azure://) would
+    /// need other object_store features, each with its own TLS and signing stack; not built in.
+    pub fn parse(url: &str) -> Result<Self, RemoteError> {
+        let problem = |reason: &str| RemoteError::Url {
+            url: url.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| problem("only s3:// URLs are supported (s3://bucket/prefix)"))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(problem("no bucket name"));
+        }
+        let prefix = prefix.trim_matches('/');
+        if prefix
+            .split('/')
+            .any(|p| p.is_empty() || p == "." || p == "..")
+            && !prefix.is_empty()
+        {
+            return Err(problem("the prefix has an empty, `.` or `..` segment"));
+        }
+        Ok(Self {
+            url: url.to_owned(),
+            bucket: bucket.to_owned(),
+            prefix: prefix.to_owned(),
+        })
+    }
+}
+
+/// One replica's view of the off-site store: ships its own snapshots, restores everyone's.
+#[derive(Debug)]
+pub struct Remote {
+    store: Arc<dyn ObjectStore>,
+    /// For logs: the configured URL.
+    url: String,
+    prefix: Path,
+    node_id: String,
+    keep: usize,
+    max_bytes: u64,
+    /// Creation time (µs) of the newest snapshot this process shipped, [`NEVER`] before that.
+    last_uploaded: AtomicU64,
+}
+
+/// What one upload did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Uploaded {
+    pub object: String,
+    pub created_us: Micros,
+    pub bytes: u64,
+    pub buckets: u64,
+    /// Older objects of this replica deleted by retention.
+    pub deleted: Vec<String>,
+}
+
+/// An object the restore did not trust, and why.
+#[derive(Debug, Serialize)]
+pub struct RejectedObject {
+    pub object: String,
+    /// The metric label: `too_old`, `empty`, `foreign`, `unsupported_version`, `truncated`,
+    /// `checksum`, `malformed`, `too_large`, `name_mismatch` or `unreadable`.
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+/// The snapshot of one node folder a restore merged.
+#[derive(Debug, Serialize)]
+pub struct MergedObject {
+    pub object: String,
+    pub node_id: String,
+    pub created_us: Micros,
+    pub buckets: u64,
+    /// Buckets whose merge changed local state.
+    pub restored: u64,
+    pub skipped_unknown_policy: u64,
+}
+
+/// What [`Remote::restore`] did.
+#[derive(Debug, Default, Serialize)]
+pub struct RemoteRestoreReport {
+    /// Node folders found under the prefix.
+    pub nodes: usize,
+    /// One entry per node folder that had a usable snapshot.
+    pub merged: Vec<MergedObject>,
+    pub rejected: Vec<RejectedObject>,
+    /// Objects under the prefix whose names are not `<node>/<digits>.ocs`: not ours, ignored.
+    pub ignored: usize,
+    /// Names of policies that no longer exist, whose buckets were dropped.
+    pub unknown_policies: Vec<String>,
+    pub bytes_downloaded: u64,
+    pub elapsed_ms: u64,
+}
+
+impl Remote {
+    /// An S3 (or S3-compatible) store for `location`, configured from the standard environment:
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`,
+    /// `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, and web identity (IRSA) through
+    /// `AWS_WEB_IDENTITY_TOKEN_FILE` and `AWS_ROLE_ARN`.
+    pub fn s3_from_env(
+        location: &RemoteLocation,
+        node_id: &str,
+        keep: usize,
+    ) -> Result<Self, RemoteError> {
+        let store = object_store::aws::AmazonS3Builder::from_env()
+            .with_bucket_name(&location.bucket)
+            // The store's own retries are short: the shipping loop retries with its own back-off,
+            // and a restore must not hold readiness for minutes on a dead endpoint.
+            .with_retry(object_store::RetryConfig {
+                backoff: object_store::BackoffConfig::default(),
+                max_retries: 3,
+                retry_timeout: Duration::from_secs(20),
+            })
+            .build()?;
+        let set: Vec<&str> = AWS_ENV
+            .iter()
+            .copied()
+            .filter(|name| std::env::var_os(name).is_some())
+            .collect();
+        tracing::info!(
+            remote = %location.url,
+            node = node_id,
+            keep,
+            from_env = ?set,
+            "off-site snapshots configured"
+        );
+        Ok(Self::with_store(
+            Arc::new(store),
+            &location.url,
+            &location.prefix,
+            node_id,
+            keep,
+        ))
+    }
+
+    /// Any [`ObjectStore`] (tests use the in-memory one).
+    pub fn with_store(
+        store: Arc<dyn ObjectStore>,
+        url: &str,
+        prefix: &str,
+        node_id: &str,
+        keep: usize,
+    ) -> Self {
+        Self {
+            store,
+            url: url.to_owned(),
+            prefix: Path::from(prefix),
+            node_id: node_id.to_owned(),
+            keep: keep.max(1),
+            max_bytes: DEFAULT_MAX_BYTES,
+            last_uploaded: AtomicU64::new(NEVER),
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn node_folder(&self) -> Path {
+        self.prefix.clone().join(self.node_id.as_str())
+    }
+
+    /// Ship the newest local snapshot that passes every check, unless it was shipped already
+    /// (`Ok(None)`, also when there is none yet). Then delete this replica's objects beyond the
+    /// newest `keep`. Counts `openclaw_snapshot_uploads_total{result}` for every attempt that
+    /// had something to ship.
+    pub async fn upload_newest(
+        &self,
+        snapshots: &Arc<Snapshots>,
+        limiter: &Limiter,
+    ) -> Result<Option<Uploaded>, RemoteError> {
+        let shipped = self.last_uploaded.load(Ordering::Relaxed);
+        let max_bytes = self.max_bytes;
+        let newest = tokio::task::spawn_blocking({
+            let snapshots = snapshots.clone();
+            move || newest_verified(&snapshots, max_bytes)
+        })
+        .await??;
+        let Some(snapshot) = newest else {
+            return Ok(None);
+        };
+        if shipped != NEVER && snapshot.created_us() <= shipped {
+            return Ok(None);
+        }
+        let result = self.put(snapshot).await;
+        let outcome = if result.is_ok() { "success" } else { "failure" };
+        limiter
+            .metrics()
+            .snapshot_uploads
+            .get_or_create(&ResultLabels { result: outcome })
+            .inc();
+        result.map(Some)
+    }
+
+    async fn put(&self, snapshot: Snapshot) -> Result<Uploaded, RemoteError> {
+        let created_us = snapshot.created_us();
+        let buckets = snapshot.bucket_count();
+        let object = self.node_folder().join(object_name(created_us));
+        let bytes = snapshot.into_bytes();
+        let len = bytes.len() as u64;
+        self.store.put(&object, PutPayload::from(bytes)).await?;
+        self.last_uploaded.store(created_us, Ordering::Relaxed);
+        let deleted = self.apply_retention().await;
+        Ok(Uploaded {
+            object: object.to_string(),
+            created_us,
+            bytes: len,
+            buckets,
+            deleted,
+        })
+    }
+
+    /// Delete this replica's objects beyond the newest `keep`. Failures are logged: the new
+    /// object is safe, and the next upload tries again.
+    async fn apply_retention(&self) -> Vec<String> {
+        let folder = self.node_folder();
+        let mut ours: Vec<(Micros, Path)> = Vec::new();
+        let mut listing = self.store.list(Some(&folder));
+        while let Some(item) = listing.next().await {
+            match item {
+                Ok(meta) => {
+                    // Only direct children named like ours: never someone else's file.
+                    let created = meta.location.prefix_match(&folder).and_then(|mut rest| {
+                        match (rest.next(), rest.next()) {
+                            (Some(name), None) => parse_object_name(name.as_ref()),
+                            _ => None,
+                        }
+                    });
+                    if let Some(created) = created {
+                        ours.push((created, meta.location));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "off-site retention skipped: cannot list");
+                    return Vec::new();
+                }
+            }
+        }
+        ours.sort_by_key(|&(created, _)| std::cmp::Reverse(created));
+        let mut deleted = Vec::new();
+        for (_, object) in ours.into_iter().skip(self.keep) {
+            match self.store.delete(&object).await {
+                Ok(()) => deleted.push(object.to_string()),
+                Err(e) => {
+                    tracing::warn!(%object, error = %e, "cannot delete old off-site snapshot")
+                }
+            }
+        }
+        deleted
+    }
+
+    /// Set `openclaw_snapshot_remote_age_seconds`: the age of the newest snapshot this process
+    /// shipped, or before the first one, the time since start (so a replica that never manages
+    /// to ship still trips the alert).
+    pub fn publish_age(&self, limiter: &Limiter) {
+        let now = limiter.now();
+        let since = match self.last_uploaded.load(Ordering::Relaxed) {
+            NEVER => limiter.started(),
+            created => created,
+        };
+        limiter
+            .metrics()
+            .snapshot_remote_age
+            .set(now.saturating_sub(since) as f64 / 1e6);
+    }
+
+    /// Merge the newest valid snapshot of every node folder under the prefix into `limiter`'s
+    /// store (see the module documentation). An error means the prefix could not be listed;
+    /// objects that fail are in the report.
+    pub async fn restore(
+        &self,
+        limiter: &Arc<Limiter>,
+        max_age: Duration,
+    ) -> Result<RemoteRestoreReport, RemoteError> {
+        let started = Instant::now();
+        let mut report = RemoteRestoreReport::default();
+        tracing::info!(remote = %self.url, "off-site restore: listing snapshots");
+        let mut nodes: BTreeMap<String, Vec<(Micros, object_store::ObjectMeta)>> = BTreeMap::new();
+        let mut listing = self.store.list(Some(&self.prefix));
+        while let Some(item) = listing.next().await {
+            let meta = item?;
+            let parts: Option<Vec<String>> = meta
+                .location
+                .prefix_match(&self.prefix)
+                .map(|rest| rest.map(|p| p.as_ref().to_owned()).collect());
+            match parts.as_deref() {
+                Some([node, name]) => match parse_object_name(name) {
+                    Some(created) => nodes.entry(node.clone()).or_default().push((created, meta)),
+                    None => report.ignored += 1,
+                },
+                _ => report.ignored += 1,
+            }
+        }
+        report.nodes = nodes.len();
+        tracing::info!(
+            nodes = nodes.len(),
+            ignored = report.ignored,
+            "off-site restore: found node folders"
+        );
+        let max_age_us = max_age.as_micros() as u64;
+        let mut unknown = std::collections::BTreeSet::new();
+        for (node, mut objects) in nodes {
+            objects.sort_by_key(|(created, _)| std::cmp::Reverse(*created));
+            for (created, meta) in objects {
+                let object = meta.location.to_string();
+                let age_us = limiter.now().saturating_sub(created);
+                let rejection = if age_us > max_age_us {
+                    Some((
+                        "too_old",
+                        format!(
+                            "taken {} s ago, above the maximum age of {} s",
+                            age_us / 1_000_000,
+                            max_age.as_secs()
+                        ),
+                    ))
+                } else if meta.size > self.max_bytes {
+                    Some(("too_large", format!("{} bytes", meta.size)))
+                } else {
+                    None
+                };
+                if let Some((reason, detail)) = rejection {
+                    self.reject(limiter, &mut report, object, reason, detail);
+                    continue;
+                }
+                let fetching = Instant::now();
+                let bytes = match self.fetch(&meta.location).await {
+                    Ok(bytes) => bytes,
+                    Err(e) => {
+                        self.reject(limiter, &mut report, object, "unreadable", e.to_string());
+                        continue;
+                    }
+                };
+                report.bytes_downloaded += bytes.len() as u64;
+                let download_ms = fetching.elapsed().as_millis() as u64;
+                let snapshot = match Snapshot::decode(bytes) {
+                    Ok(snapshot) if snapshot.created_us() == created => snapshot,
+                    Ok(snapshot) => {
+                        let detail = format!(
+                            "the name says created at {created} µs, the header {} µs",
+                            snapshot.created_us()
+                        );
+                        self.reject(limiter, &mut report, object, "name_mismatch", detail);
+                        continue;
+                    }
+                    Err(e) => {
+                        let reason = rejection_reason(&e);
+                        self.reject(limiter, &mut report, object, reason, e.to_string());
+                        continue;
+                    }
+                };
+                let merged = tokio::task::spawn_blocking({
+                    let limiter = limiter.clone();
+                    move || {
+                        let report = snapshot.merge_into(&limiter);
+                        (snapshot, report)
+                    }
+                })
+                .await?;
+                let (snapshot, merge) = merged;
+                unknown.extend(merge.unknown_policies.iter().cloned());
+                tracing::info!(
+                    %object,
+                    node = %node,
+                    writer = %snapshot.node_id(),
+                    age_s = age_us / 1_000_000,
+                    buckets = snapshot.bucket_count(),
+                    restored = merge.restored,
+                    skipped_unknown_policy = merge.skipped_unknown_policy,
+                    bytes = meta.size,
+                    download_ms,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "off-site restore: snapshot merged"
+                );
+                report.merged.push(MergedObject {
+                    object,
+                    node_id: snapshot.node_id().to_owned(),
+                    created_us: created,
+                    buckets: snapshot.bucket_count(),
+                    restored: merge.restored,
+                    skipped_unknown_policy: merge.skipped_unknown_policy,
+                });
+                break;
+            }
+        }
+        report.unknown_policies = unknown.into_iter().collect();
+        report.elapsed_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(
+            nodes = report.nodes,
+            merged = report.merged.len(),
+            rejected = report.rejected.len(),
+            buckets = limiter.store().len(),
+            bytes = report.bytes_downloaded,
+            unknown_policies = ?report.unknown_policies,
+            elapsed_ms = report.elapsed_ms,
+            "off-site restore done"
+        );
+        Ok(report)
+    }
+
+    async fn fetch(&self, object: &Path) -> Result<Vec<u8>, RemoteError> {
+        let bytes = self.store.get(object).await?.bytes().await?;
+        // Takes the buffer over when it is the only reference (no second copy of a large
+        // snapshot in memory).
+        Ok(Vec::from(bytes))
+    }
+
+    fn reject(
+        &self,
+        limiter: &Limiter,
+        report: &mut RemoteRestoreReport,
+        object: String,
+        reason: &'static str,
+        detail: String,
+    ) {
+        tracing::warn!(%object, reason, %detail, "off-site snapshot rejected: skipped, not trusted");
+        limiter
+            .metrics()
+            .snapshot_remote_rejected
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+        report.rejected.push(RejectedObject {
+            object,
+            reason,
+            detail,
+        });
+    }
+}
+
+/// The newest snapshot in the directory that passes every check, if any.
+fn newest_verified(snapshots: &Snapshots, max_bytes: u64) -> Result<Option<Snapshot>, RemoteError> {
+    for path in snapshots.list()? {
+        match Snapshot::read(&path, max_bytes) {
+            Ok(snapshot) => return Ok(Some(snapshot)),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "not shipping a damaged snapshot; trying an older one")
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn rejection_reason(error: &SnapshotError) -> &'static str {
+    match error {
+        SnapshotError::Empty => "empty",
+        SnapshotError::Foreign => "foreign",
+        SnapshotError::UnsupportedVersion { .. } => "unsupported_version",
+        SnapshotError::Truncated { .. } => "truncated",
+        SnapshotError::ChecksumMismatch => "checksum",
+        SnapshotError::Malformed(_) => "malformed",
+        SnapshotError::TooLarge { .. } => "too_large",
+        SnapshotError::Io { .. } => "unreadable",
+    }
+}
+
+fn object_name(created_us: Micros) -> String {
+    format!("{created_us:020}{OBJECT_SUFFIX}")
+}
+
+fn parse_object_name(name: &str) -> Option<Micros> {
+    let digits = name.strip_suffix(OBJECT_SUFFIX)?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Ship every `every` (first as soon as a local snapshot exists), retrying failures with
+/// exponential back-off; refresh the age gauge every second. Stops with `stop`.
+pub async fn ship(
+    remote: Arc<Remote>,
+    snapshots: Arc<Snapshots>,
+    limiter: Arc<Limiter>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut next = tokio::time::Instant::now();
+    let mut backoff = FIRST_BACKOFF;
+    let mut age = tokio::time::interval(AGE_REFRESH);
+    age.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|stopped| *stopped) => return,
+            _ = age.tick() => {
+                remote.publish_age(&limiter);
+                continue;
+            }
+            _ = tokio::time::sleep_until(next) => {}
+        }
+        match remote.upload_newest(&snapshots, &limiter).await {
+            Ok(Some(uploaded)) => {
+                tracing::info!(
+                    object = %uploaded.object,
+                    bytes = uploaded.bytes,
+                    buckets = uploaded.buckets,
+                    deleted = uploaded.deleted.len(),
+                    "snapshot shipped off-site"
+                );
+                backoff = FIRST_BACKOFF;
+                next = tokio::time::Instant::now() + every;
+            }
+            Ok(None) => next = tokio::time::Instant::now() + RECHECK.min(every),
+            Err(e) => {
+                tracing::warn!(remote = %remote.url(), error = %e, retry_in_s = backoff.as_secs_f64(), "off-site upload failed");
+                next = tokio::time::Instant::now() + backoff;
+                backoff = (backoff * 2).min(MAX_BACKOFF).min(every.max(FIRST_BACKOFF));
+            }
+        }
+        remote.publish_age(&limiter);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use object_store::memory::InMemory;
+
+    use super::*;
+    use crate::bucket::Rate;
+    use crate::clock::ManualClock;
+    use crate::crdt::ReplicaId;
+    use crate::service::LimiterOptions;
+
+    const START: Micros = 1_700_000_000_000_000;
+    const HOUR_US: u64 = 3_600_000_000;
+
+    fn limiter(node: &str, replica: u64, clock: Arc<ManualClock>) -> Arc<Limiter> {
+        let limiter = Limiter::new(LimiterOptions {
+            node_id: node.to_owned(),
+            replica: ReplicaId(replica),
+            // Nothing refills within a test: 100 tokens an hour.
+            default_rate: Rate::try_new(100, 3_600_000).unwrap(),
+            clock,
+            shards: 4,
+            track_changes: false,
+        });
+        limiter
+            .reload_policies(
+                "policies:\n  extra:\n    capacity: 10\n    refill_interval_ms: 3600000\n",
+            )
+            .unwrap();
+        Arc::new(limiter)
+    }
+
+    fn remaining(limiter: &Limiter, policy: &str, key: &str) -> u64 {
+        limiter.peek(policy, key, 1).unwrap().0.outcome.remaining
+    }
+
+    struct Replica {
+        limiter: Arc<Limiter>,
+        snapshots: Arc<Snapshots>,
+        remote: Remote,
+        _dir: tempfile::TempDir,
+    }
+
+    fn replica(
+        store: &Arc<InMemory>,
+        node: &str,
+        replica: u64,
+        clock: &Arc<ManualClock>,
+    ) -> Replica {
+        let dir = tempfile::tempdir().unwrap();
+        Replica {
+            limiter: limiter(node, replica, clock.clone()),
+            snapshots: Arc::new(Snapshots::new(dir.path())),
+            remote: Remote::with_store(store.clone(), "mem://", "dr/cluster", node, 3),
+            _dir: dir,
+        }
+    }
+
+    async fn keys(store: &InMemory, prefix: &str) -> Vec<String> {
+        let prefix = Path::from(prefix);
+        let mut names: Vec<String> = store
+            .list(Some(&prefix))
+            .map(|m| m.unwrap().location.to_string())
+            .collect()
+            .await;
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn each_replica_ships_its_newest_snapshot_once_and_keeps_only_its_own_newest() {
+        let store = Arc::new(InMemory::new());
+        let clock = Arc::new(ManualClock::at(START));
+        let a = replica(&store, "node-a", 1, &clock);
+        let b = replica(&store, "node-b", 2, &clock);
+        assert!(
+            a.remote
+                .upload_newest(&a.snapshots, &a.limiter)
+                .await
+                .unwrap()
+                .is_none()
+        );
+
+        b.snapshots.write(&b.limiter).unwrap();
+        b.remote
+            .upload_newest(&b.snapshots, &b.limiter)
+            .await
+            .unwrap()
+            .unwrap();
+        for i in 0..5u64 {
+            a.limiter.decide("default", "k", 1).unwrap();
+            a.snapshots.write(&a.limiter).unwrap();
+            let up = a
+                .remote
+                .upload_newest(&a.snapshots, &a.limiter)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(up.created_us, START + i * 1_000_000);
+            assert_eq!(
+                up.object,
+                format!("dr/cluster/node-a/{:020}.ocs", START + i * 1_000_000)
+            );
+            // The same local snapshot is not shipped twice.
+            assert!(
+                a.remote
+                    .upload_newest(&a.snapshots, &a.limiter)
+                    .await
+                    .unwrap()
+                    .is_none()
+            );
+            clock.advance_us(1_000_000);
+        }
+        let names = keys(&store, "dr/cluster").await;
+        let expected: Vec<String> = (2..5u64)
+            .map(|i| format!("dr/cluster/node-a/{:020}.ocs", START + i * 1_000_000))
+            .chain([format!("dr/cluster/node-b/{START:020}.ocs")])
+            .collect();
+        assert_eq!(names, expected);
+        // The object is the local file, byte for byte.
+        let newest = a.snapshots.list().unwrap()[0].clone();
+        let object = store.get(&Path::from(expected[2].as_str())).await.unwrap();
+        assert_eq!(
+            object.bytes().await.unwrap().to_vec(),
+            std::fs::read(newest).unwrap()
+        );
+        let text = a.limiter.render_metrics();
+        assert!(
+            text.contains("openclaw_snapshot_uploads_total{result=\"success\"} 5"),
+            "{text}"
+        );
+        a.remote.publish_age(&a.limiter);
+        assert!(
+            a.limiter
+                .render_metrics()
+                .contains("openclaw_snapshot_remote_age_seconds 1")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_damaged_local_snapshot_is_not_shipped_an_older_good_one_is() {
+        let store = Arc::new(InMemory::new());
+        let clock = Arc::new(ManualClock::at(START));
+        let a = replica(&store, "node-a", 1, &clock);
+        let good = a.snapshots.write(&a.limiter).unwrap();
+        clock.advance_us(1_000);
+        let bad = a.snapshots.write(&a.limiter).unwrap();
+        let mut bytes = std::fs::read(&bad.path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&bad.path, bytes).unwrap();
+        let up = a
+            .remote
+            .upload_newest(&a.snapshots, &a.limiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(up.created_us, good.created_us);
+    }
+
+    fn limiter_now(clock: &ManualClock) -> Micros {
+        use crate::clock::Clock;
+        clock.now()
+    }
+
+    /// A file of format version 1: the magic, then a version this build does not read.
+    fn older_format(created: Micros) -> Vec<u8> {
+        let mut bytes = crate::snapshot::MAGIC.to_vec();
+        bytes.extend_from_slice(&1u16.to_le_bytes());
+        bytes.extend_from_slice(&[0; 60]);
+        let _ = created;
+        bytes
+    }
+
+    #[tokio::test]
+    async fn restore_merges_every_nodes_newest_valid_snapshot_and_skips_what_it_cannot_trust() {
+        let store = Arc::new(InMemory::new());
+        let clock = Arc::new(ManualClock::at(START));
+        let a = replica(&store, "node-a", 1, &clock);
+        let b = replica(&store, "node-b", 2, &clock);
+        let c = replica(&store, "node-c", 3, &clock);
+        a.limiter.decide("default", "alice", 30).unwrap();
+        a.limiter.decide("extra", "x", 4).unwrap();
+        b.limiter.decide("default", "bob", 20).unwrap();
+        // node-a ships twice; its newest object is then damaged: the older one must be used.
+        a.snapshots.write(&a.limiter).unwrap();
+        a.remote
+            .upload_newest(&a.snapshots, &a.limiter)
+            .await
+            .unwrap();
+        clock.advance_us(1_000_000);
+        a.limiter.decide("default", "alice", 5).unwrap();
+        a.snapshots.write(&a.limiter).unwrap();
+        let newest_a = a
+            .remote
+            .upload_newest(&a.snapshots, &a.limiter)
+            .await
+            .unwrap()
+            .unwrap();
+        let mut damaged = store
+            .get(&Path::from(newest_a.object.as_str()))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .to_vec();
+        damaged[100] ^= 0x40;
+        store
+            .put(&Path::from(newest_a.object.as_str()), damaged.into())
+            .await
+            .unwrap();
+        b.snapshots.write(&b.limiter).unwrap();
+        b.remote
+            .upload_newest(&b.snapshots, &b.limiter)
+            .await
+            .unwrap();
+        // node-c: its only object is in a format this build does not read.
+        let c_object = format!("dr/cluster/node-c/{:020}.ocs", limiter_now(&clock));
+        store
+            .put(
+                &Path::from(c_object.as_str()),
+                older_format(limiter_now(&clock)).into(),
+            )
+            .await
+            .unwrap();
+        drop(c);
+        // node-d: a snapshot from long ago, never downloaded.
+        store
+            .put(
+                &Path::from("dr/cluster/node-d/00000000000000000001.ocs"),
+                vec![1, 2, 3].into(),
+            )
+            .await
+            .unwrap();
+        // Not ours: ignored.
+        store
+            .put(&Path::from("dr/cluster/README"), vec![0].into())
+            .await
+            .unwrap();
+
+        clock.advance_us(HOUR_US / 100);
+        let fresh = limiter("node-new", 9, clock.clone());
+        // Only `default` is left: the `extra` policy's bucket is dropped.
+        fresh.reload_policies("policies: {}\n").unwrap();
+        let remote = Remote::with_store(store.clone(), "mem://", "dr/cluster", "node-new", 3);
+        let report = remote
+            .restore(&fresh, Duration::from_secs(86_400))
+            .await
+            .unwrap();
+
+        assert_eq!(report.nodes, 4);
+        assert_eq!(report.ignored, 1);
+        let merged: Vec<_> = report.merged.iter().map(|m| m.node_id.as_str()).collect();
+        assert_eq!(merged, ["node-a", "node-b"]);
+        let reasons: Vec<_> = report
+            .rejected
+            .iter()
+            .map(|r| (r.object.as_str(), r.reason))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                (newest_a.object.as_str(), "checksum"),
+                (c_object.as_str(), "unsupported_version"),
+                ("dr/cluster/node-d/00000000000000000001.ocs", "too_old"),
+            ]
+        );
+        assert_eq!(report.unknown_policies, ["extra"]);
+        // node-a's older snapshot: alice had spent 30 (the 5 after it are lost), bob 20; one
+        // token refilled in the 36 s that passed.
+        assert_eq!(remaining(&fresh, "default", "alice"), 71);
+        assert_eq!(remaining(&fresh, "default", "bob"), 81);
+        let text = fresh.render_metrics();
+        for line in [
+            "openclaw_snapshot_remote_rejected_total{reason=\"checksum\"} 1",
+            "openclaw_snapshot_remote_rejected_total{reason=\"unsupported_version\"} 1",
+            "openclaw_snapshot_remote_rejected_total{reason=\"too_old\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line}:\n{text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_object_whose_name_disagrees_with_its_header_is_not_trusted() {
+        let store = Arc::new(InMemory::new());
+        let clock = Arc::new(ManualClock::at(START));
+        let a = replica(&store, "node-a", 1, &clock);
+        a.limiter.decide("default", "k", 50).unwrap();
+        let written = a.snapshots.write(&a.limiter).unwrap();
+        // A valid snapshot renamed to look newer than it is.
+        let renamed = format!("dr/cluster/node-a/{:020}.ocs", START + 5);
+        store
+            .put(
+                &Path::from(renamed.as_str()),
+                std::fs::read(written.path).unwrap().into(),
+            )
+            .await
+            .unwrap();
+        let fresh = limiter("node-new", 9, clock.clone());
+        let remote = Remote::with_store(store.clone(), "mem://", "dr/cluster", "node-new", 3);
+        let report = remote
+            .restore(&fresh, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert!(report.merged.is_empty());
+        assert_eq!(report.rejected[0].reason, "name_mismatch");
+        assert_eq!(remaining(&fresh, "default", "k"), 100);
+    }
+
+    #[test]
+    fn only_s3_urls_with_a_bucket_are_accepted() {
+        let l = RemoteLocation::parse("s3://bucket/a/b/").unwrap();
+        assert_eq!((l.bucket.as_str(), l.prefix.as_str()), ("bucket", "a/b"));
+        let l = RemoteLocation::parse("s3://bucket").unwrap();
+        assert_eq!((l.bucket.as_str(), l.prefix.as_str()), ("bucket", ""));
+        for bad in [
+            "gs://b/p",
+            "s3://",
+            "s3:///p",
+            "bucket/p",
+            "s3://b/a//c",
+            "s3://b/../c",
+        ] {
+            assert!(RemoteLocation::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn object_names_order_snapshots_and_nothing_else() {
+        assert_eq!(parse_object_name(&object_name(42)), Some(42));
+        for other in ["42", ".ocs", "4a.ocs", "42.ocs.tmp", "snapshot-42.ocs"] {
+            assert_eq!(parse_object_name(other), None, "{other}");
+        }
+    }
+}
