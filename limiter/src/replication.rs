@@ -1515,20 +1515,9 @@ async fn lend(
     }
     .await;
     match result {
-        Ok(answer) => {
-            let body = serde_json::to_vec(&answer).expect("serializing plain data cannot fail");
-            let timestamp = replicator.limiter.now();
-            let signature = replicator.sign(timestamp, &body);
-            (
-                [
-                    (TIMESTAMP_HEADER, timestamp.to_string()),
-                    (SIGNATURE_HEADER, signature),
-                    ("content-type", "application/json".to_owned()),
-                ],
-                body,
-            )
-                .into_response()
-        }
+        Ok(answer) => replicator.signed_response(
+            serde_json::to_vec(&answer).expect("serializing plain data cannot fail"),
+        ),
         Err(rejection) => refuse(&replicator, rejection),
     }
 }

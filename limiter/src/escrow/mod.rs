@@ -115,7 +115,8 @@ impl Escrow {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Spend `cost` tokens of `key` from this replica's share of `policy`.
+    /// Spend `cost` tokens of `key` from this replica's share of `policy` (no loans: see
+    /// [`Escrow::decide_or_shortfall`]).
     pub fn decide(
         &self,
         policy_id: PolicyId,
@@ -124,27 +125,8 @@ impl Escrow {
         rate: Rate,
         cost: u64,
     ) -> Outcome {
-        self.asked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .record(policy, cost);
-        self.with_history(policy, rate, cost, |history, now, lease_ok| {
-            let mut shard = self.shard(key);
-            let keys = shard.entry(policy_id).or_default();
-            let bucket = match keys.get_mut(key) {
-                Some(bucket) => bucket,
-                None => keys
-                    .entry(key.into())
-                    .or_insert_with(|| SubBucket::fresh(history, rate, now)),
-            };
-            if !lease_ok {
-                // The lease ran out: spend nothing until the node has renewed it or given up
-                // the share (see `tick`).
-                history.settle(bucket, rate, now);
-                return bucket.describe(rate, 0, false, cost);
-            }
-            bucket.try_spend(history, rate, cost, now)
-        })
+        self.decide_or_shortfall(policy_id, policy, key, rate, cost)
+            .0
     }
 
     /// Like [`Escrow::decide`], and when refused, what borrowing from peers could still do:
