@@ -1537,6 +1537,9 @@ fn print_overload(reports: &[Report], options: &Options) {
 }
 
 fn main() -> std::process::ExitCode {
+    // The workspace builds reqwest with `rustls-no-provider` (limiter/Cargo.toml): every HTTP
+    // client here needs a process-wide provider installed first, or it panics when built.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let options = match Options::parse() {
         Ok(options) => options,
         Err(message) => {
