@@ -231,9 +231,16 @@ impl BucketState {
     /// Claim the bucket, known to be full at `now` (after `epoch`), for `me`. The level stays
     /// the capacity: every incarnation bound was at least that, and the claim's bound is now
     /// exactly that.
+    #[inline]
     fn claim_at(&mut self, now: Micros, me: ReplicaId) {
         self.epoch = now;
         self.rebaser = me;
+        if let [only] = self.components.as_mut_slice() {
+            // The common case, kept short (one decision's path): nothing follows it, so it is
+            // not closed.
+            only.absorbed = only.consumed;
+            return;
+        }
         // Sorted by (replica, incarnation): a component followed by one of the same replica is
         // closed.
         let mut i = 0;
@@ -280,7 +287,11 @@ impl BucketState {
         if !allowed {
             return Outcome::describe(rate, level, false, cost);
         }
-        let current = self.find((me, *incarnation));
+        let current = match self.components.as_slice() {
+            // The common case without the binary search's loop: one replica spends here.
+            [only] if only.key() == (me, *incarnation) => Ok(0),
+            _ => self.find((me, *incarnation)),
+        };
         let moves_on = match current {
             Ok(i) => {
                 let c = &self.components[i];
