@@ -112,7 +112,10 @@ impl AppState {
 /// All routes, unauthenticated.
 pub fn router(state: AppState) -> Router {
     Router::new()
+        // Every discovery path with and without a trailing slash, as kube-apiserver serves
+        // them (the official Python client asks for `/apis/` and `/version/`).
         .route("/apis", get(api_group_list))
+        .route("/apis/", get(api_group_list))
         .route("/apis/external.metrics.k8s.io", get(api_group))
         .route("/apis/external.metrics.k8s.io/", get(api_group))
         .route(
@@ -130,6 +133,7 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi/v2", get(openapi_v2))
         .route("/openapi/v3", get(openapi_v3))
         .route("/version", get(version))
+        .route("/version/", get(version))
         .route("/healthz", get(ok))
         .route("/livez", get(ok))
         .route("/readyz", get(readyz))

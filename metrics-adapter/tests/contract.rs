@@ -277,6 +277,33 @@ async fn item3_discovery_follows_a_config_reload() {
     assert_eq!(r.body["resources"][0]["name"], "only_one");
 }
 
+// Item 1: kube-apiserver serves every discovery path with or without a trailing slash, and
+// clients ask for both (the official Python client's `ApisApi().get_api_versions()` asks for
+// `/apis/`).
+#[tokio::test]
+async fn item1_discovery_paths_answer_the_same_with_a_trailing_slash() {
+    let a = adapter(Answer::Hang).await;
+    for (path, kind) in [
+        ("/apis", "APIGroupList"),
+        ("/apis/external.metrics.k8s.io", "APIGroup"),
+        ("/apis/external.metrics.k8s.io/v1beta1", "APIResourceList"),
+    ] {
+        let plain = get(&a.app, path).await;
+        let slashed = get(&a.app, &format!("{path}/")).await;
+        assert_eq!(plain.status, 200, "{path}: {}", plain.body);
+        assert_eq!(slashed.status, 200, "{path}/: {}", slashed.body);
+        assert_eq!(slashed.content_type, "application/json");
+        assert_eq!(slashed.body["kind"], kind, "{path}/");
+        assert_eq!(
+            slashed.body, plain.body,
+            "{path}/ answers what {path} answers"
+        );
+    }
+    // Only one slash: `//` is not a discovery path.
+    assert_status(&get(&a.app, "/apis//").await, 404, "NotFound");
+    assert!(a.prom.queries().is_empty());
+}
+
 // Items 4 and 7.
 #[tokio::test]
 async fn item4_item7_a_list_call_answers_an_external_metric_value_list_in_the_upstream_shape() {
