@@ -362,6 +362,67 @@ async fn item4_every_selector_operator_is_injected_into_the_query() {
     }
 }
 
+/// Kubernetes' `labels.Requirement.Matches`, on Prometheus series (where a label whose value
+/// is empty does not exist): `!k` holds for series without `k`, so on a label no series has it
+/// narrows nothing and is a 200, not a 400, whatever the rule's selectable labels.
+#[tokio::test]
+async fn item4_does_not_exist_on_a_label_no_series_has_matches_everything() {
+    let a = adapter(rps("1")).await;
+    for (selector, matchers) in [
+        ("!nosuchlabel", "{nosuchlabel=\"\"}"),
+        (
+            "!nosuchlabel,policy%3Ddefault",
+            "{nosuchlabel=\"\",policy=\"default\"}",
+        ),
+    ] {
+        let r = get(
+            &a.app,
+            &format!("{LIST}/openclaw_requests_per_second?labelSelector={selector}"),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{selector}: {}", r.body);
+        assert_eq!(r.body["items"][0]["value"], "1", "{selector}");
+        // Injected, not ignored: Prometheus decides which series lack the label.
+        assert_eq!(
+            a.prom.queries().pop().unwrap(),
+            format!("sum(rate(openclaw_requests_total{matchers}[1m]))"),
+            "{selector}"
+        );
+    }
+}
+
+/// Empty values, where Kubernetes and a naive translation part ways: `k=""` and `k in ("")`
+/// need `k` to exist, which no Prometheus series can with an empty value, so they match
+/// nothing; `k!=""` and `k notin ("")` hold for every series.
+#[tokio::test]
+async fn item4_empty_values_keep_their_kubernetes_meaning() {
+    let a = adapter(rps("1")).await;
+    for (selector, matchers) in [
+        // Matches nothing: the two matchers contradict each other.
+        ("policy%3D", "{policy!=\"\",policy=\"\"}"),
+        ("policy%20in%20()", "{policy!=\"\",policy=\"\"}"),
+        // `in (a,)` is `in (a, "")`: only `a` can match.
+        ("policy%20in%20(a,)", "{policy=~\"a\"}"),
+        // Matches everything: nothing to inject.
+        ("policy!%3D", ""),
+        ("policy%20notin%20()", ""),
+        // `notin (a,)`: series without the label still match (they are not `a`).
+        ("policy%20notin%20(a,)", "{policy!~\"a\"}"),
+    ] {
+        let r = get(
+            &a.app,
+            &format!("{LIST}/openclaw_requests_per_second?labelSelector={selector}"),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{selector}: {}", r.body);
+        assert_eq!(
+            a.prom.queries().pop().unwrap(),
+            format!("sum(rate(openclaw_requests_total{matchers}[1m]))"),
+            "{selector}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn item4_a_namespace_scoped_rule_injects_the_request_namespace() {
     let a = adapter(rps("1")).await;
