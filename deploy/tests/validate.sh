@@ -177,7 +177,7 @@ must_fail "a misspelt ServiceMonitor field is rejected" \
 must_fail "a ServiceMonitor interval that is not a duration is rejected" \
   "interval must match pattern" fixture_crs "$HERE/fixtures/servicemonitor-bad-interval.yaml"
 must_fail "an HPA selector on a label the adapter cannot select by is rejected" \
-  "selector keys \\['app'\\] are not in the adapter's selectable_labels" \
+  "selector keys \\['decision'\\] are not in the adapter's selectable_labels" \
   python3 "$HERE/check_hpa_metrics.py" --adapter-config "$DEPLOY/base/metrics-adapter/config.yaml" \
   "$HERE/fixtures/hpa-unselectable-label.yaml"
 must_fail "a Dockerfile building a binary the workspace does not have is rejected" \

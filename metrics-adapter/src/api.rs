@@ -25,9 +25,9 @@ use crate::cache::{Cache, Lookup};
 use crate::config::{ConfigStore, OnEmpty, OnNan, Rule, SeriesPolicy};
 use crate::metrics::Metrics;
 use crate::prometheus::{Prometheus, QueryResult};
-use crate::promql::{equal_matcher, matchers_for};
+use crate::promql::{equal_matcher, is_prometheus_label_name, matchers_for};
 use crate::quantity::Decimal;
-use crate::selector::{Selector, validate_namespace};
+use crate::selector::{Requirement, Selector, validate_namespace};
 use crate::status::status_response;
 use crate::{Error, Result};
 
@@ -112,7 +112,10 @@ impl AppState {
 /// All routes, unauthenticated.
 pub fn router(state: AppState) -> Router {
     Router::new()
+        // Every discovery path with and without a trailing slash, as kube-apiserver serves
+        // them (the official Python client asks for `/apis/` and `/version/`).
         .route("/apis", get(api_group_list))
+        .route("/apis/", get(api_group_list))
         .route("/apis/external.metrics.k8s.io", get(api_group))
         .route("/apis/external.metrics.k8s.io/", get(api_group))
         .route(
@@ -130,6 +133,7 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi/v2", get(openapi_v2))
         .route("/openapi/v3", get(openapi_v3))
         .route("/version", get(version))
+        .route("/version/", get(version))
         .route("/healthz", get(ok))
         .route("/livez", get(ok))
         .route("/readyz", get(readyz))
@@ -268,17 +272,40 @@ pub struct Evaluation {
 }
 
 /// The PromQL a request runs: the rule's query with the selector (and, if the rule says so,
-/// the namespace) injected. Refuses selector keys the rule does not allow.
+/// the namespace) injected.
+///
+/// A selector may constrain the rule's `selectable_labels` with any operator: the SRE listed
+/// the labels by which narrowing every series of the query means something (a `decision`
+/// narrowing of a ratio whose numerator has no `decision` label would serve a wrong number).
+/// Any other label may only be named by `!k`, "has no such label", which Kubernetes defines for
+/// every label and which Prometheus decides: `k=""` is injected, so on a label no series has it
+/// narrows nothing (a 200, not a 400), and series that do carry it are excluded. Everything
+/// else is a 400, never silently ignored.
 pub fn final_promql(rule: &Rule, namespace: &str, selector: &Selector) -> Result<String> {
     for r in &selector.requirements {
-        if !rule.selectable_labels.contains(r.key()) {
-            let allowed = rule.selectable_labels_text();
-            return Err(Error::BadSelector(format!(
-                "external metric {:?} cannot be narrowed by label {:?} (selectable labels: {allowed})",
-                rule.name,
-                r.key()
-            )));
+        let key = r.key();
+        if rule.selectable_labels.contains(key) {
+            continue;
         }
+        let absent = matches!(r, Requirement::DoesNotExist { .. });
+        if absent && is_prometheus_label_name(key) {
+            continue;
+        }
+        let allowed = rule.selectable_labels_text();
+        return Err(Error::BadSelector(if absent {
+            format!(
+                "!{key}: {key:?} cannot be a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*), so \
+                 it cannot be written as a matcher (external metric {:?}: selectable labels: \
+                 {allowed})",
+                rule.name
+            )
+        } else {
+            format!(
+                "external metric {:?} cannot be narrowed by label {key:?} (selectable labels: \
+                 {allowed}; any other label only as !label, \"does not exist\")",
+                rule.name
+            )
+        }));
     }
     let mut matchers = matchers_for(selector);
     if let Some(label) = &rule.namespace_label {

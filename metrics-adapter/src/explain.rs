@@ -424,7 +424,7 @@ mod tests {
         let out = run(req, "812.5", "0").await;
         let want = r#"== External metric openclaw_requests_per_second in namespace default, selector policy=default
 Rule: sum(rate(openclaw_requests_total[1m]))
-  timeout 2s, cache_ttl 5s, on_empty error, on_nan skip, series sum, window 60s, selectable labels: decision, policy
+  timeout 2s, cache_ttl 5s, on_empty error, on_nan skip, series sum, window 60s, selectable labels: app, decision, policy
 Final PromQL:
   sum(rate(openclaw_requests_total{policy="default"}[1m]))
 Prometheus answered (1 series):

@@ -131,30 +131,72 @@ impl ExprVisitorMut for Injector<'_> {
     }
 }
 
-/// Label matchers equivalent to a Kubernetes selector, for Prometheus labels of the same names.
+/// Label matchers with the meaning of a Kubernetes selector (`labels.Requirement.Matches`) on
+/// Prometheus series, where a label with an empty value does not exist: a series "has" `k`
+/// when its `k` is not empty, and Prometheus matches a missing label as the empty value.
 ///
-/// `k=v` → `k="v"`, `k!=v` → `k!="v"`, `k in (a,b)` → `k=~"a|b"`, `k notin (a,b)` → `k!~"a|b"`,
-/// `k` → `k!=""`, `!k` → `k=""`. (Prometheus treats a missing label as the empty value, which is
-/// exactly the Kubernetes meaning of `!=`, `notin` and `!k` on a missing label.)
+/// | Kubernetes | means | Prometheus |
+/// | --- | --- | --- |
+/// | `k=v`, `k==v` | has `k`, equal to v | `k="v"` |
+/// | `k!=v` | lacks `k`, or not v | `k!="v"` (a missing label is "", not v) |
+/// | `k in (a,b)` | has `k`, one of them | `k=~"a\|b"`, values escaped like Go's `regexp.QuoteMeta` |
+/// | `k notin (a,b)` | lacks `k`, or none of them | `k!~"a\|b"` (a missing label matches neither) |
+/// | `k` | has `k` | `k!=""` |
+/// | `!k` | lacks `k` | `k=""` |
+///
+/// The empty value, which `k=`, `k in ()` and the gaps in `(a,,b)` name, is never a value a
+/// series has, so: `k=` and `k in ()` match nothing (`k!="", k=""`); `k!=` and `k notin ()`
+/// match everything (no matcher); `""` is dropped from `in`/`notin` sets otherwise (a naive
+/// `k=~"a|"` would wrongly match series without `k`, and `k!~"a|"` wrongly exclude them).
 pub fn matchers_for(selector: &Selector) -> Vec<Matcher> {
-    selector
-        .requirements
-        .iter()
-        .map(|r| match r {
-            Requirement::Equals { key, value } => Matcher::new(MatchOp::Equal, key, value),
-            Requirement::NotEquals { key, value } => Matcher::new(MatchOp::NotEqual, key, value),
+    let mut out = Vec::new();
+    let nothing = |key: &str, out: &mut Vec<Matcher>| {
+        out.push(Matcher::new(MatchOp::NotEqual, key, ""));
+        out.push(Matcher::new(MatchOp::Equal, key, ""));
+    };
+    let present = |values: &std::collections::BTreeSet<String>| -> Vec<String> {
+        values.iter().filter(|v| !v.is_empty()).cloned().collect()
+    };
+    for r in &selector.requirements {
+        match r {
+            Requirement::Equals { key, value } if value.is_empty() => nothing(key, &mut out),
+            Requirement::Equals { key, value } => {
+                out.push(Matcher::new(MatchOp::Equal, key, value));
+            }
+            Requirement::NotEquals { value, .. } if value.is_empty() => {}
+            Requirement::NotEquals { key, value } => {
+                out.push(Matcher::new(MatchOp::NotEqual, key, value));
+            }
             Requirement::In { key, values } => {
-                let alt = alternation(values.iter().map(String::as_str));
-                Matcher::new(MatchOp::Re(anchored(&alt)), key, &alt)
+                let values = present(values);
+                if values.is_empty() {
+                    nothing(key, &mut out);
+                } else {
+                    let alt = alternation(values.iter().map(String::as_str));
+                    out.push(Matcher::new(MatchOp::Re(anchored(&alt)), key, &alt));
+                }
             }
             Requirement::NotIn { key, values } => {
-                let alt = alternation(values.iter().map(String::as_str));
-                Matcher::new(MatchOp::NotRe(anchored(&alt)), key, &alt)
+                let values = present(values);
+                if !values.is_empty() {
+                    let alt = alternation(values.iter().map(String::as_str));
+                    out.push(Matcher::new(MatchOp::NotRe(anchored(&alt)), key, &alt));
+                }
             }
-            Requirement::Exists { key } => Matcher::new(MatchOp::NotEqual, key, ""),
-            Requirement::DoesNotExist { key } => Matcher::new(MatchOp::Equal, key, ""),
-        })
-        .collect()
+            Requirement::Exists { key } => out.push(Matcher::new(MatchOp::NotEqual, key, "")),
+            Requirement::DoesNotExist { key } => out.push(Matcher::new(MatchOp::Equal, key, "")),
+        }
+    }
+    out
+}
+
+/// A Prometheus label name as Prometheus 2 validates them (`[a-zA-Z_][a-zA-Z0-9_]*`): the only
+/// selector keys a matcher can name.
+pub fn is_prometheus_label_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    b.first()
+        .is_some_and(|c| c.is_ascii_alphabetic() || *c == b'_')
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
 }
 
 /// `namespace="ns"`-style matcher for rules that scope their query to the request namespace.
@@ -284,6 +326,28 @@ mod tests {
         assert_eq!(inject("foo", "a"), "foo{a!=\"\"}");
         assert_eq!(inject("foo", "!a"), "foo{a=\"\"}");
         assert_eq!(inject("foo", "a==1"), "foo{a=\"1\"}");
+    }
+
+    #[test]
+    fn the_empty_value_keeps_its_kubernetes_meaning() {
+        // Nothing has `a` with an empty value.
+        assert_eq!(inject("foo", "a="), "foo{a!=\"\",a=\"\"}");
+        assert_eq!(inject("foo", "a in ()"), "foo{a!=\"\",a=\"\"}");
+        assert_eq!(inject("foo", "a in (x,)"), "foo{a=~\"x\"}");
+        // Everything lacks `a` or has it with another value.
+        assert_eq!(inject("foo", "a!="), "foo");
+        assert_eq!(inject("foo", "a notin ()"), "foo");
+        assert_eq!(inject("foo", "a notin (,x)"), "foo{a!~\"x\"}");
+    }
+
+    #[test]
+    fn prometheus_label_names_are_the_legacy_charset() {
+        for ok in ["app", "_x", "a1_b"] {
+            assert!(is_prometheus_label_name(ok), "{ok}");
+        }
+        for bad in ["", "1a", "app.kubernetes.io/name", "a-b"] {
+            assert!(!is_prometheus_label_name(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -1,10 +1,14 @@
 //! Kubernetes label selectors, as the HPA sends them in `?labelSelector=`.
 //!
-//! The grammar is that of `k8s.io/apimachinery/pkg/labels.Parse`: comma-separated requirements
-//! `k=v`, `k==v`, `k!=v`, `k in (a,b)`, `k notin (a,b)`, `k` (exists) and `!k` (does not exist),
-//! with keys and values validated as Kubernetes validates them. `k>n` / `k<n` parse upstream
-//! but mean nothing for Prometheus labels, so they are refused with a clear message rather than
-//! silently ignored. Sizes are bounded so a hostile selector costs nothing.
+//! A port of `k8s.io/apimachinery/pkg/labels.Parse`, rule for rule: its lexer (keywords `in` and
+//! `notin`, which are also valid keys and values), its grammar (comma-separated `k=v`, `k==v`,
+//! `k!=v`, `k in (a,b)`, `k notin (a,b)`, `k` (exists) and `!k` (does not exist); `()` and the
+//! gaps in `(a,,b)` are the empty value), its validation of keys and values and its error
+//! messages, so a selector is accepted or refused here exactly as kube-apiserver would, in the
+//! same words. `k>n` / `k<n` parse upstream but mean nothing for Prometheus' string labels, so
+//! they are refused with a clear message rather than silently ignored. Sizes are bounded so a
+//! hostile selector costs nothing. What a requirement means on Prometheus series is
+//! `promql::matchers_for`.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -74,7 +78,10 @@ impl Selector {
         self.requirements.is_empty()
     }
 
-    /// Parses `labelSelector`; errors are [`Error::BadSelector`] (a 400).
+    /// Parses `labelSelector` exactly as `labels.Parse` does (same grammar, same validation,
+    /// same messages); errors are [`Error::BadSelector`] (a 400). Two deliberate differences,
+    /// both refusals: the size bounds above, and a NUL byte, which ends the input for
+    /// Kubernetes' lexer (the rest would be silently dropped).
     pub fn parse(input: &str) -> Result<Selector> {
         if input.len() > MAX_SELECTOR_BYTES {
             return Err(bad(format!(
@@ -82,27 +89,17 @@ impl Selector {
                 input.len()
             )));
         }
+        if let Some(at) = input.find('\0') {
+            return Err(bad(format!(
+                "NUL byte at position {at}: Kubernetes' parser would stop reading there and \
+                 ignore the rest of the selector, so it is refused"
+            )));
+        }
         let mut parser = Parser {
-            s: input.as_bytes(),
+            tokens: lex(input),
             pos: 0,
-            text: input,
         };
-        let mut requirements = Vec::new();
-        parser.skip_ws();
-        if parser.at_end() {
-            return Ok(Selector::everything());
-        }
-        loop {
-            if requirements.len() == MAX_REQUIREMENTS {
-                return Err(bad(format!("more than {MAX_REQUIREMENTS} requirements")));
-            }
-            requirements.push(parser.requirement()?);
-            parser.skip_ws();
-            if parser.at_end() {
-                break;
-            }
-            parser.expect(b',')?;
-        }
+        let mut requirements = parser.parse()?;
         // Canonical order: by key (as upstream prints), then by requirement.
         requirements.sort_by(|a, b| a.key().cmp(b.key()).then_with(|| a.cmp(b)));
         requirements.dedup();
@@ -135,218 +132,516 @@ fn bad(msg: impl Into<String>) -> Error {
     Error::BadSelector(msg.into())
 }
 
-struct Parser<'a> {
-    s: &'a [u8],
-    pos: usize,
-    text: &'a str,
+/// The lexer's tokens (`labels.Token`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Token {
+    End,
+    ClosedPar,
+    Comma,
+    DoesNotExist,
+    DoubleEquals,
+    Equals,
+    GreaterThan,
+    Identifier(String),
+    In,
+    LessThan,
+    NotEquals,
+    NotIn,
+    OpenPar,
 }
 
-impl Parser<'_> {
-    fn at_end(&self) -> bool {
-        self.pos >= self.s.len()
-    }
-
-    fn peek(&self) -> Option<u8> {
-        self.s.get(self.pos).copied()
-    }
-
-    fn skip_ws(&mut self) {
-        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
-            self.pos += 1;
+impl Token {
+    /// The literal, as upstream's messages quote it (`''` at the end).
+    fn literal(&self) -> &str {
+        match self {
+            Token::End => "",
+            Token::ClosedPar => ")",
+            Token::Comma => ",",
+            Token::DoesNotExist => "!",
+            Token::DoubleEquals => "==",
+            Token::Equals => "=",
+            Token::GreaterThan => ">",
+            Token::Identifier(s) => s,
+            Token::In => "in",
+            Token::LessThan => "<",
+            Token::NotEquals => "!=",
+            Token::NotIn => "notin",
+            Token::OpenPar => "(",
         }
     }
 
-    fn err_here(&self, what: &str) -> Error {
-        let found = match self.peek() {
-            None => "end of selector".to_owned(),
-            Some(_) => {
-                let rest: String = self.text[self.pos..].chars().take(12).collect();
-                format!("{rest:?}")
-            }
-        };
-        bad(format!("{what} at position {}, found {found}", self.pos))
+    fn symbol(s: &str) -> Option<Token> {
+        Some(match s {
+            ")" => Token::ClosedPar,
+            "," => Token::Comma,
+            "!" => Token::DoesNotExist,
+            "==" => Token::DoubleEquals,
+            "=" => Token::Equals,
+            ">" => Token::GreaterThan,
+            "<" => Token::LessThan,
+            "!=" => Token::NotEquals,
+            "(" => Token::OpenPar,
+            _ => return None,
+        })
     }
+}
 
-    fn expect(&mut self, c: u8) -> Result<()> {
-        self.skip_ws();
-        if self.peek() == Some(c) {
-            self.pos += 1;
-            Ok(())
+fn is_whitespace(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\r' | b'\n')
+}
+
+fn is_special(c: u8) -> bool {
+    matches!(c, b'=' | b'!' | b'(' | b')' | b',' | b'>' | b'<')
+}
+
+/// `labels.Lexer`: identifiers run to whitespace or a special symbol; special symbols are read
+/// greedily as long as they form a token (`==`, `!=`); `in` and `notin` are keywords.
+fn lex(text: &str) -> Vec<Token> {
+    let s = text.as_bytes();
+    let mut tokens = Vec::new();
+    let mut pos = 0;
+    loop {
+        while pos < s.len() && is_whitespace(s[pos]) {
+            pos += 1;
+        }
+        if pos == s.len() {
+            tokens.push(Token::End);
+            return tokens;
+        }
+        let start = pos;
+        if is_special(s[pos]) {
+            // Every single special symbol is a token; a second one extends it only into `==`
+            // or `!=`.
+            pos += 1;
+            if pos < s.len() && is_special(s[pos]) && Token::symbol(&text[start..=pos]).is_some() {
+                pos += 1;
+            }
+            tokens.push(Token::symbol(&text[start..pos]).expect("a special symbol"));
         } else {
-            Err(self.err_here(&format!("expected '{}'", c as char)))
-        }
-    }
-
-    /// A bare word: anything up to whitespace or a delimiter.
-    fn word(&mut self) -> &str {
-        self.skip_ws();
-        let start = self.pos;
-        while let Some(c) = self.peek() {
-            if matches!(
-                c,
-                b' ' | b'\t' | b'\n' | b'\r' | b',' | b'(' | b')' | b'=' | b'!' | b'<' | b'>'
-            ) {
-                break;
+            while pos < s.len() && !is_special(s[pos]) && !is_whitespace(s[pos]) {
+                pos += 1;
             }
-            self.pos += 1;
+            tokens.push(match &text[start..pos] {
+                "in" => Token::In,
+                "notin" => Token::NotIn,
+                word => Token::Identifier(word.to_owned()),
+            });
         }
-        &self.text[start..self.pos]
+    }
+}
+
+/// Where a token is read: in `Values`, the keywords `in` and `notin` are identifiers
+/// (`in in (notin)` is a valid selector).
+#[derive(Clone, Copy, PartialEq)]
+enum Context {
+    KeyAndOperator,
+    Values,
+}
+
+/// An operator as parsed, before `>`/`<` are refused.
+#[derive(Clone, Copy, PartialEq)]
+enum Op {
+    Exists,
+    DoesNotExist,
+    Equals,
+    NotEquals,
+    In,
+    NotIn,
+    GreaterThan,
+    LessThan,
+}
+
+/// `labels.Parser`, rule for rule.
+struct Parser {
+    tokens: Vec<Token>,
+    pos: usize,
+}
+
+impl Parser {
+    fn lookahead(&self, context: Context) -> Token {
+        let token = self.tokens[self.pos.min(self.tokens.len() - 1)].clone();
+        match (context, token) {
+            (Context::Values, Token::In) => Token::Identifier("in".to_owned()),
+            (Context::Values, Token::NotIn) => Token::Identifier("notin".to_owned()),
+            (_, token) => token,
+        }
     }
 
-    fn key(&mut self) -> Result<String> {
-        let start = self.pos;
-        let key = self.word().to_owned();
-        if key.is_empty() {
-            self.pos = start;
-            self.skip_ws();
-            return Err(self.err_here("expected a label key"));
-        }
-        validate_label_key(&key)?;
-        Ok(key)
+    fn consume(&mut self, context: Context) -> Token {
+        let token = self.lookahead(context);
+        self.pos += 1;
+        token
     }
 
-    fn value(&mut self) -> Result<String> {
-        let value = self.word().to_owned();
-        validate_label_value(&value)?;
-        Ok(value)
-    }
-
-    fn requirement(&mut self) -> Result<Requirement> {
-        self.skip_ws();
-        if self.peek() == Some(b'!') {
-            self.pos += 1;
-            let key = self.key()?;
-            return Ok(Requirement::DoesNotExist { key });
-        }
-        let key = self.key()?;
-        self.skip_ws();
-        match self.peek() {
-            None | Some(b',') => Ok(Requirement::Exists { key }),
-            Some(b'=') => {
-                self.pos += 1;
-                if self.peek() == Some(b'=') {
-                    self.pos += 1;
-                }
-                let value = self.value()?;
-                Ok(Requirement::Equals { key, value })
-            }
-            Some(b'!') => {
-                self.pos += 1;
-                if self.peek() != Some(b'=') {
-                    return Err(self.err_here("expected '=' after '!'"));
-                }
-                self.pos += 1;
-                let value = self.value()?;
-                Ok(Requirement::NotEquals { key, value })
-            }
-            Some(b'<' | b'>') => Err(bad(format!(
-                "operator '{}' on {key:?} is not supported: Prometheus labels are strings; \
-                 use =, ==, !=, in, notin, exists or !exists",
-                self.peek().map(char::from).unwrap_or('?')
-            ))),
-            Some(_) => {
-                let word_start = self.pos;
-                let op = self.word().to_owned();
-                match op.as_str() {
-                    "in" | "notin" => {
-                        let values = self.set()?;
-                        Ok(if op == "in" {
-                            Requirement::In { key, values }
-                        } else {
-                            Requirement::NotIn { key, values }
-                        })
+    fn parse(&mut self) -> Result<Vec<Requirement>> {
+        let mut requirements = Vec::new();
+        loop {
+            match self.lookahead(Context::Values) {
+                Token::Identifier(_) | Token::DoesNotExist => {
+                    if requirements.len() == MAX_REQUIREMENTS {
+                        return Err(bad(format!("more than {MAX_REQUIREMENTS} requirements")));
                     }
-                    _ => {
-                        self.pos = word_start;
-                        Err(self.err_here(&format!(
-                            "expected an operator (=, ==, !=, in, notin) after key {key:?}"
-                        )))
+                    let (key, op, values) = self
+                        .requirement()
+                        .map_err(|e| bad(format!("unable to parse requirement: {e}")))?;
+                    requirements.push(to_requirement(key, op, values)?);
+                    match self.consume(Context::Values) {
+                        Token::End => return Ok(requirements),
+                        Token::Comma => {
+                            let next = self.lookahead(Context::Values);
+                            if !matches!(next, Token::Identifier(_) | Token::DoesNotExist) {
+                                return Err(bad(format!(
+                                    "found '{}', expected: identifier after ','",
+                                    next.literal()
+                                )));
+                            }
+                        }
+                        other => {
+                            return Err(bad(format!(
+                                "found '{}', expected: ',' or 'end of string'",
+                                other.literal()
+                            )));
+                        }
                     }
                 }
+                Token::End => return Ok(requirements),
+                other => {
+                    return Err(bad(format!(
+                        "found '{}', expected: !, identifier, or 'end of string'",
+                        other.literal()
+                    )));
+                }
             }
         }
     }
 
-    fn set(&mut self) -> Result<BTreeSet<String>> {
-        self.expect(b'(')?;
+    /// One requirement: key, operator and values, validated as `NewRequirement` does.
+    fn requirement(&mut self) -> std::result::Result<(String, Op, BTreeSet<String>), String> {
+        let (key, inferred) = self.key_and_infer_operator()?;
+        if let Some(op) = inferred {
+            return Ok((key, op, BTreeSet::new()));
+        }
+        let op = self.operator()?;
+        let values = match op {
+            Op::In | Op::NotIn => self.values()?,
+            _ => self.exact_value()?,
+        };
+        // `values.List()`: the sorted set, indexed in messages as `values[i][key]`.
+        let errors: Vec<String> = values
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| {
+                let errs = label_value_errors(v);
+                (!errs.is_empty()).then(|| {
+                    format!(
+                        "values[{i}][{key}]: Invalid value: {v:?}: {}",
+                        errs.join("; ")
+                    )
+                })
+            })
+            .collect();
+        match errors.len() {
+            0 => Ok((key, op, values)),
+            1 => Err(errors.into_iter().next().unwrap_or_default()),
+            _ => Err(format!("[{}]", errors.join(", "))),
+        }
+    }
+
+    fn key_and_infer_operator(&mut self) -> std::result::Result<(String, Option<Op>), String> {
+        let mut op = None;
+        let mut token = self.consume(Context::Values);
+        if token == Token::DoesNotExist {
+            op = Some(Op::DoesNotExist);
+            token = self.consume(Context::Values);
+        }
+        let Token::Identifier(key) = token else {
+            return Err(format!("found '{}', expected: identifier", token.literal()));
+        };
+        let errs = qualified_name_errors(&key);
+        if !errs.is_empty() {
+            return Err(format!(
+                "<nil>: Invalid value: {key:?}: {}",
+                errs.join("; ")
+            ));
+        }
+        if op.is_none() && matches!(self.lookahead(Context::Values), Token::End | Token::Comma) {
+            op = Some(Op::Exists);
+        }
+        Ok((key, op))
+    }
+
+    fn operator(&mut self) -> std::result::Result<Op, String> {
+        Ok(match self.consume(Context::KeyAndOperator) {
+            Token::In => Op::In,
+            Token::Equals | Token::DoubleEquals => Op::Equals,
+            Token::GreaterThan => Op::GreaterThan,
+            Token::LessThan => Op::LessThan,
+            Token::NotIn => Op::NotIn,
+            Token::NotEquals => Op::NotEquals,
+            other => {
+                return Err(format!(
+                    "found '{}', expected: in, notin, =, ==, !=, gt, lt",
+                    other.literal()
+                ));
+            }
+        })
+    }
+
+    /// `(a,b)`; `()` is the set of the empty value, as upstream parses it.
+    fn values(&mut self) -> std::result::Result<BTreeSet<String>, String> {
+        let open = self.consume(Context::Values);
+        if open != Token::OpenPar {
+            return Err(format!("found '{}' expected: '('", open.literal()));
+        }
+        match self.lookahead(Context::Values) {
+            Token::Identifier(_) | Token::Comma => {
+                let values = self.identifiers_list()?;
+                // identifiers_list only returns before a ')'.
+                self.consume(Context::Values);
+                Ok(values)
+            }
+            Token::ClosedPar => {
+                self.consume(Context::Values);
+                Ok(BTreeSet::from([String::new()]))
+            }
+            other => Err(format!(
+                "found '{}', expected: ',', ')' or identifier",
+                other.literal()
+            )),
+        }
+    }
+
+    /// `parseIdentifiersList`: empty values where commas leave them (`(,a)`, `(a,,b)`, `(a,)`).
+    fn identifiers_list(&mut self) -> std::result::Result<BTreeSet<String>, String> {
         let mut values = BTreeSet::new();
         loop {
-            if values.len() == MAX_SET_VALUES {
-                return Err(bad(format!("more than {MAX_SET_VALUES} values in a set")));
+            if values.len() > MAX_SET_VALUES {
+                return Err(format!("more than {MAX_SET_VALUES} values in a set"));
             }
-            let value = self.value()?;
-            values.insert(value);
-            self.skip_ws();
-            match self.peek() {
-                Some(b',') => self.pos += 1,
-                Some(b')') => {
-                    self.pos += 1;
-                    break;
+            match self.consume(Context::Values) {
+                Token::Identifier(value) => {
+                    values.insert(value);
+                    if values.len() > MAX_SET_VALUES {
+                        return Err(format!("more than {MAX_SET_VALUES} values in a set"));
+                    }
+                    match self.lookahead(Context::Values) {
+                        Token::Comma => continue,
+                        Token::ClosedPar => return Ok(values),
+                        other => {
+                            return Err(format!(
+                                "found '{}', expected: ',' or ')'",
+                                other.literal()
+                            ));
+                        }
+                    }
                 }
-                _ => return Err(self.err_here("expected ',' or ')' in a value set")),
+                Token::Comma => {
+                    if values.is_empty() {
+                        values.insert(String::new());
+                    }
+                    match self.lookahead(Context::Values) {
+                        Token::ClosedPar => {
+                            values.insert(String::new());
+                            return Ok(values);
+                        }
+                        Token::Comma => {
+                            self.consume(Context::Values);
+                            values.insert(String::new());
+                        }
+                        _ => {}
+                    }
+                }
+                other => {
+                    return Err(format!(
+                        "found '{}', expected: ',', or identifier",
+                        other.literal()
+                    ));
+                }
             }
         }
-        if values.len() == 1 && values.contains("") {
-            // `k in ()`: upstream refuses an empty set.
-            return Err(bad("'in' and 'notin' need at least one value"));
+    }
+
+    fn exact_value(&mut self) -> std::result::Result<BTreeSet<String>, String> {
+        if matches!(self.lookahead(Context::Values), Token::End | Token::Comma) {
+            return Ok(BTreeSet::from([String::new()]));
         }
-        Ok(values)
+        match self.consume(Context::Values) {
+            Token::Identifier(value) => Ok(BTreeSet::from([value])),
+            other => Err(format!("found '{}', expected: identifier", other.literal())),
+        }
     }
 }
 
-/// Label keys: an optional DNS-subdomain prefix and '/', then a name of at most 63 characters
-/// (`[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?`).
-pub(crate) fn validate_label_key(key: &str) -> Result<()> {
-    let (prefix, name) = match key.rsplit_once('/') {
-        Some((p, n)) => (Some(p), n),
-        None => (None, key),
-    };
-    if let Some(prefix) = prefix {
-        let ok = !prefix.is_empty()
-            && prefix.len() <= 253
-            && prefix.split('.').all(|part| {
-                !part.is_empty()
-                    && part.len() <= 63
-                    && part
-                        .bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                    && !part.starts_with('-')
-                    && !part.ends_with('-')
-            });
-        if !ok {
+/// A parsed requirement as ours; `>`/`<` (valid upstream, on integers) mean nothing for
+/// Prometheus' string labels, so they are refused rather than silently ignored.
+fn to_requirement(key: String, op: Op, values: BTreeSet<String>) -> Result<Requirement> {
+    let single = |values: BTreeSet<String>| values.into_iter().next().unwrap_or_default();
+    Ok(match op {
+        Op::Exists => Requirement::Exists { key },
+        Op::DoesNotExist => Requirement::DoesNotExist { key },
+        Op::Equals => Requirement::Equals {
+            key,
+            value: single(values),
+        },
+        Op::NotEquals => Requirement::NotEquals {
+            key,
+            value: single(values),
+        },
+        Op::In => Requirement::In { key, values },
+        Op::NotIn => Requirement::NotIn { key, values },
+        Op::GreaterThan | Op::LessThan => {
+            let symbol = if op == Op::GreaterThan { '>' } else { '<' };
             return Err(bad(format!(
-                "invalid label key {key:?}: the prefix must be a DNS subdomain"
+                "operator '{symbol}' on {key:?} is not supported: Prometheus labels are strings; \
+                 use =, ==, !=, in, notin, exists or !exists"
             )));
         }
-    }
-    if name.is_empty() || !is_label_name_or_value(name) {
-        return Err(bad(format!(
-            "invalid label key {key:?}: a name must be 63 characters or less, start and end with \
-             an alphanumeric character, and contain only alphanumerics, '-', '_' or '.'"
-        )));
-    }
-    Ok(())
+    })
 }
 
-/// Label values: empty, or a name as in [`validate_label_key`].
-pub(crate) fn validate_label_value(value: &str) -> Result<()> {
-    if value.is_empty() || is_label_name_or_value(value) {
+const QUALIFIED_NAME_FMT: &str = "([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]";
+const QUALIFIED_NAME_MSG: &str = "must consist of alphanumeric characters, '-', '_' or '.', and \
+                                  must start and end with an alphanumeric character";
+const DNS1123_SUBDOMAIN_FMT: &str =
+    r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*";
+const DNS1123_SUBDOMAIN_MSG: &str = "a lowercase RFC 1123 subdomain must consist of lower case \
+                                     alphanumeric characters, '-' or '.', and must start and end \
+                                     with an alphanumeric character";
+const LABEL_VALUE_FMT: &str = "(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?";
+const LABEL_VALUE_MSG: &str = "a valid label must be an empty string or consist of alphanumeric \
+                               characters, '-', '_' or '.', and must start and end with an \
+                               alphanumeric character";
+
+/// `validation.RegexError`, word for word.
+fn regex_error(msg: &str, fmt: &str, examples: &[&str]) -> String {
+    let mut out = format!("{msg} (e.g. ");
+    for (i, example) in examples.iter().enumerate() {
+        if i > 0 {
+            out.push_str(" or ");
+        }
+        out.push_str(&format!("'{example}', "));
+    }
+    out.push_str(&format!("regex used for validation is '{fmt}')"));
+    out
+}
+
+/// `validation.IsQualifiedName`: an optional DNS-subdomain prefix and '/', then a name of at
+/// most 63 characters. Empty when valid.
+fn qualified_name_errors(key: &str) -> Vec<String> {
+    let name_regex_error = || {
+        regex_error(
+            QUALIFIED_NAME_MSG,
+            QUALIFIED_NAME_FMT,
+            &["MyName", "my.name", "123-abc"],
+        )
+    };
+    let mut errors = Vec::new();
+    let parts: Vec<&str> = key.split('/').collect();
+    let name = match parts.as_slice() {
+        [name] => *name,
+        [prefix, name] => {
+            if prefix.is_empty() {
+                errors.push("prefix part must be non-empty".to_owned());
+            } else {
+                errors.extend(
+                    dns1123_subdomain_errors(prefix)
+                        .into_iter()
+                        .map(|e| format!("prefix part {e}")),
+                );
+            }
+            *name
+        }
+        _ => {
+            return vec![format!(
+                "a qualified name {} with an optional DNS subdomain prefix and '/' (e.g. \
+                 'example.com/MyName')",
+                name_regex_error()
+            )];
+        }
+    };
+    if name.is_empty() {
+        errors.push("name part must be non-empty".to_owned());
+    } else if name.len() > 63 {
+        errors.push("name part must be no more than 63 characters".to_owned());
+    }
+    if !is_qualified_name_part(name) {
+        errors.push(format!("name part {}", name_regex_error()));
+    }
+    errors
+}
+
+fn dns1123_subdomain_errors(value: &str) -> Vec<String> {
+    let mut errors = Vec::new();
+    if value.len() > 253 {
+        errors.push("must be no more than 253 characters".to_owned());
+    }
+    let valid = value.split('.').all(|part| {
+        !part.is_empty()
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !part.starts_with('-')
+            && !part.ends_with('-')
+    });
+    if !valid {
+        errors.push(regex_error(
+            DNS1123_SUBDOMAIN_MSG,
+            DNS1123_SUBDOMAIN_FMT,
+            &["example.com"],
+        ));
+    }
+    errors
+}
+
+/// `validation.IsValidLabelValue`: empty, or a qualified name part of at most 63 characters.
+fn label_value_errors(value: &str) -> Vec<String> {
+    let mut errors = Vec::new();
+    if value.len() > 63 {
+        errors.push("must be no more than 63 characters".to_owned());
+    }
+    if !value.is_empty() && !is_qualified_name_part(value) {
+        errors.push(regex_error(
+            LABEL_VALUE_MSG,
+            LABEL_VALUE_FMT,
+            &["MyValue", "my_value", "12345"],
+        ));
+    }
+    errors
+}
+
+/// `([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]`, any length.
+fn is_qualified_name_part(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.first().is_some_and(u8::is_ascii_alphanumeric)
+        && b.last().is_some_and(u8::is_ascii_alphanumeric)
+        && b.iter()
+            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
+/// A label key as Kubernetes validates it (for HPA manifests).
+pub(crate) fn validate_label_key(key: &str) -> Result<()> {
+    let errors = qualified_name_errors(key);
+    if errors.is_empty() {
         Ok(())
     } else {
         Err(bad(format!(
-            "invalid label value {value:?}: must be 63 characters or less, start and end with an \
-             alphanumeric character, and contain only alphanumerics, '-', '_' or '.'"
+            "invalid label key {key:?}: {}",
+            errors.join("; ")
         )))
     }
 }
 
-fn is_label_name_or_value(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.len() <= 63
-        && b.first().is_some_and(u8::is_ascii_alphanumeric)
-        && b.last().is_some_and(u8::is_ascii_alphanumeric)
-        && b.iter()
-            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+/// A label value as Kubernetes validates it (for HPA manifests).
+pub(crate) fn validate_label_value(value: &str) -> Result<()> {
+    let errors = label_value_errors(value);
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(bad(format!(
+            "invalid label value {value:?}: {}",
+            errors.join("; ")
+        )))
+    }
 }
 
 /// A valid Kubernetes namespace (DNS-1123 label).
@@ -427,17 +722,162 @@ mod tests {
     }
 
     #[test]
-    fn malformed_selectors_are_bad_requests_with_a_position() {
+    fn malformed_selectors_are_bad_requests() {
         for bad in [
-            "a=b=c", "a in b", "a in (b", "a in ()", "=b", "a b", "a,", ",a", "a!b", "a=(b)",
-            "a=\"b\"", "-a=b", "a=b-", "a=${x}", "a='b'", "a=b}", "a=b\u{0}", "a/=b", "/a=b",
-            "A_B/c=d", "a=b c",
+            "a=b=c", "a in b", "a in (b", "=b", "a b", "a,", ",a", "a!b", "a=(b)", "a=\"b\"",
+            "-a=b", "a=b-", "a=${x}", "a='b'", "a=b}", "a=b\u{0}", "a/=b", "/a=b", "A_B/c=d",
+            "a=b c",
         ] {
             match Selector::parse(bad) {
                 Err(Error::BadSelector(msg)) => assert!(!msg.is_empty(), "{bad}"),
                 other => panic!("{bad:?} gave {other:?}"),
             }
         }
+    }
+
+    /// Selectors `labels.Parse` accepts (kubernetes/apimachinery pkg/labels/selector.go),
+    /// including the corners of its grammar: `in`/`notin` as keys and values, empty values in
+    /// sets (`()` is the set of the empty value), a space after `!`.
+    #[test]
+    fn every_selector_kubernetes_accepts_is_accepted() {
+        let cases: [(&str, Vec<Requirement>); 9] = [
+            (
+                "x in (foo,,baz),y,z notin ()",
+                vec![
+                    Requirement::In {
+                        key: "x".into(),
+                        values: set(&["", "baz", "foo"]),
+                    },
+                    Requirement::Exists { key: "y".into() },
+                    Requirement::NotIn {
+                        key: "z".into(),
+                        values: set(&[""]),
+                    },
+                ],
+            ),
+            (
+                "a in ( )",
+                vec![Requirement::In {
+                    key: "a".into(),
+                    values: set(&[""]),
+                }],
+            ),
+            (
+                "a in (,)",
+                vec![Requirement::In {
+                    key: "a".into(),
+                    values: set(&[""]),
+                }],
+            ),
+            (
+                "a notin (b,)",
+                vec![Requirement::NotIn {
+                    key: "a".into(),
+                    values: set(&["", "b"]),
+                }],
+            ),
+            ("in", vec![Requirement::Exists { key: "in".into() }]),
+            (
+                "notin=in",
+                vec![Requirement::Equals {
+                    key: "notin".into(),
+                    value: "in".into(),
+                }],
+            ),
+            (
+                "in in (in,notin)",
+                vec![Requirement::In {
+                    key: "in".into(),
+                    values: set(&["in", "notin"]),
+                }],
+            ),
+            ("! a", vec![Requirement::DoesNotExist { key: "a".into() }]),
+            (
+                "a=,b!=",
+                vec![
+                    Requirement::Equals {
+                        key: "a".into(),
+                        value: "".into(),
+                    },
+                    Requirement::NotEquals {
+                        key: "b".into(),
+                        value: "".into(),
+                    },
+                ],
+            ),
+        ];
+        for (text, want) in cases {
+            match Selector::parse(text) {
+                Ok(s) => assert_eq!(s.requirements, want, "{text}"),
+                Err(e) => panic!("{text:?}: Kubernetes accepts it, this parser said {e}"),
+            }
+        }
+        // A DNS-subdomain prefix is checked as a whole (at most 253 characters), not per label.
+        let long_label_prefix = format!("{}.example.com/name", "a".repeat(70));
+        assert!(Selector::parse(&long_label_prefix).is_ok());
+    }
+
+    /// The messages of `labels.Parse`, so a selector refused here reads as kube-apiserver
+    /// would word it.
+    #[test]
+    fn errors_are_worded_as_kubernetes_words_them() {
+        let message = |text: &str| match Selector::parse(text) {
+            Err(Error::BadSelector(m)) => m,
+            other => panic!("{text:?} gave {other:?}"),
+        };
+        for (text, want) in [
+            (
+                "a b",
+                "unable to parse requirement: found 'b', expected: in, notin, =, ==, !=, gt, lt",
+            ),
+            ("a=b c", "found 'c', expected: ',' or 'end of string'"),
+            ("a,", "found '', expected: identifier after ','"),
+            (
+                ",a",
+                "found ',', expected: !, identifier, or 'end of string'",
+            ),
+            (
+                "a in b",
+                "unable to parse requirement: found 'b' expected: '('",
+            ),
+            (
+                "a in (b",
+                "unable to parse requirement: found '', expected: ',' or ')'",
+            ),
+            (
+                "a!b",
+                "unable to parse requirement: found '!', expected: in, notin, =, ==, !=, gt, lt",
+            ),
+            (
+                "!",
+                "unable to parse requirement: found '', expected: identifier",
+            ),
+            (
+                "-a=b",
+                "unable to parse requirement: <nil>: Invalid value: \"-a\": name part must consist of \
+                 alphanumeric characters, '-', '_' or '.', and must start and end with an \
+                 alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used \
+                 for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')",
+            ),
+            (
+                "a=b-",
+                "unable to parse requirement: values[0][a]: Invalid value: \"b-\": a valid label \
+                 must be an empty string or consist of alphanumeric characters, '-', '_' or '.', \
+                 and must start and end with an alphanumeric character (e.g. 'MyValue',  or \
+                 'my_value',  or '12345', regex used for validation is \
+                 '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')",
+            ),
+        ] {
+            assert_eq!(message(text), want, "{text:?}");
+        }
+        assert!(
+            message("A_B/c=d").starts_with(
+                "unable to parse requirement: <nil>: Invalid value: \"A_B/c\": prefix part a \
+                 lowercase RFC 1123 subdomain"
+            ),
+            "{}",
+            message("A_B/c=d")
+        );
     }
 
     #[test]

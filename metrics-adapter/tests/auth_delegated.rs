@@ -397,6 +397,65 @@ async fn the_list_call_is_authorized_with_the_exact_resource_attributes_and_a_de
     assert_eq!(env.api.access_reviews().len(), 2);
 }
 
+/// Go apiservers decode the path before anything looks at it, so what is authorized is what
+/// is served: a percent-encoded namespace or metric must be reviewed decoded. Here an
+/// authorizer denies namespace `secret-ns` (as a webhook or a deny rule could); asking for
+/// `secret%2Dns` must not slip past it and be served as `secret-ns`.
+#[tokio::test]
+async fn the_list_call_is_authorized_on_the_decoded_namespace_and_metric_it_serves() {
+    let env = env(|_| {}).await;
+    env.api.set_policy(|spec| {
+        let denied = spec
+            .resource_attributes
+            .as_ref()
+            .is_some_and(|r| r.namespace.as_deref() == Some("secret-ns"));
+        (!denied, String::new())
+    });
+    let bob = [("Authorization", "Bearer bob-token")];
+    for encoded in [
+        "/apis/external.metrics.k8s.io/v1beta1/namespaces/secret%2Dns/openclaw_requests_per_second",
+        "/apis/external.metrics.k8s.io/v1beta1/namespaces/%73ecret-ns/openclaw%5Frequests_per_second",
+    ] {
+        let (status, body) = env.get(None, encoded, &bob).await;
+        let review = env.api.access_reviews().pop().unwrap();
+        let attributes = review.resource_attributes.unwrap();
+        assert_eq!(
+            (
+                attributes.namespace.as_deref(),
+                attributes.resource.as_deref()
+            ),
+            (Some("secret-ns"), Some("openclaw_requests_per_second")),
+            "{encoded} was reviewed as something other than what it names; answer {status} {body}"
+        );
+        assert_eq!(status, 403, "{encoded}: {body}");
+        assert_status(&body, 403, "Forbidden");
+    }
+
+    // Allowed elsewhere: the review names exactly the namespace and metric that are served.
+    let (status, body) = env
+        .get(
+            None,
+            "/apis/external.metrics.k8s.io/v1beta1/namespaces/ed%67e/openclaw%5Frequests_per_second",
+            &bob,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let attributes = env
+        .api
+        .access_reviews()
+        .pop()
+        .unwrap()
+        .resource_attributes
+        .unwrap();
+    assert_eq!(body["served"]["namespace"], "edge");
+    assert_eq!(body["served"]["metric"], "openclaw_requests_per_second");
+    assert_eq!(attributes.namespace.as_deref(), Some("edge"));
+    assert_eq!(
+        attributes.resource.as_deref(),
+        Some("openclaw_requests_per_second")
+    );
+}
+
 #[tokio::test]
 async fn discovery_is_authorized_as_a_non_resource_get_of_its_path() {
     let env = env(|_| {}).await;

@@ -277,6 +277,33 @@ async fn item3_discovery_follows_a_config_reload() {
     assert_eq!(r.body["resources"][0]["name"], "only_one");
 }
 
+// Item 1: kube-apiserver serves every discovery path with or without a trailing slash, and
+// clients ask for both (the official Python client's `ApisApi().get_api_versions()` asks for
+// `/apis/`).
+#[tokio::test]
+async fn item1_discovery_paths_answer_the_same_with_a_trailing_slash() {
+    let a = adapter(Answer::Hang).await;
+    for (path, kind) in [
+        ("/apis", "APIGroupList"),
+        ("/apis/external.metrics.k8s.io", "APIGroup"),
+        ("/apis/external.metrics.k8s.io/v1beta1", "APIResourceList"),
+    ] {
+        let plain = get(&a.app, path).await;
+        let slashed = get(&a.app, &format!("{path}/")).await;
+        assert_eq!(plain.status, 200, "{path}: {}", plain.body);
+        assert_eq!(slashed.status, 200, "{path}/: {}", slashed.body);
+        assert_eq!(slashed.content_type, "application/json");
+        assert_eq!(slashed.body["kind"], kind, "{path}/");
+        assert_eq!(
+            slashed.body, plain.body,
+            "{path}/ answers what {path} answers"
+        );
+    }
+    // Only one slash: `//` is not a discovery path.
+    assert_status(&get(&a.app, "/apis//").await, 404, "NotFound");
+    assert!(a.prom.queries().is_empty());
+}
+
 // Items 4 and 7.
 #[tokio::test]
 async fn item4_item7_a_list_call_answers_an_external_metric_value_list_in_the_upstream_shape() {
@@ -330,6 +357,67 @@ async fn item4_every_selector_operator_is_injected_into_the_query() {
         assert_eq!(
             q,
             format!("sum(rate(openclaw_requests_total{{{matcher}}}[1m]))"),
+            "{selector}"
+        );
+    }
+}
+
+/// Kubernetes' `labels.Requirement.Matches`, on Prometheus series (where a label whose value
+/// is empty does not exist): `!k` holds for series without `k`, so on a label no series has it
+/// narrows nothing and is a 200, not a 400, whatever the rule's selectable labels.
+#[tokio::test]
+async fn item4_does_not_exist_on_a_label_no_series_has_matches_everything() {
+    let a = adapter(rps("1")).await;
+    for (selector, matchers) in [
+        ("!nosuchlabel", "{nosuchlabel=\"\"}"),
+        (
+            "!nosuchlabel,policy%3Ddefault",
+            "{nosuchlabel=\"\",policy=\"default\"}",
+        ),
+    ] {
+        let r = get(
+            &a.app,
+            &format!("{LIST}/openclaw_requests_per_second?labelSelector={selector}"),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{selector}: {}", r.body);
+        assert_eq!(r.body["items"][0]["value"], "1", "{selector}");
+        // Injected, not ignored: Prometheus decides which series lack the label.
+        assert_eq!(
+            a.prom.queries().pop().unwrap(),
+            format!("sum(rate(openclaw_requests_total{matchers}[1m]))"),
+            "{selector}"
+        );
+    }
+}
+
+/// Empty values, where Kubernetes and a naive translation part ways: `k=""` and `k in ("")`
+/// need `k` to exist, which no Prometheus series can with an empty value, so they match
+/// nothing; `k!=""` and `k notin ("")` hold for every series.
+#[tokio::test]
+async fn item4_empty_values_keep_their_kubernetes_meaning() {
+    let a = adapter(rps("1")).await;
+    for (selector, matchers) in [
+        // Matches nothing: the two matchers contradict each other.
+        ("policy%3D", "{policy!=\"\",policy=\"\"}"),
+        ("policy%20in%20()", "{policy!=\"\",policy=\"\"}"),
+        // `in (a,)` is `in (a, "")`: only `a` can match.
+        ("policy%20in%20(a,)", "{policy=~\"a\"}"),
+        // Matches everything: nothing to inject.
+        ("policy!%3D", ""),
+        ("policy%20notin%20()", ""),
+        // `notin (a,)`: series without the label still match (they are not `a`).
+        ("policy%20notin%20(a,)", "{policy!~\"a\"}"),
+    ] {
+        let r = get(
+            &a.app,
+            &format!("{LIST}/openclaw_requests_per_second?labelSelector={selector}"),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{selector}: {}", r.body);
+        assert_eq!(
+            a.prom.queries().pop().unwrap(),
+            format!("sum(rate(openclaw_requests_total{matchers}[1m]))"),
             "{selector}"
         );
     }

@@ -322,6 +322,8 @@ pub struct Prometheus {
     dir: tempfile::TempDir,
     http: reqwest::blocking::Client,
     targets: Vec<String>,
+    /// Labels Prometheus attaches to every series of the `openclaw` job's targets.
+    target_labels: Vec<(String, String)>,
     rule_files: Vec<PathBuf>,
 }
 
@@ -390,6 +392,16 @@ impl Prometheus {
     /// Starts Prometheus scraping `scrape_targets` (`host:port`, path `/metrics`, every 1 s)
     /// and loading `rule_files`, and waits until it is ready.
     pub fn start(scrape_targets: &[String], rule_files: &[PathBuf]) -> Prometheus {
+        Prometheus::start_with_target_labels(scrape_targets, &[], rule_files)
+    }
+
+    /// [`Prometheus::start`], with `labels` attached to every series scraped from the targets
+    /// (as the Prometheus Operator's `podTargetLabels` attach pod labels in a cluster).
+    pub fn start_with_target_labels(
+        scrape_targets: &[String],
+        labels: &[(&str, &str)],
+        rule_files: &[PathBuf],
+    ) -> Prometheus {
         assert!(
             Path::new(PROMETHEUS_BIN).is_file(),
             "{PROMETHEUS_BIN} is missing: install Debian's Prometheus with `apt-get install -y prometheus` \
@@ -402,6 +414,10 @@ impl Prometheus {
             dir,
             http: http_client(),
             targets: scrape_targets.to_vec(),
+            target_labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             rule_files: rule_files.to_vec(),
         };
         p.launch(None);
@@ -417,17 +433,24 @@ impl Prometheus {
             .iter()
             .map(|p| format!("  - '{}'", p.display()))
             .collect();
+        let labels: Vec<String> = self
+            .target_labels
+            .iter()
+            .map(|(k, v)| format!("{k}: '{v}'"))
+            .collect();
         let config = format!(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
              rule_files:\n{}\n\
              scrape_configs:\n  - job_name: openclaw\n    static_configs:\n      - targets: [{}]\n\
+             \x20       labels: {{{}}}\n\
              \x20 - job_name: prometheus\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n",
             if rules.is_empty() {
                 "  []".to_owned()
             } else {
                 rules.join("\n")
             },
-            targets.join(", ")
+            targets.join(", "),
+            labels.join(", ")
         );
         std::fs::write(self.dir.path().join("prometheus.yml"), config)
             .expect("write prometheus.yml");

@@ -1056,6 +1056,80 @@ fn the_hpa_names_metrics_the_adapter_config_serves_with_selectors_it_allows() {
     }
 }
 
+/// The operations guide's HPA (`tests/fixtures/operations-guide-hpa.yaml`, its apiVersion
+/// aside) against what deploy/ ships: each of its selector keys is one the deployed adapter
+/// config lets its metric be narrowed by, and one the limiter series carry with the value the
+/// HPA asks for: the limiter ServiceMonitor copies it from the pods (podTargetLabels), and
+/// every pod behind the Service it scrapes has it. (metrics_adapter_e2e runs the same HPA
+/// against the real adapter and Prometheus.)
+#[test]
+fn the_operations_guides_hpa_selects_labels_the_deployed_series_carry() {
+    let guide: Value = serde_norway::from_str(&read("tests/fixtures/operations-guide-hpa.yaml"))
+        .expect("the guide's HPA fixture is YAML");
+    let metrics = hpa_metrics(&guide);
+    assert_eq!(metrics.len(), 2, "the guide's HPA has both metrics");
+    for target in TARGETS {
+        let objs = render(target);
+        let cm = find(
+            &objs,
+            "ConfigMap",
+            "openclaw",
+            "openclaw-metrics-adapter-config",
+        )
+        .unwrap();
+        let config = AdapterConfig::from_yaml(cm["data"]["config.yaml"].as_str().unwrap(), target)
+            .unwrap_or_else(|e| panic!("{target}: adapter config: {e}"));
+        let monitor = find(&objs, "ServiceMonitor", "openclaw", LIMITER).unwrap();
+        let copied: BTreeSet<String> = strs(&monitor["spec"]["podTargetLabels"])
+            .into_iter()
+            .collect();
+        let service = of_kind(&objs, "Service")
+            .find(|svc| {
+                selector_matches(
+                    &monitor["spec"]["selector"],
+                    &labels(&svc["metadata"]["labels"]),
+                )
+            })
+            .unwrap_or_else(|| panic!("{target}: no Service for the limiter ServiceMonitor"));
+        let scraped: Vec<_> = pod_templates(&objs)
+            .into_iter()
+            .filter(|(_, _, pod, _)| labels_selector_matches(&service["spec"]["selector"], pod))
+            .collect();
+        assert!(
+            !scraped.is_empty(),
+            "{target}: no pods behind {}",
+            name(service)
+        );
+        for (metric, selector, _) in &metrics {
+            let rule = config.rules.get(metric).unwrap();
+            assert!(
+                selector["matchExpressions"].is_null(),
+                "the guide's selectors are matchLabels"
+            );
+            for (key, value) in labels(&selector["matchLabels"]) {
+                assert!(
+                    rule.selectable_labels.contains(&key),
+                    "{target}: {metric} cannot be narrowed by {key:?} (selectable: {:?})",
+                    rule.selectable_labels
+                );
+                assert!(
+                    copied.contains(&key),
+                    "{target}: the limiter ServiceMonitor does not copy the pod label {key:?} \
+                     onto the series (podTargetLabels: {copied:?})"
+                );
+                for (deployment, _, pod, _) in &scraped {
+                    assert_eq!(
+                        pod.get(&key),
+                        Some(&value),
+                        "{target}: the pods of {} lack {key}={value}",
+                        name(deployment)
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Metric names read by an expression, with `__name__` matchers.
 fn series_names(expr: &Expr, out: &mut BTreeSet<String>, jobs: &mut BTreeSet<String>) {
     fn selector(

@@ -233,3 +233,43 @@ fn the_python_kubernetes_clients_dynamic_discovery_finds_and_lists_the_metrics()
     assert_eq!(v["bad_selector"]["status"], 400);
     assert_eq!(v["bad_selector"]["body"]["kind"], "Status");
 }
+
+/// The official Python client's generated discovery calls ask for the trailing-slash paths
+/// (`/apis/`, `/version/`, `/apis/{group}/`, `/apis/{group}/{version}/`), which kube-apiserver
+/// serves like the paths without the slash.
+#[test]
+fn the_python_kubernetes_clients_discovery_calls_with_trailing_slashes_succeed() {
+    let s = Setup::start();
+    let out = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("contract/python_discovery.py"))
+        .arg(&s.adapter.url)
+        .output()
+        .expect("python3 is needed for this test");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() != Some(3), "{stderr}");
+    assert!(out.status.success(), "the Python client failed:\n{stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON from the script");
+    assert_eq!(
+        v["groups"],
+        serde_json::json!([{
+            "name": "external.metrics.k8s.io",
+            "preferred_version": "external.metrics.k8s.io/v1beta1"
+        }])
+    );
+    assert!(
+        v["git_version"]
+            .as_str()
+            .is_some_and(|g| g.starts_with('v')),
+        "{v}"
+    );
+    assert_eq!(v["group"]["name"], "external.metrics.k8s.io");
+    assert_eq!(v["group"]["versions"], serde_json::json!(["v1beta1"]));
+    assert_eq!(
+        v["resources"]["group_version"],
+        "external.metrics.k8s.io/v1beta1"
+    );
+    assert_eq!(
+        v["resources"]["names"],
+        serde_json::json!(["openclaw_requests_per_second", "prometheus_up"])
+    );
+}

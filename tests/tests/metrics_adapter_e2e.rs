@@ -82,7 +82,13 @@ impl Stack {
         );
         let limiter_url = limiter.url_of("api").unwrap_or(&limiter.url).to_owned();
         let traffic = Traffic::start(limiter_url.clone());
-        let prometheus = Prometheus::start(&[openclaw_e2e::host_port(&limiter_url)], &[]);
+        // `app: openclaw` on every limiter series, as the ServiceMonitor's podTargetLabels put
+        // the pods' `app` label there in a cluster (deploy/base/monitoring/servicemonitors.yaml).
+        let prometheus = Prometheus::start_with_target_labels(
+            &[openclaw_e2e::host_port(&limiter_url)],
+            &[("app", "openclaw")],
+            &[],
+        );
 
         // The shipped rules, with the cache off (so each call is a fresh query to compare) and
         // a short timeout (so the outage test is quick).
@@ -91,7 +97,7 @@ impl Stack {
             .replace("cache_ttl: 5s", "cache_ttl: 0s")
             // A rule whose value only changes at scrapes (no rate() extrapolation), so the
             // adapter's answer can be compared with Prometheus' exactly.
-            + "\n  - name: e2e_requests_total\n    query: sum(openclaw_requests_total)\n    selectable_labels: [policy, decision]\n";
+            + "\n  - name: e2e_requests_total\n    query: sum(openclaw_requests_total)\n    selectable_labels: [policy, decision, app]\n";
         assert_ne!(
             yaml, DEFAULT_YAML,
             "the default config changed shape; update this test"
@@ -243,6 +249,9 @@ fn the_adapter_serves_what_prometheus_answers_and_selectors_narrow_it() {
         ),
         ("decision%20notin%20(rejected)", "{decision!~\"rejected\"}"),
         ("policy", "{policy!=\"\"}"),
+        ("app%3Dopenclaw", "{app=\"openclaw\"}"),
+        // A label no series has: `!k` holds for all of them (Kubernetes' meaning).
+        ("!nosuchlabel", "{nosuchlabel=\"\"}"),
     ] {
         let (direct, served) = s.compare_exact("e2e_requests_total", selector, &total(matchers));
         assert_eq!(served, direct, "labelSelector={selector}");
@@ -356,5 +365,86 @@ fn a_stopped_prometheus_is_a_500_status_within_the_timeout_and_the_adapter_recov
             m::EXTERNAL_REQUESTS_PER_SECOND
         )),
         "{metrics}"
+    );
+}
+
+/// The operations guide's HPA (`tests/fixtures/operations-guide-hpa.yaml`), as an SRE
+/// following the guide applies it, apiVersion aside: both metrics selected by `app: openclaw`.
+/// Each list call is made as the HPA controller makes it (path, escaping, Accept header) and
+/// read as it reads it; every metric must be served, and the controller must reach a decision.
+#[test]
+fn the_operations_guides_hpa_reads_both_metrics_narrowed_by_app() {
+    use metrics_adapter::hpa_sim::{self, HpaSimulator};
+    let s = Stack::start();
+    let yaml = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/operations-guide-hpa.yaml"),
+    )
+    .unwrap();
+    let mut hpa = HpaSimulator::from_manifest(&yaml, 3).unwrap();
+    let paths = hpa.list_paths();
+    assert_eq!(
+        paths,
+        [
+            format!(
+                "{LIST}/{}?labelSelector=app%3Dopenclaw",
+                m::EXTERNAL_REQUESTS_PER_SECOND
+            ),
+            format!(
+                "{LIST}/{}?labelSelector=app%3Dopenclaw",
+                m::EXTERNAL_TOKEN_DEPLETION_RATE
+            ),
+        ]
+    );
+    let usages: Vec<Result<i64, String>> = paths
+        .iter()
+        .map(|path| {
+            let r = http_client()
+                .get(format!("{}{path}", s.adapter.url))
+                .header("Accept", hpa_sim::ACCEPT)
+                .send()
+                .expect("adapter reachable");
+            let status = r.status().as_u16();
+            hpa_sim::read_list_answer(status, &r.bytes().unwrap())
+        })
+        .collect();
+    for (path, usage) in paths.iter().zip(&usages) {
+        assert!(usage.is_ok(), "{path}: {usage:?}");
+    }
+    assert!(usages[0].as_ref().is_ok_and(|u| *u > 0), "{usages:?}");
+    let record = hpa.decide_from_readings(0.0, &usages);
+    assert!(
+        record.metrics.iter().all(|r| r.proposal.is_some()),
+        "{record:?}"
+    );
+    assert!(
+        !record.reason.starts_with("FailedGetExternalMetric"),
+        "{record:?}"
+    );
+
+    // The narrowing is real: app="openclaw" is in the PromQL Prometheus runs (the same query
+    // asked directly gives the same answer), and another app has no series.
+    let rps = |sel: &str| format!("sum(rate({}{sel}[1m]))", m::REQUESTS_TOTAL);
+    s.compare_bracketed(
+        m::EXTERNAL_REQUESTS_PER_SECOND,
+        "app%3Dopenclaw",
+        &rps("{app=\"openclaw\"}"),
+    );
+    s.compare_bracketed(
+        m::EXTERNAL_TOKEN_DEPLETION_RATE,
+        "app%3Dopenclaw",
+        &format!(
+            "sum(rate({}{{app=\"openclaw\"}}[1m])) / sum(rate({}{{app=\"openclaw\"}}[1m]))",
+            m::BUCKET_DEPLETION_TOTAL,
+            m::REQUESTS_TOTAL
+        ),
+    );
+    let (status, body) = s.served(m::EXTERNAL_REQUESTS_PER_SECOND, "app%3Dsomething-else");
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("app=\"something-else\""),
+        "{body}"
     );
 }

@@ -20,15 +20,37 @@ pub(crate) enum Attributes {
     NonResource(NonResourceAttributes),
 }
 
-/// Derives the attributes from method and path (Go's `RequestInfoFactory.NewRequestInfo`).
-pub(crate) fn attributes(method: &Method, path: &str, query: Option<&str>) -> Attributes {
+/// A path segment percent-decoded exactly as axum's `Path` extractor decodes it for the
+/// handlers, so the attributes name what is served. (A segment that is not UTF-8 once decoded
+/// is refused by the extractor and never served; it is reviewed lossily decoded.)
+fn decode(segment: &str) -> String {
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// Derives the attributes from method and the request's raw path (Go's
+/// `RequestInfoFactory.NewRequestInfo`). Go apiservers decode the path before looking at it,
+/// and so does this: every segment is percent-decoded, so `namespaces/secret%2Dns` is reviewed
+/// as namespace `secret-ns`, the namespace the handler serves.
+pub(crate) fn attributes(method: &Method, raw_path: &str, query: Option<&str>) -> Attributes {
+    let decoded: Vec<String> = raw_path.split('/').map(decode).collect();
+    let path = decoded.join("/");
     let non_resource = || {
         Attributes::NonResource(NonResourceAttributes {
-            path: Some(path.to_owned()),
+            path: Some(path.clone()),
             verb: Some(method.as_str().to_ascii_lowercase()),
         })
     };
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // Split on the raw path's slashes: an encoded `%2F` stays inside its segment, as in the
+    // router, which matches raw segments.
+    let trimmed = raw_path.trim_matches('/');
+    let parts: Vec<String> = if trimmed.is_empty() {
+        vec![String::new()]
+    } else {
+        trimmed.split('/').map(decode).collect()
+    };
+    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
     let (group, version, mut rest) = match parts.as_slice() {
         ["apis", group, version, rest @ ..] if !rest.is_empty() => (*group, *version, rest),
         ["api", version, rest @ ..] if !rest.is_empty() => ("", *version, rest),
@@ -205,6 +227,8 @@ mod tests {
             "/apis",
             "/apis/external.metrics.k8s.io",
             "/apis/external.metrics.k8s.io/v1beta1",
+            "/apis/",
+            "/apis/external.metrics.k8s.io/v1beta1/",
             "/metrics",
         ] {
             assert_eq!(
@@ -231,6 +255,28 @@ mod tests {
             panic!()
         };
         assert_eq!((w.verb.as_deref(), w.namespace), (Some("watch"), None));
+    }
+
+    #[test]
+    fn percent_encoded_segments_are_reviewed_decoded_as_they_are_served() {
+        let r = resource(
+            "/apis/external.metrics.k8s.io/v1beta1/namespaces/secret%2Dns/openclaw%5Frequests_per_second",
+        );
+        assert_eq!(r.namespace.as_deref(), Some("secret-ns"));
+        assert_eq!(r.resource.as_deref(), Some("openclaw_requests_per_second"));
+        // An encoded slash stays inside its segment, as the router's match keeps it.
+        let r = resource("/apis/external.metrics.k8s.io/v1beta1/namespaces/a%2Fb/m");
+        assert_eq!(
+            (r.namespace.as_deref(), r.resource.as_deref()),
+            (Some("a/b"), Some("m"))
+        );
+        assert_eq!(
+            attributes(&Method::GET, "/ap%69s/", None),
+            Attributes::NonResource(NonResourceAttributes {
+                path: Some("/apis/".to_owned()),
+                verb: Some("get".to_owned())
+            })
+        );
     }
 
     #[test]

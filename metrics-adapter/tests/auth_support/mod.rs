@@ -82,7 +82,23 @@ pub fn echo_router() -> Router {
             "/openapi/v3",
             get(|| async { axum::Json(json!({"paths": {}})) }),
         )
+        // The real router's list route, with its extractor: what a list call would serve.
+        .route(
+            "/apis/external.metrics.k8s.io/v1beta1/namespaces/{namespace}/{metric}",
+            get(echo_list),
+        )
         .fallback(echo)
+}
+
+/// The namespace and metric the real `list` handler would serve (axum's `Path`, which
+/// percent-decodes each segment), with the identity.
+async fn echo_list(
+    axum::extract::Path((namespace, metric)): axum::extract::Path<(String, String)>,
+    req: Request,
+) -> axum::Json<Value> {
+    let axum::Json(mut echoed) = echo(req).await;
+    echoed["served"] = json!({"namespace": namespace, "metric": metric});
+    axum::Json(echoed)
 }
 
 async fn echo(req: Request) -> axum::Json<Value> {
