@@ -68,14 +68,20 @@ pub struct Args {
     #[arg(long, env = "OPENCLAW_PEER_LISTEN", default_value = "0.0.0.0:8081")]
     pub peer_listen: SocketAddr,
 
-    /// How to find peers: none, static, dns or kubernetes [default: inferred from which of
-    /// OPENCLAW_PEERS, OPENCLAW_PEER_DNS, OPENCLAW_KUBE_SERVICE is set, else none].
+    /// How to find peers: none, static, file, dns or kubernetes [default: inferred from which
+    /// of OPENCLAW_PEERS, OPENCLAW_PEERS_FILE, OPENCLAW_PEER_DNS, OPENCLAW_KUBE_SERVICE is set,
+    /// else none].
     #[arg(long, env = "OPENCLAW_DISCOVERY")]
     pub discovery: Option<String>,
 
     /// Static peers: comma-separated host:port of the other replicas' replication listeners.
     #[arg(long, env = "OPENCLAW_PEERS")]
     pub peers: Option<String>,
+
+    /// A file of peers, one host:port per line (`#` comments), followed when it changes; a file
+    /// that does not parse keeps the last good set. Must exist and parse at start.
+    #[arg(long, env = "OPENCLAW_PEERS_FILE")]
+    pub peers_file: Option<String>,
 
     /// host:port of a headless Service whose DNS records are the replicas (re-resolved).
     #[arg(long, env = "OPENCLAW_PEER_DNS")]
@@ -353,6 +359,8 @@ impl Config {
 fn replication_settings(args: &Args, errors: &mut Vec<String>) -> Option<ReplicationSettings> {
     let inferred = if args.peers.is_some() {
         "static"
+    } else if args.peers_file.is_some() {
+        "file"
     } else if args.peer_dns.is_some() {
         "dns"
     } else if args.kube_service.is_some() {
@@ -368,12 +376,18 @@ fn replication_settings(args: &Args, errors: &mut Vec<String>) -> Option<Replica
     let discovery = Discovery::try_from_parts(
         &kind,
         args.peers.as_deref(),
+        args.peers_file.as_deref(),
         args.peer_dns.as_deref(),
         args.kube_service.as_deref(),
         args.pod_namespace.as_deref(),
     )
     .map_err(|problems| errors.extend(problems))
     .ok();
+    if let Some(Discovery::File(path)) = &discovery
+        && let Err(problems) = crate::membership::file::check_peers_file(path)
+    {
+        errors.extend(problems);
+    }
     if matches!(discovery, None | Some(Discovery::None)) {
         return None;
     }
@@ -540,6 +554,54 @@ mod tests {
             "{errors:?}"
         );
         assert_eq!(replication.sync_interval, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn a_peers_file_is_inferred_and_must_exist_and_parse_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("peers");
+        let path_arg = path.to_str().unwrap();
+        let secret = ["--peer-secret", "0123456789abcdef"];
+        let with_file = |extra: &[&str]| {
+            let mut argv = vec!["--peers-file", path_arg];
+            argv.extend_from_slice(&secret);
+            argv.extend_from_slice(extra);
+            Config::try_from_args(args(&argv))
+        };
+
+        // Missing: a configuration error naming the variable, not a replica running alone.
+        let errors = with_file(&[]).unwrap_err();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("OPENCLAW_PEERS_FILE=") && e.contains("cannot read")),
+            "{errors:?}"
+        );
+
+        std::fs::write(
+            &path,
+            "# replicas\n10.0.0.1:8081\nlimiter-1:8081, limiter-2:8081\n\n",
+        )
+        .unwrap();
+        let errors = with_file(&[]).unwrap_err();
+        assert!(
+            errors.iter().any(|e| e.contains("line 3")),
+            "the bad line is named: {errors:?}"
+        );
+
+        std::fs::write(&path, "# replicas\n10.0.0.1:8081 # a\nlimiter-1:8081\n").unwrap();
+        let replication = with_file(&[]).unwrap().replication.unwrap();
+        assert_eq!(replication.discovery, Discovery::File(path.clone()));
+        assert_eq!(replication.discovery.kind(), "file");
+
+        // Two sources at once is a mistake, reported.
+        let errors = with_file(&["--peers", "a:8081"]).unwrap_err();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("OPENCLAW_PEERS_FILE is set but OPENCLAW_DISCOVERY=static")),
+            "{errors:?}"
+        );
     }
 
     #[test]

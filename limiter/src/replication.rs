@@ -1607,8 +1607,11 @@ pub async fn run(
             _ = sync.tick() => replicator.push_changes(&current).await,
             _ = anti_entropy.tick() => replicator.push_everything(&current).await,
             changed = peers.changed() => {
+                // Discovery ends when the process stops: its sender is dropped at the same
+                // moment the stop flag is set. Either way the hand-off below must run (a
+                // `return` here lost the last changes of about half the graceful stops).
                 if changed.is_err() {
-                    return;
+                    break;
                 }
                 let next = peers.borrow_and_update().clone();
                 let joined: Vec<SocketAddr> = next.iter().filter(|p| !current.contains(p)).copied().collect();

@@ -30,9 +30,15 @@ use support::Running;
 
 /// Discovery against the double, refreshing every 20 ms.
 fn start(double: &Double, me: SelfAddrs) -> Running {
-    let discovery =
-        Discovery::try_from_parts("kubernetes", None, None, Some(SERVICE), Some(NAMESPACE))
-            .unwrap();
+    let discovery = Discovery::try_from_parts(
+        "kubernetes",
+        None,
+        None,
+        None,
+        Some(SERVICE),
+        Some(NAMESPACE),
+    )
+    .unwrap();
     Running::start(
         Membership::new(discovery, me, Duration::from_millis(20)).with_kube_client(double.client()),
     )

@@ -191,6 +191,55 @@ async fn three_replicas_converge_on_one_shared_limit() {
     }
 }
 
+/// On SIGTERM the process sets the stop flag and drops discovery's sender at the same moment;
+/// the sender loop used to `return` when it saw the latter first, skipping the hand-off: about
+/// half the graceful stops lost what was spent since the last delta round (tests/peers_file.rs
+/// caught it). Here discovery ends alone, so the old code fails every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_discovery_ends_still_hands_its_last_changes_over() {
+    let survivor = Replica::start("node-survivor", 2).await;
+    let leaver = Replica::start_with("node-leaver", 1, |o| {
+        // No delta or full round during the test: only the hand-off can carry the spending.
+        o.sync_interval = Duration::from_secs(600);
+        o.anti_entropy_interval = Duration::from_secs(600);
+    })
+    .await;
+    leaver.peers.send(vec![survivor.address]).unwrap();
+    // The leaver pushes everything to a peer it has just learned: then its loop knows it.
+    eventually("the survivor to hear from the leaver", || {
+        survivor
+            .replicator
+            .peer_statuses()
+            .iter()
+            .any(|p| p.node.as_deref() == Some("node-leaver"))
+    })
+    .await;
+    assert!(
+        leaver
+            .limiter
+            .decide("default", "k", 25)
+            .unwrap()
+            .outcome
+            .allowed
+    );
+    assert_eq!(survivor.remaining("k"), 100, "sent before the hand-off");
+
+    let Replica {
+        peers,
+        stop,
+        mut tasks,
+        ..
+    } = leaver;
+    drop(peers);
+    eventually("the hand-off to reach the survivor", || {
+        survivor.remaining("k") == 75
+    })
+    .await;
+    let _ = stop.send(true);
+    while tasks.join_next().await.is_some() {}
+    survivor.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_starts_empty_pulls_what_the_cluster_spent() {
     let replicas = cluster(2).await;

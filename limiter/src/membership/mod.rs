@@ -1,7 +1,7 @@
 //! Membership: the set of peers (their replication listeners) this replica talks to.
 //!
 //! Replication needs to know who the other replicas are; it does not care how they are found.
-//! This module turns one of four sources into a `watch` channel of peer addresses, sorted and
+//! This module turns one of five sources into a `watch` channel of peer addresses, sorted and
 //! without duplicates, that changes only when the set changes:
 //!
 //! * [`Discovery::None`]: a single node; nothing is ever published.
@@ -9,6 +9,9 @@
 //!   refresh, so `limiter-0.limiter:8081` style names that do not resolve yet (the pod is still
 //!   being scheduled) are retried until they do, and an entry that stops resolving keeps the
 //!   addresses it last had.
+//! * [`Discovery::File`]: `OPENCLAW_PEERS_FILE`, a file of `host:port` lines that something
+//!   else rewrites as replicas come and go (VMs, systemd, Nomad, `openclaw-stack`); polled every
+//!   [`file::FILE_POLL`], and a file that does not parse keeps the last good set (see [`file`]).
 //! * [`Discovery::Dns`]: `OPENCLAW_PEER_DNS`, the `host:port` of a headless Service; every A and
 //!   AAAA record is a peer. Set `publishNotReadyAddresses: true` on that Service: DNS otherwise
 //!   lists only ready pods, and a restarting replica must sync from its peers *before* it
@@ -54,10 +57,12 @@
 //! Without it every refresh fails with `403 Forbidden`, which `/status` shows as the last error.
 
 mod dns;
+pub mod file;
 mod kubernetes;
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -65,6 +70,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use self::dns::{DnsSource, Resolver, StaticSource};
+use self::file::{FILE_POLL, FileSource};
 use self::kubernetes::KubeSource;
 
 /// How often peers are re-read when `refresh` is not configured.
@@ -86,6 +92,8 @@ pub enum Discovery {
     None,
     /// `host:port` entries, each resolved through DNS on every refresh.
     Static(Vec<String>),
+    /// A file of `host:port` lines, re-read when it changes.
+    File(PathBuf),
     /// `host:port` of a headless Service: every A/AAAA record is a peer on `port`.
     Dns { name: String },
     /// The EndpointSlices of `namespace/service`, on the port named `port_name`.
@@ -98,14 +106,16 @@ pub enum Discovery {
 
 impl Discovery {
     /// Build from the configuration's values: `OPENCLAW_DISCOVERY` (`kind`), `OPENCLAW_PEERS`,
-    /// `OPENCLAW_PEER_DNS`, `OPENCLAW_KUBE_SERVICE` and `POD_NAMESPACE`. Returns every problem,
+    /// `OPENCLAW_PEERS_FILE`, `OPENCLAW_PEER_DNS`, `OPENCLAW_KUBE_SERVICE` and `POD_NAMESPACE`. Returns every problem,
     /// one line each, naming the variable. Values that are empty or blank count as unset, so a
     /// manifest may keep `OPENCLAW_PEERS: ""`; a value for another kind is an error, since it
     /// is almost always a forgotten `OPENCLAW_DISCOVERY`. `POD_NAMESPACE` is exempt (the
-    /// downward API sets it everywhere).
+    /// downward API sets it everywhere). The peers file is not read here (see
+    /// [`file::check_peers_file`]).
     pub fn try_from_parts(
         kind: &str,
         peers: Option<&str>,
+        peers_file: Option<&str>,
         dns: Option<&str>,
         kube_service: Option<&str>,
         namespace: Option<&str>,
@@ -113,8 +123,9 @@ impl Discovery {
         fn given(value: Option<&str>) -> Option<&str> {
             value.map(str::trim).filter(|v| !v.is_empty())
         }
-        let (peers, dns, kube_service, namespace) = (
+        let (peers, peers_file, dns, kube_service, namespace) = (
             given(peers),
+            given(peers_file),
             given(dns),
             given(kube_service),
             given(namespace),
@@ -148,6 +159,7 @@ impl Discovery {
         let discovery = match kind.as_str() {
             "none" | "" => {
                 unused(&mut errors, "OPENCLAW_PEERS", peers, "static");
+                unused(&mut errors, "OPENCLAW_PEERS_FILE", peers_file, "file");
                 unused(&mut errors, "OPENCLAW_PEER_DNS", dns, "dns");
                 unused(
                     &mut errors,
@@ -158,6 +170,7 @@ impl Discovery {
                 Some(Discovery::None)
             }
             "static" => {
+                unused(&mut errors, "OPENCLAW_PEERS_FILE", peers_file, "file");
                 unused(&mut errors, "OPENCLAW_PEER_DNS", dns, "dns");
                 unused(
                     &mut errors,
@@ -174,8 +187,27 @@ impl Discovery {
                 }
                 peer_list.map(Discovery::Static)
             }
+            "file" => {
+                unused(&mut errors, "OPENCLAW_PEERS", peers, "static");
+                unused(&mut errors, "OPENCLAW_PEER_DNS", dns, "dns");
+                unused(
+                    &mut errors,
+                    "OPENCLAW_KUBE_SERVICE",
+                    kube_service,
+                    "kubernetes",
+                );
+                if peers_file.is_none() {
+                    errors.push(
+                        "OPENCLAW_PEERS_FILE is required with OPENCLAW_DISCOVERY=file \
+                         (a file of host:port lines, the peers' peer listeners)"
+                            .into(),
+                    );
+                }
+                peers_file.map(|path| Discovery::File(PathBuf::from(path)))
+            }
             "dns" => {
                 unused(&mut errors, "OPENCLAW_PEERS", peers, "static");
+                unused(&mut errors, "OPENCLAW_PEERS_FILE", peers_file, "file");
                 unused(
                     &mut errors,
                     "OPENCLAW_KUBE_SERVICE",
@@ -195,6 +227,7 @@ impl Discovery {
             }
             "kubernetes" => {
                 unused(&mut errors, "OPENCLAW_PEERS", peers, "static");
+                unused(&mut errors, "OPENCLAW_PEERS_FILE", peers_file, "file");
                 unused(&mut errors, "OPENCLAW_PEER_DNS", dns, "dns");
                 if kube_service.is_none() {
                     errors.push(
@@ -226,7 +259,7 @@ impl Discovery {
             }
             other => {
                 errors.push(format!(
-                    "OPENCLAW_DISCOVERY={other:?} is not one of none, static, dns, kubernetes"
+                    "OPENCLAW_DISCOVERY={other:?} is not one of none, static, file, dns, kubernetes"
                 ));
                 None
             }
@@ -237,11 +270,12 @@ impl Discovery {
         }
     }
 
-    /// `none`, `static`, `dns` or `kubernetes`, as `OPENCLAW_DISCOVERY` spells it.
+    /// `none`, `static`, `file`, `dns` or `kubernetes`, as `OPENCLAW_DISCOVERY` spells it.
     pub fn kind(&self) -> &'static str {
         match self {
             Discovery::None => "none",
             Discovery::Static(_) => "static",
+            Discovery::File(_) => "file",
             Discovery::Dns { .. } => "dns",
             Discovery::Kubernetes { .. } => "kubernetes",
         }
@@ -252,6 +286,7 @@ impl Discovery {
         match self {
             Discovery::None => String::new(),
             Discovery::Static(entries) => entries.join(","),
+            Discovery::File(path) => path.display().to_string(),
             Discovery::Dns { name } => name.clone(),
             Discovery::Kubernetes {
                 namespace,
@@ -440,9 +475,9 @@ struct StatusInner {
 /// [`DiscoveryStatus`] at one instant, ready to serialize into `/status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DiscoveryReport {
-    /// `none`, `static`, `dns` or `kubernetes`.
+    /// `none`, `static`, `file`, `dns` or `kubernetes`.
     pub kind: &'static str,
-    /// The peer list, DNS name, or `namespace/service port name` being read.
+    /// The peer list, peers file, DNS name, or `namespace/service port name` being read.
     pub source: String,
     /// The peers currently published (this replica excluded).
     pub peers: Vec<String>,
@@ -535,6 +570,7 @@ impl Outcome {
 
 enum Source {
     Static(StaticSource),
+    File(FileSource),
     Dns(DnsSource),
     Kubernetes(KubeSource),
 }
@@ -543,6 +579,7 @@ impl Source {
     async fn refresh(&mut self) -> Outcome {
         match self {
             Source::Static(source) => source.refresh().await,
+            Source::File(source) => source.refresh().await,
             Source::Dns(source) => source.refresh().await,
             Source::Kubernetes(source) => source.refresh().await,
         }
@@ -617,6 +654,12 @@ impl Membership {
             refresh_ms = u64::try_from(refresh.as_millis()).unwrap_or(u64::MAX),
             "peer discovery started"
         );
+        // A file is cheap to read and is followed closely; its names are resolved every
+        // `refresh` (by the source) like every other source's.
+        let poll = match discovery {
+            Discovery::File(_) => refresh.min(FILE_POLL),
+            _ => refresh,
+        };
         let mut source = match discovery {
             Discovery::None => {
                 status.record(Some(&[]), None);
@@ -624,6 +667,7 @@ impl Membership {
                 return;
             }
             Discovery::Static(entries) => Source::Static(StaticSource::new(entries, resolver)),
+            Discovery::File(path) => Source::File(FileSource::new(path, resolver, refresh)),
             Discovery::Dns { name } => Source::Dns(DnsSource::new(name, resolver)),
             Discovery::Kubernetes {
                 namespace,
@@ -637,7 +681,7 @@ impl Membership {
                 lookup_time,
             )),
         };
-        let mut ticks = tokio::time::interval(refresh.max(Duration::from_millis(1)));
+        let mut ticks = tokio::time::interval(poll.max(Duration::from_millis(1)));
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut logged_error: Option<String> = None;
         loop {
@@ -706,7 +750,7 @@ fn apply(
         Some(error) => {
             if logged_error.as_deref() != Some(error.as_str()) {
                 if next.is_some() {
-                    tracing::warn!(%error, "peer discovery partly failed; unresolved entries keep their last addresses");
+                    tracing::warn!(%error, "peer discovery partly failed; what did not fail is published, the rest keeps its last addresses");
                 } else {
                     tracing::warn!(%error, "peer discovery failed; keeping the last known peers");
                 }

@@ -17,7 +17,7 @@ fn parts(
     service: Option<&str>,
     namespace: Option<&str>,
 ) -> Result<Discovery, Vec<String>> {
-    Discovery::try_from_parts(kind, peers, dns, service, namespace)
+    Discovery::try_from_parts(kind, peers, None, dns, service, namespace)
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -554,4 +554,124 @@ fn slices_without_the_named_port_or_no_slice_at_all_are_errors() {
         ..EndpointSlice::default()
     };
     assert_eq!(peers_from_slices(&[placeholder], "peer"), Ok(vec![]));
+}
+
+#[test]
+fn a_peers_file_is_one_host_port_per_line_with_comments() {
+    let text =
+        "# the replicas\n\n  10.0.0.1:8081  \nlimiter-1.example:8081 # rack b\n[fd00::1]:8081\n";
+    assert_eq!(
+        file::parse_peers_file(text),
+        Ok(vec![
+            "10.0.0.1:8081".to_owned(),
+            "limiter-1.example:8081".to_owned(),
+            "[fd00::1]:8081".to_owned(),
+        ])
+    );
+    assert_eq!(file::parse_peers_file("# nobody yet\n"), Ok(vec![]));
+
+    let errors = file::parse_peers_file(
+        "10.0.0.1:8081\n10.0.0.2\na:8081, b:8081\n10.0.0.1:8081\nhttp://c:8081\n",
+    )
+    .unwrap_err();
+    assert_eq!(errors.len(), 4, "{errors:?}");
+    for (error, line) in errors
+        .iter()
+        .zip(["line 2 ", "line 3 ", "line 4 ", "line 5 "])
+    {
+        assert!(error.starts_with(line), "{errors:?}");
+    }
+    assert!(errors[2].contains("listed twice"), "{errors:?}");
+}
+
+/// Replace the file as generators do (write aside, rename over), so a poll never reads half.
+fn rewrite(path: &std::path::Path, text: &str) {
+    let aside = path.with_extension("tmp");
+    std::fs::write(&aside, text).unwrap();
+    std::fs::rename(&aside, path).unwrap();
+}
+
+#[tokio::test]
+async fn a_peers_file_is_followed_and_a_bad_one_keeps_the_last_good_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("peers");
+    let script: Script = Arc::default();
+    script.lock().unwrap().insert(
+        "limiter-2.example:8081".into(),
+        Ok(vec![addr("10.0.0.2:8081")]),
+    );
+    rewrite(
+        &path,
+        "# all replicas, this one included\n10.0.0.9:8081\n10.0.0.1:8081\n",
+    );
+    let me = SelfAddrs::new(addr("0.0.0.0:8081"), ["10.0.0.9".parse().unwrap()]);
+    let mut run = start(Discovery::File(path.clone()), me, scripted(&script));
+    assert_eq!(
+        run.next_set().await,
+        [addr("10.0.0.1:8081")],
+        "itself left out"
+    );
+
+    // Added, by name: resolved at once, not at the next refresh.
+    rewrite(
+        &path,
+        "10.0.0.9:8081\n10.0.0.1:8081\nlimiter-2.example:8081\n",
+    );
+    assert_eq!(
+        run.next_set().await,
+        [addr("10.0.0.1:8081"), addr("10.0.0.2:8081")]
+    );
+    // Removed.
+    rewrite(&path, "10.0.0.9:8081\nlimiter-2.example:8081\n");
+    assert_eq!(run.next_set().await, [addr("10.0.0.2:8081")]);
+
+    // A file that does not parse changes nothing and is reported, naming the line.
+    rewrite(&path, "10.0.0.9:8081\n10.0.0.3\n");
+    let report = run.report_when(|r| !r.healthy).await;
+    let error = report.last_error.clone().unwrap();
+    assert!(
+        error.contains("rejected") && error.contains("line 2"),
+        "{report:?}"
+    );
+    run.refreshes(5).await;
+    assert!(
+        !run.peers.has_changed().unwrap(),
+        "a bad file changed the set"
+    );
+    assert_eq!(run.status.report().peers, ["10.0.0.2:8081"]);
+    // So does a file that disappears.
+    std::fs::remove_file(&path).unwrap();
+    let report = run
+        .report_when(|r| {
+            r.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("cannot read"))
+        })
+        .await;
+    assert_eq!(report.peers, ["10.0.0.2:8081"]);
+    assert!(!run.peers.has_changed().unwrap());
+
+    // Fixed: followed again, and healthy.
+    rewrite(&path, "10.0.0.4:8081\n");
+    assert_eq!(run.next_set().await, [addr("10.0.0.4:8081")]);
+    let report = run.report_when(|r| r.healthy).await;
+    assert_eq!(report.kind, "file");
+    run.finish().await;
+}
+
+#[tokio::test]
+async fn a_peers_file_that_never_parsed_publishes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("peers");
+    rewrite(&path, "not a peer\n");
+    let script: Script = Arc::default();
+    let run = start(
+        Discovery::File(path.clone()),
+        SelfAddrs::default(),
+        scripted(&script),
+    );
+    let report = run.report_when(|r| r.refreshes >= 3).await;
+    assert!(!report.healthy && report.peers.is_empty(), "{report:?}");
+    assert!(!run.peers.has_changed().unwrap());
+    run.finish().await;
 }
