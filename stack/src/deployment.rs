@@ -12,8 +12,8 @@
 //! - **kubelet**: a pod whose process exits without being asked to is restarted after the
 //!   kubelet's back-off (10 s, doubling up to 5 min, divided by the time scale), same name,
 //!   same snapshot directory (the pod's `emptyDir` survives a container restart). The readiness
-//!   probe (`GET /ready`, every 5 s divided by the time scale, two failures to fail) decides
-//!   whether a pod is ready.
+//!   probe (`GET /ready`, every 5 s divided by the time scale, 2 s timeout, two failures to
+//!   fail) decides whether a pod is ready.
 //! - **Service**: the load generator's [`Endpoints`] are the ready pods' API addresses, as
 //!   kube-proxy routes to ready endpoints only; a pod leaves them before it gets SIGTERM.
 //! - **Peer discovery**: every pod's peer listener, ready or not (the headless Service with
@@ -51,6 +51,8 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// The readiness probe's period and failure threshold (deploy/base/limiter/deployment.yaml).
 pub const PROBE_PERIOD: Duration = Duration::from_secs(5);
 pub const PROBE_FAILURES: u32 = 2;
+/// The readiness probe's timeout: a bound on one round trip, not compressed.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// terminationGracePeriodSeconds: a bound on a clean stop, not compressed.
 pub const TERMINATION_GRACE: Duration = Duration::from_secs(30);
 /// How often the controller looks at its pods.
@@ -245,7 +247,7 @@ impl Deployment {
         // yet", Prometheus an empty target list as nothing to scrape yet.
         write_atomically(&template.peers_file(), &peers_text(&[]))?;
         write_atomically(&template.targets_file(), "[]\n")?;
-        let http = metrics_adapter::hpa_sim::http_client(Duration::from_secs(2))
+        let http = metrics_adapter::hpa_sim::http_client(PROBE_TIMEOUT)
             .map_err(|e| Error::Other(format!("HTTP client: {e}")))?;
         let (commands, rx) = mpsc::unbounded_channel();
         let (status_tx, status) = watch::channel(Status::default());
@@ -260,6 +262,7 @@ impl Deployment {
             events: events.clone(),
             endpoints: endpoints.clone(),
             http,
+            probes: JoinSet::new(),
             written: (String::new(), String::new(), Vec::new()),
         };
         controller.event("", EventKind::Scaled(0, replicas));
@@ -375,6 +378,8 @@ struct Pod {
     /// When a crashed pod is started again.
     restart_at: Option<Instant>,
     next_probe: Instant,
+    /// A probe of this process is in flight.
+    probing: bool,
     failures: u32,
     /// When it last turned ready (the newest ready pods go first on scale-down).
     ready_since: Option<Instant>,
@@ -408,6 +413,8 @@ struct Controller {
     events: Arc<Mutex<Vec<Event>>>,
     endpoints: Endpoints,
     http: reqwest::Client,
+    /// Readiness probes in flight: (pod, pid, passed).
+    probes: JoinSet<(String, u32, bool)>,
     /// The peers file, the targets file and the endpoints as last written.
     written: (String, String, Vec<String>),
 }
@@ -508,7 +515,7 @@ impl Controller {
             self.event(&pod, EventKind::Listening);
         }
 
-        self.probe(now).await;
+        self.probe(now);
 
         // Restarts after the back-off.
         let due: Vec<usize> = (0..self.pods.len())
@@ -528,6 +535,7 @@ impl Controller {
                     pod.restarts += 1;
                     pod.restart_at = None;
                     pod.failures = 0;
+                    pod.probing = false;
                     pod.next_probe = Instant::now();
                     // The old addresses stay listed until the new ones are printed.
                     self.event(&name, EventKind::Restarted);
@@ -562,6 +570,7 @@ impl Controller {
                         restarts: 0,
                         restart_at: None,
                         next_probe: Instant::now(),
+                        probing: false,
                         failures: 0,
                         ready_since: None,
                         kill_at: None,
@@ -579,29 +588,44 @@ impl Controller {
         self.publish();
     }
 
-    /// The readiness probes that are due, concurrently.
-    async fn probe(&mut self, now: Instant) {
+    /// Starts the readiness probes that are due and takes the answers of those that finished.
+    /// Probes run in the background, each bounded by the probe's timeout (2 s, not compressed:
+    /// a bound on one round trip), so a slow pod never holds up the controller.
+    fn probe(&mut self, now: Instant) {
         let period = self.template.probe_period();
-        let mut probes = JoinSet::new();
-        for (i, pod) in self.pods.iter_mut().enumerate() {
+        for pod in &mut self.pods {
             let probing = matches!(pod.phase, Phase::Starting | Phase::Ready | Phase::NotReady);
-            let Some(api) = pod.api.clone().filter(|_| probing && now >= pod.next_probe) else {
+            let Some(api) = pod
+                .api
+                .clone()
+                .filter(|_| probing && now >= pod.next_probe && !pod.probing)
+            else {
                 continue;
             };
             pod.next_probe = now + period;
+            pod.probing = true;
             let http = self.http.clone();
-            let timeout = period.min(Duration::from_secs(2));
-            probes.spawn(async move {
-                let ok = tokio::time::timeout(timeout, http.get(format!("{api}/ready")).send())
-                    .await
-                    .is_ok_and(|r| r.is_ok_and(|r| r.status().is_success()));
-                (i, ok)
+            let name = pod.name.clone();
+            let pid = pod.pid;
+            self.probes.spawn(async move {
+                let ok =
+                    tokio::time::timeout(PROBE_TIMEOUT, http.get(format!("{api}/ready")).send())
+                        .await
+                        .is_ok_and(|r| r.is_ok_and(|r| r.status().is_success()));
+                (name, pid, ok)
             });
         }
         let mut changes = Vec::new();
-        while let Some(Ok((i, ok))) = probes.join_next().await {
-            let pod = &mut self.pods[i];
-            // The pod may have been asked to stop while its probe ran.
+        while let Some(Ok((name, pid, ok))) = self.probes.try_join_next() {
+            // The pod may be gone, restarted, or asked to stop while its probe ran.
+            let Some(pod) = self
+                .pods
+                .iter_mut()
+                .find(|p| p.name == name && p.pid == pid)
+            else {
+                continue;
+            };
+            pod.probing = false;
             if !matches!(pod.phase, Phase::Starting | Phase::Ready | Phase::NotReady) {
                 continue;
             }

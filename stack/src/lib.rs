@@ -13,6 +13,7 @@
 //! use this library.
 
 pub mod deployment;
+pub mod figures;
 pub mod kube_state;
 pub mod plot;
 pub mod process;
@@ -22,6 +23,9 @@ pub mod scenario;
 pub mod stack;
 pub mod timescale;
 pub mod witness;
+
+/// The load generator the scenarios drive (for callers that put load on the Service).
+pub use openclaw_loadgen as loadgen;
 
 use std::path::{Path, PathBuf};
 

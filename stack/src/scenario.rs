@@ -80,19 +80,21 @@ pub const PROFILES: &[(&str, &str)] = &[
     ),
 ];
 
-/// The spike's total rate, as a multiple of the HPA target times the starting replicas: 1.625
-/// x 800 x 3 = 3900/s asks for ceil(4.875) = 5 pods, 780/s each, 2.5 % under the target, so
-/// that the usual noise of a measured rate (a percent or two) does not tip the HPA's ceil to a
-/// sixth pod and per-pod rate settles within 10 % of the target.
-pub const SPIKE_FACTOR: f64 = 1.625;
+/// The spike's total rate, as a multiple of the HPA target times the starting replicas: 1.3 x
+/// 800 x 3 = 3120/s asks for ceil(3.9) = 4 pods, 780/s each, 2.5 % under the target, so that
+/// the usual noise of a measured rate (a percent or two) does not tip the HPA's ceil to a fifth
+/// pod and the per-pod rate settles within 10 % of the target. (More would not show more: five
+/// debug-built pods sharing two hot keys at 3900/s saturate a 2-core machine, and a starved
+/// machine measures itself, not the limiter.)
+pub const SPIKE_FACTOR: f64 = 1.3;
 
 impl Profile {
     /// A profile by name, for a Deployment starting at `replicas` pods.
     ///
     /// Rates are totals, spread by the Service over the ready pods: the per-pod rate falls as
-    /// the HPA adds pods. The witness clients (4 keys at 80 % of a 100/s limit, 1 at 180 %,
-    /// 500 requests/s) run throughout and count toward every phase's total. Baseline: half the
-    /// HPA's 800 req/s per pod over 10 000 keys (nobody near a limit). Spike: 1.625 times the
+    /// the HPA adds pods. The witness clients (4 keys at 80 % of a 20/s limit, 1 at 180 %,
+    /// 100 requests/s) run throughout and count toward every phase's total. Baseline: half the
+    /// HPA's 800 req/s per pod over 10 000 keys (nobody near a limit). Spike: 1.3 times the
     /// target per starting pod ([`SPIKE_FACTOR`]), so the HPA must add pods. Overload: the same
     /// rate, all of it on a few hot keys, each asked for about 1800 tokens/s against a refill of
     /// 1000/s, so their buckets empty within about a second and stay empty (token usage alerts,
@@ -138,7 +140,7 @@ impl Profile {
                 ),
                 phase(
                     "spike",
-                    "1.625x the HPA target per starting pod over 10 000 keys: the HPA scales up \
+                    "1.3x the HPA target per starting pod over 10 000 keys: the HPA scales up \
                      and the per-pod rate falls back under the target",
                     spike,
                     Some(Load {
@@ -1060,11 +1062,11 @@ mod tests {
         assert!(total[1] / 3.0 > HPA_TARGET_PER_POD);
         assert_eq!(total[1], total[2]);
         assert_eq!(total[3], w);
-        // The spike asks for 5 pods at 780/s, 2.5 % under the target: a percent of noise
-        // in the measured rate does not make it 6.
+        // The spike asks for 4 pods at 780/s, 2.5 % under the target: a percent of noise
+        // in the measured rate does not make it 5.
         let pods = (total[1] / HPA_TARGET_PER_POD).ceil();
-        assert_eq!(pods, 5.0);
-        assert!((total[1] * 1.02 / HPA_TARGET_PER_POD).ceil() == 5.0);
+        assert_eq!(pods, 4.0);
+        assert!((total[1] * 1.02 / HPA_TARGET_PER_POD).ceil() == 4.0);
         assert!(total[1] / pods >= 0.9 * HPA_TARGET_PER_POD);
         // Overload: each hot key is asked for more than its bucket refills (1000/s).
         let Some(Load {
