@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::Result;
+use crate::endpoints::{self, Endpoints};
 use crate::plan::{Drive, Plan};
 use crate::profile::Schedule;
 use crate::record::{Progress, Recorder, Summary};
@@ -57,10 +58,14 @@ where
     C: Future<Output = ()> + Send,
 {
     let bases = plan.validate()?;
+    let endpoints = match &plan.endpoints {
+        Some(e) => e.clone(),
+        None => Endpoints::with(&bases)?,
+    };
     let start = Instant::now();
     let shared = Arc::new(Shared {
-        sender: Sender::new(plan, &bases, start),
-        recorder: Recorder::new(bases.len(), plan.duration),
+        sender: Sender::new(plan, endpoints.clone(), start),
+        recorder: Recorder::new(endpoints::MAX_TARGETS, plan.duration),
         start,
         max_requests: plan.max_requests,
         claimed: AtomicU64::new(0),
@@ -142,7 +147,7 @@ where
     );
     Ok(shared
         .recorder
-        .summary(&bases, stopped, cancelled, |from, to| {
+        .summary(&endpoints.known(), stopped, cancelled, |from, to| {
             profile.as_ref().map_or(0.0, |p| p.mean_rate(from, to))
         }))
 }

@@ -11,6 +11,7 @@
 //!
 //! - [`profile`]: rate profiles, their command-line syntax and the open-loop schedule (pure).
 //! - [`plan`]: the plan, its validation, keys and spread.
+//! - [`Endpoints`]: targets that change during a run, as a Service's ready endpoints do.
 //! - `send`: one request over a pooled HTTP/1.1 client, with failover between targets.
 //! - [`record`]: counters, timeline, histograms, [`Progress`] and [`Summary`].
 //! - `engine`: the scheduler, the workers and the bounds ([`run`]).
@@ -37,6 +38,7 @@
 //! }
 //! ```
 
+mod endpoints;
 mod engine;
 pub mod plan;
 pub mod profile;
@@ -44,6 +46,7 @@ pub mod record;
 pub mod report;
 mod send;
 
+pub use endpoints::{Endpoints, MAX_TARGETS};
 pub use engine::run;
 pub use plan::{Drive, Keys, Plan, Spread};
 pub use profile::RateProfile;

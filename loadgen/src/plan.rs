@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
+use crate::endpoints::Endpoints;
 use crate::profile::RateProfile;
 use crate::{Error, Result};
 
@@ -58,6 +59,9 @@ pub struct Plan {
     pub progress_interval: Duration,
     /// Seeds the key choice, so two runs with the same seed ask for the same keys in order.
     pub seed: u64,
+    /// Targets that change during the run (a Service's ready endpoints), instead of `targets`
+    /// (which must then be empty); round-robin over those listed when each request leaves.
+    pub endpoints: Option<Endpoints>,
 }
 
 impl std::fmt::Debug for Plan {
@@ -77,6 +81,10 @@ impl std::fmt::Debug for Plan {
             .field("max_in_flight", &self.max_in_flight)
             .field("progress_interval", &self.progress_interval)
             .field("seed", &self.seed)
+            .field(
+                "endpoints",
+                &self.endpoints.as_ref().map(Endpoints::current),
+            )
             .finish()
     }
 }
@@ -98,6 +106,7 @@ impl Default for Plan {
             max_in_flight: 4096,
             progress_interval: Duration::from_secs(1),
             seed: 0x0C1A_3000_5EED,
+            endpoints: None,
         }
     }
 }
@@ -224,12 +233,20 @@ impl Spread {
 }
 
 impl Plan {
-    /// Every problem with the plan, or the targets' normalised base URLs.
+    /// Every problem with the plan, or the targets' normalised base URLs (none with
+    /// [`Plan::endpoints`]).
     pub fn validate(&self) -> Result<Vec<String>> {
         let mut problems = Vec::new();
         let mut bases = Vec::new();
-        if self.targets.is_empty() {
-            problems.push("no target: give at least one limiter URL".to_owned());
+        match (&self.endpoints, self.targets.is_empty()) {
+            (None, true) => problems.push("no target: give at least one limiter URL".to_owned()),
+            (Some(_), false) => problems.push(
+                "give targets or endpoints, not both (endpoints change, targets do not)".into(),
+            ),
+            (Some(_), true) if self.spread != Spread::RoundRobin => {
+                problems.push("changing endpoints are spread round-robin: no one:INDEX".to_owned())
+            }
+            _ => {}
         }
         for target in &self.targets {
             match loopback_base(target) {

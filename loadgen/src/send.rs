@@ -12,25 +12,21 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
+use crate::endpoints::{Endpoints, MAX_TARGETS};
 use crate::plan::{Keys, Plan, Spread};
 use crate::record::{ErrorKind, Outcome, Recorder};
 
 /// How long a target that refused a connection is skipped when failover is on.
 pub const FAILOVER_PAUSE: Duration = Duration::from_secs(1);
 
-#[derive(Debug)]
-struct Target {
-    /// `http://127.0.0.1:41234/rate?key=`: the key and the fixed query suffix are appended.
-    prefix: String,
-    /// Nanoseconds since the start before which this target is skipped (failover).
-    down_until_ns: AtomicU64,
-}
-
 /// Everything needed to send requests; shared by every task of a run.
 #[derive(Debug)]
 pub(crate) struct Sender {
     client: Client<HttpConnector, Empty<Bytes>>,
-    targets: Vec<Target>,
+    /// Where requests go (fixed, or following a Service's ready endpoints).
+    endpoints: Endpoints,
+    /// Per target number: nanoseconds since the start before which it is skipped (failover).
+    down_until_ns: Vec<AtomicU64>,
     /// `&policy=..&cost=..`, or empty.
     suffix: String,
     auth: Option<HeaderValue>,
@@ -43,8 +39,8 @@ pub(crate) struct Sender {
 }
 
 impl Sender {
-    /// `bases` are the plan's validated, normalised target URLs.
-    pub(crate) fn new(plan: &Plan, bases: &[String], start: Instant) -> Self {
+    /// `endpoints` holds the plan's validated, normalised target URLs, or changes during the run.
+    pub(crate) fn new(plan: &Plan, endpoints: Endpoints, start: Instant) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(plan.request_timeout));
@@ -61,13 +57,8 @@ impl Sender {
         }
         Self {
             client,
-            targets: bases
-                .iter()
-                .map(|base| Target {
-                    prefix: format!("{base}/rate?key="),
-                    down_until_ns: AtomicU64::new(0),
-                })
-                .collect(),
+            endpoints,
+            down_until_ns: (0..MAX_TARGETS).map(|_| AtomicU64::new(0)).collect(),
             suffix,
             auth: plan.api_key.as_ref().map(|key| {
                 let mut value =
@@ -99,26 +90,31 @@ impl Sender {
         }
         let mut key = String::with_capacity(16);
         self.keys.key_for(self.seed, seq, &mut key);
-        let n = self.targets.len();
+        let targets = self.endpoints.view();
+        let n = targets.len();
+        if n == 0 {
+            // No endpoint at all: what connecting to a Service without ready pods gives.
+            recorder.finished(seq, due, 0, Outcome::Error(ErrorKind::Connect), None);
+            tokio::task::yield_now().await;
+            return;
+        }
         let first = match self.spread {
             Spread::RoundRobin => (seq % n as u64) as usize,
-            Spread::One(i) => i,
+            Spread::One(i) => i % n,
         };
-        let mut last = first;
+        let mut last = targets[first].0;
         for attempt in 0..n {
-            let t = failover_order(first, n, seq, attempt);
-            let target = &self.targets[t];
-            if self.failover && self.is_down(target) {
+            let (t, base) = &targets[failover_order(first, n, seq, attempt)];
+            let t = *t;
+            if self.failover && self.is_down(t) {
                 recorder.failed_over(t);
                 continue;
             }
             last = t;
-            let outcome = self.try_once(target, &key).await;
+            let outcome = self.try_once(base, &key).await;
             if self.failover && outcome == Outcome::Error(ErrorKind::Connect) {
                 let until = self.start.elapsed() + FAILOVER_PAUSE;
-                target
-                    .down_until_ns
-                    .fetch_max(until.as_nanos() as u64, Relaxed);
+                self.down_until_ns[t].fetch_max(until.as_nanos() as u64, Relaxed);
                 recorder.failed_over(t);
                 continue;
             }
@@ -137,14 +133,17 @@ impl Sender {
         tokio::task::yield_now().await;
     }
 
-    fn is_down(&self, target: &Target) -> bool {
-        let until = target.down_until_ns.load(Relaxed);
+    fn is_down(&self, target: usize) -> bool {
+        let until = self.down_until_ns[target].load(Relaxed);
         until != 0 && (self.start.elapsed().as_nanos() as u64) < until
     }
 
-    async fn try_once(&self, target: &Target, key: &str) -> Outcome {
-        let mut uri = String::with_capacity(target.prefix.len() + key.len() + self.suffix.len());
-        uri.push_str(&target.prefix);
+    async fn try_once(&self, base: &str, key: &str) -> Outcome {
+        const PATH: &str = "/rate?key=";
+        let mut uri =
+            String::with_capacity(base.len() + PATH.len() + key.len() + self.suffix.len());
+        uri.push_str(base);
+        uri.push_str(PATH);
         uri.push_str(key);
         uri.push_str(&self.suffix);
         let mut request = Request::get(uri);

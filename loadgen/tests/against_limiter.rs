@@ -470,3 +470,47 @@ fn when_answers_stop_the_open_loop_keeps_its_clock_and_counts_what_it_could_not_
     assert_eq!(summary.latency.count, 0, "nothing was answered");
     drop(silent);
 }
+
+#[test]
+fn requests_follow_the_endpoints_as_they_change_and_each_target_keeps_its_counts() {
+    use openclaw_loadgen::Endpoints;
+    let (a, b) = (spawn_limiter(&[]), spawn_limiter(&[]));
+    let endpoints = Endpoints::with(std::slice::from_ref(&a.url)).unwrap();
+    let plan = Plan {
+        endpoints: Some(endpoints.clone()),
+        drive: Drive::OpenLoop(RateProfile::Constant(200.0)),
+        duration: Duration::from_secs(2),
+        ..Plan::default()
+    };
+    let rt = runtime();
+    let switch = endpoints.clone();
+    let b_url = b.url.clone();
+    let summary = rt.block_on(async move {
+        let run = run(&plan, |_: &Progress| {}, std::future::pending());
+        let change = async move {
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            switch.set(&[b_url]).unwrap();
+        };
+        let (summary, ()) = tokio::join!(run, change);
+        summary.expect("a valid plan")
+    });
+    assert_adds_up(&summary);
+    assert_eq!(summary.errors, 0, "{summary:#?}");
+    // The first second's requests went to a, the second's to b; both stay in the summary.
+    assert_eq!(summary.per_target.len(), 2, "{summary:#?}");
+    let (on_a, on_b) = (
+        summary.per_target[0].requests,
+        summary.per_target[1].requests,
+    );
+    assert!(
+        (150..=250).contains(&on_a) && (150..=250).contains(&on_b),
+        "a {on_a}, b {on_b}: {summary:#?}"
+    );
+    // Targets and endpoints together are refused.
+    let both = Plan {
+        targets: vec![a.url.clone()],
+        endpoints: Some(endpoints),
+        ..Plan::default()
+    };
+    assert!(matches!(both.validate(), Err(Error::InvalidPlan(_))));
+}

@@ -1,16 +1,20 @@
 //! The whole OpenClaw system on one machine, and the scenarios that prove it scales.
 //!
-//! `openclaw-stack up` starts, on 127.0.0.1 with port 0 everywhere, N limiter replicas peered
-//! with each other, Debian's Prometheus scraping them with the rules of `alerts/rules/`, and
-//! the metrics adapter serving `external.metrics.k8s.io` from that Prometheus ([`stack`]).
-//! `openclaw-stack scenario` drives load through it with the project's load generator, runs the
-//! HorizontalPodAutoscaler's algorithm on `deploy/base/limiter/hpa.yaml` against the adapter,
-//! samples Prometheus and its alerts, and writes a report with plots ([`scenario`],
+//! `openclaw-stack up` starts, on 127.0.0.1 with port 0 everywhere, the limiter Deployment and
+//! its Service (N pods that find each other through a shared peers file, restarted when they
+//! die, scaled on request: [`deployment`]), Debian's Prometheus scraping them with the rules of
+//! `alerts/rules/`, and the metrics adapter serving `external.metrics.k8s.io` from that
+//! Prometheus ([`stack`]). `openclaw-stack scenario` drives load through the Service with the
+//! project's load generator, runs the HorizontalPodAutoscaler's algorithm on
+//! `deploy/base/limiter/hpa.yaml` against the adapter and scales the Deployment to what it
+//! decides, samples Prometheus and its alerts, and writes a report with plots ([`scenario`],
 //! [`report`]). A time scale compresses every wait of the system so that tests see minutes of
 //! behaviour in seconds ([`timescale`]). The end-to-end tests in `tests/tests/whole_system.rs`
 //! use this library.
 
-pub mod forward;
+pub mod deployment;
+pub mod figures;
+pub mod kube_state;
 pub mod plot;
 pub mod process;
 pub mod prometheus;
@@ -18,6 +22,10 @@ pub mod report;
 pub mod scenario;
 pub mod stack;
 pub mod timescale;
+pub mod witness;
+
+/// The load generator the scenarios drive (for callers that put load on the Service).
+pub use openclaw_loadgen as loadgen;
 
 use std::path::{Path, PathBuf};
 

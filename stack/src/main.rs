@@ -20,7 +20,7 @@ struct Cli {
 
 #[derive(Debug, clap::Args)]
 struct StackArgs {
-    /// Limiter replicas, peered with each other.
+    /// Limiter pods the Deployment starts with (peered through a shared peers file).
     #[arg(long, default_value_t = 3)]
     replicas: usize,
     /// Simulated seconds per real second: 1 is real time; K > 1 divides every scrape and
@@ -61,7 +61,8 @@ struct ScenarioArgs {
     /// SIGKILL one replica at this scenario time (e.g. `5m`, `150s`).
     #[arg(long, value_parser = humantime::parse_duration)]
     kill_replica_at: Option<std::time::Duration>,
-    /// Which replica to kill (0 is the first) [default: the last].
+    /// Which replica to kill: N is pod limiter-N of those the stack started with [default:
+    /// the last]. It is restarted after the kubelet's back-off, from its snapshot directory.
     #[arg(long)]
     kill_replica: Option<usize>,
     /// A kustomize patch of deploy/base/limiter/hpa.yaml to simulate with, relative to the
@@ -123,11 +124,14 @@ async fn up(args: StackArgs) -> anyhow::Result<()> {
     eprintln!(
         "\nOpenClaw stack up in {:.1} s ({} limiter replicas, time scale {}):\n\n{}",
         stack.startup.as_secs_f64(),
-        stack.limiters.len(),
+        stack.deployment.status().pods.len(),
         stack.options.time_scale.factor(),
         stack.table()
     );
-    eprintln!("Try:  curl -i '{}/rate?key=alice'", stack.limiters[0].api);
+    eprintln!(
+        "Try:  curl -i '{}/rate?key=alice'",
+        stack.limiter_urls().first().map_or("", String::as_str)
+    );
     eprintln!(
         "      curl -s '{}/apis/external.metrics.k8s.io/v1beta1/namespaces/openclaw/openclaw_requests_per_second'",
         stack.adapter_url

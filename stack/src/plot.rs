@@ -67,6 +67,8 @@ pub struct Backdrop {
     pub phases: Vec<(f64, f64, String)>,
     /// Scenario seconds of the kill, and what was killed.
     pub kill: Option<(f64, String)>,
+    /// Thin vertical marks with a short label (pods joining and leaving).
+    pub marks: Vec<(f64, String)>,
     /// Scenario seconds the x axis covers.
     pub end: f64,
 }
@@ -100,12 +102,19 @@ pub fn line_chart(
     } else {
         1.0
     });
+    // Below zero only when a line goes there (a difference to an ideal).
+    let lowest = lines
+        .iter()
+        .flat_map(|l| l.points.iter().map(|p| p.1))
+        .filter(|v| v.is_finite())
+        .fold(0.0_f64, f64::min);
+    let y_bottom = if lowest < 0.0 { lowest * 1.2 } else { 0.0 };
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(38)
         .y_label_area_size(64)
-        .build_cartesian_2d(0.0..x_max, 0.0..y_top)
+        .build_cartesian_2d(0.0..x_max, y_bottom..y_top)
         .map_err(err)?;
     chart
         .configure_mesh()
@@ -115,7 +124,15 @@ pub fn line_chart(
         .draw()
         .map_err(err)?;
     // Phase names along the top, the kill's label near the bottom (clear of the load lines).
-    draw_backdrop(&mut chart, backdrop, y_top, (y_top * 0.97, y_top * 0.09))?;
+    draw_backdrop(
+        &mut chart,
+        backdrop,
+        (y_bottom, y_top),
+        (
+            y_top - (y_top - y_bottom) * 0.03,
+            y_bottom + (y_top - y_bottom) * 0.09,
+        ),
+    )?;
     for line in lines {
         let points: Vec<(f64, f64)> = to_minutes(line);
         let style = ShapeStyle {
@@ -174,7 +191,7 @@ fn draw_backdrop<DB: DrawingBackend>(
         Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
     >,
     backdrop: &Backdrop,
-    y_top: f64,
+    (y_bottom, y_top): (f64, f64),
     labels: (f64, f64),
 ) -> Result<()>
 where
@@ -185,7 +202,7 @@ where
         let (x0, x1) = (start / 60.0, end / 60.0);
         chart
             .draw_series(std::iter::once(Rectangle::new(
-                [(x0, 0.0), (x1, y_top)],
+                [(x0, y_bottom), (x1, y_top)],
                 shades[i % 2].filled(),
             )))
             .map_err(err)?;
@@ -197,11 +214,29 @@ where
             )))
             .map_err(err)?;
     }
+    for (i, (at, what)) in backdrop.marks.iter().enumerate() {
+        let x = at / 60.0;
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                vec![(x, y_bottom), (x, y_top)],
+                RGBColor(150, 150, 150).stroke_width(1),
+            )))
+            .map_err(err)?;
+        // Staggered so that marks close together stay readable.
+        let y = labels.1 + (labels.0 - labels.1) * (0.1 + 0.08 * (i % 4) as f64);
+        chart
+            .draw_series(std::iter::once(Text::new(
+                what.clone(),
+                (x, y),
+                ("sans-serif", 10).into_font().color(&RGBColor(90, 90, 90)),
+            )))
+            .map_err(err)?;
+    }
     if let Some((at, what)) = &backdrop.kill {
         let x = at / 60.0;
         chart
             .draw_series(std::iter::once(PathElement::new(
-                vec![(x, 0.0), (x, y_top)],
+                vec![(x, y_bottom), (x, y_top)],
                 RGBColor(200, 0, 0).stroke_width(2),
             )))
             .map_err(err)?;
@@ -274,7 +309,7 @@ pub fn alert_timeline(
         .draw()
         .map_err(err)?;
     let top = n as f64 + TOP_BAND;
-    draw_backdrop(&mut chart, backdrop, top, (top - 0.15, top - 0.75))?;
+    draw_backdrop(&mut chart, backdrop, (0.0, top), (top - 0.15, top - 0.75))?;
     for (i, row) in rows.iter().enumerate() {
         let top = n as f64 - i as f64 - 0.15;
         let bottom = n as f64 - i as f64 - 0.85;
@@ -327,6 +362,7 @@ mod tests {
                 (60.0, 120.0, "spike".into()),
             ],
             kill: Some((90.0, "limiter-2".into())),
+            marks: vec![(70.0, "+3".into())],
             end: 120.0,
         };
         line_chart(

@@ -52,11 +52,32 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `cmd` with stdout and stderr appended, line by line, to `log_dir/NAME.log`.
-    pub fn spawn(name: &str, mut cmd: Command, log_dir: &Path, group: Group) -> Result<Proc> {
+    /// Starts `cmd` with stdout and stderr written, line by line, to a new `log_dir/NAME.log`.
+    pub fn spawn(name: &str, cmd: Command, log_dir: &Path, group: Group) -> Result<Proc> {
+        Proc::start(name, cmd, log_dir, group, false)
+    }
+
+    /// [`Proc::spawn`], appending to the log if there is one (a restarted process).
+    pub fn spawn_appending(name: &str, cmd: Command, log_dir: &Path, group: Group) -> Result<Proc> {
+        Proc::start(name, cmd, log_dir, group, true)
+    }
+
+    fn start(
+        name: &str,
+        mut cmd: Command,
+        log_dir: &Path,
+        group: Group,
+        append: bool,
+    ) -> Result<Proc> {
         std::fs::create_dir_all(log_dir).map_err(|e| Error::io(log_dir, e))?;
         let log = log_dir.join(format!("{name}.log"));
-        let file = File::create(&log).map_err(|e| Error::io(&log, e))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(&log)
+            .map_err(|e| Error::io(&log, e))?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -114,6 +135,11 @@ impl Proc {
             Some(Ok(None)) => false,
             Some(Err(_)) | None => true,
         }
+    }
+
+    /// How it exited, once it has.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        self.exit
     }
 
     /// Waits until `found` accepts a line of output, up to `deadline`. Fails if the process
@@ -201,14 +227,31 @@ impl Proc {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
+    /// `listening NAME=URL` pairs printed since the last call, without waiting: for a caller
+    /// that polls several starting children in one loop.
+    pub fn take_listening(&mut self) -> Vec<(String, String)> {
+        let mut pairs = Vec::new();
+        while let Ok(line) = self.lines.try_recv() {
+            if !line.stderr
+                && let Some(pair) = parse_listening(&line.text)
+            {
+                pairs.push(pair);
+            }
+        }
+        pairs
+    }
+
+    /// SIGKILL goes to the child's whole group when it has its own (so that nothing it started
+    /// survives it); SIGTERM, a request to stop cleanly, only ever to the child itself, by its
+    /// positive process id.
     fn signal(&self, signal: Signal) {
         let Some(child) = &self.child else { return };
         let Some(pid) = Pid::from_raw(child.id() as i32) else {
             return;
         };
-        let _ = match self.group {
-            Group::Own => rustix::process::kill_process_group(pid, signal),
-            Group::Inherit => rustix::process::kill_process(pid, signal),
+        let _ = match (self.group, signal) {
+            (Group::Own, Signal::KILL) => rustix::process::kill_process_group(pid, signal),
+            _ => rustix::process::kill_process(pid, signal),
         };
     }
 

@@ -2,12 +2,14 @@
 //!
 //! Started on 127.0.0.1 port 0: Prometheus logs the address it bound (`msg="Listening on"
 //! address=127.0.0.1:PORT`), which is read from its stderr, so no port is guessed. Its config
-//! is generated: job `openclaw-limiter` (every replica, with the target labels `namespace` and
-//! `pod` the Operator adds), job `openclaw-metrics-adapter`, and job `prometheus` (itself), the
-//! job names `alerts/` expects; the rule files are loaded as given. Targets that are only known
-//! after Prometheus is up (the adapter needs Prometheus' URL, Prometheus its own port) are
-//! added by rewriting the config and calling `/-/reload` (`--web.enable-lifecycle`, fine on
-//! loopback).
+//! is generated: job `openclaw-limiter` (the pods, from a `file_sd` file the deployment
+//! controller rewrites as pods come and go, each with the target labels `namespace` and `pod`
+//! the Operator adds and the pods' `app` label that the ServiceMonitor's `podTargetLabels`
+//! copies), job `openclaw-metrics-adapter`, job `kube-state-metrics` (the stack's own, see
+//! [`crate::kube_state`]) and job `prometheus` (itself), the job names `alerts/` expects; the rule
+//! files are loaded as given. Targets that are only known after Prometheus is up (the adapter
+//! needs Prometheus' URL, Prometheus its own port) are added by rewriting the config and calling
+//! `/-/reload` (`--web.enable-lifecycle`, fine on loopback).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,6 +27,7 @@ pub const PROMETHEUS_BIN: &str = "/usr/bin/prometheus";
 pub const NAMESPACE: &str = "openclaw";
 pub const LIMITER_JOB: &str = "openclaw-limiter";
 pub const ADAPTER_JOB: &str = "openclaw-metrics-adapter";
+pub const KUBE_STATE_JOB: &str = "kube-state-metrics";
 
 /// One scrape target: `host:port` and the `pod` label it gets.
 #[derive(Debug, Clone)]
@@ -37,8 +40,11 @@ pub struct Target {
 #[derive(Debug, Clone, Default)]
 pub struct ScrapeConfig {
     pub interval: Duration,
-    pub limiters: Vec<Target>,
+    /// The `file_sd` file listing the limiter pods (JSON, rewritten as they come and go).
+    pub limiters_file: Option<PathBuf>,
     pub adapter: Option<Target>,
+    /// `host:port` of the stack's kube-state-metrics series.
+    pub kube_state: Option<String>,
     /// `host:port` of Prometheus itself, once known.
     pub itself: Option<String>,
     pub rule_files: Vec<PathBuf>,
@@ -73,8 +79,23 @@ impl ScrapeConfig {
                 ));
             }
         };
-        job(&mut out, LIMITER_JOB, &self.limiters);
+        if let Some(file) = &self.limiters_file {
+            // Re-read on every change (inotify), and at least every scrape interval.
+            out.push_str(&format!(
+                "  - job_name: {LIMITER_JOB}\n    file_sd_configs:\n      - files: [{}]\n        \
+                 refresh_interval: {interval}\n",
+                yaml_string(&file.display().to_string())
+            ));
+        }
         job(&mut out, ADAPTER_JOB, self.adapter.as_slice());
+        if let Some(kube_state) = &self.kube_state {
+            // honor_labels: its series name their own namespace, as kube-state-metrics' do.
+            out.push_str(&format!(
+                "  - job_name: {KUBE_STATE_JOB}\n    honor_labels: true\n    static_configs:\n      \
+                 - targets: [{}]\n",
+                yaml_string(kube_state)
+            ));
+        }
         if let Some(itself) = &self.itself {
             out.push_str(&format!(
                 "  - job_name: prometheus\n    static_configs:\n      - targets: [{}]\n",
@@ -371,11 +392,12 @@ mod tests {
     fn the_config_names_the_jobs_alerts_expect_with_operator_labels() {
         let config = ScrapeConfig {
             interval: Duration::from_secs(1),
-            limiters: vec![Target {
-                address: "127.0.0.1:1".into(),
-                pod: "limiter-0".into(),
-            }],
-            adapter: None,
+            limiters_file: Some(PathBuf::from("/w/targets.json")),
+            adapter: Some(Target {
+                address: "127.0.0.1:2".into(),
+                pod: "metrics-adapter-0".into(),
+            }),
+            kube_state: Some("127.0.0.1:3".into()),
             itself: Some("127.0.0.1:9".into()),
             rule_files: vec![PathBuf::from("/r/a.yaml")],
         };
@@ -384,11 +406,17 @@ mod tests {
         let jobs = doc["scrape_configs"].as_sequence().unwrap();
         assert_eq!(jobs[0]["job_name"].as_str(), Some(LIMITER_JOB));
         assert_eq!(
-            jobs[0]["static_configs"][0]["labels"]["namespace"].as_str(),
-            Some(NAMESPACE)
+            jobs[0]["file_sd_configs"][0]["files"][0].as_str(),
+            Some("/w/targets.json")
         );
         assert_eq!(jobs[1]["job_name"].as_str(), Some(ADAPTER_JOB));
-        assert_eq!(jobs[2]["job_name"].as_str(), Some("prometheus"));
+        assert_eq!(
+            jobs[1]["static_configs"][0]["labels"]["namespace"].as_str(),
+            Some(NAMESPACE)
+        );
+        assert_eq!(jobs[2]["job_name"].as_str(), Some(KUBE_STATE_JOB));
+        assert_eq!(jobs[2]["honor_labels"].as_bool(), Some(true));
+        assert_eq!(jobs[3]["job_name"].as_str(), Some("prometheus"));
         assert_eq!(doc["global"]["scrape_interval"].as_str(), Some("1s"));
         assert_eq!(doc["rule_files"][0].as_str(), Some("/r/a.yaml"));
     }

@@ -7,6 +7,8 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::Path;
 
+use crate::deployment::EventKind;
+use crate::figures::{Figures, PER_POD_TOLERANCE, STABILIZATION_S};
 use crate::plot::{self, AlertRow, Backdrop, Line, PALETTE};
 use crate::scenario::{HPA_TARGET_PER_POD, Outcome, minsec};
 use crate::timescale::format_duration;
@@ -22,7 +24,12 @@ pub const PLOTS: &[(&str, &str)] = &[
     ("depletion.svg", "Token depletion and bucket usage"),
     (
         "replicas.svg",
-        "HPA desired replicas and each metric's proposal",
+        "Replicas: desired (the HPA), running and ready (the Deployment), each metric's proposal",
+    ),
+    ("per-pod.svg", "Per-pod request rate against the HPA target"),
+    (
+        "witness.svg",
+        "Witness clients: hot-key admissions against the ideal bucket, under-limit refusals",
     ),
     ("replication-lag.svg", "Replication lag per peer"),
     ("alerts.svg", "Alerts pending and firing"),
@@ -56,6 +63,7 @@ fn backdrop(o: &Outcome) -> Backdrop {
             .map(|p| (p.start_s, p.end_s, p.phase.name.clone()))
             .collect(),
         kill: o.kill.as_ref().map(|k| (k.at_s, k.node_id.clone())),
+        marks: Vec::new(),
         end,
     }
 }
@@ -143,11 +151,13 @@ fn plots(o: &Outcome, dir: &Path, backdrop: &Backdrop) -> Result<()> {
     lines.push(sent);
     lines.push(
         Line::new(
-            format!("HPA target: 800/pod x {} pods", o.replicas),
-            vec![
-                (0.0, HPA_TARGET_PER_POD * o.replicas as f64),
-                (end, HPA_TARGET_PER_POD * o.replicas as f64),
-            ],
+            "HPA target: 800/pod x ready pods",
+            step_points(
+                o.replica_counts
+                    .iter()
+                    .map(|c| (c.t.max(0.0), HPA_TARGET_PER_POD * c.ready as f64)),
+                end,
+            ),
             PALETTE[7],
         )
         .dashed(),
@@ -252,11 +262,25 @@ fn plots(o: &Outcome, dir: &Path, backdrop: &Backdrop) -> Result<()> {
         .iter()
         .map(|s| (s.at_s, f64::from(s.desired)))
         .collect();
-    let mut lines = vec![{
-        let mut l = Line::new("desired replicas", desired, PALETTE[0]).step();
-        l.width = 3;
-        l
-    }];
+    let counts = |f: fn(&crate::scenario::ReplicaCounts) -> usize| {
+        step_points(
+            o.replica_counts.iter().map(|c| (c.t.max(0.0), f(c) as f64)),
+            end,
+        )
+    };
+    let mut lines = vec![
+        {
+            let mut l = Line::new("desired (HPA)", desired, PALETTE[0]).step();
+            l.width = 3;
+            l
+        },
+        Line::new("running", counts(|c| c.running), PALETTE[5]),
+        {
+            let mut l = Line::new("ready (in the Service)", counts(|c| c.ready), PALETTE[2]);
+            l.width = 2;
+            l
+        },
+    ];
     let metric_names: BTreeSet<String> = o
         .syncs
         .iter()
@@ -287,6 +311,7 @@ fn plots(o: &Outcome, dir: &Path, backdrop: &Backdrop) -> Result<()> {
         .syncs
         .iter()
         .flat_map(|s| std::iter::once(s.desired).chain(s.metrics.iter().filter_map(|m| m.proposal)))
+        .chain(o.replica_counts.iter().map(|c| c.running as i32))
         .max()
         .unwrap_or(1);
     plot::line_chart(
@@ -300,6 +325,60 @@ fn plots(o: &Outcome, dir: &Path, backdrop: &Backdrop) -> Result<()> {
         Some(f64::from(top) * 1.4 + 1.0),
         backdrop,
     )?;
+
+    // Per-pod rate.
+    let mut lines = Vec::new();
+    for (i, name) in names_with(o, "rps:pod=").iter().enumerate() {
+        let mut l = Line::new(
+            name.trim_start_matches("rps:pod="),
+            series(o, name),
+            PALETTE[(i + 2) % PALETTE.len()],
+        );
+        l.width = 1;
+        lines.push(l);
+    }
+    let mean: Vec<(f64, f64)> = o
+        .samples
+        .iter()
+        .filter_map(|s| {
+            let ready = o
+                .replica_counts
+                .iter()
+                .rev()
+                .find(|c| c.t <= s.t)
+                .map_or(0, |c| c.ready);
+            let rps = s.get("rps")?;
+            (ready > 0).then(|| (s.t, rps / ready as f64))
+        })
+        .collect();
+    lines.push({
+        let mut l = Line::new("fleet / ready pods", mean, PALETTE[0]);
+        l.width = 3;
+        l
+    });
+    for (label, f) in [("HPA target 800/pod", 1.0), ("-10 %", 0.9), ("+10 %", 1.1)] {
+        let v = HPA_TARGET_PER_POD * f;
+        let mut l = Line::new(
+            label,
+            vec![(0.0, v), (end, v)],
+            PALETTE[if f == 1.0 { 3 } else { 7 }],
+        )
+        .dashed();
+        if f == 1.0 {
+            l.width = 2;
+        }
+        lines.push(l);
+    }
+    plot::line_chart(
+        &dir.join("per-pod.svg"),
+        "Decisions per second per pod (Prometheus) against the HPA's target",
+        "requests/s per pod",
+        &lines,
+        None,
+        backdrop,
+    )?;
+
+    witness_plot(o, dir, backdrop)?;
 
     // Replication lag: a dead peer's lag grows without bound; cap the axis so the live
     // peers' lag stays readable.
@@ -348,6 +427,115 @@ fn plots(o: &Outcome, dir: &Path, backdrop: &Backdrop) -> Result<()> {
         &rows,
         backdrop,
     )
+}
+
+/// A step line from (t, value) changes, held until `end`.
+fn step_points(changes: impl Iterator<Item = (f64, f64)>, end: f64) -> Vec<(f64, f64)> {
+    let mut out: Vec<(f64, f64)> = Vec::new();
+    for (t, v) in changes {
+        if let Some(last) = out.last()
+            && last.1 != v
+        {
+            out.push((t, last.1));
+        }
+        out.push((t, v));
+    }
+    if let Some(&(_, v)) = out.last() {
+        out.push((end, v));
+    }
+    out
+}
+
+/// The hot witness keys' admissions minus the ideal bucket's, cumulative over the run, with the
+/// under-limit refusals (cumulative) and every join and leave marked.
+fn witness_plot(o: &Outcome, dir: &Path, backdrop: &Backdrop) -> Result<()> {
+    let Some(w) = &o.witness else {
+        return Ok(());
+    };
+    let k = o.time_scale;
+    let to_s = |real: f64| o.witness_start_s + real * k;
+    let mut lines = Vec::new();
+    for (i, key) in w.hot_keys() {
+        let mine: Vec<&crate::witness::Arrival> = w
+            .arrivals
+            .iter()
+            .filter(|a| a.key == i && a.decision != crate::witness::Decision::Error)
+            .collect();
+        let times: Vec<f64> = mine.iter().map(|a| a.sent_s).collect();
+        let ideal =
+            crate::witness::ideal_admissions(&times, w.plan.capacity as f64, w.plan.refill_rate());
+        let mut diff = 0.0;
+        let mut points = Vec::new();
+        for (a, ideal) in mine.iter().zip(ideal) {
+            diff += f64::from(u8::from(a.decision == crate::witness::Decision::Allowed))
+                - f64::from(u8::from(ideal));
+            points.push((to_s(a.sent_s), diff));
+        }
+        lines.push(Line::new(
+            format!("{}: admitted - ideal bucket (tokens)", key.key),
+            thin(points, 600),
+            PALETTE[0],
+        ));
+    }
+    let mut refused = 0.0;
+    let mut points = vec![(0.0, 0.0)];
+    for (_, t) in w.under_limit_refusals() {
+        refused += 1.0;
+        points.push((to_s(t), refused));
+    }
+    points.push((backdrop.end, refused));
+    lines.push(Line::new(
+        "under-limit clients refused (cumulative)",
+        points,
+        PALETTE[3],
+    ));
+    let c = w.plan.capacity as f64;
+    lines.push(Line::new("+C", vec![(0.0, c), (backdrop.end, c)], PALETTE[7]).dashed());
+    lines.push(Line::new("-C", vec![(0.0, -c), (backdrop.end, -c)], PALETTE[7]).dashed());
+    let mut marks = backdrop.clone();
+    marks.marks = o
+        .pod_events
+        .iter()
+        .filter(|e| e.t >= 0.0)
+        .filter_map(|e| {
+            let label = match &e.kind {
+                crate::deployment::EventKind::Ready => "+",
+                crate::deployment::EventKind::Terminating => "-",
+                crate::deployment::EventKind::Killed => "x",
+                _ => return None,
+            };
+            Some((
+                e.t,
+                format!("{label}{}", e.pod.trim_start_matches("limiter-")),
+            ))
+        })
+        .collect();
+    plot::line_chart(
+        &dir.join("witness.svg"),
+        &format!(
+            "Witnesses (policy `{}`: {} tokens, {}/s): + pod joined, - pod leaving, x killed",
+            w.plan.policy,
+            w.plan.capacity,
+            w.plan.refill_rate()
+        ),
+        "requests",
+        &lines,
+        None,
+        &marks,
+    )
+}
+
+/// At most about `n` points, keeping the first and last.
+fn thin(points: Vec<(f64, f64)>, n: usize) -> Vec<(f64, f64)> {
+    let every = (points.len() / n.max(1)).max(1);
+    let last = points.last().copied();
+    let mut out: Vec<(f64, f64)> = points.into_iter().step_by(every).collect();
+    if let Some(l) = last
+        && out.last() != Some(&l)
+    {
+        out.push(l);
+    }
+    out
 }
 
 fn alert_rows(o: &Outcome, end: f64) -> Vec<AlertRow> {
@@ -470,6 +658,7 @@ fn ms(us: u64) -> String {
 
 fn markdown(o: &Outcome, command: &str) -> String {
     let mut md = String::new();
+    let figures = Figures::of(o);
     let k = o.time_scale;
     let total: f64 = o.phases.iter().map(|p| p.end_s - p.start_s).sum();
     let date = humantime::format_rfc3339_seconds(o.started);
@@ -481,7 +670,7 @@ fn markdown(o: &Outcome, command: &str) -> String {
     let _ = writeln!(
         md,
         "Run {date}. {} of scenario time{} in {:.0} s of real time (stack started in {:.1} s). \
-         Everything on 127.0.0.1: {} `openclaw-limiter` replicas peered with each other, Debian's \
+         Everything on 127.0.0.1: the limiter Deployment played by the stack ({} pods at the start, scaled to what the HPA decides, found by each other through a shared peers file, the load on the ready ones), Debian's \
          Prometheus scraping every {} with the rules of `alerts/rules/`{}, `openclaw-metrics-adapter` \
          serving the external metrics API from it (plain HTTP, no authentication: no Kubernetes API \
          server here), and the HPA controller's algorithm run on `{}` \
@@ -570,14 +759,18 @@ fn markdown(o: &Outcome, command: &str) -> String {
     }
     md.push('\n');
 
+    targets_section(&mut md, o, &figures);
+    deployment_section(&mut md, o, &figures);
+
     // Phases.
     let _ = writeln!(md, "## Phases and the load generator's view\n");
     let _ = writeln!(
         md,
         "Open-loop load from `openclaw_loadgen` (latency measured from each request's due time), \
-         spread round-robin over every replica with failover (a replica refusing connections \
-         is skipped and its requests spread over the live ones, as a Service routes around a \
-         dead pod).\n"
+         spread round-robin over the Service's endpoints, the ready pods at the moment each \
+         request leaves, with failover (a pod refusing connections before the Service drops it \
+         is skipped). The witness clients' {:.0} requests/s come on top of what is asked here.\n",
+        o.profile.witness.rate()
     );
     let _ = writeln!(
         md,
@@ -602,10 +795,9 @@ fn markdown(o: &Outcome, command: &str) -> String {
             Some(s) => {
                 let _ = writeln!(
                     md,
-                    "| {} | {span} | {:.0}/s ({:.0}/pod) | {keys} | {} ({:.0}/s) | {} | {} ({:.1}%) | {} | {} | {} | {} | {} |",
+                    "| {} | {span} | {:.0}/s | {keys} | {} ({:.0}/s) | {} | {} ({:.1}%) | {} | {} | {} | {} | {} |",
                     p.phase.name,
                     p.rate,
-                    p.rate / o.replicas as f64,
                     s.requests,
                     s.achieved_rps(),
                     s.allowed,
@@ -615,7 +807,7 @@ fn markdown(o: &Outcome, command: &str) -> String {
                     } else {
                         0.0
                     },
-                    s.errors,
+                    errors_text(s),
                     s.missed,
                     ms(s.latency.p50_us),
                     ms(s.latency.p99_us),
@@ -643,10 +835,10 @@ fn markdown(o: &Outcome, command: &str) -> String {
         md,
         "`metrics_adapter::hpa_sim` on `{}`: each sync lists the \
          HPA's external metrics from the adapter as the controller does, then applies \
-         tolerance, the max over metrics, the stabilization windows and the `behavior` policies. The \
-         Deployment is assumed to follow at once (the stack itself keeps {} replicas: the \
-         decision is simulated, the load per real replica is not). Changes of the desired count:\n",
-        o.hpa_source, o.replicas
+         tolerance, the max over metrics, the stabilization windows and the `behavior` policies. \
+         The count it sets is the Deployment's: the stack starts or stops pods to match (see \
+         [the Deployment](#the-deployment)). Changes of the desired count:\n",
+        o.hpa_source
     );
     let _ = writeln!(
         md,
@@ -803,6 +995,19 @@ fn markdown(o: &Outcome, command: &str) -> String {
     md
 }
 
+/// `12 (timeout: 10, connect: 2)`.
+fn errors_text(s: &openclaw_loadgen::Summary) -> String {
+    if s.errors == 0 {
+        return "0".into();
+    }
+    let kinds: Vec<String> = s
+        .errors_by_kind
+        .iter()
+        .map(|(k, n)| format!("{k}: {n}"))
+        .collect();
+    format!("{} ({})", s.errors, kinds.join(", "))
+}
+
 /// At most `max` characters, with an ellipsis when cut (the full text is in hpa.csv).
 fn shorten(text: &str, max: usize) -> String {
     if text.chars().count() <= max {
@@ -927,6 +1132,29 @@ fn kill_section(md: &mut String, o: &Outcome, kill: &crate::scenario::KillOutcom
         minsec(window),
         minsec(window)
     );
+    // The kubelet's part.
+    let restarted = o
+        .pod_events
+        .iter()
+        .find(|e| e.pod == kill.node_id && e.t >= kill.at_s && e.kind == EventKind::Restarted);
+    let ready = restarted.and_then(|r| {
+        o.pod_events
+            .iter()
+            .find(|e| e.pod == kill.node_id && e.t >= r.t && e.kind == EventKind::Ready)
+    });
+    let _ = writeln!(
+        md,
+        "- The stack, as the kubelet: restarted `{}` {} (back-off {} s of scenario time), from \
+         its snapshot directory; {}.",
+        kill.node_id,
+        restarted.map_or("never".to_owned(), |r| format!("at {}", when(o, r.t))),
+        crate::deployment::FIRST_BACKOFF.as_secs(),
+        ready.map_or("never ready again".to_owned(), |r| format!(
+            "ready again at {}, {:.0} s of scenario time after the kill",
+            when(o, r.t),
+            r.t - kill.at_s
+        ))
+    );
     // Prometheus.
     let up_key = format!("up:{}", kill.node_id);
     if let Some(s) = o
@@ -1002,4 +1230,214 @@ fn kill_section(md: &mut String, o: &Outcome, kill: &crate::scenario::KillOutcom
             format!("{} syncs", hpa_failed.len())
         }
     );
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "**met**" } else { "**missed**" }
+}
+
+/// The issue's targets, each with its figure and whether it was met.
+fn targets_section(md: &mut String, o: &Outcome, f: &Figures) {
+    let _ = writeln!(md, "## Targets\n");
+    let _ = writeln!(md, "| target | figure | |\n| --- | --- | --- |");
+    // Per-pod rate.
+    if f.settled.is_empty() {
+        let _ = writeln!(
+            md,
+            "| per-pod rate within {:.0} % of the HPA target after a scale-up settles | no \
+             stretch with the Deployment settled above its starting size under load | **not measured** |",
+            PER_POD_TOLERANCE * 100.0
+        );
+    }
+    for s in &f.settled {
+        let _ = writeln!(
+            md,
+            "| per-pod rate within {:.0} % of {} after the scale-up to {} settles | {:.0}/s per pod \
+             ({:+.1} %) over {}-{} (median of {} samples; pods within {:.0} % of each other) | {} |",
+            PER_POD_TOLERANCE * 100.0,
+            if s.expected == HPA_TARGET_PER_POD {
+                "the HPA target (800/s)".to_owned()
+            } else {
+                format!("load / pods at maxReplicas ({:.0}/s)", s.expected)
+            },
+            s.pods,
+            s.per_pod,
+            (s.per_pod - s.expected) / s.expected * 100.0,
+            minsec(s.from_s),
+            minsec(s.to_s),
+            s.samples,
+            s.pod_spread * 100.0,
+            verdict(s.ok())
+        );
+    }
+    // Under-limit refusals.
+    let joins = f
+        .changes
+        .iter()
+        .filter(|c| c.what == "joined" || c.what == "restarted")
+        .count();
+    let leaves = f
+        .changes
+        .iter()
+        .filter(|c| c.what == "leaving" || c.what == "killed")
+        .count();
+    match &o.witness {
+        Some(w) => {
+            let under: Vec<String> = w
+                .plan
+                .keys
+                .iter()
+                .filter(|k| !k.hot)
+                .map(|k| k.key.clone())
+                .collect();
+            let _ = writeln!(
+                md,
+                "| zero refusals of clients under their limit across every join and leave | {} \
+                 refusals of {} ({} keys at 80 % of their limit) over the whole run, {} joins and \
+                 {} leaves; {} witness requests without a decision | {} |",
+                f.under_limit_refusals.len(),
+                under.join(", "),
+                under.len(),
+                joins,
+                leaves,
+                f.witness_errors,
+                verdict(f.under_limit_refusals.is_empty())
+            );
+            let bad: Vec<&crate::figures::Change> = f.changes.iter().filter(|c| !c.ok()).collect();
+            let _ = writeln!(
+                md,
+                "| hot-key admissions within the `shared` bound across membership changes | \
+                 {} of {} changes within [ideal - U, C + r·T + O] (table below); whole run: {} \
+                 admitted, the ideal bucket {} ({:+}) | {} |",
+                f.changes.len() - bad.len(),
+                f.changes.len(),
+                f.hot_total.admitted,
+                f.hot_total.ideal,
+                f.hot_total.admitted as i64 - f.hot_total.ideal as i64,
+                verdict(bad.is_empty() && !f.changes.is_empty())
+            );
+        }
+        None => {
+            let _ = writeln!(md, "| witnesses | none ran | **not measured** |");
+        }
+    }
+    // Scale-down.
+    let early: Vec<&crate::figures::ScaleDown> = f.scale_downs.iter().filter(|s| !s.ok()).collect();
+    let first = f.scale_downs.first();
+    let _ = writeln!(
+        md,
+        "| scale-down only after the {:.0} s stabilization window | {} scale-downs; {}; {} \
+         with a higher recommendation inside the window | {} |",
+        STABILIZATION_S,
+        f.scale_downs.len(),
+        first.map_or("none".to_owned(), |s| format!(
+            "the first, {} -> {} at {}, {:.0} s after the last recommendation of {}",
+            s.from,
+            s.to,
+            minsec(s.at_s),
+            s.since_last_high_s,
+            s.from
+        )),
+        early.len(),
+        verdict(early.is_empty() && !f.scale_downs.is_empty())
+    );
+    let _ = writeln!(
+        md,
+        "| `HPAReplicaStuck` silent while the stack follows the HPA | {} spans, {} fired | {} |\n",
+        f.hpa_stuck,
+        f.hpa_stuck_fired,
+        verdict(f.hpa_stuck_fired == 0)
+    );
+}
+
+/// The Deployment's story: decisions to ready pods, every join and leave with what the
+/// witnesses saw around it.
+fn deployment_section(md: &mut String, o: &Outcome, f: &Figures) {
+    let k = o.time_scale;
+    let _ = writeln!(md, "## The Deployment\n");
+    let _ = writeln!(
+        md,
+        "The stack plays the Deployment and its Service: the HPA's count starts new \
+         `openclaw-limiter` processes (each pulls its peers' state before `/ready`) and stops \
+         surplus ones with SIGTERM (each hands its last changes to the survivors); the Service's \
+         endpoints, where the load goes, are the pods whose readiness probe passed (`/ready`, \
+         every {} s of scenario time); a killed pod is restarted after the kubelet's back-off \
+         from its snapshot directory. See `replicas.svg`.\n",
+        crate::deployment::PROBE_PERIOD.as_secs()
+    );
+    let _ = writeln!(md, "From a decision to ready pods:\n");
+    let _ = writeln!(
+        md,
+        "| scenario time | asked | ready after |\n| --- | --- | --- |"
+    );
+    for r in &f.to_ready {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} |",
+            when(o, r.at_s),
+            r.what,
+            r.after_s.map_or("never".to_owned(), |d| if k == 1.0 {
+                format!("{d:.1} s")
+            } else {
+                format!("{d:.1} s ({:.2} s real)", d / k)
+            })
+        );
+    }
+    if f.to_ready.is_empty() {
+        let _ = writeln!(md, "| - | no scale-up | - |");
+    }
+    md.push('\n');
+    if let Some(w) = &o.witness {
+        let _ = writeln!(
+            md,
+            "Every join and leave, and what the witness clients (policy `{}`: {} tokens, \
+             refilled {}/s; {} under-limit keys at 80 %, {} hot key(s) at 180 %) saw from {:.0} s \
+             before to {:.0} s after it (real time). Bounds from docs/crdt.md with `N` the most \
+             pods running in the window, `D` = {} ms: over-admission `C + r·T + O`, `O = (N - 1)(C \
+             + r·D)` (+ `C + r·s` per pod killed), under-admission `ideal - (N - 1)(C + r·D)`, \
+             per hot key.\n",
+            w.plan.policy,
+            w.plan.capacity,
+            w.plan.refill_rate(),
+            w.plan.keys.iter().filter(|k| !k.hot).count(),
+            w.plan.keys.iter().filter(|k| k.hot).count(),
+            crate::figures::CHANGE_BEFORE.as_secs_f64(),
+            crate::figures::CHANGE_AFTER.as_secs_f64(),
+            crate::figures::REPLICATION_DELAY.as_millis(),
+        );
+        let _ = writeln!(
+            md,
+            "| scenario time | pod | change | pods | under-limit refused | hot: admitted | ideal | allowed range | |"
+        );
+        let _ = writeln!(
+            md,
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        );
+        for c in &f.changes {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} | {:.0}-{:.0} | {} |",
+                when(o, c.at_s),
+                c.pod,
+                c.what,
+                c.pods,
+                c.under_limit_refused,
+                c.hot.admitted,
+                c.hot.ideal,
+                c.lower.max(0.0),
+                c.upper,
+                if c.ok() { "ok" } else { "**out**" }
+            );
+        }
+        md.push('\n');
+        if !f.under_limit_refusals.is_empty() {
+            let list: Vec<String> = f
+                .under_limit_refusals
+                .iter()
+                .take(20)
+                .map(|(key, t)| format!("{key} at {}", when(o, *t)))
+                .collect();
+            let _ = writeln!(md, "Under-limit refusals: {}.\n", list.join(", "));
+        }
+    }
 }

@@ -26,22 +26,25 @@ use openclaw_loadgen::{Drive, Keys, Plan, Progress, RateProfile, Spread};
 use serde_json::Value;
 use tokio::sync::watch;
 
+use crate::deployment::{Event, EventKind};
+use crate::kube_state::HpaState;
 use crate::prometheus::{LIMITER_JOB, PromApi};
 use crate::stack::Stack;
 use crate::timescale::{TimeScale, format_duration};
+use crate::witness;
 use crate::{Error, Result};
 
 /// The per-pod request rate the HPA targets (`averageValue: "800"` in `hpa.yaml`).
 pub const HPA_TARGET_PER_POD: f64 = 800.0;
-/// Requests per second on each hot key in the overload phase: 1.8 times the default policy's
-/// refill (1000 tokens/s), so a full bucket drains in 1.25 s.
+/// Requests per second on each hot key in the overload phase, at least: 1.8 times the default
+/// policy's refill (1000 tokens/s), so a full bucket drains in 1.25 s.
 pub const HOT_KEY_RATE: f64 = 1800.0;
 
-/// Load of one phase.
+/// Load of one phase (the load generator's; the witnesses run beside it throughout).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Load {
-    /// Requests per second per limiter replica of the stack (the HPA's "per pod").
-    pub per_pod: f64,
+    /// Requests per second, all pods together (the Service spreads them over the ready pods).
+    pub rate: f64,
     pub keys: Keys,
 }
 
@@ -53,15 +56,16 @@ pub struct Phase {
     pub purpose: String,
     /// Scenario (simulated) time.
     pub duration: Duration,
-    /// `None`: no load at all.
+    /// `None`: no load from the load generator.
     pub load: Option<Load>,
 }
 
-/// A named sequence of phases.
+/// A named sequence of phases, and the witness clients that run through all of them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Profile {
     pub name: String,
     pub phases: Vec<Phase>,
+    pub witness: witness::Plan,
 }
 
 /// The profiles `--profile` accepts.
@@ -76,17 +80,29 @@ pub const PROFILES: &[(&str, &str)] = &[
     ),
 ];
 
+/// The spike's total rate, as a multiple of the HPA target times the starting replicas: 1.3 x
+/// 800 x 3 = 3120/s asks for ceil(3.9) = 4 pods, 780/s each, 2.5 % under the target, so that
+/// the usual noise of a measured rate (a percent or two) does not tip the HPA's ceil to a fifth
+/// pod and the per-pod rate settles within 10 % of the target. (More would not show more: five
+/// debug-built pods sharing two hot keys at 3900/s saturate a 2-core machine, and a starved
+/// machine measures itself, not the limiter.)
+pub const SPIKE_FACTOR: f64 = 1.3;
+
 impl Profile {
-    /// A profile by name, for a stack of `replicas` limiters.
+    /// A profile by name, for a Deployment starting at `replicas` pods.
     ///
-    /// Baseline: half the HPA's 800 req/s per pod, spread over 10 000 keys (nobody near a
-    /// limit). Spike: 1.5 times the target per pod over the same keys, so the HPA must add
-    /// replicas (ceil(1.5 x N) of them). Overload: the same rate, all of it on a few hot keys,
-    /// each asked for about 1800 tokens/s against a refill of 1000/s, so their buckets empty
-    /// within about a second and stay empty (token usage alerts, rejections, depletion near 1).
-    /// Bucket refill is never compressed: at 1200/s a bucket would take 5 real seconds to
-    /// drain, 150 s of scenario time at x30, too much of a compressed phase. Then no load: the
-    /// HPA must come back down after its 5-minute stabilization window, and the alerts resolve.
+    /// Rates are totals, spread by the Service over the ready pods: the per-pod rate falls as
+    /// the HPA adds pods. The witness clients (4 keys at 80 % of a 20/s limit, 1 at 180 %,
+    /// 100 requests/s) run throughout and count toward every phase's total. Baseline: half the
+    /// HPA's 800 req/s per pod over 10 000 keys (nobody near a limit). Spike: 1.3 times the
+    /// target per starting pod ([`SPIKE_FACTOR`]), so the HPA must add pods. Overload: the same
+    /// rate, all of it on a few hot keys, each asked for about 1800 tokens/s against a refill of
+    /// 1000/s, so their buckets empty within about a second and stay empty (token usage alerts,
+    /// rejections, depletion near 1). Bucket refill is never compressed: at 1200/s a bucket
+    /// would take 5 real seconds to drain, 150 s of scenario time at x30, too much of a
+    /// compressed phase. Then only the witnesses: the HPA comes back down to its minimum after
+    /// its 5-minute stabilization window, at most 20 % per minute, pods leaving under the
+    /// witnesses' load.
     pub fn named(name: &str, replicas: usize) -> Result<Profile> {
         let (baseline, spike, overload, stopped) = match name {
             "standard" => (120, 120, 420, 540),
@@ -99,8 +115,13 @@ impl Profile {
                 )));
             }
         };
-        let overload_rate = 1.5 * HPA_TARGET_PER_POD * replicas.max(1) as f64;
-        let hot = ((overload_rate / HOT_KEY_RATE).round() as u32).max(1);
+        let witness = witness::Plan::standard(4, 1);
+        let n = replicas.max(1) as f64;
+        let main = |total: f64| (total - witness.rate()).max(50.0);
+        let spike_rate = main(SPIKE_FACTOR * HPA_TARGET_PER_POD * n);
+        // Each hot key is asked for at least HOT_KEY_RATE, so that it stays above its refill
+        // even when a busy machine delivers only part of the load.
+        let hot = ((spike_rate / HOT_KEY_RATE).floor() as u32).max(1);
         let phase = |name: &str, purpose: &str, secs: u64, load: Option<Load>| Phase {
             name: name.to_owned(),
             purpose: purpose.to_owned(),
@@ -112,19 +133,20 @@ impl Profile {
             phases: vec![
                 phase(
                     "baseline",
-                    "half the HPA target per pod over 10 000 keys: nothing should happen",
+                    "half the HPA target per starting pod over 10 000 keys: nothing should happen",
                     baseline,
                     Some(Load {
-                        per_pod: 0.5 * HPA_TARGET_PER_POD,
+                        rate: main(0.5 * HPA_TARGET_PER_POD * n),
                         keys: Keys::Many { count: 10_000 },
                     }),
                 ),
                 phase(
                     "spike",
-                    "1.5x the HPA target per pod over 10 000 keys: the HPA scales up",
+                    "1.3x the HPA target per starting pod over 10 000 keys: the HPA scales up \
+                     and the per-pod rate falls back under the target",
                     spike,
                     Some(Load {
-                        per_pod: 1.5 * HPA_TARGET_PER_POD,
+                        rate: spike_rate,
                         keys: Keys::Many { count: 10_000 },
                     }),
                 ),
@@ -134,7 +156,7 @@ impl Profile {
                      of 1000/s: their buckets drain, token alerts fire, requests are rejected",
                     overload,
                     Some(Load {
-                        per_pod: 1.5 * HPA_TARGET_PER_POD,
+                        rate: spike_rate,
                         keys: Keys::Hot {
                             count: hot,
                             share: 1.0,
@@ -143,11 +165,13 @@ impl Profile {
                 ),
                 phase(
                     "stopped",
-                    "no load: alerts resolve, the HPA scales down after its stabilization window",
+                    "only the witnesses: alerts resolve, the HPA scales down after its \
+                     stabilization window, pods leave under the witnesses' load",
                     stopped,
                     None,
                 ),
             ],
+            witness,
         })
     }
 
@@ -244,6 +268,27 @@ pub struct KillOutcome {
     pub at_s: f64,
 }
 
+/// One change to a pod, on the scenario clock (see [`crate::deployment::EventKind`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodEvent {
+    /// Scenario seconds (negative: before the scenario started, while the stack came up).
+    pub t: f64,
+    /// Empty for a change of the desired count.
+    pub pod: String,
+    pub kind: EventKind,
+}
+
+/// Desired, running and ready pods after each change, on the scenario clock.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReplicaCounts {
+    pub t: f64,
+    pub desired: usize,
+    /// Pods with a live process (starting, ready, not ready, terminating).
+    pub running: usize,
+    /// Pods in the Service.
+    pub ready: usize,
+}
+
 /// Everything a report needs.
 #[derive(Debug, Clone)]
 pub struct Outcome {
@@ -268,6 +313,13 @@ pub struct Outcome {
     pub syncs: Vec<SyncRecord>,
     pub alerts: Vec<AlertSpan>,
     pub kill: Option<KillOutcome>,
+    /// Every change to the Deployment and its pods, and the counts they give.
+    pub pod_events: Vec<PodEvent>,
+    pub replica_counts: Vec<ReplicaCounts>,
+    /// What the witness clients sent and got (real seconds since `witness_start_s`).
+    pub witness: Option<witness::Record>,
+    /// Scenario seconds at which the witnesses started.
+    pub witness_start_s: f64,
     /// Cut short by Ctrl-C.
     pub cancelled: bool,
     /// How well Prometheus kept up, over the whole scenario.
@@ -352,14 +404,14 @@ pub async fn run(
 ) -> Result<Outcome> {
     let scale = stack.options.time_scale;
     let k = scale.factor();
-    let replicas = stack.limiters.len();
+    let replicas = stack.deployment.status().desired;
     if let Some(kill) = options.kill
         && kill.replica >= replicas
     {
         return Err(Error::Other(format!(
-            "cannot kill replica {}: the stack has {replicas} (0 to {})",
+            "cannot kill replica {}: the stack started {replicas} (0 to {})",
             kill.replica,
-            replicas - 1
+            replicas.saturating_sub(1)
         )));
     }
     let (mut sim, hpa_source) = hpa_simulator(
@@ -375,7 +427,9 @@ pub async fn run(
 
     let prom = stack.prometheus.api().clone();
     let adapter_url = stack.adapter_url.clone();
-    let targets = stack.limiter_urls();
+    let deployment = &stack.deployment;
+    let kube_state = &stack.kube_state;
+    let endpoints = deployment.endpoints().clone();
     let profile = options.profile.clone();
     let total = profile.total().as_secs_f64();
     let status = Arc::new(Mutex::new(Status::default()));
@@ -390,6 +444,7 @@ pub async fn run(
     // The phases, one after the other; then everything else stops.
     let load = {
         let status = status.clone();
+        let endpoints = endpoints.clone();
         let stop_rx = stop_rx.clone();
         let stop_tx = &stop_tx;
         async move {
@@ -409,9 +464,9 @@ pub async fn run(
                 let real = scale.to_real(phase.duration);
                 let (rate, summary) = match &phase.load {
                     Some(load) => {
-                        let rate = load.per_pod * replicas as f64;
+                        let rate = load.rate;
                         let plan = Plan {
-                            targets: targets.clone(),
+                            endpoints: Some(endpoints.clone()),
                             drive: Drive::OpenLoop(RateProfile::Constant(rate)),
                             keys: load.keys,
                             spread: Spread::RoundRobin,
@@ -477,12 +532,32 @@ pub async fn run(
                 http,
                 adapter_url,
                 k,
-                move |r: &SyncRecord| lock(&status).desired = Some(r.desired),
+                // The scale's spec.replicas: the Deployment follows, and kube-state-metrics
+                // shows the HPA's status.
+                move |r: &SyncRecord| {
+                    lock(&status).desired = Some(r.desired);
+                    deployment.scale(r.desired.max(0) as usize);
+                    kube_state.set_hpa(HpaState {
+                        desired: r.desired,
+                        min: hpa_min_replicas,
+                        max: hpa_max_replicas,
+                        scaling_active: r.metrics.iter().all(|m| m.value.is_ok()),
+                    });
+                },
                 stop,
             )
             .await
         }
     };
+
+    // The witness clients, through the Service, for the whole scenario.
+    let witness_start_s = now_s();
+    let witness = witness::run(
+        profile.witness.clone(),
+        endpoints.clone(),
+        http.clone(),
+        stop_rx.clone(),
+    );
 
     // Prometheus' view and its alerts.
     let sampler = {
@@ -495,7 +570,6 @@ pub async fn run(
     let kill_task = {
         let status = status.clone();
         let mut stop_rx = stop_rx.clone();
-        let stack = &mut *stack;
         async move {
             let kill = options.kill?;
             tokio::select! {
@@ -503,17 +577,16 @@ pub async fn run(
                 _ = stop_rx.wait_for(|s| *s) => return None,
             }
             let at_s = now_s();
-            let l = &stack.limiters[kill.replica];
-            let (node_id, api) = (l.node_id.clone(), l.api.clone());
-            match stack.kill_replica(kill.replica) {
-                Ok(pid) => {
+            let node_id = format!("limiter-{}", kill.replica);
+            match deployment.kill(&node_id).await {
+                Ok(killed) => {
                     lock(&status).note =
-                        format!("killed {node_id} (pid {pid}) at {}", minsec(at_s));
+                        format!("killed {node_id} (pid {}) at {}", killed.pid, minsec(at_s));
                     Some(KillOutcome {
                         replica: kill.replica,
                         node_id,
-                        pid,
-                        api,
+                        pid: killed.pid,
+                        api: killed.api,
                         at_s,
                     })
                 }
@@ -561,9 +634,10 @@ pub async fn run(
         }
     };
 
-    let (load, syncs, (samples, alerts), kill, ()) =
-        tokio::join!(load, hpa, sampler, kill_task, progress);
+    let (load, syncs, (samples, alerts), kill, (), witness) =
+        tokio::join!(load, hpa, sampler, kill_task, progress, witness);
     let (phases, cancelled) = load?;
+    let (pod_events, replica_counts) = pod_timeline(&deployment.events(), start, k);
     let health = Sampler::new(prom, scale, started)
         .health(start.elapsed())
         .await;
@@ -585,9 +659,68 @@ pub async fn run(
         syncs,
         alerts,
         kill,
+        pod_events,
+        replica_counts,
+        witness: Some(witness),
+        witness_start_s,
         cancelled,
         health,
     })
+}
+
+/// The deployment's events on the scenario clock (`start` is scenario time 0), and the
+/// desired / running / ready counts after each.
+pub fn pod_timeline(
+    events: &[Event],
+    start: Instant,
+    k: f64,
+) -> (Vec<PodEvent>, Vec<ReplicaCounts>) {
+    let t_of = |at: Instant| match at.checked_duration_since(start) {
+        Some(d) => d.as_secs_f64() * k,
+        None => -(start.duration_since(at).as_secs_f64() * k),
+    };
+    let mut out = Vec::new();
+    let mut counts = Vec::new();
+    let mut desired = 0;
+    let mut running = std::collections::BTreeSet::new();
+    let mut ready = std::collections::BTreeSet::new();
+    for e in events {
+        match &e.kind {
+            EventKind::Scaled(_, to) => desired = *to,
+            EventKind::Created | EventKind::Restarted => {
+                running.insert(e.pod.clone());
+            }
+            EventKind::Ready => {
+                ready.insert(e.pod.clone());
+            }
+            EventKind::NotReady | EventKind::Terminating | EventKind::Killed => {
+                ready.remove(&e.pod);
+            }
+            EventKind::Stopped(_) | EventKind::Crashed(_) => {
+                ready.remove(&e.pod);
+                running.remove(&e.pod);
+            }
+            EventKind::Listening => {}
+        }
+        let t = t_of(e.at);
+        out.push(PodEvent {
+            t,
+            pod: e.pod.clone(),
+            kind: e.kind.clone(),
+        });
+        let c = ReplicaCounts {
+            t,
+            desired,
+            running: running.len(),
+            ready: ready.len(),
+        };
+        if counts.last().is_none_or(|l: &ReplicaCounts| {
+            (l.desired, l.running, l.ready) != (c.desired, c.running, c.ready)
+        }) {
+            counts.push(c);
+        }
+    }
+    (out, counts)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -920,26 +1053,73 @@ mod tests {
     fn profiles_put_the_spike_above_the_hpa_target_and_the_baseline_below() {
         let p = Profile::named("standard", 3).unwrap();
         assert_eq!(p.total(), Duration::from_secs(1200));
-        let per_pod: Vec<f64> = p
+        let w = p.witness.rate();
+        let total: Vec<f64> = p
             .phases
             .iter()
-            .map(|ph| ph.load.as_ref().map_or(0.0, |l| l.per_pod))
+            .map(|ph| ph.load.as_ref().map_or(0.0, |l| l.rate) + w)
             .collect();
-        assert!(per_pod[0] < HPA_TARGET_PER_POD);
-        assert!(per_pod[1] > HPA_TARGET_PER_POD);
-        assert!(per_pod[2] > HPA_TARGET_PER_POD);
-        assert_eq!(per_pod[3], 0.0);
+        // Per starting pod: baseline under the target, spike and overload above it.
+        assert!((total[0] / 3.0 - 400.0).abs() < 1.0, "{total:?}");
+        assert!(total[1] / 3.0 > HPA_TARGET_PER_POD);
+        assert_eq!(total[1], total[2]);
+        assert_eq!(total[3], w);
+        // The spike asks for 4 pods at 780/s, 2.5 % under the target: a percent of noise
+        // in the measured rate does not make it 5.
+        let pods = (total[1] / HPA_TARGET_PER_POD).ceil();
+        assert_eq!(pods, 4.0);
+        assert!((total[1] * 1.02 / HPA_TARGET_PER_POD).ceil() == 4.0);
+        assert!(total[1] / pods >= 0.9 * HPA_TARGET_PER_POD);
         // Overload: each hot key is asked for more than its bucket refills (1000/s).
         let Some(Load {
             keys: Keys::Hot { count, share },
-            per_pod,
+            rate,
         }) = p.phases[2].load.clone()
         else {
             panic!("overload is on hot keys");
         };
-        assert!(per_pod * 3.0 * share / f64::from(count) > 1000.0);
+        assert!(rate * share / f64::from(count) > 1000.0);
         assert!(Profile::named("nope", 3).is_err());
         assert_eq!(p.bounds()[1], (120.0, 240.0));
+    }
+
+    #[test]
+    fn the_pod_timeline_counts_desired_running_and_ready_after_each_event() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let e = |ms, pod: &str, kind| Event {
+            at: at(ms),
+            pod: pod.into(),
+            kind,
+        };
+        let events = [
+            e(0, "", EventKind::Scaled(1, 2)),
+            e(10, "limiter-1", EventKind::Created),
+            e(20, "limiter-1", EventKind::Listening),
+            e(30, "limiter-1", EventKind::Ready),
+            e(40, "limiter-1", EventKind::Killed),
+            e(45, "limiter-1", EventKind::Crashed("signal: 9".into())),
+            e(50, "limiter-1", EventKind::Restarted),
+            e(60, "limiter-1", EventKind::Ready),
+        ];
+        let (events, counts) = pod_timeline(&events, start, 10.0);
+        assert!((events[3].t - 0.3).abs() < 1e-9);
+        let triples: Vec<(usize, usize, usize)> = counts
+            .iter()
+            .map(|c| (c.desired, c.running, c.ready))
+            .collect();
+        assert_eq!(
+            triples,
+            [
+                (2, 0, 0),
+                (2, 1, 0),
+                (2, 1, 1),
+                (2, 1, 0),
+                (2, 0, 0),
+                (2, 1, 0),
+                (2, 1, 1)
+            ]
+        );
     }
 
     #[test]

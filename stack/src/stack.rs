@@ -1,12 +1,14 @@
-//! The local stack: N limiter replicas peered with each other, Prometheus scraping them with
-//! the alert rules loaded, and the metrics adapter serving the external metrics API.
+//! The local stack: the limiter Deployment and its Service ([`crate::deployment`]),
+//! Prometheus scraping the pods with the alert rules loaded, the metrics adapter serving the
+//! external metrics API, and the kube-state-metrics series of the Deployment and the HPA.
 //!
-//! Start order (each step waits for the previous one's `listening` line, port 0 everywhere):
-//! 1. one peer relay per replica ([`crate::forward`]): the replicas' `OPENCLAW_PEERS`;
-//! 2. the limiters, with the settings of `deploy/base/limiter/limiter.env` where they apply
-//!    locally; each relay is pointed at its replica's peer listener as soon as it prints it;
-//! 3. Prometheus, scraping the limiters (rules from `alerts/rules/`, compressed copies when the
-//!    time scale is above 1);
+//! Start order (port 0 everywhere; each step waits for what the next one needs):
+//! 1. the Deployment with N pods, the settings of `deploy/base/limiter/limiter.env` where they
+//!    apply locally, peers found through one shared peers file; it waits until every pod is
+//!    ready (each pulls its peers' state before `/ready`);
+//! 2. the kube-state-metrics series ([`crate::kube_state`]);
+//! 3. Prometheus, scraping the pods from the controller's `file_sd` file (rules from
+//!    `alerts/rules/`, compressed copies when the time scale is above 1);
 //! 4. the metrics adapter on plain HTTP without authentication (no Kubernetes API server here:
 //!    TLS and delegated auth are what a cluster adds), asking that Prometheus, with
 //!    `metrics-adapter/config/default.yaml` (compressed copy when the time scale is above 1);
@@ -16,12 +18,12 @@
 //! last changes to peers); dropping a [`Stack`] kills whatever is still running.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::forward::Forwarder;
+use crate::deployment::{Deployment, Killed, Phase, Status, Template};
+use crate::kube_state::KubeState;
 use crate::process::{Group, Proc};
 use crate::prometheus::{Prometheus, ScrapeConfig, Target};
 use crate::timescale::TimeScale;
@@ -40,6 +42,7 @@ const LOCAL_OVERRIDES: &[&str] = &[
     "OPENCLAW_KUBE_SERVICE",
     "OPENCLAW_PEER_DNS",
     "OPENCLAW_PEERS",
+    "OPENCLAW_PEERS_FILE",
     "OPENCLAW_SNAPSHOT_DIR",
     "OPENCLAW_POLICIES",
     "OPENCLAW_LOG_FORMAT",
@@ -50,6 +53,7 @@ const LOCAL_OVERRIDES: &[&str] = &[
 /// How to start the stack.
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// Pods the Deployment starts with.
     pub replicas: usize,
     pub time_scale: TimeScale,
     /// The repository root: `alerts/rules/`, `metrics-adapter/config/default.yaml`, `deploy/`.
@@ -61,6 +65,9 @@ pub struct Options {
     pub group: Group,
     /// Extra limiter environment, applied last (e.g. `OPENCLAW_SYNC_INTERVAL_MS`).
     pub limiter_env: Vec<(String, String)>,
+    /// Extra policies, added to `deploy/base/limiter/policies.yaml`'s (a scenario's witness
+    /// clients use their own): name -> (capacity, refill interval in ms).
+    pub extra_policies: Vec<(String, u64, u64)>,
 }
 
 impl Options {
@@ -74,6 +81,12 @@ impl Options {
             work_dir,
             group: Group::Own,
             limiter_env: Vec::new(),
+            // The scenario's witness clients have a policy of their own.
+            extra_policies: vec![(
+                crate::witness::POLICY.0.to_owned(),
+                crate::witness::POLICY.1,
+                crate::witness::POLICY.2,
+            )],
         }
     }
 
@@ -105,43 +118,23 @@ pub fn default_config_dir() -> PathBuf {
     root.canonicalize().unwrap_or(root)
 }
 
-/// One limiter replica.
-#[derive(Debug)]
-pub struct Limiter {
-    pub index: usize,
-    pub node_id: String,
-    /// `http://127.0.0.1:PORT` of the decision API (also `/metrics`, `/status`).
-    pub api: String,
-    /// Its own peer listener.
-    pub peer: SocketAddr,
-    /// The address its peers send to (the relay in front of `peer`).
-    pub peer_relay: SocketAddr,
-    /// None once killed.
-    pub proc: Option<Proc>,
-    pub pid: u32,
-}
-
-impl Limiter {
-    pub fn is_running(&mut self) -> bool {
-        self.proc.as_mut().is_some_and(|p| !p.has_exited())
-    }
-}
-
 /// The running stack.
 #[derive(Debug)]
 pub struct Stack {
     pub options: Options,
-    pub limiters: Vec<Limiter>,
+    /// The limiter pods, their Service and their peers file.
+    pub deployment: Deployment,
     pub prometheus: Prometheus,
     /// The adapter's process and `http://127.0.0.1:PORT`.
     pub adapter: Proc,
     pub adapter_url: String,
+    /// The HPA's and the Deployment's kube-state-metrics series.
+    pub kube_state: KubeState,
     /// The rule files and adapter config actually loaded (compressed copies or the originals).
     pub rule_files: Vec<PathBuf>,
     pub adapter_config: PathBuf,
     /// How long `up` took.
     pub startup: Duration,
-    relays: Vec<Forwarder>,
 }
 
 impl Stack {
@@ -161,91 +154,41 @@ impl Stack {
         std::fs::create_dir_all(&logs).map_err(|e| Error::io(&logs, e))?;
 
         let (rule_files, adapter_config) = generate_configs(&options)?;
-        let secret = peer_secret()?;
-        let env = limiter_env(&options)?;
+        let mut env = limiter_env(&options)?;
+        env.push(("OPENCLAW_PEER_SECRET".into(), peer_secret()?));
+        env.push((
+            "RUST_LOG".into(),
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        ));
+        env.extend(options.limiter_env.iter().cloned());
 
-        // 1. One relay per replica, bound before any replica starts.
-        let mut relays = Vec::new();
-        for _ in 0..options.replicas {
-            relays.push(Forwarder::start().await?);
-        }
-        // 2. The replicas.
-        let mut limiters = Vec::new();
-        for i in 0..options.replicas {
-            let node_id = format!("limiter-{i}");
-            let peers: Vec<String> = (0..options.replicas)
-                .filter(|&j| j != i)
-                .map(|j| relays[j].addr().to_string())
-                .collect();
-            let mut cmd = Command::new(&limiter_bin);
-            cmd.args(["--listen", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0"]);
-            for (k, v) in &env {
-                cmd.env(k, v);
-            }
-            cmd.env("OPENCLAW_NODE_ID", &node_id)
-                .env("OPENCLAW_PEER_SECRET", &secret)
-                .env(
-                    "OPENCLAW_SNAPSHOT_DIR",
-                    work.join("snapshots").join(&node_id),
-                )
-                .env(
-                    "RUST_LOG",
-                    std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-                );
-            if peers.is_empty() {
-                cmd.env("OPENCLAW_DISCOVERY", "none");
-            } else {
-                cmd.env("OPENCLAW_DISCOVERY", "static")
-                    .env("OPENCLAW_PEERS", peers.join(","));
-            }
-            for (k, v) in &options.limiter_env {
-                cmd.env(k, v);
-            }
-            let mut proc = Proc::spawn(&node_id, cmd, &logs, options.group)?;
-            let names: &[&str] = if peers.is_empty() {
-                &["api"]
-            } else {
-                &["api", "peer"]
-            };
-            let listening = proc.wait_listening(names, Duration::from_secs(30)).await?;
-            let url_of = |name: &str| {
-                listening
-                    .iter()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, u)| u.clone())
-            };
-            let api = url_of("api").unwrap_or_default();
-            let peer: SocketAddr = match url_of("peer") {
-                Some(u) => host_port(&u)
-                    .parse()
-                    .map_err(|e| Error::Other(format!("{node_id}: peer address {u}: {e}")))?,
-                None => relays[i].addr(),
-            };
-            relays[i].set_target(peer);
-            let pid = proc.id();
-            limiters.push(Limiter {
-                index: i,
-                node_id,
-                api,
-                peer,
-                peer_relay: relays[i].addr(),
-                proc: Some(proc),
-                pid,
-            });
-        }
+        // 1. The Deployment, every pod ready.
+        let template = Template {
+            limiter_bin,
+            env,
+            group: options.group,
+            time_scale: options.time_scale,
+            work_dir: work.clone(),
+        };
+        let deployment = Deployment::start(template, options.replicas)?;
+        deployment
+            .wait_for(
+                &format!("{} limiter pods ready", options.replicas),
+                Duration::from_secs(60),
+                Status::settled,
+            )
+            .await?;
 
-        // 3. Prometheus, scraping the limiters.
+        // 2. The kube-state-metrics series.
+        let kube_state = KubeState::start(deployment.watch()).await?;
+
+        // 3. Prometheus, scraping the pods.
         let interval = options.time_scale.scrape_interval();
         let mut scrape = ScrapeConfig {
             interval,
-            limiters: limiters
-                .iter()
-                .map(|l| Target {
-                    address: host_port(&l.api),
-                    pod: l.node_id.clone(),
-                })
-                .collect(),
+            limiters_file: Some(deployment.template().targets_file()),
             adapter: None,
+            kube_state: Some(kube_state.addr().to_string()),
             itself: None,
             rule_files: rule_files.clone(),
         };
@@ -292,14 +235,14 @@ impl Stack {
 
         let mut stack = Stack {
             options,
-            limiters,
+            deployment,
             prometheus,
             adapter,
             adapter_url,
+            kube_state,
             rule_files,
             adapter_config,
             startup: Duration::ZERO,
-            relays,
         };
         stack
             .wait_all_scraped(Duration::from_secs(60) + interval * 4)
@@ -308,10 +251,11 @@ impl Stack {
         Ok(stack)
     }
 
-    /// Waits until Prometheus reports every target up.
+    /// Waits until Prometheus reports every target up: the pods, the adapter, kube-state and
+    /// itself.
     async fn wait_all_scraped(&mut self, deadline: Duration) -> Result<()> {
         let until = Instant::now() + deadline;
-        let expected = self.limiters.len() + 2;
+        let expected = self.deployment.status().pods.len() + 3;
         loop {
             let targets = self.prometheus.api().targets().await.unwrap_or_default();
             let up = targets.iter().filter(|(_, _, h)| h == "up").count();
@@ -325,17 +269,22 @@ impl Stack {
                     self.options.work_dir.join("logs").display()
                 )));
             }
-            for l in &mut self.limiters {
-                if let Some(p) = l.proc.as_mut()
-                    && p.has_exited()
-                {
-                    return Err(Error::Child {
-                        name: l.node_id.clone(),
-                        what: "exited while the stack started".into(),
-                        log_tail: p.log_tail(30),
-                        log: p.log_path().to_owned(),
-                    });
-                }
+            if let Some(pod) = self
+                .deployment
+                .status()
+                .pods
+                .iter()
+                .find(|p| p.phase == Phase::Crashed)
+            {
+                return Err(Error::Other(format!(
+                    "{} exited while the stack started (log {})",
+                    pod.name,
+                    self.options
+                        .work_dir
+                        .join("logs")
+                        .join(format!("{}.log", pod.name))
+                        .display()
+                )));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -372,31 +321,24 @@ impl Stack {
             .map(|(_, q)| q)
     }
 
-    /// The decision API URLs of the replicas, in order (killed ones included).
+    /// The decision API URLs of the ready pods (the Service's endpoints now).
     pub fn limiter_urls(&self) -> Vec<String> {
-        self.limiters.iter().map(|l| l.api.clone()).collect()
+        self.deployment.status().ready_apis()
     }
 
-    /// SIGKILLs replica `i` (as `kill -9` would). Its relay stays: peers see it down.
-    pub fn kill_replica(&mut self, i: usize) -> Result<u32> {
-        let l = self
-            .limiters
-            .get_mut(i)
-            .ok_or_else(|| Error::Other(format!("no replica {i}")))?;
-        let mut proc = l
-            .proc
-            .take()
-            .ok_or_else(|| Error::Other(format!("replica {i} is not running")))?;
-        let pid = proc.id();
-        proc.kill();
-        Ok(pid)
+    /// SIGKILLs pod `name` (as `kill -9` would); the deployment restarts it after the kubelet's
+    /// back-off.
+    pub async fn kill_replica(&self, name: &str) -> Result<Killed> {
+        self.deployment.kill(name).await
     }
 
     /// `listening NAME=URL` lines for everything the stack runs (machine-readable).
     pub fn listening_lines(&self) -> Vec<String> {
         let mut lines = Vec::new();
-        for l in &self.limiters {
-            lines.push(format!("listening {}={}", l.node_id, l.api));
+        for p in &self.deployment.status().pods {
+            if let Some(api) = &p.api {
+                lines.push(format!("listening {}={api}", p.name));
+            }
         }
         lines.push(format!("listening prometheus={}", self.prometheus.url()));
         lines.push(format!("listening metrics-adapter={}", self.adapter_url));
@@ -406,12 +348,12 @@ impl Stack {
     /// A table for people.
     pub fn table(&self) -> String {
         let mut rows: Vec<(String, String, String, String)> = Vec::new();
-        for l in &self.limiters {
+        for p in &self.deployment.status().pods {
             rows.push((
-                l.node_id.clone(),
-                l.api.clone(),
-                format!("peer {} (relay {})", l.peer, l.peer_relay),
-                l.pid.to_string(),
+                p.name.clone(),
+                p.api.clone().unwrap_or_default(),
+                format!("peer {}", p.peer.as_deref().unwrap_or("-")),
+                p.pid.to_string(),
             ));
         }
         rows.push((
@@ -438,14 +380,15 @@ impl Stack {
             out.push_str(&format!("{a:w0$}  {b:w1$}  {d:>w3$}  {c}\n"));
         }
         out.push_str(&format!(
-            "logs and generated configs: {}\n",
+            "peers file (every pod's peer listener): {}\nlogs and generated configs: {}\n",
+            self.deployment.template().peers_file().display(),
             self.options.work_dir.display()
         ));
         out
     }
 
-    /// Stops everything, most dependent first: adapter, Prometheus, then the limiters (SIGTERM,
-    /// each within its grace period), then the relays.
+    /// Stops everything, most dependent first: adapter, Prometheus, then the pods (SIGTERM,
+    /// all at once, each within the grace period).
     pub async fn shutdown(mut self) -> BTreeMap<String, String> {
         let mut outcome = BTreeMap::new();
         let grace = Duration::from_secs(15);
@@ -460,20 +403,7 @@ impl Stack {
             "prometheus".into(),
             describe(self.prometheus.proc.terminate(grace).await),
         );
-        // The limiters stop together: each pushes its last changes to the others first.
-        for l in &mut self.limiters {
-            if let Some(p) = l.proc.as_mut() {
-                p.request_stop();
-            }
-        }
-        for l in &mut self.limiters {
-            let status = match l.proc.as_mut() {
-                Some(p) => describe(p.terminate(grace).await),
-                None => "killed earlier".into(),
-            };
-            outcome.insert(l.node_id.clone(), status);
-        }
-        self.relays.clear();
+        outcome.extend(self.deployment.shutdown().await);
         outcome
     }
 }
@@ -527,7 +457,7 @@ fn limiter_env(options: &Options) -> Result<Vec<(String, String)>> {
         .collect();
     env.push((
         "OPENCLAW_POLICIES".into(),
-        options.policies_file().display().to_string(),
+        policies_file(options)?.display().to_string(),
     ));
     env.push(("OPENCLAW_LOG_FORMAT".into(), "text".into()));
     // The gRPC rate limit service as deployed, on a port of its own per replica.
@@ -595,4 +525,39 @@ fn relative(path: &Path, root: &Path) -> String {
         .unwrap_or(path)
         .display()
         .to_string()
+}
+
+/// `deploy/base/limiter/policies.yaml` as is, or a copy in the work directory with
+/// [`Options::extra_policies`] added.
+fn policies_file(options: &Options) -> Result<PathBuf> {
+    let source = options.policies_file();
+    if options.extra_policies.is_empty() {
+        return Ok(source);
+    }
+    let text = std::fs::read_to_string(&source).map_err(|e| Error::io(&source, e))?;
+    let mut doc: serde_norway::Value = serde_norway::from_str(&text)
+        .map_err(|e| Error::Other(format!("{}: {e}", source.display())))?;
+    let policies = doc
+        .get_mut("policies")
+        .and_then(serde_norway::Value::as_mapping_mut)
+        .ok_or_else(|| Error::Other(format!("{}: no `policies` map", source.display())))?;
+    for (name, capacity, refill_ms) in &options.extra_policies {
+        let mut p = serde_norway::Mapping::new();
+        p.insert("capacity".into(), (*capacity).into());
+        p.insert("refill_interval_ms".into(), (*refill_ms).into());
+        policies.insert(name.as_str().into(), p.into());
+    }
+    let body = serde_norway::to_string(&doc).map_err(|e| Error::Other(e.to_string()))?;
+    let dir = options.work_dir.join("config");
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let path = dir.join("policies.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "# Generated by openclaw-stack: {} with the scenario's own policies added.\n{body}",
+            relative(&source, &options.config_dir)
+        ),
+    )
+    .map_err(|e| Error::io(&path, e))?;
+    Ok(path)
 }
