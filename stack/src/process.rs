@@ -2,10 +2,11 @@
 //! `listening NAME=URL` line they print, and stopped whatever happens.
 //!
 //! Each child can run in its own process group ([`Group::Own`], what `openclaw-stack up` uses):
-//! Ctrl-C in a terminal then reaches only the stack, which stops its children in order, and a
-//! signal to the group also reaches anything a child started. Under a test runner the children
-//! stay in the runner's group ([`Group::Inherit`]) so that its timeout kill reaches them too.
-//! Either way a [`Proc`] kills its process (group) when dropped, also on panic.
+//! Ctrl-C in a terminal then reaches only the stack, which stops its children in order. Under a
+//! test runner the children stay in the runner's group ([`Group::Inherit`]) so that its timeout
+//! kill reaches them too. Signals go only to a child's own positive pid, never to a group (none
+//! of the children starts processes of its own). Either way a [`Proc`] kills its process when
+//! dropped, also on panic.
 //!
 //! What no code can do: if the stack itself is SIGKILLed, its children live on (Linux would
 //! need `PR_SET_PDEATHSIG` in the child, i.e. unsafe `pre_exec`, which the workspace forbids).
@@ -27,7 +28,7 @@ use crate::{Error, Result};
 /// Which process group a child runs in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Group {
-    /// A new group led by the child: signals go to the whole group.
+    /// A new group led by the child (a terminal's Ctrl-C does not reach it).
     Own,
     /// The parent's group (test runners kill it as a whole on timeout).
     Inherit,
@@ -45,7 +46,6 @@ pub struct Line {
 pub struct Proc {
     name: String,
     child: Option<Child>,
-    group: Group,
     log: PathBuf,
     lines: mpsc::UnboundedReceiver<Line>,
     exit: Option<ExitStatus>,
@@ -100,7 +100,6 @@ impl Proc {
         Ok(Proc {
             name: name.to_owned(),
             child: Some(child),
-            group,
             log,
             lines,
             exit: None,
@@ -241,18 +240,14 @@ impl Proc {
         pairs
     }
 
-    /// SIGKILL goes to the child's whole group when it has its own (so that nothing it started
-    /// survives it); SIGTERM, a request to stop cleanly, only ever to the child itself, by its
-    /// positive process id.
+    /// Signals only ever go to the child itself, by its positive process id, never to a
+    /// process group: none of the processes the stack starts starts children of its own.
     fn signal(&self, signal: Signal) {
         let Some(child) = &self.child else { return };
         let Some(pid) = Pid::from_raw(child.id() as i32) else {
             return;
         };
-        let _ = match (self.group, signal) {
-            (Group::Own, Signal::KILL) => rustix::process::kill_process_group(pid, signal),
-            _ => rustix::process::kill_process(pid, signal),
-        };
+        let _ = rustix::process::kill_process(pid, signal);
     }
 
     /// SIGKILL now (the whole group if it has its own) and reap. Returns at once if already gone.
@@ -343,9 +338,10 @@ mod tests {
     async fn a_child_in_its_own_group_is_found_by_its_line_and_killed_on_drop() {
         let dir = tempfile::tempdir().unwrap();
         let mut cmd = Command::new("sh");
+        // `exec`: the process the stack started is the one that lives, and no other.
         cmd.args([
             "-c",
-            "echo 'listening api=http://127.0.0.1:1'; sleep 30 & wait",
+            "echo 'listening api=http://127.0.0.1:1'; exec sleep 30",
         ]);
         let mut p = Proc::spawn("sh", cmd, dir.path(), Group::Own).unwrap();
         let pairs = p
@@ -355,30 +351,9 @@ mod tests {
         assert_eq!(pairs[0].1, "http://127.0.0.1:1");
         let pid = p.id();
         drop(p);
-        // The group kill reaches the grandchild `sleep` too; the shell is reaped.
+        // Killed by its own pid and reaped.
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         assert!(stat.is_empty(), "process {pid} survived: {stat}");
-        // A killed grandchild stays a zombie until init reaps it: alive means not a zombie.
-        let alive_in_group = || {
-            let out = std::process::Command::new("pgrep")
-                .args(["-g", &pid.to_string()])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default();
-            out.split_whitespace()
-                .filter(|p| {
-                    std::fs::read_to_string(format!("/proc/{p}/stat"))
-                        .is_ok_and(|s| !s.contains(") Z "))
-                })
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        };
-        let until = Instant::now() + Duration::from_secs(5);
-        while !alive_in_group().is_empty() && Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let survivors = alive_in_group();
-        assert!(survivors.is_empty(), "group {pid} still has {survivors:?}");
     }
 
     #[tokio::test]
