@@ -54,6 +54,8 @@ pub const MERGES_TOTAL: &str = "openclaw_merges_total";
 /// Peer messages refused (unauthenticated, malformed, too_large, incompatible, clock_ahead), by
 /// `reason`. Counter.
 pub const PEER_MESSAGES_REJECTED_TOTAL: &str = "openclaw_peer_messages_rejected_total";
+/// Connections the peer listener holds now (at most `OPENCLAW_PEER_MAX_CONNECTIONS`). Gauge.
+pub const PEER_CONNECTIONS: &str = "openclaw_peer_connections";
 /// How far `peer`'s clock is ahead of this replica's system clock (negative: behind), seen on
 /// its last message: its send time minus the receiving time, so the network delay makes it read
 /// low. Gauge.
@@ -131,6 +133,7 @@ pub const ALL: &[&str] = &[
     REPLICATION_ENTRIES_TOTAL,
     MERGES_TOTAL,
     PEER_MESSAGES_REJECTED_TOTAL,
+    PEER_CONNECTIONS,
     PEER_CLOCK_OFFSET_SECONDS,
     CLOCK_LEAD_SECONDS,
     PEER_CLOCK_REFUSED_TOTAL,

@@ -149,6 +149,15 @@ pub struct Args {
     #[arg(long, env = "OPENCLAW_READY_MAX_WAIT_MS", default_value_t = 5000)]
     pub ready_max_wait_ms: u64,
 
+    /// Most connections the peer listener holds at once; beyond, new ones wait in the backlog.
+    #[arg(long, env = "OPENCLAW_PEER_MAX_CONNECTIONS", default_value_t = crate::listener::DEFAULT_MAX_CONNECTIONS)]
+    pub peer_max_connections: usize,
+
+    /// Seconds after which a peer connection on which nothing moved (no headers, no body, an
+    /// unused keep-alive) is closed. Keep it above the peers' 30 s pool idle time.
+    #[arg(long, env = "OPENCLAW_PEER_IDLE_TIMEOUT_S", default_value_t = crate::listener::DEFAULT_IDLE_TIMEOUT.as_secs())]
+    pub peer_idle_timeout_s: u64,
+
     /// Directory for snapshots of the bucket state (written periodically and on SIGTERM,
     /// restored at start). Unset: no snapshots.
     #[arg(long, env = "OPENCLAW_SNAPSHOT_DIR")]
@@ -221,6 +230,8 @@ pub struct ReplicationSettings {
     pub strict_skew_guard: Duration,
     pub strict_loan_timeout: Duration,
     pub clock_skew_guard: Duration,
+    /// Connection limits of the peer listener.
+    pub peer_limits: crate::listener::Limits,
 }
 
 /// Envoy's rate limit service, present when `OPENCLAW_RLS_CONFIG` is set.
@@ -413,6 +424,12 @@ fn replication_settings(args: &Args, errors: &mut Vec<String>) -> Option<Replica
         ),
         ("OPENCLAW_DISCOVERY_REFRESH_S", args.discovery_refresh_s, 1),
         ("OPENCLAW_CLOCK_SKEW_GUARD_MS", args.clock_skew_guard_ms, 1),
+        ("OPENCLAW_PEER_IDLE_TIMEOUT_S", args.peer_idle_timeout_s, 1),
+        (
+            "OPENCLAW_PEER_MAX_CONNECTIONS",
+            u64::try_from(args.peer_max_connections).unwrap_or(u64::MAX),
+            1,
+        ),
     ] {
         if value < min {
             errors.push(format!("{name} must be at least {min}"));
@@ -450,6 +467,10 @@ fn replication_settings(args: &Args, errors: &mut Vec<String>) -> Option<Replica
         strict_skew_guard: Duration::from_millis(args.strict_skew_guard_ms),
         strict_loan_timeout: Duration::from_millis(args.strict_loan_timeout_ms),
         clock_skew_guard: Duration::from_millis(args.clock_skew_guard_ms),
+        peer_limits: crate::listener::Limits {
+            max_connections: args.peer_max_connections,
+            idle_timeout: Duration::from_secs(args.peer_idle_timeout_s),
+        },
     })
 }
 

@@ -18,6 +18,7 @@ pub mod config;
 pub mod crdt;
 pub mod escrow;
 pub mod http;
+pub mod listener;
 pub mod membership;
 pub mod metrics;
 pub mod policy;

@@ -172,6 +172,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                     listener,
                     membership,
                     ready_max_wait: settings.ready_max_wait,
+                    limits: settings.peer_limits,
                 },
             ))
         }

@@ -173,6 +173,8 @@ pub struct Metrics {
     pub replication_entries: Family<DirectionLabels, Counter>,
     pub merges: Counter,
     pub peer_rejected: Family<ReasonLabels, Counter>,
+    /// Connections the peer listener holds now (`crate::listener`).
+    pub peer_connections: Gauge,
     pub peer_clock_offset: Family<PeerLabels, FloatGauge>,
     pub clock_lead: FloatGauge,
     pub peer_clock_refused: Family<ReasonLabels, Counter>,
@@ -243,6 +245,7 @@ impl Metrics {
             replication_entries: Family::default(),
             merges: Counter::default(),
             peer_rejected: Family::default(),
+            peer_connections: Gauge::default(),
             peer_clock_offset: Family::default(),
             clock_lead: FloatGauge::default(),
             peer_clock_refused: Family::default(),
@@ -365,6 +368,11 @@ impl Metrics {
             metrics.peer_rejected.clone(),
         );
         registry.register(
+            names::PEER_CONNECTIONS,
+            "Connections the peer listener holds now",
+            metrics.peer_connections.clone(),
+        );
+        registry.register(
             names::PEER_CLOCK_OFFSET_SECONDS,
             "How far the peer's clock is ahead of this replica's system clock (negative: behind), \
              from its last message (send time minus receive time: reads low by the network delay)",
@@ -469,6 +477,7 @@ impl Metrics {
             "busy",
             "too_slow",
             "replayed",
+            "idle_connection",
         ] {
             let _ = metrics
                 .peer_rejected

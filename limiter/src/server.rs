@@ -59,6 +59,8 @@ pub struct Replication {
     pub membership: Membership,
     /// Longest wait at start for peers' state before reporting ready anyway.
     pub ready_max_wait: Duration,
+    /// Connection limits of the replication listener.
+    pub limits: crate::listener::Limits,
 }
 
 /// Serve the decision API on `listener` until `shutdown` completes, then give in-flight requests
@@ -125,13 +127,24 @@ pub async fn serve(
         },
         Some(replication) => {
             let mut stop = stop_rx.clone();
-            let peer_server = axum::serve(
+            let metrics = limiter.metrics();
+            let listener = crate::listener::LimitedListener::new(
                 replication.listener,
-                peer_router(replication.replicator.clone()),
-            )
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|stopped| *stopped).await;
-            });
+                replication.limits,
+                crate::listener::Counters {
+                    open: metrics.peer_connections.clone(),
+                    idle_closed: metrics
+                        .peer_rejected
+                        .get_or_create(&crate::metrics::ReasonLabels {
+                            reason: "idle_connection",
+                        })
+                        .clone(),
+                },
+            );
+            let peer_server = axum::serve(listener, peer_router(replication.replicator.clone()))
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|stopped| *stopped).await;
+                });
             tasks.spawn(
                 async move {
                     if let Err(e) = peer_server.await {

@@ -1015,3 +1015,79 @@ fn peer_traffic_with_a_wrong_secret_is_refused_and_counted_and_status_lists_peer
     assert_eq!(response.status(), 401);
     assert_eq!(metric(&cluster.http, &api0, rejected), Some(before + 1.0));
 }
+
+/// The peer port before any authentication (issue 12): a connection that sends nothing, or
+/// stops half-way through its headers, is closed after `OPENCLAW_PEER_IDLE_TIMEOUT_S`, and no
+/// more than `OPENCLAW_PEER_MAX_CONNECTIONS` are held at once (the others wait in the backlog).
+/// Before the limits, both kinds of connection were held for as long as the client liked.
+#[test]
+fn the_peer_port_closes_idle_connections_and_holds_no_more_than_its_cap() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    let http = http_client();
+    let replica = lone_limiter(
+        SINGLE,
+        &[
+            ("OPENCLAW_PEER_LISTEN", "127.0.0.1:0"),
+            // A peer that never answers: replication (and its listener) on, nobody to talk to.
+            ("OPENCLAW_PEERS", "127.0.0.1:9"),
+            ("OPENCLAW_PEER_SECRET", SECRET),
+            ("OPENCLAW_READY_MAX_WAIT_MS", "100"),
+            ("OPENCLAW_PEER_IDLE_TIMEOUT_S", "1"),
+            ("OPENCLAW_PEER_MAX_CONNECTIONS", "2"),
+        ],
+    );
+    wait_ready(&http, &replica);
+    let peer = host_port(replica.url_of("peer").expect("a `listening peer=` line"));
+    let open = || metric(&http, &replica.url, "openclaw_peer_connections");
+
+    // Two silent clients, one of them stopped half-way through its headers: the cap.
+    let mut silent = TcpStream::connect(&peer).unwrap();
+    let mut halfway = TcpStream::connect(&peer).unwrap();
+    halfway
+        .write_all(b"POST /v1/sync HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    wait_until(START, "both connections to be held", || {
+        (open() == Some(2.0)).then_some(())
+    });
+    // A third, well-formed request waits: the listener does not accept it while both are held.
+    let mut third = TcpStream::connect(&peer).unwrap();
+    third
+        .write_all(b"GET /v1/state HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    assert_eq!(
+        open(),
+        Some(2.0),
+        "a connection beyond the cap was accepted"
+    );
+
+    // The idle ones are closed by the replica (a read sees the end, or a reset), well within
+    // the test's own limit.
+    for (name, stream) in [("silent", &mut silent), ("half-way", &mut halfway)] {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = [0u8; 256];
+        match stream.read(&mut buf) {
+            Ok(0) => {}
+            Err(e)
+                if e.kind() != std::io::ErrorKind::WouldBlock
+                    && e.kind() != std::io::ErrorKind::TimedOut => {}
+            other => panic!("the {name} connection was not closed by the replica: {other:?}"),
+        }
+    }
+    // Then the waiting request is served (refused: it is not signed), and counted as closed idle.
+    third
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = String::new();
+    let _ = third.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer:?}");
+    let closed = metric(
+        &http,
+        &replica.url,
+        "openclaw_peer_messages_rejected_total{reason=\"idle_connection\"}",
+    );
+    assert!(closed.is_some_and(|n| n >= 2.0), "{closed:?}");
+}
