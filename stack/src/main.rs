@@ -65,7 +65,11 @@ struct ScenarioArgs {
     /// the last]. It is restarted after the kubelet's back-off, from its snapshot directory.
     #[arg(long)]
     kill_replica: Option<usize>,
-    /// A kustomize patch of deploy/base/limiter/hpa.yaml to simulate with, relative to the
+    /// The HPA manifest to simulate instead of deploy/base/limiter/hpa.yaml, relative to the
+    /// repository, e.g. tests/fixtures/operations-guide-hpa.yaml (the guide's own HPA).
+    #[arg(long, value_name = "FILE")]
+    hpa: Option<PathBuf>,
+    /// A kustomize patch of the HPA manifest to simulate with, relative to the
     /// repository (repeatable, applied in order), e.g.
     /// deploy/components/scale-on-depletion/hpa.yaml or deploy/overlays/production/hpa.yaml.
     #[arg(long, value_name = "FILE")]
@@ -180,6 +184,7 @@ async fn scenario(args: ScenarioArgs) -> anyhow::Result<()> {
     let scenario_options = ScenarioOptions {
         profile,
         kill,
+        hpa_manifest: args.hpa.clone(),
         hpa_patches: args.hpa_patch.clone(),
         progress: !args.quiet,
     };

@@ -206,6 +206,8 @@ pub struct Kill {
 pub struct Options {
     pub profile: Profile,
     pub kill: Option<Kill>,
+    /// The HPA manifest to simulate instead of [`DEFAULT_HPA`], relative to the repository.
+    pub hpa_manifest: Option<PathBuf>,
     /// Kustomize patches of the HPA manifest, applied in order before simulating (e.g.
     /// `deploy/components/scale-on-depletion/hpa.yaml`), as paths relative to the repository.
     pub hpa_patches: Vec<PathBuf>,
@@ -371,21 +373,26 @@ struct Status {
     note: String,
 }
 
-/// The simulated HPA: `deploy/base/limiter/hpa.yaml` of the repository at `config_dir` with
-/// `patches` (paths relative to it) applied in order, starting at `replicas`; and a description
-/// of what it was built from, for the report.
+/// The HPA manifest simulated unless another is given.
+pub const DEFAULT_HPA: &str = "deploy/base/limiter/hpa.yaml";
+
+/// The simulated HPA: `manifest` ([`DEFAULT_HPA`] when `None`; e.g. the operations guide's own,
+/// `tests/fixtures/operations-guide-hpa.yaml`) of the repository at `config_dir` with `patches`
+/// (paths relative to it) applied in order, starting at `replicas`; and a description of what
+/// it was built from, for the report.
 pub fn hpa_simulator(
     config_dir: &Path,
+    manifest: Option<&Path>,
     patches: &[PathBuf],
     replicas: i32,
 ) -> Result<(HpaSimulator, String)> {
-    const MANIFEST: &str = "deploy/base/limiter/hpa.yaml";
     let read = |relative: &Path| {
         let path = config_dir.join(relative);
         std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))
     };
-    let manifest = read(Path::new(MANIFEST))?;
-    let mut source = String::from(MANIFEST);
+    let manifest_path = manifest.unwrap_or(Path::new(DEFAULT_HPA));
+    let manifest = read(manifest_path)?;
+    let mut source = manifest_path.display().to_string();
     let mut overrides = hpa_sim::Overrides::default();
     for patch in patches {
         overrides.patches.push(read(patch)?);
@@ -416,6 +423,7 @@ pub async fn run(
     }
     let (mut sim, hpa_source) = hpa_simulator(
         &stack.options.config_dir,
+        options.hpa_manifest.as_deref(),
         &options.hpa_patches,
         replicas as i32,
     )?;
@@ -1016,7 +1024,7 @@ mod tests {
 
     #[test]
     fn the_simulated_hpa_is_the_deployed_one_with_the_patches_asked_for() {
-        let (default, source) = hpa_simulator(&repository(), &[], 3).unwrap();
+        let (default, source) = hpa_simulator(&repository(), None, &[], 3).unwrap();
         assert_eq!(source, "deploy/base/limiter/hpa.yaml");
         let names: Vec<&str> = default.metrics().iter().map(|m| m.name.as_str()).collect();
         assert_eq!(names, ["openclaw_requests_per_second"]);
@@ -1025,7 +1033,7 @@ mod tests {
             PathBuf::from("deploy/overlays/production/hpa.yaml"),
             PathBuf::from("deploy/components/scale-on-depletion/hpa.yaml"),
         ];
-        let (patched, source) = hpa_simulator(&repository(), &patches, 3).unwrap();
+        let (patched, source) = hpa_simulator(&repository(), None, &patches, 3).unwrap();
         assert_eq!(
             source,
             "deploy/base/limiter/hpa.yaml + deploy/overlays/production/hpa.yaml + \
@@ -1043,7 +1051,7 @@ mod tests {
         assert_eq!(patched.spec().min_replicas, 3);
 
         let missing = [PathBuf::from("deploy/components/no-such/hpa.yaml")];
-        let Err(e) = hpa_simulator(&repository(), &missing, 3) else {
+        let Err(e) = hpa_simulator(&repository(), None, &missing, 3) else {
             panic!("a missing patch was accepted");
         };
         assert!(e.to_string().contains("no-such/hpa.yaml"), "{e}");

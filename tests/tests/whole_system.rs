@@ -199,6 +199,7 @@ fn load_reaches_prometheus_and_the_adapter_the_hpa_scales_up_on_the_spike_and_ba
                 profile,
                 kill: None,
                 progress: false,
+                hpa_manifest: None,
                 hpa_patches: Vec::new(),
             },
             std::future::pending(),
@@ -539,6 +540,7 @@ fn a_replica_killed_mid_spike_is_restarted_the_survivors_keep_answering_and_the_
                     at: Duration::from_secs(120),
                 }),
                 progress: false,
+                hpa_manifest: None,
                 hpa_patches: Vec::new(),
             },
             std::future::pending(),
@@ -796,6 +798,31 @@ fn the_stack_follows_a_desired_count_a_new_pod_joins_with_its_peers_state_and_ta
         (80..=120).contains(&on_new),
         "the new pod got {on_new} of 300 requests: {:?}",
         summary.per_target
+    );
+
+    // The operations guide's own HPA (its apiVersion aside: tests/fixtures/) against this
+    // stack's adapter and Prometheus: both metrics narrowed by the pods' `app` label, read (the
+    // requests just sent included), and a decision made rather than FailedGetExternalMetric.
+    let (mut guide, _) = scenario::hpa_simulator(
+        &default_config_dir(),
+        Some(Path::new("tests/fixtures/operations-guide-hpa.yaml")),
+        &[],
+        3,
+    )
+    .unwrap();
+    let client = metrics_adapter::hpa_sim::http_client(Duration::from_secs(5)).unwrap();
+    let record = rt.block_on(guide.sync(&client, &stack.adapter_url, 0.0));
+    assert_eq!(record.metrics.len(), 2, "{record:?}");
+    for reading in &record.metrics {
+        assert_eq!(reading.selector, "app=openclaw", "{record:?}");
+        assert!(
+            reading.value.is_ok(),
+            "the guide's HPA could not read: {record:?}"
+        );
+    }
+    assert!(
+        !record.reason.starts_with("FailedGetExternalMetric"),
+        "{record:?}"
     );
 
     // Spent on the pod that will leave (the newest ready goes first), then scale down: SIGTERM,
