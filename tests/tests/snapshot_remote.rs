@@ -18,10 +18,13 @@
 //! test a bucket refills at most a token or two, so spent keys stay measurably spent.
 //! Run `cargo build --workspace --bins` first: the tests start the real binary.
 
-use std::net::SocketAddr;
+use std::io::Read;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use openclaw_e2e::proxy::Proxy;
@@ -195,11 +198,22 @@ struct Cluster {
     links: Vec<Vec<Option<Proxy>>>,
     replicas: Vec<Option<Service>>,
     dirs: Vec<Option<tempfile::TempDir>>,
+    /// More environment for every replica (e.g. a policies file).
+    extra_env: Vec<(String, String)>,
     http: Client,
 }
 
 impl Cluster {
     fn start(names: &[&str], store: SocketAddr, restore: bool) -> Cluster {
+        Cluster::start_with(names, store, restore, &[])
+    }
+
+    fn start_with(
+        names: &[&str],
+        store: SocketAddr,
+        restore: bool,
+        extra_env: &[(&str, &str)],
+    ) -> Cluster {
         let n = names.len();
         let links: Vec<Vec<Option<Proxy>>> = (0..n)
             .map(|from| (0..n).map(|to| (from != to).then(Proxy::start)).collect())
@@ -208,6 +222,10 @@ impl Cluster {
             links,
             replicas: (0..n).map(|_| None).collect(),
             dirs: (0..n).map(|_| Some(tempfile::tempdir().unwrap())).collect(),
+            extra_env: extra_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             http: http_client(),
         };
         // Started together, as after an outage: none has state a peer could give it.
@@ -254,6 +272,7 @@ impl Cluster {
             .iter()
             .filter(|(k, _)| !peers.is_empty() || !k.starts_with("OPENCLAW_PEER"))
             .map(|(k, v)| (*k, v.as_str()))
+            .chain(self.extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .collect();
         let service = Service::spawn(
             "openclaw-limiter",
@@ -547,6 +566,146 @@ fn a_replica_whose_store_is_down_at_start_comes_up_without_the_restore() {
         "ready only after {ready:?}: the restore's retries must be bounded"
     );
     eprintln!("ready {ready:?} after start with the store down");
+}
+
+/// A store that accepts every connection, reads whatever it is sent and never answers: what a
+/// refused connection does not show (a store behind a load balancer whose backends are gone, a
+/// firewall that drops replies, a half-open connection). It speaks no S3 at all; it only tests
+/// that every request to the store has a deadline. Stopped on drop.
+struct SilentStore {
+    addr: SocketAddr,
+    inner: Arc<SilentInner>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct SilentInner {
+    stopped: AtomicBool,
+    accepted: AtomicU64,
+    /// Open connections, kept to close them on drop.
+    open: Mutex<Vec<TcpStream>>,
+}
+
+impl SilentStore {
+    fn start() -> SilentStore {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("address");
+        let inner = Arc::new(SilentInner::default());
+        let acceptor = std::thread::spawn({
+            let inner = inner.clone();
+            move || {
+                for stream in listener.incoming() {
+                    if inner.stopped.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(mut stream) = stream else { continue };
+                    inner.accepted.fetch_add(1, Ordering::SeqCst);
+                    if let Ok(clone) = stream.try_clone() {
+                        inner.open.lock().unwrap().push(clone);
+                    }
+                    // Read (so the client's writes never block) until the client or the drop
+                    // closes the connection; never write a byte.
+                    std::thread::spawn(move || {
+                        let mut sink = [0u8; 16 * 1024];
+                        while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+                    });
+                }
+            }
+        });
+        SilentStore {
+            addr,
+            inner,
+            acceptor: Some(acceptor),
+        }
+    }
+
+    /// Connections accepted so far.
+    fn accepted(&self) -> u64 {
+        self.inner.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for SilentStore {
+    fn drop(&mut self) {
+        self.inner.stopped.store(true, Ordering::SeqCst);
+        // Wake the blocking accept so the thread sees the flag.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+        for stream in self.inner.open.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// The documented bound (docs/configuration.md, OPENCLAW_RESTORE_FROM_REMOTE): a store that
+/// stops answering costs a restore at most the 10 s stall timeout. The slack covers the start
+/// of the process and the polling.
+const HUNG_READY_BOUND: Duration = Duration::from_secs(15);
+
+/// A store that accepts connections and never answers: the restore gives up within the stall
+/// timeout (the replica is ready, without it), decisions are not delayed while an upload hangs,
+/// the upload fails within its deadline, is counted and retried, and SIGTERM during a hung
+/// upload stops the replica within its grace period. Needs no moto.
+#[test]
+fn a_store_that_never_answers_delays_neither_readiness_past_the_bound_nor_decisions_nor_shutdown() {
+    let store = SilentStore::start();
+    let began = Instant::now();
+    let mut cluster = Cluster::start(&["silent"], store.addr, true);
+    cluster.wait_ready(0);
+    let ready = began.elapsed();
+    eprintln!("ready {ready:?} after start with a store that never answers");
+    assert!(store.accepted() > 0, "the store was never asked");
+    let log = cluster.log(0);
+    assert!(log.contains("off-site restore failed"), "{log}");
+    assert!(
+        ready < HUNG_READY_BOUND,
+        "ready only after {ready:?}: a silent store must cost the restore at most the stall timeout"
+    );
+
+    // An upload in flight (a new connection to the store after the restore's): decisions do
+    // not wait for it.
+    let asked = store.accepted();
+    wait_until(SETTLE, "an upload to start", || {
+        (store.accepted() > asked).then_some(())
+    });
+    let (median, max) = decision_latencies(&cluster, "silent", 100);
+    eprintln!("decision latency p50/max with an upload hanging: {median:?}/{max:?}");
+    assert!(
+        max < Duration::from_millis(500),
+        "a decision took {max:?} while an upload hung"
+    );
+
+    // The hung upload fails within its deadline (10 s for a small snapshot), is counted, and is
+    // retried with back-off, failing again.
+    wait_until(SETTLE, "the hung upload to be counted as failed", || {
+        (cluster.metric(0, FAILED) >= 1.0).then_some(())
+    });
+    wait_until(SETTLE, "the upload to be retried and fail again", || {
+        (cluster.metric(0, FAILED) >= 2.0).then_some(())
+    });
+    assert_eq!(cluster.metric(0, UPLOADED), 0.0);
+
+    // SIGTERM while an upload hangs: the replica stops within its grace period (2 s) plus the
+    // final snapshot, not when the store would have answered.
+    let asked = store.accepted();
+    wait_until(SETTLE, "the next upload to start", || {
+        (store.accepted() > asked).then_some(())
+    });
+    let mut replica = cluster.replicas[0].take().expect("running");
+    let stopping = Instant::now();
+    let status = replica.process.terminate(Duration::from_secs(40));
+    let stopped = stopping.elapsed();
+    eprintln!("stopped {stopped:?} after SIGTERM with an upload hanging");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "not a clean exit: {status:?}"
+    );
+    assert!(
+        stopped < Duration::from_secs(5),
+        "SIGTERM took {stopped:?} with an upload hanging: shutdown must not wait for the store"
+    );
 }
 
 /// (median, max) latency of `n` decisions spread over the replicas.
