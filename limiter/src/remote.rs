@@ -40,6 +40,7 @@
 //! bounded time: a failed upload, or a restore that gives up (docs/configuration.md).
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -55,7 +56,7 @@ use tokio::sync::watch;
 use crate::bucket::Micros;
 use crate::metrics::{ReasonLabels, ResultLabels};
 use crate::service::Limiter;
-use crate::snapshot::{DEFAULT_MAX_BYTES, Snapshot, SnapshotError, Snapshots};
+use crate::snapshot::{DEFAULT_MAX_BYTES, Snapshot, SnapshotError, SnapshotInfo, Snapshots};
 
 /// The standard variables the S3 client reads (`AmazonS3Builder::from_env` reads every `AWS_*`
 /// it knows): listed so that start-up can log which are set (never their values), and so the
@@ -715,6 +716,184 @@ impl Remote {
     }
 }
 
+/// Why the offline restore (`openclaw-limiter restore`) wrote nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    /// The target directory cannot take a snapshot: not a directory, not readable or not
+    /// writable, or the written file did not read back.
+    #[error("{}: {reason}", .dir.display())]
+    Target { dir: PathBuf, reason: String },
+    /// The target directory already holds snapshots, and `--force` was not given.
+    #[error(
+        "{} already holds {count} snapshot(s), the newest {}: a replica started on it would \
+         load them; refusing to add one (use --force to make the restored snapshot the newest)",
+        .dir.display(),
+        .newest.display()
+    )]
+    NotEmpty {
+        dir: PathBuf,
+        count: usize,
+        newest: PathBuf,
+    },
+    /// The store could not be listed, or stopped answering midway.
+    #[error("cannot restore from {url}: {source}")]
+    Store { url: String, source: RemoteError },
+    /// The store answered, but no object under the prefix passed every check.
+    #[error(
+        "no valid snapshot under {url}: {objects} object(s) in {nodes} replica folder(s), \
+         {rejected} rejected"
+    )]
+    NothingValid {
+        url: String,
+        objects: usize,
+        nodes: usize,
+        rejected: usize,
+    },
+}
+
+/// What [`Remote::restore_into_dir`] did.
+#[derive(Debug)]
+pub struct Seeded {
+    pub report: RemoteRestoreReport,
+    /// Buckets in the written snapshot.
+    pub buckets: u64,
+    pub written: SnapshotInfo,
+}
+
+impl Remote {
+    /// Disaster recovery, offline: the restore [`Remote::restore_reporting`] does at start,
+    /// into `limiter` (which holds the configured policies and nothing else), then written as
+    /// one local snapshot into `dir` for a replica started on it to load. Nothing is written
+    /// unless the restore merged at least one snapshot and finished; the file is written aside
+    /// and renamed ([`Snapshots::write`]), then read back and checked. `dir` is checked first,
+    /// before the store is asked: it must be (or be creatable as) a writable directory, without
+    /// snapshot files unless `force`.
+    pub async fn restore_into_dir(
+        &self,
+        limiter: &Arc<Limiter>,
+        max_age: Duration,
+        dir: &std::path::Path,
+        force: bool,
+        progress: &mut (dyn FnMut(RestoreEvent<'_>) + Send),
+    ) -> Result<Seeded, SeedError> {
+        check_target(dir, force)?;
+        let report = self
+            .restore_reporting(limiter, max_age, progress)
+            .await
+            .map_err(|source| SeedError::Store {
+                url: self.url.clone(),
+                source,
+            })?;
+        if report.merged.is_empty() {
+            return Err(SeedError::NothingValid {
+                url: self.url.clone(),
+                objects: report.objects,
+                nodes: report.nodes,
+                rejected: report.rejected.len(),
+            });
+        }
+        let target = |reason: String| SeedError::Target {
+            dir: dir.to_owned(),
+            reason,
+        };
+        let snapshots = Snapshots::new(dir);
+        let written = tokio::task::spawn_blocking({
+            let limiter = limiter.clone();
+            move || {
+                let written = snapshots.write(&limiter)?;
+                // Read back what a replica will read.
+                match Snapshot::read(&written.path, DEFAULT_MAX_BYTES) {
+                    Ok(back)
+                        if back.created_us() == written.created_us
+                            && back.bucket_count() == written.buckets =>
+                    {
+                        Ok(Ok(written))
+                    }
+                    other => {
+                        let _ = std::fs::remove_file(&written.path);
+                        Ok(Err(match other {
+                            Ok(_) => "the written snapshot reads back different".to_owned(),
+                            Err(e) => format!("the written snapshot does not read back: {e}"),
+                        }))
+                    }
+                }
+            }
+        })
+        .await
+        .map_err(|e| target(e.to_string()))?
+        .map_err(|e: SnapshotError| target(e.to_string()))?
+        .map_err(target)?;
+        Ok(Seeded {
+            buckets: written.buckets,
+            report,
+            written,
+        })
+    }
+}
+
+/// `dir` can take the restored snapshot: an existing directory we can list and write into,
+/// holding no snapshot unless `force`; or a path whose nearest existing ancestor is a
+/// writable directory (it is created when the snapshot is written). Writes nothing but a
+/// probe file, removed at once.
+fn check_target(dir: &std::path::Path, force: bool) -> Result<(), SeedError> {
+    let unusable = |reason: String| SeedError::Target {
+        dir: dir.to_owned(),
+        reason,
+    };
+    match std::fs::metadata(dir) {
+        Ok(meta) if !meta.is_dir() => Err(unusable("exists and is not a directory".to_owned())),
+        Ok(_) => {
+            let existing = Snapshots::new(dir)
+                .list()
+                .map_err(|e| unusable(e.to_string()))?;
+            if let Some(newest) = existing.first().filter(|_| !force) {
+                return Err(SeedError::NotEmpty {
+                    dir: dir.to_owned(),
+                    count: existing.len(),
+                    newest: newest.clone(),
+                });
+            }
+            probe_writable(dir).map_err(|e| unusable(format!("not writable: {e}")))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let ancestor = dir
+                .ancestors()
+                .skip(1)
+                .map(|a| {
+                    if a.as_os_str().is_empty() {
+                        std::path::Path::new(".")
+                    } else {
+                        a
+                    }
+                })
+                .find(|a| std::fs::symlink_metadata(a).is_ok())
+                .unwrap_or(std::path::Path::new("."));
+            if !ancestor.is_dir() {
+                return Err(unusable(format!(
+                    "cannot be created: {} is not a directory",
+                    ancestor.display()
+                )));
+            }
+            probe_writable(ancestor).map_err(|e| {
+                unusable(format!(
+                    "cannot be created: {} is not writable: {e}",
+                    ancestor.display()
+                ))
+            })
+        }
+        Err(e) => Err(unusable(e.to_string())),
+    }
+}
+
+fn probe_writable(dir: &std::path::Path) -> std::io::Result<()> {
+    let probe = dir.join(format!(".openclaw-restore-probe-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)?;
+    std::fs::remove_file(&probe)
+}
+
 /// The newest snapshot in the directory that passes every check, if any.
 fn newest_verified(snapshots: &Snapshots, max_bytes: u64) -> Result<Option<Snapshot>, RemoteError> {
     for path in snapshots.list()? {
@@ -1296,6 +1475,16 @@ mod tests {
             text.contains("openclaw_snapshot_uploads_total{result=\"failure\"} 1"),
             "{text}"
         );
+
+        // The offline restore reports the store, and writes nothing.
+        let dir = tempfile::tempdir().unwrap();
+        let into = dir.path().join("snapshots");
+        let error = remote
+            .restore_into_dir(&fresh, Duration::from_secs(60), &into, false, &mut |_| {})
+            .await
+            .unwrap_err();
+        assert!(matches!(error, SeedError::Store { .. }), "{error}");
+        assert!(!into.exists());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1335,6 +1524,162 @@ mod tests {
             events[1].contains("unreadable") && events[1].contains(&keys[0]),
             "{events:#?}"
         );
+    }
+
+    #[tokio::test]
+    async fn restore_into_dir_writes_one_verified_snapshot_that_a_replica_loads() {
+        let store = Arc::new(InMemory::new());
+        let clock = Arc::new(ManualClock::at(START));
+        let a = replica(&store, "node-a", 1, &clock);
+        let b = replica(&store, "node-b", 2, &clock);
+        a.limiter.decide("default", "alice", 30).unwrap();
+        a.limiter.decide("extra", "x", 4).unwrap();
+        b.limiter.decide("default", "bob", 20).unwrap();
+        for r in [&a, &b] {
+            r.snapshots.write(&r.limiter).unwrap();
+            r.remote
+                .upload_newest(&r.snapshots, &r.limiter)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        store
+            .put(
+                &Path::from(format!("dr/cluster/node-c/{START:020}.ocs").as_str()),
+                older_format(START).into(),
+            )
+            .await
+            .unwrap();
+
+        // The configured policies: only `default`.
+        let offline = limiter("restore", 7, clock.clone());
+        offline.reload_policies("policies: {}\n").unwrap();
+        let remote = Remote::with_store(store.clone(), "mem://", "dr/cluster", "restore", 1);
+        let dir = tempfile::tempdir().unwrap();
+        let into = dir.path().join("new/snapshots");
+        let mut events = Vec::new();
+        let seeded = remote
+            .restore_into_dir(
+                &offline,
+                Duration::from_secs(86_400),
+                &into,
+                false,
+                &mut |e| events.push(format!("{e:?}")),
+            )
+            .await
+            .unwrap();
+        assert_eq!(seeded.report.merged.len(), 2);
+        assert_eq!(seeded.report.rejected[0].reason, "unsupported_version");
+        assert_eq!(seeded.report.unknown_policies, ["extra"]);
+        assert_eq!(seeded.buckets, 2, "alice and bob; extra's bucket dropped");
+        assert_eq!(events.len(), 4, "listed, 2 merged, 1 rejected: {events:#?}");
+        let files = Snapshots::new(&into).list().unwrap();
+        assert_eq!(files, std::slice::from_ref(&seeded.written.path));
+        let leftovers: Vec<_> = std::fs::read_dir(&into).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no temporary or probe file left");
+
+        // A replica started on the directory loads it.
+        let node = limiter("node-new", 9, clock.clone());
+        let report = Snapshots::new(&into).restore_latest(&node).unwrap();
+        assert!(report.used.is_some());
+        assert_eq!(remaining(&node, "default", "alice"), 70);
+        assert_eq!(remaining(&node, "default", "bob"), 80);
+        assert_eq!(remaining(&node, "extra", "x"), 10, "dropped, not restored");
+    }
+
+    #[tokio::test]
+    async fn restore_into_dir_writes_nothing_it_should_not() {
+        let store = Arc::new(InMemory::new());
+        let clock = Arc::new(ManualClock::at(START));
+        let a = replica(&store, "node-a", 1, &clock);
+        a.limiter.decide("default", "alice", 30).unwrap();
+        a.snapshots.write(&a.limiter).unwrap();
+        a.remote
+            .upload_newest(&a.snapshots, &a.limiter)
+            .await
+            .unwrap();
+        let remote = Remote::with_store(store.clone(), "mem://", "dr/cluster", "restore", 1);
+        let empty = Remote::with_store(store.clone(), "mem://", "dr/other", "restore", 1);
+        let offline = || limiter("restore", 7, clock.clone());
+        let max_age = Duration::from_secs(86_400);
+        let dir = tempfile::tempdir().unwrap();
+
+        // Nothing valid under the prefix: nothing written, not even the directory.
+        let into = dir.path().join("a");
+        let error = empty
+            .restore_into_dir(&offline(), max_age, &into, false, &mut |_| {})
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, SeedError::NothingValid { objects: 0, .. }),
+            "{error}"
+        );
+        assert!(!into.exists());
+        // Too old is nothing valid too.
+        clock.advance_us(2 * HOUR_US);
+        let error = remote
+            .restore_into_dir(
+                &offline(),
+                Duration::from_secs(3600),
+                &into,
+                false,
+                &mut |_| {},
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                SeedError::NothingValid {
+                    objects: 1,
+                    rejected: 1,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert!(!into.exists());
+
+        // Not a directory: refused before the store is asked.
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        for target in [file.clone(), file.join("below")] {
+            let mut asked = false;
+            let error = remote
+                .restore_into_dir(&offline(), max_age, &target, false, &mut |_| asked = true)
+                .await
+                .unwrap_err();
+            assert!(matches!(error, SeedError::Target { .. }), "{error}");
+            assert!(!asked, "the store was asked for an unusable target");
+        }
+        assert_eq!(std::fs::read(&file).unwrap(), b"x");
+
+        // A directory that holds snapshots: refused without --force, unchanged.
+        let seeded = remote
+            .restore_into_dir(&offline(), max_age, &into, false, &mut |_| {})
+            .await
+            .unwrap();
+        let before = std::fs::read(&seeded.written.path).unwrap();
+        let error = remote
+            .restore_into_dir(&offline(), max_age, &into, false, &mut |_| {})
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, SeedError::NotEmpty { count: 1, .. }),
+            "{error}"
+        );
+        assert_eq!(
+            Snapshots::new(&into).list().unwrap(),
+            std::slice::from_ref(&seeded.written.path)
+        );
+        assert_eq!(std::fs::read(&seeded.written.path).unwrap(), before);
+        // With --force, the restored snapshot is the newest.
+        let forced = remote
+            .restore_into_dir(&offline(), max_age, &into, true, &mut |_| {})
+            .await
+            .unwrap();
+        let files = Snapshots::new(&into).list().unwrap();
+        assert_eq!(files, [forced.written.path.clone(), seeded.written.path]);
     }
 
     #[test]
