@@ -803,7 +803,7 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(errors.len(), 3, "{errors:#?}");
-        assert!(errors[0].contains("only s3://"), "{errors:#?}");
+        assert!(errors[0].contains("gs:// is not built in"), "{errors:#?}");
         let errors = RestoreSettings::try_from_args(&RestoreArgs {
             from: None,
             into: Some("/tmp/seed".into()),

@@ -149,13 +149,33 @@ pub struct RemoteLocation {
 }
 
 impl RemoteLocation {
-    /// Accepts `s3://bucket` and `s3://bucket/some/prefix`. Other schemes (gs://, azure://) would
-    /// need other object_store features, each with its own TLS and signing stack; not built in.
+    /// Accepts `s3://bucket` and `s3://bucket/some/prefix`. Google Cloud Storage and Azure Blob
+    /// Storage are not built in (see docs/configuration.md); their URLs get an error that says
+    /// what to do instead.
     pub fn parse(url: &str) -> Result<Self, RemoteError> {
         let problem = |reason: &str| RemoteError::Url {
             url: url.to_owned(),
             reason: reason.to_owned(),
         };
+        if url.starts_with("gs://") {
+            return Err(problem(
+                "gs:// is not built in this binary (only s3:// URLs are supported): use Google \
+                 Cloud Storage's S3-compatible XML API instead, with an HMAC key as \
+                 AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL=https://storage.googleapis.com \
+                 and OPENCLAW_SNAPSHOT_REMOTE=s3://BUCKET/PREFIX",
+            ));
+        }
+        if ["azure://", "az://", "abfs://", "abfss://", "adl://"]
+            .iter()
+            .any(|scheme| url.starts_with(scheme))
+            || url.contains(".blob.core.windows.net")
+        {
+            return Err(problem(
+                "Azure Blob Storage is not built in this binary (only s3:// URLs are supported): \
+                 use an S3-compatible store, or an S3 gateway in front of the container, with \
+                 AWS_ENDPOINT_URL pointing at it",
+            ));
+        }
         let rest = url
             .strip_prefix("s3://")
             .ok_or_else(|| problem("only s3:// URLs are supported (s3://bucket/prefix)"))?;
@@ -1688,14 +1708,22 @@ mod tests {
         assert_eq!((l.bucket.as_str(), l.prefix.as_str()), ("bucket", "a/b"));
         let l = RemoteLocation::parse("s3://bucket").unwrap();
         assert_eq!((l.bucket.as_str(), l.prefix.as_str()), ("bucket", ""));
-        for bad in [
-            "gs://b/p",
-            "s3://",
-            "s3:///p",
-            "bucket/p",
-            "s3://b/a//c",
-            "s3://b/../c",
+        for (url, says) in [
+            ("gs://b/p", "gs:// is not built in this binary"),
+            ("azure://c/p", "Azure Blob Storage is not built in"),
+            ("az://c/p", "Azure Blob Storage is not built in"),
+            (
+                "https://acct.blob.core.windows.net/c",
+                "Azure Blob Storage is not built in",
+            ),
         ] {
+            let error = RemoteLocation::parse(url).unwrap_err().to_string();
+            assert!(
+                error.contains(says) && error.contains("only s3:// URLs are supported"),
+                "{error}"
+            );
+        }
+        for bad in ["s3://", "s3:///p", "bucket/p", "s3://b/a//c", "s3://b/../c"] {
             assert!(RemoteLocation::parse(bad).is_err(), "{bad}");
         }
     }
