@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::bucket::Rate;
 use crate::membership::Discovery;
@@ -28,6 +28,10 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "openclaw-limiter", version, about, long_about = None)]
 pub struct Args {
+    /// Without a command, run a limiter node.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Address of the decision API (`/rate`, `/status`, health, `/metrics`). Port 0 picks a free port.
     #[arg(long, env = "OPENCLAW_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
@@ -209,6 +213,89 @@ pub struct Args {
     /// Validate the configuration and the policies file, print the policies, and exit.
     #[arg(long)]
     pub check_config: bool,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Disaster recovery, offline: seed a snapshot directory from the off-site store, and exit.
+    ///
+    /// Merges the newest valid off-site snapshot of every replica under a prefix, and writes the
+    /// result as one local snapshot that a replica started on that directory loads. Options of the node (policies, OPENCLAW_RLS_CONFIG, the `default`
+    /// policy's rate) go before `restore` or in the environment, as for the node: buckets of
+    /// policies they do not define are dropped. Exit status: 0 written, 64 invalid
+    /// configuration, 66 no valid snapshot found, 69 the store could not be listed or stopped
+    /// answering, 73 the directory is unusable or already holds snapshots.
+    Restore(RestoreArgs),
+}
+
+/// `openclaw-limiter restore`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RestoreArgs {
+    /// Where the replicas shipped their snapshots, `s3://bucket/prefix`. Credentials, region
+    /// and endpoint from the standard AWS_* variables.
+    #[arg(long, env = "OPENCLAW_SNAPSHOT_REMOTE")]
+    pub from: Option<String>,
+
+    /// The local snapshot directory to seed; created if missing.
+    #[arg(long, env = "OPENCLAW_SNAPSHOT_DIR")]
+    pub into: Option<PathBuf>,
+
+    /// Skip off-site snapshots taken longer ago than this many seconds.
+    #[arg(long, env = "OPENCLAW_RESTORE_MAX_AGE_S", default_value_t = crate::remote::DEFAULT_MAX_AGE_S)]
+    pub max_age_s: u64,
+
+    /// Write even if the directory already holds snapshots: the restored one becomes the newest,
+    /// the one a replica loads (older ones are pruned to the newest 3, as a replica would).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `openclaw-limiter restore`, validated.
+#[derive(Debug, Clone)]
+pub struct RestoreSettings {
+    pub from: crate::remote::RemoteLocation,
+    pub into: PathBuf,
+    pub max_age: Duration,
+    pub force: bool,
+}
+
+impl RestoreSettings {
+    /// Validate everything; on failure return every problem.
+    pub fn try_from_args(args: &RestoreArgs) -> Result<Self, Vec<String>> {
+        let mut errors = Vec::new();
+        let from = match args.from.as_deref() {
+            None => {
+                errors.push(
+                    "restore: --from s3://bucket/prefix (or OPENCLAW_SNAPSHOT_REMOTE) is required"
+                        .into(),
+                );
+                None
+            }
+            Some(url) => crate::remote::RemoteLocation::parse(url)
+                .map_err(|e| errors.push(format!("restore --from: {e}")))
+                .ok(),
+        };
+        if args.into.is_none() {
+            errors.push(
+                "restore: --into DIR (or OPENCLAW_SNAPSHOT_DIR) is required: the snapshot directory to seed"
+                    .into(),
+            );
+        }
+        if args.max_age_s == 0 {
+            errors.push(
+                "restore: --max-age-s (OPENCLAW_RESTORE_MAX_AGE_S) must be at least 1".into(),
+            );
+        }
+        match (errors.is_empty(), from, args.into.clone()) {
+            (true, Some(from), Some(into)) => Ok(Self {
+                from,
+                into,
+                max_age: Duration::from_secs(args.max_age_s),
+                force: args.force,
+            }),
+            _ => Err(errors),
+        }
+    }
 }
 
 /// Minimum length of the peer secret: shorter ones are guessable.
@@ -699,6 +786,56 @@ mod tests {
         assert_eq!(remote.interval, Duration::from_secs(86_400));
         assert_eq!(remote.keep, 7);
         assert!(remote.restore);
+    }
+
+    #[test]
+    fn restore_is_a_subcommand_and_without_one_the_node_runs_as_before() {
+        let node = args(&["--snapshot-dir", "/tmp/x"]);
+        assert!(node.command.is_none());
+        assert!(Config::try_from_args(node).is_ok());
+        // Node options go before the command; the command has its own.
+        let parsed = args(&[
+            "--bucket-capacity",
+            "5",
+            "restore",
+            "--from",
+            "s3://bucket/dr/eu",
+            "--into",
+            "/tmp/seed",
+            "--max-age-s",
+            "60",
+        ]);
+        assert_eq!(parsed.bucket_capacity, 5);
+        let Some(Command::Restore(restore)) = &parsed.command else {
+            panic!("{parsed:?}")
+        };
+        let settings = RestoreSettings::try_from_args(restore).unwrap();
+        assert_eq!(settings.from.prefix, "dr/eu");
+        assert_eq!(settings.into, PathBuf::from("/tmp/seed"));
+        assert_eq!(settings.max_age, Duration::from_secs(60));
+        assert!(!settings.force);
+        assert!(Config::try_from_args(parsed).is_ok());
+
+        let errors = RestoreSettings::try_from_args(&RestoreArgs {
+            from: Some("gs://bucket/p".into()),
+            into: None,
+            max_age_s: 0,
+            force: false,
+        })
+        .unwrap_err();
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+        assert!(errors[0].contains("gs:// is not built in"), "{errors:#?}");
+        let errors = RestoreSettings::try_from_args(&RestoreArgs {
+            from: None,
+            into: Some("/tmp/seed".into()),
+            max_age_s: 1,
+            force: true,
+        })
+        .unwrap_err();
+        assert!(
+            errors[0].contains("--from s3://bucket/prefix"),
+            "{errors:#?}"
+        );
     }
 
     #[test]

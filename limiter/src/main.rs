@@ -1,4 +1,5 @@
-//! `openclaw-limiter`: parse the configuration, build the limiter, serve until SIGTERM.
+//! `openclaw-limiter`: parse the configuration, build the limiter, serve until SIGTERM; or,
+//! with `restore`, seed a snapshot directory from the off-site store and exit.
 
 use std::hash::BuildHasher;
 use std::process::ExitCode;
@@ -8,11 +9,11 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use openclaw_limiter::clock::WallClock;
-use openclaw_limiter::config::{Args, Config, LogFormat};
+use openclaw_limiter::config::{Args, Command, Config, LogFormat, RestoreSettings};
 use openclaw_limiter::crdt::ReplicaId;
 use openclaw_limiter::escrow::protocol::Params;
 use openclaw_limiter::membership::{Membership, SelfAddrs};
-use openclaw_limiter::remote::Remote;
+use openclaw_limiter::remote::{Remote, RestoreEvent, SeedError};
 use openclaw_limiter::replication::{ReplicationOptions, Replicator};
 use openclaw_limiter::rls::grpc::GrpcOptions;
 use openclaw_limiter::rls::{Rls, RlsConfig};
@@ -22,6 +23,12 @@ use openclaw_limiter::snapshot::Snapshots;
 
 /// Exit status for invalid configuration (EX_USAGE), as linkerd2-proxy does.
 const EXIT_CONFIG: u8 = 64;
+/// `restore`: no valid snapshot under the prefix (EX_NOINPUT).
+const EXIT_NOTHING_VALID: u8 = 66;
+/// `restore`: the store could not be listed, or stopped answering (EX_UNAVAILABLE).
+const EXIT_STORE: u8 = 69;
+/// `restore`: the target directory is unusable or already holds snapshots (EX_CANTCREAT).
+const EXIT_TARGET: u8 = 73;
 
 fn main() -> ExitCode {
     // One TLS crypto provider for the process (ring: no C toolchain needed). The Kubernetes
@@ -30,9 +37,22 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
     let check_only = args.check_config;
+    let mut problems = Vec::new();
+    let restore = match &args.command {
+        None => None,
+        Some(Command::Restore(restore)) => {
+            if check_only {
+                problems.push("--check-config does not go with `restore`".to_owned());
+            }
+            RestoreSettings::try_from_args(restore)
+                .map_err(|p| problems.extend(p))
+                .ok()
+        }
+    };
     let config = match Config::try_from_args(args) {
-        Ok(config) => config,
-        Err(problems) => {
+        Ok(config) if problems.is_empty() => config,
+        result => {
+            problems.extend(result.err().unwrap_or_default());
             eprintln!(
                 "openclaw-limiter: invalid configuration ({} problems):",
                 problems.len()
@@ -47,7 +67,11 @@ fn main() -> ExitCode {
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }
-    init_logging(config.log_format);
+    // The offline restore reports on stdout; its log shows only errors unless RUST_LOG says.
+    init_logging(
+        config.log_format,
+        if restore.is_some() { "error" } else { "info" },
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -58,6 +82,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(settings) = restore {
+        return runtime.block_on(restore_offline(config, settings));
+    }
     match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -67,7 +94,9 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+/// The limiter with the configured policies and nothing else: what a node starts from, and
+/// what the offline restore merges into (so both drop the same unknown policies).
+fn build_limiter(config: &Config) -> anyhow::Result<(Arc<Limiter>, Option<Arc<Rls>>)> {
     let limiter = Arc::new(Limiter::new(LimiterOptions {
         node_id: config.node_id.clone(),
         replica: new_replica_id(&config.node_id),
@@ -91,6 +120,107 @@ async fn run(config: Config) -> anyhow::Result<()> {
             Some(Arc::new(Rls::new(limiter.clone(), rules)))
         }
     };
+    Ok((limiter, rls))
+}
+
+/// `openclaw-limiter restore`: progress and a summary on stdout, the reason for a failure on
+/// stderr, and an exit status per kind of failure.
+async fn restore_offline(config: Config, settings: RestoreSettings) -> ExitCode {
+    let fail = |code: u8, message: String| {
+        eprintln!("openclaw-limiter restore: {message}");
+        ExitCode::from(code)
+    };
+    let (limiter, _rls) = match build_limiter(&config) {
+        Ok(built) => built,
+        Err(e) => return fail(EXIT_CONFIG, format!("{e:#}")),
+    };
+    let remote = match Remote::s3_from_env(&settings.from, &config.node_id, 1) {
+        Ok(remote) => remote,
+        Err(e) => return fail(EXIT_CONFIG, e.to_string()),
+    };
+    println!(
+        "restoring {} into {} (snapshots at most {} s old; policies: {})",
+        settings.from.url,
+        settings.into.display(),
+        settings.max_age.as_secs(),
+        limiter
+            .policies()
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let now = limiter.now();
+    let mut progress = |event: RestoreEvent<'_>| match event {
+        RestoreEvent::Listed {
+            objects,
+            nodes,
+            ignored,
+        } => println!(
+            "listed {objects} object(s): {nodes} replica folder(s), {ignored} ignored (not named <node>/<µs>.ocs)"
+        ),
+        RestoreEvent::Merged(m) => println!(
+            "merged  {} (node {}, taken {} s ago): {} bucket(s), {} dropped (policy not configured)",
+            m.object,
+            m.node_id,
+            now.saturating_sub(m.created_us) / 1_000_000,
+            m.buckets,
+            m.skipped_unknown_policy
+        ),
+        RestoreEvent::Rejected(r) => {
+            println!("skipped {} [{}]: {}", r.object, r.reason, r.detail)
+        }
+    };
+    let seeded = remote
+        .restore_into_dir(
+            &limiter,
+            settings.max_age,
+            &settings.into,
+            settings.force,
+            &mut progress,
+        )
+        .await;
+    match seeded {
+        Ok(seeded) => {
+            let report = &seeded.report;
+            if !report.unknown_policies.is_empty() {
+                println!(
+                    "dropped the buckets of policies not configured here: {}",
+                    report.unknown_policies.join(", ")
+                );
+            }
+            println!(
+                "wrote {} ({} bytes, {} buckets, read back and verified)",
+                seeded.written.path.display(),
+                seeded.written.bytes,
+                seeded.buckets
+            );
+            println!(
+                "restore OK: {} bucket(s) from {} of {} replica folder(s), {} object(s) skipped, \
+                 {} bytes downloaded in {} ms; start the replica on {}",
+                seeded.buckets,
+                report.merged.len(),
+                report.nodes,
+                report.rejected.len(),
+                report.bytes_downloaded,
+                report.elapsed_ms,
+                settings.into.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let code = match &e {
+                SeedError::Target { .. } | SeedError::NotEmpty { .. } => EXIT_TARGET,
+                SeedError::Store { .. } => EXIT_STORE,
+                SeedError::NothingValid { .. } => EXIT_NOTHING_VALID,
+            };
+            fail(code, format!("{e}; nothing written"))
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let (limiter, rls) = build_limiter(&config)?;
     let snapshots = match &config.snapshot_dir {
         None => None,
         Some(dir) => {
@@ -268,9 +398,9 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -33,14 +33,21 @@
 //! a file on a blocking thread and talks to the store; a store that is down costs retries with
 //! back-off, counted in `openclaw_snapshot_uploads_total{result="failure"}`, and the age gauge
 //! `openclaw_snapshot_remote_age_seconds` keeps growing until an upload succeeds (the
-//! `OpenClawOffsiteSnapshotStale` alert).
+//! `OpenClawOffsiteSnapshotStale` alert). A shutdown drops an upload in flight.
+//!
+//! Every request has a deadline ([`CONNECT_TIMEOUT`], [`STALL_TIMEOUT`], the upload deadline of
+//! [`UPLOAD_MIN_BYTES_PER_S`]), so a store that accepts connections and never answers costs a
+//! bounded time: a failed upload, or a restore that gives up (docs/configuration.md).
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use object_store::ClientConfigKey;
+use object_store::aws::AmazonS3ConfigKey;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::Serialize;
@@ -49,7 +56,7 @@ use tokio::sync::watch;
 use crate::bucket::Micros;
 use crate::metrics::{ReasonLabels, ResultLabels};
 use crate::service::Limiter;
-use crate::snapshot::{DEFAULT_MAX_BYTES, Snapshot, SnapshotError, Snapshots};
+use crate::snapshot::{DEFAULT_MAX_BYTES, Snapshot, SnapshotError, SnapshotInfo, Snapshots};
 
 /// The standard variables the S3 client reads (`AmazonS3Builder::from_env` reads every `AWS_*`
 /// it knows): listed so that start-up can log which are set (never their values), and so the
@@ -79,6 +86,19 @@ const OBJECT_SUFFIX: &str = ".ocs";
 /// beyond the upload interval).
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// TCP (and TLS) connection set-up to the store.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest the store may stay silent while a request is under way: for a listing page, a
+/// download's response and each of its chunks, a delete. A store that accepts connections and
+/// never answers costs a restore this long, once (see [`Remote::restore`]).
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The slowest upload accepted: a PUT gets [`STALL_TIMEOUT`] plus one second per MiB (the
+/// progress of a request body cannot be watched through the client, so its deadline is sized).
+pub const UPLOAD_MIN_BYTES_PER_S: u64 = 1 << 20;
+/// The HTTP client's own limit on any request, a backstop behind the deadlines above: the
+/// upload deadline of the largest snapshot.
+const REQUEST_BACKSTOP: Duration =
+    Duration::from_secs(10 + DEFAULT_MAX_BYTES / UPLOAD_MIN_BYTES_PER_S);
 /// How soon to look again when there is no new local snapshot to ship yet.
 const RECHECK: Duration = Duration::from_secs(5);
 /// How often the age gauge is refreshed.
@@ -94,6 +114,23 @@ pub enum RemoteError {
     /// The object store refused a request or could not be reached (after its own retries).
     #[error("object store: {0}")]
     Store(#[from] object_store::Error),
+    /// The object store accepted the request and then did not answer in time.
+    #[error("object store: no answer to {operation} {object} within {} s", .after.as_secs_f64())]
+    Timeout {
+        operation: &'static str,
+        object: String,
+        after: Duration,
+    },
+    /// A restore stopped when the store stopped answering; the snapshots merged before stay
+    /// merged (a partial restore is still a join: never less conservative than none).
+    #[error(
+        "stopped after merging {merged} of {nodes} replica folders (those merges are kept): {source}"
+    )]
+    Incomplete {
+        merged: usize,
+        nodes: usize,
+        source: Box<RemoteError>,
+    },
     /// The local snapshot directory could not be listed or a snapshot file read.
     #[error("local snapshot: {0}")]
     Local(#[from] SnapshotError),
@@ -112,13 +149,33 @@ pub struct RemoteLocation {
 }
 
 impl RemoteLocation {
-    /// Accepts `s3://bucket` and `s3://bucket/some/prefix`. Other schemes (gs://, azure://) would
-    /// need other object_store features, each with its own TLS and signing stack; not built in.
+    /// Accepts `s3://bucket` and `s3://bucket/some/prefix`. Google Cloud Storage and Azure Blob
+    /// Storage are not built in (see docs/configuration.md); their URLs get an error that says
+    /// what to do instead.
     pub fn parse(url: &str) -> Result<Self, RemoteError> {
         let problem = |reason: &str| RemoteError::Url {
             url: url.to_owned(),
             reason: reason.to_owned(),
         };
+        if url.starts_with("gs://") {
+            return Err(problem(
+                "gs:// is not built in this binary (only s3:// URLs are supported): use Google \
+                 Cloud Storage's S3-compatible XML API instead, with an HMAC key as \
+                 AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL=https://storage.googleapis.com \
+                 and OPENCLAW_SNAPSHOT_REMOTE=s3://BUCKET/PREFIX",
+            ));
+        }
+        if ["azure://", "az://", "abfs://", "abfss://", "adl://"]
+            .iter()
+            .any(|scheme| url.starts_with(scheme))
+            || url.contains(".blob.core.windows.net")
+        {
+            return Err(problem(
+                "Azure Blob Storage is not built in this binary (only s3:// URLs are supported): \
+                 use an S3-compatible store, or an S3 gateway in front of the container, with \
+                 AWS_ENDPOINT_URL pointing at it",
+            ));
+        }
         let rest = url
             .strip_prefix("s3://")
             .ok_or_else(|| problem("only s3:// URLs are supported (s3://bucket/prefix)"))?;
@@ -152,6 +209,8 @@ pub struct Remote {
     node_id: String,
     keep: usize,
     max_bytes: u64,
+    /// [`STALL_TIMEOUT`], shorter in tests.
+    stall: Duration,
     /// Creation time (µs) of the newest snapshot this process shipped, [`NEVER`] before that.
     last_uploaded: AtomicU64,
 }
@@ -189,9 +248,25 @@ pub struct MergedObject {
     pub skipped_unknown_policy: u64,
 }
 
+/// A step of a restore, reported as it happens ([`Remote::restore_reporting`]).
+#[derive(Debug)]
+pub enum RestoreEvent<'a> {
+    /// The prefix was listed: `objects` in all, in `nodes` node folders, `ignored` not named
+    /// like snapshots.
+    Listed {
+        objects: usize,
+        nodes: usize,
+        ignored: usize,
+    },
+    Merged(&'a MergedObject),
+    Rejected(&'a RejectedObject),
+}
+
 /// What [`Remote::restore`] did.
 #[derive(Debug, Default, Serialize)]
 pub struct RemoteRestoreReport {
+    /// Objects listed under the prefix.
+    pub objects: usize,
     /// Node folders found under the prefix.
     pub nodes: usize,
     /// One entry per node folder that had a usable snapshot.
@@ -215,8 +290,38 @@ impl Remote {
         node_id: &str,
         keep: usize,
     ) -> Result<Self, RemoteError> {
-        let store = object_store::aws::AmazonS3Builder::from_env()
+        Self::s3(
+            object_store::aws::AmazonS3Builder::from_env(),
+            location,
+            node_id,
+            keep,
+        )
+    }
+
+    /// An S3 store from `builder` (credentials, endpoint) with this module's retries and
+    /// timeouts.
+    fn s3(
+        builder: object_store::aws::AmazonS3Builder,
+        location: &RemoteLocation,
+        node_id: &str,
+        keep: usize,
+    ) -> Result<Self, RemoteError> {
+        let store = builder
             .with_bucket_name(&location.bucket)
+            // Connection set-up is bounded here; a store that accepts and then stays silent is
+            // bounded by the deadlines this module puts on each operation (STALL_TIMEOUT, the
+            // upload deadline). The client's own request timeout (30 s by default, whatever
+            // the size) would fail large transfers, so it is only a backstop.
+            // (Set key by key: `with_client_options` would replace what `from_env` read, such
+            // as AWS_ALLOW_HTTP.)
+            .with_config(
+                AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
+                format!("{}s", CONNECT_TIMEOUT.as_secs()),
+            )
+            .with_config(
+                AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+                format!("{}s", REQUEST_BACKSTOP.as_secs()),
+            )
             // The store's own retries are short: the shipping loop retries with its own back-off,
             // and a restore must not hold readiness for minutes on a dead endpoint.
             .with_retry(object_store::RetryConfig {
@@ -261,6 +366,7 @@ impl Remote {
             node_id: node_id.to_owned(),
             keep: keep.max(1),
             max_bytes: DEFAULT_MAX_BYTES,
+            stall: STALL_TIMEOUT,
             last_uploaded: AtomicU64::new(NEVER),
         }
     }
@@ -311,7 +417,14 @@ impl Remote {
         let object = self.node_folder().join(object_name(created_us));
         let bytes = snapshot.into_bytes();
         let len = bytes.len() as u64;
-        self.store.put(&object, PutPayload::from(bytes)).await?;
+        let deadline = upload_deadline(len, self.stall);
+        within(
+            deadline,
+            "PUT",
+            &object,
+            self.store.put(&object, PutPayload::from(bytes)),
+        )
+        .await?;
         self.last_uploaded.store(created_us, Ordering::Relaxed);
         let deleted = self.apply_retention().await;
         Ok(Uploaded {
@@ -329,7 +442,15 @@ impl Remote {
         let folder = self.node_folder();
         let mut ours: Vec<(Micros, Path)> = Vec::new();
         let mut listing = self.store.list(Some(&folder));
-        while let Some(item) = listing.next().await {
+        loop {
+            let Ok(next) = tokio::time::timeout(self.stall, listing.next()).await else {
+                tracing::warn!(
+                    after_s = self.stall.as_secs_f64(),
+                    "off-site retention skipped: the listing stalled"
+                );
+                return Vec::new();
+            };
+            let Some(item) = next else { break };
             match item {
                 Ok(meta) => {
                     // Only direct children named like ours: never someone else's file.
@@ -352,7 +473,7 @@ impl Remote {
         ours.sort_by_key(|&(created, _)| std::cmp::Reverse(created));
         let mut deleted = Vec::new();
         for (_, object) in ours.into_iter().skip(self.keep) {
-            match self.store.delete(&object).await {
+            match within(self.stall, "DELETE", &object, self.store.delete(&object)).await {
                 Ok(()) => deleted.push(object.to_string()),
                 Err(e) => {
                     tracing::warn!(%object, error = %e, "cannot delete old off-site snapshot")
@@ -378,20 +499,45 @@ impl Remote {
     }
 
     /// Merge the newest valid snapshot of every node folder under the prefix into `limiter`'s
-    /// store (see the module documentation). An error means the prefix could not be listed;
-    /// objects that fail are in the report.
+    /// store (see the module documentation). An error means the prefix could not be listed, or
+    /// the store stopped answering midway ([`RemoteError::Incomplete`]); objects that fail a
+    /// check are in the report.
+    ///
+    /// Bounded: a store that accepts connections and stays silent costs at most
+    /// [`STALL_TIMEOUT`] once, beyond the transfers that made progress. A download that stalls
+    /// ends the restore rather than moving on to the next object, which would wait as long.
     pub async fn restore(
         &self,
         limiter: &Arc<Limiter>,
         max_age: Duration,
+    ) -> Result<RemoteRestoreReport, RemoteError> {
+        self.restore_reporting(limiter, max_age, &mut |_| {}).await
+    }
+
+    /// [`Remote::restore`], telling `progress` what it does as it does it (the offline
+    /// `openclaw-limiter restore` prints it).
+    pub async fn restore_reporting(
+        &self,
+        limiter: &Arc<Limiter>,
+        max_age: Duration,
+        progress: &mut (dyn FnMut(RestoreEvent<'_>) + Send),
     ) -> Result<RemoteRestoreReport, RemoteError> {
         let started = Instant::now();
         let mut report = RemoteRestoreReport::default();
         tracing::info!(remote = %self.url, "off-site restore: listing snapshots");
         let mut nodes: BTreeMap<String, Vec<(Micros, object_store::ObjectMeta)>> = BTreeMap::new();
         let mut listing = self.store.list(Some(&self.prefix));
-        while let Some(item) = listing.next().await {
+        loop {
+            let next = tokio::time::timeout(self.stall, listing.next())
+                .await
+                .map_err(|_| RemoteError::Timeout {
+                    operation: "LIST",
+                    object: format!("{}/", self.prefix),
+                    after: self.stall,
+                })?;
+            let Some(item) = next else { break };
             let meta = item?;
+            report.objects += 1;
             let parts: Option<Vec<String>> = meta
                 .location
                 .prefix_match(&self.prefix)
@@ -406,10 +552,16 @@ impl Remote {
         }
         report.nodes = nodes.len();
         tracing::info!(
+            objects = report.objects,
             nodes = nodes.len(),
             ignored = report.ignored,
             "off-site restore: found node folders"
         );
+        progress(RestoreEvent::Listed {
+            objects: report.objects,
+            nodes: report.nodes,
+            ignored: report.ignored,
+        });
         let max_age_us = max_age.as_micros() as u64;
         let mut unknown = std::collections::BTreeSet::new();
         for (node, mut objects) in nodes {
@@ -432,14 +584,30 @@ impl Remote {
                     None
                 };
                 if let Some((reason, detail)) = rejection {
-                    self.reject(limiter, &mut report, object, reason, detail);
+                    self.reject(limiter, &mut report, progress, object, reason, detail);
                     continue;
                 }
                 let fetching = Instant::now();
-                let bytes = match self.fetch(&meta.location).await {
+                let bytes = match self.fetch(&meta.location, meta.size).await {
                     Ok(bytes) => bytes,
+                    Err(e @ RemoteError::Timeout { .. }) => {
+                        // A silent store would cost every remaining object the same wait.
+                        let detail = e.to_string();
+                        self.reject(limiter, &mut report, progress, object, "unreadable", detail);
+                        tracing::warn!(
+                            merged = report.merged.len(),
+                            nodes = report.nodes,
+                            "off-site restore stopped: the store stopped answering"
+                        );
+                        return Err(RemoteError::Incomplete {
+                            merged: report.merged.len(),
+                            nodes: report.nodes,
+                            source: Box::new(e),
+                        });
+                    }
                     Err(e) => {
-                        self.reject(limiter, &mut report, object, "unreadable", e.to_string());
+                        let detail = e.to_string();
+                        self.reject(limiter, &mut report, progress, object, "unreadable", detail);
                         continue;
                     }
                 };
@@ -452,12 +620,19 @@ impl Remote {
                             "the name says created at {created} µs, the header {} µs",
                             snapshot.created_us()
                         );
-                        self.reject(limiter, &mut report, object, "name_mismatch", detail);
+                        self.reject(
+                            limiter,
+                            &mut report,
+                            progress,
+                            object,
+                            "name_mismatch",
+                            detail,
+                        );
                         continue;
                     }
                     Err(e) => {
-                        let reason = rejection_reason(&e);
-                        self.reject(limiter, &mut report, object, reason, e.to_string());
+                        let (reason, detail) = (rejection_reason(&e), e.to_string());
+                        self.reject(limiter, &mut report, progress, object, reason, detail);
                         continue;
                     }
                 };
@@ -492,6 +667,9 @@ impl Remote {
                     restored: merge.restored,
                     skipped_unknown_policy: merge.skipped_unknown_policy,
                 });
+                progress(RestoreEvent::Merged(
+                    report.merged.last().expect("just pushed"),
+                ));
                 break;
             }
         }
@@ -510,17 +688,33 @@ impl Remote {
         Ok(report)
     }
 
-    async fn fetch(&self, object: &Path) -> Result<Vec<u8>, RemoteError> {
-        let bytes = self.store.get(object).await?.bytes().await?;
-        // Takes the buffer over when it is the only reference (no second copy of a large
-        // snapshot in memory).
-        Ok(Vec::from(bytes))
+    /// Download `object` (`size` bytes by its listing), giving up when the store is silent
+    /// for [`STALL_TIMEOUT`]: before the response, or between two chunks of the body. A slow
+    /// but steady download of a large snapshot is never cut short.
+    async fn fetch(&self, object: &Path, size: u64) -> Result<Vec<u8>, RemoteError> {
+        let response = within(self.stall, "GET", object, self.store.get(object)).await?;
+        let mut body = response.into_stream();
+        let mut bytes = Vec::with_capacity(size.min(self.max_bytes) as usize);
+        loop {
+            let chunk = tokio::time::timeout(self.stall, body.next())
+                .await
+                .map_err(|_| RemoteError::Timeout {
+                    operation: "GET (body)",
+                    object: object.to_string(),
+                    after: self.stall,
+                })?;
+            match chunk {
+                Some(chunk) => bytes.extend_from_slice(&chunk?),
+                None => return Ok(bytes),
+            }
+        }
     }
 
     fn reject(
         &self,
         limiter: &Limiter,
         report: &mut RemoteRestoreReport,
+        progress: &mut (dyn FnMut(RestoreEvent<'_>) + Send),
         object: String,
         reason: &'static str,
         detail: String,
@@ -536,7 +730,188 @@ impl Remote {
             reason,
             detail,
         });
+        progress(RestoreEvent::Rejected(
+            report.rejected.last().expect("just pushed"),
+        ));
     }
+}
+
+/// Why the offline restore (`openclaw-limiter restore`) wrote nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    /// The target directory cannot take a snapshot: not a directory, not readable or not
+    /// writable, or the written file did not read back.
+    #[error("{}: {reason}", .dir.display())]
+    Target { dir: PathBuf, reason: String },
+    /// The target directory already holds snapshots, and `--force` was not given.
+    #[error(
+        "{} already holds {count} snapshot(s), the newest {}: a replica started on it would \
+         load them; refusing to add one (use --force to make the restored snapshot the newest)",
+        .dir.display(),
+        .newest.display()
+    )]
+    NotEmpty {
+        dir: PathBuf,
+        count: usize,
+        newest: PathBuf,
+    },
+    /// The store could not be listed, or stopped answering midway.
+    #[error("cannot restore from {url}: {source}")]
+    Store { url: String, source: RemoteError },
+    /// The store answered, but no object under the prefix passed every check.
+    #[error(
+        "no valid snapshot under {url}: {objects} object(s) in {nodes} replica folder(s), \
+         {rejected} rejected"
+    )]
+    NothingValid {
+        url: String,
+        objects: usize,
+        nodes: usize,
+        rejected: usize,
+    },
+}
+
+/// What [`Remote::restore_into_dir`] did.
+#[derive(Debug)]
+pub struct Seeded {
+    pub report: RemoteRestoreReport,
+    /// Buckets in the written snapshot.
+    pub buckets: u64,
+    pub written: SnapshotInfo,
+}
+
+impl Remote {
+    /// Disaster recovery, offline: the restore [`Remote::restore_reporting`] does at start,
+    /// into `limiter` (which holds the configured policies and nothing else), then written as
+    /// one local snapshot into `dir` for a replica started on it to load. Nothing is written
+    /// unless the restore merged at least one snapshot and finished; the file is written aside
+    /// and renamed ([`Snapshots::write`]), then read back and checked. `dir` is checked first,
+    /// before the store is asked: it must be (or be creatable as) a writable directory, without
+    /// snapshot files unless `force`.
+    pub async fn restore_into_dir(
+        &self,
+        limiter: &Arc<Limiter>,
+        max_age: Duration,
+        dir: &std::path::Path,
+        force: bool,
+        progress: &mut (dyn FnMut(RestoreEvent<'_>) + Send),
+    ) -> Result<Seeded, SeedError> {
+        check_target(dir, force)?;
+        let report = self
+            .restore_reporting(limiter, max_age, progress)
+            .await
+            .map_err(|source| SeedError::Store {
+                url: self.url.clone(),
+                source,
+            })?;
+        if report.merged.is_empty() {
+            return Err(SeedError::NothingValid {
+                url: self.url.clone(),
+                objects: report.objects,
+                nodes: report.nodes,
+                rejected: report.rejected.len(),
+            });
+        }
+        let target = |reason: String| SeedError::Target {
+            dir: dir.to_owned(),
+            reason,
+        };
+        let snapshots = Snapshots::new(dir);
+        let written = tokio::task::spawn_blocking({
+            let limiter = limiter.clone();
+            move || {
+                let written = snapshots.write(&limiter)?;
+                // Read back what a replica will read.
+                match Snapshot::read(&written.path, DEFAULT_MAX_BYTES) {
+                    Ok(back)
+                        if back.created_us() == written.created_us
+                            && back.bucket_count() == written.buckets =>
+                    {
+                        Ok(Ok(written))
+                    }
+                    other => {
+                        let _ = std::fs::remove_file(&written.path);
+                        Ok(Err(match other {
+                            Ok(_) => "the written snapshot reads back different".to_owned(),
+                            Err(e) => format!("the written snapshot does not read back: {e}"),
+                        }))
+                    }
+                }
+            }
+        })
+        .await
+        .map_err(|e| target(e.to_string()))?
+        .map_err(|e: SnapshotError| target(e.to_string()))?
+        .map_err(target)?;
+        Ok(Seeded {
+            buckets: written.buckets,
+            report,
+            written,
+        })
+    }
+}
+
+/// `dir` can take the restored snapshot: an existing directory we can list and write into,
+/// holding no snapshot unless `force`; or a path whose nearest existing ancestor is a
+/// writable directory (it is created when the snapshot is written). Writes nothing but a
+/// probe file, removed at once.
+fn check_target(dir: &std::path::Path, force: bool) -> Result<(), SeedError> {
+    let unusable = |reason: String| SeedError::Target {
+        dir: dir.to_owned(),
+        reason,
+    };
+    match std::fs::metadata(dir) {
+        Ok(meta) if !meta.is_dir() => Err(unusable("exists and is not a directory".to_owned())),
+        Ok(_) => {
+            let existing = Snapshots::new(dir)
+                .list()
+                .map_err(|e| unusable(e.to_string()))?;
+            if let Some(newest) = existing.first().filter(|_| !force) {
+                return Err(SeedError::NotEmpty {
+                    dir: dir.to_owned(),
+                    count: existing.len(),
+                    newest: newest.clone(),
+                });
+            }
+            probe_writable(dir).map_err(|e| unusable(format!("not writable: {e}")))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let ancestor = dir
+                .ancestors()
+                .skip(1)
+                .map(|a| {
+                    if a.as_os_str().is_empty() {
+                        std::path::Path::new(".")
+                    } else {
+                        a
+                    }
+                })
+                .find(|a| std::fs::symlink_metadata(a).is_ok())
+                .unwrap_or(std::path::Path::new("."));
+            if !ancestor.is_dir() {
+                return Err(unusable(format!(
+                    "cannot be created: {} is not a directory",
+                    ancestor.display()
+                )));
+            }
+            probe_writable(ancestor).map_err(|e| {
+                unusable(format!(
+                    "cannot be created: {} is not writable: {e}",
+                    ancestor.display()
+                ))
+            })
+        }
+        Err(e) => Err(unusable(e.to_string())),
+    }
+}
+
+fn probe_writable(dir: &std::path::Path) -> std::io::Result<()> {
+    let probe = dir.join(format!(".openclaw-restore-probe-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)?;
+    std::fs::remove_file(&probe)
 }
 
 /// The newest snapshot in the directory that passes every check, if any.
@@ -562,6 +937,28 @@ fn rejection_reason(error: &SnapshotError) -> &'static str {
         SnapshotError::Malformed(_) => "malformed",
         SnapshotError::TooLarge { .. } => "too_large",
         SnapshotError::Io { .. } => "unreadable",
+    }
+}
+
+/// How long an upload of `bytes` may take: the stall timeout, plus a second per MiB.
+fn upload_deadline(bytes: u64, stall: Duration) -> Duration {
+    stall + Duration::from_secs_f64(bytes as f64 / UPLOAD_MIN_BYTES_PER_S as f64)
+}
+
+/// `request`, or [`RemoteError::Timeout`] if it has not finished `after`.
+async fn within<T>(
+    after: Duration,
+    operation: &'static str,
+    object: &Path,
+    request: impl std::future::Future<Output = Result<T, object_store::Error>>,
+) -> Result<T, RemoteError> {
+    match tokio::time::timeout(after, request).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(RemoteError::Timeout {
+            operation,
+            object: object.to_string(),
+            after,
+        }),
     }
 }
 
@@ -599,7 +996,18 @@ pub async fn ship(
             }
             _ = tokio::time::sleep_until(next) => {}
         }
-        match remote.upload_newest(&snapshots, &limiter).await {
+        // An upload in flight neither holds up a shutdown (dropping a PUT never leaves part of
+        // an object: S3 shows all of it or nothing) nor stops the age gauge.
+        let upload = remote.upload_newest(&snapshots, &limiter);
+        tokio::pin!(upload);
+        let result = loop {
+            tokio::select! {
+                _ = stop.wait_for(|stopped| *stopped) => return,
+                _ = age.tick() => remote.publish_age(&limiter),
+                result = &mut upload => break result,
+            }
+        };
+        match result {
             Ok(Some(uploaded)) => {
                 tracing::info!(
                     object = %uploaded.object,
@@ -625,6 +1033,8 @@ pub async fn ship(
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
 
     use object_store::memory::InMemory;
 
@@ -933,20 +1343,387 @@ mod tests {
         assert_eq!(remaining(&fresh, "default", "k"), 100);
     }
 
+    /// An S3 endpoint on 127.0.0.1 that answers a listing of the bucket with `objects` (if
+    /// any) and never answers anything else: it reads what it is sent and stays silent. It
+    /// speaks just enough S3 for object_store's listing; it is not a double of S3.
+    struct SilentS3 {
+        addr: std::net::SocketAddr,
+        gets: Arc<AtomicU64>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for SilentS3 {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    async fn silent_s3(objects: Option<Vec<String>>) -> SilentS3 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let gets = Arc::new(AtomicU64::new(0));
+        let listing = objects.map(|keys| {
+            let contents: String = keys
+                .iter()
+                .map(|k| {
+                    format!(
+                        "<Contents><Key>{k}</Key><LastModified>2024-01-01T00:00:00.000Z</LastModified>\
+                         <ETag>\"e\"</ETag><Size>100</Size></Contents>"
+                    )
+                })
+                .collect();
+            let body = format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListBucketResult><Name>b</Name>\
+                 <IsTruncated>false</IsTruncated>{contents}</ListBucketResult>"
+            );
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/xml\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        });
+        let task = tokio::spawn({
+            let gets = gets.clone();
+            async move {
+                loop {
+                    let Ok((mut socket, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let (gets, listing) = (gets.clone(), listing.clone());
+                    tokio::spawn(async move {
+                        let mut buf = Vec::new();
+                        let mut chunk = [0u8; 4096];
+                        loop {
+                            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                                match socket.read(&mut chunk).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                                }
+                                continue;
+                            };
+                            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                            buf.drain(..end + 4);
+                            let line = head.lines().next().unwrap_or("");
+                            match &listing {
+                                Some(listing)
+                                    if line.starts_with("GET ") && line.contains("list-type=2") =>
+                                {
+                                    if socket.write_all(listing.as_bytes()).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                _ => {
+                                    if line.starts_with("GET ") {
+                                        gets.fetch_add(1, Ordering::SeqCst);
+                                    }
+                                    // Silent from here on: read until the client gives up.
+                                    while matches!(socket.read(&mut chunk).await, Ok(n) if n > 0) {}
+                                    return;
+                                }
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        SilentS3 { addr, gets, task }
+    }
+
+    fn remote_at(server: &SilentS3, stall: Duration) -> Remote {
+        // object_store's HTTP client needs a TLS provider even for http:// endpoints.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let builder = object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(format!("http://{}", server.addr))
+            .with_allow_http(true)
+            .with_region("us-east-1")
+            .with_access_key_id("test-key")
+            .with_secret_access_key("test-secret");
+        let location = RemoteLocation::parse("s3://b/dr").unwrap();
+        let mut remote = Remote::s3(builder, &location, "node-a", 3).unwrap();
+        remote.stall = stall;
+        remote
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_that_never_answers_fails_a_restore_and_an_upload_within_their_deadlines() {
+        let server = silent_s3(None).await;
+        let stall = Duration::from_millis(300);
+        let remote = remote_at(&server, stall);
+        let clock = Arc::new(ManualClock::at(START));
+        let fresh = limiter("node-new", 9, clock.clone());
+        let began = Instant::now();
+        let error = remote
+            .restore(&fresh, Duration::from_secs(86_400))
+            .await
+            .unwrap_err();
+        let took = began.elapsed();
+        assert!(
+            matches!(
+                error,
+                RemoteError::Timeout {
+                    operation: "LIST",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        // Bounded by the stall timeout, not by the client's 30 s default or its retries.
+        assert!(took >= stall && took < Duration::from_secs(5), "{took:?}");
+
+        let a = replica(&Arc::new(InMemory::new()), "node-a", 1, &clock);
+        a.limiter.decide("default", "k", 1).unwrap();
+        a.snapshots.write(&a.limiter).unwrap();
+        let began = Instant::now();
+        let error = remote
+            .upload_newest(&a.snapshots, &a.limiter)
+            .await
+            .unwrap_err();
+        let took = began.elapsed();
+        assert!(
+            matches!(
+                error,
+                RemoteError::Timeout {
+                    operation: "PUT",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert!(took >= stall && took < Duration::from_secs(5), "{took:?}");
+        let text = a.limiter.render_metrics();
+        assert!(
+            text.contains("openclaw_snapshot_uploads_total{result=\"failure\"} 1"),
+            "{text}"
+        );
+
+        // The offline restore reports the store, and writes nothing.
+        let dir = tempfile::tempdir().unwrap();
+        let into = dir.path().join("snapshots");
+        let error = remote
+            .restore_into_dir(&fresh, Duration::from_secs(60), &into, false, &mut |_| {})
+            .await
+            .unwrap_err();
+        assert!(matches!(error, SeedError::Store { .. }), "{error}");
+        assert!(!into.exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_download_that_stalls_ends_the_restore_instead_of_stalling_on_every_object() {
+        let keys = ["node-a", "node-b", "node-c"]
+            .map(|node| format!("dr/{node}/{START:020}.ocs"))
+            .to_vec();
+        let server = silent_s3(Some(keys.clone())).await;
+        let remote = remote_at(&server, Duration::from_millis(300));
+        let fresh = limiter("node-new", 9, Arc::new(ManualClock::at(START)));
+        let mut events = Vec::new();
+        let error = remote
+            .restore_reporting(&fresh, Duration::from_secs(86_400), &mut |e| {
+                events.push(format!("{e:?}"))
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &error,
+                RemoteError::Incomplete { merged: 0, nodes: 3, source }
+                    if matches!(**source, RemoteError::Timeout { .. })
+            ),
+            "{error}"
+        );
+        assert_eq!(
+            server.gets.load(Ordering::SeqCst),
+            1,
+            "one stall, not three"
+        );
+        assert_eq!(events.len(), 2, "{events:#?}");
+        assert!(
+            events[0].starts_with("Listed { objects: 3, nodes: 3"),
+            "{events:#?}"
+        );
+        assert!(
+            events[1].contains("unreadable") && events[1].contains(&keys[0]),
+            "{events:#?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn restore_into_dir_writes_one_verified_snapshot_that_a_replica_loads() {
+        let store = Arc::new(InMemory::new());
+        let clock = Arc::new(ManualClock::at(START));
+        let a = replica(&store, "node-a", 1, &clock);
+        let b = replica(&store, "node-b", 2, &clock);
+        a.limiter.decide("default", "alice", 30).unwrap();
+        a.limiter.decide("extra", "x", 4).unwrap();
+        b.limiter.decide("default", "bob", 20).unwrap();
+        for r in [&a, &b] {
+            r.snapshots.write(&r.limiter).unwrap();
+            r.remote
+                .upload_newest(&r.snapshots, &r.limiter)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        store
+            .put(
+                &Path::from(format!("dr/cluster/node-c/{START:020}.ocs").as_str()),
+                older_format(START).into(),
+            )
+            .await
+            .unwrap();
+
+        // The configured policies: only `default`.
+        let offline = limiter("restore", 7, clock.clone());
+        offline.reload_policies("policies: {}\n").unwrap();
+        let remote = Remote::with_store(store.clone(), "mem://", "dr/cluster", "restore", 1);
+        let dir = tempfile::tempdir().unwrap();
+        let into = dir.path().join("new/snapshots");
+        let mut events = Vec::new();
+        let seeded = remote
+            .restore_into_dir(
+                &offline,
+                Duration::from_secs(86_400),
+                &into,
+                false,
+                &mut |e| events.push(format!("{e:?}")),
+            )
+            .await
+            .unwrap();
+        assert_eq!(seeded.report.merged.len(), 2);
+        assert_eq!(seeded.report.rejected[0].reason, "unsupported_version");
+        assert_eq!(seeded.report.unknown_policies, ["extra"]);
+        assert_eq!(seeded.buckets, 2, "alice and bob; extra's bucket dropped");
+        assert_eq!(events.len(), 4, "listed, 2 merged, 1 rejected: {events:#?}");
+        let files = Snapshots::new(&into).list().unwrap();
+        assert_eq!(files, std::slice::from_ref(&seeded.written.path));
+        let leftovers: Vec<_> = std::fs::read_dir(&into).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no temporary or probe file left");
+
+        // A replica started on the directory loads it.
+        let node = limiter("node-new", 9, clock.clone());
+        let report = Snapshots::new(&into).restore_latest(&node).unwrap();
+        assert!(report.used.is_some());
+        assert_eq!(remaining(&node, "default", "alice"), 70);
+        assert_eq!(remaining(&node, "default", "bob"), 80);
+        assert_eq!(remaining(&node, "extra", "x"), 10, "dropped, not restored");
+    }
+
+    #[tokio::test]
+    async fn restore_into_dir_writes_nothing_it_should_not() {
+        let store = Arc::new(InMemory::new());
+        let clock = Arc::new(ManualClock::at(START));
+        let a = replica(&store, "node-a", 1, &clock);
+        a.limiter.decide("default", "alice", 30).unwrap();
+        a.snapshots.write(&a.limiter).unwrap();
+        a.remote
+            .upload_newest(&a.snapshots, &a.limiter)
+            .await
+            .unwrap();
+        let remote = Remote::with_store(store.clone(), "mem://", "dr/cluster", "restore", 1);
+        let empty = Remote::with_store(store.clone(), "mem://", "dr/other", "restore", 1);
+        let offline = || limiter("restore", 7, clock.clone());
+        let max_age = Duration::from_secs(86_400);
+        let dir = tempfile::tempdir().unwrap();
+
+        // Nothing valid under the prefix: nothing written, not even the directory.
+        let into = dir.path().join("a");
+        let error = empty
+            .restore_into_dir(&offline(), max_age, &into, false, &mut |_| {})
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, SeedError::NothingValid { objects: 0, .. }),
+            "{error}"
+        );
+        assert!(!into.exists());
+        // Too old is nothing valid too.
+        clock.advance_us(2 * HOUR_US);
+        let error = remote
+            .restore_into_dir(
+                &offline(),
+                Duration::from_secs(3600),
+                &into,
+                false,
+                &mut |_| {},
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                SeedError::NothingValid {
+                    objects: 1,
+                    rejected: 1,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert!(!into.exists());
+
+        // Not a directory: refused before the store is asked.
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        for target in [file.clone(), file.join("below")] {
+            let mut asked = false;
+            let error = remote
+                .restore_into_dir(&offline(), max_age, &target, false, &mut |_| asked = true)
+                .await
+                .unwrap_err();
+            assert!(matches!(error, SeedError::Target { .. }), "{error}");
+            assert!(!asked, "the store was asked for an unusable target");
+        }
+        assert_eq!(std::fs::read(&file).unwrap(), b"x");
+
+        // A directory that holds snapshots: refused without --force, unchanged.
+        let seeded = remote
+            .restore_into_dir(&offline(), max_age, &into, false, &mut |_| {})
+            .await
+            .unwrap();
+        let before = std::fs::read(&seeded.written.path).unwrap();
+        let error = remote
+            .restore_into_dir(&offline(), max_age, &into, false, &mut |_| {})
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, SeedError::NotEmpty { count: 1, .. }),
+            "{error}"
+        );
+        assert_eq!(
+            Snapshots::new(&into).list().unwrap(),
+            std::slice::from_ref(&seeded.written.path)
+        );
+        assert_eq!(std::fs::read(&seeded.written.path).unwrap(), before);
+        // With --force, the restored snapshot is the newest.
+        let forced = remote
+            .restore_into_dir(&offline(), max_age, &into, true, &mut |_| {})
+            .await
+            .unwrap();
+        let files = Snapshots::new(&into).list().unwrap();
+        assert_eq!(files, [forced.written.path.clone(), seeded.written.path]);
+    }
+
     #[test]
     fn only_s3_urls_with_a_bucket_are_accepted() {
         let l = RemoteLocation::parse("s3://bucket/a/b/").unwrap();
         assert_eq!((l.bucket.as_str(), l.prefix.as_str()), ("bucket", "a/b"));
         let l = RemoteLocation::parse("s3://bucket").unwrap();
         assert_eq!((l.bucket.as_str(), l.prefix.as_str()), ("bucket", ""));
-        for bad in [
-            "gs://b/p",
-            "s3://",
-            "s3:///p",
-            "bucket/p",
-            "s3://b/a//c",
-            "s3://b/../c",
+        for (url, says) in [
+            ("gs://b/p", "gs:// is not built in this binary"),
+            ("azure://c/p", "Azure Blob Storage is not built in"),
+            ("az://c/p", "Azure Blob Storage is not built in"),
+            (
+                "https://acct.blob.core.windows.net/c",
+                "Azure Blob Storage is not built in",
+            ),
         ] {
+            let error = RemoteLocation::parse(url).unwrap_err().to_string();
+            assert!(
+                error.contains(says) && error.contains("only s3:// URLs are supported"),
+                "{error}"
+            );
+        }
+        for bad in ["s3://", "s3:///p", "bucket/p", "s3://b/a//c", "s3://b/../c"] {
             assert!(RemoteLocation::parse(bad).is_err(), "{bad}");
         }
     }

@@ -18,10 +18,13 @@
 //! test a bucket refills at most a token or two, so spent keys stay measurably spent.
 //! Run `cargo build --workspace --bins` first: the tests start the real binary.
 
-use std::net::SocketAddr;
+use std::io::Read;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use openclaw_e2e::proxy::Proxy;
@@ -195,11 +198,22 @@ struct Cluster {
     links: Vec<Vec<Option<Proxy>>>,
     replicas: Vec<Option<Service>>,
     dirs: Vec<Option<tempfile::TempDir>>,
+    /// More environment for every replica (e.g. a policies file).
+    extra_env: Vec<(String, String)>,
     http: Client,
 }
 
 impl Cluster {
     fn start(names: &[&str], store: SocketAddr, restore: bool) -> Cluster {
+        Cluster::start_with(names, store, restore, &[])
+    }
+
+    fn start_with(
+        names: &[&str],
+        store: SocketAddr,
+        restore: bool,
+        extra_env: &[(&str, &str)],
+    ) -> Cluster {
         let n = names.len();
         let links: Vec<Vec<Option<Proxy>>> = (0..n)
             .map(|from| (0..n).map(|to| (from != to).then(Proxy::start)).collect())
@@ -208,6 +222,10 @@ impl Cluster {
             links,
             replicas: (0..n).map(|_| None).collect(),
             dirs: (0..n).map(|_| Some(tempfile::tempdir().unwrap())).collect(),
+            extra_env: extra_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             http: http_client(),
         };
         // Started together, as after an outage: none has state a peer could give it.
@@ -254,6 +272,7 @@ impl Cluster {
             .iter()
             .filter(|(k, _)| !peers.is_empty() || !k.starts_with("OPENCLAW_PEER"))
             .map(|(k, v)| (*k, v.as_str()))
+            .chain(self.extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .collect();
         let service = Service::spawn(
             "openclaw-limiter",
@@ -547,6 +566,483 @@ fn a_replica_whose_store_is_down_at_start_comes_up_without_the_restore() {
         "ready only after {ready:?}: the restore's retries must be bounded"
     );
     eprintln!("ready {ready:?} after start with the store down");
+}
+
+/// A store that accepts every connection, reads whatever it is sent and never answers: what a
+/// refused connection does not show (a store behind a load balancer whose backends are gone, a
+/// firewall that drops replies, a half-open connection). It speaks no S3 at all; it only tests
+/// that every request to the store has a deadline. Stopped on drop.
+struct SilentStore {
+    addr: SocketAddr,
+    inner: Arc<SilentInner>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct SilentInner {
+    stopped: AtomicBool,
+    accepted: AtomicU64,
+    /// Open connections, kept to close them on drop.
+    open: Mutex<Vec<TcpStream>>,
+}
+
+impl SilentStore {
+    fn start() -> SilentStore {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("address");
+        let inner = Arc::new(SilentInner::default());
+        let acceptor = std::thread::spawn({
+            let inner = inner.clone();
+            move || {
+                for stream in listener.incoming() {
+                    if inner.stopped.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(mut stream) = stream else { continue };
+                    inner.accepted.fetch_add(1, Ordering::SeqCst);
+                    if let Ok(clone) = stream.try_clone() {
+                        inner.open.lock().unwrap().push(clone);
+                    }
+                    // Read (so the client's writes never block) until the client or the drop
+                    // closes the connection; never write a byte.
+                    std::thread::spawn(move || {
+                        let mut sink = [0u8; 16 * 1024];
+                        while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+                    });
+                }
+            }
+        });
+        SilentStore {
+            addr,
+            inner,
+            acceptor: Some(acceptor),
+        }
+    }
+
+    /// Connections accepted so far.
+    fn accepted(&self) -> u64 {
+        self.inner.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for SilentStore {
+    fn drop(&mut self) {
+        self.inner.stopped.store(true, Ordering::SeqCst);
+        // Wake the blocking accept so the thread sees the flag.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+        for stream in self.inner.open.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// The documented bound (docs/configuration.md, OPENCLAW_RESTORE_FROM_REMOTE): a store that
+/// stops answering costs a restore at most the 10 s stall timeout. The slack covers the start
+/// of the process and the polling.
+const HUNG_READY_BOUND: Duration = Duration::from_secs(15);
+
+/// A store that accepts connections and never answers: the restore gives up within the stall
+/// timeout (the replica is ready, without it), decisions are not delayed while an upload hangs,
+/// the upload fails within its deadline, is counted and retried, and SIGTERM during a hung
+/// upload stops the replica within its grace period. Needs no moto.
+#[test]
+fn a_store_that_never_answers_delays_neither_readiness_past_the_bound_nor_decisions_nor_shutdown() {
+    let store = SilentStore::start();
+    let began = Instant::now();
+    let mut cluster = Cluster::start(&["silent"], store.addr, true);
+    cluster.wait_ready(0);
+    let ready = began.elapsed();
+    eprintln!("ready {ready:?} after start with a store that never answers");
+    assert!(store.accepted() > 0, "the store was never asked");
+    let log = cluster.log(0);
+    assert!(log.contains("off-site restore failed"), "{log}");
+    assert!(
+        ready < HUNG_READY_BOUND,
+        "ready only after {ready:?}: a silent store must cost the restore at most the stall timeout"
+    );
+
+    // An upload in flight (a new connection to the store after the restore's): decisions do
+    // not wait for it.
+    let asked = store.accepted();
+    wait_until(SETTLE, "an upload to start", || {
+        (store.accepted() > asked).then_some(())
+    });
+    let (median, max) = decision_latencies(&cluster, "silent", 100);
+    eprintln!("decision latency p50/max with an upload hanging: {median:?}/{max:?}");
+    assert!(
+        max < Duration::from_millis(500),
+        "a decision took {max:?} while an upload hung"
+    );
+
+    // The hung upload fails within its deadline (10 s for a small snapshot), is counted, and is
+    // retried with back-off, failing again.
+    wait_until(SETTLE, "the hung upload to be counted as failed", || {
+        (cluster.metric(0, FAILED) >= 1.0).then_some(())
+    });
+    wait_until(SETTLE, "the upload to be retried and fail again", || {
+        (cluster.metric(0, FAILED) >= 2.0).then_some(())
+    });
+    assert_eq!(cluster.metric(0, UPLOADED), 0.0);
+
+    // SIGTERM while an upload hangs: the replica stops within its grace period (2 s) plus the
+    // final snapshot, not when the store would have answered.
+    let asked = store.accepted();
+    wait_until(SETTLE, "the next upload to start", || {
+        (store.accepted() > asked).then_some(())
+    });
+    let mut replica = cluster.replicas[0].take().expect("running");
+    let stopping = Instant::now();
+    let status = replica.process.terminate(Duration::from_secs(40));
+    let stopped = stopping.elapsed();
+    eprintln!("stopped {stopped:?} after SIGTERM with an upload hanging");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "not a clean exit: {status:?}"
+    );
+    assert!(
+        stopped < Duration::from_secs(5),
+        "SIGTERM took {stopped:?} with an upload hanging: shutdown must not wait for the store"
+    );
+}
+
+/// A run of `openclaw-limiter` as a command (not a server) to its end: exit code, stdout,
+/// stderr. [`ChildGuard`] keeps no exit status, hence this: the process is killed (and the test
+/// fails) if it outlives `deadline`, and killed on drop whatever happens.
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    took: Duration,
+}
+
+fn run_limiter(args: &[&str], envs: &[(&str, String)], deadline: Duration) -> Run {
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let err = tempfile::NamedTempFile::new().unwrap();
+    let mut cmd = Command::new(openclaw_e2e::workspace_bin("openclaw-limiter"));
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .stdin(std::process::Stdio::null())
+        .stdout(out.reopen().unwrap())
+        .stderr(err.reopen().unwrap());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let began = Instant::now();
+    let mut child = KillOnDrop(cmd.spawn().expect("start openclaw-limiter"));
+    let status = wait_until(
+        deadline,
+        &format!("openclaw-limiter {args:?} to exit"),
+        || child.0.try_wait().expect("wait"),
+    );
+    Run {
+        code: status.code(),
+        stdout: std::fs::read_to_string(out.path()).unwrap(),
+        stderr: std::fs::read_to_string(err.path()).unwrap(),
+        took: began.elapsed(),
+    }
+}
+
+fn aws_env(store: SocketAddr) -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ENDPOINT_URL", format!("http://{store}")),
+        ("AWS_ALLOW_HTTP", "true".to_owned()),
+        ("AWS_ACCESS_KEY_ID", "moto-test-key".to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", "moto-test-secret".to_owned()),
+        ("AWS_REGION", "us-east-1".to_owned()),
+    ]
+}
+
+/// Files in `dir`, sorted, with their bytes (nothing, if it does not exist).
+fn dir_contents(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .map(|e| {
+                    let e = e.unwrap();
+                    (
+                        e.file_name().to_string_lossy().into_owned(),
+                        std::fs::read(e.path()).unwrap(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// The CLI alternative to OPENCLAW_RESTORE_FROM_REMOTE: `openclaw-limiter restore`
+/// seeds a snapshot directory from the bucket (the same merge, the same checks, policies not
+/// configured dropped), and a replica started on that directory has the spent keys spent.
+#[test]
+fn the_restore_command_seeds_a_snapshot_directory_that_a_new_replica_loads() {
+    let Some(moto) = start_moto() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let policies = work.path().join("policies.yaml");
+    std::fs::write(
+        &policies,
+        "policies:\n  retired:\n    capacity: 10\n    refill_interval_ms: 3600000\n",
+    )
+    .unwrap();
+    let policies_env = [("OPENCLAW_POLICIES", policies.to_str().unwrap())];
+
+    // Two replicas spend and ship, then are lost with their disks.
+    let mut old = Cluster::start_with(&["cli-0", "cli-1"], moto.addr, false, &policies_env);
+    for i in 0..old.len() {
+        old.wait_ready(i);
+        assert_eq!(old.spend(i, &format!("own-{i}"), 40), 200);
+        let retired = old
+            .http
+            .get(format!("{}/rate", old.api(i)))
+            .bearer_auth(API_KEY)
+            .query(&[("key", "q"), ("policy", "retired"), ("cost", "4")])
+            .send()
+            .expect("/rate answers");
+        assert_eq!(retired.status(), 200);
+    }
+    for i in 0..old.len() {
+        let written = old
+            .http
+            .post(format!("{}/admin/snapshot", old.api(i)))
+            .bearer_auth(API_KEY)
+            .send()
+            .expect("/admin/snapshot answers");
+        assert!(written.status().is_success(), "{written:?}");
+        let before = old.metric(i, UPLOADED);
+        wait_until(SETTLE, &format!("cli-{i} to ship twice more"), || {
+            (old.metric(i, UPLOADED) >= before + 2.0).then_some(())
+        });
+    }
+    old.destroy();
+    let lost_at = Instant::now();
+    // A damaged copy, newer than cli-0's newest: tried first, reported, skipped.
+    let newest_0 = moto
+        .keys()
+        .into_iter()
+        .filter(|k| k.starts_with(&format!("{PREFIX}/cli-0/")))
+        .max()
+        .expect("cli-0 shipped");
+    let mut damaged = moto.get(&newest_0);
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0x10;
+    let created: u64 = newest_0
+        .rsplit('/')
+        .next()
+        .and_then(|n| n.strip_suffix(".ocs"))
+        .and_then(|n| n.parse().ok())
+        .expect("object name");
+    let corrupt_key = format!("{PREFIX}/cli-0/{:020}.ocs", created + 1);
+    moto.put(&corrupt_key, damaged);
+
+    // The restore, configured as the new replica will be: `default` only.
+    let seed = work.path().join("seed");
+    let seed_arg = seed.to_str().unwrap();
+    let from = format!("s3://{BUCKET}/{PREFIX}");
+    let mut env = aws_env(moto.addr);
+    env.push(("BUCKET_CAPACITY", CAPACITY.to_string()));
+    env.push(("REFILL_INTERVAL_MS", HOUR_MS.to_string()));
+    let restore = ["restore", "--from", &from, "--into", seed_arg];
+    let run = run_limiter(&restore, &env, START);
+    eprintln!("restore took {:?}:\n{}{}", run.took, run.stdout, run.stderr);
+    assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
+    for expected in [
+        "listed ".to_owned(),
+        format!("merged  {PREFIX}/cli-0/"),
+        format!("merged  {PREFIX}/cli-1/"),
+        format!("skipped {corrupt_key} [checksum]"),
+        "dropped the buckets of policies not configured here: retired".to_owned(),
+        "read back and verified".to_owned(),
+        "restore OK: 2 bucket(s) from 2 of 2 replica folder(s), 1 object(s) skipped".to_owned(),
+    ] {
+        assert!(
+            run.stdout.contains(&expected),
+            "no {expected:?} in\n{}",
+            run.stdout
+        );
+    }
+    let seeded = dir_contents(&seed);
+    assert_eq!(
+        seeded.len(),
+        1,
+        "one snapshot file and nothing else: {:?}",
+        seeded.iter().map(|f| &f.0).collect::<Vec<_>>()
+    );
+
+    // Run again: the directory holds a snapshot now; refused, and left as it was.
+    let again = run_limiter(&restore, &env, START);
+    assert_eq!(again.code, Some(73), "{}{}", again.stdout, again.stderr);
+    assert!(
+        again.stderr.contains("already holds 1 snapshot"),
+        "{}",
+        again.stderr
+    );
+    assert!(again.stderr.contains("nothing written"), "{}", again.stderr);
+    assert_eq!(dir_contents(&seed), seeded);
+
+    // A replica started on the directory has the spent keys spent.
+    let node = Service::spawn(
+        "openclaw-limiter",
+        &["--listen", "127.0.0.1:0"],
+        &[
+            ("BUCKET_CAPACITY", &CAPACITY.to_string()),
+            ("REFILL_INTERVAL_MS", &HOUR_MS.to_string()),
+            ("OPENCLAW_API_KEY", API_KEY),
+            ("OPENCLAW_NODE_ID", "new-0"),
+            ("OPENCLAW_SNAPSHOT_DIR", seed_arg),
+        ],
+        START,
+    );
+    let http = http_client();
+    let remaining = |key: &str| -> u64 {
+        let status: Value = http
+            .get(format!("{}/status", node.url))
+            .bearer_auth(API_KEY)
+            .query(&[("key", key)])
+            .send()
+            .expect("/status answers")
+            .json()
+            .expect("/status is JSON");
+        status["bucket"]["remaining"].as_u64().expect("remaining")
+    };
+    let refilled = 1 + lost_at.elapsed().as_secs() / 36 + 1;
+    for key in ["own-0", "own-1"] {
+        let left = remaining(key);
+        assert!(
+            (60..=60 + refilled).contains(&left),
+            "{key} has {left} left, expected 60 (+{refilled} refilled)"
+        );
+    }
+    assert_eq!(remaining("never-spent"), CAPACITY);
+    assert!(
+        node.process.log().contains("snapshot restored"),
+        "{}",
+        node.process.log()
+    );
+
+    // Nothing valid under a prefix: exit 66, nothing written, not even the directory.
+    let none = work.path().join("none");
+    let empty_prefix = format!("s3://{BUCKET}/nothing-here");
+    let run = run_limiter(
+        &[
+            "restore",
+            "--from",
+            &empty_prefix,
+            "--into",
+            none.to_str().unwrap(),
+        ],
+        &env,
+        START,
+    );
+    assert_eq!(run.code, Some(66), "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr.contains("no valid snapshot under"),
+        "{}",
+        run.stderr
+    );
+    assert!(!none.exists());
+    // Everything too old is nothing valid too: every snapshot was taken before `lost_at`.
+    wait_until(SETTLE, "the snapshots to be more than 1 s old", || {
+        (lost_at.elapsed() > Duration::from_secs(2)).then_some(())
+    });
+    let run = run_limiter(
+        &[
+            "restore",
+            "--from",
+            &from,
+            "--into",
+            none.to_str().unwrap(),
+            "--max-age-s",
+            "1",
+        ],
+        &env,
+        START,
+    );
+    assert_eq!(run.code, Some(66), "{}{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("[too_old]"), "{}", run.stdout);
+    assert!(!none.exists());
+
+    // A target that is a file: exit 73, the file untouched.
+    let file = work.path().join("a-file");
+    std::fs::write(&file, b"keep me").unwrap();
+    let run = run_limiter(
+        &["restore", "--from", &from, "--into", file.to_str().unwrap()],
+        &env,
+        START,
+    );
+    assert_eq!(run.code, Some(73), "{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("not a directory"), "{}", run.stderr);
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+
+    // --force: the restored snapshot is added as the newest.
+    let forced = run_limiter(
+        &["restore", "--from", &from, "--into", seed_arg, "--force"],
+        &env,
+        START,
+    );
+    assert_eq!(forced.code, Some(0), "{}{}", forced.stdout, forced.stderr);
+    assert_eq!(dir_contents(&seed).len(), 2);
+}
+
+/// `openclaw-limiter restore` against a store that refuses connections, and one that accepts
+/// and never answers: exit 69 within the documented bound, nothing written. And a usage error
+/// is exit 64. Needs no moto.
+#[test]
+fn the_restore_command_fails_cleanly_when_the_store_cannot_be_listed() {
+    let work = tempfile::tempdir().unwrap();
+    let into = work.path().join("seed");
+    let into_arg = into.to_str().unwrap();
+    let refusing = Proxy::start(); // no target: every connection is closed at once
+    let silent = SilentStore::start();
+    for (what, store, bound) in [
+        ("refusing", refusing.addr(), Duration::from_secs(10)),
+        ("silent", silent.addr, HUNG_READY_BOUND),
+    ] {
+        let run = run_limiter(
+            &[
+                "restore",
+                "--from",
+                "s3://openclaw-dr/e2e",
+                "--into",
+                into_arg,
+            ],
+            &aws_env(store),
+            START,
+        );
+        eprintln!(
+            "{what} store: exit {:?} after {:?}\n{}",
+            run.code, run.took, run.stderr
+        );
+        assert_eq!(run.code, Some(69), "{what}: {}{}", run.stdout, run.stderr);
+        assert!(
+            run.stderr
+                .contains("cannot restore from s3://openclaw-dr/e2e"),
+            "{}",
+            run.stderr
+        );
+        assert!(run.stderr.contains("nothing written"), "{}", run.stderr);
+        assert!(run.took < bound, "{what}: {:?}", run.took);
+        assert!(!into.exists(), "{what}: the directory was created");
+    }
+    assert!(refusing.refused() > 0 && silent.accepted() > 0);
+
+    let run = run_limiter(&["restore", "--into", into_arg], &[], START);
+    assert_eq!(run.code, Some(64), "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr.contains("--from s3://bucket/prefix"),
+        "{}",
+        run.stderr
+    );
 }
 
 /// (median, max) latency of `n` decisions spread over the replicas.
