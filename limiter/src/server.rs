@@ -313,7 +313,7 @@ async fn restore_if_empty(limiter: &Arc<Limiter>, remote: &Remote, max_age: Dura
         return;
     }
     if let Err(e) = remote.restore(limiter, max_age).await {
-        tracing::error!(remote = %remote.url(), error = %e, "off-site restore failed: ready without it");
+        tracing::error!(remote = %remote.url(), error = %e, "off-site restore failed or stopped: ready with what it merged before (possibly nothing)");
     }
 }
 
