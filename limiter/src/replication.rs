@@ -96,6 +96,9 @@ pub const UNVERIFIED_BUDGET: usize = 4 * MAX_MESSAGE_BYTES;
 /// Nodes tracked only because they sent messages (not from discovery): each is a label value of
 /// the per-peer series, so their number is bounded.
 const MAX_HEARD_ONLY_PEERS: usize = 64;
+/// A node only heard from (not discovered) is reported in the per-peer series while it was
+/// heard within this many anti-entropy intervals (it pushes everything at least once each).
+const HEARD_ONLY_ROUNDS: u32 = 3;
 /// Longest node name a message may carry (a DNS name's bound).
 const MAX_NODE_NAME_BYTES: usize = 253;
 /// Longest a peer may take to send one request body.
@@ -698,19 +701,53 @@ impl Replicator {
         metrics
             .clock_lead
             .set(self.limiter.clock().lead_us() as f64 / 1e6);
-        for peer in peers.values() {
-            if let (Some(node), Some(offset)) = (&peer.node, peer.clock_offset_us) {
+        // A peer discovery lists always counts (silent, it must show a growing lag and alert).
+        // A node only heard from counts while it keeps talking: a replica that left (a
+        // scale-down) is no longer discovered, and its lag must not grow for ever and alert.
+        let horizon =
+            u64::try_from((HEARD_ONLY_ROUNDS * self.options.anti_entropy_interval).as_micros())
+                .unwrap_or(u64::MAX);
+        let discovered: BTreeSet<&str> = peers
+            .values()
+            .filter(|p| !p.address.starts_with("node:"))
+            .filter_map(|p| p.node.as_deref())
+            .collect();
+        let current = |p: &PeerStatus| {
+            !p.address.starts_with("node:")
+                || p.node.as_deref().is_some_and(|n| discovered.contains(n))
+                || p.last_contact_us
+                    .is_some_and(|t| now.saturating_sub(t) <= horizon)
+        };
+        // Per node, the freshest merge, and the offset of the latest contact, among its
+        // entries (outbound and heard).
+        type Latest = (Option<Micros>, Option<(Micros, i64)>);
+        let mut nodes: BTreeMap<&str, Latest> = BTreeMap::new();
+        for peer in peers.values().filter(|p| current(p)) {
+            let Some(node) = peer.node.as_deref() else {
+                continue;
+            };
+            let entry = nodes.entry(node).or_default();
+            entry.0 = entry.0.max(peer.last_merge_us);
+            if let Some(offset) = peer.clock_offset_us {
+                let at = peer.last_contact_us.unwrap_or(0);
+                if entry.1.is_none_or(|(seen, _)| at >= seen) {
+                    entry.1 = Some((at, offset));
+                }
+            }
+        }
+        for (node, (merged, offset)) in nodes {
+            let labels = PeerLabels {
+                peer: node.to_owned(),
+            };
+            if let Some((_, offset)) = offset {
                 metrics
                     .peer_clock_offset
-                    .get_or_create(&PeerLabels { peer: node.clone() })
+                    .get_or_create(&labels)
                     .set(offset as f64 / 1e6);
             }
-            if let (Some(node), Some(merged)) = (&peer.node, peer.last_merge_us) {
+            if let Some(merged) = merged {
                 let lag = now.saturating_sub(merged) as f64 / 1e6;
-                metrics
-                    .replication_lag
-                    .get_or_create(&PeerLabels { peer: node.clone() })
-                    .set(lag);
+                metrics.replication_lag.get_or_create(&labels).set(lag);
             }
         }
     }

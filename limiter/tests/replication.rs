@@ -240,6 +240,39 @@ async fn a_replica_whose_discovery_ends_still_hands_its_last_changes_over() {
     survivor.shutdown().await;
 }
 
+/// After a scale-down the survivors must stop reporting a replication lag for the replica that
+/// left: `OpenClawReplicationLagHigh` fired after every scale-down of the 20-minute stack run,
+/// for peers that had left minutes before (the entry of a node heard from was kept for good,
+/// its lag growing). A peer discovery still lists keeps its series (a dead one must alert).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_left_stops_having_a_replication_lag() {
+    let fast = |o: &mut ReplicationOptions| o.anti_entropy_interval = Duration::from_millis(100);
+    let survivor = Replica::start_with("node-survivor", 1, fast).await;
+    let leaver = Replica::start_with("node-leaver", 2, fast).await;
+    survivor.peers.send(vec![leaver.address]).unwrap();
+    leaver.peers.send(vec![survivor.address]).unwrap();
+    let lag_series = |r: &Replica, peer: &str| {
+        r.replicator.publish_gauges();
+        r.limiter
+            .render_metrics()
+            .lines()
+            .any(|l| l.starts_with("openclaw_replication_lag_seconds") && l.contains(peer))
+    };
+    eventually("a lag for the leaver", || {
+        lag_series(&survivor, "node-leaver")
+    })
+    .await;
+
+    // Scale-down: the leaver stops (hand-over included) and leaves discovery.
+    leaver.shutdown().await;
+    survivor.peers.send(Vec::new()).unwrap();
+    eventually("the leaver's lag series to go", || {
+        !lag_series(&survivor, "node-leaver")
+    })
+    .await;
+    survivor.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_starts_empty_pulls_what_the_cluster_spent() {
     let replicas = cluster(2).await;
