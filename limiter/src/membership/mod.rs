@@ -148,36 +148,29 @@ impl Discovery {
             ));
         }
 
-        let unused = |errors: &mut Vec<String>, var: &str, value: Option<&str>, wants: &str| {
-            if value.is_some() {
+        // Each kind's own variable; any other one set is almost always a forgotten
+        // OPENCLAW_DISCOVERY. (An unknown kind gets its own error below instead.)
+        let sources = [
+            ("OPENCLAW_PEERS", peers, "static"),
+            ("OPENCLAW_PEERS_FILE", peers_file, "file"),
+            ("OPENCLAW_PEER_DNS", dns, "dns"),
+            ("OPENCLAW_KUBE_SERVICE", kube_service, "kubernetes"),
+        ];
+        let known = matches!(
+            kind.as_str(),
+            "none" | "" | "static" | "file" | "dns" | "kubernetes"
+        );
+        for (var, value, wants) in sources {
+            if known && value.is_some() && wants != kind {
                 errors.push(format!(
                     "{var} is set but OPENCLAW_DISCOVERY={kind} does not use it \
                      (set OPENCLAW_DISCOVERY={wants}, or unset {var})"
                 ));
             }
-        };
+        }
         let discovery = match kind.as_str() {
-            "none" | "" => {
-                unused(&mut errors, "OPENCLAW_PEERS", peers, "static");
-                unused(&mut errors, "OPENCLAW_PEERS_FILE", peers_file, "file");
-                unused(&mut errors, "OPENCLAW_PEER_DNS", dns, "dns");
-                unused(
-                    &mut errors,
-                    "OPENCLAW_KUBE_SERVICE",
-                    kube_service,
-                    "kubernetes",
-                );
-                Some(Discovery::None)
-            }
+            "none" | "" => Some(Discovery::None),
             "static" => {
-                unused(&mut errors, "OPENCLAW_PEERS_FILE", peers_file, "file");
-                unused(&mut errors, "OPENCLAW_PEER_DNS", dns, "dns");
-                unused(
-                    &mut errors,
-                    "OPENCLAW_KUBE_SERVICE",
-                    kube_service,
-                    "kubernetes",
-                );
                 if peer_list.is_none() {
                     errors.push(
                         "OPENCLAW_PEERS is required with OPENCLAW_DISCOVERY=static \
@@ -188,14 +181,6 @@ impl Discovery {
                 peer_list.map(Discovery::Static)
             }
             "file" => {
-                unused(&mut errors, "OPENCLAW_PEERS", peers, "static");
-                unused(&mut errors, "OPENCLAW_PEER_DNS", dns, "dns");
-                unused(
-                    &mut errors,
-                    "OPENCLAW_KUBE_SERVICE",
-                    kube_service,
-                    "kubernetes",
-                );
                 if peers_file.is_none() {
                     errors.push(
                         "OPENCLAW_PEERS_FILE is required with OPENCLAW_DISCOVERY=file \
@@ -206,14 +191,6 @@ impl Discovery {
                 peers_file.map(|path| Discovery::File(PathBuf::from(path)))
             }
             "dns" => {
-                unused(&mut errors, "OPENCLAW_PEERS", peers, "static");
-                unused(&mut errors, "OPENCLAW_PEERS_FILE", peers_file, "file");
-                unused(
-                    &mut errors,
-                    "OPENCLAW_KUBE_SERVICE",
-                    kube_service,
-                    "kubernetes",
-                );
                 if dns.is_none() {
                     errors.push(
                         "OPENCLAW_PEER_DNS is required with OPENCLAW_DISCOVERY=dns \
@@ -226,9 +203,6 @@ impl Discovery {
                 })
             }
             "kubernetes" => {
-                unused(&mut errors, "OPENCLAW_PEERS", peers, "static");
-                unused(&mut errors, "OPENCLAW_PEERS_FILE", peers_file, "file");
-                unused(&mut errors, "OPENCLAW_PEER_DNS", dns, "dns");
                 if kube_service.is_none() {
                     errors.push(
                         "OPENCLAW_KUBE_SERVICE is required with OPENCLAW_DISCOVERY=kubernetes \
