@@ -66,6 +66,10 @@ pub const CLOCK_LEAD_SECONDS: &str = "openclaw_clock_lead_seconds";
 /// Peer timestamps refused by the clock guard, by `reason` (`message_ahead`: the whole message;
 /// `epoch_ahead`, `incarnation_ahead`: one bucket entry). Counter.
 pub const PEER_CLOCK_REFUSED_TOTAL: &str = "openclaw_peer_clock_refused_total";
+/// Authenticated peer bucket entries refused because no honest replica sends them, by `reason`
+/// (`implausible_consumption`: a component claims more than its owner could have admitted
+/// since its incarnation; `too_many_components`). Counter.
+pub const PEER_ENTRIES_REFUSED_TOTAL: &str = "openclaw_peer_entries_refused_total";
 /// Seconds since the last successful snapshot was written (or restored). Gauge.
 pub const SNAPSHOT_AGE_SECONDS: &str = "openclaw_snapshot_age_seconds";
 /// Snapshot attempts, by `result` (`success` | `failure`). Counter.
@@ -137,6 +141,7 @@ pub const ALL: &[&str] = &[
     PEER_CLOCK_OFFSET_SECONDS,
     CLOCK_LEAD_SECONDS,
     PEER_CLOCK_REFUSED_TOTAL,
+    PEER_ENTRIES_REFUSED_TOTAL,
     SNAPSHOT_AGE_SECONDS,
     SNAPSHOTS_TOTAL,
     SNAPSHOT_UPLOADS_TOTAL,

@@ -88,6 +88,17 @@ impl Rate {
         i128::from(self.capacity) * dt_us
     }
 
+    /// The most tokens a bucket of this rate can admit from `from` to `to` (microseconds, `to`
+    /// not before `from`): a full bucket at `from` plus the refill until `to`, saturating.
+    /// Not on the decision path: it bounds what a peer's component may claim.
+    pub fn most_admitted_between(&self, from: Micros, to: Micros) -> u64 {
+        let refill = u128::from(self.capacity) * u128::from(to.saturating_sub(from))
+            / u128::from(self.interval_us);
+        u64::try_from(refill)
+            .unwrap_or(u64::MAX)
+            .saturating_add(self.capacity)
+    }
+
     /// Whole tokens in a scaled level, rounded down; a negative level (debt) counts as 0.
     #[inline]
     pub fn whole_tokens(&self, level_scaled: i128) -> u64 {

@@ -166,6 +166,18 @@ impl BucketState {
         self.rebaser
     }
 
+    /// The first component that claims more consumption than its owner can have admitted by
+    /// `latest`: from its incarnation on, the owner admits only while its own view, which
+    /// always holds its current component, has the tokens, and that view is at most the
+    /// incarnation's bound `C + r·(t − incarnation) − consumed` (module docs). So an honest
+    /// component never exceeds [`Rate::most_admitted_between`] its incarnation and the owner's
+    /// clock, which the clock guard keeps at or before `latest`.
+    pub fn implausible_component(&self, rate: Rate, latest: Micros) -> Option<&Component> {
+        self.components
+            .iter()
+            .find(|c| c.consumed > rate.most_admitted_between(c.incarnation, latest))
+    }
+
     pub fn components(&self) -> &[Component] {
         &self.components
     }

@@ -178,6 +178,8 @@ pub struct Metrics {
     pub peer_clock_offset: Family<PeerLabels, FloatGauge>,
     pub clock_lead: FloatGauge,
     pub peer_clock_refused: Family<ReasonLabels, Counter>,
+    /// `openclaw_peer_entries_refused_total`: authenticated bucket entries no honest peer sends.
+    pub peer_entries_refused: Family<ReasonLabels, Counter>,
     pub snapshot_age: FloatGauge,
     pub snapshots: Family<ResultLabels, Counter>,
     /// Off-site snapshots (`crate::remote`).
@@ -249,6 +251,7 @@ impl Metrics {
             peer_clock_offset: Family::default(),
             clock_lead: FloatGauge::default(),
             peer_clock_refused: Family::default(),
+            peer_entries_refused: Family::default(),
             snapshot_age: FloatGauge::default(),
             snapshots: Family::default(),
             snapshot_uploads: Family::default(),
@@ -391,6 +394,12 @@ impl Metrics {
             metrics.peer_clock_refused.clone(),
         );
         registry.register(
+            counter_name(names::PEER_ENTRIES_REFUSED_TOTAL),
+            "Authenticated peer bucket entries refused and never merged because no honest \
+             replica sends them, by reason (implausible_consumption, too_many_components)",
+            metrics.peer_entries_refused.clone(),
+        );
+        registry.register(
             names::SNAPSHOT_AGE_SECONDS,
             "Seconds since the last snapshot was written or restored (0 when snapshots are off)",
             metrics.snapshot_age.clone(),
@@ -486,6 +495,11 @@ impl Metrics {
         for reason in ["message_ahead", "epoch_ahead", "incarnation_ahead"] {
             let _ = metrics
                 .peer_clock_refused
+                .get_or_create(&ReasonLabels { reason });
+        }
+        for reason in ["implausible_consumption", "too_many_components"] {
+            let _ = metrics
+                .peer_entries_refused
                 .get_or_create(&ReasonLabels { reason });
         }
         for result in ["success", "failure"] {

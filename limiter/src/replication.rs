@@ -101,6 +101,10 @@ const MAX_HEARD_ONLY_PEERS: usize = 64;
 const HEARD_ONLY_ROUNDS: u32 = 3;
 /// Longest node name a message may carry (a DNS name's bound).
 const MAX_NODE_NAME_BYTES: usize = 253;
+/// Most components a peer's bucket entry may carry. A real bucket holds one per replica that
+/// spent on it in its current stretch of non-fullness, and a little more across restarts; an
+/// entry with more is refused (`openclaw_peer_entries_refused_total{reason="too_many_components"}`).
+pub const MAX_COMPONENTS_PER_BUCKET: usize = 64;
 /// Longest a peer may take to send one request body.
 const BODY_DEADLINE: Duration = Duration::from_secs(10);
 /// Largest `POST /v1/lend` body.
@@ -1038,6 +1042,8 @@ impl Replicator {
         let mut changed = 0;
         let received = message.entries.len() as u64;
         let mut refused: [(&'static str, u64); 2] = [("epoch_ahead", 0), ("incarnation_ahead", 0)];
+        let mut implausible: [(&'static str, u64); 2] =
+            [("implausible_consumption", 0), ("too_many_components", 0)];
         for WireEntry(policy_index, key, epoch, rebaser, components) in message.entries {
             // A stamp beyond the guard would hold the bucket below its level (or win every
             // merge) for as long as it is ahead: refused, the rest of the message merged.
@@ -1057,6 +1063,13 @@ impl Replicator {
             let Some(policy) = policies.get(&message.policies[policy_index as usize]) else {
                 continue;
             };
+            // What an honest owner can have counted (docs/crdt.md, "What a peer may send"):
+            // refused, never merged, the rest of the message merged.
+            if components.len() > MAX_COMPONENTS_PER_BUCKET {
+                implausible[1].1 += 1;
+                continue;
+            }
+            let rate = policy.rate_for(&key);
             let state = BucketState::from_parts(
                 epoch,
                 ReplicaId(rebaser),
@@ -1073,10 +1086,14 @@ impl Replicator {
                         },
                     }),
             );
+            if state.implausible_component(rate, latest).is_some() {
+                implausible[0].1 += 1;
+                continue;
+            }
             if self
                 .limiter
                 .store()
-                .merge(policy.id, &key, &state, policy.rate_for(&key), now)
+                .merge(policy.id, &key, &state, rate, now)
             {
                 changed += 1;
             }
@@ -1090,6 +1107,20 @@ impl Replicator {
                     .peer_clock_refused
                     .get_or_create(&ReasonLabels { reason })
                     .inc_by(count);
+            }
+        }
+        for (reason, count) in implausible {
+            if count > 0 {
+                metrics
+                    .peer_entries_refused
+                    .get_or_create(&ReasonLabels { reason })
+                    .inc_by(count);
+                tracing::warn!(
+                    node = %message.node,
+                    reason,
+                    entries = count,
+                    "refused peer bucket entries no honest replica could have sent"
+                );
             }
         }
         let any_refused = refused.iter().any(|&(_, count)| count > 0);

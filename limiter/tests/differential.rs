@@ -48,6 +48,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use openclaw_limiter::bucket::{Micros, Rate, ReferenceBucket};
 use openclaw_limiter::clock::{Clock, Lead, follow_peer};
 use openclaw_limiter::crdt::{BucketState, ReplicaId};
+use openclaw_limiter::replication::MAX_COMPONENTS_PER_BUCKET;
 use openclaw_limiter::store::{PolicyId, Store};
 use proptest::prelude::*;
 
@@ -837,6 +838,18 @@ impl<'a> Sim<'a> {
         let r = &self.replicas[to];
         let local = r.local(now);
         for (key, state) in states {
+            // What the peer listener checks before merging (`Replicator::apply`): an honest
+            // replica's state must always pass, or the check would drop real consumption.
+            assert!(
+                state.components().len() <= MAX_COMPONENTS_PER_BUCKET,
+                "an honest state of {} components would be refused",
+                state.components().len()
+            );
+            if let Some(component) =
+                state.implausible_component(self.rate_of(*key), local + CLOCK_GUARD)
+            {
+                panic!("an honest component would be refused as implausible: {component:?}");
+            }
             r.store
                 .merge(POLICY, &self.keys[*key], state, self.rate_of(*key), local);
         }

@@ -890,3 +890,67 @@ async fn nodes_known_only_from_their_messages_are_bounded() {
     assert!(series <= 64, "{series} lag series");
     target.shutdown().await;
 }
+
+/// A peer that holds the secret cannot make a key unusable for ever: a component claiming more
+/// consumption than its owner could have admitted since its incarnation (the capacity plus the
+/// refill since then, by this replica's clock and the guard) is refused with its bucket entry,
+/// as is an entry with more components than any real bucket holds; the rest of the message
+/// merges, and both refusals are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn implausible_consumption_from_a_peer_is_refused_and_counted() {
+    let target = Replica::start("target", 1).await;
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/v1/sync", target.address);
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET);
+    let now = target.limiter.now();
+    let post = |body: String| {
+        let stamp = target.limiter.now().to_string();
+        let tag = ring::hmac::sign(&key, format!("{stamp}\n{body}").as_bytes());
+        let signature: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        client
+            .post(&url)
+            .header("x-openclaw-timestamp", stamp)
+            .header("x-openclaw-signature", signature)
+            .body(body)
+            .send()
+    };
+    const UNLISTED: u64 = u64::MAX;
+    // The default policy: 100 tokens refilled over 600 s. A component started 60 s ago may have
+    // admitted at most 100 + 60.5 s of refill (the 500 ms guard included) = 110 tokens.
+    let minute_ago = now - 60_000_000;
+    let crowded: Vec<String> = (100..300u64)
+        .map(|replica| format!("[{replica},{now},1,{UNLISTED}]"))
+        .collect();
+    let entries = [
+        format!(
+            r#"[0,"forged",0,0,[[9,{now},{},{UNLISTED}]]]"#,
+            u64::MAX - 1
+        ),
+        format!(r#"[0,"overspent",0,0,[[9,{minute_ago},111,{UNLISTED}]]]"#),
+        format!(r#"[0,"at-the-bound",0,0,[[9,{minute_ago},110,{UNLISTED}]]]"#),
+        format!(r#"[0,"crowded",0,0,[{}]]"#, crowded.join(",")),
+        format!(r#"[0,"plain",0,0,[[9,{now},5,{UNLISTED}]]]"#),
+    ];
+    let message = format!(
+        r#"{{"v":2,"node":"peer","replica":7,"sent_at":{now},"full":false,"policies":["default"],"entries":[{}]}}"#,
+        entries.join(",")
+    );
+    assert_eq!(post(message).await.unwrap().status(), 200);
+
+    let default = target.limiter.policies().get("default").unwrap().id;
+    let store = target.limiter.store();
+    for merged in ["at-the-bound", "plain"] {
+        assert!(store.contains(default, merged), "{merged} was not merged");
+    }
+    for refused in ["forged", "overspent", "crowded"] {
+        assert!(!store.contains(default, refused), "{refused} was merged");
+    }
+    let text = target.limiter.render_metrics();
+    for line in [
+        "openclaw_peer_entries_refused_total{reason=\"implausible_consumption\"} 2",
+        "openclaw_peer_entries_refused_total{reason=\"too_many_components\"} 1",
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
+    target.shutdown().await;
+}
