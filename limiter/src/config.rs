@@ -149,6 +149,19 @@ pub struct Args {
     #[arg(long, env = "OPENCLAW_CLOCK_SKEW_GUARD_MS", default_value_t = 500)]
     pub clock_skew_guard_ms: u64,
 
+    /// Also accept peer requests signed as versions before the head signature signed them (the
+    /// body only), whose bodies must be read before anything in them is authenticated. Only
+    /// while a rolling upgrade from such a version runs; off by default. See docs/crdt.md,
+    /// "What a peer may send".
+    #[arg(
+        long,
+        env = "OPENCLAW_PEER_LEGACY_SIGNATURES",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub peer_legacy_signatures: bool,
+
     /// Longest wait at start for peers' state before reporting ready anyway, in milliseconds.
     #[arg(long, env = "OPENCLAW_READY_MAX_WAIT_MS", default_value_t = 5000)]
     pub ready_max_wait_ms: u64,
@@ -317,6 +330,8 @@ pub struct ReplicationSettings {
     pub strict_skew_guard: Duration,
     pub strict_loan_timeout: Duration,
     pub clock_skew_guard: Duration,
+    /// Accept body-only signatures (a rolling upgrade from an earlier version).
+    pub legacy_signatures: bool,
     /// Connection limits of the peer listener.
     pub peer_limits: crate::listener::Limits,
 }
@@ -554,6 +569,7 @@ fn replication_settings(args: &Args, errors: &mut Vec<String>) -> Option<Replica
         strict_skew_guard: Duration::from_millis(args.strict_skew_guard_ms),
         strict_loan_timeout: Duration::from_millis(args.strict_loan_timeout_ms),
         clock_skew_guard: Duration::from_millis(args.clock_skew_guard_ms),
+        legacy_signatures: args.peer_legacy_signatures,
         peer_limits: crate::listener::Limits {
             max_connections: args.peer_max_connections,
             idle_timeout: Duration::from_secs(args.peer_idle_timeout_s),

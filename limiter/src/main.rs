@@ -286,6 +286,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                     clock_guard: settings.clock_skew_guard,
                     loan_timeout: settings.strict_loan_timeout,
                     unverified_budget: openclaw_limiter::replication::UNVERIFIED_BUDGET,
+                    legacy_signatures: settings.legacy_signatures,
                 },
             )?;
             let replicator = Arc::new(replicator);

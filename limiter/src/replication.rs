@@ -69,6 +69,9 @@ const FULL_SYNC_CHUNK: usize = 16_384;
 const MAX_CLOCK_SKEW_US: Micros = 5 * 60 * 1_000_000;
 const TIMESTAMP_HEADER: &str = "x-openclaw-timestamp";
 const SIGNATURE_HEADER: &str = "x-openclaw-signature";
+/// HMAC of `head \n timestamp \n path \n content length \n body signature`: a request with a
+/// body is authenticated by it before a byte of the body is read.
+const HEAD_SIGNATURE_HEADER: &str = "x-openclaw-head-signature";
 
 #[derive(Debug, Clone)]
 pub struct ReplicationOptions {
@@ -88,6 +91,10 @@ pub struct ReplicationOptions {
     /// Bytes of peer request bodies held at once, across all requests, before they are
     /// authenticated ([`UNVERIFIED_BUDGET`] by default).
     pub unverified_budget: usize,
+    /// Also take requests signed the way earlier versions sign them: without a head signature,
+    /// so their bodies are read before anything in them is authenticated. Only for a rolling
+    /// upgrade from such a version (`OPENCLAW_PEER_LEGACY_SIGNATURES`).
+    pub legacy_signatures: bool,
 }
 
 /// What peer request bodies may hold at once before their signatures are checked: four
@@ -439,12 +446,14 @@ impl Replicator {
         let body = serde_json::to_vec(request).expect("serializing plain data cannot fail");
         let timestamp = self.limiter.now();
         let signature = self.sign(timestamp, &body);
+        let head = self.sign_head(timestamp, "/v1/lend", body.len(), &signature);
         let response = self
             .client
             .post(format!("http://{address}/v1/lend"))
             .timeout(self.options.loan_timeout)
             .header(TIMESTAMP_HEADER, timestamp.to_string())
             .header(SIGNATURE_HEADER, signature)
+            .header(HEAD_SIGNATURE_HEADER, head)
             .header("content-type", "application/json")
             .body(body)
             .send()
@@ -764,6 +773,22 @@ impl Replicator {
         hex(context.sign().as_ref())
     }
 
+    /// The head signature of a request to `path` whose body of `length` bytes is signed with
+    /// `body_signature` (hex, as sent).
+    fn sign_head(
+        &self,
+        timestamp: Micros,
+        path: &str,
+        length: usize,
+        body_signature: &str,
+    ) -> String {
+        hex(hmac::sign(
+            &self.key,
+            format!("head\n{timestamp}\n{path}\n{length}\n{body_signature}").as_bytes(),
+        )
+        .as_ref())
+    }
+
     /// The signature headers of a peer message: its timestamp (checked fresh) and signature.
     /// Checked before a byte of a request's body is read.
     fn signature_headers(&self, headers: &HeaderMap) -> Result<(Micros, Vec<u8>), Rejection> {
@@ -802,16 +827,18 @@ impl Replicator {
         })
     }
 
-    /// A peer request's body, authenticated. Its signature headers are checked first (a
-    /// request without them is refused before its body is read); the body is then read within
-    /// `limit` and [`BODY_DEADLINE`], holding a permit of the replica-wide budget per byte
-    /// (a request that would exceed it is refused at once: `busy`), and its signature checked
-    /// over the bytes as they come.
+    /// A peer request's body to `path`, authenticated. Its head is authenticated first (the
+    /// timestamp, fresh, and the head signature over it, the path, the length and the body's
+    /// signature) and a replay refused, so that nothing without the secret gets a byte of its
+    /// body read; the body is then read within `limit` and [`BODY_DEADLINE`], holding a permit
+    /// of the replica-wide budget per byte (a request that would exceed it is refused at once:
+    /// `busy`), and its signature checked over the bytes as they come.
     async fn read_signed(
         &self,
         headers: &HeaderMap,
         body: Body,
         limit: usize,
+        path: &str,
     ) -> Result<SignedBody, Rejection> {
         use futures_util::StreamExt;
         let (timestamp, signature) = self.signature_headers(headers)?;
@@ -821,6 +848,31 @@ impl Replicator {
             .and_then(|v| v.parse::<u64>().ok());
         if announced.is_some_and(|length| length > limit as u64) {
             return Err(Rejection::TooLarge);
+        }
+        match headers.get(HEAD_SIGNATURE_HEADER) {
+            Some(head) => {
+                let head = head
+                    .to_str()
+                    .ok()
+                    .and_then(unhex)
+                    .ok_or(Rejection::Unauthenticated("malformed head signature"))?;
+                let length = announced.ok_or(Rejection::Unauthenticated(
+                    "a signed head needs a content-length",
+                ))?;
+                let body_signature = headers
+                    .get(SIGNATURE_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                self.check_signature(
+                    format!("head\n{timestamp}\n{path}\n{length}\n{body_signature}").as_bytes(),
+                    &head,
+                )?;
+                if self.seen_already(timestamp, &signature) {
+                    return Err(Rejection::Replayed);
+                }
+            }
+            None if self.options.legacy_signatures => {}
+            None => return Err(Rejection::Unauthenticated("missing head signature")),
         }
         // The signed bytes are `timestamp \n body`. The body is kept as the chunks that came
         // (no buffer grown by doubling: what is held is what was sent) and signed as it comes.
@@ -871,6 +923,12 @@ impl Replicator {
             }
         };
         Ok(SignedBody { body, _held: held })
+    }
+
+    /// Whether an authenticated request with this timestamp and signature was taken already.
+    fn seen_already(&self, timestamp: Micros, signature: &[u8]) -> bool {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.contains(&(timestamp, signature.to_vec()))
     }
 
     /// Take an authenticated request once: a second one with the same timestamp and signature
@@ -1155,12 +1213,14 @@ impl Replicator {
     async fn send(&self, address: SocketAddr, body: Vec<u8>) -> Option<Option<u64>> {
         let timestamp = self.limiter.now();
         let signature = self.sign(timestamp, &body);
+        let head = self.sign_head(timestamp, "/v1/sync", body.len(), &signature);
         let bytes = body.len() as u64;
         let result = self
             .client
             .post(format!("http://{address}/v1/sync"))
             .header(TIMESTAMP_HEADER, timestamp.to_string())
             .header(SIGNATURE_HEADER, signature.clone())
+            .header(HEAD_SIGNATURE_HEADER, head)
             .header("content-type", "application/json")
             .body(body)
             .send()
@@ -1510,7 +1570,7 @@ async fn receive(
 ) -> Response {
     let result = async {
         let signed = replicator
-            .read_signed(&headers, body, MAX_MESSAGE_BYTES)
+            .read_signed(&headers, body, MAX_MESSAGE_BYTES, "/v1/sync")
             .await?;
         let body = signed.body();
         replicator
@@ -1558,7 +1618,7 @@ async fn lend(
 ) -> Response {
     let result = async {
         let signed = replicator
-            .read_signed(&headers, body, MAX_LEND_BYTES)
+            .read_signed(&headers, body, MAX_LEND_BYTES, "/v1/lend")
             .await?;
         let request: LendRequest = serde_json::from_slice(signed.body())
             .map_err(|e| Rejection::Malformed(e.to_string()))?;

@@ -54,6 +54,7 @@ impl Replica {
             clock_guard: Duration::from_millis(500),
             loan_timeout: Duration::from_millis(200),
             unverified_budget: replication::UNVERIFIED_BUDGET,
+            legacy_signatures: false,
         };
         configure(&mut options);
         let replicator = Arc::new(Replicator::try_new(limiter.clone(), options).unwrap());
@@ -122,6 +123,18 @@ fn sign_bytes(timestamp: &str, body: &[u8]) -> String {
     let mut signed = format!("{timestamp}\n").into_bytes();
     signed.extend_from_slice(body);
     ring::hmac::sign(&key, &signed)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The head signature a request to `path` carries: over its timestamp, path, body length and
+/// body signature (hex, as sent), so the replica can authenticate it before reading the body.
+fn head_signature(timestamp: &str, path: &str, length: usize, body_signature: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET);
+    let head = format!("head\n{timestamp}\n{path}\n{length}\n{body_signature}");
+    ring::hmac::sign(&key, head.as_bytes())
         .as_ref()
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -336,6 +349,10 @@ async fn unauthenticated_malformed_and_oversized_messages_are_refused_and_never_
             .post(&url)
             .header("x-openclaw-timestamp", &now)
             .header("x-openclaw-signature", sign(body))
+            .header(
+                "x-openclaw-head-signature",
+                head_signature(&now, "/v1/sync", body.len(), &sign(body)),
+            )
             .body(body.to_owned())
             .send()
             .await
@@ -348,6 +365,10 @@ async fn unauthenticated_malformed_and_oversized_messages_are_refused_and_never_
         .post(&url)
         .header("x-openclaw-timestamp", &now)
         .header("x-openclaw-signature", sign(other_version))
+        .header(
+            "x-openclaw-head-signature",
+            head_signature(&now, "/v1/sync", other_version.len(), &sign(other_version)),
+        )
         .body(other_version)
         .send()
         .await
@@ -422,10 +443,12 @@ async fn peer_times_beyond_the_clock_guard_are_refused_and_counted() {
         let now = target.limiter.now().to_string();
         let tag = ring::hmac::sign(&key, format!("{now}\n{body}").as_bytes());
         let signature: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let head = head_signature(&now, "/v1/sync", body.len(), &signature);
         client
             .post(&url)
             .header("x-openclaw-timestamp", now)
             .header("x-openclaw-signature", signature)
+            .header("x-openclaw-head-signature", head)
             .body(body)
             .send()
     };
@@ -665,11 +688,11 @@ async fn a_replica_pulls_a_state_larger_than_one_message_in_pages() {
 
 /// The issue's measurement: 200 connections each announcing a 16 MiB body and sending 2 MiB
 /// of it took one replica from 8 to 422 MiB, all held before any signature was looked at. Now
-/// a body is read only after its signature headers are well formed and fresh (a request
-/// without them is refused before its body), and what requests hold before they are
-/// authenticated is bounded across all of them (`unverified_budget`): a request that would
-/// go beyond it is refused with 503 at once. Slow senders hold their part of the budget for
-/// at most the body deadline.
+/// a body is read only after its head is authenticated (a request without the head signature
+/// is refused before its body: `a_body_whose_head_is_not_signed_is_never_read`), and what
+/// requests hold before their bodies are authenticated is bounded across all of them
+/// (`unverified_budget`): a request that would go beyond it is refused with 503 at once. Slow
+/// senders hold their part of the budget for at most the body deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthenticated_bodies_are_held_within_one_budget_across_connections() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -685,9 +708,13 @@ async fn unauthenticated_bodies_are_held_within_one_budget_across_connections() 
             16 << 20
         );
         if signed {
+            // A head signed with the secret (only a peer gets this far) over a body signature
+            // that is wrong: only the whole body could tell.
+            let body_signature = "00".repeat(32);
             head += &format!(
-                "x-openclaw-timestamp: {now}\r\nx-openclaw-signature: {}\r\n",
-                "00".repeat(32)
+                "x-openclaw-timestamp: {now}\r\nx-openclaw-signature: {body_signature}\r\n\
+                 x-openclaw-head-signature: {}\r\n",
+                head_signature(&now, "/v1/sync", 16 << 20, &body_signature)
             );
         }
         head + "\r\n"
@@ -800,6 +827,15 @@ async fn a_replayed_message_is_refused() {
             .post(format!("http://{}/v1/sync", target.address))
             .header("x-openclaw-timestamp", &now)
             .header("x-openclaw-signature", sign_bytes(&now, body.as_bytes()))
+            .header(
+                "x-openclaw-head-signature",
+                head_signature(
+                    &now,
+                    "/v1/sync",
+                    body.len(),
+                    &sign_bytes(&now, body.as_bytes()),
+                ),
+            )
             .body(body.clone())
             .send()
     };
@@ -836,6 +872,15 @@ async fn escrow_counters_no_cluster_reaches_are_refused() {
             .post(format!("http://{}/v1/sync", target.address))
             .header("x-openclaw-timestamp", &now)
             .header("x-openclaw-signature", sign_bytes(&now, body.as_bytes()))
+            .header(
+                "x-openclaw-head-signature",
+                head_signature(
+                    &now,
+                    "/v1/sync",
+                    body.len(),
+                    &sign_bytes(&now, body.as_bytes()),
+                ),
+            )
             .body(body)
             .send()
             .await
@@ -864,6 +909,15 @@ async fn nodes_known_only_from_their_messages_are_bounded() {
             .post(format!("http://{}/v1/sync", target.address))
             .header("x-openclaw-timestamp", &now)
             .header("x-openclaw-signature", sign_bytes(&now, body.as_bytes()))
+            .header(
+                "x-openclaw-head-signature",
+                head_signature(
+                    &now,
+                    "/v1/sync",
+                    body.len(),
+                    &sign_bytes(&now, body.as_bytes()),
+                ),
+            )
             .body(body)
             .send()
             .await
@@ -907,10 +961,12 @@ async fn implausible_consumption_from_a_peer_is_refused_and_counted() {
         let stamp = target.limiter.now().to_string();
         let tag = ring::hmac::sign(&key, format!("{stamp}\n{body}").as_bytes());
         let signature: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let head = head_signature(&stamp, "/v1/sync", body.len(), &signature);
         client
             .post(&url)
             .header("x-openclaw-timestamp", stamp)
             .header("x-openclaw-signature", signature)
+            .header("x-openclaw-head-signature", head)
             .body(body)
             .send()
     };
@@ -953,4 +1009,81 @@ async fn implausible_consumption_from_a_peer_is_refused_and_counted() {
         assert!(text.contains(line), "missing {line} in\n{text}");
     }
     target.shutdown().await;
+}
+
+/// Reading a body costs the replica its bytes and the HMAC over them, so an unauthenticated
+/// sender could burn its CPU with 16 MiB bodies that fail at the last byte (measured with
+/// scripts/bench-peer-flood.py: `/rate` fell to a few hundred requests a second). Every request
+/// with a body carries a head signature over its timestamp, path, length and body signature,
+/// checked before a byte of the body is read: a request without it, or with a wrong one, is
+/// refused at once and its body never read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_whose_head_is_not_signed_is_never_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let target = Replica::start("target", 1).await;
+    let now = target.limiter.now().to_string();
+    for head_signature in [None, Some("00".repeat(32))] {
+        let mut head = format!(
+            "POST /v1/sync HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nx-openclaw-timestamp: {now}\r\nx-openclaw-signature: {}\r\n",
+            16 << 20,
+            "00".repeat(32)
+        );
+        if let Some(signature) = &head_signature {
+            head += &format!("x-openclaw-head-signature: {signature}\r\n");
+        }
+        head += "\r\n";
+        let mut stream = tokio::net::TcpStream::connect(target.address)
+            .await
+            .unwrap();
+        stream.write_all(head.as_bytes()).await.unwrap();
+        // Not a byte of the body: the answer must come without it.
+        let mut answer = vec![0u8; 12];
+        tokio::time::timeout(DEADLINE, stream.read_exact(&mut answer))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("no answer without the body (head signature {head_signature:?})")
+            })
+            .unwrap();
+        assert_eq!(
+            &answer, b"HTTP/1.1 401",
+            "head signature {head_signature:?}"
+        );
+        assert_eq!(target.replicator.unverified_bytes(), 0);
+    }
+    target.shutdown().await;
+}
+
+/// During a rolling upgrade from a version that signs bodies only, `legacy_signatures` takes
+/// their messages (reading the body first, as that version's receivers did); without it they
+/// are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_only_signatures_are_taken_only_in_legacy_mode() {
+    for legacy in [false, true] {
+        let target = Replica::start_with("target", 1, |options| {
+            options.legacy_signatures = legacy;
+        })
+        .await;
+        let now = target.limiter.now().to_string();
+        let body = format!(
+            r#"{{"v":2,"node":"old-peer","replica":5,"sent_at":{now},"full":false,"policies":["default"],"entries":[[0,"k",0,5,[[5,{now},3,18446744073709551615]]]]}}"#
+        );
+        let response = reqwest::Client::new()
+            .post(format!("http://{}/v1/sync", target.address))
+            .header("x-openclaw-timestamp", &now)
+            .header("x-openclaw-signature", sign_bytes(&now, body.as_bytes()))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let default = target.limiter.policies().get("default").unwrap().id;
+        if legacy {
+            assert_eq!(response.status(), 200);
+            assert!(target.limiter.store().contains(default, "k"));
+        } else {
+            assert_eq!(response.status(), 401);
+            assert!(!target.limiter.store().contains(default, "k"));
+        }
+        target.shutdown().await;
+    }
 }
