@@ -51,7 +51,7 @@ use crate::escrow::{Escrow, Shortfall};
 use crate::metrics::{DirectionLabels, PeerLabels, ReasonLabels, StateLabels};
 use crate::policy::{Mode, Policy};
 use crate::service::Limiter;
-use crate::store::PolicyId;
+use crate::store::{PolicyId, TooManyComponents};
 
 /// Version of the peer protocol this build sends. Version 2 can leave a component unlisted by
 /// its bucket's claim (`absorbed` = `u64::MAX`); version 1 messages are still read (module docs).
@@ -108,9 +108,10 @@ const MAX_HEARD_ONLY_PEERS: usize = 64;
 const HEARD_ONLY_ROUNDS: u32 = 3;
 /// Longest node name a message may carry (a DNS name's bound).
 const MAX_NODE_NAME_BYTES: usize = 253;
-/// Most components a peer's bucket entry may carry. A real bucket holds one per replica that
-/// spent on it in its current stretch of non-fullness, and a little more across restarts; an
-/// entry with more is refused (`openclaw_peer_entries_refused_total{reason="too_many_components"}`).
+/// Most components a peer's bucket entry may carry, and a bucket may hold after merging it. A
+/// real bucket holds one per replica that spent on it in its current stretch of non-fullness,
+/// and a little more across restarts; an entry with more, or whose merge would leave more, is
+/// refused (`openclaw_peer_entries_refused_total{reason="too_many_components"}`).
 pub const MAX_COMPONENTS_PER_BUCKET: usize = 64;
 /// Longest a peer may take to send one request body.
 const BODY_DEADLINE: Duration = Duration::from_secs(10);
@@ -1032,6 +1033,49 @@ impl Replicator {
     }
 
     /// Merge a verified message; returns how many buckets changed.
+    /// What the peer listener does with a `POST /v1/sync` body once it is authenticated:
+    /// decode, validate, merge; returns the buckets changed. Public for the hostile-peer tests
+    /// (`tests/hostile_peer.rs`) and the fuzz target (`limiter/fuzz`), which feed it what an
+    /// attacker holding the secret could send; peers go through [`peer_router`].
+    #[doc(hidden)]
+    pub fn merge_authenticated(&self, body: &[u8]) -> Result<usize, String> {
+        self.decode_and_apply(body).map_err(|e| e.to_string())
+    }
+
+    /// Whether every bucket this replica holds is one an honest cluster could have sent it:
+    /// within [`MAX_COMPONENTS_PER_BUCKET`], and no component beyond what its owner can have
+    /// admitted by this replica's clock and the guard. For the hostile-peer tests and the fuzz
+    /// target; `Err` names the first bucket that is not.
+    #[doc(hidden)]
+    pub fn check_held_state(&self) -> Result<(), String> {
+        let latest = self
+            .limiter
+            .now()
+            .saturating_add(self.options.clock_guard.as_micros() as Micros);
+        let policies = self.limiter.policies();
+        let mut problem = None;
+        self.limiter.store().for_each(|policy, key, state| {
+            if problem.is_some() {
+                return;
+            }
+            let Some(policy) = policies.by_id(policy) else {
+                return;
+            };
+            if state.components().len() > MAX_COMPONENTS_PER_BUCKET {
+                problem = Some(format!("{key}: {} components", state.components().len()));
+            } else if let Some(c) = state.implausible_component(policy.rate_for(key), latest) {
+                problem = Some(format!("{key}: implausible component {c:?}"));
+            }
+        });
+        problem.map_or(Ok(()), Err)
+    }
+
+    fn decode_and_apply(&self, body: &[u8]) -> Result<usize, Rejection> {
+        let message: SyncMessage =
+            serde_json::from_slice(body).map_err(|e| Rejection::Malformed(e.to_string()))?;
+        self.apply(message)
+    }
+
     fn apply(&self, message: SyncMessage) -> Result<usize, Rejection> {
         if message.v != PROTOCOL_VERSION && message.v != PROTOCOL_VERSION_1 {
             return Err(Rejection::Incompatible(message.v));
@@ -1148,12 +1192,18 @@ impl Replicator {
                 implausible[0].1 += 1;
                 continue;
             }
-            if self
-                .limiter
-                .store()
-                .merge(policy.id, &key, &state, rate, now)
-            {
-                changed += 1;
+            match self.limiter.store().merge_bounded(
+                policy.id,
+                &key,
+                &state,
+                rate,
+                now,
+                MAX_COMPONENTS_PER_BUCKET,
+            ) {
+                Ok(true) => changed += 1,
+                Ok(false) => {}
+                // Within the bound on its own, beyond it with what this bucket holds already.
+                Err(TooManyComponents) => implausible[1].1 += 1,
             }
         }
         if let Some(control) = &message.escrow {
@@ -1581,9 +1631,7 @@ async fn receive(
                 direction: "received",
             })
             .inc_by(body.len() as u64);
-        let message: SyncMessage =
-            serde_json::from_slice(body).map_err(|e| Rejection::Malformed(e.to_string()))?;
-        replicator.apply(message)
+        replicator.decode_and_apply(body)
     }
     .await;
     match result {

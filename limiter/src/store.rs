@@ -33,6 +33,10 @@ struct Entry {
     state: BucketState,
 }
 
+/// A merge refused by [`Store::merge_bounded`]: the bucket would hold too many components.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManyComponents;
+
 /// Padded so that two shards' locks never share a cache line.
 #[repr(align(128))]
 #[derive(Debug, Default)]
@@ -236,6 +240,22 @@ impl Store {
         rate: Rate,
         now: Micros,
     ) -> bool {
+        self.merge_bounded(policy, key, remote, rate, now, usize::MAX)
+            .unwrap_or(false)
+    }
+
+    /// [`Store::merge`], unless the merged bucket would hold more than `max_components`
+    /// components: then the bucket stays as it was and the merge is refused. Bounds what a
+    /// peer can make one bucket hold over many messages, each within the bound on its own.
+    pub fn merge_bounded(
+        &self,
+        policy: PolicyId,
+        key: &str,
+        remote: &BucketState,
+        rate: Rate,
+        now: Micros,
+        max_components: usize,
+    ) -> Result<bool, TooManyComponents> {
         let hash = self.hash(policy, key);
         let mut table = self.lock(hash);
         if let Some(entry) = table
@@ -246,11 +266,18 @@ impl Store {
             // No claim before joining: what arrives was spent before now, and a claim made
             // without it would count it from now, a refill late.
             entry.state.join(remote);
+            if entry.state.components().len() > max_components {
+                entry.state = before;
+                return Err(TooManyComponents);
+            }
             entry.state.rebase_if_full_at(rate, now, self.replica);
-            return entry.state != before;
+            return Ok(entry.state != before);
+        }
+        if remote.components().len() > max_components {
+            return Err(TooManyComponents);
         }
         if remote.is_full_at(rate, now) {
-            return false;
+            return Ok(false);
         }
         let entry = Box::new(Entry {
             policy,
@@ -263,7 +290,7 @@ impl Store {
             .entries
             .insert_unique(hash, entry, |e| self.hash(e.policy, &e.key));
         self.len.fetch_add(1, Ordering::Relaxed);
-        true
+        Ok(true)
     }
 
     /// Visit every bucket, one shard at a time (that shard's decisions wait meanwhile).
