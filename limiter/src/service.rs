@@ -17,7 +17,7 @@ use crate::bucket::{Micros, Outcome, Rate};
 use crate::clock::Clock;
 use crate::crdt::ReplicaId;
 use crate::metrics::{Metrics, PolicyCounters, PolicyLabels, ResultLabels};
-use crate::policy::{Mode, Policy, PolicyErrors, PolicyIds, PolicySet};
+use crate::policy::{InternalPolicy, Mode, Policy, PolicyErrors, PolicyIds, PolicySet};
 use crate::store::{PolicyId, Store, SweepReport};
 
 /// Why a well-formed request could not be decided.
@@ -118,7 +118,7 @@ pub struct Limiter {
     /// Policies registered by Envoy's rate limit service (`crate::rls`), kept across reloads
     /// of the policies file. Held while a new set is built and swapped in, so that a reload and
     /// a registration never undo each other.
-    internal: Mutex<Vec<(String, Rate)>>,
+    internal: Mutex<Vec<InternalPolicy>>,
 }
 
 impl Limiter {
@@ -428,8 +428,9 @@ impl Limiter {
 
     /// Replace the internal policies (see [`crate::policy::Policy::internal`]) with `policies`,
     /// keeping those of the policies file. Buckets of policies that remain keep their state;
-    /// the sweep drops those of policies that went.
-    pub fn set_internal_policies(&self, policies: Vec<(String, Rate)>) {
+    /// the sweep drops those of policies that went. A policy that remains with another mode
+    /// changes mode as one of the policies file does on reload.
+    pub fn set_internal_policies(&self, policies: Vec<InternalPolicy>) {
         let mut internal = self.internal.lock().unwrap_or_else(|p| p.into_inner());
         *internal = policies;
         let set = self.active.load().set.with_internal(&internal, &self.ids);

@@ -32,6 +32,7 @@ use smallvec::SmallVec;
 use super::config::{Limit, Lookup, RlsConfig, Rule, Unit};
 use crate::bucket::{Outcome, Rate};
 use crate::metrics::{CodeLabels, DetailedLabels, ResultLabels, RuleLabels};
+use crate::policy::{InternalPolicy, Mode};
 use crate::service::Limiter;
 
 /// Most distinct `limit` override rates (each is a policy).
@@ -212,9 +213,13 @@ impl Rls {
 
     fn register(&self, config: &RlsConfig, overrides: &BTreeSet<(u32, Unit)>) {
         let mut policies = config.policies();
+        // Overrides are `shared`: one policy serves every domain's descriptors with that rate.
         policies.extend(overrides.iter().filter_map(|&(requests, unit)| {
-            let rate = Rate::try_new(u64::from(requests), unit.millis()).ok()?;
-            Some((override_policy(requests, unit), rate))
+            Some(InternalPolicy {
+                name: override_policy(requests, unit),
+                rate: Rate::try_new(u64::from(requests), unit.millis()).ok()?,
+                mode: Mode::Shared,
+            })
         }));
         self.limiter.set_internal_policies(policies);
     }
