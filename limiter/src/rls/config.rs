@@ -24,6 +24,9 @@
 //! `key + "_" + value` strings, so `key: a, value: b*` also matches an entry `a_b=c`; here keys
 //! are compared as keys.
 //!
+//! One OpenClaw extension, optional: `mode: strict` (or `shared`, the default) in a rule's
+//! `rate_limit`, decided as a policy of that mode (docs/rls.md, "What replicas promise").
+//!
 //! Validation reports every problem at once, each with its file and its place in the file
 //! (`descriptors[1].descriptors[0].rate_limit.unit`). Stricter than the reference in two ways,
 //! both about mistakes the reference ignores silently: a field in the wrong place (the reference

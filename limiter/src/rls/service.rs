@@ -1,12 +1,14 @@
 //! `ShouldRateLimit` semantics: from a request's descriptors to the rules that apply, the
 //! buckets they charge and the statuses Envoy turns into its decision and `X-RateLimit-*`
-//! headers. Plain synchronous code over [`Limiter`]; `super::grpc` puts it on the wire.
+//! headers. Synchronous code over [`Limiter`], except for borrowing from peers for `strict`
+//! rules ([`Rls::should_rate_limit_with_loans`]); `super::grpc` puts it on the wire.
 //!
 //! Every rule that holds a bucket is an internal policy of the limiter (`rls:` and the rule's
-//! full key, see [`Rule::policy`]); the bucket's key is the request's domain and descriptor
-//! entries ([`bucket_key`]). So the buckets are the same CRDT buckets as `/rate`'s: replicated,
-//! snapshotted, swept and counted in the per-policy series the same way, with nothing
-//! RLS-specific below this module.
+//! full key, see [`Rule::policy`]), in the rule's mode; the bucket's key is the request's
+//! domain and descriptor entries ([`bucket_key`]). So the buckets are the same as `/rate`'s
+//! (CRDT buckets when `shared`, escrow sub-buckets when `strict`): replicated, snapshotted,
+//! swept and counted in the per-policy series the same way. What is RLS-specific is the order:
+//! every bucket of a request is checked, and loans taken, before any is spent.
 //!
 //! A descriptor's `limit` override (set by Envoy's route configuration) is a bucket under the
 //! policy `rls:limit:<requests>/<unit>`, registered the first time a rate is seen; at most
