@@ -106,6 +106,15 @@ impl Policy {
     }
 }
 
+/// A policy registered by another part of the limiter than the policies file (Envoy's rate
+/// limit service: one per rule, `crate::rls`). Its name contains a `:`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InternalPolicy {
+    pub name: String,
+    pub rate: Rate,
+    pub mode: Mode,
+}
+
 /// Gives each policy name a number that stays the same across reloads, so buckets survive a
 /// reload that keeps their policy.
 #[derive(Debug, Default)]
@@ -230,24 +239,25 @@ impl PolicySet {
         Ok(Self::from_specs(specs, ids))
     }
 
-    /// The same policies from the file, with `internal` (name, rate) in place of the internal
-    /// policies this set had. Internal names contain a `:`, which no policy in the file may
-    /// (see [`valid_policy_name`]), so the two never collide; and no `/rate` request can name
-    /// one. An internal policy is `shared` and has no overrides.
-    pub fn with_internal(&self, internal: &[(String, Rate)], ids: &PolicyIds) -> Self {
+    /// The same policies from the file, with `internal` in place of the internal policies this
+    /// set had. Internal names contain a `:`, which no policy in the file may (see
+    /// [`valid_policy_name`]), so the two never collide; and no `/rate` request can name one.
+    /// An internal policy has no overrides.
+    pub fn with_internal(&self, internal: &[InternalPolicy], ids: &PolicyIds) -> Self {
         let mut policies: Vec<Arc<Policy>> = self
             .policies
             .iter()
             .filter(|p| !p.internal)
             .cloned()
             .collect();
-        policies.extend(internal.iter().map(|(name, rate)| {
+        policies.extend(internal.iter().map(|internal| {
+            let name = &internal.name;
             debug_assert!(name.contains(':'), "internal policy names contain a `:`");
             Arc::new(Policy {
                 id: ids.id_of(name),
                 name: name.clone(),
-                rate: *rate,
-                mode: Mode::Shared,
+                rate: internal.rate,
+                mode: internal.mode,
                 overrides: HashMap::default(),
                 internal: true,
             })

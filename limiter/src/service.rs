@@ -11,13 +11,13 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use arc_swap::ArcSwap;
 
 use crate::escrow::{self, Escrow, Shortfall};
-use crate::replication::Replicator;
+use crate::replication::{Loan, Replicator};
 
 use crate::bucket::{Micros, Outcome, Rate};
 use crate::clock::Clock;
 use crate::crdt::ReplicaId;
 use crate::metrics::{Metrics, PolicyCounters, PolicyLabels, ResultLabels};
-use crate::policy::{Mode, Policy, PolicyErrors, PolicyIds, PolicySet};
+use crate::policy::{InternalPolicy, Mode, Policy, PolicyErrors, PolicyIds, PolicySet};
 use crate::store::{PolicyId, Store, SweepReport};
 
 /// Why a well-formed request could not be decided.
@@ -118,7 +118,7 @@ pub struct Limiter {
     /// Policies registered by Envoy's rate limit service (`crate::rls`), kept across reloads
     /// of the policies file. Held while a new set is built and swapped in, so that a reload and
     /// a registration never undo each other.
-    internal: Mutex<Vec<(String, Rate)>>,
+    internal: Mutex<Vec<InternalPolicy>>,
 }
 
 impl Limiter {
@@ -288,6 +288,129 @@ impl Limiter {
         Ok(decided)
     }
 
+    /// The escrow and the policy, when `policy` is `strict` and decided by the escrow (a
+    /// replica with peers); `None` for `shared` policies and for strict ones on a lone
+    /// replica, which are the textbook bucket.
+    fn escrowed(&self, policy: &str) -> Option<(&Arc<Escrow>, Arc<Policy>)> {
+        let escrow = self.escrow.get()?;
+        let active = self.active.load();
+        let policy = active.set.get(policy)?;
+        (policy.mode == Mode::Strict).then(|| (escrow, policy.clone()))
+    }
+
+    // Strict decisions in steps, for Envoy's rate limit service (`crate::rls`): it checks
+    // every bucket of a request before it spends from any (all or nothing), so it cannot use
+    // `decide_with_loans`, which spends as it goes. It asks `strict_shortfall` of each strict
+    // bucket, `borrow`s what one lacks before it takes its locks, checks with `peek_with_loan`,
+    // spends with `spend_with_loan`, and hands each loan back with `settle_loan`. For a
+    // `shared` policy these are `peek` and `decide`, and nothing is ever lent.
+
+    /// What a loan from peers must pay for `cost` tokens of `key` now, for a `strict` policy
+    /// decided by the escrow (nothing is spent; the cost counts as demand, as a decision's
+    /// does). `None` for a `shared` policy, without peers to lend, when this replica's share
+    /// pays, or when a recent loan showed the cluster cannot.
+    pub fn strict_shortfall(&self, policy: &str, key: &str, cost: u64) -> Option<Shortfall> {
+        let (escrow, policy) = self.escrowed(policy)?;
+        let rate = policy.rate_for(key);
+        let shortfall = escrow.shortfall(policy.id, &policy.name, key, rate, cost)?;
+        self.lenders.get().and_then(Weak::upgrade)?;
+        Some(shortfall)
+    }
+
+    /// Borrow a [`Limiter::strict_shortfall`] from peers (see [`Replicator::borrow`]); `None`
+    /// without peers to lend. The units lent are this request's: pass them to
+    /// [`Limiter::spend_with_loan`], then to [`Limiter::settle_loan`].
+    pub async fn borrow(&self, policy: &str, key: &str, shortfall: Shortfall) -> Option<Loan> {
+        let lenders = self.lenders.get().and_then(Weak::upgrade)?;
+        let (_, policy) = self.escrowed(policy)?;
+        let rate = policy.rate_for(key);
+        Some(lenders.borrow(&policy.name, key, rate, shortfall).await)
+    }
+
+    /// [`Limiter::peek`] with `lent` units borrowed for this request (0: none).
+    pub fn peek_with_loan(
+        &self,
+        policy: &str,
+        key: &str,
+        cost: u64,
+        lent: i128,
+    ) -> Result<Verdict, DecideError> {
+        match self.escrowed(policy) {
+            Some((escrow, policy)) if lent > 0 => {
+                let rate = policy.rate_for(key);
+                let cost = cost.min(rate.capacity());
+                let outcome = escrow.peek_with_loan(policy.id, &policy.name, key, rate, cost, lent);
+                Ok(Verdict { outcome, rate })
+            }
+            _ => self.peek(policy, key, cost).map(|(verdict, _)| verdict),
+        }
+    }
+
+    /// Spend `cost` tokens of `key` from this replica's share and `lent` units borrowed for
+    /// this request (0: none); a refusal keeps the loan in the sub-bucket, up to its capacity.
+    /// Unlike [`Limiter::decide`], a strict decision here does not count as demand (its
+    /// [`Limiter::strict_shortfall`] did). A `shared` policy decides as [`Limiter::decide`].
+    pub fn spend_with_loan(
+        &self,
+        policy: &str,
+        key: &str,
+        cost: u64,
+        lent: i128,
+    ) -> Result<Verdict, DecideError> {
+        let Some((escrow, strict)) = self.escrowed(policy) else {
+            return self.decide(policy, key, cost);
+        };
+        let rate = strict.rate_for(key);
+        if cost > rate.capacity() {
+            return Err(DecideError::CostAboveCapacity {
+                policy: strict.name.clone(),
+                cost,
+                capacity: rate.capacity(),
+            });
+        }
+        let outcome = escrow.spend_with_loan(strict.id, &strict.name, key, rate, cost, lent);
+        let active = self.active.load();
+        if let Ok((_, counters)) = active.lookup(policy) {
+            counters.count(&outcome, cost);
+        }
+        Ok(Verdict { outcome, rate })
+    }
+
+    /// After a request that borrowed for `key`: a loan the request never spent (refused for
+    /// another bucket) stays in this replica's sub-bucket up to its capacity (tokens lost are
+    /// lost for good, which only refuses); the sub-buckets of peers not asked are evened out
+    /// in the background; and a refusal after every peer answered is noted, so that requests
+    /// on the key are refused without asking until refill could pay them
+    /// (docs/crdt.md, loans).
+    pub fn settle_loan(
+        &self,
+        policy: &str,
+        key: &str,
+        shortfall: Shortfall,
+        loan: Loan,
+        spent: bool,
+        allowed: bool,
+    ) {
+        let (Some(lenders), Some((escrow, policy))) = (
+            self.lenders.get().and_then(Weak::upgrade),
+            self.escrowed(policy),
+        ) else {
+            return;
+        };
+        let rate = policy.rate_for(key);
+        if !spent && loan.lent > 0 {
+            escrow.take_balance(policy.id, &policy.name, key, rate, loan.lent);
+        }
+        lenders.even_out(&policy, key, rate, shortfall.room, loan.even_out);
+        if !allowed && let Some(peers_held) = loan.peers_held {
+            escrow.note_dry(
+                policy.id,
+                key,
+                peers_held.saturating_add(shortfall.own_level),
+            );
+        }
+    }
+
     /// One decision, by the policy's mode.
     #[inline]
     fn decide_one(
@@ -428,8 +551,9 @@ impl Limiter {
 
     /// Replace the internal policies (see [`crate::policy::Policy::internal`]) with `policies`,
     /// keeping those of the policies file. Buckets of policies that remain keep their state;
-    /// the sweep drops those of policies that went.
-    pub fn set_internal_policies(&self, policies: Vec<(String, Rate)>) {
+    /// the sweep drops those of policies that went. A policy that remains with another mode
+    /// changes mode as one of the policies file does on reload.
+    pub fn set_internal_policies(&self, policies: Vec<InternalPolicy>) {
         let mut internal = self.internal.lock().unwrap_or_else(|p| p.into_inner());
         *internal = policies;
         let set = self.active.load().set.with_internal(&internal, &self.ids);

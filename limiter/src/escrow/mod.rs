@@ -183,23 +183,75 @@ impl Escrow {
         if outcome.allowed {
             return (outcome, None);
         }
-        let now = self.clock.steady_now();
         let needed = cost_units(rate, cost);
-        let dry = self
-            .dry
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&(policy_id, Box::<str>::from(key)))
-            .is_some_and(|&(at, held)| {
-                held.saturating_add(cluster_refill(rate, now.saturating_sub(at))) < needed
-            });
-        let shortfall = (!dry).then_some(Shortfall {
+        let shortfall = (!self.is_dry(policy_id, key, rate, needed)).then_some(Shortfall {
             units: shortfall,
             needed,
             own_level,
             room,
         });
         (outcome, shortfall)
+    }
+
+    /// What [`Escrow::decide_or_shortfall`] would find lacking for `cost` now, without
+    /// spending: `None` when this replica's sub-bucket pays it, or when a recent failed loan
+    /// showed the cluster cannot ([`Escrow::note_dry`]). The cost counts as asked, as a
+    /// decision's does. For callers that check several buckets before spending any (Envoy's
+    /// rate limit service: all or nothing), borrow, and then spend with
+    /// [`Escrow::spend_with_loan`].
+    pub fn shortfall(
+        &self,
+        policy_id: PolicyId,
+        policy: &str,
+        key: &str,
+        rate: Rate,
+        cost: u64,
+    ) -> Option<Shortfall> {
+        self.asked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(policy, cost);
+        let (units, own_level, room) =
+            self.with_history_or_none(policy, |history, now, lease_ok| {
+                let Some(history) = history else {
+                    return (cost_units(rate, cost), 0, 0);
+                };
+                let mut bucket = self
+                    .shard(key)
+                    .get(&policy_id)
+                    .and_then(|keys| keys.get(key))
+                    .copied()
+                    .unwrap_or_else(|| SubBucket::fresh(history, rate, now));
+                history.settle(&mut bucket, rate, now);
+                if !lease_ok {
+                    return (cost_units(rate, cost), bucket.level, 0);
+                }
+                (
+                    bucket.shortfall(rate, cost),
+                    bucket.level,
+                    SubBucket::capacity_now(history, rate),
+                )
+            });
+        let needed = cost_units(rate, cost);
+        (units > 0 && !self.is_dry(policy_id, key, rate, needed)).then_some(Shortfall {
+            units,
+            needed,
+            own_level,
+            room,
+        })
+    }
+
+    /// Whether a recent failed loan for `key` showed that the whole cluster cannot hold
+    /// `needed` units yet.
+    fn is_dry(&self, policy_id: PolicyId, key: &str, rate: Rate, needed: i128) -> bool {
+        let now = self.clock.steady_now();
+        self.dry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(policy_id, Box::<str>::from(key)))
+            .is_some_and(|&(at, held)| {
+                held.saturating_add(cluster_refill(rate, now.saturating_sub(at))) < needed
+            })
     }
 
     /// Lend part of `key`'s sub-bucket to a peer (see [`SubBucket::lend`]): nothing unless
@@ -332,6 +384,35 @@ impl Escrow {
             history.settle(&mut bucket, rate, now);
             let share = if lease_ok { history.current() } else { 0 };
             let allowed = lease_ok && bucket.level >= share::cost_units(rate, cost);
+            bucket.describe(rate, share, allowed, cost)
+        })
+    }
+
+    /// What [`Escrow::spend_with_loan`] would decide with `loan` units lent, without spending.
+    pub fn peek_with_loan(
+        &self,
+        policy_id: PolicyId,
+        policy: &str,
+        key: &str,
+        rate: Rate,
+        cost: u64,
+        loan: i128,
+    ) -> Outcome {
+        self.with_history_or_none(policy, |history, now, lease_ok| {
+            let Some(history) = history else {
+                let allowed = loan >= cost_units(rate, cost);
+                return SubBucket { level: 0, at: now }.describe(rate, 0, allowed, cost);
+            };
+            let mut bucket = self
+                .shard(key)
+                .get(&policy_id)
+                .and_then(|keys| keys.get(key))
+                .copied()
+                .unwrap_or_else(|| SubBucket::fresh(history, rate, now));
+            history.settle(&mut bucket, rate, now);
+            let own = if lease_ok { bucket.level } else { 0 };
+            let share = if lease_ok { history.current() } else { 0 };
+            let allowed = own + loan >= cost_units(rate, cost);
             bucket.describe(rate, share, allowed, cost)
         })
     }

@@ -24,6 +24,9 @@
 //! `key + "_" + value` strings, so `key: a, value: b*` also matches an entry `a_b=c`; here keys
 //! are compared as keys.
 //!
+//! One OpenClaw extension, optional: `mode: strict` (or `shared`, the default) in a rule's
+//! `rate_limit`, decided as a policy of that mode (docs/rls.md, "What replicas promise").
+//!
 //! Validation reports every problem at once, each with its file and its place in the file
 //! (`descriptors[1].descriptors[0].rate_limit.unit`). Stricter than the reference in two ways,
 //! both about mistakes the reference ignores silently: a field in the wrong place (the reference
@@ -37,7 +40,7 @@ use std::path::{Path, PathBuf};
 use serde_norway::Value;
 
 use crate::bucket::{MAX_CAPACITY, Rate};
-use crate::policy::UNITS;
+use crate::policy::{InternalPolicy, Mode, UNITS};
 
 /// At most this many rules over all files: each limited rule is a policy with its own labelled
 /// series on `/metrics`.
@@ -141,6 +144,9 @@ pub struct Rule {
     pub replaces: Vec<String>,
     pub shadow_mode: bool,
     pub detailed_metric: bool,
+    /// `rate_limit.mode` (an OpenClaw extension; `shared` when absent): how replicas share
+    /// the rule's buckets, as a policy's `mode` in the policies file.
+    pub mode: Mode,
 }
 
 impl Rule {
@@ -322,11 +328,17 @@ impl RlsConfig {
         self.domains.contains_key(domain)
     }
 
-    /// The internal policies of the rules that hold buckets: (policy name, rate).
-    pub fn policies(&self) -> Vec<(String, Rate)> {
+    /// The internal policies of the rules that hold buckets.
+    pub fn policies(&self) -> Vec<InternalPolicy> {
         self.rules
             .iter()
-            .filter_map(|rule| Some((rule.policy().to_owned(), rule.limit.rate()?)))
+            .filter_map(|rule| {
+                Some(InternalPolicy {
+                    name: rule.policy().to_owned(),
+                    rate: rule.limit.rate()?,
+                    mode: rule.mode,
+                })
+            })
             .collect()
     }
 
@@ -557,8 +569,12 @@ impl RlsConfig {
                 ));
             }
             if let Some(spec) = fields.get("rate_limit")
-                && let Some((limit, name, replaces)) =
-                    parse_rate_limit(&format!("{at}.rate_limit"), spec, errors)
+                && let Some(RateLimitSpec {
+                    limit,
+                    name,
+                    replaces,
+                    mode,
+                }) = parse_rate_limit(&format!("{at}.rate_limit"), spec, errors)
             {
                 self.nodes[child].rule = Some(self.rules.len());
                 self.rules.push(Rule {
@@ -570,6 +586,7 @@ impl RlsConfig {
                     replaces,
                     shadow_mode,
                     detailed_metric,
+                    mode,
                 });
             }
             self.add_descriptors(
@@ -584,11 +601,15 @@ impl RlsConfig {
     }
 }
 
-fn parse_rate_limit(
-    at: &str,
-    spec: &Value,
-    errors: &mut Vec<String>,
-) -> Option<(Limit, String, Vec<String>)> {
+/// A valid `rate_limit` block.
+struct RateLimitSpec {
+    limit: Limit,
+    name: String,
+    replaces: Vec<String>,
+    mode: Mode,
+}
+
+fn parse_rate_limit(at: &str, spec: &Value, errors: &mut Vec<String>) -> Option<RateLimitSpec> {
     let Value::Mapping(fields) = spec else {
         errors.push(format!(
             "{at}: expected a map with unit and requests_per_unit, got {}",
@@ -600,10 +621,10 @@ fn parse_rate_limit(
     for (field, _) in fields {
         if !matches!(
             field.as_str(),
-            Some("unit" | "requests_per_unit" | "unlimited" | "name" | "replaces")
+            Some("unit" | "requests_per_unit" | "unlimited" | "name" | "replaces" | "mode")
         ) {
             errors.push(format!(
-                "{at}.{}: unknown field (expected unit, requests_per_unit, unlimited, name, replaces)",
+                "{at}.{}: unknown field (expected unit, requests_per_unit, unlimited, name, replaces, mode)",
                 path_part(field)
             ));
         }
@@ -639,6 +660,26 @@ fn parse_rate_limit(
             unit
         }
     };
+    // OpenClaw's extension: the reference has no modes (and would refuse the field).
+    let mode = match fields.get("mode") {
+        None | Some(Value::Null) => Mode::Shared,
+        Some(v) => match v.as_str() {
+            Some("shared") => Mode::Shared,
+            Some("strict") => Mode::Strict,
+            _ => {
+                errors.push(format!(
+                    "{at}.mode: expected `shared` or `strict`, got {}",
+                    show(v)
+                ));
+                Mode::Shared
+            }
+        },
+    };
+    if unlimited && fields.get("mode").is_some_and(|v| !v.is_null()) {
+        errors.push(format!(
+            "{at}.mode: has no bucket to share when unlimited (remove it)"
+        ));
+    }
     let mut replaces = Vec::new();
     match fields.get("replaces") {
         None | Some(Value::Null) => {}
@@ -714,7 +755,12 @@ fn parse_rate_limit(
             _ => return None,
         }
     };
-    (errors.len() == before).then_some((limit, name, replaces))
+    (errors.len() == before).then_some(RateLimitSpec {
+        limit,
+        name,
+        replaces,
+        mode,
+    })
 }
 
 /// The `domain:` of a file, if it has a usable one (for the duplicate-domain check).
@@ -1029,6 +1075,66 @@ descriptors:
             assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
         }
         assert_eq!(errors.0.len(), 14, "{text}");
+    }
+
+    #[test]
+    fn a_rule_may_be_strict_and_is_shared_without_a_mode() {
+        let config = load(&["
+domain: d
+descriptors:
+  - key: plain
+    rate_limit: {unit: second, requests_per_unit: 1}
+  - key: strict
+    rate_limit: {unit: second, requests_per_unit: 2, mode: strict}
+  - key: shared
+    rate_limit: {unit: second, requests_per_unit: 3, mode: shared}
+"])
+        .unwrap();
+        let mode = |key: &str| rule_of(&config, "d", &[(key, "v")]).unwrap().mode;
+        assert_eq!(mode("plain"), Mode::Shared);
+        assert_eq!(mode("strict"), Mode::Strict);
+        assert_eq!(mode("shared"), Mode::Shared);
+        let mut policies = config.policies();
+        policies.sort_by(|a, b| a.name.cmp(&b.name));
+        let modes: Vec<(&str, Mode)> = policies.iter().map(|p| (p.name.as_str(), p.mode)).collect();
+        assert_eq!(
+            modes,
+            [
+                ("rls:d.plain", Mode::Shared),
+                ("rls:d.shared", Mode::Shared),
+                ("rls:d.strict", Mode::Strict)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_mode_other_than_shared_or_strict_is_an_error_with_its_place() {
+        let errors = load(&["
+domain: d
+descriptors:
+  - key: a
+    rate_limit: {unit: second, requests_per_unit: 1, mode: eventual}
+  - key: b
+    descriptors:
+      - key: c
+        rate_limit: {unit: second, requests_per_unit: 1, mode: 3}
+  - key: e
+    rate_limit: {unlimited: true, mode: strict}
+  - key: f
+    mode: strict
+    rate_limit: {unit: second, requests_per_unit: 1}
+"])
+        .unwrap_err();
+        let text = errors.to_string();
+        for expected in [
+            "f0.yaml: descriptors[0].rate_limit.mode: expected `shared` or `strict`, got `eventual`",
+            "f0.yaml: descriptors[1].descriptors[0].rate_limit.mode: expected `shared` or `strict`, got 3",
+            "f0.yaml: descriptors[2].rate_limit.mode: has no bucket to share when unlimited",
+            "f0.yaml: descriptors[3].mode: unknown field",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+        }
+        assert_eq!(errors.0.len(), 4, "{text}");
     }
 
     #[test]

@@ -83,7 +83,8 @@ impl RateLimitService for Service {
             ));
         }
         self.rls
-            .should_rate_limit(request.get_ref())
+            .should_rate_limit_with_loans(request.get_ref())
+            .await
             .map(Response::new)
             .map_err(|e| Status::invalid_argument(e.to_string()))
     }

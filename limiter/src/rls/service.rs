@@ -1,12 +1,14 @@
 //! `ShouldRateLimit` semantics: from a request's descriptors to the rules that apply, the
 //! buckets they charge and the statuses Envoy turns into its decision and `X-RateLimit-*`
-//! headers. Plain synchronous code over [`Limiter`]; `super::grpc` puts it on the wire.
+//! headers. Synchronous code over [`Limiter`], except for borrowing from peers for `strict`
+//! rules ([`Rls::should_rate_limit_with_loans`]); `super::grpc` puts it on the wire.
 //!
 //! Every rule that holds a bucket is an internal policy of the limiter (`rls:` and the rule's
-//! full key, see [`Rule::policy`]); the bucket's key is the request's domain and descriptor
-//! entries ([`bucket_key`]). So the buckets are the same CRDT buckets as `/rate`'s: replicated,
-//! snapshotted, swept and counted in the per-policy series the same way, with nothing
-//! RLS-specific below this module.
+//! full key, see [`Rule::policy`]), in the rule's mode; the bucket's key is the request's
+//! domain and descriptor entries ([`bucket_key`]). So the buckets are the same as `/rate`'s
+//! (CRDT buckets when `shared`, escrow sub-buckets when `strict`): replicated, snapshotted,
+//! swept and counted in the per-policy series the same way. What is RLS-specific is the order:
+//! every bucket of a request is checked, and loans taken, before any is spent.
 //!
 //! A descriptor's `limit` override (set by Envoy's route configuration) is a bucket under the
 //! policy `rls:limit:<requests>/<unit>`, registered the first time a rate is seen; at most
@@ -31,7 +33,10 @@ use smallvec::SmallVec;
 
 use super::config::{Limit, Lookup, RlsConfig, Rule, Unit};
 use crate::bucket::{Outcome, Rate};
+use crate::escrow::Shortfall;
 use crate::metrics::{CodeLabels, DetailedLabels, ResultLabels, RuleLabels};
+use crate::policy::{InternalPolicy, Mode};
+use crate::replication::Loan;
 use crate::service::Limiter;
 
 /// Most distinct `limit` override rates (each is a policy).
@@ -212,9 +217,13 @@ impl Rls {
 
     fn register(&self, config: &RlsConfig, overrides: &BTreeSet<(u32, Unit)>) {
         let mut policies = config.policies();
+        // Overrides are `shared`: one policy serves every domain's descriptors with that rate.
         policies.extend(overrides.iter().filter_map(|&(requests, unit)| {
-            let rate = Rate::try_new(u64::from(requests), unit.millis()).ok()?;
-            Some((override_policy(requests, unit), rate))
+            Some(InternalPolicy {
+                name: override_policy(requests, unit),
+                rate: Rate::try_new(u64::from(requests), unit.millis()).ok()?,
+                mode: Mode::Shared,
+            })
         }));
         self.limiter.set_internal_policies(policies);
     }
@@ -247,12 +256,76 @@ impl Rls {
         self.requests[3].inc();
     }
 
-    /// Decide a `ShouldRateLimit` request.
+    /// Decide a `ShouldRateLimit` request without borrowing for `strict` rules (see
+    /// [`Rls::should_rate_limit_with_loans`]).
     pub fn should_rate_limit(
         &self,
         request: &RateLimitRequest,
     ) -> Result<RateLimitResponse, RlsError> {
-        let result = self.decide(request);
+        let loaded = self.loaded.load();
+        let result = self.prepare(&loaded, request).map(|plans| {
+            self.shortfalls(&plans);
+            self.decide(&loaded, &plans, &[])
+        });
+        self.count_request(result)
+    }
+
+    /// Decide a `ShouldRateLimit` request; a `strict` rule whose bucket this replica's share
+    /// cannot pay borrows from its peers first, as `/rate` does, unless another descriptor of
+    /// the request would refuse it anyway. The request then waits for up to one loan
+    /// timeout per peer asked. Without strict rules this is [`Rls::should_rate_limit`].
+    pub async fn should_rate_limit_with_loans(
+        &self,
+        request: &RateLimitRequest,
+    ) -> Result<RateLimitResponse, RlsError> {
+        let loaded = self.loaded.load_full();
+        let plans = match self.prepare(&loaded, request) {
+            Ok(plans) => plans,
+            Err(e) => return self.count_request(Err(e)),
+        };
+        let short = self.shortfalls(&plans);
+        // Borrowing is worth it only if nothing else refuses the request (it is checked
+        // again, with the loans, under the locks).
+        let others_pass = !short.is_empty()
+            && plans.iter().enumerate().all(|(i, plan)| match plan {
+                Plan::Limited(l) if !l.shadow && !short.iter().any(|(j, _)| *j == i) => {
+                    allowed(l, self.peek(l, 0).as_ref())
+                }
+                _ => true,
+            });
+        let mut loans: SmallVec<[(usize, Shortfall, Loan); 2]> = SmallVec::new();
+        if others_pass {
+            for (i, shortfall) in short {
+                let Plan::Limited(l) = &plans[i] else {
+                    continue;
+                };
+                let Some((policy, _)) = &l.policy else {
+                    continue;
+                };
+                if let Some(loan) = self.limiter.borrow(policy, &l.key, shortfall).await {
+                    loans.push((i, shortfall, loan));
+                }
+            }
+        }
+        let lent: SmallVec<[(usize, i128); 2]> =
+            loans.iter().map(|(i, _, loan)| (*i, loan.lent)).collect();
+        let (response, spent) = self.decide_spending(&loaded, &plans, &lent);
+        for (i, shortfall, loan) in loans {
+            if let Plan::Limited(l) = &plans[i]
+                && let Some((policy, _)) = &l.policy
+            {
+                let allowed = response.statuses[i].code == Code::Ok as i32;
+                self.limiter
+                    .settle_loan(policy, &l.key, shortfall, loan, spent[i], allowed);
+            }
+        }
+        self.count_request(Ok(response))
+    }
+
+    fn count_request(
+        &self,
+        result: Result<RateLimitResponse, RlsError>,
+    ) -> Result<RateLimitResponse, RlsError> {
         let code = match &result {
             Ok(r) if r.overall_code == Code::OverLimit as i32 => 1,
             Ok(_) => 0,
@@ -262,23 +335,74 @@ impl Rls {
         result
     }
 
-    fn decide(&self, request: &RateLimitRequest) -> Result<RateLimitResponse, RlsError> {
+    /// What applies to each descriptor of `request`.
+    fn prepare<'a>(
+        &self,
+        loaded: &'a Loaded,
+        request: &'a RateLimitRequest,
+    ) -> Result<Vec<Plan<'a>>, RlsError> {
         if request.domain.is_empty() {
             return Err(RlsError::EmptyDomain);
         }
         if request.descriptors.is_empty() {
             return Err(RlsError::NoDescriptors);
         }
-        let loaded = self.loaded.load();
         let mut plans = Vec::with_capacity(request.descriptors.len());
         let mut rules = Vec::with_capacity(request.descriptors.len());
         for (i, descriptor) in request.descriptors.iter().enumerate() {
-            let (plan, rule) = self.plan(&loaded, request, i, descriptor)?;
+            let (plan, rule) = self.plan(loaded, request, i, descriptor)?;
             plans.push(plan);
             rules.push(rule);
         }
-        apply_replaces(&loaded, &rules, &mut plans);
+        apply_replaces(loaded, &rules, &mut plans);
         count_bucket_hits(&mut plans);
+        Ok(plans)
+    }
+
+    /// For every enforced descriptor of a `strict` rule decided by the escrow: its hits count
+    /// as demand (once per request, as a `/rate` decision's do), and what a loan would have to
+    /// pay for it now. Descriptors that name one bucket twice are not lent for: each loan
+    /// pays one descriptor's spend.
+    fn shortfalls(&self, plans: &[Plan<'_>]) -> SmallVec<[(usize, Shortfall); 2]> {
+        if !self.limiter.has_strict_policies() {
+            return SmallVec::new();
+        }
+        plans
+            .iter()
+            .enumerate()
+            .filter_map(|(i, plan)| match plan {
+                Plan::Limited(l) if l.enforced() && l.grantable() => {
+                    let (policy, _) = l.policy.as_ref()?;
+                    let shortfall = self.limiter.strict_shortfall(policy, &l.key, l.hits)?;
+                    (!l.shares_bucket).then_some((i, shortfall))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn decide(
+        &self,
+        loaded: &Loaded,
+        plans: &[Plan<'_>],
+        lent: &[(usize, i128)],
+    ) -> RateLimitResponse {
+        self.decide_spending(loaded, plans, lent).0
+    }
+
+    /// Decide planned descriptors all or nothing, `lent[i]` units borrowed for descriptor `i`;
+    /// also says which descriptors were spent from.
+    fn decide_spending(
+        &self,
+        loaded: &Loaded,
+        plans: &[Plan<'_>],
+        lent: &[(usize, i128)],
+    ) -> (RateLimitResponse, SmallVec<[bool; 4]>) {
+        let loan_of = |i: usize| {
+            lent.iter()
+                .find(|(j, _)| *j == i)
+                .map_or(0, |&(_, units)| units)
+        };
 
         // Lock the stripes of every bucket this request may spend from, in order: among this
         // replica's RLS decisions, checking all and then spending is one atomic step.
@@ -308,7 +432,7 @@ impl Rls {
             .iter()
             .enumerate()
             .map(|(i, plan)| match plan {
-                Plan::Limited(l) if Some(i) != direct => self.peek(l),
+                Plan::Limited(l) if Some(i) != direct => self.peek(l, loan_of(i)),
                 _ => None,
             })
             .collect();
@@ -326,9 +450,9 @@ impl Rls {
                 unreachable!("direct is a limited descriptor")
             };
             if refused {
-                outcomes[d] = self.peek(l);
+                outcomes[d] = self.peek(l, loan_of(d));
             } else {
-                outcomes[d] = self.spend(l);
+                outcomes[d] = self.spend(l, loan_of(d));
                 spent[d] = true;
                 refused = outcomes[d].is_some_and(|o| !o.allowed);
             }
@@ -345,7 +469,7 @@ impl Rls {
                         && l.grantable()
                         && l.policy.is_some()
                     {
-                        outcomes[i] = self.spend(l);
+                        outcomes[i] = self.spend(l, loan_of(i));
                         spent[i] = true;
                     }
                 }
@@ -354,7 +478,7 @@ impl Rls {
 
         let mut statuses = Vec::with_capacity(plans.len());
         let mut over = false;
-        for ((plan, outcome), spent) in plans.iter().zip(outcomes).zip(spent) {
+        for ((plan, outcome), &spent) in plans.iter().zip(outcomes).zip(&spent) {
             let status = match plan {
                 Plan::None => {
                     loaded.no_rule.inc();
@@ -406,11 +530,12 @@ impl Rls {
             };
             statuses.push(status);
         }
-        Ok(RateLimitResponse {
+        let response = RateLimitResponse {
             overall_code: if over { Code::OverLimit } else { Code::Ok } as i32,
             statuses,
             ..Default::default()
-        })
+        };
+        (response, spent)
     }
 
     /// What applies to descriptor `i`.
@@ -504,19 +629,22 @@ impl Rls {
         Ok((plan, Some(index)))
     }
 
-    fn peek(&self, l: &Limited<'_>) -> Option<Outcome> {
+    /// What spending `l`'s bucket would see, with `lent` units borrowed for it.
+    fn peek(&self, l: &Limited<'_>, lent: i128) -> Option<Outcome> {
         let (policy, rate) = l.policy.as_ref()?;
         let cost = l.bucket_hits.min(rate.capacity());
         self.limiter
-            .peek(policy, &l.key, cost)
+            .peek_with_loan(policy, &l.key, cost, lent)
             .ok()
-            .map(|(verdict, _)| verdict.outcome)
+            .map(|verdict| verdict.outcome)
     }
 
-    fn spend(&self, l: &Limited<'_>) -> Option<Outcome> {
+    /// Spend `l`'s hits, with `lent` units borrowed for it. A strict rule's hits counted as
+    /// demand already ([`Rls::shortfalls`]).
+    fn spend(&self, l: &Limited<'_>, lent: i128) -> Option<Outcome> {
         let (policy, _) = l.policy.as_ref()?;
         self.limiter
-            .decide(policy, &l.key, l.hits)
+            .spend_with_loan(policy, &l.key, l.hits, lent)
             .ok()
             .map(|verdict| verdict.outcome)
     }

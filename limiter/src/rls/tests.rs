@@ -17,6 +17,7 @@ use super::service::{Rls, RlsError, bucket_key};
 use crate::bucket::Rate;
 use crate::clock::ManualClock;
 use crate::crdt::ReplicaId;
+use crate::policy::Mode;
 use crate::service::{Limiter, LimiterOptions};
 
 const CONFIG: &str = "
@@ -436,6 +437,35 @@ fn rule_buckets_are_policies_that_survive_a_policies_reload_and_an_rls_reload() 
         ask(&rls, &[&[("daily", "a")]]).statuses[0].current_limit,
         None
     );
+}
+
+#[test]
+fn a_strict_rule_is_a_strict_policy_and_a_reload_changes_its_mode_as_the_policies_file_does() {
+    let strict = "domain: edge\ndescriptors:\n  - key: client\n    rate_limit: {unit: minute, requests_per_unit: 10, mode: strict}\n  - key: other\n    rate_limit: {unit: minute, requests_per_unit: 10}\n";
+    let (rls, _) = rls_with(strict);
+    let limiter = rls.limiter();
+    let mode = |name: &str| limiter.policies().get(name).map(|p| p.mode);
+    assert_eq!(mode("rls:edge.client"), Some(Mode::Strict));
+    assert_eq!(mode("rls:edge.other"), Some(Mode::Shared));
+    assert!(limiter.has_strict_policies());
+    // A policies-file reload keeps the rules' modes.
+    limiter
+        .reload_policies("policies:\n  api: {capacity: 5, refill_interval_ms: 1000}\n")
+        .unwrap();
+    assert_eq!(mode("rls:edge.client"), Some(Mode::Strict));
+    // Without peers (no escrow) a strict rule is the textbook bucket, as a strict policy is.
+    for _ in 0..10 {
+        assert_eq!(codes(&ask(&rls, &[&[("client", "a")]])), [Code::Ok]);
+    }
+    assert_eq!(codes(&ask(&rls, &[&[("client", "a")]])), [Code::OverLimit]);
+    // Turning the mode off on reload: the same policy, now shared, its bucket kept.
+    let shared = strict.replace(", mode: strict", "");
+    rls.reload(RlsConfig::from_files(&[("r.yaml".into(), shared)]).unwrap());
+    assert_eq!(mode("rls:edge.client"), Some(Mode::Shared));
+    assert!(!limiter.has_strict_policies());
+    assert_eq!(codes(&ask(&rls, &[&[("client", "a")]])), [Code::OverLimit]);
+    rls.reload(RlsConfig::from_files(&[("r.yaml".into(), strict.into())]).unwrap());
+    assert_eq!(mode("rls:edge.client"), Some(Mode::Strict));
 }
 
 #[test]
