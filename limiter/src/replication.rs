@@ -23,6 +23,12 @@
 //! Anything unauthenticated, malformed, oversized, replayed or of another protocol version is
 //! refused, counted by reason, and never merged.
 //!
+//! With peer mutual TLS (`crate::peer_tls`) the listener serves HTTPS and requires a client
+//! certificate from the peer CA, and this side dials `https://` with this replica's
+//! certificate. The HMAC layer stays as it is: under the shared secret when one is set (both
+//! checks then apply), else under [`MTLS_ONLY_KEY`], where it no longer authenticates (the
+//! handshake does) but still binds answers to requests and refuses replays.
+//!
 //! The wire format is JSON with positional arrays (`[policy, key, epoch, rebaser, [[replica,
 //! incarnation, consumed, absorbed], ...]]`): about 80 bytes per changed bucket with one
 //! component (measured in `docs/accuracy.md`), and readable with curl when debugging a cluster.
@@ -69,11 +75,17 @@ const FULL_SYNC_CHUNK: usize = 16_384;
 const MAX_CLOCK_SKEW_US: Micros = 5 * 60 * 1_000_000;
 const TIMESTAMP_HEADER: &str = "x-openclaw-timestamp";
 const SIGNATURE_HEADER: &str = "x-openclaw-signature";
+/// The HMAC key of replicas that authenticate with mutual TLS alone (no `OPENCLAW_PEER_SECRET`).
+/// Public, so it proves nothing about the sender: what the signatures still give is the
+/// structure around them, answers bound to their request and replays refused.
+pub const MTLS_ONLY_KEY: &[u8] = b"openclaw peer mTLS without OPENCLAW_PEER_SECRET";
 
 #[derive(Debug, Clone)]
 pub struct ReplicationOptions {
-    /// HMAC key shared by every replica.
+    /// HMAC key shared by every replica ([`MTLS_ONLY_KEY`] with mutual TLS and no secret).
     pub secret: Vec<u8>,
+    /// Peer mutual TLS: dial `https://` presenting this replica's certificate.
+    pub tls: Option<Arc<crate::peer_tls::PeerTls>>,
     pub sync_interval: Duration,
     pub anti_entropy_interval: Duration,
     /// Bound on one request to a peer.
@@ -243,6 +255,8 @@ pub struct Replicator {
     options: ReplicationOptions,
     key: hmac::Key,
     client: reqwest::Client,
+    /// `http` or, with mutual TLS, `https`.
+    scheme: &'static str,
     /// Peers by address (from discovery), plus nodes we only heard from (by `node:<id>`).
     peers: Mutex<BTreeMap<String, PeerStatus>>,
     escrow: Arc<Escrow>,
@@ -262,6 +276,8 @@ pub enum ReplicationError {
     Client(#[from] reqwest::Error),
     #[error("the system random source failed")]
     Random,
+    #[error("peer TLS client configuration: {0}")]
+    Tls(#[from] rustls::Error),
 }
 
 impl Replicator {
@@ -269,12 +285,19 @@ impl Replicator {
         limiter: Arc<Limiter>,
         options: ReplicationOptions,
     ) -> Result<Self, ReplicationError> {
-        let client = reqwest::Client::builder()
+        let mut client = reqwest::Client::builder()
             .no_proxy()
             .timeout(options.request_timeout)
             .connect_timeout(options.request_timeout)
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build()?;
+            .pool_idle_timeout(Duration::from_secs(30));
+        let mut scheme = "http";
+        if let Some(tls) = &options.tls {
+            // One configuration for the client's life: its certificate and CA follow the files
+            // (`PeerTls` swaps what it resolves and verifies against for new connections).
+            client = client.tls_backend_preconfigured(tls.client_config()?);
+            scheme = "https";
+        }
+        let client = client.build()?;
         let unverified_budget = options.unverified_budget;
         let escrow = Arc::new(Escrow::new(
             limiter.store().replica(),
@@ -288,6 +311,7 @@ impl Replicator {
             limiter,
             options,
             client,
+            scheme,
             peers: Mutex::default(),
             evening_out: Arc::default(),
             unverified: Arc::new(tokio::sync::Semaphore::new(unverified_budget)),
@@ -441,7 +465,7 @@ impl Replicator {
         let signature = self.sign(timestamp, &body);
         let response = self
             .client
-            .post(format!("http://{address}/v1/lend"))
+            .post(format!("{}://{address}/v1/lend", self.scheme))
             .timeout(self.options.loan_timeout)
             .header(TIMESTAMP_HEADER, timestamp.to_string())
             .header(SIGNATURE_HEADER, signature)
@@ -1158,7 +1182,7 @@ impl Replicator {
         let bytes = body.len() as u64;
         let result = self
             .client
-            .post(format!("http://{address}/v1/sync"))
+            .post(format!("{}://{address}/v1/sync", self.scheme))
             .header(TIMESTAMP_HEADER, timestamp.to_string())
             .header(SIGNATURE_HEADER, signature.clone())
             .header("content-type", "application/json")
@@ -1359,7 +1383,7 @@ impl Replicator {
                 let signature = self.sign(timestamp, state_path(from).as_bytes());
                 let response = self
                     .client
-                    .get(format!("http://{address}/v1/state?from={from}"))
+                    .get(format!("{}://{address}/v1/state?from={from}", self.scheme))
                     .header(TIMESTAMP_HEADER, timestamp.to_string())
                     .header(SIGNATURE_HEADER, signature)
                     .send()
