@@ -119,6 +119,11 @@ fn write_peers(path: &Path, peers: &[&str]) {
 
 /// A replica with peer mTLS and no shared secret.
 fn replica(name: &str, peers_file: &Path, files: &Files) -> Service {
+    replica_with(name, peers_file, files, &[])
+}
+
+/// [`replica`], with more variables.
+fn replica_with(name: &str, peers_file: &Path, files: &Files, extra: &[(&str, &str)]) -> Service {
     let peers = peers_file.to_str().unwrap().to_owned();
     let mut env: Vec<(&str, String)> = vec![
         ("OPENCLAW_NODE_ID", name.to_owned()),
@@ -133,6 +138,7 @@ fn replica(name: &str, peers_file: &Path, files: &Files) -> Service {
         ("OPENCLAW_SHUTDOWN_GRACE_S", "2".to_owned()),
     ];
     env.extend(files.env());
+    env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     Service::spawn(
         "openclaw-limiter",
@@ -204,12 +210,12 @@ fn metric(http: &Client, service: &Service, series: &str) -> f64 {
 const TLS_REFUSED: &str = "openclaw_peer_messages_rejected_total{reason=\"tls_handshake\"}";
 const UNAUTHENTICATED: &str = "openclaw_peer_messages_rejected_total{reason=\"unauthenticated\"}";
 
-/// A TLS client of the peer port that trusts `ca` and presents `identity`, if any.
-fn tls_client(ca: &Ca, identity: Option<&Leaf>) -> Arc<rustls::ClientConfig> {
+/// A TLS client of the peer port that trusts `ca_pem` and presents `identity`, if any.
+fn tls_client(ca_pem: &str, identity: Option<&Leaf>) -> Arc<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots
-        .add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap())
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
         .unwrap();
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -312,10 +318,10 @@ fn replicas_with_mutual_tls_replicate_and_the_peer_port_refuses_anyone_without_a
 
     // A TLS client that trusts the peer CA but has no certificate, and one whose certificate
     // another CA signed: refused at the handshake.
-    let (no_cert, _) = exchange(tls_client(&ca, None), peer_url(&a));
+    let (no_cert, _) = exchange(tls_client(&ca.pem, None), peer_url(&a));
     assert!(no_cert.is_err(), "no certificate, answered: {no_cert:?}");
     let stranger = Ca::new("not-the-peer-ca");
-    let (other_ca, _) = exchange(tls_client(&ca, Some(&stranger.peer())), peer_url(&a));
+    let (other_ca, _) = exchange(tls_client(&ca.pem, Some(&stranger.peer())), peer_url(&a));
     assert!(
         other_ca.is_err(),
         "another CA's certificate, answered: {other_ca:?}"
@@ -331,7 +337,7 @@ fn replicas_with_mutual_tls_replicate_and_the_peer_port_refuses_anyone_without_a
 
     // The control: a holder of a peer certificate reaches the routes (and, unsigned, is
     // refused there), so the refusals above are the handshake's.
-    let (holder, served) = exchange(tls_client(&ca, Some(&ca.peer())), peer_url(&a));
+    let (holder, served) = exchange(tls_client(&ca.pem, Some(&ca.peer())), peer_url(&a));
     assert_eq!(holder.as_deref(), Ok("HTTP/1.1 401 Unauthorized"));
     assert_eq!(served, Some(der(&a_leaf.cert)));
     assert_eq!(
@@ -370,7 +376,7 @@ fn a_replica_whose_certificate_is_rotated_serves_the_new_one_and_keeps_replicati
     wait_until(START, "b to reload its certificate", || {
         (metric(&http, &b, success) == 1.0).then_some(())
     });
-    let client = tls_client(&ca, Some(&ca.peer()));
+    let client = tls_client(&ca.pem, Some(&ca.peer()));
     let (_, served) = exchange(client.clone(), peer_url(&b));
     assert_eq!(
         served,
@@ -395,6 +401,66 @@ fn a_replica_whose_certificate_is_rotated_serves_the_new_one_and_keeps_replicati
     spend(&http, &b, "after-broken-rotation", 25);
     wait_remaining(&http, &a, "after-broken-rotation", 75);
     assert_eq!(metric(&http, &b, success), 1.0);
+}
+
+/// The listener's limits hold over TLS: a connection that never starts its handshake, and one
+/// that stops in the middle of its ClientHello, take a slot each and are closed by the idle
+/// timeout; a peer waiting behind them is served once they are.
+#[test]
+fn stalled_handshakes_hold_a_slot_and_are_closed_by_the_idle_timeout() {
+    let root = tempfile::tempdir().unwrap();
+    let peers = root.path().join("peers");
+    write_peers(&peers, &["127.0.0.1:9"]);
+    let http = http_client();
+    let ca = Ca::new("openclaw-peer-ca");
+    let files = Files::new(root.path(), "a", &ca, &ca.peer());
+    let a = replica_with(
+        "a",
+        &peers,
+        &files,
+        &[
+            ("OPENCLAW_PEER_IDLE_TIMEOUT_S", "1"),
+            ("OPENCLAW_PEER_MAX_CONNECTIONS", "2"),
+        ],
+    );
+    wait_ready(&http, &a);
+    let peer = host_port(peer_url(&a));
+    let idle = "openclaw_peer_messages_rejected_total{reason=\"idle_connection\"}";
+    let idle_before = metric(&http, &a, idle);
+
+    let mut silent = TcpStream::connect(&peer).unwrap();
+    let mut halfway = TcpStream::connect(&peer).unwrap();
+    // A handshake record header announcing 512 bytes, and nothing more.
+    halfway.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]).unwrap();
+    wait_until(START, "both connections to be held", || {
+        (metric(&http, &a, "openclaw_peer_connections") == 2.0).then_some(())
+    });
+
+    // Behind them, a peer: it waits in the backlog until a slot frees, then gets through.
+    let waiting = std::thread::spawn({
+        let client = tls_client(&ca.pem, Some(&ca.peer()));
+        let url = peer_url(&a).to_owned();
+        move || exchange(client, &url).0
+    });
+
+    for (name, stream) in [("silent", &mut silent), ("half-way", &mut halfway)] {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = [0u8; 256];
+        match stream.read(&mut buf) {
+            Ok(0) => {}
+            Err(e)
+                if e.kind() != std::io::ErrorKind::WouldBlock
+                    && e.kind() != std::io::ErrorKind::TimedOut => {}
+            other => panic!("the {name} connection was not closed by the replica: {other:?}"),
+        }
+    }
+    assert_eq!(
+        waiting.join().unwrap().as_deref(),
+        Ok("HTTP/1.1 401 Unauthorized")
+    );
+    assert!(metric(&http, &a, idle) >= idle_before + 2.0);
 }
 
 #[test]
