@@ -59,6 +59,9 @@ pub const PEER_CONNECTIONS: &str = "openclaw_peer_connections";
 /// Attempts to load changed peer mutual-TLS files (`OPENCLAW_PEER_TLS_*`), by `result`
 /// (`success` | `failure`: the previous material stays in use). Counter.
 pub const PEER_TLS_RELOADS_TOTAL: &str = "openclaw_peer_tls_reloads_total";
+/// 0 while changed peer mutual-TLS files cannot be used (the previous certificate stays in use),
+/// else 1 (also while mTLS is off). Gauge.
+pub const PEER_TLS_LAST_RELOAD_SUCCESSFUL: &str = "openclaw_peer_tls_last_reload_successful";
 /// How far `peer`'s clock is ahead of this replica's system clock (negative: behind), seen on
 /// its last message: its send time minus the receiving time, so the network delay makes it read
 /// low. Gauge.
@@ -142,6 +145,7 @@ pub const ALL: &[&str] = &[
     PEER_MESSAGES_REJECTED_TOTAL,
     PEER_CONNECTIONS,
     PEER_TLS_RELOADS_TOTAL,
+    PEER_TLS_LAST_RELOAD_SUCCESSFUL,
     PEER_CLOCK_OFFSET_SECONDS,
     CLOCK_LEAD_SECONDS,
     PEER_CLOCK_REFUSED_TOTAL,

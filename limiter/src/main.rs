@@ -13,7 +13,7 @@ use openclaw_limiter::config::{Args, Command, Config, LogFormat, RestoreSettings
 use openclaw_limiter::crdt::ReplicaId;
 use openclaw_limiter::escrow::protocol::Params;
 use openclaw_limiter::membership::{Membership, SelfAddrs};
-use openclaw_limiter::peer_tls::PeerTls;
+use openclaw_limiter::peer_tls::{PeerTls, ReloadCounters};
 use openclaw_limiter::remote::{Remote, RestoreEvent, SeedError};
 use openclaw_limiter::replication::{ReplicationOptions, Replicator};
 use openclaw_limiter::rls::grpc::GrpcOptions;
@@ -274,8 +274,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
             let tls = match &settings.tls {
                 None => None,
                 Some(tls) => Some(Arc::new(
-                    PeerTls::try_new(tls.clone(), limiter.metrics().peer_tls_reloads.clone())
-                        .map_err(|problems| anyhow::anyhow!("{}", problems.join("; ")))?,
+                    PeerTls::try_new(
+                        tls.clone(),
+                        ReloadCounters {
+                            reloads: limiter.metrics().peer_tls_reloads.clone(),
+                            last_ok: limiter.metrics().peer_tls_reload_ok.clone(),
+                        },
+                    )
+                    .map_err(|problems| anyhow::anyhow!("{}", problems.join("; ")))?,
                 )),
             };
             let replicator = Replicator::try_new(

@@ -177,6 +177,8 @@ pub struct Metrics {
     pub peer_connections: Gauge,
     /// Loads of changed peer mTLS files, by result (`crate::peer_tls`).
     pub peer_tls_reloads: Family<ResultLabels, Counter>,
+    /// 0 while changed peer mTLS files cannot be used, else 1.
+    pub peer_tls_reload_ok: Gauge,
     pub peer_clock_offset: Family<PeerLabels, FloatGauge>,
     pub clock_lead: FloatGauge,
     pub peer_clock_refused: Family<ReasonLabels, Counter>,
@@ -251,6 +253,7 @@ impl Metrics {
             peer_rejected: Family::default(),
             peer_connections: Gauge::default(),
             peer_tls_reloads: Family::default(),
+            peer_tls_reload_ok: Gauge::default(),
             peer_clock_offset: Family::default(),
             clock_lead: FloatGauge::default(),
             peer_clock_refused: Family::default(),
@@ -383,6 +386,13 @@ impl Metrics {
             "Attempts to load changed peer mutual-TLS files, by result",
             metrics.peer_tls_reloads.clone(),
         );
+        registry.register(
+            names::PEER_TLS_LAST_RELOAD_SUCCESSFUL,
+            "0 while changed peer mutual-TLS files cannot be used, else 1",
+            metrics.peer_tls_reload_ok.clone(),
+        );
+        // Nothing has failed yet (and without mTLS nothing can).
+        metrics.peer_tls_reload_ok.set(1);
         registry.register(
             names::PEER_CLOCK_OFFSET_SECONDS,
             "How far the peer's clock is ahead of this replica's system clock (negative: behind), \

@@ -35,6 +35,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ResolvesClientCert, Resumption, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;
@@ -209,28 +210,38 @@ pub struct PeerTls {
     last_read: Mutex<Option<Pem>>,
     /// The last problem logged, so a file that stays broken is logged and counted once.
     last_error: Mutex<Option<Vec<String>>>,
-    reloads: Family<ResultLabels, Counter>,
+    counters: ReloadCounters,
+}
+
+/// What the poller reports to `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadCounters {
+    /// `openclaw_peer_tls_reloads_total`, by result.
+    pub reloads: Family<ResultLabels, Counter>,
+    /// `openclaw_peer_tls_last_reload_successful`.
+    pub last_ok: Gauge,
 }
 
 impl PeerTls {
     /// Loads the files; fails as [`PeerTlsSettings::check`] does.
     pub fn try_new(
         settings: PeerTlsSettings,
-        reloads: Family<ResultLabels, Counter>,
+        counters: ReloadCounters,
     ) -> Result<Self, Vec<String>> {
         let provider = provider();
         let pem = Pem::read(&settings.files)?;
         let material = Material::build(&provider, &pem, &settings.files, &settings.server_name)?;
         for result in ["success", "failure"] {
-            let _ = reloads.get_or_create(&ResultLabels { result });
+            let _ = counters.reloads.get_or_create(&ResultLabels { result });
         }
+        counters.last_ok.set(1);
         Ok(Self {
             settings,
             provider,
             current: Arc::new(Current(ArcSwap::from_pointee(material))),
             last_read: Mutex::new(Some(pem)),
             last_error: Mutex::new(None),
-            reloads,
+            counters,
         })
     }
 
@@ -296,15 +307,19 @@ impl PeerTls {
             Ok(material) => {
                 self.current.0.store(Arc::new(material));
                 *last_error = None;
-                self.reloads
+                self.counters
+                    .reloads
                     .get_or_create(&ResultLabels { result: "success" })
                     .inc();
+                self.counters.last_ok.set(1);
                 tracing::info!(cert = %self.settings.files.cert.display(), "peer TLS certificate reloaded; new connections use it");
                 Some(true)
             }
             Err(problems) => {
+                self.counters.last_ok.set(0);
                 if last_error.as_ref() != Some(&problems) {
-                    self.reloads
+                    self.counters
+                        .reloads
                         .get_or_create(&ResultLabels { result: "failure" })
                         .inc();
                     tracing::error!(
@@ -556,7 +571,10 @@ mod tests {
     }
 
     fn count(tls: &PeerTls, result: &'static str) -> u64 {
-        tls.reloads.get_or_create(&ResultLabels { result }).get()
+        tls.counters
+            .reloads
+            .get_or_create(&ResultLabels { result })
+            .get()
     }
 
     #[test]
@@ -610,7 +628,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::new("peers");
         let files = ca.write(dir.path(), &ca.leaf(DEFAULT_SERVER_NAME));
-        let tls = PeerTls::try_new(settings(files.clone()), Family::default()).unwrap();
+        let tls = PeerTls::try_new(settings(files.clone()), ReloadCounters::default()).unwrap();
         let first = tls.current.0.load().key.cert[0].clone();
         assert_eq!(tls.poll_files(), None, "nothing changed");
 
@@ -621,11 +639,13 @@ mod tests {
         assert_eq!(tls.poll_files(), None, "the same bad files again");
         assert_eq!(tls.current.0.load().key.cert[0], first);
         assert_eq!((count(&tls, "success"), count(&tls, "failure")), (0, 1));
+        assert_eq!(tls.counters.last_ok.get(), 0);
 
         // The key follows: installed.
         std::fs::write(&files.key, &key).unwrap();
         assert_eq!(tls.poll_files(), Some(true));
         assert_ne!(tls.current.0.load().key.cert[0], first);
         assert_eq!((count(&tls, "success"), count(&tls, "failure")), (1, 1));
+        assert_eq!(tls.counters.last_ok.get(), 1);
     }
 }

@@ -396,6 +396,10 @@ fn a_replica_whose_certificate_is_rotated_serves_the_new_one_and_keeps_replicati
     wait_until(START, "the broken rotation to be counted", || {
         (metric(&http, &b, failure) == 1.0).then_some(())
     });
+    assert_eq!(
+        metric(&http, &b, "openclaw_peer_tls_last_reload_successful"),
+        0.0
+    );
     let (_, served) = exchange(client, peer_url(&b));
     assert_eq!(served, Some(der(&renewed.cert)));
     spend(&http, &b, "after-broken-rotation", 25);
