@@ -4,7 +4,10 @@
 //! and the dashboard read them. Keeping the names here (and testing the other artifacts against
 //! a running process) stops a rename in one place from silently breaking autoscaling in another.
 //! Wire types that a client of `/rate` needs live here too, so the load generator and the tests
-//! parse exactly what the server writes.
+//! parse exactly what the server writes. With the `tls` feature, [`tls`] reads the PEM files both
+//! TLS endpoints (adapter serving, limiter peers) take.
 
 pub mod metric_names;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod wire;

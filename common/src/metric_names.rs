@@ -56,6 +56,12 @@ pub const MERGES_TOTAL: &str = "openclaw_merges_total";
 pub const PEER_MESSAGES_REJECTED_TOTAL: &str = "openclaw_peer_messages_rejected_total";
 /// Connections the peer listener holds now (at most `OPENCLAW_PEER_MAX_CONNECTIONS`). Gauge.
 pub const PEER_CONNECTIONS: &str = "openclaw_peer_connections";
+/// Attempts to load changed peer mutual-TLS files (`OPENCLAW_PEER_TLS_*`), by `result`
+/// (`success` | `failure`: the previous material stays in use). Counter.
+pub const PEER_TLS_RELOADS_TOTAL: &str = "openclaw_peer_tls_reloads_total";
+/// 0 while changed peer mutual-TLS files cannot be used (the previous certificate stays in use),
+/// else 1 (also while mTLS is off). Gauge.
+pub const PEER_TLS_LAST_RELOAD_SUCCESSFUL: &str = "openclaw_peer_tls_last_reload_successful";
 /// How far `peer`'s clock is ahead of this replica's system clock (negative: behind), seen on
 /// its last message: its send time minus the receiving time, so the network delay makes it read
 /// low. Gauge.
@@ -138,6 +144,8 @@ pub const ALL: &[&str] = &[
     MERGES_TOTAL,
     PEER_MESSAGES_REJECTED_TOTAL,
     PEER_CONNECTIONS,
+    PEER_TLS_RELOADS_TOTAL,
+    PEER_TLS_LAST_RELOAD_SUCCESSFUL,
     PEER_CLOCK_OFFSET_SECONDS,
     CLOCK_LEAD_SECONDS,
     PEER_CLOCK_REFUSED_TOTAL,

@@ -107,9 +107,34 @@ pub struct Args {
     #[arg(long, env = "OPENCLAW_DISCOVERY_REFRESH_S", default_value_t = 10)]
     pub discovery_refresh_s: u64,
 
-    /// Shared secret that authenticates peer traffic (HMAC-SHA256); required with peers.
+    /// Shared secret that authenticates peer traffic (HMAC-SHA256); required with peers unless
+    /// peer mutual TLS is on (then optional, and checked as well when set).
     #[arg(long, env = "OPENCLAW_PEER_SECRET", hide_env_values = true)]
     pub peer_secret: Option<String>,
+
+    /// Peer mutual TLS: this replica's certificate chain (PEM, leaf first), presented to peers
+    /// as server and as client. With OPENCLAW_PEER_TLS_KEY and OPENCLAW_PEER_TLS_CA (all three or
+    /// none); re-read when it changes.
+    #[arg(long, env = "OPENCLAW_PEER_TLS_CERT")]
+    pub peer_tls_cert: Option<PathBuf>,
+
+    /// Peer mutual TLS: the private key (PEM) of OPENCLAW_PEER_TLS_CERT.
+    #[arg(long, env = "OPENCLAW_PEER_TLS_KEY")]
+    pub peer_tls_key: Option<PathBuf>,
+
+    /// Peer mutual TLS: PEM bundle of the CA that signs peer certificates, the only trust root
+    /// for peer connections both ways (dedicate it to peers).
+    #[arg(long, env = "OPENCLAW_PEER_TLS_CA")]
+    pub peer_tls_ca: Option<PathBuf>,
+
+    /// Peer mutual TLS: the DNS name every peer certificate carries, checked by clients
+    /// whatever address they dialled (peers are dialled by IP).
+    #[arg(long, env = "OPENCLAW_PEER_TLS_SERVER_NAME", default_value = crate::peer_tls::DEFAULT_SERVER_NAME)]
+    pub peer_tls_server_name: String,
+
+    /// Peer mutual TLS: how often the three files are checked for changes, in milliseconds.
+    #[arg(long, env = "OPENCLAW_PEER_TLS_RELOAD_MS", default_value_t = crate::peer_tls::DEFAULT_RELOAD_MS)]
+    pub peer_tls_reload_ms: u64,
 
     /// Milliseconds between delta pushes to peers.
     #[arg(long, env = "OPENCLAW_SYNC_INTERVAL_MS", default_value_t = 50)]
@@ -322,7 +347,10 @@ pub struct ReplicationSettings {
     /// This pod's IP, left out of the peers discovery finds.
     pub pod_ip: Option<IpAddr>,
     pub discovery_refresh: Duration,
-    pub secret: String,
+    /// `OPENCLAW_PEER_SECRET`; absent only with peer mutual TLS.
+    pub secret: Option<String>,
+    /// Peer mutual TLS, when `OPENCLAW_PEER_TLS_*` are set.
+    pub tls: Option<crate::peer_tls::PeerTlsSettings>,
     pub sync_interval: Duration,
     pub anti_entropy_interval: Duration,
     pub ready_max_wait: Duration,
@@ -469,7 +497,71 @@ impl Config {
     }
 }
 
+/// `OPENCLAW_PEER_TLS_*`: all three files or none, each readable, the pair matching, the
+/// certificate one the peers will accept. Checked whenever set, peers or not.
+fn peer_tls_settings(
+    args: &Args,
+    errors: &mut Vec<String>,
+) -> Option<crate::peer_tls::PeerTlsSettings> {
+    let files = [
+        ("OPENCLAW_PEER_TLS_CERT", &args.peer_tls_cert),
+        ("OPENCLAW_PEER_TLS_KEY", &args.peer_tls_key),
+        ("OPENCLAW_PEER_TLS_CA", &args.peer_tls_ca),
+    ];
+    let missing: Vec<&str> = files
+        .iter()
+        .filter(|(_, path)| path.is_none())
+        .map(|(name, _)| *name)
+        .collect();
+    match missing.len() {
+        3 => return None,
+        0 => {}
+        _ => {
+            let set: Vec<&str> = files
+                .iter()
+                .filter(|(_, path)| path.is_some())
+                .map(|(name, _)| *name)
+                .collect();
+            errors.push(format!(
+                "peer mutual TLS needs OPENCLAW_PEER_TLS_CERT, OPENCLAW_PEER_TLS_KEY and \
+                 OPENCLAW_PEER_TLS_CA together: {} set but {} missing",
+                set.join(", "),
+                missing.join(", ")
+            ));
+            return None;
+        }
+    }
+    let before = errors.len();
+    let server_name = rustls::pki_types::ServerName::try_from(args.peer_tls_server_name.clone())
+        .map_err(|e| {
+            errors.push(format!(
+                "OPENCLAW_PEER_TLS_SERVER_NAME={:?}: not a DNS name: {e}",
+                args.peer_tls_server_name
+            ))
+        })
+        .ok();
+    if args.peer_tls_reload_ms == 0 {
+        errors.push("OPENCLAW_PEER_TLS_RELOAD_MS must be at least 1".into());
+    }
+    let settings = crate::peer_tls::PeerTlsSettings {
+        files: crate::peer_tls::PeerTlsFiles {
+            cert: args.peer_tls_cert.clone()?,
+            key: args.peer_tls_key.clone()?,
+            ca: args.peer_tls_ca.clone()?,
+        },
+        server_name: server_name?,
+        reload: Duration::from_millis(args.peer_tls_reload_ms),
+    };
+    if let Err(problems) = settings.check() {
+        errors.extend(problems);
+    }
+    (errors.len() == before).then_some(settings)
+}
+
 fn replication_settings(args: &Args, errors: &mut Vec<String>) -> Option<ReplicationSettings> {
+    let tls = peer_tls_settings(args, errors);
+    let tls_asked =
+        args.peer_tls_cert.is_some() || args.peer_tls_key.is_some() || args.peer_tls_ca.is_some();
     let inferred = if args.peers.is_some() {
         "static"
     } else if args.peers_file.is_some() {
@@ -504,18 +596,21 @@ fn replication_settings(args: &Args, errors: &mut Vec<String>) -> Option<Replica
     if matches!(discovery, None | Some(Discovery::None)) {
         return None;
     }
+    // With mutual TLS the secret is optional: only holders of a CA-signed key connect. Set
+    // too, it is checked too (docs/crdt.md, "Peer authentication").
     let secret = match args.peer_secret.as_deref() {
+        None if tls_asked => None,
         None => {
-            errors.push(format!("OPENCLAW_PEER_SECRET is required with peer discovery `{kind}`: peer traffic is always authenticated"));
-            String::new()
+            errors.push(format!("OPENCLAW_PEER_SECRET (or peer mutual TLS, OPENCLAW_PEER_TLS_*) is required with peer discovery `{kind}`: peer traffic is always authenticated"));
+            None
         }
         Some(s) if s.len() < MIN_PEER_SECRET_BYTES => {
             errors.push(format!(
                 "OPENCLAW_PEER_SECRET must be at least {MIN_PEER_SECRET_BYTES} bytes"
             ));
-            String::new()
+            None
         }
-        Some(s) => s.to_owned(),
+        Some(s) => Some(s.to_owned()),
     };
     for (name, value, min) in [
         ("OPENCLAW_SYNC_INTERVAL_MS", args.sync_interval_ms, 1),
@@ -562,6 +657,7 @@ fn replication_settings(args: &Args, errors: &mut Vec<String>) -> Option<Replica
         pod_ip: args.pod_ip,
         discovery_refresh: Duration::from_secs(args.discovery_refresh_s),
         secret,
+        tls,
         sync_interval: Duration::from_millis(args.sync_interval_ms),
         anti_entropy_interval: Duration::from_millis(args.anti_entropy_interval_ms),
         ready_max_wait: Duration::from_millis(args.ready_max_wait_ms),
@@ -651,7 +747,7 @@ mod tests {
     fn peers_require_an_authenticating_secret() {
         let errors = Config::try_from_args(args(&["--peers", "a:8081"])).unwrap_err();
         assert!(
-            errors[0].contains("OPENCLAW_PEER_SECRET is required"),
+            errors[0].contains("OPENCLAW_PEER_SECRET (or peer mutual TLS"),
             "{errors:?}"
         );
         let errors = Config::try_from_args(args(&["--peers", "a:8081", "--peer-secret", "short"]))
@@ -678,6 +774,85 @@ mod tests {
             "{errors:?}"
         );
         assert_eq!(replication.sync_interval, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn peer_mutual_tls_takes_three_files_together_and_makes_the_secret_optional() {
+        use crate::peer_tls::test_certs::{Ca, path_str};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new("peers");
+        let files = ca.write(dir.path(), &ca.leaf(crate::peer_tls::DEFAULT_SERVER_NAME));
+        let (cert, key, ca_file) = (
+            path_str(&files.cert),
+            path_str(&files.key),
+            path_str(&files.ca),
+        );
+
+        let errors = Config::try_from_args(args(&[
+            "--peers",
+            "a:8081",
+            "--peer-tls-cert",
+            cert,
+            "--peer-tls-ca",
+            ca_file,
+        ]))
+        .unwrap_err();
+        assert_eq!(
+            errors.len(),
+            1,
+            "no secret is not a second problem: {errors:?}"
+        );
+        assert!(
+            errors[0].contains(
+                "OPENCLAW_PEER_TLS_CERT, OPENCLAW_PEER_TLS_CA set but OPENCLAW_PEER_TLS_KEY missing"
+            ),
+            "{errors:?}"
+        );
+
+        // All three, no secret: mTLS alone authenticates.
+        let tls_args = [
+            "--peer-tls-cert",
+            cert,
+            "--peer-tls-key",
+            key,
+            "--peer-tls-ca",
+            ca_file,
+        ];
+        let mut argv = vec!["--peers", "a:8081"];
+        argv.extend_from_slice(&tls_args);
+        let replication = Config::try_from_args(args(&argv))
+            .unwrap()
+            .replication
+            .unwrap();
+        assert_eq!(replication.secret, None);
+        let tls = replication.tls.unwrap();
+        assert_eq!(tls.files, files);
+        assert_eq!(tls.server_name.to_str(), "openclaw-peer");
+
+        // Both: the secret must still be a good one.
+        argv.extend_from_slice(&["--peer-secret", "short"]);
+        let errors = Config::try_from_args(args(&argv)).unwrap_err();
+        assert!(errors[0].contains("at least 16 bytes"), "{errors:?}");
+
+        // A file that is not there is named, peers or not.
+        let missing = dir.path().join("nope.pem");
+        let errors = Config::try_from_args(args(&[
+            "--peer-tls-cert",
+            cert,
+            "--peer-tls-key",
+            path_str(&missing),
+            "--peer-tls-ca",
+            ca_file,
+        ]))
+        .unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with(&format!(
+                "OPENCLAW_PEER_TLS_KEY={}: cannot read",
+                missing.display()
+            )),
+            "{errors:?}"
+        );
     }
 
     #[test]

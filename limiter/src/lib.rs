@@ -11,6 +11,8 @@
 //! * [`rls`]: Envoy's rate limit service (gRPC), descriptor rules decided on the same buckets.
 //! * [`http`]: the decision API; [`server`]: lifecycle; [`config`]: flags and env vars;
 //!   [`metrics`]: the Prometheus series.
+//! * [`replication`] and [`membership`]: peers and what travels between them; [`listener`]
+//!   and [`peer_tls`]: what the peer port accepts (connection limits, mutual TLS).
 
 pub mod bucket;
 pub mod clock;
@@ -21,6 +23,7 @@ pub mod http;
 pub mod listener;
 pub mod membership;
 pub mod metrics;
+pub mod peer_tls;
 pub mod policy;
 pub mod remote;
 pub mod replication;

@@ -18,6 +18,12 @@
 //!
 //! Both show in `/metrics`: `openclaw_peer_connections` (open now) and
 //! `openclaw_peer_messages_rejected_total{reason="idle_connection"}` (closed by the idle timeout).
+//!
+//! With peer mutual TLS (`crate::peer_tls`) the TLS handshake runs inside the connection, on
+//! top of the idle timeout: it takes a slot like any connection, a handshake that stalls is
+//! closed by the same timeout, and it runs on the connection's own task (the accept loop never
+//! waits for one). A handshake refused (no client certificate, one of another CA, plain HTTP)
+//! is counted as `reason="tls_handshake"`; nothing reaches the peer routes without one.
 
 use std::future::Future;
 use std::io;
@@ -33,6 +39,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 
 /// The defaults of `OPENCLAW_PEER_MAX_CONNECTIONS` and `OPENCLAW_PEER_IDLE_TIMEOUT_S`.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
@@ -61,6 +69,8 @@ pub struct Counters {
     pub open: Gauge,
     /// Connections closed by the idle timeout.
     pub idle_closed: Counter,
+    /// Connections refused at the TLS handshake (mutual TLS only).
+    pub tls_refused: Counter,
 }
 
 /// A TCP listener that holds at most `max_connections` and closes idle ones (module docs).
@@ -70,6 +80,8 @@ pub struct LimitedListener {
     slots: Arc<Semaphore>,
     idle_timeout: Duration,
     counters: Counters,
+    /// Mutual TLS: every connection must complete this handshake first.
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl LimitedListener {
@@ -79,12 +91,19 @@ impl LimitedListener {
             slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
             idle_timeout: limits.idle_timeout,
             counters,
+            tls: None,
         }
+    }
+
+    /// Serve TLS: each connection completes a handshake under `config` before anything else.
+    pub fn with_tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
+        self.tls = Some(config);
+        self
     }
 }
 
 impl axum::serve::Listener for LimitedListener {
-    type Io = IdleTimeout<TcpStream>;
+    type Io = PeerIo;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
@@ -104,6 +123,13 @@ impl axum::serve::Listener for LimitedListener {
                         self.idle_timeout,
                         Slot::new(slot, &self.counters),
                     );
+                    let io = match &self.tls {
+                        None => PeerIo::Plain(io),
+                        Some(config) => PeerIo::Tls(Box::new(Tls::Handshaking(
+                            TlsAcceptor::from(config.clone()).accept(io),
+                            self.counters.tls_refused.clone(),
+                        ))),
+                    };
                     return (io, address);
                 }
                 Err(e) => {
@@ -252,5 +278,134 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<S> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+/// A peer connection: plain, or TLS whose handshake runs on the first read or write (so on the
+/// connection's task, under its idle timeout).
+#[derive(Debug)]
+pub enum PeerIo {
+    Plain(IdleTimeout<TcpStream>),
+    Tls(Box<Tls>),
+}
+
+/// The TLS side of a [`PeerIo`].
+pub enum Tls {
+    Handshaking(tokio_rustls::Accept<IdleTimeout<TcpStream>>, Counter),
+    Ready(TlsStream<IdleTimeout<TcpStream>>),
+    Refused,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Tls::Handshaking(..) => "Tls::Handshaking",
+            Tls::Ready(_) => "Tls::Ready",
+            Tls::Refused => "Tls::Refused",
+        })
+    }
+}
+
+impl Tls {
+    /// Drives the handshake to its end; then the stream.
+    fn poll_stream(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<&mut TlsStream<IdleTimeout<TcpStream>>>> {
+        if let Tls::Handshaking(accept, refused) = self {
+            match Pin::new(accept).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(stream)) => *self = Tls::Ready(stream),
+                Poll::Ready(Err(e)) => {
+                    // The idle timeout's own error is counted as such, not as a refusal.
+                    if e.kind() != io::ErrorKind::TimedOut {
+                        refused.inc();
+                        tracing::debug!(error = %e, "peer TLS handshake refused");
+                    }
+                    *self = Tls::Refused;
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+        match self {
+            Tls::Ready(stream) => Poll::Ready(Ok(stream)),
+            _ => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "peer TLS handshake refused",
+            ))),
+        }
+    }
+}
+
+/// `poll_*` of the stream under a [`PeerIo`], once its handshake (if any) is done.
+macro_rules! peer_io {
+    ($self:ident, $cx:ident, |$stream:ident| $call:expr) => {
+        match $self.get_mut() {
+            PeerIo::Plain(plain) => {
+                let $stream = Pin::new(plain);
+                $call
+            }
+            PeerIo::Tls(tls) => match tls.poll_stream($cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Ready(Ok(stream)) => {
+                    let $stream = Pin::new(stream);
+                    $call
+                }
+            },
+        }
+    };
+}
+
+impl AsyncRead for PeerIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        peer_io!(self, cx, |s| s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for PeerIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        peer_io!(self, cx, |s| s.poll_write(cx, data))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        peer_io!(self, cx, |s| s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            PeerIo::Plain(plain) => Pin::new(plain).poll_shutdown(cx),
+            PeerIo::Tls(tls) => match tls.as_mut() {
+                Tls::Ready(stream) => Pin::new(stream).poll_shutdown(cx),
+                // Nothing to close politely: dropping the connection closes it.
+                _ => Poll::Ready(Ok(())),
+            },
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        peer_io!(self, cx, |s| s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            PeerIo::Plain(plain) => plain.is_write_vectored(),
+            PeerIo::Tls(tls) => match tls.as_ref() {
+                Tls::Ready(stream) => stream.is_write_vectored(),
+                _ => false,
+            },
+        }
     }
 }

@@ -13,6 +13,7 @@ use openclaw_limiter::config::{Args, Command, Config, LogFormat, RestoreSettings
 use openclaw_limiter::crdt::ReplicaId;
 use openclaw_limiter::escrow::protocol::Params;
 use openclaw_limiter::membership::{Membership, SelfAddrs};
+use openclaw_limiter::peer_tls::{PeerTls, ReloadCounters};
 use openclaw_limiter::remote::{Remote, RestoreEvent, SeedError};
 use openclaw_limiter::replication::{ReplicationOptions, Replicator};
 use openclaw_limiter::rls::grpc::GrpcOptions;
@@ -270,10 +271,27 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen for peers on {}", settings.listen))?;
             let peer_addr = listener.local_addr()?;
+            let tls = match &settings.tls {
+                None => None,
+                Some(tls) => Some(Arc::new(
+                    PeerTls::try_new(
+                        tls.clone(),
+                        ReloadCounters {
+                            reloads: limiter.metrics().peer_tls_reloads.clone(),
+                            last_ok: limiter.metrics().peer_tls_reload_ok.clone(),
+                        },
+                    )
+                    .map_err(|problems| anyhow::anyhow!("{}", problems.join("; ")))?,
+                )),
+            };
             let replicator = Replicator::try_new(
                 limiter.clone(),
                 ReplicationOptions {
-                    secret: settings.secret.clone().into_bytes(),
+                    secret: match &settings.secret {
+                        Some(secret) => secret.clone().into_bytes(),
+                        None => openclaw_limiter::replication::MTLS_ONLY_KEY.to_vec(),
+                    },
+                    tls: tls.clone(),
                     sync_interval: settings.sync_interval,
                     anti_entropy_interval: settings.anti_entropy_interval,
                     request_timeout: (settings.sync_interval * 20)
@@ -304,6 +322,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                     membership,
                     ready_max_wait: settings.ready_max_wait,
                     limits: settings.peer_limits,
+                    tls,
                 },
             ))
         }
@@ -329,7 +348,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // write for all of them, so a reader that has the first line has the others too.
     let mut listening = format!("listening api=http://{addr}\n");
     let replication = replication.map(|(peer_addr, replication)| {
-        listening.push_str(&format!("listening peer=http://{peer_addr}\n"));
+        let scheme = if replication.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        listening.push_str(&format!("listening peer={scheme}://{peer_addr}\n"));
         replication
     });
     if let Some(grpc) = &grpc {

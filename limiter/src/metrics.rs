@@ -175,6 +175,10 @@ pub struct Metrics {
     pub peer_rejected: Family<ReasonLabels, Counter>,
     /// Connections the peer listener holds now (`crate::listener`).
     pub peer_connections: Gauge,
+    /// Loads of changed peer mTLS files, by result (`crate::peer_tls`).
+    pub peer_tls_reloads: Family<ResultLabels, Counter>,
+    /// 0 while changed peer mTLS files cannot be used, else 1.
+    pub peer_tls_reload_ok: Gauge,
     pub peer_clock_offset: Family<PeerLabels, FloatGauge>,
     pub clock_lead: FloatGauge,
     pub peer_clock_refused: Family<ReasonLabels, Counter>,
@@ -248,6 +252,8 @@ impl Metrics {
             merges: Counter::default(),
             peer_rejected: Family::default(),
             peer_connections: Gauge::default(),
+            peer_tls_reloads: Family::default(),
+            peer_tls_reload_ok: Gauge::default(),
             peer_clock_offset: Family::default(),
             clock_lead: FloatGauge::default(),
             peer_clock_refused: Family::default(),
@@ -376,6 +382,18 @@ impl Metrics {
             metrics.peer_connections.clone(),
         );
         registry.register(
+            counter_name(names::PEER_TLS_RELOADS_TOTAL),
+            "Attempts to load changed peer mutual-TLS files, by result",
+            metrics.peer_tls_reloads.clone(),
+        );
+        registry.register(
+            names::PEER_TLS_LAST_RELOAD_SUCCESSFUL,
+            "0 while changed peer mutual-TLS files cannot be used, else 1",
+            metrics.peer_tls_reload_ok.clone(),
+        );
+        // Nothing has failed yet (and without mTLS nothing can).
+        metrics.peer_tls_reload_ok.set(1);
+        registry.register(
             names::PEER_CLOCK_OFFSET_SECONDS,
             "How far the peer's clock is ahead of this replica's system clock (negative: behind), \
              from its last message (send time minus receive time: reads low by the network delay)",
@@ -487,6 +505,7 @@ impl Metrics {
             "too_slow",
             "replayed",
             "idle_connection",
+            "tls_handshake",
         ] {
             let _ = metrics
                 .peer_rejected

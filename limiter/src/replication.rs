@@ -23,6 +23,12 @@
 //! Anything unauthenticated, malformed, oversized, replayed or of another protocol version is
 //! refused, counted by reason, and never merged.
 //!
+//! With peer mutual TLS (`crate::peer_tls`) the listener serves HTTPS and requires a client
+//! certificate from the peer CA, and this side dials `https://` with this replica's
+//! certificate. The HMAC layer stays as it is: under the shared secret when one is set (both
+//! checks then apply), else under [`MTLS_ONLY_KEY`], where it no longer authenticates (the
+//! handshake does) but still binds answers to requests and refuses replays.
+//!
 //! The wire format is JSON with positional arrays (`[policy, key, epoch, rebaser, [[replica,
 //! incarnation, consumed, absorbed], ...]]`): about 80 bytes per changed bucket with one
 //! component (measured in `docs/accuracy.md`), and readable with curl when debugging a cluster.
@@ -72,11 +78,17 @@ const SIGNATURE_HEADER: &str = "x-openclaw-signature";
 /// HMAC of `head \n timestamp \n path \n content length \n body signature`: a request with a
 /// body is authenticated by it before a byte of the body is read.
 const HEAD_SIGNATURE_HEADER: &str = "x-openclaw-head-signature";
+/// The HMAC key of replicas that authenticate with mutual TLS alone (no `OPENCLAW_PEER_SECRET`).
+/// Public, so it proves nothing about the sender: what the signatures still give is the
+/// structure around them, answers bound to their request and replays refused.
+pub const MTLS_ONLY_KEY: &[u8] = b"openclaw peer mTLS without OPENCLAW_PEER_SECRET";
 
 #[derive(Debug, Clone)]
 pub struct ReplicationOptions {
-    /// HMAC key shared by every replica.
+    /// HMAC key shared by every replica ([`MTLS_ONLY_KEY`] with mutual TLS and no secret).
     pub secret: Vec<u8>,
+    /// Peer mutual TLS: dial `https://` presenting this replica's certificate.
+    pub tls: Option<Arc<crate::peer_tls::PeerTls>>,
     pub sync_interval: Duration,
     pub anti_entropy_interval: Duration,
     /// Bound on one request to a peer.
@@ -251,6 +263,8 @@ pub struct Replicator {
     options: ReplicationOptions,
     key: hmac::Key,
     client: reqwest::Client,
+    /// `http` or, with mutual TLS, `https`.
+    scheme: &'static str,
     /// Peers by address (from discovery), plus nodes we only heard from (by `node:<id>`).
     peers: Mutex<BTreeMap<String, PeerStatus>>,
     escrow: Arc<Escrow>,
@@ -270,6 +284,8 @@ pub enum ReplicationError {
     Client(#[from] reqwest::Error),
     #[error("the system random source failed")]
     Random,
+    #[error("peer TLS client configuration: {0}")]
+    Tls(#[from] rustls::Error),
 }
 
 impl Replicator {
@@ -277,12 +293,19 @@ impl Replicator {
         limiter: Arc<Limiter>,
         options: ReplicationOptions,
     ) -> Result<Self, ReplicationError> {
-        let client = reqwest::Client::builder()
+        let mut client = reqwest::Client::builder()
             .no_proxy()
             .timeout(options.request_timeout)
             .connect_timeout(options.request_timeout)
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build()?;
+            .pool_idle_timeout(Duration::from_secs(30));
+        let mut scheme = "http";
+        if let Some(tls) = &options.tls {
+            // One configuration for the client's life: its certificate and CA follow the files
+            // (`PeerTls` swaps what it resolves and verifies against for new connections).
+            client = client.tls_backend_preconfigured(tls.client_config()?);
+            scheme = "https";
+        }
+        let client = client.build()?;
         let unverified_budget = options.unverified_budget;
         let escrow = Arc::new(Escrow::new(
             limiter.store().replica(),
@@ -296,6 +319,7 @@ impl Replicator {
             limiter,
             options,
             client,
+            scheme,
             peers: Mutex::default(),
             evening_out: Arc::default(),
             unverified: Arc::new(tokio::sync::Semaphore::new(unverified_budget)),
@@ -450,7 +474,7 @@ impl Replicator {
         let head = self.sign_head(timestamp, "/v1/lend", body.len(), &signature);
         let response = self
             .client
-            .post(format!("http://{address}/v1/lend"))
+            .post(format!("{}://{address}/v1/lend", self.scheme))
             .timeout(self.options.loan_timeout)
             .header(TIMESTAMP_HEADER, timestamp.to_string())
             .header(SIGNATURE_HEADER, signature)
@@ -1267,7 +1291,7 @@ impl Replicator {
         let bytes = body.len() as u64;
         let result = self
             .client
-            .post(format!("http://{address}/v1/sync"))
+            .post(format!("{}://{address}/v1/sync", self.scheme))
             .header(TIMESTAMP_HEADER, timestamp.to_string())
             .header(SIGNATURE_HEADER, signature.clone())
             .header(HEAD_SIGNATURE_HEADER, head)
@@ -1469,7 +1493,7 @@ impl Replicator {
                 let signature = self.sign(timestamp, state_path(from).as_bytes());
                 let response = self
                     .client
-                    .get(format!("http://{address}/v1/state?from={from}"))
+                    .get(format!("{}://{address}/v1/state?from={from}", self.scheme))
                     .header(TIMESTAMP_HEADER, timestamp.to_string())
                     .header(SIGNATURE_HEADER, signature)
                     .send()

@@ -61,6 +61,9 @@ pub struct Replication {
     pub ready_max_wait: Duration,
     /// Connection limits of the replication listener.
     pub limits: crate::listener::Limits,
+    /// Peer mutual TLS: the listener requires it and its files are polled for changes (the
+    /// replicator's client was built with the same material).
+    pub tls: Option<Arc<crate::peer_tls::PeerTls>>,
 }
 
 /// Serve the decision API on `listener` until `shutdown` completes, then give in-flight requests
@@ -139,8 +142,26 @@ pub async fn serve(
                             reason: "idle_connection",
                         })
                         .clone(),
+                    tls_refused: metrics
+                        .peer_rejected
+                        .get_or_create(&crate::metrics::ReasonLabels {
+                            reason: "tls_handshake",
+                        })
+                        .clone(),
                 },
             );
+            let listener = match &replication.tls {
+                None => listener,
+                Some(tls) => {
+                    let config = tls.server_config().map_err(std::io::Error::other)?;
+                    tasks.spawn(
+                        tls.clone()
+                            .watch(stop_rx.clone())
+                            .instrument(tracing::info_span!("peer_tls_poller")),
+                    );
+                    listener.with_tls(config)
+                }
+            };
             let peer_server = axum::serve(listener, peer_router(replication.replicator.clone()))
                 .with_graceful_shutdown(async move {
                     let _ = stop.wait_for(|stopped| *stopped).await;

@@ -46,6 +46,7 @@ fn receiver() -> Arc<Replicator> {
             limiter,
             ReplicationOptions {
                 secret: b"hostile-peer-secret-0123".to_vec(),
+                tls: None,
                 sync_interval: Duration::from_millis(50),
                 anti_entropy_interval: Duration::from_secs(5),
                 request_timeout: Duration::from_secs(1),

@@ -53,6 +53,7 @@ impl Replica {
         }));
         let mut options = ReplicationOptions {
             secret: SECRET.to_vec(),
+            tls: None,
             sync_interval: Duration::from_millis(20),
             anti_entropy_interval: Duration::from_secs(60),
             request_timeout: Duration::from_secs(2),

@@ -33,7 +33,6 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -44,6 +43,8 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt as _;
 use tracing::{Instrument as _, debug, info, info_span, warn};
+
+use openclaw_common::tls::parse_pair;
 
 /// Errors of TLS setup and serving.
 #[derive(Debug, thiserror::Error)]
@@ -439,24 +440,6 @@ fn load_pair(
     let key_pem = std::fs::read(key).map_err(|e| err(format!("reading {}: {e}", key.display())))?;
     let certified = parse_pair(provider, &cert_pem, &key_pem).map_err(err)?;
     Ok((certified, (cert_pem, key_pem)))
-}
-
-/// Parses a PEM chain and key and checks that the key belongs to the leaf.
-fn parse_pair(
-    provider: &CryptoProvider,
-    cert_pem: &[u8],
-    key_pem: &[u8],
-) -> Result<CertifiedKey, String> {
-    let chain = CertificateDer::pem_slice_iter(cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("certificate file is not valid PEM: {e}"))?;
-    if chain.is_empty() {
-        return Err("certificate file holds no CERTIFICATE block".to_owned());
-    }
-    let key = PrivateKeyDer::from_pem_slice(key_pem)
-        .map_err(|e| format!("key file holds no usable private key: {e}"))?;
-    CertifiedKey::from_der(chain, key, provider)
-        .map_err(|e| format!("certificate and key do not fit together: {e}"))
 }
 
 /// A CA and a serving certificate signed by it, like the Go apiservers' `--cert-dir` default:

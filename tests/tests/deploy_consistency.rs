@@ -39,7 +39,10 @@ const TARGETS: &[&str] = &[
     SCALE_ON_DEPLETION,
     // The production overlay with the opt-in off-site snapshots (credentials, egress policy).
     "tests/targets/offsite-snapshots",
+    // The production overlay with the opt-in peer mutual TLS (cert-manager objects, mount).
+    PEER_MTLS,
 ];
+const PEER_MTLS: &str = "tests/targets/peer-mtls";
 const SCALE_ON_DEPLETION: &str = "tests/targets/scale-on-depletion";
 const LIMITER: &str = "openclaw-limiter";
 const ADAPTER: &str = "openclaw-metrics-adapter";
@@ -580,6 +583,173 @@ fn the_limiter_and_adapter_accept_the_deployed_configuration() {
         out.status.success(),
         "adapter check-config: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The opt-in peer mTLS component: the three `OPENCLAW_PEER_TLS_*` files are the keys
+/// cert-manager writes into the Secret the Deployment mounts, that Secret is the one a
+/// Certificate from a CA issuer fills, the certificate carries the server name peers check and
+/// both usages, and the limiter accepts the deployed variables with such files in place (and
+/// without the peer secret: mTLS alone authenticates).
+#[test]
+fn the_peer_mtls_component_mounts_the_certificate_the_limiter_is_told_to_read() {
+    let objs = render(PEER_MTLS);
+    let deployment = find(&objs, "Deployment", "openclaw", LIMITER).unwrap();
+    let spec = &deployment["spec"]["template"]["spec"];
+    let container = &spec["containers"][0];
+    let env: BTreeMap<String, Option<String>> = container_env(&objs, "openclaw", container)
+        .into_iter()
+        .collect();
+    let value = |var: &str| -> String {
+        env.get(var)
+            .cloned()
+            .flatten()
+            .unwrap_or_else(|| panic!("{PEER_MTLS}: {var} is not set to a literal"))
+    };
+    let server_name = env
+        .get("OPENCLAW_PEER_TLS_SERVER_NAME")
+        .cloned()
+        .flatten()
+        .unwrap_or_else(|| "openclaw-peer".to_owned());
+
+    let mut secrets = BTreeSet::new();
+    for (var, key) in [
+        ("OPENCLAW_PEER_TLS_CERT", "tls.crt"),
+        ("OPENCLAW_PEER_TLS_KEY", "tls.key"),
+        ("OPENCLAW_PEER_TLS_CA", "ca.crt"),
+    ] {
+        let path = value(var);
+        let (dir, file) = path.rsplit_once('/').unwrap();
+        assert_eq!(file, key, "{var}={path}: cert-manager writes `{key}`");
+        let mount = container["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["mountPath"] == dir)
+            .unwrap_or_else(|| panic!("{var}={path}: nothing is mounted at {dir}"));
+        assert!(
+            mount["subPath"].is_null(),
+            "a subPath mount never sees renewals"
+        );
+        let volume = spec["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == mount["name"])
+            .unwrap_or_else(|| panic!("{var}: volume {} is not declared", mount["name"]));
+        let secret = volume["secret"]["secretName"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{var}: volume {} is not a Secret", mount["name"]));
+        secrets.insert(secret.to_owned());
+    }
+    assert_eq!(
+        secrets.len(),
+        1,
+        "the three files come from one Secret: {secrets:?}"
+    );
+    let secret = secrets.pop_first().unwrap();
+
+    let certificate = of_kind(&objs, "Certificate")
+        .find(|c| c["spec"]["secretName"] == secret.as_str())
+        .unwrap_or_else(|| panic!("no Certificate fills Secret {secret}"));
+    let cert_spec = &certificate["spec"];
+    assert!(
+        strs(&cert_spec["dnsNames"]).contains(&server_name),
+        "{}: dnsNames lack the peer server name {server_name}",
+        id(certificate)
+    );
+    let usages = strs(&cert_spec["usages"]);
+    for usage in ["server auth", "client auth"] {
+        assert!(
+            usages.iter().any(|u| u == usage),
+            "{}: usages lack {usage}",
+            id(certificate)
+        );
+    }
+    let issuer = find(
+        &objs,
+        "Issuer",
+        "openclaw",
+        cert_spec["issuerRef"]["name"].as_str().unwrap(),
+    )
+    .unwrap_or_else(|| panic!("{}: its Issuer is not in the manifests", id(certificate)));
+    let ca_secret = issuer["spec"]["ca"]["secretName"]
+        .as_str()
+        .unwrap_or_else(|| {
+            panic!(
+                "{}: not a CA issuer (ca.crt would not be the peer CA)",
+                id(issuer)
+            )
+        });
+    assert!(
+        of_kind(&objs, "Certificate")
+            .any(|c| c["spec"]["secretName"] == ca_secret && c["spec"]["isCA"] == true),
+        "the peer CA Secret {ca_secret} is not filled by a CA Certificate"
+    );
+
+    // Files like cert-manager's, at temporary paths; the rest of the deployed environment.
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::default();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(
+        cert_spec["dnsNames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_str().unwrap().to_owned())
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let leaf = params.signed_by(&key, &issuer).unwrap();
+    std::fs::write(dir.path().join("tls.crt"), leaf.pem()).unwrap();
+    std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
+    std::fs::write(dir.path().join("ca.crt"), ca.pem()).unwrap();
+    let policies = dir.path().join("policies.yaml");
+    let policies_map = find(&objs, "ConfigMap", "openclaw", "openclaw-limiter-policies").unwrap();
+    std::fs::write(
+        &policies,
+        policies_map["data"]["policies.yaml"].as_str().unwrap(),
+    )
+    .unwrap();
+    let rls_dir = dir.path().join("rls");
+    write_config_map_files(&objs, "openclaw-limiter-rls", &rls_dir);
+    let mut cmd = Command::new(workspace_bin(LIMITER));
+    cmd.arg("--check-config").env_clear();
+    for (var, value) in &env {
+        let value = match var.as_str() {
+            "OPENCLAW_PEER_TLS_CERT" => dir.path().join("tls.crt").display().to_string(),
+            "OPENCLAW_PEER_TLS_KEY" => dir.path().join("tls.key").display().to_string(),
+            "OPENCLAW_PEER_TLS_CA" => dir.path().join("ca.crt").display().to_string(),
+            "OPENCLAW_POLICIES" => policies.display().to_string(),
+            "OPENCLAW_SNAPSHOT_DIR" => dir.path().display().to_string(),
+            "OPENCLAW_RLS_CONFIG" => rls_dir.display().to_string(),
+            "OPENCLAW_API_KEY" => "9f86d081884c7d659a2feaa0c55ad015".to_owned(),
+            // mTLS alone: the secret may be dropped from the Secret with this component.
+            "OPENCLAW_PEER_SECRET" => continue,
+            "OPENCLAW_NODE_ID" => "openclaw-limiter-abc".to_owned(),
+            "POD_NAMESPACE" => "openclaw".to_owned(),
+            "POD_IP" => "10.0.0.7".to_owned(),
+            _ => value
+                .clone()
+                .unwrap_or_default()
+                .replace("$(POD_NAMESPACE)", "openclaw"),
+        };
+        cmd.env(var, value);
+    }
+    let output = cmd.output().unwrap();
+    assert!(
+        output.status.success(),
+        "openclaw-limiter --check-config refuses {PEER_MTLS}'s configuration:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
     );
 }
 
