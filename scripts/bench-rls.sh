@@ -1,27 +1,33 @@
 #!/usr/bin/env bash
 # Decisions per second of Envoy's rate limit service (ShouldRateLimit over h2c) against `/rate`
-# over HTTP/1.1, side by side in one run, from the same load generator (h2load), on the same
-# limiter process pinned to one core:
+# over HTTP/1.1, side by side in one run, from the same load generator (the project's own,
+# `openclaw-load` from loadgen/, in closed loop: each connection or stream sends its next request
+# when the last is answered, so the rate is what the server gives), on the same limiter process
+# pinned to one core:
 #
 #   scripts/bench-rls.sh
 #
-# - /rate: GET /rate?key=bench over CONNECTIONS keep-alive HTTP/1.1 connections;
-# - RLS: ShouldRateLimit with one descriptor (client_id=bench) as unary gRPC calls,
+# - /rate: GET /rate?key=... over CONNECTIONS keep-alive HTTP/1.1 connections;
+# - RLS: ShouldRateLimit with one descriptor (client_id = the request's key) as unary gRPC calls,
 #   GRPC_CONNECTIONS HTTP/2 connections x STREAMS concurrent streams each (as Envoy does: few
 #   connections, many streams), the same total concurrency.
-# Both decide on one bucket large enough that every decision is allowed. Each is run ROUNDS
-# times, alternating, DURATION seconds after a WARMUP, and the best run of each is kept. The
-# answers are checked: the limiter's own counters must have grown by what h2load reports.
+# Both ask for keys from openclaw-load's KEYS (default hot:1:1: one key), on buckets large enough
+# that every decision is allowed. Each is run ROUNDS times, alternating, DURATION seconds after
+# a WARMUP, and the best run of each is kept. The answers are checked: the limiter's own counters
+# must have grown by what openclaw-load counted as decisions (plus at most its errors: a call
+# that timed out may still have been decided), and errors are reported.
 #
 # Prints both rates, the decisions per second of the limiter's own CPU time (user + system, from
 # /proc: what "per core" means when the load generator, not the server, is the bottleneck) and
 # both ratios (issue 13's target: >= 0.70 per core), the per-CPU ratio also round by round (a
 # round's /rate run and the RLS run right after it) with its median, which host noise that
-# comes and goes between rounds moves less than the best-of-each ratio. The limiter is pinned to
-# SERVER_CPU and h2load to LOAD_CPU; everything listens on 127.0.0.1 and every process started
-# here is stopped on exit. Needs h2load (Debian's nghttp2-client) and taskset; run as root they
-# are installed with apt-get when missing.
-# Knobs: DURATION=8 WARMUP=2 ROUNDS=2 CONNECTIONS=64 GRPC_CONNECTIONS=4 STREAMS=16
+# comes and goes between rounds moves less than the best-of-each ratio. Each run also shows how
+# busy the generator's core was: near 100 % with the server's well below, the generator set the
+# pace and the per-CPU figures, not the rates, are the ones to compare. The limiter is pinned to
+# SERVER_CPU and openclaw-load to LOAD_CPU (so one Tokio worker each); everything listens on
+# 127.0.0.1 and every process started here is stopped on exit. Needs taskset (util-linux), curl
+# and python3.
+# Knobs: DURATION=8 WARMUP=2 ROUNDS=2 CONNECTIONS=64 GRPC_CONNECTIONS=4 STREAMS=16 KEYS=hot:1:1
 # SERVER_CPU=0 LOAD_CPU=1.
 
 set -euo pipefail
@@ -32,6 +38,7 @@ ROUNDS=${ROUNDS:-2}
 CONNECTIONS=${CONNECTIONS:-64}
 GRPC_CONNECTIONS=${GRPC_CONNECTIONS:-4}
 STREAMS=${STREAMS:-16}
+KEYS=${KEYS:-hot:1:1}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 
@@ -44,18 +51,13 @@ die() {
     exit 1
 }
 
-missing=()
-command -v h2load >/dev/null || missing+=(nghttp2-client)
-command -v taskset >/dev/null || missing+=(util-linux)
-if [ ${#missing[@]} -gt 0 ]; then
-    [ "$(id -u)" = 0 ] || die "missing ${missing[*]} (apt-get install ${missing[*]})"
-    log "installing ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+command -v taskset >/dev/null || die "taskset is missing (apt-get install util-linux)"
 
-log "building the limiter (release)"
-cargo build --release --locked -q -p openclaw-limiter --bin openclaw-limiter
+log "building the limiter and openclaw-load (release)"
+cargo build --release --locked -q -p openclaw-limiter --bin openclaw-limiter \
+    -p openclaw-loadgen --bin openclaw-load
 BIN=$TARGET_DIR/release/openclaw-limiter
+LOAD=$TARGET_DIR/release/openclaw-load
 
 WORK=$(mktemp -d)
 LIMITER_PID=
@@ -73,19 +75,6 @@ domain: edge
 descriptors:
   - key: client_id
     rate_limit: {unit: second, requests_per_unit: 1000000000}
-EOF
-
-# One gRPC message: RateLimitRequest{domain: "edge", descriptors: [{entries: [{client_id,
-# bench}]}]}, protobuf-encoded by hand, in gRPC's length-prefixed frame.
-python3 - "$WORK/request.bin" <<'EOF'
-import struct, sys
-def field(number, payload):
-    return bytes([number << 3 | 2, len(payload)]) + payload
-entry = field(1, b"client_id") + field(2, b"bench")
-descriptor = field(1, entry)
-request = field(1, b"edge") + field(2, descriptor)
-with open(sys.argv[1], "wb") as f:
-    f.write(b"\x00" + struct.pack(">I", len(request)) + request)
 EOF
 
 BUCKET_CAPACITY=1000000000 REFILL_INTERVAL_MS=1000 OPENCLAW_LOG_FORMAT=json RUST_LOG=warn \
@@ -106,20 +95,52 @@ log "limiter on $API (HTTP) and $GRPC (gRPC), pinned to CPU $SERVER_CPU"
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$LIMITER_PID/stat"; }
 TICKS_PER_S=$(getconf CLK_TCK)
 
-counter() { # counter SERIES: its value on /metrics
-    curl -s "$API/metrics" | awk -v s="$1" '$1 == s {print $2}' | head -1
+# decisions SERIES...: the sum of these series on the limiter's /metrics, as a whole number.
+decisions() {
+    local text total=0 series v
+    text=$(curl -s "$API/metrics")
+    for series in "$@"; do
+        v=$(awk -v s="$series" '$1 == s {print $2}' <<<"$text" | head -1)
+        total=$((total + $(printf '%.0f' "${v:-0}")))
+    done
+    echo "$total"
+}
+RATE_SERIES=('openclaw_requests_total{policy="default",decision="allowed"}'
+    'openclaw_requests_total{policy="default",decision="rejected"}')
+RLS_SERIES=('openclaw_rls_requests_total{code="ok"}'
+    'openclaw_rls_requests_total{code="over_limit"}')
+
+# load SECONDS ARGS... -> "DECISIONS_PER_S DECISIONS ERRORS GENERATOR_BUSY_%": openclaw-load,
+# closed loop, on LOAD_CPU. Its JSON summary goes to $WORK/run.json, its table to $WORK/run.txt.
+# The generator's own CPU time (bash's `time`) says whether it, not the server, set the pace.
+load() {
+    local TIMEFORMAT='%U %S'
+    { time taskset -c "$LOAD_CPU" "$LOAD" --duration "${1}s" --keys "$KEYS" --quiet --json \
+        "${@:2}" >"$WORK/run.json" 2>"$WORK/run.txt"; } 2>"$WORK/time.txt" ||
+        die "openclaw-load failed: $(cat "$WORK/run.txt")"
+    python3 -c '
+import json, sys
+s = json.load(open(sys.argv[1]))
+user, system = map(float, open(sys.argv[2]).read().split())
+decided = s["allowed"] + s["rejected"]
+print("%.0f %d %d %.0f" % (decided / s["elapsed"], decided, s["errors"],
+                           100 * (user + system) / s["elapsed"]))
+' "$WORK/run.json" "$WORK/time.txt"
 }
 
-rate_run() { # rate_run SECONDS -> requests per second (2xx only)
-    taskset -c "$LOAD_CPU" h2load --h1 -c "$CONNECTIONS" -m 1 -D "$1" -t 1 "$API/rate?key=bench" 2>&1 |
-        awk '/^finished in/ {rps=$4} /^status codes:/ {ok=$3} END {print rps" "ok}'
-}
+rate_run() { load "$1" --target "$API" --connections "$CONNECTIONS"; }
 
 rls_run() {
-    taskset -c "$LOAD_CPU" h2load -c "$GRPC_CONNECTIONS" -m "$STREAMS" -D "$1" -t 1 \
-        -H 'content-type: application/grpc' -H 'te: trailers' -d "$WORK/request.bin" \
-        "$GRPC/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit" 2>&1 |
-        awk '/^finished in/ {rps=$4} /^status codes:/ {ok=$3} END {print rps" "ok}'
+    load "$1" --target "$GRPC" --rls-domain edge --rls-descriptor client_id \
+        --connections "$GRPC_CONNECTIONS" --streams "$STREAMS"
+}
+
+# check WHAT GREW DECIDED ERRORS: the limiter's counters GREW by what openclaw-load counted as
+# DECIDED, plus at most its ERRORS.
+check() {
+    [ "$2" -ge "$3" ] && [ "$2" -le $(($3 + $4)) ] ||
+        die "$1: openclaw-load counted $3 decisions and $4 errors, the limiter's counters grew by $2"
+    [ "$4" = 0 ] || log "$1: $4 errors: $(grep '^  errors' "$WORK/run.txt")"
 }
 
 log "warm-up"
@@ -131,32 +152,30 @@ best_rls=0
 best_rate_per_cpu=0
 best_rls_per_cpu=0
 round_ratios=()
-# per_cpu OK TICKS -> decisions per second of the limiter's CPU time (user + system)
+# per_cpu DECISIONS TICKS -> decisions per second of the limiter's CPU time (user + system)
 per_cpu() { python3 -c "print(round($1 / max($2, 1) * $TICKS_PER_S))"; }
 busy() { python3 -c "print(round(100 * $1 / $TICKS_PER_S / $DURATION))"; }
 for round in $(seq "$ROUNDS"); do
-    before=$(counter 'openclaw_requests_total{policy="default",decision="allowed"}')
+    before=$(decisions "${RATE_SERIES[@]}")
     t0=$(cpu_ticks)
-    read -r rps ok < <(rate_run "$DURATION")
+    read -r rps decided errors generator < <(rate_run "$DURATION")
     ticks=$(($(cpu_ticks) - t0))
-    after=$(counter 'openclaw_requests_total{policy="default",decision="allowed"}')
-    [ "$(printf '%.0f' "$after")" -ge "$(( $(printf '%.0f' "$before") + ok ))" ] ||
-        die "/rate: h2load counted $ok answers, the limiter allowed $((${after%.*} - ${before%.*}))"
-    pc=$(per_cpu "$ok" "$ticks")
+    check /rate $(($(decisions "${RATE_SERIES[@]}") - before)) "$decided" "$errors"
+    pc=$(per_cpu "$decided" "$ticks")
     rate_pc=$pc
-    log "round $round: /rate $rps req/s, server core $(busy "$ticks")% busy, $pc per CPU-second"
+    log "round $round: /rate $rps decisions/s, server core $(busy "$ticks")% busy" \
+        "(generator $generator%), $pc per CPU-second"
     best_rate=$(python3 -c "print(max($best_rate, $rps))")
     best_rate_per_cpu=$(python3 -c "print(max($best_rate_per_cpu, $pc))")
 
-    before=$(counter 'openclaw_rls_requests_total{code="ok"}')
+    before=$(decisions "${RLS_SERIES[@]}")
     t0=$(cpu_ticks)
-    read -r rps ok < <(rls_run "$DURATION")
+    read -r rps decided errors generator < <(rls_run "$DURATION")
     ticks=$(($(cpu_ticks) - t0))
-    after=$(counter 'openclaw_rls_requests_total{code="ok"}')
-    [ "$(printf '%.0f' "$after")" -ge "$(( $(printf '%.0f' "$before") + ok ))" ] ||
-        die "RLS: h2load counted $ok answers, the limiter answered OK $((${after%.*} - ${before%.*}))"
-    pc=$(per_cpu "$ok" "$ticks")
-    log "round $round: ShouldRateLimit $rps calls/s, server core $(busy "$ticks")% busy, $pc per CPU-second"
+    check RLS $(($(decisions "${RLS_SERIES[@]}") - before)) "$decided" "$errors"
+    pc=$(per_cpu "$decided" "$ticks")
+    log "round $round: ShouldRateLimit $rps decisions/s, server core $(busy "$ticks")% busy" \
+        "(generator $generator%), $pc per CPU-second"
     best_rls=$(python3 -c "print(max($best_rls, $rps))")
     best_rls_per_cpu=$(python3 -c "print(max($best_rls_per_cpu, $pc))")
     round_ratios+=("$(python3 -c "print($pc / $rate_pc)")")

@@ -84,8 +84,8 @@ where
             Some(profile.clone())
         }
         Drive::ClosedLoop { connections } => {
-            for _ in 0..*connections {
-                drivers.spawn(closed_loop(shared.clone()));
+            for worker in 0..*connections {
+                drivers.spawn(closed_loop(shared.clone(), worker as u64));
             }
             None
         }
@@ -191,7 +191,7 @@ fn open_loop(
                 runtime.spawn(async move {
                     shared
                         .sender
-                        .request(&shared.recorder, this, due, when, true)
+                        .request(&shared.recorder, this, this, due, when, true)
                         .await;
                     drop(permit);
                 });
@@ -201,15 +201,23 @@ fn open_loop(
     }
 }
 
-/// One connection's worth of load: the next request leaves when the previous one is answered.
-async fn closed_loop(shared: Arc<Shared>) {
+/// One connection's worth of load (one stream's, over HTTP/2): the next request leaves when the
+/// previous one is answered.
+async fn closed_loop(shared: Arc<Shared>, worker: u64) {
     while !shared.stopped.load(Relaxed) {
         let Some(seq) = shared.claim() else { return };
         let sent_at = shared.start.elapsed();
         shared.recorder.sent(sent_at);
         shared
             .sender
-            .request(&shared.recorder, seq, sent_at, Instant::now(), false)
+            .request(
+                &shared.recorder,
+                seq,
+                worker,
+                sent_at,
+                Instant::now(),
+                false,
+            )
             .await;
     }
 }

@@ -1,11 +1,12 @@
-//! OpenClaw's own load generator for the limiter's decision API (`GET /rate`).
+//! OpenClaw's own load generator for the limiter's decision APIs: `GET /rate` over HTTP/1.1, and
+//! Envoy's rate limit service (`ShouldRateLimit`, unary gRPC over h2c).
 //!
 //! It sits beside the limiter replicas on one machine: the scenario runner (`stack/`) and the
 //! `openclaw-load` binary drive it to put a known load on a local stack and read back what the
-//! limiters decided. A [`Plan`] says where (loopback targets only), how (open loop on a
-//! [`RateProfile`]'s clock, or closed loop with N connections), which keys (many, or a few hot
-//! ones), how the requests are spread over the replicas, and the bounds (duration, request
-//! count); [`run`] carries it out and returns a [`Summary`]: counts by decision and by target, a
+//! limiters decided. A [`Plan`] says where (loopback targets only), which [`Api`], how (open
+//! loop on a [`RateProfile`]'s clock, or closed loop with N requests outstanding), which keys
+//! (many, or a few hot ones), how the requests are spread over the replicas, and the bounds
+//! (duration, request count); [`run`] carries it out and returns a [`Summary`]: counts by decision and by target, a
 //! per-second timeline, and latency percentiles measured from each request's due time so that
 //! a slow server cannot hide its queueing (no coordinated omission).
 //!
@@ -13,6 +14,7 @@
 //! - [`plan`]: the plan, its validation, keys and spread.
 //! - [`Endpoints`]: targets that change during a run, as a Service's ready endpoints do.
 //! - `send`: one request over a pooled HTTP/1.1 client, with failover between targets.
+//! - [`rls`]: `ShouldRateLimit` calls over HTTP/2 connections, and reading their answers.
 //! - [`record`]: counters, timeline, histograms, [`Progress`] and [`Summary`].
 //! - `engine`: the scheduler, the workers and the bounds ([`run`]).
 //! - [`report`]: human-readable progress lines and the summary table.
@@ -44,13 +46,15 @@ pub mod plan;
 pub mod profile;
 pub mod record;
 pub mod report;
+pub mod rls;
 mod send;
 
 pub use endpoints::{Endpoints, MAX_TARGETS};
 pub use engine::run;
-pub use plan::{Drive, Keys, Plan, Spread};
+pub use plan::{Api, Drive, Keys, Plan, Spread};
 pub use profile::RateProfile;
 pub use record::{Percentiles, Progress, SecondCounts, Summary, TargetCounts};
+pub use rls::RlsCall;
 pub use send::FAILOVER_PAUSE;
 
 /// Everything that can go wrong before a run starts. A run itself does not fail: unanswered
@@ -63,6 +67,9 @@ pub enum Error {
     /// A `--keys` value that does not parse.
     #[error("keys `{input}`: {reason}")]
     InvalidKeys { input: String, reason: String },
+    /// An `--rls-descriptor` value that does not parse.
+    #[error("RLS descriptor `{input}`: {reason}")]
+    InvalidDescriptor { input: String, reason: String },
     /// A `--spread` value that does not parse.
     #[error("spread `{input}`: {reason}")]
     InvalidSpread { input: String, reason: String },

@@ -1,6 +1,7 @@
-//! `openclaw-load`: load on the limiter's `/rate` API from the command line. Parses and checks
-//! every flag (listing every problem, exit 64), runs the plan with a progress line on stderr,
-//! stops early on Ctrl-C or SIGTERM, and prints the summary (a table, or JSON with `--json`).
+//! `openclaw-load`: load on the limiter's `/rate` API, or on its Envoy rate limit service, from
+//! the command line. Parses and checks every flag (listing every problem, exit 64), runs the
+//! plan with a progress line on stderr, stops early on Ctrl-C or SIGTERM, and prints the summary
+//! (a table, or JSON with `--json`).
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -8,18 +9,22 @@ use std::time::Duration;
 
 use clap::Parser;
 use openclaw_loadgen::report::{bar_line, plain_line, summary_table};
-use openclaw_loadgen::{Drive, Error, Keys, Plan, Progress, RateProfile, Spread, run};
+use openclaw_loadgen::{
+    Api, Drive, Error, Keys, Plan, Progress, RateProfile, RlsCall, Spread, run,
+};
 
 /// Exit code for bad input (EX_USAGE).
 const EXIT_USAGE: u8 = 64;
 /// Duration when neither `--duration` nor a profile with an end says how long.
 const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 
-/// Load generator for the OpenClaw limiter's decision API (GET /rate), loopback targets only.
+/// Load generator for the OpenClaw limiter's decision API (GET /rate), or its Envoy rate limit
+/// service (ShouldRateLimit over h2c, with --rls-domain), loopback targets only.
 ///
 /// Open loop (`--rate PROFILE`) sends on the profile's clock whatever the answers do, and
 /// measures latency from each request's due time; closed loop (`--connections N`) keeps N
-/// requests outstanding. See loadgen/README.md for the profile syntax and examples.
+/// requests outstanding (RLS: N connections x `--streams` calls). See loadgen/README.md for the
+/// profile syntax and examples.
 #[derive(Debug, Parser)]
 #[command(name = "openclaw-load", version)]
 struct Args {
@@ -33,6 +38,17 @@ struct Args {
     /// Closed loop with this many connections, each sending when its last answer came.
     #[arg(long, value_name = "N", allow_hyphen_values = true)]
     connections: Option<String>,
+    /// Call Envoy's rate limit service (ShouldRateLimit, gRPC over h2c) with this domain instead
+    /// of GET /rate; --target is then the limiter's gRPC listener.
+    #[arg(long, value_name = "DOMAIN")]
+    rls_domain: Option<String>,
+    /// A descriptor of every call: KEY=VALUE[,KEY=VALUE...]; a KEY alone takes the request's
+    /// key (--keys). Repeat for several descriptors.
+    #[arg(long, value_name = "ENTRIES")]
+    rls_descriptor: Vec<String>,
+    /// RLS, closed loop: calls outstanding at once on each HTTP/2 connection [default: 1].
+    #[arg(long, value_name = "M", allow_hyphen_values = true)]
+    streams: Option<String>,
     /// How long to send [default: the profile's length, else 10s].
     #[arg(long, value_name = "DURATION")]
     duration: Option<String>,
@@ -49,7 +65,7 @@ struct Args {
     /// Policy to ask for (?policy=); the limiter's default when absent.
     #[arg(long)]
     policy: Option<String>,
-    /// Tokens per request (?cost=).
+    /// Tokens per request (?cost=; RLS: hits_addend).
     #[arg(long, default_value = "1", allow_hyphen_values = true)]
     cost: String,
     /// Bearer token for a limiter with OPENCLAW_API_KEY set.
@@ -230,6 +246,53 @@ fn plan_from(args: &Args) -> Result<(Plan, String), Vec<String>> {
             )),
         },
     }
+    let streams = args
+        .streams
+        .as_ref()
+        .and_then(|m| number("--streams", m, 1, &mut problems))
+        .unwrap_or(1);
+    match &args.rls_domain {
+        Some(domain) => {
+            let mut call = RlsCall::new(domain.trim());
+            for d in &args.rls_descriptor {
+                match RlsCall::parse_descriptor(d) {
+                    Ok(entries) => call.descriptors.push(entries),
+                    Err(e) => problems.push(format!("--rls-descriptor: {e}")),
+                }
+            }
+            match (&mut plan.drive, &args.streams) {
+                (Drive::ClosedLoop { connections }, _) => {
+                    call.connections = *connections;
+                    match usize::try_from(streams).map(|m| m.saturating_mul(*connections)) {
+                        Ok(calls) if calls <= 10_000 => *connections = calls,
+                        _ => problems.push(format!(
+                            "--connections {connections} x --streams {streams}: at most 10000 \
+                             calls outstanding"
+                        )),
+                    }
+                }
+                (Drive::OpenLoop(_), Some(_)) => problems.push(
+                    "--streams is for the closed loop; in open loop the rate sets how many \
+                     calls are outstanding"
+                        .into(),
+                ),
+                (Drive::OpenLoop(_), None) => {}
+            }
+            plan.api = Api::Rls(call);
+        }
+        None => {
+            if !args.rls_descriptor.is_empty() {
+                problems.push("--rls-descriptor needs --rls-domain".into());
+            }
+            if args.streams.is_some() {
+                problems.push(
+                    "--streams is for RLS calls over HTTP/2 (--rls-domain); HTTP/1.1 carries one \
+                     request at a time per connection"
+                        .into(),
+                );
+            }
+        }
+    }
     plan.duration = match &args.duration {
         Some(d) => duration("--duration", d, &mut problems).unwrap_or(DEFAULT_DURATION),
         None => profile_length.unwrap_or(DEFAULT_DURATION),
@@ -259,19 +322,33 @@ fn plan_from(args: &Args) -> Result<(Plan, String), Vec<String>> {
         plan.seed = number("--seed", seed, 0, &mut problems).unwrap_or(plan.seed);
     }
     // What the flags alone cannot tell: loopback targets, spread index, policy name, bounds.
-    // (No targets was said already.)
+    // (No targets was said already, and so was a descriptor that does not parse.)
     if let Err(Error::InvalidPlan(more)) = plan.validate() {
-        problems.extend(more.into_iter().filter(|p| !p.starts_with("no target")));
+        let said = |p: &String| {
+            p.starts_with("no target")
+                || (!args.rls_descriptor.is_empty() && p.contains("at least one descriptor"))
+        };
+        problems.extend(more.into_iter().filter(|p| !said(p)));
     }
     if !problems.is_empty() {
         return Err(problems);
     }
-    let drive = match (&args.rate, &plan.drive) {
-        (Some(rate), _) => format!("open loop, rate {rate}"),
-        (None, Drive::ClosedLoop { connections }) => {
+    let drive = match (&args.rate, &plan.drive, &plan.api) {
+        (Some(rate), _, Api::Rate) => format!("open loop, rate {rate}"),
+        (Some(rate), _, Api::Rls(call)) => format!(
+            "ShouldRateLimit (domain {}), open loop, rate {rate}, {} connection{} per target",
+            call.domain,
+            call.connections,
+            if call.connections == 1 { "" } else { "s" }
+        ),
+        (None, Drive::ClosedLoop { connections }, Api::Rate) => {
             format!("closed loop, {connections} connections")
         }
-        (None, Drive::OpenLoop(_)) => "open loop".to_owned(),
+        (None, Drive::ClosedLoop { .. }, Api::Rls(call)) => format!(
+            "ShouldRateLimit (domain {}), closed loop, {} connections x {streams} streams",
+            call.domain, call.connections
+        ),
+        (None, Drive::OpenLoop(_), _) => "open loop".to_owned(),
     };
     let describe = format!(
         "{drive} for {} on {} target{}, keys {}, {}{}{}",

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::endpoints::Endpoints;
 use crate::profile::RateProfile;
+use crate::rls::RlsCall;
 use crate::{Error, Result};
 
 /// The longest run allowed: the per-second timeline is allocated up front.
@@ -33,12 +34,14 @@ pub struct Plan {
     /// Base URLs of limiter APIs (`http://127.0.0.1:41234`). Loopback only: anything else is
     /// refused, so a typo cannot load someone else's service.
     pub targets: Vec<String>,
+    /// What each request asks: `/rate` (the default) or Envoy's `ShouldRateLimit`.
+    pub api: Api,
     pub drive: Drive,
     pub keys: Keys,
     pub spread: Spread,
-    /// `?policy=`; `None` leaves the limiter's default.
+    /// `?policy=`; `None` leaves the limiter's default. `/rate` only: for RLS the rules choose.
     pub policy: Option<String>,
-    /// `?cost=`; 1 (the limiter's default) is not sent.
+    /// `?cost=` (RLS: `hits_addend`); 1 (the limiter's default) is not sent.
     pub cost: u64,
     /// Sent as `Authorization: Bearer ...` (the limiter's `OPENCLAW_API_KEY`).
     pub api_key: Option<String>,
@@ -68,6 +71,7 @@ impl std::fmt::Debug for Plan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Plan")
             .field("targets", &self.targets)
+            .field("api", &self.api)
             .field("drive", &self.drive)
             .field("keys", &self.keys)
             .field("spread", &self.spread)
@@ -93,6 +97,7 @@ impl Default for Plan {
     fn default() -> Self {
         Self {
             targets: Vec::new(),
+            api: Api::Rate,
             drive: Drive::ClosedLoop { connections: 1 },
             keys: Keys::Many { count: 10_000 },
             spread: Spread::RoundRobin,
@@ -111,6 +116,17 @@ impl Default for Plan {
     }
 }
 
+/// What each request asks the targets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Api {
+    /// `GET /rate?key=..` over HTTP/1.1 (keep-alive connections, one request at a time on each):
+    /// 200 is allowed, 429 refused.
+    Rate,
+    /// Envoy's rate limit service on the limiter's gRPC listener: unary `ShouldRateLimit` over
+    /// h2c, many calls at once on each connection. OK is allowed, OVER_LIMIT refused.
+    Rls(RlsCall),
+}
+
 /// How requests are paced.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Drive {
@@ -118,7 +134,9 @@ pub enum Drive {
     /// measured from when each request was due, so a slow server cannot hide its queueing
     /// (no coordinated omission).
     OpenLoop(RateProfile),
-    /// `connections` workers, each sending its next request when the previous one is answered.
+    /// `connections` workers, each sending its next request when the previous one is answered:
+    /// that many requests outstanding. Over HTTP/1.1 each holds a connection of its own; over
+    /// HTTP/2 ([`Api::Rls`]) they share [`RlsCall::connections`] as concurrent streams.
     ClosedLoop { connections: usize },
 }
 
@@ -280,6 +298,21 @@ impl Plan {
         if let Err(e) = self.keys.validate() {
             problems.push(format!("keys: {e}"));
         }
+        if let Api::Rls(call) = &self.api {
+            problems.extend(call.problems());
+            if self.policy.is_some() {
+                problems.push(
+                    "a policy is for /rate only: ShouldRateLimit's rules choose the limit".into(),
+                );
+            }
+            if self.cost > u64::from(u32::MAX) {
+                problems.push(format!(
+                    "cost {} is more hits than ShouldRateLimit carries (at most {})",
+                    self.cost,
+                    u32::MAX
+                ));
+            }
+        }
         if let Some(policy) = &self.policy
             && (policy.is_empty()
                 || policy.len() > 63
@@ -363,7 +396,8 @@ pub fn loopback_base(target: &str) -> std::result::Result<String, String> {
     }
     if uri.path() != "/" && !uri.path().is_empty() {
         return Err(format!(
-            "target `{target}`: give the API's base URL without a path (it sends to /rate)"
+            "target `{target}`: give the base URL without a path (it sends to /rate, or to the \
+             RLS method)"
         ));
     }
     if uri.query().is_some() {

@@ -12,9 +12,9 @@ use serde::{Deserialize, Serialize};
 /// The outcome of one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// 200: the limiter granted the tokens.
+    /// 200 (RLS: `overall_code` OK): the limiter granted the tokens.
     Allowed,
-    /// 429: the limiter refused.
+    /// 429 (RLS: OVER_LIMIT): the limiter refused.
     Rejected,
     /// Anything else: no answer, or an answer that is not a decision.
     Error(ErrorKind),
@@ -31,6 +31,12 @@ pub enum ErrorKind {
     Transport,
     /// An HTTP status other than 200 and 429 (e.g. 401 without the API key, 400 for a bad policy).
     Status(u16),
+    /// RLS: a gRPC status other than 0 (16 without the API key, 3 for a request refused as
+    /// invalid).
+    Grpc(u32),
+    /// RLS: an answer that is not a gRPC reply with a decision (no `grpc-status`, a broken
+    /// frame, an `overall_code` of UNKNOWN).
+    Malformed,
     /// Still outstanding when the run gave up waiting for answers.
     Abandoned,
 }
@@ -42,6 +48,8 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout".into(),
             ErrorKind::Transport => "transport".into(),
             ErrorKind::Status(code) => format!("http {code}"),
+            ErrorKind::Grpc(code) => format!("grpc {code}"),
+            ErrorKind::Malformed => "malformed".into(),
             ErrorKind::Abandoned => "abandoned".into(),
         }
     }
@@ -79,7 +87,8 @@ pub struct Percentiles {
     pub p999_us: u64,
     pub max_us: u64,
     pub mean_us: f64,
-    /// Requests the percentiles are over (answered ones: 200, 429 and error statuses).
+    /// Requests the percentiles are over (answered ones: decisions, and error statuses or
+    /// malformed answers).
     pub count: u64,
 }
 
@@ -118,7 +127,8 @@ pub struct Summary {
     pub allowed: u64,
     pub rejected: u64,
     pub errors: u64,
-    /// Errors by kind (`connect`, `timeout`, `transport`, `http 401`, `abandoned`).
+    /// Errors by kind (`connect`, `timeout`, `transport`, `http 401`, `grpc 16`, `malformed`,
+    /// `abandoned`).
     pub errors_by_kind: BTreeMap<String, u64>,
     /// Open loop: requests due that could not be sent because `max_in_flight` were
     /// outstanding (the generator or the server fell behind). Not part of `requests`.

@@ -1,5 +1,6 @@
-//! Sending one decision request: pick the key and target, `GET /rate`, classify the answer, and
-//! fail over to the next live target when one refuses connections.
+//! Sending one decision request: pick the key and target, `GET /rate` (or a `ShouldRateLimit`
+//! call, [`crate::rls`]), classify the answer, and fail over to the next live target when one
+//! refuses connections.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -13,8 +14,9 @@ use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
 use crate::endpoints::{Endpoints, MAX_TARGETS};
-use crate::plan::{Keys, Plan, Spread};
+use crate::plan::{Api, Keys, Plan, Spread};
 use crate::record::{ErrorKind, Outcome, Recorder};
+use crate::rls::Connections;
 
 /// How long a target that refused a connection is skipped when failover is on.
 pub const FAILOVER_PAUSE: Duration = Duration::from_secs(1);
@@ -23,6 +25,8 @@ pub const FAILOVER_PAUSE: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub(crate) struct Sender {
     client: Client<HttpConnector, Empty<Bytes>>,
+    /// `ShouldRateLimit` instead of `/rate`.
+    rls: Option<Connections>,
     /// Where requests go (fixed, or following a Service's ready endpoints).
     endpoints: Endpoints,
     /// Per target number: nanoseconds since the start before which it is skipped (failover).
@@ -55,17 +59,25 @@ impl Sender {
         if plan.cost != 1 {
             suffix.push_str(&format!("&cost={}", plan.cost));
         }
+        let auth = plan.api_key.as_ref().map(|key| {
+            let mut value =
+                HeaderValue::try_from(format!("Bearer {key}")).expect("validated API key");
+            value.set_sensitive(true);
+            value
+        });
         Self {
             client,
+            rls: match &plan.api {
+                Api::Rate => None,
+                Api::Rls(call) => {
+                    let hits = u32::try_from(plan.cost).expect("validated: RLS hits fit in u32");
+                    Some(Connections::new(call.clone(), hits, auth.clone()))
+                }
+            },
             endpoints,
             down_until_ns: (0..MAX_TARGETS).map(|_| AtomicU64::new(0)).collect(),
             suffix,
-            auth: plan.api_key.as_ref().map(|key| {
-                let mut value =
-                    HeaderValue::try_from(format!("Bearer {key}")).expect("validated API key");
-                value.set_sensitive(true);
-                value
-            }),
+            auth,
             keys: plan.keys,
             seed: plan.seed,
             spread: plan.spread,
@@ -76,11 +88,13 @@ impl Sender {
     }
 
     /// Sends request `seq` (due at `due` since the start, i.e. at `intended`) and records it;
-    /// `open_loop` also records how late it leaves.
+    /// `open_loop` also records how late it leaves. `lane` picks the HTTP/2 connection of an
+    /// RLS call (a closed-loop worker's number, so that each keeps to one connection).
     pub(crate) async fn request(
         &self,
         recorder: &Recorder,
         seq: u64,
+        lane: u64,
         due: Duration,
         intended: Instant,
         open_loop: bool,
@@ -89,7 +103,9 @@ impl Sender {
             recorder.lag(seq, intended.elapsed());
         }
         let mut key = String::with_capacity(16);
-        self.keys.key_for(self.seed, seq, &mut key);
+        if self.rls.as_ref().is_none_or(Connections::needs_key) {
+            self.keys.key_for(self.seed, seq, &mut key);
+        }
         let targets = self.endpoints.view();
         let n = targets.len();
         if n == 0 {
@@ -111,7 +127,7 @@ impl Sender {
                 continue;
             }
             last = t;
-            let outcome = self.try_once(base, &key).await;
+            let outcome = self.try_once(t, base, lane, &key).await;
             if self.failover && outcome == Outcome::Error(ErrorKind::Connect) {
                 let until = self.start.elapsed() + FAILOVER_PAUSE;
                 self.down_until_ns[t].fetch_max(until.as_nanos() as u64, Relaxed);
@@ -120,7 +136,11 @@ impl Sender {
             }
             let answered = matches!(
                 outcome,
-                Outcome::Allowed | Outcome::Rejected | Outcome::Error(ErrorKind::Status(_))
+                Outcome::Allowed
+                    | Outcome::Rejected
+                    | Outcome::Error(
+                        ErrorKind::Status(_) | ErrorKind::Grpc(_) | ErrorKind::Malformed
+                    )
             );
             let latency = answered.then(|| intended.elapsed());
             recorder.finished(seq, due, t, outcome, latency);
@@ -138,7 +158,21 @@ impl Sender {
         until != 0 && (self.start.elapsed().as_nanos() as u64) < until
     }
 
-    async fn try_once(&self, base: &str, key: &str) -> Outcome {
+    /// One attempt on target number `t` (at `base`), bounded by the request timeout.
+    async fn try_once(&self, t: usize, base: &str, lane: u64, key: &str) -> Outcome {
+        let exchange = async {
+            match &self.rls {
+                Some(rls) => rls.call(t, base, lane, key).await,
+                None => self.rate(base, key).await,
+            }
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .unwrap_or(Outcome::Error(ErrorKind::Timeout))
+    }
+
+    /// `GET /rate?key=..` over the pooled HTTP/1.1 client.
+    async fn rate(&self, base: &str, key: &str) -> Outcome {
         const PATH: &str = "/rate?key=";
         let mut uri =
             String::with_capacity(base.len() + PATH.len() + key.len() + self.suffix.len());
@@ -153,26 +187,21 @@ impl Sender {
         let Ok(request) = request.body(Empty::new()) else {
             return Outcome::Error(ErrorKind::Transport);
         };
-        let exchange = async {
-            let response = match self.client.request(request).await {
-                Ok(response) => response,
-                Err(e) if e.is_connect() => return Outcome::Error(ErrorKind::Connect),
-                Err(_) => return Outcome::Error(ErrorKind::Transport),
-            };
-            let status = response.status();
-            // Read the body to the end so the connection goes back to the pool.
-            if response.into_body().collect().await.is_err() {
-                return Outcome::Error(ErrorKind::Transport);
-            }
-            match status {
-                StatusCode::OK => Outcome::Allowed,
-                StatusCode::TOO_MANY_REQUESTS => Outcome::Rejected,
-                other => Outcome::Error(ErrorKind::Status(other.as_u16())),
-            }
+        let response = match self.client.request(request).await {
+            Ok(response) => response,
+            Err(e) if e.is_connect() => return Outcome::Error(ErrorKind::Connect),
+            Err(_) => return Outcome::Error(ErrorKind::Transport),
         };
-        tokio::time::timeout(self.timeout, exchange)
-            .await
-            .unwrap_or(Outcome::Error(ErrorKind::Timeout))
+        let status = response.status();
+        // Read the body to the end so the connection goes back to the pool.
+        if response.into_body().collect().await.is_err() {
+            return Outcome::Error(ErrorKind::Transport);
+        }
+        match status {
+            StatusCode::OK => Outcome::Allowed,
+            StatusCode::TOO_MANY_REQUESTS => Outcome::Rejected,
+            other => Outcome::Error(ErrorKind::Status(other.as_u16())),
+        }
     }
 }
 

@@ -142,8 +142,102 @@ fn bad_input_lists_every_problem_and_exits_64() {
     assert!(stderr.contains("--target: give at least one"), "{stderr}");
     assert!(stderr.contains("exclude each other"), "{stderr}");
 
+    let (code, _, stderr) = Running::start(&[
+        "--target",
+        "http://127.0.0.1:1",
+        "--rls-domain",
+        "edge",
+        "--rls-descriptor",
+        "client_id=",
+        "--rate",
+        "10",
+        "--streams",
+        "4",
+        "--policy",
+        "p",
+    ])
+    .wait(Duration::from_secs(10));
+    assert_eq!(code, Some(64));
+    for expected in [
+        "`client_id=` has no value",
+        "--streams is for the closed loop",
+        "a policy is for /rate only",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+    assert!(!stderr.contains("at least one descriptor"), "{stderr}");
+
+    let (code, _, stderr) = Running::start(&[
+        "--target",
+        "http://127.0.0.1:1",
+        "--connections",
+        "2",
+        "--streams",
+        "4",
+        "--rls-descriptor",
+        "a=b",
+    ])
+    .wait(Duration::from_secs(10));
+    assert_eq!(code, Some(64));
+    assert!(
+        stderr.contains("--rls-descriptor needs --rls-domain"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--streams is for RLS calls"), "{stderr}");
+
     let (code, _, _) = Running::start(&["--no-such-flag"]).wait(Duration::from_secs(10));
     assert_eq!(code, Some(64));
+}
+
+#[test]
+fn rls_calls_go_over_connections_times_streams_and_count_over_limit_as_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("edge.yaml");
+    std::fs::write(
+        &rules,
+        "domain: edge\ndescriptors:\n  - key: client_id\n    rate_limit: {unit: hour, requests_per_unit: 5}\n",
+    )
+    .unwrap();
+    let service = Service::spawn(
+        "openclaw-limiter",
+        &["--listen", "127.0.0.1:0"],
+        &[
+            ("OPENCLAW_RLS_CONFIG", rules.to_str().unwrap()),
+            ("OPENCLAW_GRPC_LISTEN", "127.0.0.1:0"),
+        ],
+        Duration::from_secs(20),
+    );
+    let grpc = service.url_of("grpc").expect("a `listening grpc=` line");
+    let (code, stdout, stderr) = Running::start(&[
+        "--target",
+        grpc,
+        "--rls-domain",
+        "edge",
+        "--rls-descriptor",
+        "client_id=bench",
+        "--connections",
+        "2",
+        "--streams",
+        "3",
+        "--max-requests",
+        "12",
+        "--json",
+    ])
+    .wait(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("ShouldRateLimit (domain edge), closed loop, 2 connections x 3 streams"),
+        "{stderr}"
+    );
+    let summary: Summary = serde_json::from_str(&stdout).expect("stdout is the JSON summary");
+    assert_eq!(
+        (summary.requests, summary.allowed, summary.rejected),
+        (12, 5, 7),
+        "{summary:#?}"
+    );
 }
 
 #[test]
