@@ -27,8 +27,13 @@
 # SERVER_CPU and openclaw-load to LOAD_CPU (so one Tokio worker each); everything listens on
 # 127.0.0.1 and every process started here is stopped on exit. Needs taskset (util-linux), curl
 # and python3.
+#
+# With LIMITADOR_BIN=path/to/limitador-server (Kuadrant's RLS, built from its public source;
+# nothing of it is in this repository), each round also runs the same RLS load against limitador
+# (in memory, one limit of the same size on the same descriptor), pinned to SERVER_CPU while the
+# limiter idles, and prints our RLS against it per CPU-second (issue 13's target: >= 1.5x).
 # Knobs: DURATION=8 WARMUP=2 ROUNDS=2 CONNECTIONS=64 GRPC_CONNECTIONS=4 STREAMS=16 KEYS=hot:1:1
-# SERVER_CPU=0 LOAD_CPU=1.
+# SERVER_CPU=0 LOAD_CPU=1 LIMITADOR_BIN=.
 
 set -euo pipefail
 
@@ -61,11 +66,14 @@ LOAD=$TARGET_DIR/release/openclaw-load
 
 WORK=$(mktemp -d)
 LIMITER_PID=
+LIMITADOR_PID=
 cleanup() {
-    if [ -n "$LIMITER_PID" ] && [ "$LIMITER_PID" -gt 0 ]; then
-        kill "$LIMITER_PID" 2>/dev/null || true
-        wait "$LIMITER_PID" 2>/dev/null || true
-    fi
+    for pid in "$LIMITER_PID" "$LIMITADOR_PID"; do
+        if [ -n "$pid" ] && [ "$pid" -gt 0 ]; then
+            kill "$pid" 2>/dev/null || true
+            wait "$pid" 2>/dev/null || true
+        fi
+    done
     rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
@@ -92,7 +100,35 @@ GRPC=$(sed -n 's/^listening grpc=//p' "$WORK/stdout")
 [ -n "$API" ] && [ -n "$GRPC" ] || die "no listening lines: $(cat "$WORK/stdout")"
 log "limiter on $API (HTTP) and $GRPC (gRPC), pinned to CPU $SERVER_CPU"
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$LIMITER_PID/stat"; }
+if [ -n "${LIMITADOR_BIN:-}" ]; then
+    [ -x "$LIMITADOR_BIN" ] || die "LIMITADOR_BIN=$LIMITADOR_BIN is not an executable"
+    # limitador takes fixed ports: ask the kernel for two free ones.
+    read -r rls_port http_port < <(python3 -c 'import socket
+s = [socket.socket() for _ in range(2)]
+for x in s: x.bind(("127.0.0.1", 0))
+print(*[x.getsockname()[1] for x in s])')
+    cat >"$WORK/limits.yaml" <<'EOF'
+- namespace: edge
+  max_value: 1000000000
+  seconds: 1
+  conditions: []
+  variables:
+    - descriptors[0].client_id
+EOF
+    taskset -c "$SERVER_CPU" "$LIMITADOR_BIN" -b 127.0.0.1 -p "$rls_port" -B 127.0.0.1 \
+        -P "$http_port" "$WORK/limits.yaml" memory >"$WORK/limitador.log" 2>&1 &
+    LIMITADOR_PID=$!
+    for _ in $(seq 100); do
+        curl -sf "http://127.0.0.1:$http_port/status" >/dev/null && break
+        kill -0 "$LIMITADOR_PID" 2>/dev/null || die "limitador exited: $(tail -5 "$WORK/limitador.log")"
+        sleep 0.1
+    done
+    LIMITADOR=http://127.0.0.1:$rls_port
+    log "limitador's RLS on $LIMITADOR, pinned to CPU $SERVER_CPU"
+fi
+
+ticks_of() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+cpu_ticks() { ticks_of "$LIMITER_PID"; }
 TICKS_PER_S=$(getconf CLK_TCK)
 
 # decisions SERIES...: the sum of these series on the limiter's /metrics, as a whole number.
@@ -130,8 +166,8 @@ print("%.0f %d %d %.0f" % (decided / s["elapsed"], decided, s["errors"],
 
 rate_run() { load "$1" --target "$API" --connections "$CONNECTIONS"; }
 
-rls_run() {
-    load "$1" --target "$GRPC" --rls-domain edge --rls-descriptor client_id \
+rls_run() { # rls_run SECONDS [TARGET]
+    load "$1" --target "${2:-$GRPC}" --rls-domain edge --rls-descriptor client_id \
         --connections "$GRPC_CONNECTIONS" --streams "$STREAMS"
 }
 
@@ -146,12 +182,15 @@ check() {
 log "warm-up"
 rate_run "$WARMUP" >/dev/null
 rls_run "$WARMUP" >/dev/null
+[ -z "${LIMITADOR:-}" ] || rls_run "$WARMUP" "$LIMITADOR" >/dev/null
 
 best_rate=0
 best_rls=0
 best_rate_per_cpu=0
 best_rls_per_cpu=0
 round_ratios=()
+limitador_ratios=()
+best_limitador_per_cpu=0
 # per_cpu DECISIONS TICKS -> decisions per second of the limiter's CPU time (user + system)
 per_cpu() { python3 -c "print(round($1 / max($2, 1) * $TICKS_PER_S))"; }
 busy() { python3 -c "print(round(100 * $1 / $TICKS_PER_S / $DURATION))"; }
@@ -179,6 +218,19 @@ for round in $(seq "$ROUNDS"); do
     best_rls=$(python3 -c "print(max($best_rls, $rps))")
     best_rls_per_cpu=$(python3 -c "print(max($best_rls_per_cpu, $pc))")
     round_ratios+=("$(python3 -c "print($pc / $rate_pc)")")
+
+    if [ -n "${LIMITADOR:-}" ]; then
+        rls_pc=$pc
+        t0=$(ticks_of "$LIMITADOR_PID")
+        read -r rps decided errors generator < <(rls_run "$DURATION" "$LIMITADOR")
+        ticks=$(($(ticks_of "$LIMITADOR_PID") - t0))
+        [ "$errors" = 0 ] || die "limitador: $errors errors: $(grep '^  errors' "$WORK/run.txt")"
+        pc=$(per_cpu "$decided" "$ticks")
+        log "round $round: limitador's ShouldRateLimit $rps decisions/s, its core" \
+            "$(busy "$ticks")% busy (generator $generator%), $pc per CPU-second"
+        best_limitador_per_cpu=$(python3 -c "print(max($best_limitador_per_cpu, $pc))")
+        limitador_ratios+=("$(python3 -c "print($rls_pc / $pc)")")
+    fi
 done
 
 log "load average after the run: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews the figures)"
@@ -193,3 +245,14 @@ print(f"ratio RLS / rate, per CPU-second:    {rls_cpu / rate_cpu:10.2f}   (best 
 print(f"  round by round (paired, per CPU-second): {' '.join(f'{r:.2f}' for r in rounds)};"
       f" median {statistics.median(rounds):.2f}")
 EOF
+if [ -n "${LIMITADOR:-}" ]; then
+    python3 - "$best_rls_per_cpu" "$best_limitador_per_cpu" "${limitador_ratios[@]}" <<'EOF'
+import statistics, sys
+ours, theirs = map(float, sys.argv[1:3])
+rounds = [float(r) for r in sys.argv[3:]]
+print(f"limitador's ShouldRateLimit (1 core): {theirs:10.0f} per CPU-second (best)")
+print(f"ratio our RLS / limitador's, per CPU-second: best of each {ours / theirs:.2f}; round by round"
+      f" {' '.join(f'{r:.2f}' for r in rounds)}; median {statistics.median(rounds):.2f}"
+      f"   (target >= 1.5)")
+EOF
+fi
