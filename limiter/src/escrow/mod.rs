@@ -216,13 +216,7 @@ impl Escrow {
                 let Some(history) = history else {
                     return (cost_units(rate, cost), 0, 0);
                 };
-                let mut bucket = self
-                    .shard(key)
-                    .get(&policy_id)
-                    .and_then(|keys| keys.get(key))
-                    .copied()
-                    .unwrap_or_else(|| SubBucket::fresh(history, rate, now));
-                history.settle(&mut bucket, rate, now);
+                let bucket = self.settled(policy_id, key, history, rate, now);
                 if !lease_ok {
                     return (cost_units(rate, cost), bucket.level, 0);
                 }
@@ -342,13 +336,7 @@ impl Escrow {
             let Some(history) = history else {
                 return 0;
             };
-            let mut bucket = self
-                .shard(key)
-                .get(&policy_id)
-                .and_then(|keys| keys.get(key))
-                .copied()
-                .unwrap_or_else(|| SubBucket::fresh(history, rate, now));
-            history.settle(&mut bucket, rate, now);
+            let bucket = self.settled(policy_id, key, history, rate, now);
             bucket.level
         })
     }
@@ -375,13 +363,7 @@ impl Escrow {
         cost: u64,
     ) -> Outcome {
         self.with_history(policy, rate, cost, |history, now, lease_ok| {
-            let mut bucket = self
-                .shard(key)
-                .get(&policy_id)
-                .and_then(|keys| keys.get(key))
-                .copied()
-                .unwrap_or_else(|| SubBucket::fresh(history, rate, now));
-            history.settle(&mut bucket, rate, now);
+            let bucket = self.settled(policy_id, key, history, rate, now);
             let share = if lease_ok { history.current() } else { 0 };
             let allowed = lease_ok && bucket.level >= share::cost_units(rate, cost);
             bucket.describe(rate, share, allowed, cost)
@@ -403,18 +385,32 @@ impl Escrow {
                 let allowed = loan >= cost_units(rate, cost);
                 return SubBucket { level: 0, at: now }.describe(rate, 0, allowed, cost);
             };
-            let mut bucket = self
-                .shard(key)
-                .get(&policy_id)
-                .and_then(|keys| keys.get(key))
-                .copied()
-                .unwrap_or_else(|| SubBucket::fresh(history, rate, now));
-            history.settle(&mut bucket, rate, now);
+            let bucket = self.settled(policy_id, key, history, rate, now);
             let own = if lease_ok { bucket.level } else { 0 };
             let share = if lease_ok { history.current() } else { 0 };
             let allowed = own + loan >= cost_units(rate, cost);
             bucket.describe(rate, share, allowed, cost)
         })
+    }
+
+    /// A copy of this replica's sub-bucket of `key`, settled at `now` (a fresh one's if it has
+    /// none): what a peek, a shortfall or an evening-out sees, without changing anything.
+    fn settled(
+        &self,
+        policy_id: PolicyId,
+        key: &str,
+        history: &ShareHistory,
+        rate: Rate,
+        now: Micros,
+    ) -> SubBucket {
+        let mut bucket = self
+            .shard(key)
+            .get(&policy_id)
+            .and_then(|keys| keys.get(key))
+            .copied()
+            .unwrap_or_else(|| SubBucket::fresh(history, rate, now));
+        history.settle(&mut bucket, rate, now);
+        bucket
     }
 
     /// Run `decide` with this policy's share history, the time (read under the shares lock, so
