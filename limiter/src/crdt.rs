@@ -187,6 +187,27 @@ impl BucketState {
         self.components.binary_search_by_key(&key, Component::key)
     }
 
+    /// The incarnation of `me`'s component that started last, or 0 if the state holds none of
+    /// `me`'s. A replica's components are contiguous and sorted by incarnation, and its latest
+    /// one is never dropped (a claim drops only a component followed by a later one of the same
+    /// replica, and a join only adds), so once `me` has spent on a bucket this is the
+    /// incarnation it counts in, unless a merge brought back a later one of its own from
+    /// before it forgot the bucket: `Store::merge_bounded` watches for that.
+    #[inline]
+    pub fn latest_incarnation_of(&self, me: ReplicaId) -> Micros {
+        match self.components.as_slice() {
+            // The common case, one decision's path: one replica spends here.
+            [only] if only.replica == me => only.incarnation,
+            all => {
+                let end = all.partition_point(|c| c.replica <= me);
+                match end.checked_sub(1).map(|last| &all[last]) {
+                    Some(c) if c.replica == me => c.incarnation,
+                    _ => 0,
+                }
+            }
+        }
+    }
+
     /// The bucket's level at `now`, in the scaled units of [`Rate`]: the least of the claim's
     /// bound, every incarnation's bound and the capacity (module docs). Negative when replicas
     /// together admitted more than the bucket held (possible only in `shared` mode).
@@ -277,7 +298,8 @@ impl BucketState {
     ///
     /// `*incarnation` moves to a new instant (never before `now` nor the claim) when the claim
     /// does not list the current one and it started before the claim: spending counted there
-    /// would escape the claim. 0 means none yet. A component is never dropped here: a replica
+    /// would escape the claim. 0 means none yet, or none this replica can still count in: the new
+    /// one then starts after every incarnation of `me` the state holds. A component is never dropped here: a replica
     /// that dropped its own absorbed component, and then lost the claim that absorbed it to a
     /// concurrent one, would have hidden what it spent (measured: at 2x the limit spread over
     /// three replicas, every request was admitted).
@@ -315,7 +337,13 @@ impl BucketState {
             // The old component stays: its tokens were spent, and its incarnation bound (and
             // any claim that lists it) still counts them.
             let earliest = now.max(self.epoch);
-            *incarnation = match *incarnation {
+            // After every incarnation of `me` the state holds: one adopted from a peer may be
+            // later than `now` if this clock stepped back since.
+            let previous = match *incarnation {
+                0 => self.latest_incarnation_of(me),
+                previous => previous,
+            };
+            *incarnation = match previous {
                 0 => earliest,
                 previous => earliest.max(previous.saturating_add(1)),
             };
