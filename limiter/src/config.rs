@@ -668,6 +668,7 @@ fn replication_settings(args: &Args, errors: &mut Vec<String>) -> Option<Replica
         legacy_signatures: args.peer_legacy_signatures,
         peer_limits: crate::listener::Limits {
             max_connections: args.peer_max_connections,
+            max_connections_per_source: crate::listener::DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
             idle_timeout: Duration::from_secs(args.peer_idle_timeout_s),
         },
     })
