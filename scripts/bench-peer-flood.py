@@ -133,9 +133,13 @@ def main():
     logs = tempfile.mkdtemp(prefix="peer-flood-")
     peers_file = os.path.join(logs, "peers")
     open(peers_file, "w").close()
+    # Every attacker connects from 127.0.0.1: the per-source cap (64) would hold all but 64 of
+    # them off, and this measures the body budget across all of them, so it is lifted to the
+    # total (as if they came from as many addresses).
     env = dict(os.environ, OPENCLAW_LISTEN="127.0.0.1:0", OPENCLAW_PEER_LISTEN="127.0.0.1:0",
                OPENCLAW_GRPC_LISTEN="127.0.0.1:0", OPENCLAW_PEERS_FILE=peers_file,
                OPENCLAW_PEER_SECRET=SECRET, OPENCLAW_NODE_ID="flooded",
+               OPENCLAW_PEER_MAX_CONNECTIONS_PER_SOURCE="1024",
                BUCKET_CAPACITY="1000000000", REFILL_INTERVAL_MS="1000", RUST_LOG="warn")
     log = open(os.path.join(logs, "limiter.log"), "w")
     process = subprocess.Popen(["taskset", "-c", str(args.server_cpu), args.binary], env=env,

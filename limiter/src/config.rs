@@ -195,6 +195,14 @@ pub struct Args {
     #[arg(long, env = "OPENCLAW_PEER_MAX_CONNECTIONS", default_value_t = crate::listener::DEFAULT_MAX_CONNECTIONS)]
     pub peer_max_connections: usize,
 
+    /// Most connections the peer listener holds at once from one source IP address (an IPv4-mapped
+    /// IPv6 address counts as its IPv4 one); beyond, new ones from it are closed at once, unread
+    /// (`openclaw_peer_messages_rejected_total{reason="per_source"}`). 1 to
+    /// OPENCLAW_PEER_MAX_CONNECTIONS. Default: 64, or OPENCLAW_PEER_MAX_CONNECTIONS if lower; an
+    /// honest peer holds one or two, plus one per `strict` loan in flight.
+    #[arg(long, env = "OPENCLAW_PEER_MAX_CONNECTIONS_PER_SOURCE")]
+    pub peer_max_connections_per_source: Option<usize>,
+
     /// Seconds after which a peer connection on which nothing moved (no headers, no body, an
     /// unused keep-alive) is closed. Keep it above the peers' 30 s pool idle time.
     #[arg(long, env = "OPENCLAW_PEER_IDLE_TIMEOUT_S", default_value_t = crate::listener::DEFAULT_IDLE_TIMEOUT.as_secs())]
@@ -632,6 +640,20 @@ fn replication_settings(args: &Args, errors: &mut Vec<String>) -> Option<Replica
             errors.push(format!("{name} must be at least {min}"));
         }
     }
+    let total = args.peer_max_connections;
+    let per_source = args
+        .peer_max_connections_per_source
+        .unwrap_or(crate::listener::DEFAULT_MAX_CONNECTIONS_PER_SOURCE.min(total));
+    match args.peer_max_connections_per_source {
+        Some(0) => {
+            errors.push("OPENCLAW_PEER_MAX_CONNECTIONS_PER_SOURCE must be at least 1".into())
+        }
+        Some(n) if n > total => errors.push(format!(
+            "OPENCLAW_PEER_MAX_CONNECTIONS_PER_SOURCE ({n}) must not exceed \
+             OPENCLAW_PEER_MAX_CONNECTIONS ({total}): no source can hold more than all connections"
+        )),
+        _ => {}
+    }
     let strict_lease_ms = args
         .strict_lease_ms
         .unwrap_or((4 * args.sync_interval_ms).max(1000));
@@ -668,6 +690,7 @@ fn replication_settings(args: &Args, errors: &mut Vec<String>) -> Option<Replica
         legacy_signatures: args.peer_legacy_signatures,
         peer_limits: crate::listener::Limits {
             max_connections: args.peer_max_connections,
+            max_connections_per_source: per_source,
             idle_timeout: Duration::from_secs(args.peer_idle_timeout_s),
         },
     })
@@ -774,6 +797,45 @@ mod tests {
             "{errors:?}"
         );
         assert_eq!(replication.sync_interval, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn the_per_source_connection_cap_defaults_to_64_and_stays_within_the_total_cap() {
+        let peer = |extra: &[&str]| {
+            let mut argv = vec!["--peers", "a:8081", "--peer-secret", "0123456789abcdef"];
+            argv.extend_from_slice(extra);
+            Config::try_from_args(args(&argv)).map(|c| c.replication.unwrap().peer_limits)
+        };
+        let limits = peer(&[]).unwrap();
+        assert_eq!(
+            (limits.max_connections, limits.max_connections_per_source),
+            (1024, 64)
+        );
+        // A total cap below the default lowers the default with it.
+        let limits = peer(&["--peer-max-connections", "2"]).unwrap();
+        assert_eq!(limits.max_connections_per_source, 2);
+        let limits = peer(&["--peer-max-connections-per-source", "1024"]).unwrap();
+        assert_eq!(limits.max_connections_per_source, 1024);
+
+        let errors = peer(&["--peer-max-connections-per-source", "0"]).unwrap_err();
+        assert_eq!(
+            errors,
+            ["OPENCLAW_PEER_MAX_CONNECTIONS_PER_SOURCE must be at least 1"]
+        );
+        let errors = peer(&[
+            "--peer-max-connections",
+            "8",
+            "--peer-max-connections-per-source",
+            "9",
+        ])
+        .unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with(
+                "OPENCLAW_PEER_MAX_CONNECTIONS_PER_SOURCE (9) must not exceed OPENCLAW_PEER_MAX_CONNECTIONS (8)"
+            ),
+            "{errors:?}"
+        );
     }
 
     #[test]

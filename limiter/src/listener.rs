@@ -9,6 +9,13 @@
 //! * **At most `max_connections` at once.** Beyond that the listener stops accepting until one
 //!   closes: further connections wait in the kernel's backlog (peers retry; nothing is dropped
 //!   that a peer has already sent), and the replica's memory and descriptors stay bounded.
+//! * **At most `max_connections_per_source` at once from one source address**, so that one
+//!   address cannot take every slot and starve the real peers. A connection beyond its
+//!   source's cap is closed as soon as it is accepted: nothing is read from it and it holds no
+//!   slot (the accept loop keeps the slot it waited for and takes the next connection). An IPv6
+//!   address that maps an IPv4 one counts as that IPv4 address. The default, 64, is far above
+//!   what an honest peer holds (see [`DEFAULT_MAX_CONNECTIONS_PER_SOURCE`]); peers behind one
+//!   NAT address, or all replicas of a test on 127.0.0.1, share one source's cap.
 //! * **An idle timeout.** A connection on which neither a read nor a write has made progress
 //!   for `idle_timeout` is closed: a client that stops sending (headers or body) or stops
 //!   reading, or a keep-alive connection nobody uses. It must be longer than the peer client's
@@ -16,8 +23,10 @@
 //!   never sends a request on a connection this side is closing. The 10 s request-body deadline of the peer
 //!   handlers is shorter and still applies within a request.
 //!
-//! Both show in `/metrics`: `openclaw_peer_connections` (open now) and
-//! `openclaw_peer_messages_rejected_total{reason="idle_connection"}` (closed by the idle timeout).
+//! They show in `/metrics`: `openclaw_peer_connections` (open now),
+//! `openclaw_peer_messages_rejected_total{reason="per_source"}` (closed at accept, their source at
+//! its cap; the source itself is logged, at most once a minute per source, never a label) and
+//! `{reason="idle_connection"}` (closed by the idle timeout).
 //!
 //! With peer mutual TLS (`crate::peer_tls`) the TLS handshake runs inside the connection, on
 //! top of the idle timeout: it takes a slot like any connection, a handshake that stalls is
@@ -25,11 +34,12 @@
 //! waits for one). A handshake refused (no client certificate, one of another CA, plain HTTP)
 //! is counted as `reason="tls_handshake"`; nothing reaches the peer routes without one.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -46,10 +56,34 @@ use tokio_rustls::server::TlsStream;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The default of `OPENCLAW_PEER_MAX_CONNECTIONS_PER_SOURCE` (lowered to
+/// `OPENCLAW_PEER_MAX_CONNECTIONS` when that is smaller).
+///
+/// What an honest peer holds here: its client (`Replicator::try_new`) speaks HTTP/1.1 only, so
+/// it holds one connection per request in flight, and its pool keeps each for 30 s of idleness;
+/// the count is the peak of its concurrent requests over the last 30 s. Replication sends one
+/// request at a time (the sender loop's delta and anti-entropy rounds, paged, and a joining
+/// peer's push, all in turn; the start-up pull, page by page, before that loop): 1 or 2. The
+/// rest are `strict` loans: one per request of the peer's own clients that its share cannot
+/// pay, waited for at most the loan timeout (25 ms), and one per evening out after a loan, one
+/// peer at a time. Nothing in the client bounds those; at the full 25 ms, 64 is some 1,200 loans
+/// a second to this one replica, at a LAN round trip of a millisecond tens of thousands. So an
+/// honest peer stays well under 64, while one address still holds only 1/16 of the default
+/// 1024. A peer that did reach it loses the request (a loan refused: never an over-admission;
+/// a delta: sent again next round), and `reason="per_source"` counts it.
+pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 64;
+
+/// A source refused again within this long is not logged again (the counter still counts it).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+/// However many sources are refused, at most one log line per this long.
+const REFUSAL_LOG_GAP: Duration = Duration::from_secs(1);
+
 /// Limits for one listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub max_connections: usize,
+    /// Connections one source address may hold at once; at most `max_connections`.
+    pub max_connections_per_source: usize,
     pub idle_timeout: Duration,
 }
 
@@ -57,6 +91,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
         }
     }
@@ -71,6 +106,8 @@ pub struct Counters {
     pub idle_closed: Counter,
     /// Connections refused at the TLS handshake (mutual TLS only).
     pub tls_refused: Counter,
+    /// Connections closed at accept because their source held its cap already.
+    pub per_source_refused: Counter,
 }
 
 /// A TCP listener that holds at most `max_connections` and closes idle ones (module docs).
@@ -78,6 +115,7 @@ pub struct Counters {
 pub struct LimitedListener {
     inner: TcpListener,
     slots: Arc<Semaphore>,
+    sources: Arc<Sources>,
     idle_timeout: Duration,
     counters: Counters,
     /// Mutual TLS: every connection must complete this handshake first.
@@ -89,6 +127,7 @@ impl LimitedListener {
         Self {
             inner,
             slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+            sources: Arc::new(Sources::new(limits.max_connections_per_source.max(1))),
             idle_timeout: limits.idle_timeout,
             counters,
             tls: None,
@@ -117,11 +156,17 @@ impl axum::serve::Listener for LimitedListener {
         loop {
             match self.inner.accept().await {
                 Ok((stream, address)) => {
+                    let Some(source) = self.sources.admit(address.ip()) else {
+                        // Over its source's cap: closed unread; the slot waits for the next.
+                        self.counters.per_source_refused.inc();
+                        drop(stream);
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
                     let io = IdleTimeout::new(
                         stream,
                         self.idle_timeout,
-                        Slot::new(slot, &self.counters),
+                        Slot::new(slot, source, &self.counters),
                     );
                     let io = match &self.tls {
                         None => PeerIo::Plain(io),
@@ -147,18 +192,21 @@ impl axum::serve::Listener for LimitedListener {
     }
 }
 
-/// A connection's place among the `max_connections`, given back when the connection closes.
+/// A connection's place among the `max_connections` and among its source's, given back when
+/// the connection closes.
 #[derive(Debug)]
 struct Slot {
     _permit: OwnedSemaphorePermit,
+    _source: SourceSlot,
     counters: Counters,
 }
 
 impl Slot {
-    fn new(permit: OwnedSemaphorePermit, counters: &Counters) -> Self {
+    fn new(permit: OwnedSemaphorePermit, source: SourceSlot, counters: &Counters) -> Self {
         counters.open.inc();
         Self {
             _permit: permit,
+            _source: source,
             counters: counters.clone(),
         }
     }
@@ -167,6 +215,98 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.counters.open.dec();
+    }
+}
+
+/// Connections open per source address. An entry lives while its source holds a connection,
+/// so the table never holds more entries than the listener holds connections.
+#[derive(Debug)]
+struct Sources {
+    cap: usize,
+    table: Mutex<SourceTable>,
+}
+
+#[derive(Debug, Default)]
+struct SourceTable {
+    open: HashMap<IpAddr, Source>,
+    /// When any refusal was last logged.
+    logged: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+struct Source {
+    open: usize,
+    /// When a refusal of this source was last logged (forgotten with the entry).
+    logged: Option<Instant>,
+}
+
+impl Sources {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            table: Mutex::default(),
+        }
+    }
+
+    /// One more connection from `address`, unless its source holds `cap` already.
+    fn admit(self: &Arc<Self>, address: IpAddr) -> Option<SourceSlot> {
+        let address = address.to_canonical();
+        let now = Instant::now();
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let SourceTable { open, logged } = &mut *table;
+        let source = open.entry(address).or_default();
+        if source.open < self.cap {
+            source.open += 1;
+            return Some(SourceSlot {
+                sources: self.clone(),
+                address,
+            });
+        }
+        let due = |last: Option<Instant>, every| last.is_none_or(|t| now >= t + every);
+        let log = due(source.logged, REFUSAL_LOG_EVERY) && due(*logged, REFUSAL_LOG_GAP);
+        if log {
+            source.logged = Some(now);
+            *logged = Some(now);
+        }
+        drop(table);
+        if log {
+            tracing::warn!(
+                source = %address,
+                cap = self.cap,
+                "a peer source holds its cap of connections: closing its new ones unread \
+                 (counted as reason=\"per_source\"; logged at most once a minute per source)"
+            );
+        }
+        None
+    }
+
+    /// Open connections from `address` (a test's view).
+    #[cfg(test)]
+    fn open(&self, address: IpAddr) -> usize {
+        let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        table
+            .open
+            .get(&address.to_canonical())
+            .map_or(0, |s| s.open)
+    }
+}
+
+/// A connection's place among its source's, given back when the connection closes.
+#[derive(Debug)]
+struct SourceSlot {
+    sources: Arc<Sources>,
+    address: IpAddr,
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut table = self.sources.table.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(source) = table.open.get_mut(&self.address) {
+            source.open -= 1;
+            if source.open == 0 {
+                table.open.remove(&self.address);
+            }
+        }
     }
 }
 
@@ -407,5 +547,49 @@ impl AsyncWrite for PeerIo {
                 _ => false,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn a_source_gets_its_cap_and_no_more_until_one_closes() {
+        let sources = Arc::new(Sources::new(2));
+        let first = sources.admit(ip("10.0.0.1")).unwrap();
+        let _second = sources.admit(ip("10.0.0.1")).unwrap();
+        assert!(sources.admit(ip("10.0.0.1")).is_none());
+        let _other = sources.admit(ip("10.0.0.2")).unwrap();
+        drop(first);
+        assert_eq!(sources.open(ip("10.0.0.1")), 1);
+        assert!(sources.admit(ip("10.0.0.1")).is_some());
+    }
+
+    #[test]
+    fn an_ipv4_mapped_ipv6_address_counts_as_its_ipv4_address() {
+        let sources = Arc::new(Sources::new(2));
+        let _v4 = sources.admit(ip("192.0.2.7")).unwrap();
+        let _mapped = sources.admit(ip("::ffff:192.0.2.7")).unwrap();
+        assert_eq!(sources.open(ip("192.0.2.7")), 2);
+        assert!(sources.admit(ip("::ffff:192.0.2.7")).is_none());
+        assert!(sources.admit(ip("192.0.2.7")).is_none());
+        // A real IPv6 address is its own source.
+        assert!(sources.admit(ip("2001:db8::7")).is_some());
+    }
+
+    #[test]
+    fn the_table_forgets_a_source_once_its_last_connection_closes() {
+        let sources = Arc::new(Sources::new(4));
+        let held: Vec<_> = (1..=3)
+            .map(|n| sources.admit(ip(&format!("10.0.0.{n}"))).unwrap())
+            .collect();
+        assert_eq!(sources.table.lock().unwrap().open.len(), 3);
+        drop(held);
+        assert!(sources.table.lock().unwrap().open.is_empty());
     }
 }

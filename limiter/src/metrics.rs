@@ -506,6 +506,7 @@ impl Metrics {
             "replayed",
             "idle_connection",
             "tls_handshake",
+            "per_source",
         ] {
             let _ = metrics
                 .peer_rejected

@@ -148,6 +148,12 @@ pub async fn serve(
                             reason: "tls_handshake",
                         })
                         .clone(),
+                    per_source_refused: metrics
+                        .peer_rejected
+                        .get_or_create(&crate::metrics::ReasonLabels {
+                            reason: "per_source",
+                        })
+                        .clone(),
                 },
             );
             let listener = match &replication.tls {
