@@ -125,13 +125,13 @@ fn main() -> ExitCode {
 
     let full = std::env::args().any(|a| a == "--bench");
     let sizes: &[usize] = if full { &[100_000, 1_000_000] } else { &[1000] };
-    // What one of our buckets is made of: the store boxes an entry of (policy, changed flag, key,
+    // What one of our buckets is made of: the store boxes an entry of (policy, two flags, key,
     // state), which malloc rounds up to a multiple of 16 with 8 bytes of header, and keeps an
     // 8-byte pointer plus a 1-byte control tag per table slot.
     println!(
-        "sizes: entry (PolicyId, bool, CompactString, BucketState) = {} B (key inline up to {} B), \
+        "sizes: entry = {} B (key inline up to {} B), \
          BucketState = {} B, Component = {} B",
-        size_of::<(PolicyId, bool, CompactString, BucketState)>(),
+        Store::ENTRY_BYTES,
         size_of::<CompactString>(),
         size_of::<BucketState>(),
         size_of::<Component>(),

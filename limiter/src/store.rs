@@ -42,6 +42,12 @@ struct Entry {
     state: BucketState,
 }
 
+// glibc adds an 8-byte header and rounds to 16: 88 bytes take a 96-byte chunk, 96 would take 112.
+const _: () = assert!(
+    std::mem::size_of::<Entry>() <= 88,
+    "an entry must fit a 96-byte malloc chunk"
+);
+
 /// A merge refused by [`Store::merge_bounded`]: the bucket would hold too many components.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TooManyComponents;
@@ -104,6 +110,9 @@ pub struct Store {
 }
 
 impl Store {
+    /// The size of one bucket's entry (its table slot and allocator chunk header not included).
+    pub const ENTRY_BYTES: usize = std::mem::size_of::<Entry>();
+
     /// An empty store for `replica`. `shards` is rounded up to a power of two.
     pub fn new(replica: ReplicaId, shards: usize) -> Self {
         let shards = shards.max(1).next_power_of_two();
@@ -534,16 +543,6 @@ mod tests {
         // A peer echoes the old state back after a partition: it is full by now, so nothing is held.
         assert!(!a.merge(P, "k", &old.unwrap(), rate(), 1_000_000));
         assert!(a.is_empty());
-    }
-
-    #[test]
-    fn an_entry_fits_a_96_byte_malloc_chunk() {
-        // glibc adds an 8-byte header and rounds to 16: 88 bytes take 96, 96 would take 112.
-        assert!(
-            std::mem::size_of::<Entry>() <= 88,
-            "Entry is {} bytes",
-            std::mem::size_of::<Entry>()
-        );
     }
 
     #[test]
