@@ -148,6 +148,24 @@ fn head_signature(timestamp: &str, path: &str, length: usize, body_signature: &s
         .collect()
 }
 
+/// A `POST /v1/sync` of `body` to `address` as a peer holding the secret sends it, stamped
+/// `timestamp`: the body's signature and the head signature over it.
+fn signed_sync(
+    client: &reqwest::Client,
+    address: SocketAddr,
+    timestamp: &str,
+    body: String,
+) -> reqwest::RequestBuilder {
+    let signature = sign_bytes(timestamp, body.as_bytes());
+    let head = head_signature(timestamp, "/v1/sync", body.len(), &signature);
+    client
+        .post(format!("http://{address}/v1/sync"))
+        .header("x-openclaw-timestamp", timestamp)
+        .header("x-openclaw-signature", signature)
+        .header("x-openclaw-head-signature", head)
+        .body(body)
+}
+
 async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     let until = tokio::time::Instant::now() + DEADLINE;
     while !condition() {
@@ -342,25 +360,9 @@ async fn unauthenticated_malformed_and_oversized_messages_are_refused_and_never_
     assert_eq!(forged.status(), 401);
 
     // Signed with the right secret but malformed: garbage, and a policy index out of range.
-    let sign = |body: &str| {
-        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET);
-        let tag = ring::hmac::sign(&key, format!("{now}\n{body}").as_bytes());
-        tag.as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
     let bad_index = r#"{"v":1,"node":"x","replica":5,"sent_at":1,"full":false,"policies":["default"],"entries":[[0,"k",0,0,[[5,1,9,0]]],[3,"k",0,0,[]]]}"#;
     for body in ["not json", bad_index] {
-        let response = client
-            .post(&url)
-            .header("x-openclaw-timestamp", &now)
-            .header("x-openclaw-signature", sign(body))
-            .header(
-                "x-openclaw-head-signature",
-                head_signature(&now, "/v1/sync", body.len(), &sign(body)),
-            )
-            .body(body.to_owned())
+        let response = signed_sync(&client, target.address, &now, body.to_owned())
             .send()
             .await
             .unwrap();
@@ -368,15 +370,7 @@ async fn unauthenticated_malformed_and_oversized_messages_are_refused_and_never_
     }
     let other_version =
         r#"{"v":3,"node":"x","replica":5,"sent_at":1,"full":false,"policies":[],"entries":[]}"#;
-    let response = client
-        .post(&url)
-        .header("x-openclaw-timestamp", &now)
-        .header("x-openclaw-signature", sign(other_version))
-        .header(
-            "x-openclaw-head-signature",
-            head_signature(&now, "/v1/sync", other_version.len(), &sign(other_version)),
-        )
-        .body(other_version)
+    let response = signed_sync(&client, target.address, &now, other_version.to_owned())
         .send()
         .await
         .unwrap();
@@ -444,20 +438,9 @@ async fn unauthenticated_malformed_and_oversized_messages_are_refused_and_never_
 async fn peer_times_beyond_the_clock_guard_are_refused_and_counted() {
     let target = Replica::start("target", 1).await;
     let client = reqwest::Client::new();
-    let url = format!("http://{}/v1/sync", target.address);
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET);
     let post = |body: String| {
         let now = target.limiter.now().to_string();
-        let tag = ring::hmac::sign(&key, format!("{now}\n{body}").as_bytes());
-        let signature: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        let head = head_signature(&now, "/v1/sync", body.len(), &signature);
-        client
-            .post(&url)
-            .header("x-openclaw-timestamp", now)
-            .header("x-openclaw-signature", signature)
-            .header("x-openclaw-head-signature", head)
-            .body(body)
-            .send()
+        signed_sync(&client, target.address, &now, body).send()
     };
     let message = |sent_at: u64, entries: &str| {
         format!(
@@ -833,23 +816,7 @@ async fn a_replayed_message_is_refused() {
     let body = format!(
         r#"{{"v":2,"node":"peer","replica":5,"sent_at":{now},"full":false,"policies":["default"],"entries":[[0,"k",0,5,[[5,1,10,0]]]]}}"#
     );
-    let send = || {
-        client
-            .post(format!("http://{}/v1/sync", target.address))
-            .header("x-openclaw-timestamp", &now)
-            .header("x-openclaw-signature", sign_bytes(&now, body.as_bytes()))
-            .header(
-                "x-openclaw-head-signature",
-                head_signature(
-                    &now,
-                    "/v1/sync",
-                    body.len(),
-                    &sign_bytes(&now, body.as_bytes()),
-                ),
-            )
-            .body(body.clone())
-            .send()
-    };
+    let send = || signed_sync(&client, target.address, &now, body.clone()).send();
     assert_eq!(send().await.unwrap().status(), 200);
     assert_eq!(send().await.unwrap().status(), 409);
     let text = target.limiter.render_metrics();
@@ -879,20 +846,7 @@ async fn escrow_counters_no_cluster_reaches_are_refused() {
         ),
     ];
     for body in bodies {
-        let response = client
-            .post(format!("http://{}/v1/sync", target.address))
-            .header("x-openclaw-timestamp", &now)
-            .header("x-openclaw-signature", sign_bytes(&now, body.as_bytes()))
-            .header(
-                "x-openclaw-head-signature",
-                head_signature(
-                    &now,
-                    "/v1/sync",
-                    body.len(),
-                    &sign_bytes(&now, body.as_bytes()),
-                ),
-            )
-            .body(body)
+        let response = signed_sync(&client, target.address, &now, body)
             .send()
             .await
             .unwrap();
@@ -916,20 +870,7 @@ async fn nodes_known_only_from_their_messages_are_bounded() {
             r#"{{"v":2,"node":"invented-{i}","replica":{},"sent_at":{now},"full":false,"policies":[],"entries":[]}}"#,
             1000 + i
         );
-        let response = client
-            .post(format!("http://{}/v1/sync", target.address))
-            .header("x-openclaw-timestamp", &now)
-            .header("x-openclaw-signature", sign_bytes(&now, body.as_bytes()))
-            .header(
-                "x-openclaw-head-signature",
-                head_signature(
-                    &now,
-                    "/v1/sync",
-                    body.len(),
-                    &sign_bytes(&now, body.as_bytes()),
-                ),
-            )
-            .body(body)
+        let response = signed_sync(&client, target.address, &now, body)
             .send()
             .await
             .unwrap();
@@ -965,21 +906,10 @@ async fn nodes_known_only_from_their_messages_are_bounded() {
 async fn implausible_consumption_from_a_peer_is_refused_and_counted() {
     let target = Replica::start("target", 1).await;
     let client = reqwest::Client::new();
-    let url = format!("http://{}/v1/sync", target.address);
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET);
     let now = target.limiter.now();
     let post = |body: String| {
         let stamp = target.limiter.now().to_string();
-        let tag = ring::hmac::sign(&key, format!("{stamp}\n{body}").as_bytes());
-        let signature: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        let head = head_signature(&stamp, "/v1/sync", body.len(), &signature);
-        client
-            .post(&url)
-            .header("x-openclaw-timestamp", stamp)
-            .header("x-openclaw-signature", signature)
-            .header("x-openclaw-head-signature", head)
-            .body(body)
-            .send()
+        signed_sync(&client, target.address, &stamp, body).send()
     };
     const UNLISTED: u64 = u64::MAX;
     // The default policy: 100 tokens refilled over 600 s. A component started 60 s ago may have
