@@ -298,11 +298,11 @@ impl BucketState {
     ///
     /// `*incarnation` moves to a new instant (never before `now` nor the claim) when the claim
     /// does not list the current one and it started before the claim: spending counted there
-    /// would escape the claim. 0 means none yet, or none this replica can still count in: the new
-    /// one then starts after every incarnation of `me` the state holds. A component is never dropped here: a replica
-    /// that dropped its own absorbed component, and then lost the claim that absorbed it to a
-    /// concurrent one, would have hidden what it spent (measured: at 2x the limit spread over
-    /// three replicas, every request was admitted).
+    /// would escape the claim. 0 means none yet, or none this replica can still count in: the
+    /// new one then starts after every incarnation of `me` the state holds. A component is never
+    /// dropped here: a replica that dropped its own absorbed component, and then lost the claim
+    /// that absorbed it to a concurrent one, would have hidden what it spent (measured: at 2x
+    /// the limit spread over three replicas, every request was admitted).
     #[inline]
     pub fn try_consume_at(
         &mut self,

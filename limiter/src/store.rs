@@ -23,8 +23,8 @@ pub struct PolicyId(pub u32);
 /// growth then wastes pointers, not whole entries.
 ///
 /// 88 bytes, so that with glibc's 8-byte chunk header it takes a 96-byte chunk; at 96 bytes it
-/// took 112 (memory per active key 131 B instead of 115, and 5-10 % slower decisions over 100k
-/// keys, docs/benchmarks.md section 9). So the incarnation this replica counts in is not stored
+/// took 112 (memory per active key 131 B instead of 115, and decisions over 100k keys about 5 %
+/// slower, docs/benchmarks.md section 9). So the incarnation this replica counts in is not stored
 /// here: it is the latest of its own components in `state`
 /// ([`BucketState::latest_incarnation_of`]), unless `fresh` says to start a new one.
 #[derive(Debug)]
