@@ -191,6 +191,12 @@ pub struct Args {
     #[arg(long, env = "OPENCLAW_READY_MAX_WAIT_MS", default_value_t = 5000)]
     pub ready_max_wait_ms: u64,
 
+    /// Buckets this replica holds beyond which it takes no new one from peers (buckets it holds
+    /// still merge, and its own clients still get one; refused entries are counted as
+    /// `openclaw_peer_entries_refused_total{reason="store_full"}`). About 115-400 bytes each.
+    #[arg(long, env = "OPENCLAW_MAX_BUCKETS", default_value_t = crate::replication::DEFAULT_MAX_BUCKETS)]
+    pub max_buckets: usize,
+
     /// Most connections the peer listener holds at once; beyond, new ones wait in the backlog.
     #[arg(long, env = "OPENCLAW_PEER_MAX_CONNECTIONS", default_value_t = crate::listener::DEFAULT_MAX_CONNECTIONS)]
     pub peer_max_connections: usize,
@@ -370,6 +376,8 @@ pub struct ReplicationSettings {
     pub legacy_signatures: bool,
     /// Connection limits of the peer listener.
     pub peer_limits: crate::listener::Limits,
+    /// Buckets held beyond which none is taken from peers.
+    pub max_buckets: usize,
 }
 
 /// Envoy's rate limit service, present when `OPENCLAW_RLS_CONFIG` is set.
@@ -635,6 +643,11 @@ fn replication_settings(args: &Args, errors: &mut Vec<String>) -> Option<Replica
             u64::try_from(args.peer_max_connections).unwrap_or(u64::MAX),
             1,
         ),
+        (
+            "OPENCLAW_MAX_BUCKETS",
+            u64::try_from(args.max_buckets).unwrap_or(u64::MAX),
+            1,
+        ),
     ] {
         if value < min {
             errors.push(format!("{name} must be at least {min}"));
@@ -688,6 +701,7 @@ fn replication_settings(args: &Args, errors: &mut Vec<String>) -> Option<Replica
         strict_loan_timeout: Duration::from_millis(args.strict_loan_timeout_ms),
         clock_skew_guard: Duration::from_millis(args.clock_skew_guard_ms),
         legacy_signatures: args.peer_legacy_signatures,
+        max_buckets: args.max_buckets,
         peer_limits: crate::listener::Limits {
             max_connections: args.peer_max_connections,
             max_connections_per_source: per_source,

@@ -305,6 +305,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                     loan_timeout: settings.strict_loan_timeout,
                     unverified_budget: openclaw_limiter::replication::UNVERIFIED_BUDGET,
                     legacy_signatures: settings.legacy_signatures,
+                    max_buckets: settings.max_buckets,
                 },
             )?;
             let replicator = Arc::new(replicator);

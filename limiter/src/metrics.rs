@@ -517,7 +517,11 @@ impl Metrics {
                 .peer_clock_refused
                 .get_or_create(&ReasonLabels { reason });
         }
-        for reason in ["implausible_consumption", "too_many_components"] {
+        for reason in [
+            "implausible_consumption",
+            "too_many_components",
+            "store_full",
+        ] {
             let _ = metrics
                 .peer_entries_refused
                 .get_or_create(&ReasonLabels { reason });

@@ -57,7 +57,7 @@ use crate::escrow::{Escrow, Shortfall};
 use crate::metrics::{DirectionLabels, PeerLabels, ReasonLabels, StateLabels};
 use crate::policy::{Mode, Policy};
 use crate::service::Limiter;
-use crate::store::{PolicyId, TooManyComponents};
+use crate::store::{MergeBounds, MergeRefused, PolicyId};
 
 /// Version of the peer protocol this build sends. Version 2 can leave a component unlisted by
 /// its bucket's claim (`absorbed` = `u64::MAX`); version 1 messages are still read (module docs).
@@ -107,7 +107,17 @@ pub struct ReplicationOptions {
     /// so their bodies are read before anything in them is authenticated. Only for a rolling
     /// upgrade from such a version (`OPENCLAW_PEER_LEGACY_SIGNATURES`).
     pub legacy_signatures: bool,
+    /// Beyond this many buckets held, no new bucket is taken from peers (buckets held still
+    /// merge; this replica's own clients still get one): [`DEFAULT_MAX_BUCKETS`] by default,
+    /// `OPENCLAW_MAX_BUCKETS`.
+    pub max_buckets: usize,
 }
+
+/// The default of `OPENCLAW_MAX_BUCKETS`. A bucket costs about 115 bytes, more when several
+/// replicas spend on it (32 bytes a component): 2M of them stay around 250-400 MB, inside the
+/// deployed 512 MiB memory limit. Without a bound, a peer holding the secret could make a
+/// replica hold any number of plausible buckets, hundreds of thousands per 16 MiB message.
+pub const DEFAULT_MAX_BUCKETS: usize = 2_000_000;
 
 /// What peer request bodies may hold at once before their signatures are checked: four
 /// messages of the largest size.
@@ -276,6 +286,8 @@ pub struct Replicator {
     compare_key: hmac::Key,
     /// Signed requests already taken, by (timestamp, signature), while their timestamp is fresh.
     seen: Mutex<BTreeSet<(Micros, Vec<u8>)>>,
+    /// When a store-full refusal was last logged (at most once a minute).
+    store_full_logged: Mutex<Option<std::time::Instant>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -326,6 +338,7 @@ impl Replicator {
             compare_key: hmac::Key::generate(hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
                 .map_err(|_| ReplicationError::Random)?,
             seen: Mutex::default(),
+            store_full_logged: Mutex::default(),
         })
     }
 
@@ -1100,6 +1113,28 @@ impl Replicator {
         self.apply(message)
     }
 
+    /// Log that new buckets from `node` were refused for the store's size, at most once a
+    /// minute (the counter counts every one).
+    fn warn_store_full(&self, node: &str, entries: u64) {
+        let now = std::time::Instant::now();
+        let mut logged = self
+            .store_full_logged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if logged.is_some_and(|at| now < at + Duration::from_secs(60)) {
+            return;
+        }
+        *logged = Some(now);
+        drop(logged);
+        tracing::warn!(
+            node,
+            entries,
+            max_buckets = self.options.max_buckets,
+            "this replica holds OPENCLAW_MAX_BUCKETS buckets: new buckets from peers are refused \
+             (counted as reason=\"store_full\"; logged at most once a minute)"
+        );
+    }
+
     fn apply(&self, message: SyncMessage) -> Result<usize, Rejection> {
         if message.v != PROTOCOL_VERSION && message.v != PROTOCOL_VERSION_1 {
             return Err(Rejection::Incompatible(message.v));
@@ -1170,6 +1205,11 @@ impl Replicator {
         let mut refused: [(&'static str, u64); 2] = [("epoch_ahead", 0), ("incarnation_ahead", 0)];
         let mut implausible: [(&'static str, u64); 2] =
             [("implausible_consumption", 0), ("too_many_components", 0)];
+        let mut store_full = 0u64;
+        let bounds = MergeBounds {
+            max_components: MAX_COMPONENTS_PER_BUCKET,
+            max_buckets: self.options.max_buckets,
+        };
         for WireEntry(policy_index, key, epoch, rebaser, components) in message.entries {
             // A stamp beyond the guard would hold the bucket below its level (or win every
             // merge) for as long as it is ahead: refused, the rest of the message merged.
@@ -1216,18 +1256,16 @@ impl Replicator {
                 implausible[0].1 += 1;
                 continue;
             }
-            match self.limiter.store().merge_bounded(
-                policy.id,
-                &key,
-                &state,
-                rate,
-                now,
-                MAX_COMPONENTS_PER_BUCKET,
-            ) {
+            match self
+                .limiter
+                .store()
+                .merge_bounded(policy.id, &key, &state, rate, now, bounds)
+            {
                 Ok(true) => changed += 1,
                 Ok(false) => {}
                 // Within the bound on its own, beyond it with what this bucket holds already.
-                Err(TooManyComponents) => implausible[1].1 += 1,
+                Err(MergeRefused::TooManyComponents) => implausible[1].1 += 1,
+                Err(MergeRefused::StoreFull) => store_full += 1,
             }
         }
         if let Some(control) = &message.escrow {
@@ -1254,6 +1292,15 @@ impl Replicator {
                     "refused peer bucket entries no honest replica could have sent"
                 );
             }
+        }
+        if store_full > 0 {
+            metrics
+                .peer_entries_refused
+                .get_or_create(&ReasonLabels {
+                    reason: "store_full",
+                })
+                .inc_by(store_full);
+            self.warn_store_full(&message.node, store_full);
         }
         let any_refused = refused.iter().any(|&(_, count)| count > 0);
         metrics.merges.inc_by(changed as u64);

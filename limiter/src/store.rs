@@ -48,9 +48,30 @@ const _: () = assert!(
     "an entry must fit a 96-byte malloc chunk"
 );
 
-/// A merge refused by [`Store::merge_bounded`]: the bucket would hold too many components.
+/// A merge refused by [`Store::merge_bounded`]; the store is left as it was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TooManyComponents;
+pub enum MergeRefused {
+    /// The bucket would hold more components than allowed.
+    TooManyComponents,
+    /// The bucket is new here and the store holds its most buckets already.
+    StoreFull,
+}
+
+/// What [`Store::merge_bounded`] may let a merge do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MergeBounds {
+    /// Most components a bucket may hold after the merge.
+    pub max_components: usize,
+    /// Most buckets the store may hold for a merge to add one.
+    pub max_buckets: usize,
+}
+
+impl MergeBounds {
+    pub const NONE: Self = Self {
+        max_components: usize::MAX,
+        max_buckets: usize::MAX,
+    };
+}
 
 /// Padded so that two shards' locks never share a cache line.
 #[repr(align(128))]
@@ -265,13 +286,15 @@ impl Store {
         rate: Rate,
         now: Micros,
     ) -> bool {
-        self.merge_bounded(policy, key, remote, rate, now, usize::MAX)
+        self.merge_bounded(policy, key, remote, rate, now, MergeBounds::NONE)
             .unwrap_or(false)
     }
 
     /// [`Store::merge`], unless the merged bucket would hold more than `max_components`
-    /// components: then the bucket stays as it was and the merge is refused. Bounds what a
-    /// peer can make one bucket hold over many messages, each within the bound on its own.
+    /// components, or the bucket is new here and the store holds `max_buckets` already: then
+    /// the store stays as it was and the merge is refused. Bounds what a peer can make one
+    /// bucket, and the store, hold over many messages, each within its bounds on its own.
+    /// (Local decisions are not bounded: a client is never refused for memory.)
     pub fn merge_bounded(
         &self,
         policy: PolicyId,
@@ -279,8 +302,9 @@ impl Store {
         remote: &BucketState,
         rate: Rate,
         now: Micros,
-        max_components: usize,
-    ) -> Result<bool, TooManyComponents> {
+        bounds: MergeBounds,
+    ) -> Result<bool, MergeRefused> {
+        let max_components = bounds.max_components;
         let hash = self.hash(policy, key);
         let mut table = self.lock(hash);
         if let Some(entry) = table
@@ -294,7 +318,7 @@ impl Store {
             entry.state.join(remote);
             if entry.state.components().len() > max_components {
                 entry.state = before;
-                return Err(TooManyComponents);
+                return Err(MergeRefused::TooManyComponents);
             }
             if entry.state.latest_incarnation_of(self.replica) != counting_in {
                 entry.fresh = true;
@@ -303,10 +327,13 @@ impl Store {
             return Ok(entry.state != before);
         }
         if remote.components().len() > max_components {
-            return Err(TooManyComponents);
+            return Err(MergeRefused::TooManyComponents);
         }
         if remote.is_full_at(rate, now) {
             return Ok(false);
+        }
+        if self.len() >= bounds.max_buckets {
+            return Err(MergeRefused::StoreFull);
         }
         let entry = Box::new(Entry {
             policy,

@@ -55,6 +55,7 @@ fn receiver() -> Arc<Replicator> {
                 loan_timeout: Duration::from_millis(25),
                 unverified_budget: UNVERIFIED_BUDGET,
                 legacy_signatures: false,
+                max_buckets: openclaw_limiter::replication::DEFAULT_MAX_BUCKETS,
             },
         )
         .unwrap(),

@@ -62,6 +62,7 @@ impl Replica {
             loan_timeout: Duration::from_millis(200),
             unverified_budget: replication::UNVERIFIED_BUDGET,
             legacy_signatures: false,
+            max_buckets: replication::DEFAULT_MAX_BUCKETS,
         };
         configure(&mut options);
         let replicator = Arc::new(Replicator::try_new(limiter.clone(), options).unwrap());
@@ -1170,4 +1171,66 @@ async fn a_strict_rls_rules_client_under_its_limit_is_admitted_across_replicas()
     for replica in replicas {
         replica.shutdown().await;
     }
+}
+
+/// A peer holding the secret could make a replica hold any number of buckets: each message may
+/// carry hundreds of thousands of new, plausible ones (16 MiB), and nothing bounded their sum, so a few
+/// hundred messages take the pod past its memory limit. Beyond `max_buckets` a replica now takes
+/// no new bucket from peers (counted as `store_full`; buckets it holds still merge, and its own
+/// clients still get theirs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_its_bucket_cap_a_replica_takes_no_new_bucket_from_peers() {
+    let target = Replica::start_with("target", 1, |options| options.max_buckets = 10).await;
+    let client = reqwest::Client::new();
+    let now = target.limiter.now();
+    // Six buckets of its own clients, one of which a peer also spent on.
+    for i in 0..6 {
+        assert!(
+            target
+                .limiter
+                .decide("default", &format!("own-{i}"), 1)
+                .unwrap()
+                .outcome
+                .allowed
+        );
+    }
+    let entry = |key: &str| format!(r#"[0,"{key}",0,0,[[9,{now},2,{UNLISTED}]]]"#);
+    const UNLISTED: u64 = u64::MAX;
+    let mut entries: Vec<String> = (0..8).map(|i| entry(&format!("peer-{i}"))).collect();
+    entries.push(entry("own-0"));
+    let message = format!(
+        r#"{{"v":2,"node":"peer","replica":9,"sent_at":{now},"full":false,"policies":["default"],"entries":[{}]}}"#,
+        entries.join(",")
+    );
+    let stamp = target.limiter.now().to_string();
+    let response = signed_sync(&client, target.address, &stamp, message)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    let store = target.limiter.store();
+    assert_eq!(
+        store.len(),
+        10,
+        "new buckets taken up to the cap, no further"
+    );
+    // The bucket it held merged: 1 of its own and 2 of the peer's spent.
+    assert_eq!(target.remaining("own-0"), 97);
+    // Its own clients are never refused a bucket for it.
+    assert!(
+        target
+            .limiter
+            .decide("default", "own-late", 1)
+            .unwrap()
+            .outcome
+            .allowed
+    );
+    assert_eq!(store.len(), 11);
+    let text = target.limiter.render_metrics();
+    assert!(
+        text.contains("openclaw_peer_entries_refused_total{reason=\"store_full\"} 4"),
+        "{text}"
+    );
+    target.shutdown().await;
 }
