@@ -1502,13 +1502,16 @@ fn print_overload(reports: &[Report], options: &Options) {
                 report.pattern,
                 verdict(overshoot <= 0.0),
                 report.utilization,
-                if skewed {
-                    format!(
+                // Utilization is admitted / (C + r*T): below the limit it only measures the
+                // load, and every request the ideal admits counts in the table above instead.
+                match (skewed, options.load_factor >= 1.0) {
+                    (true, true) => format!(
                         " (skewed load, target >= 90%: {})",
                         verdict(report.utilization >= 90.0)
-                    )
-                } else {
-                    String::new()
+                    ),
+                    (true, false) =>
+                        " (skewed load; the 90% target applies at or above the limit)".to_owned(),
+                    (false, _) => String::new(),
                 },
             );
             continue;
