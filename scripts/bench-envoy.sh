@@ -42,6 +42,8 @@ ROOT=$PWD
 TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 
 log() { echo "bench-envoy: $*" >&2; }
+# shellcheck source=lib/limitador.sh
+. scripts/lib/limitador.sh
 die() {
     log "error: $*"
     exit 1
@@ -58,9 +60,10 @@ BIN=$TARGET_DIR/release/openclaw-limiter
 
 WORK=$(mktemp -d)
 PIDS=()
+LIMITADOR_PID=
 cleanup() {
-    for pid in "${PIDS[@]}"; do
-        if [ "$pid" -gt 0 ]; then
+    for pid in "${PIDS[@]}" "$LIMITADOR_PID"; do
+        if [ -n "$pid" ] && [ "$pid" -gt 0 ]; then
             kill "$pid" 2>/dev/null || true
             wait "$pid" 2>/dev/null || true
         fi
@@ -101,33 +104,11 @@ log "limiter: $API (HTTP), $GRPC (gRPC); upstream: $UPSTREAM; all on CPU $LOAD_C
 VARIANTS=(without openclaw)
 LIMITADOR_RLS=none:0
 if [ -n "${LIMITADOR_BIN:-}" ]; then
-    [ -x "$LIMITADOR_BIN" ] || die "LIMITADOR_BIN=$LIMITADOR_BIN is not an executable"
-    # limitador takes fixed ports: ask the kernel for two free ones.
-    read -r rls_port http_port < <(python3 -c 'import socket
-s = [socket.socket() for _ in range(2)]
-for x in s: x.bind(("127.0.0.1", 0))
-print(*[x.getsockname()[1] for x in s])')
-    cat >"$WORK/limits.yaml" <<'EOF'
-- namespace: edge
-  max_value: 1000000000
-  seconds: 1
-  conditions: []
-  variables:
-    - descriptors[0].client_id
-EOF
-    taskset -c "$LOAD_CPU" "$LIMITADOR_BIN" -b 127.0.0.1 -p "$rls_port" -B 127.0.0.1 -P "$http_port" \
-        "$WORK/limits.yaml" memory >"$WORK/limitador.log" 2>&1 &
-    LIMITADOR_PID=$!
-    PIDS+=("$LIMITADOR_PID")
-    for _ in $(seq 100); do
-        curl -sf "http://127.0.0.1:$http_port/status" >/dev/null && break
-        kill -0 "$LIMITADOR_PID" 2>/dev/null || die "limitador exited: $(tail -5 "$WORK/limitador.log")"
-        sleep 0.1
-    done
-    LIMITADOR_RLS=127.0.0.1:$rls_port
-    LIMITADOR_METRICS=http://127.0.0.1:$http_port/metrics
+    start_limitador "$LOAD_CPU"
+    LIMITADOR_RLS=127.0.0.1:$LIMITADOR_RLS_PORT
+    LIMITADOR_METRICS=http://127.0.0.1:$LIMITADOR_HTTP_PORT/metrics
     VARIANTS+=(limitador)
-    log "limitador: RLS on $LIMITADOR_RLS, HTTP on 127.0.0.1:$http_port; on CPU $LOAD_CPU"
+    log "limitador: RLS on $LIMITADOR_RLS, HTTP on 127.0.0.1:$LIMITADOR_HTTP_PORT; on CPU $LOAD_CPU"
 fi
 
 # The two bootstraps: deploy/envoy/envoy-rls.yaml rendered, and the same without the filter.

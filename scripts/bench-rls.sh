@@ -51,6 +51,8 @@ cd "$(dirname "$0")/.."
 TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 
 log() { echo "bench-rls: $*" >&2; }
+# shellcheck source=lib/limitador.sh
+. scripts/lib/limitador.sh
 die() {
     log "error: $*"
     exit 1
@@ -101,29 +103,8 @@ GRPC=$(sed -n 's/^listening grpc=//p' "$WORK/stdout")
 log "limiter on $API (HTTP) and $GRPC (gRPC), pinned to CPU $SERVER_CPU"
 
 if [ -n "${LIMITADOR_BIN:-}" ]; then
-    [ -x "$LIMITADOR_BIN" ] || die "LIMITADOR_BIN=$LIMITADOR_BIN is not an executable"
-    # limitador takes fixed ports: ask the kernel for two free ones.
-    read -r rls_port http_port < <(python3 -c 'import socket
-s = [socket.socket() for _ in range(2)]
-for x in s: x.bind(("127.0.0.1", 0))
-print(*[x.getsockname()[1] for x in s])')
-    cat >"$WORK/limits.yaml" <<'EOF'
-- namespace: edge
-  max_value: 1000000000
-  seconds: 1
-  conditions: []
-  variables:
-    - descriptors[0].client_id
-EOF
-    taskset -c "$SERVER_CPU" "$LIMITADOR_BIN" -b 127.0.0.1 -p "$rls_port" -B 127.0.0.1 \
-        -P "$http_port" "$WORK/limits.yaml" memory >"$WORK/limitador.log" 2>&1 &
-    LIMITADOR_PID=$!
-    for _ in $(seq 100); do
-        curl -sf "http://127.0.0.1:$http_port/status" >/dev/null && break
-        kill -0 "$LIMITADOR_PID" 2>/dev/null || die "limitador exited: $(tail -5 "$WORK/limitador.log")"
-        sleep 0.1
-    done
-    LIMITADOR=http://127.0.0.1:$rls_port
+    start_limitador "$SERVER_CPU"
+    LIMITADOR=http://127.0.0.1:$LIMITADOR_RLS_PORT
     log "limitador's RLS on $LIMITADOR, pinned to CPU $SERVER_CPU"
 fi
 
