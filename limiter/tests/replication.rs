@@ -167,6 +167,14 @@ fn signed_sync(
         .body(body)
 }
 
+/// Every one of `lines` is a line of `limiter`'s /metrics.
+fn assert_metrics(limiter: &Limiter, lines: &[&str]) {
+    let text = limiter.render_metrics();
+    for line in lines {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
+}
+
 async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     let until = tokio::time::Instant::now() + DEADLINE;
     while !condition() {
@@ -420,15 +428,15 @@ async fn unauthenticated_malformed_and_oversized_messages_are_refused_and_never_
         target.limiter.store().is_empty(),
         "a refused message was merged"
     );
-    let text = target.limiter.render_metrics();
-    for line in [
-        "openclaw_peer_messages_rejected_total{reason=\"unauthenticated\"} 3",
-        "openclaw_peer_messages_rejected_total{reason=\"malformed\"} 2",
-        "openclaw_peer_messages_rejected_total{reason=\"incompatible\"} 1",
-        "openclaw_peer_messages_rejected_total{reason=\"too_large\"} 1",
-    ] {
-        assert!(text.contains(line), "missing {line} in\n{text}");
-    }
+    assert_metrics(
+        &target.limiter,
+        &[
+            "openclaw_peer_messages_rejected_total{reason=\"unauthenticated\"} 3",
+            "openclaw_peer_messages_rejected_total{reason=\"malformed\"} 2",
+            "openclaw_peer_messages_rejected_total{reason=\"incompatible\"} 1",
+            "openclaw_peer_messages_rejected_total{reason=\"too_large\"} 1",
+        ],
+    );
     target.shutdown().await;
 }
 
@@ -479,15 +487,16 @@ async fn peer_times_beyond_the_clock_guard_are_refused_and_counted() {
     assert!(!target.limiter.store().contains(default, "bad"));
 
     target.replicator.publish_gauges();
+    assert_metrics(
+        &target.limiter,
+        &[
+            "openclaw_peer_messages_rejected_total{reason=\"clock_ahead\"} 1",
+            "openclaw_peer_clock_refused_total{reason=\"message_ahead\"} 1",
+            "openclaw_peer_clock_refused_total{reason=\"epoch_ahead\"} 1",
+            "openclaw_peer_clock_refused_total{reason=\"incarnation_ahead\"} 0",
+        ],
+    );
     let text = target.limiter.render_metrics();
-    for line in [
-        "openclaw_peer_messages_rejected_total{reason=\"clock_ahead\"} 1",
-        "openclaw_peer_clock_refused_total{reason=\"message_ahead\"} 1",
-        "openclaw_peer_clock_refused_total{reason=\"epoch_ahead\"} 1",
-        "openclaw_peer_clock_refused_total{reason=\"incarnation_ahead\"} 0",
-    ] {
-        assert!(text.contains(line), "missing {line} in\n{text}");
-    }
     let offset = text
         .lines()
         .find(|l| l.starts_with("openclaw_peer_clock_offset_seconds{peer=\"peer\"}"))
@@ -943,13 +952,13 @@ async fn implausible_consumption_from_a_peer_is_refused_and_counted() {
     for refused in ["forged", "overspent", "crowded"] {
         assert!(!store.contains(default, refused), "{refused} was merged");
     }
-    let text = target.limiter.render_metrics();
-    for line in [
-        "openclaw_peer_entries_refused_total{reason=\"implausible_consumption\"} 2",
-        "openclaw_peer_entries_refused_total{reason=\"too_many_components\"} 1",
-    ] {
-        assert!(text.contains(line), "missing {line} in\n{text}");
-    }
+    assert_metrics(
+        &target.limiter,
+        &[
+            "openclaw_peer_entries_refused_total{reason=\"implausible_consumption\"} 2",
+            "openclaw_peer_entries_refused_total{reason=\"too_many_components\"} 1",
+        ],
+    );
     target.shutdown().await;
 }
 
