@@ -504,6 +504,7 @@ impl Metrics {
             "busy",
             "too_slow",
             "replayed",
+            "misdirected",
             "idle_connection",
             "tls_handshake",
             "per_source",

@@ -17,9 +17,11 @@
 //!
 //! Peer traffic has its own listener (`OPENCLAW_PEER_LISTEN`) so a NetworkPolicy can keep it to
 //! replicas. Every message is authenticated with HMAC-SHA256 under `OPENCLAW_PEER_SECRET` over
-//! a timestamp and the body; its signature headers are checked before its body is read, bodies
-//! are bounded in size and, before authentication, all together (one budget); a signed message
-//! is taken once (replays are refused); answers are signed and name the request they answer.
+//! a timestamp and the body; its signature headers, which bind it to the replica it is for
+//! (learned with `GET /v1/hello`), are checked before its body is read, bodies are bounded in
+//! size and, before authentication, all together (one budget); a signed message is taken once,
+//! at that replica only (replays and misdirected messages are refused); answers are signed and
+//! name the request they answer.
 //! Anything unauthenticated, malformed, oversized, replayed or of another protocol version is
 //! refused, counted by reason, and never merged.
 //!
@@ -78,6 +80,18 @@ const SIGNATURE_HEADER: &str = "x-openclaw-signature";
 /// HMAC of `head \n timestamp \n path \n content length \n body signature`: a request with a
 /// body is authenticated by it before a byte of the body is read.
 const HEAD_SIGNATURE_HEADER: &str = "x-openclaw-head-signature";
+/// HMAC of `bound \n timestamp \n path \n content length \n body signature \n recipient`: the
+/// head signature bound to the replica the request is for (its replica id, in
+/// [`RECIPIENT_HEADER`]), so that a message taken off the wire to one replica is refused by
+/// every other (`misdirected`). What replaces [`HEAD_SIGNATURE_HEADER`], which earlier versions
+/// send and check.
+const BOUND_SIGNATURE_HEADER: &str = "x-openclaw-bound-signature";
+/// The replica id a request is for: learned from the peer's signed answer to
+/// `GET /v1/hello`, and new at each of its process starts (`crdt::ReplicaId`).
+const RECIPIENT_HEADER: &str = "x-openclaw-recipient";
+/// What `GET /v1/hello` signs in place of a body. The one request bound to no recipient: it
+/// asks the replica at an address who it is, and changes nothing.
+const HELLO_PATH: &str = "GET /v1/hello";
 /// The HMAC key of replicas that authenticate with mutual TLS alone (no `OPENCLAW_PEER_SECRET`).
 /// Public, so it proves nothing about the sender: what the signatures still give is the
 /// structure around them, answers bound to their request and replays refused.
@@ -103,9 +117,10 @@ pub struct ReplicationOptions {
     /// Bytes of peer request bodies held at once, across all requests, before they are
     /// authenticated ([`UNVERIFIED_BUDGET`] by default).
     pub unverified_budget: usize,
-    /// Also take requests signed the way earlier versions sign them: without a head signature,
-    /// so their bodies are read before anything in them is authenticated. Only for a rolling
-    /// upgrade from such a version (`OPENCLAW_PEER_LEGACY_SIGNATURES`).
+    /// Also take requests signed the way earlier versions sign them (without a head signature,
+    /// so their bodies are read before anything in them is authenticated; or with a head bound
+    /// to no recipient), and send them the unbound head they check. Only for a rolling upgrade
+    /// from such a version (`OPENCLAW_PEER_LEGACY_SIGNATURES`).
     pub legacy_signatures: bool,
     /// Beyond this many buckets held, no new bucket is taken from peers (buckets held still
     /// merge; this replica's own clients still get one): [`DEFAULT_MAX_BUCKETS`] by default,
@@ -137,6 +152,11 @@ const MAX_NODE_NAME_BYTES: usize = 253;
 pub const MAX_COMPONENTS_PER_BUCKET: usize = 64;
 /// Longest a peer may take to send one request body.
 const BODY_DEADLINE: Duration = Duration::from_secs(10);
+/// Why an unbound request is refused outside legacy mode.
+const MISSING_BOUND: &str = "missing recipient-bound signature (a replica of an earlier version? \
+                             see OPENCLAW_PEER_LEGACY_SIGNATURES)";
+/// Largest answer to `GET /v1/hello`.
+const MAX_HELLO_BYTES: usize = 4096;
 /// Largest `POST /v1/lend` body.
 const MAX_LEND_BYTES: usize = 16 * 1024;
 
@@ -206,6 +226,15 @@ struct LendRequest {
     /// sender was lent while evening out a group: `Replicator::even_out`).
     #[serde(default)]
     give: i128,
+}
+
+/// The answer to `GET /v1/hello`, signed: who answers at the address asked.
+#[derive(Debug, Serialize, Deserialize)]
+struct Hello {
+    node: String,
+    replica: u64,
+    /// The signature of the request answered.
+    re: String,
 }
 
 /// The lender's signed answer.
@@ -482,16 +511,15 @@ impl Replicator {
         request: &LendRequest,
     ) -> Option<LendAnswer> {
         let body = serde_json::to_vec(request).expect("serializing plain data cannot fail");
-        let timestamp = self.limiter.now();
-        let signature = self.sign(timestamp, &body);
-        let head = self.sign_head(timestamp, "/v1/lend", body.len(), &signature);
-        let response = self
+        let (headers, _) = self.auth_headers("/v1/lend", &body, body.len(), Some(lender));
+        let mut post = self
             .client
             .post(format!("{}://{address}/v1/lend", self.scheme))
-            .timeout(self.options.loan_timeout)
-            .header(TIMESTAMP_HEADER, timestamp.to_string())
-            .header(SIGNATURE_HEADER, signature)
-            .header(HEAD_SIGNATURE_HEADER, head)
+            .timeout(self.options.loan_timeout);
+        for (name, value) in headers {
+            post = post.header(name, value);
+        }
+        let response = post
             .header("content-type", "application/json")
             .body(body)
             .send()
@@ -827,6 +855,158 @@ impl Replicator {
         .as_ref())
     }
 
+    /// The recipient-bound head signature ([`BOUND_SIGNATURE_HEADER`]).
+    fn sign_bound(
+        &self,
+        timestamp: Micros,
+        path: &str,
+        length: usize,
+        body_signature: &str,
+        recipient: u64,
+    ) -> String {
+        hex(hmac::sign(
+            &self.key,
+            format!("bound\n{timestamp}\n{path}\n{length}\n{body_signature}\n{recipient}")
+                .as_bytes(),
+        )
+        .as_ref())
+    }
+
+    /// The authentication headers of a request to `path` for the replica `recipient` (`None`
+    /// only for `GET /v1/hello` and, in legacy mode, for a peer of an earlier version): its
+    /// timestamp, its body's signature (a GET signs its path), and the head signature bound to
+    /// the recipient. In legacy mode a request with a body also carries the head signature
+    /// earlier versions check.
+    fn auth_headers(
+        &self,
+        path: &str,
+        signed: &[u8],
+        length: usize,
+        recipient: Option<u64>,
+    ) -> (Vec<(&'static str, String)>, String) {
+        let timestamp = self.limiter.now();
+        let signature = self.sign(timestamp, signed);
+        let mut headers = vec![
+            (TIMESTAMP_HEADER, timestamp.to_string()),
+            (SIGNATURE_HEADER, signature.clone()),
+        ];
+        if let Some(recipient) = recipient {
+            headers.push((RECIPIENT_HEADER, recipient.to_string()));
+            headers.push((
+                BOUND_SIGNATURE_HEADER,
+                self.sign_bound(timestamp, path, length, &signature, recipient),
+            ));
+        }
+        if self.options.legacy_signatures && length > 0 {
+            headers.push((
+                HEAD_SIGNATURE_HEADER,
+                self.sign_head(timestamp, path, length, &signature),
+            ));
+        }
+        (headers, signature)
+    }
+
+    /// Check a request's recipient-bound signature, when it has one (`Ok(false)` when not):
+    /// authenticated first, then refused as `misdirected` unless it is for this replica.
+    fn check_bound(
+        &self,
+        headers: &HeaderMap,
+        timestamp: Micros,
+        path: &str,
+        length: u64,
+    ) -> Result<bool, Rejection> {
+        let Some(bound) = headers.get(BOUND_SIGNATURE_HEADER) else {
+            return Ok(false);
+        };
+        let bound = bound
+            .to_str()
+            .ok()
+            .and_then(unhex)
+            .ok_or(Rejection::Unauthenticated(
+                "malformed recipient-bound signature",
+            ))?;
+        let recipient: u64 = headers
+            .get(RECIPIENT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .ok_or(Rejection::Unauthenticated("missing or malformed recipient"))?;
+        let body_signature = headers
+            .get(SIGNATURE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        self.check_signature(
+            format!("bound\n{timestamp}\n{path}\n{length}\n{body_signature}\n{recipient}")
+                .as_bytes(),
+            &bound,
+        )?;
+        if recipient != self.limiter.store().replica().0 {
+            return Err(Rejection::Misdirected(recipient));
+        }
+        Ok(true)
+    }
+
+    /// Authenticate a GET to `path` (which it signs in place of a body), bound to this replica
+    /// unless `bound` is false (`GET /v1/hello`) or legacy mode takes an unbound one, and take
+    /// it once. Returns its signature (hex), which the answer names.
+    fn verify_get(
+        &self,
+        headers: &HeaderMap,
+        path: &str,
+        bound: bool,
+    ) -> Result<String, Rejection> {
+        let (timestamp, signature) = self.signature_headers(headers)?;
+        self.check_signature(format!("{timestamp}\n{path}").as_bytes(), &signature)?;
+        if bound
+            && !self.check_bound(headers, timestamp, path, 0)?
+            && !self.options.legacy_signatures
+        {
+            return Err(Rejection::Unauthenticated(MISSING_BOUND));
+        }
+        self.first_sighting(timestamp, &signature)?;
+        Ok(hex(&signature))
+    }
+
+    /// The replica id of the peer at `address`, which its requests are bound to: known from an
+    /// earlier signed answer, else asked with `GET /v1/hello`. `None` only in legacy mode, from
+    /// a peer of an earlier version (no such route).
+    async fn recipient(&self, address: SocketAddr) -> Result<Option<u64>, String> {
+        if let Some(replica) = self.with_peer(&address.to_string(), |peer| peer.replica) {
+            return Ok(Some(replica));
+        }
+        let (headers, signature) = self.auth_headers(HELLO_PATH, HELLO_PATH.as_bytes(), 0, None);
+        let mut request = self
+            .client
+            .get(format!("{}://{address}/v1/hello", self.scheme));
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        let response = request.send().await.map_err(|e| e.to_string())?;
+        if response.status() == StatusCode::NOT_FOUND && self.options.legacy_signatures {
+            return Ok(None);
+        }
+        if !response.status().is_success() {
+            return Err(format!("peer answered {} to hello", response.status()));
+        }
+        let headers = response.headers().clone();
+        let body = read_limited(response, MAX_HELLO_BYTES).await?;
+        self.verify(&headers, &body).map_err(|e| e.to_string())?;
+        let hello: Hello = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        if hello.re != signature {
+            return Err("hello answer not for this request".into());
+        }
+        self.with_peer(&address.to_string(), |peer| {
+            peer.node = Some(hello.node);
+            peer.replica = Some(hello.replica);
+        });
+        Ok(Some(hello.replica))
+    }
+
+    /// The peer at `address` refused a request as not for it (`421`): another process answers
+    /// there now; its replica id is asked again before the next request.
+    fn forget_recipient(&self, address: &str) {
+        self.with_peer(address, |peer| peer.replica = None);
+    }
+
     /// The signature headers of a peer message: its timestamp (checked fresh) and signature.
     /// Checked before a byte of a request's body is read.
     fn signature_headers(&self, headers: &HeaderMap) -> Result<(Micros, Vec<u8>), Rejection> {
@@ -887,30 +1067,37 @@ impl Replicator {
         if announced.is_some_and(|length| length > limit as u64) {
             return Err(Rejection::TooLarge);
         }
-        match headers.get(HEAD_SIGNATURE_HEADER) {
-            Some(head) => {
-                let head = head
-                    .to_str()
-                    .ok()
-                    .and_then(unhex)
-                    .ok_or(Rejection::Unauthenticated("malformed head signature"))?;
-                let length = announced.ok_or(Rejection::Unauthenticated(
-                    "a signed head needs a content-length",
-                ))?;
-                let body_signature = headers
-                    .get(SIGNATURE_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default();
-                self.check_signature(
-                    format!("head\n{timestamp}\n{path}\n{length}\n{body_signature}").as_bytes(),
-                    &head,
-                )?;
-                if self.seen_already(timestamp, &signature) {
-                    return Err(Rejection::Replayed);
-                }
+        if headers.contains_key(BOUND_SIGNATURE_HEADER) {
+            let length = announced.ok_or(Rejection::Unauthenticated(
+                "a signed head needs a content-length",
+            ))?;
+            self.check_bound(headers, timestamp, path, length)?;
+            if self.seen_already(timestamp, &signature) {
+                return Err(Rejection::Replayed);
             }
-            None if self.options.legacy_signatures => {}
-            None => return Err(Rejection::Unauthenticated("missing head signature")),
+        } else if !self.options.legacy_signatures {
+            return Err(Rejection::Unauthenticated(MISSING_BOUND));
+        } else if let Some(head) = headers.get(HEAD_SIGNATURE_HEADER) {
+            // Legacy mode: the head signature of earlier versions, bound to no recipient.
+            let head = head
+                .to_str()
+                .ok()
+                .and_then(unhex)
+                .ok_or(Rejection::Unauthenticated("malformed head signature"))?;
+            let length = announced.ok_or(Rejection::Unauthenticated(
+                "a signed head needs a content-length",
+            ))?;
+            let body_signature = headers
+                .get(SIGNATURE_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            self.check_signature(
+                format!("head\n{timestamp}\n{path}\n{length}\n{body_signature}").as_bytes(),
+                &head,
+            )?;
+            if self.seen_already(timestamp, &signature) {
+                return Err(Rejection::Replayed);
+            }
         }
         // The signed bytes are `timestamp \n body`. The body is kept as the chunks that came
         // (no buffer grown by doubling: what is held is what was sent) and signed as it comes.
@@ -1332,22 +1519,10 @@ impl Replicator {
     /// the answering replica's id when it took the message (`Some(None)` from a peer that does
     /// not say).
     async fn send(&self, address: SocketAddr, body: Vec<u8>) -> Option<Option<u64>> {
-        let timestamp = self.limiter.now();
-        let signature = self.sign(timestamp, &body);
-        let head = self.sign_head(timestamp, "/v1/sync", body.len(), &signature);
         let bytes = body.len() as u64;
-        let result = self
-            .client
-            .post(format!("{}://{address}/v1/sync", self.scheme))
-            .header(TIMESTAMP_HEADER, timestamp.to_string())
-            .header(SIGNATURE_HEADER, signature.clone())
-            .header(HEAD_SIGNATURE_HEADER, head)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await;
+        let result = self.post_sync(address, Bytes::from(body)).await;
         let outcome = match result {
-            Ok(response) if response.status().is_success() => {
+            Ok((response, signature)) if response.status().is_success() => {
                 // Delivered. What the answer says is trusted only when it is signed for this
                 // request: its escrow state is merged and its replica counted toward the
                 // lease. Anything else (an earlier version's unsigned answer, or something
@@ -1370,8 +1545,8 @@ impl Replicator {
                 }
                 Ok(answer.map(|a| (a.node, a.replica)))
             }
-            Ok(response) => Err(format!("peer answered {}", response.status())),
-            Err(e) => Err(format!("{e}")),
+            Ok((response, _)) => Err(format!("peer answered {}", response.status())),
+            Err(e) => Err(e),
         };
         let now = self.limiter.now();
         let ok = outcome.is_ok();
@@ -1408,6 +1583,43 @@ impl Replicator {
         outcome
             .ok()
             .map(|answer| answer.and_then(|(_, replica)| replica))
+    }
+
+    /// `POST /v1/sync` of `body` to the replica at `address`, bound to it. Refused as not for
+    /// it (`421`: another process answers there now, a restart), it asks who answers and sends
+    /// once more, so that the message is not lost. Returns the answer and the request's
+    /// signature, which a signed answer names.
+    async fn post_sync(
+        &self,
+        address: SocketAddr,
+        body: Bytes,
+    ) -> Result<(reqwest::Response, String), String> {
+        let mut asked_again = false;
+        loop {
+            let recipient = self.recipient(address).await?;
+            let (headers, signature) = self.auth_headers("/v1/sync", &body, body.len(), recipient);
+            let mut post = self
+                .client
+                .post(format!("{}://{address}/v1/sync", self.scheme));
+            for (name, value) in headers {
+                post = post.header(name, value);
+            }
+            let response = post
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if response.status() == StatusCode::MISDIRECTED_REQUEST {
+                self.forget_recipient(&address.to_string());
+                if !asked_again && recipient.is_some() {
+                    asked_again = true;
+                    continue;
+                }
+                return Err("peer answered 421: the message is not for the replica there".into());
+            }
+            return Ok((response, signature));
+        }
     }
 
     /// Send `messages` to every peer concurrently; returns the replicas that took all of them
@@ -1536,16 +1748,19 @@ impl Replicator {
         let result: Result<(usize, usize), String> = async {
             let (mut from, mut changed, mut pages) = (0, 0, 0);
             loop {
-                let timestamp = self.limiter.now();
-                let signature = self.sign(timestamp, state_path(from).as_bytes());
-                let response = self
+                let recipient = self.recipient(address).await?;
+                let path = state_path(from);
+                let (headers, signature) = self.auth_headers(&path, path.as_bytes(), 0, recipient);
+                let mut get = self
                     .client
-                    .get(format!("{}://{address}/v1/state?from={from}", self.scheme))
-                    .header(TIMESTAMP_HEADER, timestamp.to_string())
-                    .header(SIGNATURE_HEADER, signature)
-                    .send()
-                    .await
-                    .map_err(|e| e.to_string())?;
+                    .get(format!("{}://{address}/v1/state?from={from}", self.scheme));
+                for (name, value) in headers {
+                    get = get.header(name, value);
+                }
+                let response = get.send().await.map_err(|e| e.to_string())?;
+                if response.status() == StatusCode::MISDIRECTED_REQUEST {
+                    self.forget_recipient(&address.to_string());
+                }
                 if !response.status().is_success() {
                     return Err(format!("peer answered {}", response.status()));
                 }
@@ -1553,6 +1768,12 @@ impl Replicator {
                 let body = read_limited(response, MAX_MESSAGE_BYTES).await?;
                 self.verify(&headers, &body).map_err(|e| e.to_string())?;
                 let page: StatePage = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+                // A page counts for the request it names only (an earlier version names none).
+                match &page.re {
+                    Some(re) if *re == signature => {}
+                    None if self.options.legacy_signatures => {}
+                    _ => return Err("state page not for this request".into()),
+                }
                 changed += self.apply(page.message).map_err(|e| e.to_string())?;
                 pages += 1;
                 match page.next {
@@ -1627,6 +1848,8 @@ enum Rejection {
     TooSlow,
     #[error("this signed message was taken already (a replay)")]
     Replayed,
+    #[error("this signed message is for replica {0}, not this one")]
+    Misdirected(u64),
 }
 
 impl Rejection {
@@ -1640,6 +1863,7 @@ impl Rejection {
             Rejection::Busy => "busy",
             Rejection::TooSlow => "too_slow",
             Rejection::Replayed => "replayed",
+            Rejection::Misdirected(_) => "misdirected",
         }
     }
 
@@ -1653,6 +1877,7 @@ impl Rejection {
             Rejection::Busy => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::TooSlow => StatusCode::REQUEST_TIMEOUT,
             Rejection::Replayed => StatusCode::CONFLICT,
+            Rejection::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
         }
     }
 }
@@ -1665,7 +1890,24 @@ pub fn peer_router(replicator: Arc<Replicator>) -> Router {
         .route("/v1/sync", post(receive))
         .route("/v1/state", get(send_state))
         .route("/v1/lend", post(lend))
+        .route("/v1/hello", get(hello))
         .with_state(replicator)
+}
+
+/// `GET /v1/hello`: this replica's node name and replica id, signed and naming the request,
+/// so a peer can bind its requests to this replica. Signed like any peer request, taken once.
+async fn hello(State(replicator): State<Arc<Replicator>>, headers: HeaderMap) -> Response {
+    match replicator.verify_get(&headers, HELLO_PATH, false) {
+        Ok(re) => replicator.signed_response(
+            serde_json::to_vec(&Hello {
+                node: replicator.limiter.node_id().to_owned(),
+                replica: replicator.limiter.store().replica().0,
+                re,
+            })
+            .expect("serializing plain data cannot fail"),
+        ),
+        Err(rejection) => refuse(&replicator, rejection),
+    }
 }
 
 fn refuse(replicator: &Replicator, rejection: Rejection) -> Response {
@@ -1778,25 +2020,28 @@ async fn send_state(
     headers: HeaderMap,
 ) -> Response {
     if let Some(from) = query.from {
-        if let Err(rejection) = replicator.verify(&headers, state_path(from).as_bytes()) {
-            return refuse(&replicator, rejection);
-        }
+        let re = match replicator.verify_get(&headers, &state_path(from), true) {
+            Ok(re) => re,
+            Err(rejection) => return refuse(&replicator, rejection),
+        };
         let (message, next, _) = replicator.state_page(from);
-        // `{"next": ..., "message": <the message as encoded>}`: the message is spliced in, not
-        // decoded and encoded again.
-        let mut body = Vec::with_capacity(message.len() + 40);
+        // `{"next": ..., "re": ..., "message": <the message as encoded>}`: the message is
+        // spliced in, not decoded and encoded again.
+        let mut body = Vec::with_capacity(message.len() + 120);
         body.extend_from_slice(b"{\"next\":");
         body.extend_from_slice(
             serde_json::to_string(&next)
                 .expect("serializing plain data cannot fail")
                 .as_bytes(),
         );
+        body.extend_from_slice(format!(",\"re\":\"{re}\"").as_bytes());
         body.extend_from_slice(b",\"message\":");
         body.extend_from_slice(&message);
         body.push(b'}');
         return replicator.signed_response(body);
     }
-    if let Err(rejection) = replicator.verify(&headers, b"") {
+    // Earlier versions' form signs an empty path and no recipient: taken in legacy mode only.
+    if let Err(rejection) = replicator.verify_get(&headers, "", true) {
         return refuse(&replicator, rejection);
     }
     let buckets = replicator.all_buckets();
@@ -1825,6 +2070,9 @@ struct StateQuery {
 #[derive(Debug, Deserialize)]
 struct StatePage {
     next: Option<usize>,
+    /// The signature of the request answered.
+    #[serde(default)]
+    re: Option<String>,
     message: SyncMessage,
 }
 

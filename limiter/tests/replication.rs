@@ -42,6 +42,16 @@ impl Replica {
         replica: u64,
         configure: impl FnOnce(&mut ReplicationOptions),
     ) -> Replica {
+        Self::start_at("127.0.0.1:0", name, replica, configure).await
+    }
+
+    /// A replica whose peer listener binds `bind` (an address another one had: a restart).
+    async fn start_at(
+        bind: &str,
+        name: &str,
+        replica: u64,
+        configure: impl FnOnce(&mut ReplicationOptions),
+    ) -> Replica {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let limiter = Arc::new(Limiter::new(LimiterOptions {
             node_id: name.into(),
@@ -67,7 +77,7 @@ impl Replica {
         configure(&mut options);
         let replicator = Arc::new(Replicator::try_new(limiter.clone(), options).unwrap());
         limiter.enable_loans(Arc::downgrade(&replicator));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind(bind).await.unwrap();
         let address = listener.local_addr().unwrap();
         let (peers, peers_rx) = watch::channel(Vec::new());
         let (stop, stop_rx) = watch::channel(false);
@@ -149,22 +159,60 @@ fn head_signature(timestamp: &str, path: &str, length: usize, body_signature: &s
         .collect()
 }
 
-/// A `POST /v1/sync` of `body` to `address` as a peer holding the secret sends it, stamped
-/// `timestamp`: the body's signature and the head signature over it.
-fn signed_sync(
+/// The recipient-bound head signature: the head signature's fields and the replica id the
+/// request is for.
+fn bound_signature(
+    timestamp: &str,
+    path: &str,
+    length: usize,
+    body_signature: &str,
+    recipient: u64,
+) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET);
+    let head = format!("bound\n{timestamp}\n{path}\n{length}\n{body_signature}\n{recipient}");
+    ring::hmac::sign(&key, head.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A request to `path` on `address` for replica `recipient`, as a peer holding the secret
+/// sends it, stamped `timestamp`: the body's signature and the recipient-bound head signature.
+fn signed_post(
     client: &reqwest::Client,
     address: SocketAddr,
+    path: &str,
+    recipient: u64,
     timestamp: &str,
     body: String,
 ) -> reqwest::RequestBuilder {
     let signature = sign_bytes(timestamp, body.as_bytes());
-    let head = head_signature(timestamp, "/v1/sync", body.len(), &signature);
+    let bound = bound_signature(timestamp, path, body.len(), &signature, recipient);
     client
-        .post(format!("http://{address}/v1/sync"))
+        .post(format!("http://{address}{path}"))
         .header("x-openclaw-timestamp", timestamp)
         .header("x-openclaw-signature", signature)
-        .header("x-openclaw-head-signature", head)
+        .header("x-openclaw-recipient", recipient.to_string())
+        .header("x-openclaw-bound-signature", bound)
         .body(body)
+}
+
+/// A `POST /v1/sync` of `body` to `to`, as a peer holding the secret sends it.
+fn signed_sync(
+    client: &reqwest::Client,
+    to: &Replica,
+    timestamp: &str,
+    body: String,
+) -> reqwest::RequestBuilder {
+    signed_post(
+        client,
+        to.address,
+        "/v1/sync",
+        to.limiter.store().replica().0,
+        timestamp,
+        body,
+    )
 }
 
 /// Every one of `lines` is a line of `limiter`'s /metrics.
@@ -371,7 +419,7 @@ async fn unauthenticated_malformed_and_oversized_messages_are_refused_and_never_
     // Signed with the right secret but malformed: garbage, and a policy index out of range.
     let bad_index = r#"{"v":1,"node":"x","replica":5,"sent_at":1,"full":false,"policies":["default"],"entries":[[0,"k",0,0,[[5,1,9,0]]],[3,"k",0,0,[]]]}"#;
     for body in ["not json", bad_index] {
-        let response = signed_sync(&client, target.address, &now, body.to_owned())
+        let response = signed_sync(&client, &target, &now, body.to_owned())
             .send()
             .await
             .unwrap();
@@ -379,7 +427,7 @@ async fn unauthenticated_malformed_and_oversized_messages_are_refused_and_never_
     }
     let other_version =
         r#"{"v":3,"node":"x","replica":5,"sent_at":1,"full":false,"policies":[],"entries":[]}"#;
-    let response = signed_sync(&client, target.address, &now, other_version.to_owned())
+    let response = signed_sync(&client, &target, &now, other_version.to_owned())
         .send()
         .await
         .unwrap();
@@ -402,27 +450,28 @@ async fn unauthenticated_malformed_and_oversized_messages_are_refused_and_never_
         stream.read_exact(&mut answer).await.unwrap();
         assert_eq!(&answer, b"HTTP/1.1 413");
     }
-    // A page of the state is asked for with its path signed: a signature made for one page
-    // is good for no other, and a good one gets the page.
+    // A page of the state is asked for with its path signed, bound to the replica asked: a
+    // signature made for one page is good for no other, a good one gets the page once.
     let state = format!("http://{}/v1/state", target.address);
-    let page_signed =
-        |from: usize| sign_bytes(&now, format!("GET /v1/state?from={from}").as_bytes());
-    let replayed = client
-        .get(format!("{state}?from=1"))
-        .header("x-openclaw-timestamp", &now)
-        .header("x-openclaw-signature", page_signed(0))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(replayed.status(), 401);
-    let page = client
-        .get(format!("{state}?from=0"))
-        .header("x-openclaw-timestamp", &now)
-        .header("x-openclaw-signature", page_signed(0))
-        .send()
-        .await
-        .unwrap();
+    let page_request = |asked: usize, signed: usize| {
+        let path = format!("GET /v1/state?from={signed}");
+        let signature = sign_bytes(&now, path.as_bytes());
+        let recipient = target.limiter.store().replica().0;
+        client
+            .get(format!("{state}?from={asked}"))
+            .header("x-openclaw-timestamp", &now)
+            .header("x-openclaw-recipient", recipient.to_string())
+            .header(
+                "x-openclaw-bound-signature",
+                bound_signature(&now, &path, 0, &signature, recipient),
+            )
+            .header("x-openclaw-signature", signature)
+            .send()
+    };
+    assert_eq!(page_request(1, 0).await.unwrap().status(), 401);
+    let page = page_request(0, 0).await.unwrap();
     assert_eq!(page.status(), 200);
+    assert_eq!(page_request(0, 0).await.unwrap().status(), 409);
 
     assert!(
         target.limiter.store().is_empty(),
@@ -435,6 +484,7 @@ async fn unauthenticated_malformed_and_oversized_messages_are_refused_and_never_
             "openclaw_peer_messages_rejected_total{reason=\"malformed\"} 2",
             "openclaw_peer_messages_rejected_total{reason=\"incompatible\"} 1",
             "openclaw_peer_messages_rejected_total{reason=\"too_large\"} 1",
+            "openclaw_peer_messages_rejected_total{reason=\"replayed\"} 1",
         ],
     );
     target.shutdown().await;
@@ -449,7 +499,7 @@ async fn peer_times_beyond_the_clock_guard_are_refused_and_counted() {
     let client = reqwest::Client::new();
     let post = |body: String| {
         let now = target.limiter.now().to_string();
-        signed_sync(&client, target.address, &now, body).send()
+        signed_sync(&client, &target, &now, body).send()
     };
     let message = |sent_at: u64, entries: &str| {
         format!(
@@ -715,10 +765,11 @@ async fn unauthenticated_bodies_are_held_within_one_budget_across_connections() 
             // A head signed with the secret (only a peer gets this far) over a body signature
             // that is wrong: only the whole body could tell.
             let body_signature = "00".repeat(32);
+            let recipient = target.limiter.store().replica().0;
             head += &format!(
                 "x-openclaw-timestamp: {now}\r\nx-openclaw-signature: {body_signature}\r\n\
-                 x-openclaw-head-signature: {}\r\n",
-                head_signature(&now, "/v1/sync", 16 << 20, &body_signature)
+                 x-openclaw-recipient: {recipient}\r\nx-openclaw-bound-signature: {}\r\n",
+                bound_signature(&now, "/v1/sync", 16 << 20, &body_signature, recipient)
             );
         }
         head + "\r\n"
@@ -772,15 +823,38 @@ async fn unauthenticated_bodies_are_held_within_one_budget_across_connections() 
 /// strict-mode lease, so they must come from a replica: an answer that is not signed, or is
 /// signed for another request, is taken as a delivery and nothing more (its state is not
 /// merged, its replica not counted). On the old code the fake answer below was merged and its
-/// self-declared replica recorded.
+/// self-declared replica recorded. The impostor here sits in the middle: it relays the sender's
+/// `GET /v1/hello` to a real replica (whose signed answer it cannot forge), then answers the
+/// messages bound to that replica itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_that_are_not_signed_for_the_request_are_not_trusted() {
-    use axum::routing::post;
+    use axum::routing::{get, post};
     const FAKE_ANSWER: &str = r#"{"node":"impostor","merged":0,"replica":777,"escrow":{"allocation":null,"records":{"777":{"seq":5,"acked":null,"retired":false,"demand":{},"expired":null}}}}"#;
-    let fake = axum::Router::new().route(
-        "/v1/sync",
-        post(|| async { ([("content-type", "application/json")], FAKE_ANSWER) }),
-    );
+    let real = Replica::start("real", 2).await;
+    let hello_url = format!("http://{}/v1/hello", real.address);
+    let fake = axum::Router::new()
+        .route(
+            "/v1/sync",
+            post(|| async { ([("content-type", "application/json")], FAKE_ANSWER) }),
+        )
+        .route(
+            "/v1/hello",
+            get(move |headers: axum::http::HeaderMap| async move {
+                let answer = reqwest::Client::new()
+                    .get(hello_url)
+                    .headers(headers)
+                    .send()
+                    .await
+                    .unwrap();
+                let mut relayed = axum::http::HeaderMap::new();
+                for (name, value) in answer.headers() {
+                    if name.as_str().starts_with("x-openclaw-") {
+                        relayed.insert(name.clone(), value.clone());
+                    }
+                }
+                (relayed, answer.bytes().await.unwrap())
+            }),
+        );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let fake_address = listener.local_addr().unwrap();
     let server = tokio::spawn(async move { axum::serve(listener, fake).await.unwrap() });
@@ -800,7 +874,11 @@ async fn answers_that_are_not_signed_for_the_request_are_not_trusted() {
         .into_iter()
         .find(|p| p.address == fake_address.to_string())
         .unwrap();
-    assert_eq!(status.replica, None, "the impostor's replica id was taken");
+    assert_eq!(
+        status.replica,
+        Some(2),
+        "the impostor's replica id was taken (or the relayed hello was not)"
+    );
     assert!(
         !sender
             .replicator
@@ -811,6 +889,7 @@ async fn answers_that_are_not_signed_for_the_request_are_not_trusted() {
         "the impostor's escrow state was merged"
     );
     sender.shutdown().await;
+    real.shutdown().await;
     server.abort();
 }
 
@@ -826,7 +905,7 @@ async fn a_replayed_message_is_refused() {
     let body = format!(
         r#"{{"v":2,"node":"peer","replica":5,"sent_at":{now},"full":false,"policies":["default"],"entries":[[0,"k",0,5,[[5,1,10,0]]]]}}"#
     );
-    let send = || signed_sync(&client, target.address, &now, body.clone()).send();
+    let send = || signed_sync(&client, &target, &now, body.clone()).send();
     assert_eq!(send().await.unwrap().status(), 200);
     assert_eq!(send().await.unwrap().status(), 409);
     let text = target.limiter.render_metrics();
@@ -835,6 +914,87 @@ async fn a_replayed_message_is_refused() {
         "{text}"
     );
     target.shutdown().await;
+}
+
+/// Every request is bound to the replica it is for: a message taken off the wire to one replica
+/// (or one signed for it by a peer) is refused by every other, counted as `misdirected`, and
+/// nothing in it is merged or lent. On the old code a message for one replica was good at any
+/// replica that had not seen it: a dead replica's messages to one peer, replayed to the others,
+/// kept it "heard from" there; a loan or a gift of tokens replayed to another replica moved
+/// tokens nobody asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_for_one_replica_is_refused_by_every_other() {
+    let intended = Replica::start("intended", 1).await;
+    let other = Replica::start("other", 2).await;
+    let client = reqwest::Client::new();
+    let now = intended.limiter.now().to_string();
+    let body = format!(
+        r#"{{"v":2,"node":"peer","replica":5,"sent_at":{now},"full":false,"policies":["default"],"entries":[[0,"k",0,5,[[5,{now},10,18446744073709551615]]]]}}"#
+    );
+    // As a sender that also speaks to earlier versions signs it: the recipient-bound signature
+    // and the head signature those versions check.
+    let for_intended = |path: &str, body: &str, to: &Replica| {
+        let signature = sign_bytes(&now, body.as_bytes());
+        signed_post(&client, to.address, path, 1, &now, body.to_owned()).header(
+            "x-openclaw-head-signature",
+            head_signature(&now, path, body.len(), &signature),
+        )
+    };
+    let response = for_intended("/v1/sync", &body, &other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 421, "{:?}", response.text().await);
+    assert_eq!(
+        other.remaining("k"),
+        100,
+        "merged at a replica it was not for"
+    );
+    let loan = r#"{"v":1,"replica":5,"nonce":7,"policy":"default","key":"k","capacity":100,"interval_ms":600000,"wanted":0,"partial":false,"give":10}"#;
+    let response = for_intended("/v1/lend", loan, &other).send().await.unwrap();
+    assert_eq!(response.status(), 421, "{:?}", response.text().await);
+    assert_metrics(
+        &other.limiter,
+        &["openclaw_peer_messages_rejected_total{reason=\"misdirected\"} 2"],
+    );
+    // Where it was for, it is taken.
+    let response = for_intended("/v1/sync", &body, &intended)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(intended.remaining("k"), 90);
+    intended.shutdown().await;
+    other.shutdown().await;
+}
+
+/// A replica's requests are bound to the process at a peer's address: when another process
+/// takes that address (a restart: a new replica id), the first request is refused as not for
+/// it, the sender asks who answers there now (`GET /v1/hello`) and replication goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_restarted_at_its_address_is_asked_who_it_is() {
+    let sender = Replica::start("sender", 1).await;
+    let first = Replica::start("peer", 2).await;
+    let address = first.address;
+    sender.peers.send(vec![address]).unwrap();
+    sender.limiter.decide("default", "a", 10).unwrap();
+    eventually("the first peer to merge", || first.remaining("a") == 90).await;
+    first.shutdown().await;
+    let second = Replica::start_at(&address.to_string(), "peer", 3, |_| {}).await;
+    sender.limiter.decide("default", "b", 10).unwrap();
+    eventually("the restarted peer to merge", || {
+        second.remaining("b") == 90
+    })
+    .await;
+    let status = sender
+        .replicator
+        .peer_statuses()
+        .into_iter()
+        .find(|p| p.address == address.to_string())
+        .unwrap();
+    assert_eq!(status.replica, Some(3));
+    sender.shutdown().await;
+    second.shutdown().await;
 }
 
 /// A peer with the secret that sends an allocation number or a record sequence number no
@@ -856,7 +1016,7 @@ async fn escrow_counters_no_cluster_reaches_are_refused() {
         ),
     ];
     for body in bodies {
-        let response = signed_sync(&client, target.address, &now, body)
+        let response = signed_sync(&client, &target, &now, body)
             .send()
             .await
             .unwrap();
@@ -880,7 +1040,7 @@ async fn nodes_known_only_from_their_messages_are_bounded() {
             r#"{{"v":2,"node":"invented-{i}","replica":{},"sent_at":{now},"full":false,"policies":[],"entries":[]}}"#,
             1000 + i
         );
-        let response = signed_sync(&client, target.address, &now, body)
+        let response = signed_sync(&client, &target, &now, body)
             .send()
             .await
             .unwrap();
@@ -919,7 +1079,7 @@ async fn implausible_consumption_from_a_peer_is_refused_and_counted() {
     let now = target.limiter.now();
     let post = |body: String| {
         let stamp = target.limiter.now().to_string();
-        signed_sync(&client, target.address, &stamp, body).send()
+        signed_sync(&client, &target, &stamp, body).send()
     };
     const UNLISTED: u64 = u64::MAX;
     // The default policy: 100 tokens refilled over 600 s. A component started 60 s ago may have
@@ -973,7 +1133,18 @@ async fn a_body_whose_head_is_not_signed_is_never_read() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let target = Replica::start("target", 1).await;
     let now = target.limiter.now().to_string();
-    for head_signature in [None, Some("00".repeat(32))] {
+    let wrong = "00".repeat(32);
+    let recipient = target.limiter.store().replica().0;
+    let head_signature = head_signature(&now, "/v1/sync", 16 << 20, &wrong);
+    for head_signature in [
+        None,
+        Some(format!("x-openclaw-head-signature: {wrong}")),
+        // Earlier versions' head signature, right, and not taken outside legacy mode.
+        Some(format!("x-openclaw-head-signature: {head_signature}")),
+        Some(format!(
+            "x-openclaw-recipient: {recipient}\r\nx-openclaw-bound-signature: {wrong}"
+        )),
+    ] {
         let mut head = format!(
             "POST /v1/sync HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
              content-length: {}\r\nx-openclaw-timestamp: {now}\r\nx-openclaw-signature: {}\r\n",
@@ -981,7 +1152,7 @@ async fn a_body_whose_head_is_not_signed_is_never_read() {
             "00".repeat(32)
         );
         if let Some(signature) = &head_signature {
-            head += &format!("x-openclaw-head-signature: {signature}\r\n");
+            head += &format!("{signature}\r\n");
         }
         head += "\r\n";
         let mut stream = tokio::net::TcpStream::connect(target.address)
@@ -1212,7 +1383,7 @@ async fn beyond_its_bucket_cap_a_replica_takes_no_new_bucket_from_peers() {
         entries.join(",")
     );
     let stamp = target.limiter.now().to_string();
-    let response = signed_sync(&client, target.address, &stamp, message)
+    let response = signed_sync(&client, &target, &stamp, message)
         .send()
         .await
         .unwrap();
