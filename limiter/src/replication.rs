@@ -2,8 +2,10 @@
 //!
 //! Every sync interval (50 ms by default) a replica sends each peer the buckets its own
 //! decisions changed since the last round ([`crate::store::Store::drain_changes`]); every
-//! anti-entropy interval it sends its whole state, so a peer that missed deltas (restart,
-//! partition, a dropped request) converges anyway. Merging is the CRDT join, so duplicates,
+//! anti-entropy interval it sends its whole state to each peer that may have missed deltas
+//! (restart, partition, a dropped or partly refused request: [`PeerStatus::in_sync`]), so it
+//! converges anyway, and a heartbeat to the others (the whole state every
+//! [`WHOLE_STATE_EVERY`]-th round, whatever). Merging is the CRDT join, so duplicates,
 //! reordering and replays are harmless; a replica restarted empty pulls every peer's state
 //! (`GET /v1/state?from=SHARD`) before it reports ready.
 //!
@@ -137,6 +139,10 @@ pub const DEFAULT_MAX_BUCKETS: usize = 2_000_000;
 /// What peer request bodies may hold at once before their signatures are checked: four
 /// messages of the largest size.
 pub const UNVERIFIED_BUDGET: usize = 4 * MAX_MESSAGE_BYTES;
+/// An in-sync peer is still sent the whole state every this many anti-entropy rounds (once a
+/// minute at the default 5 s): a safety net under the rule that it missed nothing, at a
+/// twelfth of the cost of resending every round.
+pub const WHOLE_STATE_EVERY: u32 = 12;
 /// Nodes tracked only because they sent messages (not from discovery): each is a label value of
 /// the per-peer series, so their number is bounded.
 const MAX_HEARD_ONLY_PEERS: usize = 64;
@@ -182,11 +188,26 @@ struct SyncMessage {
 #[derive(Debug, Serialize, Deserialize)]
 struct WireEntry(u32, String, Micros, u64, Vec<(u64, Micros, u64, u64)>);
 
+/// What merging one message did.
+#[derive(Debug, Clone, Copy)]
+struct Applied {
+    /// Buckets it changed.
+    changed: usize,
+    /// Every entry in it was taken: none refused (clock guard, implausible, store full) and
+    /// none of a policy this replica does not have. A peer sent only complete messages since
+    /// its last whole-state round missed nothing (`PeerStatus::in_sync`).
+    complete: bool,
+}
+
 /// A peer's answer to `POST /v1/sync`.
 #[derive(Debug, Serialize, Deserialize)]
 struct SyncAnswer {
     node: String,
     merged: usize,
+    /// It took every entry of the message ([`Applied::complete`]); earlier versions do not
+    /// say, and are sent the whole state every anti-entropy round.
+    #[serde(default)]
+    complete: bool,
     /// The answering replica: a `strict` lease counts answers by replica.
     #[serde(default)]
     replica: Option<u64>,
@@ -293,6 +314,13 @@ pub struct PeerStatus {
     pub clock_refused: bool,
     pub messages_sent: u64,
     pub messages_received: u64,
+    /// It took every message sent to it whole since its last whole-state round (same process,
+    /// every delta delivered, answered signed and complete): anti-entropy sends it a heartbeat
+    /// rather than the whole state, but for every [`WHOLE_STATE_EVERY`]-th round.
+    pub in_sync: bool,
+    /// Anti-entropy rounds since it was last sent the whole state.
+    #[serde(skip)]
+    rounds_since_whole: u32,
 }
 
 /// Replication state shared by the peer listener and the sender loop.
@@ -1004,7 +1032,10 @@ impl Replicator {
     /// The peer at `address` refused a request as not for it (`421`): another process answers
     /// there now; its replica id is asked again before the next request.
     fn forget_recipient(&self, address: &str) {
-        self.with_peer(address, |peer| peer.replica = None);
+        self.with_peer(address, |peer| {
+            peer.replica = None;
+            peer.in_sync = false;
+        });
     }
 
     /// The signature headers of a peer message: its timestamp (checked fresh) and signature.
@@ -1263,7 +1294,9 @@ impl Replicator {
     /// attacker holding the secret could send; peers go through [`peer_router`].
     #[doc(hidden)]
     pub fn merge_authenticated(&self, body: &[u8]) -> Result<usize, String> {
-        self.decode_and_apply(body).map_err(|e| e.to_string())
+        self.decode_and_apply(body)
+            .map(|applied| applied.changed)
+            .map_err(|e| e.to_string())
     }
 
     /// Whether every bucket this replica holds is one an honest cluster could have sent it:
@@ -1294,7 +1327,7 @@ impl Replicator {
         problem.map_or(Ok(()), Err)
     }
 
-    fn decode_and_apply(&self, body: &[u8]) -> Result<usize, Rejection> {
+    fn decode_and_apply(&self, body: &[u8]) -> Result<Applied, Rejection> {
         let message: SyncMessage =
             serde_json::from_slice(body).map_err(|e| Rejection::Malformed(e.to_string()))?;
         self.apply(message)
@@ -1322,7 +1355,7 @@ impl Replicator {
         );
     }
 
-    fn apply(&self, message: SyncMessage) -> Result<usize, Rejection> {
+    fn apply(&self, message: SyncMessage) -> Result<Applied, Rejection> {
         if message.v != PROTOCOL_VERSION && message.v != PROTOCOL_VERSION_1 {
             return Err(Rejection::Incompatible(message.v));
         }
@@ -1393,6 +1426,8 @@ impl Replicator {
         let mut implausible: [(&'static str, u64); 2] =
             [("implausible_consumption", 0), ("too_many_components", 0)];
         let mut store_full = 0u64;
+        // Entries of a policy this replica does not have (yet).
+        let mut unknown_policy = 0u64;
         let bounds = MergeBounds {
             max_components: MAX_COMPONENTS_PER_BUCKET,
             max_buckets: self.options.max_buckets,
@@ -1414,6 +1449,7 @@ impl Replicator {
             // A policy this replica does not have (a rollout of the policies file in progress):
             // nothing to merge into; the sender resends in its next anti-entropy round.
             let Some(policy) = policies.get(&message.policies[policy_index as usize]) else {
+                unknown_policy += 1;
                 continue;
             };
             // What an honest owner can have counted (docs/crdt.md, "What a peer may send"):
@@ -1512,7 +1548,17 @@ impl Replicator {
             }
             peer.clock_refused = any_refused;
         });
-        Ok(changed as usize)
+        let not_merged = unknown_policy
+            + store_full
+            + refused
+                .iter()
+                .chain(&implausible)
+                .map(|&(_, n)| n)
+                .sum::<u64>();
+        Ok(Applied {
+            changed: changed as usize,
+            complete: not_merged == 0,
+        })
     }
 
     /// Send one signed message to a peer. Errors are recorded in the peer's status. Returns
@@ -1543,7 +1589,7 @@ impl Replicator {
                 {
                     self.escrow.receive(*replica, control);
                 }
-                Ok(answer.map(|a| (a.node, a.replica)))
+                Ok(answer.map(|a| (a.node, a.replica, a.complete)))
             }
             Ok((response, _)) => Err(format!("peer answered {}", response.status())),
             Err(e) => Err(e),
@@ -1569,7 +1615,7 @@ impl Replicator {
                     if !peer.up {
                         tracing::info!(peer = %address, "peer reachable");
                     }
-                    if let Some((node, replica)) = answer {
+                    if let Some((node, replica, _)) = answer {
                         peer.node = Some(node.clone());
                         peer.replica = *replica;
                     }
@@ -1579,10 +1625,14 @@ impl Replicator {
                 }
             }
             peer.up = ok;
+            // Whatever it did not take whole is sent again with the whole state.
+            if !matches!(outcome, Ok(Some((_, _, true)))) {
+                peer.in_sync = false;
+            }
         });
         outcome
             .ok()
-            .map(|answer| answer.and_then(|(_, replica)| replica))
+            .map(|answer| answer.and_then(|(_, replica, _)| replica))
     }
 
     /// `POST /v1/sync` of `body` to the replica at `address`, bound to it. Refused as not for
@@ -1699,16 +1749,34 @@ impl Replicator {
         }
     }
 
-    /// One anti-entropy round: push the whole state (also the heartbeat when idle), a page at
-    /// a time (as `GET /v1/state` serves it), so that memory holds one page, not the state.
+    /// One anti-entropy round: the whole state, a page at a time (as `GET /v1/state` serves
+    /// it, so that memory holds one page, not the state), to the peers that may have missed
+    /// something, and a heartbeat to those that missed nothing ([`PeerStatus::in_sync`]).
     pub async fn push_everything(self: &Arc<Self>, peers: &[SocketAddr]) {
-        if peers.is_empty() {
+        let (whole, in_sync): (Vec<SocketAddr>, Vec<SocketAddr>) =
+            peers.iter().partition(|&&peer| {
+                self.with_peer(&peer.to_string(), |status| {
+                    status.rounds_since_whole += 1;
+                    let due = !status.in_sync || status.rounds_since_whole >= WHOLE_STATE_EVERY;
+                    if due {
+                        // Taken back by any message of this round it does not take whole.
+                        status.in_sync = true;
+                        status.rounds_since_whole = 0;
+                    }
+                    due
+                })
+            });
+        if !in_sync.is_empty() {
+            let heartbeat = self.encode(false, Vec::new());
+            self.broadcast(&in_sync, heartbeat, 0).await;
+        }
+        if whole.is_empty() {
             return;
         }
         let mut from = 0;
         loop {
             let (message, next, entries) = self.state_page(from);
-            self.broadcast(peers, vec![message], entries).await;
+            self.broadcast(&whole, vec![message], entries).await;
             match next {
                 Some(next) => from = next,
                 None => return,
@@ -1774,7 +1842,7 @@ impl Replicator {
                     None if self.options.legacy_signatures => {}
                     _ => return Err("state page not for this request".into()),
                 }
-                changed += self.apply(page.message).map_err(|e| e.to_string())?;
+                changed += self.apply(page.message).map_err(|e| e.to_string())?.changed;
                 pages += 1;
                 match page.next {
                     Some(next) if next > from => from = next,
@@ -1951,10 +2019,11 @@ async fn receive(
         // The answer names this node, so the sender can show which node an address is; it is
         // signed, and names the request it answers (its signature), so that it counts for
         // that request only.
-        Ok(changed) => {
+        Ok(applied) => {
             let answer = SyncAnswer {
                 node: replicator.limiter.node_id().to_owned(),
-                merged: changed,
+                merged: applied.changed,
+                complete: applied.complete,
                 replica: Some(replicator.limiter.store().replica().0),
                 escrow: replicator.escrow_control(),
                 re: headers

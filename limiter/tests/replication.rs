@@ -997,6 +997,91 @@ async fn a_peer_restarted_at_its_address_is_asked_who_it_is() {
     second.shutdown().await;
 }
 
+/// The number after `line` (a whole metric name and labels) in `limiter`'s /metrics.
+fn metric(limiter: &Limiter, line: &str) -> f64 {
+    let text = limiter.render_metrics();
+    text.lines()
+        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {line} in\n{text}"))
+}
+
+fn messages_sent(replica: &Replica, to: SocketAddr) -> u64 {
+    replica
+        .replicator
+        .peer_statuses()
+        .into_iter()
+        .find(|p| p.address == to.to_string())
+        .map_or(0, |p| p.messages_sent)
+}
+
+/// Anti-entropy repairs what deltas missed; a peer that took every delta whole since the last
+/// whole-state round missed nothing, so it gets a heartbeat, not the whole state again. On the
+/// old code every round resent every bucket: 1M active keys made each replica send about
+/// 80 MB to each peer every 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_took_every_delta_is_not_sent_the_whole_state_every_round() {
+    const KEYS: usize = 300;
+    let fast = |options: &mut ReplicationOptions| {
+        options.anti_entropy_interval = Duration::from_millis(50);
+    };
+    let a = Replica::start_with("a", 1, fast).await;
+    let b = Replica::start_with("b", 2, fast).await;
+    a.peers.send(vec![b.address]).unwrap();
+    for i in 0..KEYS {
+        a.limiter.decide("default", &format!("k{i}"), 1).unwrap();
+    }
+    eventually("b to have every bucket", || {
+        (0..KEYS).all(|i| b.remaining(&format!("k{i}")) == 99)
+    })
+    .await;
+    let sent = r#"openclaw_replication_entries_total{direction="sent"}"#;
+    let entries_before = metric(&a.limiter, sent);
+    let messages_before = messages_sent(&a, b.address);
+    // Ten anti-entropy rounds (nothing else is sent while nothing changes).
+    eventually("ten anti-entropy rounds", || {
+        messages_sent(&a, b.address) >= messages_before + 10
+    })
+    .await;
+    let resent = metric(&a.limiter, sent) - entries_before;
+    assert!(
+        resent <= KEYS as f64,
+        "{resent} entries resent in ten rounds to a peer that missed nothing"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// What a peer missed reaches it at the next anti-entropy round: here deltas sent while it was
+/// down (a process restarted at its address, empty: it has no peers of its own to pull from).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_missed_deltas_gets_the_whole_state() {
+    let fast = |options: &mut ReplicationOptions| {
+        options.anti_entropy_interval = Duration::from_millis(100);
+    };
+    let a = Replica::start_with("a", 1, fast).await;
+    let first = Replica::start_with("b", 2, fast).await;
+    let address = first.address;
+    a.peers.send(vec![address]).unwrap();
+    a.limiter.decide("default", "before", 5).unwrap();
+    eventually("b to merge", || first.remaining("before") == 95).await;
+    first.shutdown().await;
+    a.limiter.decide("default", "while-down", 7).unwrap();
+    eventually("a delta to fail", || {
+        a.replicator
+            .peer_statuses()
+            .iter()
+            .any(|p| p.address == address.to_string() && !p.up)
+    })
+    .await;
+    let second = Replica::start_at(&address.to_string(), "b", 3, |_| {}).await;
+    eventually("the restarted peer to get everything", || {
+        second.remaining("before") == 95 && second.remaining("while-down") == 93
+    })
+    .await;
+    a.shutdown().await;
+    second.shutdown().await;
+}
+
 /// A peer with the secret that sends an allocation number or a record sequence number no
 /// cluster reaches (`u64::MAX`: the next allocation's `+ 1` overflows; a record's freezes it)
 /// is refused whole as malformed. On the old code both were merged.
