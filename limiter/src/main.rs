@@ -306,6 +306,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
                     unverified_budget: openclaw_limiter::replication::UNVERIFIED_BUDGET,
                     legacy_signatures: settings.legacy_signatures,
                     max_buckets: settings.max_buckets,
+                    max_requests_per_peer: (settings.peer_limits.max_connections_per_source / 2)
+                        .max(1),
                 },
             )?;
             let replicator = Arc::new(replicator);

@@ -128,6 +128,11 @@ pub struct ReplicationOptions {
     /// merge; this replica's own clients still get one): [`DEFAULT_MAX_BUCKETS`] by default,
     /// `OPENCLAW_MAX_BUCKETS`.
     pub max_buckets: usize,
+    /// Requests this replica has in flight to one peer at most (syncs, loans, state pages and
+    /// hellos together; more wait their turn): half the peer listener's per-source connection
+    /// cap (`OPENCLAW_PEER_MAX_CONNECTIONS_PER_SOURCE`), so that a fleet with one setting never
+    /// has its requests closed unread by that cap.
+    pub max_requests_per_peer: usize,
 }
 
 /// The default of `OPENCLAW_MAX_BUCKETS`. A bucket costs about 115 bytes, more when several
@@ -345,6 +350,9 @@ pub struct Replicator {
     seen: Mutex<BTreeSet<(Micros, Vec<u8>)>>,
     /// When a store-full refusal was last logged (at most once a minute).
     store_full_logged: Mutex<Option<std::time::Instant>>,
+    /// Per peer address, a permit per request in flight to it
+    /// ([`ReplicationOptions::max_requests_per_peer`]).
+    in_flight: Mutex<BTreeMap<String, Arc<tokio::sync::Semaphore>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -366,7 +374,8 @@ impl Replicator {
             .no_proxy()
             .timeout(options.request_timeout)
             .connect_timeout(options.request_timeout)
-            .pool_idle_timeout(Duration::from_secs(30));
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(options.max_requests_per_peer);
         let mut scheme = "http";
         if let Some(tls) = &options.tls {
             // One configuration for the client's life: its certificate and CA follow the files
@@ -396,6 +405,7 @@ impl Replicator {
                 .map_err(|_| ReplicationError::Random)?,
             seen: Mutex::default(),
             store_full_logged: Mutex::default(),
+            in_flight: Mutex::default(),
         })
     }
 
@@ -466,6 +476,10 @@ impl Replicator {
     /// Keep status entries for exactly the peers discovery reports (and the inbound-only ones).
     fn set_peers(&self, addresses: &[SocketAddr]) {
         let wanted: Vec<String> = addresses.iter().map(SocketAddr::to_string).collect();
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|address, _| wanted.contains(address));
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         peers.retain(|address, _| address.starts_with("node:") || wanted.contains(address));
         for address in wanted {
@@ -539,11 +553,16 @@ impl Replicator {
         request: &LendRequest,
     ) -> Option<LendAnswer> {
         let body = serde_json::to_vec(request).expect("serializing plain data cannot fail");
+        // Waiting for a turn counts against the loan's time.
+        let deadline = tokio::time::Instant::now() + self.options.loan_timeout;
+        let _turn = tokio::time::timeout_at(deadline, self.turn(address))
+            .await
+            .ok()?;
         let (headers, _) = self.auth_headers("/v1/lend", &body, body.len(), Some(lender));
         let mut post = self
             .client
             .post(format!("{}://{address}/v1/lend", self.scheme))
-            .timeout(self.options.loan_timeout);
+            .timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
         for (name, value) in headers {
             post = post.header(name, value);
         }
@@ -1001,6 +1020,7 @@ impl Replicator {
         if let Some(replica) = self.with_peer(&address.to_string(), |peer| peer.replica) {
             return Ok(Some(replica));
         }
+        let _turn = self.turn(&address.to_string()).await;
         let (headers, signature) = self.auth_headers(HELLO_PATH, HELLO_PATH.as_bytes(), 0, None);
         let mut request = self
             .client
@@ -1027,6 +1047,29 @@ impl Replicator {
             peer.replica = Some(hello.replica);
         });
         Ok(Some(hello.replica))
+    }
+
+    /// A turn to send one request to the peer at `address`: at most
+    /// [`ReplicationOptions::max_requests_per_peer`] are in flight to it at once, below its
+    /// listener's per-source cap, which closes any connection beyond unread (a burst of
+    /// `strict` loans was refused that way while the peer held the tokens). Held until the
+    /// answer is read.
+    async fn turn(&self, address: &str) -> tokio::sync::OwnedSemaphorePermit {
+        let semaphore = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(address.to_owned())
+            .or_insert_with(|| {
+                Arc::new(tokio::sync::Semaphore::new(
+                    self.options.max_requests_per_peer.max(1),
+                ))
+            })
+            .clone();
+        semaphore
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
     }
 
     /// The peer at `address` refused a request as not for it (`421`): another process answers
@@ -1647,6 +1690,7 @@ impl Replicator {
         let mut asked_again = false;
         loop {
             let recipient = self.recipient(address).await?;
+            let _turn = self.turn(&address.to_string()).await;
             let (headers, signature) = self.auth_headers("/v1/sync", &body, body.len(), recipient);
             let mut post = self
                 .client
@@ -1817,6 +1861,7 @@ impl Replicator {
             let (mut from, mut changed, mut pages) = (0, 0, 0);
             loop {
                 let recipient = self.recipient(address).await?;
+                let _turn = self.turn(&address.to_string()).await;
                 let path = state_path(from);
                 let (headers, signature) = self.auth_headers(&path, path.as_bytes(), 0, recipient);
                 let mut get = self

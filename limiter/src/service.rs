@@ -261,11 +261,12 @@ impl Limiter {
                 Some(shortfall) => {
                     let rate = verdict.rate;
                     let loan = lenders.borrow(&policy.name, key, rate, shortfall).await;
-                    let mut outcome = if loan.lent > 0 {
-                        escrow.spend_with_loan(policy.id, &policy.name, key, rate, cost, loan.lent)
-                    } else {
-                        verdict.outcome
-                    };
+                    // Also with nothing lent: loans other requests for this key took
+                    // meanwhile may have filled this replica's sub-bucket (a lender evens both
+                    // out, so one loan pays for many requests), and a request refused while
+                    // the tokens it lacked sit here would be refused under the limit.
+                    let mut outcome =
+                        escrow.spend_with_loan(policy.id, &policy.name, key, rate, cost, loan.lent);
                     lenders.even_out(policy, key, rate, shortfall.room, loan.even_out);
                     if !outcome.allowed
                         && let Some(peers_held) = loan.peers_held

@@ -56,6 +56,7 @@ fn receiver() -> Arc<Replicator> {
                 unverified_budget: UNVERIFIED_BUDGET,
                 legacy_signatures: false,
                 max_buckets: openclaw_limiter::replication::DEFAULT_MAX_BUCKETS,
+                max_requests_per_peer: 32,
             },
         )
         .unwrap(),

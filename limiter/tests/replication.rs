@@ -14,6 +14,7 @@ use openclaw_limiter::bucket::Rate;
 use openclaw_limiter::clock::WallClock;
 use openclaw_limiter::crdt::ReplicaId;
 use openclaw_limiter::escrow::protocol::Params;
+use openclaw_limiter::listener::{Counters, LimitedListener, Limits};
 use openclaw_limiter::replication::{self, ReplicationOptions, Replicator, peer_router};
 use openclaw_limiter::rls::service::bucket_key;
 use openclaw_limiter::rls::{Rls, RlsConfig};
@@ -28,6 +29,8 @@ struct Replica {
     replicator: Arc<Replicator>,
     address: SocketAddr,
     peers: watch::Sender<Vec<SocketAddr>>,
+    /// Its peer listener's counters (connection caps), when it has limits.
+    listener: Counters,
     stop: watch::Sender<bool>,
     tasks: tokio::task::JoinSet<()>,
 }
@@ -48,6 +51,18 @@ impl Replica {
     /// A replica whose peer listener binds `bind` (an address another one had: a restart).
     async fn start_at(
         bind: &str,
+        name: &str,
+        replica: u64,
+        configure: impl FnOnce(&mut ReplicationOptions),
+    ) -> Replica {
+        Self::start_listening(bind, None, name, replica, configure).await
+    }
+
+    /// A replica whose peer listener binds `bind`, within `limits` when given (the caps the
+    /// binary's peer listener applies: `listener::LimitedListener`).
+    async fn start_listening(
+        bind: &str,
+        limits: Option<Limits>,
         name: &str,
         replica: u64,
         configure: impl FnOnce(&mut ReplicationOptions),
@@ -73,6 +88,7 @@ impl Replica {
             unverified_budget: replication::UNVERIFIED_BUDGET,
             legacy_signatures: false,
             max_buckets: replication::DEFAULT_MAX_BUCKETS,
+            max_requests_per_peer: 32,
         };
         configure(&mut options);
         let replicator = Arc::new(Replicator::try_new(limiter.clone(), options).unwrap());
@@ -84,20 +100,33 @@ impl Replica {
         let mut tasks = tokio::task::JoinSet::new();
         let router = peer_router(replicator.clone());
         let mut server_stop = stop_rx.clone();
-        tasks.spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = server_stop.wait_for(|s| *s).await;
-                })
-                .await
-                .unwrap();
-        });
+        let stopped = async move {
+            let _ = server_stop.wait_for(|s| *s).await;
+        };
+        let counters = Counters::default();
+        let listener_counters = counters.clone();
+        match limits {
+            None => tasks.spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(stopped)
+                    .await
+                    .unwrap();
+            }),
+            Some(limits) => tasks.spawn(async move {
+                let listener = LimitedListener::new(listener, limits, listener_counters);
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(stopped)
+                    .await
+                    .unwrap();
+            }),
+        };
         tasks.spawn(replication::run(replicator.clone(), peers_rx, stop_rx));
         Replica {
             limiter,
             replicator,
             address,
             peers,
+            listener: counters,
             stop,
             tasks,
         }
@@ -701,6 +730,86 @@ async fn a_strict_request_costing_more_than_one_share_borrows_from_peers_up_to_t
     for replica in replicas {
         replica.shutdown().await;
     }
+}
+
+/// A burst of `strict` requests at a replica whose share is spent borrows from its peer all at
+/// once; the peer's listener takes at most so many connections from one address
+/// (`OPENCLAW_PEER_MAX_CONNECTIONS_PER_SOURCE`) and closes the rest unread. A replica keeps its
+/// requests in flight to one peer within `max_requests_per_peer` (half that cap, from the same
+/// setting), so a burst waits its turn. And one loan pays for many requests (the lender evens
+/// both sub-buckets out), so a request whose own loan found the lender short is decided again on
+/// what concurrent loans brought before it is refused. On the old code 6 of the 40 were admitted
+/// while the peer held 100 tokens: loans beyond 8 connections were closed unread, and requests
+/// whose loan was declined were refused with the tokens they lacked already here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_loans_stays_within_the_peers_connection_cap() {
+    const POLICIES: &str =
+        "policies:\n  checkout: {capacity: 200, refill_interval_ms: 2000, mode: strict}\n";
+    const BURST: usize = 40;
+    let limits = Limits {
+        max_connections_per_source: 8,
+        ..Limits::default()
+    };
+    let configure = |options: &mut ReplicationOptions| {
+        options.max_requests_per_peer = 4;
+        options.loan_timeout = Duration::from_secs(2);
+    };
+    let a = Replica::start_listening("127.0.0.1:0", Some(limits), "a", 1, configure).await;
+    let b = Replica::start_listening("127.0.0.1:0", Some(limits), "b", 2, configure).await;
+    a.peers.send(vec![b.address]).unwrap();
+    b.peers.send(vec![a.address]).unwrap();
+    for replica in [&a, &b] {
+        replica.limiter.reload_policies(POLICIES).unwrap();
+        replica.limiter.mark_ready();
+    }
+    eventually("even shares, in force for an interval", || {
+        [&a, &b].iter().all(|r| {
+            let status = r.replicator.escrow().status();
+            let share = status.usable.get("checkout").copied().unwrap_or(0.0);
+            let peek = r.limiter.peek("checkout", "client", 1).unwrap().0.outcome;
+            status.members.len() == 2 && (share - 0.5).abs() < 0.01 && peek.reset_after_us == 0
+        })
+    })
+    .await;
+    // Spend a's half alone (no loan needed), then the burst: every request must borrow.
+    let spent = a
+        .limiter
+        .decide_with_loans("checkout", "client", 100)
+        .await
+        .unwrap();
+    assert!(spent.outcome.allowed, "a's own half");
+    let burst: Vec<_> = (0..BURST)
+        .map(|_| {
+            let limiter = a.limiter.clone();
+            tokio::spawn(async move {
+                limiter
+                    .decide_with_loans("checkout", "client", 1)
+                    .await
+                    .unwrap()
+                    .outcome
+                    .allowed
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for request in burst {
+        admitted += usize::from(request.await.unwrap());
+    }
+    assert_eq!(
+        admitted, BURST,
+        "b held 100 tokens for a burst of {BURST}; the rest were refused"
+    );
+    assert_eq!(
+        b.listener.per_source_refused.get(),
+        0,
+        "connections from a closed unread by b's per-source cap"
+    );
+    eventually("the evening out after the loans", || {
+        a.replicator.evening_out() == 0 && b.replicator.evening_out() == 0
+    })
+    .await;
+    a.shutdown().await;
+    b.shutdown().await;
 }
 
 /// The measurement: a replica joining peers that hold 300 000 spent keys turned ready
