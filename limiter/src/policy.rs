@@ -52,7 +52,7 @@ pub const UNITS: [(&str, u64); 7] = [
 ];
 
 /// How replicas share a policy's limit. On one replica both are the textbook token bucket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Every replica decides from its merged view; may overshoot while deltas are in flight.

@@ -11,8 +11,9 @@
 //! every bucket of a request is checked, and loans taken, before any is spent.
 //!
 //! A descriptor's `limit` override (set by Envoy's route configuration) is a bucket under the
-//! policy `rls:limit:<requests>/<unit>`, registered the first time a rate is seen; at most
-//! [`MAX_OVERRIDE_RATES`] of them.
+//! policy `rls:limit:<requests>/<unit>` (`:strict` appended when the rule the descriptor
+//! matches is `strict`: an override changes the number, not how replicas share it), registered
+//! the first time a rate is seen; at most [`MAX_OVERRIDE_RATES`] of them.
 
 use std::borrow::Cow;
 use std::collections::BTreeSet;
@@ -99,7 +100,7 @@ pub struct Rls {
     loaded: ArcSwap<Loaded>,
     /// Override rates registered so far (their policies), and the lock that orders
     /// registrations and reloads.
-    overrides: Mutex<BTreeSet<(u32, Unit)>>,
+    overrides: Mutex<BTreeSet<(u32, Unit, Mode)>>,
     /// Whether the warning about too many override rates was logged.
     overrides_full: AtomicBool,
     stripes: Box<[Mutex<()>]>,
@@ -211,29 +212,30 @@ impl Rls {
         m.rls_config_reload_ok.set(i64::from(ok));
     }
 
-    fn lock_overrides(&self) -> MutexGuard<'_, BTreeSet<(u32, Unit)>> {
+    fn lock_overrides(&self) -> MutexGuard<'_, BTreeSet<(u32, Unit, Mode)>> {
         self.overrides.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn register(&self, config: &RlsConfig, overrides: &BTreeSet<(u32, Unit)>) {
+    fn register(&self, config: &RlsConfig, overrides: &BTreeSet<(u32, Unit, Mode)>) {
         let mut policies = config.policies();
-        // Overrides are `shared`: one policy serves every domain's descriptors with that rate.
-        policies.extend(overrides.iter().filter_map(|&(requests, unit)| {
+        // One policy per rate and mode serves every domain's descriptors with that override.
+        policies.extend(overrides.iter().filter_map(|&(requests, unit, mode)| {
             Some(InternalPolicy {
-                name: override_policy(requests, unit),
+                name: override_policy(requests, unit, mode),
                 rate: Rate::try_new(u64::from(requests), unit.millis()).ok()?,
-                mode: Mode::Shared,
+                mode,
             })
         }));
         self.limiter.set_internal_policies(policies);
     }
 
-    /// The policy of an override rate, registered if new; `None` past [`MAX_OVERRIDE_RATES`].
-    fn override_policy(&self, requests: u32, unit: Unit) -> Option<(String, Rate)> {
+    /// The policy of an override rate in `mode`, registered if new; `None` past
+    /// [`MAX_OVERRIDE_RATES`].
+    fn override_policy(&self, requests: u32, unit: Unit, mode: Mode) -> Option<(String, Rate)> {
         let rate = Rate::try_new(u64::from(requests), unit.millis()).ok()?;
-        let name = override_policy(requests, unit);
+        let name = override_policy(requests, unit, mode);
         let mut overrides = self.lock_overrides();
-        if !overrides.contains(&(requests, unit)) {
+        if !overrides.contains(&(requests, unit, mode)) {
             if overrides.len() >= MAX_OVERRIDE_RATES {
                 if !self.overrides_full.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
@@ -245,7 +247,7 @@ impl Rls {
                 }
                 return None;
             }
-            overrides.insert((requests, unit));
+            overrides.insert((requests, unit, mode));
             self.register(&self.loaded.load().config, &overrides);
         }
         Some((name, rate))
@@ -567,10 +569,19 @@ impl Rls {
         };
         if let Some(limit) = &descriptor.limit {
             let unit = Unit::from_proto(limit.unit).ok_or(RlsError::OverrideUnit(i))?;
+            // The override replaces the number of the rule the descriptor matches, not how
+            // replicas share its bucket: a `strict` rule stays strict (shared without a rule).
+            let mode = match loaded
+                .config
+                .lookup_sharing(&request.domain, entries, |_, _| {})
+            {
+                Lookup::Rule(_, rule) => rule.mode,
+                Lookup::UnknownDomain | Lookup::NoRule => Mode::Shared,
+            };
             let policy = if limit.requests_per_unit == 0 {
                 None
             } else {
-                match self.override_policy(limit.requests_per_unit, unit) {
+                match self.override_policy(limit.requests_per_unit, unit, mode) {
                     Some((policy, rate)) => Some((Cow::Owned(policy), rate)),
                     None => return Ok((Plan::None, None)),
                 }
@@ -773,9 +784,12 @@ fn limited_status(l: &Limited<'_>, code: Code, outcome: Option<&Outcome>) -> Des
     }
 }
 
-/// The policy of a `limit` override rate.
-fn override_policy(requests: u32, unit: Unit) -> String {
-    format!("rls:limit:{requests}/{}", unit.name())
+/// The policy of a `limit` override rate in `mode`.
+fn override_policy(requests: u32, unit: Unit, mode: Mode) -> String {
+    match mode {
+        Mode::Shared => format!("rls:limit:{requests}/{}", unit.name()),
+        Mode::Strict => format!("rls:limit:{requests}/{}:strict", unit.name()),
+    }
 }
 
 /// The bucket key of a descriptor: its domain and entries, each length-prefixed so that no two

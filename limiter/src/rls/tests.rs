@@ -310,6 +310,42 @@ fn zero_requests_per_unit_refuses_without_a_bucket() {
     assert!(rls.limiter().store().is_empty(), "nothing charged");
 }
 
+/// An override's bucket is decided in the mode of the rule its descriptor matches: a route
+/// that changes a `strict` rule's number must not quietly make it `shared` (which may admit
+/// more than the limit across replicas). A descriptor that matches no rule, or a `shared` one,
+/// keeps the shared override policy. On the old code every override was `shared`.
+#[test]
+fn a_limit_override_takes_the_mode_of_the_rule_its_descriptor_matches() {
+    let (rls, _) = rls_with(
+        "
+domain: edge
+descriptors:
+  - key: paid
+    rate_limit: {unit: minute, requests_per_unit: 10, mode: strict}
+  - key: client
+    rate_limit: {unit: minute, requests_per_unit: 10}
+",
+    );
+    let overridden = |key: &str| {
+        let mut d = descriptor(&[(key, "a")]);
+        d.limit = Some(RateLimitOverride {
+            requests_per_unit: 5,
+            unit: 2,
+        });
+        d
+    };
+    for key in ["paid", "client", "unmatched"] {
+        let response = rls
+            .should_rate_limit(&request("edge", vec![overridden(key)]))
+            .unwrap();
+        assert_eq!(response.statuses[0].code, Code::Ok as i32, "{key}");
+    }
+    let policies = rls.limiter().policies();
+    let mode_of = |name: &str| policies.get(name).map(|p| p.mode);
+    assert_eq!(mode_of("rls:limit:5/minute:strict"), Some(Mode::Strict));
+    assert_eq!(mode_of("rls:limit:5/minute"), Some(Mode::Shared));
+}
+
 #[test]
 fn a_descriptors_limit_override_is_honoured_with_its_own_bucket() {
     let (rls, _) = rls();
