@@ -1032,6 +1032,13 @@ impl Replicator {
         if response.status() == StatusCode::NOT_FOUND && self.options.legacy_signatures {
             return Ok(None);
         }
+        if response.status() == StatusCode::NOT_FOUND {
+            return Err(
+                "peer has no GET /v1/hello: a replica of an earlier version? \
+                        (OPENCLAW_PEER_LEGACY_SIGNATURES=true during a rolling upgrade)"
+                    .into(),
+            );
+        }
         if !response.status().is_success() {
             return Err(format!("peer answered {} to hello", response.status()));
         }
@@ -1996,8 +2003,9 @@ impl Rejection {
 }
 
 /// The peer listener's routes: `POST /v1/sync` (merge a message), `GET /v1/state` (send the
-/// whole state, for a replica that starts empty) and `POST /v1/lend` (lend tokens of a strict
-/// sub-bucket to a replica short of them).
+/// whole state, for a replica that starts empty), `POST /v1/lend` (lend tokens of a strict
+/// sub-bucket to a replica short of them) and `GET /v1/hello` (who answers at this address,
+/// which a peer binds its requests to).
 pub fn peer_router(replicator: Arc<Replicator>) -> Router {
     Router::new()
         .route("/v1/sync", post(receive))

@@ -1404,6 +1404,83 @@ async fn body_only_signatures_are_taken_only_in_legacy_mode() {
     }
 }
 
+/// A rolling upgrade from the version before requests were bound to their recipient: that
+/// version has no `GET /v1/hello` and checks the unbound head signature. Without legacy mode a
+/// replica sends it nothing (and says why); with it, it sends unbound messages with the head
+/// signature that version checks, which it takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_legacy_mode_a_replica_replicates_to_a_peer_of_the_previous_version() {
+    use axum::routing::post;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // The previous version's receiver, as far as authentication goes: the head signature over
+    // timestamp, path, length and body signature, then the body's signature.
+    let taken = Arc::new(AtomicUsize::new(0));
+    let counted = taken.clone();
+    let old_peer = axum::Router::new().route(
+        "/v1/sync",
+        post(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let counted = counted.clone();
+                async move {
+                    let header = |name: &str| {
+                        headers
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned()
+                    };
+                    let timestamp = header("x-openclaw-timestamp");
+                    let signature = sign_bytes(&timestamp, &body);
+                    let head = head_signature(&timestamp, "/v1/sync", body.len(), &signature);
+                    if header("x-openclaw-signature") == signature
+                        && header("x-openclaw-head-signature") == head
+                    {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        (axum::http::StatusCode::OK, "{}")
+                    } else {
+                        (axum::http::StatusCode::UNAUTHORIZED, "bad signature")
+                    }
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let old_address = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, old_peer).await.unwrap() });
+    for legacy in [false, true] {
+        let sender = Replica::start_with("new", 1, |options| {
+            options.legacy_signatures = legacy;
+        })
+        .await;
+        sender.peers.send(vec![old_address]).unwrap();
+        let status = || {
+            sender
+                .replicator
+                .peer_statuses()
+                .into_iter()
+                .find(|p| p.address == old_address.to_string())
+                .unwrap()
+        };
+        if legacy {
+            eventually("a message the old peer takes", || {
+                taken.load(Ordering::SeqCst) > 0 && status().messages_sent > 0
+            })
+            .await;
+        } else {
+            eventually("the reason nothing is sent", || {
+                status()
+                    .last_error
+                    .is_some_and(|e| e.contains("OPENCLAW_PEER_LEGACY_SIGNATURES"))
+            })
+            .await;
+            assert_eq!(status().messages_sent, 0);
+            assert_eq!(taken.load(Ordering::SeqCst), 0);
+        }
+        sender.shutdown().await;
+    }
+    server.abort();
+}
+
 /// Envoy's rate limit service over each replica, with the rules `rules`: one `Rls` per replica,
 /// as `main.rs` builds it.
 fn rls_over(replicas: &[Replica], rules: &str) -> Vec<Arc<Rls>> {
