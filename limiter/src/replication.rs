@@ -34,8 +34,12 @@
 //! handshake does) but still binds answers to requests and refuses replays.
 //!
 //! The wire format is JSON with positional arrays (`[policy, key, epoch, rebaser, [[replica,
-//! incarnation, consumed, absorbed], ...]]`): about 80 bytes per changed bucket with one
-//! component (measured in `docs/accuracy.md`), and readable with curl when debugging a cluster.
+//! incarnation, consumed, absorbed], ...]]`), readable with curl when debugging a cluster. In
+//! version 2 (whole-state pages, and deltas to peers that do not announce more) replica ids and
+//! stamps are written whole: about 100 bytes per changed bucket. Deltas to a peer whose
+//! `GET /v1/hello` announces [`COMPACT_VERSION`] refer to replicas by index into the message's
+//! table and give stamps as offsets from its `sent_at`: about half that
+//! (`scripts/bench-replication.py`: 95 bytes per decision to two peers, from 202).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -63,9 +67,17 @@ use crate::policy::{Mode, Policy};
 use crate::service::Limiter;
 use crate::store::{MergeBounds, MergeRefused, PolicyId};
 
-/// Version of the peer protocol this build sends. Version 2 can leave a component unlisted by
-/// its bucket's claim (`absorbed` = `u64::MAX`); version 1 messages are still read (module docs).
+/// Version of the peer protocol this build sends when it does not know the peer reads
+/// [`COMPACT_VERSION`], and in every whole-state page. Version 2 can leave a component unlisted
+/// by its bucket's claim (`absorbed` = `u64::MAX`); version 1 messages are still read (module
+/// docs).
 pub const PROTOCOL_VERSION: u32 = 2;
+/// Version 3, the compact entry, sent as deltas to peers whose `GET /v1/hello` says they read
+/// it: replica ids are indexes into the message's `replicas`, stamps are signed offsets from
+/// its `sent_at`, and an unlisted component's `absorbed` is `null`. About half the bytes of a
+/// version-2 entry (two 20-digit ids and two 16-digit stamps become a few digits each), which
+/// is most of what replication costs a replica under load (docs/benchmarks.md, section 10).
+pub const COMPACT_VERSION: u32 = 3;
 /// The earlier version still read: written before claims could leave a component unlisted. A
 /// component it sends with nothing absorbed and an incarnation before its claim was one the
 /// claimant did not know, and is read as unlisted (as snapshots of format 2 are).
@@ -186,12 +198,74 @@ struct SyncMessage {
     /// Escrow control state (`strict` mode), when the sender has a strict policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     escrow: Option<Control>,
+    /// Version 3: the replica ids its entries refer to by index.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    replicas: Vec<u64>,
 }
 
-/// `[policy index, key, epoch, rebaser, [[replica, incarnation, consumed, absorbed], ...]]`;
-/// `absorbed` is `u64::MAX` for a component the claim does not list.
+/// `[policy index, key, epoch, rebaser, [[replica, incarnation, consumed, absorbed], ...]]`.
+/// Versions 1 and 2: replica ids and stamps as they are, `absorbed` `u64::MAX` for a component
+/// the claim does not list. Version 3 ([`COMPACT_VERSION`]): replica ids as indexes into the
+/// message's `replicas`, stamps as offsets from its `sent_at`, `absorbed` `null` when unlisted.
 #[derive(Debug, Serialize, Deserialize)]
-struct WireEntry(u32, String, Micros, u64, Vec<(u64, Micros, u64, u64)>);
+struct WireEntry(u32, String, i128, u64, Vec<WireComponent>);
+
+/// `[replica, incarnation, consumed, absorbed]` of a [`WireEntry`].
+type WireComponent = (u64, i128, u64, Option<u64>);
+
+/// What [`WireEntry`] and [`WireComponent`] say, in any version, as the CRDT's values; `None`
+/// for an entry no honest encoder writes (an index out of the table, a stamp out of range, a
+/// `null` before version 3). Checked for every entry before anything merges.
+struct EntryReader<'a> {
+    compact: bool,
+    sent_at: Micros,
+    replicas: &'a [u64],
+}
+
+impl EntryReader<'_> {
+    fn stamp(&self, raw: i128) -> Option<Micros> {
+        let at = if self.compact {
+            i128::from(self.sent_at).checked_add(raw)?
+        } else {
+            raw
+        };
+        Micros::try_from(at).ok()
+    }
+
+    fn replica(&self, raw: u64) -> Option<u64> {
+        if self.compact {
+            self.replicas.get(usize::try_from(raw).ok()?).copied()
+        } else {
+            Some(raw)
+        }
+    }
+
+    fn absorbed(&self, raw: Option<u64>) -> Option<u64> {
+        match raw {
+            Some(absorbed) => Some(absorbed),
+            None if self.compact => Some(UNLISTED),
+            None => None,
+        }
+    }
+
+    /// The entry's epoch, rebaser and components.
+    #[allow(clippy::type_complexity)]
+    fn read(&self, entry: &WireEntry) -> Option<(Micros, u64, Vec<(u64, Micros, u64, u64)>)> {
+        let WireEntry(_, _, epoch, rebaser, components) = entry;
+        let components = components
+            .iter()
+            .map(|&(replica, incarnation, consumed, absorbed)| {
+                Some((
+                    self.replica(replica)?,
+                    self.stamp(incarnation)?,
+                    consumed,
+                    self.absorbed(absorbed)?,
+                ))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some((self.stamp(*epoch)?, self.replica(*rebaser)?, components))
+    }
+}
 
 /// What merging one message did.
 #[derive(Debug, Clone, Copy)]
@@ -259,6 +333,9 @@ struct LendRequest {
 struct Hello {
     node: String,
     replica: u64,
+    /// The newest protocol version it reads.
+    #[serde(default)]
+    v: u32,
     /// The signature of the request answered.
     re: String,
 }
@@ -326,6 +403,9 @@ pub struct PeerStatus {
     /// Anti-entropy rounds since it was last sent the whole state.
     #[serde(skip)]
     rounds_since_whole: u32,
+    /// Its `GET /v1/hello` said it reads [`COMPACT_VERSION`]: deltas go to it compact.
+    #[serde(skip)]
+    reads_compact: bool,
 }
 
 /// Replication state shared by the peer listener and the sender loop.
@@ -1052,6 +1132,7 @@ impl Replicator {
         self.with_peer(&address.to_string(), |peer| {
             peer.node = Some(hello.node);
             peer.replica = Some(hello.replica);
+            peer.reads_compact = hello.v >= COMPACT_VERSION;
         });
         Ok(Some(hello.replica))
     }
@@ -1085,6 +1166,7 @@ impl Replicator {
         self.with_peer(address, |peer| {
             peer.replica = None;
             peer.in_sync = false;
+            peer.reads_compact = false;
         });
     }
 
@@ -1259,10 +1341,10 @@ impl Replicator {
         self.options.unverified_budget - self.unverified.available_permits()
     }
 
-    /// Encode buckets as one or more messages, each under the size bound.
-    fn encode(&self, full: bool, buckets: Vec<(PolicyId, String, BucketState)>) -> Vec<Vec<u8>> {
+    /// Encode buckets as one or more messages, each under the size bound, in version 2.
+    fn encode(&self, full: bool, buckets: &[(PolicyId, String, BucketState)]) -> Vec<Vec<u8>> {
         let chunk = if full { FULL_SYNC_CHUNK } else { usize::MAX };
-        self.encode_chunked(full, buckets, chunk)
+        self.encode_chunked(full, buckets, chunk, false)
     }
 
     /// One page of the whole state (`GET /v1/state?from=`, anti-entropy): the buckets of the
@@ -1277,22 +1359,47 @@ impl Replicator {
                     buckets.push((policy, key.to_owned(), state.clone()));
                 });
         let entries = buckets.len();
-        let mut messages = self.encode_chunked(true, buckets, usize::MAX);
+        let mut messages = self.encode_chunked(true, &buckets, usize::MAX, false);
         (messages.pop().expect("one message per page"), next, entries)
     }
 
+    /// Messages of at most `chunk` buckets each, in version 2, or in [`COMPACT_VERSION`] when
+    /// `compact`.
     fn encode_chunked(
         &self,
         full: bool,
-        buckets: Vec<(PolicyId, String, BucketState)>,
+        buckets: &[(PolicyId, String, BucketState)],
         chunk: usize,
+        compact: bool,
     ) -> Vec<Vec<u8>> {
         let policies = self.limiter.policies();
+        let sent_at = self.limiter.now();
         let mut names: Vec<String> = Vec::new();
         let mut index_of = BTreeMap::new();
+        let mut replicas: Vec<u64> = Vec::new();
+        let mut replica_index: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut replica = |id: u64| -> u64 {
+            if !compact {
+                return id;
+            }
+            *replica_index.entry(id).or_insert_with(|| {
+                replicas.push(id);
+                replicas.len() as u64 - 1
+            })
+        };
+        let stamp = |at: Micros| -> i128 {
+            if compact {
+                i128::from(at) - i128::from(sent_at)
+            } else {
+                i128::from(at)
+            }
+        };
+        let absorbed = |absorbed: u64| -> Option<u64> {
+            (!compact || absorbed != UNLISTED).then_some(absorbed)
+        };
         let mut entries = Vec::with_capacity(buckets.len());
         for (policy, key, state) in buckets {
-            let Some(policy) = policies.by_id(policy) else {
+            let Some(policy) = policies.by_id(*policy) else {
                 continue;
             };
             let index = *index_of.entry(policy.id).or_insert_with(|| {
@@ -1302,13 +1409,20 @@ impl Replicator {
             let components = state
                 .components()
                 .iter()
-                .map(|c| (c.replica.0, c.incarnation, c.consumed, c.absorbed))
+                .map(|c| {
+                    (
+                        replica(c.replica.0),
+                        stamp(c.incarnation),
+                        c.consumed,
+                        absorbed(c.absorbed),
+                    )
+                })
                 .collect();
             entries.push(WireEntry(
                 index,
-                key,
-                state.epoch(),
-                state.rebaser().0,
+                key.clone(),
+                stamp(state.epoch()),
+                replica(state.rebaser().0),
                 components,
             ));
         }
@@ -1320,14 +1434,20 @@ impl Replicator {
         loop {
             let batch: Vec<WireEntry> = entries.by_ref().take(chunk).collect();
             let message = SyncMessage {
-                v: PROTOCOL_VERSION,
+                v: if compact {
+                    COMPACT_VERSION
+                } else {
+                    PROTOCOL_VERSION
+                },
                 node: self.limiter.node_id().to_owned(),
                 replica: self.limiter.store().replica().0,
-                sent_at: self.limiter.now(),
+                sent_at,
                 full,
                 policies: names.clone(),
                 entries: batch,
                 escrow: escrow.clone(),
+                // The whole table in every chunk: chunks are read on their own.
+                replicas: replicas.clone(),
             };
             messages
                 .push(serde_json::to_vec(&message).expect("serializing plain data cannot fail"));
@@ -1406,7 +1526,10 @@ impl Replicator {
     }
 
     fn apply(&self, message: SyncMessage) -> Result<Applied, Rejection> {
-        if message.v != PROTOCOL_VERSION && message.v != PROTOCOL_VERSION_1 {
+        if !matches!(
+            message.v,
+            PROTOCOL_VERSION_1 | PROTOCOL_VERSION | COMPACT_VERSION
+        ) {
             return Err(Rejection::Incompatible(message.v));
         }
         if message.replica == self.limiter.store().replica().0 {
@@ -1431,7 +1554,13 @@ impl Replicator {
                 .validate()
                 .map_err(|e| Rejection::Malformed(format!("escrow: {e}")))?;
         }
-        for WireEntry(policy_index, key, ..) in &message.entries {
+        let reader = EntryReader {
+            compact: message.v == COMPACT_VERSION,
+            sent_at: message.sent_at,
+            replicas: &message.replicas,
+        };
+        for entry in &message.entries {
+            let WireEntry(policy_index, key, ..) = entry;
             if *policy_index as usize >= message.policies.len() {
                 return Err(Rejection::Malformed(format!(
                     "policy index {policy_index} out of range"
@@ -1439,6 +1568,11 @@ impl Replicator {
             }
             if key.is_empty() || key.len() > crate::http::MAX_KEY_BYTES {
                 return Err(Rejection::Malformed("key length out of range".into()));
+            }
+            if reader.read(entry).is_none() {
+                return Err(Rejection::Malformed(format!(
+                    "entry for key {key:?}: a replica index, stamp or absorbed value out of range"
+                )));
             }
         }
         // The clock, once the message is known to be well formed: a peer ahead within the guard
@@ -1482,7 +1616,10 @@ impl Replicator {
             max_components: MAX_COMPONENTS_PER_BUCKET,
             max_buckets: self.options.max_buckets,
         };
-        for WireEntry(policy_index, key, epoch, rebaser, components) in message.entries {
+        for entry in &message.entries {
+            let WireEntry(policy_index, key, ..) = entry;
+            let policy_index = *policy_index;
+            let (epoch, rebaser, components) = reader.read(entry).expect("validated above");
             // A stamp beyond the guard would hold the bucket below its level (or win every
             // merge) for as long as it is ahead: refused, the rest of the message merged.
             if epoch > latest {
@@ -1508,7 +1645,7 @@ impl Replicator {
                 implausible[1].1 += 1;
                 continue;
             }
-            let rate = policy.rate_for(&key);
+            let rate = policy.rate_for(key);
             let state = BucketState::from_parts(
                 epoch,
                 ReplicaId(rebaser),
@@ -1532,7 +1669,7 @@ impl Replicator {
             match self
                 .limiter
                 .store()
-                .merge_bounded(policy.id, &key, &state, rate, now, bounds)
+                .merge_bounded(policy.id, key, &state, rate, now, bounds)
             {
                 Ok(true) => changed += 1,
                 Ok(false) => {}
@@ -1723,18 +1860,16 @@ impl Replicator {
         }
     }
 
-    /// Send `messages` to every peer concurrently; returns the replicas that took all of them
-    /// (and how many peers did).
+    /// Send each peer its messages, all peers concurrently; returns the replicas that took all
+    /// of theirs (and how many peers did).
     async fn broadcast(
         self: &Arc<Self>,
-        peers: &[SocketAddr],
-        messages: Vec<Vec<u8>>,
+        to: Vec<(SocketAddr, Arc<Vec<Vec<u8>>>)>,
         entries: usize,
     ) -> (BTreeSet<u64>, usize) {
-        let messages = Arc::new(messages);
         let mut sends = tokio::task::JoinSet::new();
-        for &peer in peers {
-            let (replicator, messages) = (self.clone(), messages.clone());
+        for (peer, messages) in to {
+            let replicator = self.clone();
             sends.spawn(async move {
                 let mut replica = None;
                 for message in messages.iter() {
@@ -1791,8 +1926,31 @@ impl Replicator {
             return;
         }
         let entries = buckets.len();
-        let messages = self.encode(false, buckets);
-        let (answered, _) = self.broadcast(peers, messages, entries).await;
+        // Compact deltas to the peers that said they read them, version 2 to the others: one
+        // encoding of each, and only of what some peer needs.
+        let compact: Vec<bool> = peers
+            .iter()
+            .map(|peer| self.with_peer(&peer.to_string(), |status| status.reads_compact))
+            .collect();
+        let encoded = |wanted: bool| {
+            compact
+                .contains(&wanted)
+                .then(|| Arc::new(self.encode_chunked(false, &buckets, usize::MAX, wanted)))
+        };
+        let (compact_messages, plain_messages) = (encoded(true), encoded(false));
+        let to = peers
+            .iter()
+            .zip(compact)
+            .map(|(&peer, compact)| {
+                let messages = if compact {
+                    &compact_messages
+                } else {
+                    &plain_messages
+                };
+                (peer, messages.clone().expect("encoded for this peer"))
+            })
+            .collect();
+        let (answered, _) = self.broadcast(to, entries).await;
         if strict {
             // Follow what the answers brought before counting them toward the lease.
             self.escrow_tick();
@@ -1818,8 +1976,9 @@ impl Replicator {
                 })
             });
         if !in_sync.is_empty() {
-            let heartbeat = self.encode(false, Vec::new());
-            self.broadcast(&in_sync, heartbeat, 0).await;
+            let heartbeat = Arc::new(self.encode(false, &[]));
+            let to = in_sync.iter().map(|&p| (p, heartbeat.clone())).collect();
+            self.broadcast(to, 0).await;
         }
         if whole.is_empty() {
             return;
@@ -1827,7 +1986,9 @@ impl Replicator {
         let mut from = 0;
         loop {
             let (message, next, entries) = self.state_page(from);
-            self.broadcast(&whole, vec![message], entries).await;
+            let page = Arc::new(vec![message]);
+            let to = whole.iter().map(|&p| (p, page.clone())).collect();
+            self.broadcast(to, entries).await;
             match next {
                 Some(next) => from = next,
                 None => return,
@@ -2023,6 +2184,7 @@ async fn hello(State(replicator): State<Arc<Replicator>>, headers: HeaderMap) ->
             serde_json::to_vec(&Hello {
                 node: replicator.limiter.node_id().to_owned(),
                 replica: replicator.limiter.store().replica().0,
+                v: COMPACT_VERSION,
                 re,
             })
             .expect("serializing plain data cannot fail"),
@@ -2167,7 +2329,7 @@ async fn send_state(
         return refuse(&replicator, rejection);
     }
     let buckets = replicator.all_buckets();
-    let messages = replicator.encode(true, buckets);
+    let messages = replicator.encode(true, &buckets);
     // A JSON array of messages, signed as one body.
     let mut body =
         Vec::with_capacity(messages.iter().map(Vec::len).sum::<usize>() + messages.len() + 2);
