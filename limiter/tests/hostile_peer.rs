@@ -147,10 +147,74 @@ fn message(now: Micros) -> impl Strategy<Value = Vec<u8>> {
         })
 }
 
+/// A stamp of a compact (version 3) entry: an offset from the message's `sent_at`.
+fn compact_stamp() -> impl Strategy<Value = i64> {
+    prop_oneof![
+        Just(0i64),
+        Just(i64::MIN),
+        Just(i64::MAX),
+        -10_000_000..2_000_000i64,
+        any::<i64>(),
+    ]
+}
+
+/// A compact entry: replicas by index into the message's table (in range or not), stamps as
+/// offsets, `absorbed` a number or `null` (unlisted).
+fn compact_entry() -> impl Strategy<Value = Value> {
+    let index = || prop_oneof![4 => 0..3u64, 1 => any::<u64>()];
+    let component = move || {
+        (
+            index(),
+            compact_stamp(),
+            prop_oneof![0..1000u64, any::<u64>()],
+            prop_oneof![
+                Just(None),
+                (0..1000u64).prop_map(Some),
+                any::<u64>().prop_map(Some)
+            ],
+        )
+            .prop_map(|(replica, incarnation, consumed, absorbed)| {
+                json!([replica, incarnation, consumed, absorbed])
+            })
+    };
+    (
+        prop_oneof![Just(0u32), 0..3u32, any::<u32>()],
+        prop_oneof!["[a-c]{1,2}", Just(String::new())],
+        compact_stamp(),
+        index(),
+        prop_oneof![
+            8 => prop::collection::vec(component(), 0..4),
+            1 => prop::collection::vec(component(), 60..80),
+        ],
+    )
+        .prop_map(|(policy, key, epoch, rebaser, components)| {
+            json!([policy, key, epoch, rebaser, components])
+        })
+}
+
+/// A compact (version 3) message, its replica table made of hostile ids.
+fn compact_message(now: Micros) -> impl Strategy<Value = Vec<u8>> {
+    (
+        prop_oneof!["peer-[a-c]", Just(String::new())],
+        hostile_u64(now),
+        prop_oneof![Just(now), hostile_u64(now)],
+        prop::collection::vec(hostile_u64(now), 0..4),
+        prop::collection::vec(prop_oneof![Just("default".to_owned()), ".{0,10}"], 0..3),
+        prop::collection::vec(compact_entry(), 0..6),
+    )
+        .prop_map(|(node, replica, sent_at, replicas, policies, entries)| {
+            serde_json::to_vec(&json!({
+                "v": 3, "node": node, "replica": replica, "sent_at": sent_at, "full": false,
+                "policies": policies, "replicas": replicas, "entries": entries,
+            }))
+            .unwrap()
+        })
+}
+
 /// A valid message, or one with a few of its bytes changed.
 fn mutated(now: Micros) -> impl Strategy<Value = Vec<u8>> {
     (
-        message(now),
+        prop_oneof![message(now), compact_message(now)],
         prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
     )
         .prop_map(|(mut bytes, flips)| {
@@ -168,6 +232,7 @@ fn body(now: Micros) -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         1 => prop::collection::vec(any::<u8>(), 0..512),
         4 => message(now),
+        3 => compact_message(now),
         2 => mutated(now),
     ]
 }
