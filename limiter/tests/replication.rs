@@ -164,28 +164,27 @@ async fn cluster(n: usize) -> Vec<Replica> {
     replicas
 }
 
-/// The HMAC the peer protocol signs `timestamp\nbody` with, in hex.
-fn sign_bytes(timestamp: &str, body: &[u8]) -> String {
+/// HMAC-SHA256 of `signed` under the test secret, in hex, as the peer protocol writes it.
+fn hmac_hex(signed: &[u8]) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET);
-    let mut signed = format!("{timestamp}\n").into_bytes();
-    signed.extend_from_slice(body);
-    ring::hmac::sign(&key, &signed)
+    ring::hmac::sign(&key, signed)
         .as_ref()
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
 }
 
+/// The HMAC the peer protocol signs `timestamp\nbody` with, in hex.
+fn sign_bytes(timestamp: &str, body: &[u8]) -> String {
+    let mut signed = format!("{timestamp}\n").into_bytes();
+    signed.extend_from_slice(body);
+    hmac_hex(&signed)
+}
+
 /// The head signature a request to `path` carries: over its timestamp, path, body length and
 /// body signature (hex, as sent), so the replica can authenticate it before reading the body.
 fn head_signature(timestamp: &str, path: &str, length: usize, body_signature: &str) -> String {
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET);
-    let head = format!("head\n{timestamp}\n{path}\n{length}\n{body_signature}");
-    ring::hmac::sign(&key, head.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hmac_hex(format!("head\n{timestamp}\n{path}\n{length}\n{body_signature}").as_bytes())
 }
 
 /// The recipient-bound head signature: the head signature's fields and the replica id the
@@ -197,13 +196,9 @@ fn bound_signature(
     body_signature: &str,
     recipient: u64,
 ) -> String {
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET);
-    let head = format!("bound\n{timestamp}\n{path}\n{length}\n{body_signature}\n{recipient}");
-    ring::hmac::sign(&key, head.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hmac_hex(
+        format!("bound\n{timestamp}\n{path}\n{length}\n{body_signature}\n{recipient}").as_bytes(),
+    )
 }
 
 /// A request to `path` on `address` for replica `recipient`, as a peer holding the secret
