@@ -18,8 +18,9 @@
 //!   full if it started after the epoch, and not at all if it started before (the claimant did
 //!   not know it: it had not heard of it yet, or had forgotten the bucket);
 //! * one bound per incarnation `s`, `C + r·(t − s) − Σ consumed of the components started at or
-//!   after s`: true of any token bucket whatever happened before `s`, since those tokens were all
-//!   spent after `s`;
+//!   after s` (and, when `s` is at or before the claim's epoch, `− Σ outstanding of the listed
+//!   components started before s`, spent after the epoch): true of any token bucket whatever
+//!   happened before `s`, since those tokens were all spent after `s`;
 //! * and the capacity.
 //!
 //! Every incarnation bound is at least the textbook level of the consumption the state knows, so
@@ -230,12 +231,25 @@ impl BucketState {
             return level.min(bound);
         }
         for c in &self.components {
-            let since: i128 = self
+            let mut since: i128 = self
                 .components
                 .iter()
                 .filter(|d| d.incarnation >= c.incarnation)
                 .map(|d| i128::from(d.consumed))
                 .sum();
+            // An incarnation at or before the claim also sees the tokens the claim lists as
+            // spent after it (its epoch) in components started earlier: they too were spent
+            // after `s`. Without them, a component the claim does not list (its owner spent
+            // on the bucket while the claimant had not heard of it) was bounded as if nothing
+            // else had been spent since its incarnation, and its tokens were forgiven.
+            if c.incarnation <= self.epoch {
+                since += self
+                    .components
+                    .iter()
+                    .filter(|d| d.incarnation < c.incarnation && d.is_listed())
+                    .map(|d| i128::from(d.consumed - d.absorbed))
+                    .sum::<i128>();
+            }
             let bound = full + rate.refill_scaled(now - i128::from(c.incarnation)) - since * unit;
             level = level.min(bound);
         }
@@ -442,6 +456,51 @@ mod tests {
                 .try_consume_at(rate(), A, &mut 0, 1, 10_000_000)
                 .allowed
         );
+    }
+
+    /// The differential test's seed 4988498738651359059 (two replicas, a 5-token bucket refilled
+    /// in 200 ms, requests of 5 at 115 % of the limit), cut to its merge: B saw the bucket full
+    /// at 0 and spent 5 in a new component; A, not having heard of it, saw it full 1.128 ms
+    /// later, spent 5, and its claim (the later one) wins the merge without listing B's
+    /// component. 226 ms after A's epoch the textbook bucket holds 5 − 10 + 5.65 = 0.65 tokens.
+    /// On the old code every bound said full: B's incarnation bound counted only B's tokens and
+    /// the claim none of them, so B's 5 were forgiven and the cluster admitted a request beyond
+    /// its bound.
+    #[test]
+    fn tokens_a_claim_did_not_list_are_not_forgiven_by_its_epoch() {
+        let rate = Rate::try_new(5, 200).unwrap();
+        let b_saw_full = 10_000_000;
+        let epoch = b_saw_full + 1_128;
+        let merged = BucketState::from_parts(
+            epoch,
+            A,
+            [
+                // A's component, a second old: 10 spent before its claim (absorbed), 5 after.
+                Component {
+                    replica: A,
+                    incarnation: b_saw_full - 1_000_000,
+                    consumed: 15,
+                    absorbed: 10,
+                },
+                // B's, started when it saw the bucket full, unknown to A's claim.
+                Component {
+                    replica: B,
+                    incarnation: b_saw_full,
+                    consumed: 5,
+                    absorbed: UNLISTED,
+                },
+            ],
+        );
+        let at = epoch + 226_000;
+        let level = merged.level_scaled_at(rate, at);
+        assert!(!merged.is_full_at(rate, at));
+        assert!(
+            level < rate.tokens_scaled(1),
+            "level {} tokens, textbook 0.65",
+            level as f64 / rate.tokens_scaled(1) as f64
+        );
+        // Never below the textbook level either: 0.65 tokens.
+        assert!(level * 100 >= rate.tokens_scaled(1) * 64);
     }
 
     #[test]
