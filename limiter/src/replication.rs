@@ -1066,15 +1066,10 @@ impl Replicator {
             .ok_or(Rejection::Unauthenticated(
                 "malformed recipient-bound signature",
             ))?;
-        let recipient: u64 = headers
-            .get(RECIPIENT_HEADER)
-            .and_then(|v| v.to_str().ok())
+        let recipient: u64 = header(headers, RECIPIENT_HEADER)
             .and_then(|v| v.parse().ok())
             .ok_or(Rejection::Unauthenticated("missing or malformed recipient"))?;
-        let body_signature = headers
-            .get(SIGNATURE_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
+        let body_signature = header(headers, SIGNATURE_HEADER).unwrap_or_default();
         self.check_signature(
             format!("bound\n{timestamp}\n{path}\n{length}\n{body_signature}\n{recipient}")
                 .as_bytes(),
@@ -1187,14 +1182,10 @@ impl Replicator {
     /// The signature headers of a peer message: its timestamp (checked fresh) and signature.
     /// Checked before a byte of a request's body is read.
     fn signature_headers(&self, headers: &HeaderMap) -> Result<(Micros, Vec<u8>), Rejection> {
-        let timestamp: Micros = headers
-            .get(TIMESTAMP_HEADER)
-            .and_then(|v| v.to_str().ok())
+        let timestamp: Micros = header(headers, TIMESTAMP_HEADER)
             .and_then(|v| v.parse().ok())
             .ok_or(Rejection::Unauthenticated("missing or malformed timestamp"))?;
-        let signature = headers
-            .get(SIGNATURE_HEADER)
-            .and_then(|v| v.to_str().ok())
+        let signature = header(headers, SIGNATURE_HEADER)
             .and_then(unhex)
             .ok_or(Rejection::Unauthenticated("missing or malformed signature"))?;
         if self.limiter.now().abs_diff(timestamp) > MAX_CLOCK_SKEW_US {
@@ -1237,10 +1228,8 @@ impl Replicator {
     ) -> Result<SignedBody, Rejection> {
         use futures_util::StreamExt;
         let (timestamp, signature) = self.signature_headers(headers)?;
-        let announced = headers
-            .get(axum::http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let announced =
+            header(headers, axum::http::header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
         if announced.is_some_and(|length| length > limit as u64) {
             return Err(Rejection::TooLarge);
         }
@@ -1264,10 +1253,7 @@ impl Replicator {
             let length = announced.ok_or(Rejection::Unauthenticated(
                 "a signed head needs a content-length",
             ))?;
-            let body_signature = headers
-                .get(SIGNATURE_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
+            let body_signature = header(headers, SIGNATURE_HEADER).unwrap_or_default();
             self.check_signature(
                 format!("head\n{timestamp}\n{path}\n{length}\n{body_signature}").as_bytes(),
                 &head,
@@ -2255,10 +2241,7 @@ async fn receive(
                 complete: applied.complete,
                 replica: Some(replicator.limiter.store().replica().0),
                 escrow: replicator.escrow_control(),
-                re: headers
-                    .get(SIGNATURE_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned),
+                re: header(&headers, SIGNATURE_HEADER).map(str::to_owned),
             };
             replicator.signed_response(
                 serde_json::to_vec(&answer).expect("serializing plain data cannot fail"),
@@ -2448,6 +2431,11 @@ fn loan_nonce() -> u64 {
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
         .expect("the system random source works");
     u64::from_le_bytes(bytes)
+}
+
+/// A request header's value, when it is present and text.
+fn header(headers: &HeaderMap, name: impl axum::http::header::AsHeaderName) -> Option<&str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
 }
 
 fn hex(bytes: &[u8]) -> String {

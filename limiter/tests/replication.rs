@@ -15,7 +15,9 @@ use openclaw_limiter::clock::WallClock;
 use openclaw_limiter::crdt::{BucketState, ReplicaId};
 use openclaw_limiter::escrow::protocol::Params;
 use openclaw_limiter::listener::{Counters, LimitedListener, Limits};
-use openclaw_limiter::replication::{self, ReplicationOptions, Replicator, peer_router};
+use openclaw_limiter::replication::{
+    self, PeerStatus, ReplicationOptions, Replicator, peer_router,
+};
 use openclaw_limiter::rls::service::bucket_key;
 use openclaw_limiter::rls::{Rls, RlsConfig};
 use openclaw_limiter::service::{Limiter, LimiterOptions};
@@ -965,19 +967,10 @@ async fn answers_that_are_not_signed_for_the_request_are_not_trusted() {
     let sender = Replica::start("sender", 1).await;
     sender.peers.send(vec![fake_address]).unwrap();
     eventually("a message delivered to the impostor", || {
-        sender
-            .replicator
-            .peer_statuses()
-            .iter()
-            .any(|p| p.address == fake_address.to_string() && p.messages_sent > 0)
+        messages_sent(&sender, fake_address) > 0
     })
     .await;
-    let status = sender
-        .replicator
-        .peer_statuses()
-        .into_iter()
-        .find(|p| p.address == fake_address.to_string())
-        .unwrap();
+    let status = peer_status(&sender, fake_address);
     assert_eq!(
         status.replica,
         Some(2),
@@ -1090,13 +1083,7 @@ async fn a_peer_restarted_at_its_address_is_asked_who_it_is() {
         second.remaining("b") == 90
     })
     .await;
-    let status = sender
-        .replicator
-        .peer_statuses()
-        .into_iter()
-        .find(|p| p.address == address.to_string())
-        .unwrap();
-    assert_eq!(status.replica, Some(3));
+    assert_eq!(peer_status(&sender, address).replica, Some(3));
     sender.shutdown().await;
     second.shutdown().await;
 }
@@ -1109,13 +1096,18 @@ fn metric(limiter: &Limiter, line: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {line} in\n{text}"))
 }
 
-fn messages_sent(replica: &Replica, to: SocketAddr) -> u64 {
+/// What `replica` knows of the peer at `address` (a default status before its loop lists it).
+fn peer_status(replica: &Replica, address: SocketAddr) -> PeerStatus {
     replica
         .replicator
         .peer_statuses()
         .into_iter()
-        .find(|p| p.address == to.to_string())
-        .map_or(0, |p| p.messages_sent)
+        .find(|p| p.address == address.to_string())
+        .unwrap_or_default()
+}
+
+fn messages_sent(replica: &Replica, to: SocketAddr) -> u64 {
+    peer_status(replica, to).messages_sent
 }
 
 /// Anti-entropy repairs what deltas missed; a peer that took every delta whole since the last
@@ -1171,10 +1163,8 @@ async fn a_peer_that_missed_deltas_gets_the_whole_state() {
     first.shutdown().await;
     a.limiter.decide("default", "while-down", 7).unwrap();
     eventually("a delta to fail", || {
-        a.replicator
-            .peer_statuses()
-            .iter()
-            .any(|p| p.address == address.to_string() && !p.up)
+        let status = peer_status(&a, address);
+        status.messages_sent > 0 && !status.up
     })
     .await;
     let second = Replica::start_at(&address.to_string(), "b", 3, |_| {}).await;
@@ -1448,15 +1438,7 @@ async fn in_legacy_mode_a_replica_replicates_to_a_peer_of_the_previous_version()
         })
         .await;
         sender.peers.send(vec![old_address]).unwrap();
-        // Listed once the sender's loop has taken the peer set.
-        let status = || {
-            sender
-                .replicator
-                .peer_statuses()
-                .into_iter()
-                .find(|p| p.address == old_address.to_string())
-                .unwrap_or_default()
-        };
+        let status = || peer_status(&sender, old_address);
         if legacy {
             eventually("a message the old peer takes", || {
                 taken.load(Ordering::SeqCst) > 0 && status().messages_sent > 0
