@@ -1027,24 +1027,52 @@ impl Replicator {
     ) -> (Vec<(&'static str, String)>, String) {
         let timestamp = self.limiter.now();
         let signature = self.sign(timestamp, signed);
+        let headers = self.signed_headers(path, timestamp, &signature, length, recipient);
+        (headers, signature)
+    }
+
+    /// [`Replicator::auth_headers`] of a body signed already (at `timestamp`, `signature`).
+    fn signed_headers(
+        &self,
+        path: &str,
+        timestamp: Micros,
+        signature: &str,
+        length: usize,
+        recipient: Option<u64>,
+    ) -> Vec<(&'static str, String)> {
         let mut headers = vec![
             (TIMESTAMP_HEADER, timestamp.to_string()),
-            (SIGNATURE_HEADER, signature.clone()),
+            (SIGNATURE_HEADER, signature.to_owned()),
         ];
         if let Some(recipient) = recipient {
             headers.push((RECIPIENT_HEADER, recipient.to_string()));
             headers.push((
                 BOUND_SIGNATURE_HEADER,
-                self.sign_bound(timestamp, path, length, &signature, recipient),
+                self.sign_bound(timestamp, path, length, signature, recipient),
             ));
         }
         if self.options.legacy_signatures && length > 0 {
             headers.push((
                 HEAD_SIGNATURE_HEADER,
-                self.sign_head(timestamp, path, length, &signature),
+                self.sign_head(timestamp, path, length, signature),
             ));
         }
-        (headers, signature)
+        headers
+    }
+
+    /// `messages`, each signed once for every peer it goes to.
+    fn outgoing(&self, messages: Vec<Vec<u8>>) -> Arc<Vec<Outgoing>> {
+        let timestamp = self.limiter.now();
+        Arc::new(
+            messages
+                .into_iter()
+                .map(|body| Outgoing {
+                    signature: self.sign(timestamp, &body),
+                    timestamp,
+                    body: Bytes::from(body),
+                })
+                .collect(),
+        )
     }
 
     /// Check a request's recipient-bound signature, when it has one (`Ok(false)` when not):
@@ -1751,11 +1779,11 @@ impl Replicator {
     /// Send one signed message to a peer. Errors are recorded in the peer's status. Returns
     /// the answering replica's id when it took the message (`Some(None)` from a peer that does
     /// not say).
-    async fn send(&self, address: SocketAddr, body: Vec<u8>) -> Option<Option<u64>> {
-        let bytes = body.len() as u64;
-        let result = self.post_sync(address, Bytes::from(body)).await;
-        let outcome = match result {
-            Ok((response, signature)) if response.status().is_success() => {
+    async fn send(&self, address: SocketAddr, message: &Outgoing) -> Option<Option<u64>> {
+        let bytes = message.body.len() as u64;
+        let signature = message.signature.as_str();
+        let outcome = match self.post_sync(address, message).await {
+            Ok(response) if response.status().is_success() => {
                 // Delivered. What the answer says is trusted only when it is signed for this
                 // request: its escrow state is merged and its replica counted toward the
                 // lease. Anything else (an earlier version's unsigned answer, or something
@@ -1766,7 +1794,7 @@ impl Replicator {
                     .ok()
                     .filter(|body| self.verify(&headers, body).is_ok())
                     .and_then(|body| serde_json::from_slice::<SyncAnswer>(&body).ok())
-                    .filter(|answer| answer.re.as_deref() == Some(signature.as_str()));
+                    .filter(|answer| answer.re.as_deref() == Some(signature));
                 if let Some(SyncAnswer {
                     replica: Some(replica),
                     escrow: Some(control),
@@ -1778,7 +1806,7 @@ impl Replicator {
                 }
                 Ok(answer.map(|a| (a.node, a.replica, a.complete)))
             }
-            Ok((response, _)) => Err(format!("peer answered {}", response.status())),
+            Ok(response) => Err(format!("peer answered {}", response.status())),
             Err(e) => Err(e),
         };
         let now = self.limiter.now();
@@ -1822,20 +1850,25 @@ impl Replicator {
             .map(|answer| answer.and_then(|(_, replica, _)| replica))
     }
 
-    /// `POST /v1/sync` of `body` to the replica at `address`, bound to it. Refused as not for
-    /// it (`421`: another process answers there now, a restart), it asks who answers and sends
-    /// once more, so that the message is not lost. Returns the answer and the request's
-    /// signature, which a signed answer names.
+    /// `POST /v1/sync` of `message` to the replica at `address`, bound to it. Refused as not
+    /// for it (`421`: another process answers there now, a restart), it asks who answers and
+    /// sends once more, so that the message is not lost.
     async fn post_sync(
         &self,
         address: SocketAddr,
-        body: Bytes,
-    ) -> Result<(reqwest::Response, String), String> {
+        message: &Outgoing,
+    ) -> Result<reqwest::Response, String> {
+        let Outgoing {
+            body,
+            timestamp,
+            signature,
+        } = message;
         let mut asked_again = false;
         loop {
             let recipient = self.recipient(address).await?;
             let _turn = self.turn(&address.to_string()).await;
-            let (headers, signature) = self.auth_headers("/v1/sync", &body, body.len(), recipient);
+            let headers =
+                self.signed_headers("/v1/sync", *timestamp, signature, body.len(), recipient);
             let mut post = self
                 .client
                 .post(format!("{}://{address}/v1/sync", self.scheme));
@@ -1856,7 +1889,7 @@ impl Replicator {
                 }
                 return Err("peer answered 421: the message is not for the replica there".into());
             }
-            return Ok((response, signature));
+            return Ok(response);
         }
     }
 
@@ -1864,7 +1897,7 @@ impl Replicator {
     /// of theirs (and how many peers did).
     async fn broadcast(
         self: &Arc<Self>,
-        to: Vec<(SocketAddr, Arc<Vec<Vec<u8>>>)>,
+        to: Vec<(SocketAddr, Arc<Vec<Outgoing>>)>,
         entries: usize,
     ) -> (BTreeSet<u64>, usize) {
         let mut sends = tokio::task::JoinSet::new();
@@ -1873,7 +1906,7 @@ impl Replicator {
             sends.spawn(async move {
                 let mut replica = None;
                 for message in messages.iter() {
-                    replica = Some(replicator.send(peer, message.clone()).await?);
+                    replica = Some(replicator.send(peer, message).await?);
                 }
                 replica
             });
@@ -1935,7 +1968,7 @@ impl Replicator {
         let encoded = |wanted: bool| {
             compact
                 .contains(&wanted)
-                .then(|| Arc::new(self.encode_chunked(false, &buckets, usize::MAX, wanted)))
+                .then(|| self.outgoing(self.encode_chunked(false, &buckets, usize::MAX, wanted)))
         };
         let (compact_messages, plain_messages) = (encoded(true), encoded(false));
         let to = peers
@@ -1976,7 +2009,7 @@ impl Replicator {
                 })
             });
         if !in_sync.is_empty() {
-            let heartbeat = Arc::new(self.encode(false, &[]));
+            let heartbeat = self.outgoing(self.encode(false, &[]));
             let to = in_sync.iter().map(|&p| (p, heartbeat.clone())).collect();
             self.broadcast(to, 0).await;
         }
@@ -1986,7 +2019,7 @@ impl Replicator {
         let mut from = 0;
         loop {
             let (message, next, entries) = self.state_page(from);
-            let page = Arc::new(vec![message]);
+            let page = self.outgoing(vec![message]);
             let to = whole.iter().map(|&p| (p, page.clone())).collect();
             self.broadcast(to, entries).await;
             match next {
@@ -2095,6 +2128,15 @@ async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<V
         body.extend_from_slice(&chunk);
     }
     Ok(body)
+}
+
+/// A message to peers, signed once for all of them (over its timestamp and body); each request
+/// adds the head signature bound to its recipient.
+#[derive(Debug)]
+struct Outgoing {
+    body: Bytes,
+    timestamp: Micros,
+    signature: String,
 }
 
 /// An authenticated request body. Holds its part of the unverified-bytes budget until dropped
