@@ -41,6 +41,7 @@
 //! table and give stamps as offsets from its `sent_at`: about half that
 //! (`scripts/bench-replication.py`: 95 bytes per decision to two peers, from 202).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -52,8 +53,10 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use compact_str::CompactString;
 use ring::hmac;
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 use tokio::sync::watch;
 
 use crate::bucket::{Micros, Rate};
@@ -183,9 +186,11 @@ const MAX_HELLO_BYTES: usize = 4096;
 /// Largest `POST /v1/lend` body.
 const MAX_LEND_BYTES: usize = 16 * 1024;
 
-/// One message between replicas: the changed buckets (or all of them).
+/// One message between replicas: the changed buckets (or all of them). Keys are borrowed from
+/// the buckets being sent, and from the body being read when they need no unescaping: one
+/// message carries thousands of entries, and copying each key twice showed in the profile.
 #[derive(Debug, Serialize, Deserialize)]
-struct SyncMessage {
+struct SyncMessage<'a> {
     v: u32,
     node: String,
     replica: u64,
@@ -194,7 +199,8 @@ struct SyncMessage {
     full: bool,
     /// Policy names; entries refer to them by index.
     policies: Vec<String>,
-    entries: Vec<WireEntry>,
+    #[serde(borrow)]
+    entries: Vec<WireEntry<'a>>,
     /// Escrow control state (`strict` mode), when the sender has a strict policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     escrow: Option<Control>,
@@ -208,10 +214,23 @@ struct SyncMessage {
 /// the claim does not list. Version 3 ([`COMPACT_VERSION`]): replica ids as indexes into the
 /// message's `replicas`, stamps as offsets from its `sent_at`, `absorbed` `null` when unlisted.
 #[derive(Debug, Serialize, Deserialize)]
-struct WireEntry(u32, String, i128, u64, Vec<WireComponent>);
+struct WireEntry<'a>(
+    u32,
+    #[serde(borrow)] Cow<'a, str>,
+    i128,
+    u64,
+    SmallVec<[WireComponent; 2]>,
+);
 
 /// `[replica, incarnation, consumed, absorbed]` of a [`WireEntry`].
 type WireComponent = (u64, i128, u64, Option<u64>);
+
+/// A bucket as held, on its way to the wire: policy, key, state. Keys of up to 24 bytes are
+/// stored inline (`CompactString`), so collecting a round's changes allocates no key.
+type HeldBucket = (PolicyId, CompactString, BucketState);
+
+/// A component as read off the wire: `(replica, incarnation, consumed, absorbed)`.
+type ReadComponents = SmallVec<[(u64, Micros, u64, u64); 2]>;
 
 /// What [`WireEntry`] and [`WireComponent`] say, in any version, as the CRDT's values; `None`
 /// for an entry no honest encoder writes (an index out of the table, a stamp out of range, a
@@ -249,7 +268,7 @@ impl EntryReader<'_> {
     }
 
     /// Whether [`EntryReader::read`] can read the entry (without building what it reads).
-    fn readable(&self, entry: &WireEntry) -> bool {
+    fn readable(&self, entry: &WireEntry<'_>) -> bool {
         let WireEntry(_, _, epoch, rebaser, components) = entry;
         self.stamp(*epoch).is_some()
             && self.replica(*rebaser).is_some()
@@ -263,8 +282,7 @@ impl EntryReader<'_> {
     }
 
     /// The entry's epoch, rebaser and components.
-    #[allow(clippy::type_complexity)]
-    fn read(&self, entry: &WireEntry) -> Option<(Micros, u64, Vec<(u64, Micros, u64, u64)>)> {
+    fn read(&self, entry: &WireEntry<'_>) -> Option<(Micros, u64, ReadComponents)> {
         let WireEntry(_, _, epoch, rebaser, components) = entry;
         let components = components
             .iter()
@@ -276,7 +294,7 @@ impl EntryReader<'_> {
                     self.absorbed(absorbed)?,
                 ))
             })
-            .collect::<Option<Vec<_>>>()?;
+            .collect::<Option<ReadComponents>>()?;
         Some((self.stamp(*epoch)?, self.replica(*rebaser)?, components))
     }
 }
@@ -1370,7 +1388,7 @@ impl Replicator {
     }
 
     /// Encode buckets as one or more messages, each under the size bound, in version 2.
-    fn encode(&self, full: bool, buckets: &[(PolicyId, String, BucketState)]) -> Vec<Vec<u8>> {
+    fn encode(&self, full: bool, buckets: &[HeldBucket]) -> Vec<Vec<u8>> {
         let chunk = if full { FULL_SYNC_CHUNK } else { usize::MAX };
         self.encode_chunked(full, buckets, chunk, false)
     }
@@ -1384,7 +1402,7 @@ impl Replicator {
             self.limiter
                 .store()
                 .for_each_page(from, FULL_SYNC_CHUNK, |policy, key, state| {
-                    buckets.push((policy, key.to_owned(), state.clone()));
+                    buckets.push((policy, CompactString::from(key), state.clone()));
                 });
         let entries = buckets.len();
         let mut messages = self.encode_chunked(true, &buckets, usize::MAX, false);
@@ -1396,7 +1414,7 @@ impl Replicator {
     fn encode_chunked(
         &self,
         full: bool,
-        buckets: &[(PolicyId, String, BucketState)],
+        buckets: &[HeldBucket],
         chunk: usize,
         compact: bool,
     ) -> Vec<Vec<u8>> {
@@ -1448,7 +1466,7 @@ impl Replicator {
                 .collect();
             entries.push(WireEntry(
                 index,
-                key.clone(),
+                Cow::Borrowed(key.as_str()),
                 stamp(state.epoch()),
                 replica(state.rebaser().0),
                 components,
@@ -1460,7 +1478,7 @@ impl Replicator {
         // A full sync of an empty store still sends one (empty) message: it is the heartbeat
         // that tells peers we are alive and what our node id is.
         loop {
-            let batch: Vec<WireEntry> = entries.by_ref().take(chunk).collect();
+            let batch: Vec<WireEntry<'_>> = entries.by_ref().take(chunk).collect();
             let message = SyncMessage {
                 v: if compact {
                     COMPACT_VERSION
@@ -1553,7 +1571,7 @@ impl Replicator {
         );
     }
 
-    fn apply(&self, message: SyncMessage) -> Result<Applied, Rejection> {
+    fn apply(&self, message: SyncMessage<'_>) -> Result<Applied, Rejection> {
         if !matches!(
             message.v,
             PROTOCOL_VERSION_1 | PROTOCOL_VERSION | COMPACT_VERSION
@@ -1922,19 +1940,19 @@ impl Replicator {
         (answered, delivered)
     }
 
-    fn changed_buckets(&self) -> Vec<(PolicyId, String, BucketState)> {
+    fn changed_buckets(&self) -> Vec<HeldBucket> {
         let mut buckets = Vec::new();
         self.limiter.store().drain_changes(|policy, key, state| {
-            buckets.push((policy, key.to_owned(), state.clone()))
+            buckets.push((policy, CompactString::from(key), state.clone()))
         });
         buckets
     }
 
-    fn all_buckets(&self) -> Vec<(PolicyId, String, BucketState)> {
+    fn all_buckets(&self) -> Vec<HeldBucket> {
         let mut buckets = Vec::new();
-        self.limiter
-            .store()
-            .for_each(|policy, key, state| buckets.push((policy, key.to_owned(), state.clone())));
+        self.limiter.store().for_each(|policy, key, state| {
+            buckets.push((policy, CompactString::from(key), state.clone()))
+        });
         buckets
     }
 
@@ -2391,12 +2409,13 @@ struct StateQuery {
 
 /// One page of `GET /v1/state?from=`.
 #[derive(Debug, Deserialize)]
-struct StatePage {
+struct StatePage<'a> {
     next: Option<usize>,
     /// The signature of the request answered.
     #[serde(default)]
     re: Option<String>,
-    message: SyncMessage,
+    #[serde(borrow)]
+    message: SyncMessage<'a>,
 }
 
 /// What a paged state request signs in place of a body: its path, so that a signature made
