@@ -44,8 +44,10 @@ pub struct AppState {
 }
 
 /// All routes. Health and metrics stay open when an API key is set: probes and Prometheus do
-/// not carry it.
+/// not carry it. The state is shared behind one `Arc`: axum clones it for every request (twice,
+/// with the `observe` layer), and one reference count is cheaper than one per field.
 pub fn router(state: AppState) -> Router {
+    let state = Arc::new(state);
     let mut protected = Router::new()
         .route("/rate", get(rate::rate).post(rate::rate))
         .route("/rate/batch", post(rate::batch))
@@ -77,7 +79,11 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
-async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+async fn require_api_key(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     if let Some(expected) = &state.api_key {
         let presented = request
             .headers()
@@ -100,7 +106,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Latency per route, and bad requests by reason.
-async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()

@@ -1,5 +1,7 @@
 //! Operational routes: `/status`, `/healthz`, `/ready`, `/metrics`.
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::extract::{RawQuery, State};
 use axum::http::{StatusCode, header};
@@ -24,7 +26,7 @@ struct PolicyStatus<'a> {
 
 /// Node, policies, key count and (with `?key=&policy=`) one bucket, peeked without spending.
 pub async fn status(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let limiter = &state.limiter;
@@ -126,7 +128,7 @@ pub async fn healthz() -> Json<serde_json::Value> {
 }
 
 /// Readiness: a latch set once start-up recovery is done.
-pub async fn ready(State(state): State<AppState>) -> Response {
+pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     if state.limiter.is_ready() {
         Json(json!({ "status": "ready" })).into_response()
     } else {
@@ -138,7 +140,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     }
 }
 
-pub async fn metrics(State(state): State<AppState>) -> Response {
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     if let Some(replicator) = &state.replicator {
         replicator.publish_gauges();
     }
@@ -157,7 +159,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 
 /// `POST /admin/snapshot`: write a snapshot now and describe it. Admin calls need the API key:
 /// without `OPENCLAW_API_KEY` they are refused rather than left open.
-pub async fn snapshot_now(State(state): State<AppState>) -> Result<Response, ApiError> {
+pub async fn snapshot_now(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     if state.api_key.is_none() {
         return Err(ApiError::Forbidden(
             "admin calls are disabled: set OPENCLAW_API_KEY to enable them".into(),

@@ -2,6 +2,7 @@
 //! decide. Nothing touches a bucket until the whole request is known to be valid.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
@@ -30,7 +31,10 @@ pub struct DecisionInput {
 
 /// `GET /rate?key=&policy=&cost=` or `POST /rate` with the same fields as JSON (or in the query
 /// when the body is empty).
-pub async fn rate(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+pub async fn rate(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+) -> Result<Response, ApiError> {
     let fallback_key = FallbackKey::of(&request);
     let (parts, body) = request.into_parts();
     let fields = if parts.method == Method::POST {
@@ -59,7 +63,10 @@ pub async fn rate(State(state): State<AppState>, request: Request) -> Result<Res
 
 /// `POST /rate/batch` with `{"requests": [{key, policy, cost}, ...]}`: one independent decision
 /// per item, in order. If any item is invalid, none is decided.
-pub async fn batch(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+pub async fn batch(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+) -> Result<Response, ApiError> {
     let fallback_key = FallbackKey::of(&request);
     let (parts, body) = request.into_parts();
     let body = read_body(&parts.headers, body).await?;
