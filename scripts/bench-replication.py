@@ -4,6 +4,7 @@
     cargo build --release -p openclaw-limiter
     scripts/bench-replication.py                    # 100k keys, 4 rounds of 8 s
     scripts/bench-replication.py --keys 1000000 --rounds 6 --binary path/to/openclaw-limiter
+    scripts/bench-replication.py --baseline path/to/older/openclaw-limiter --rounds 8 --seconds 4
 
 Issue 12's target: the throughput of one replica of 3 (all replicating) is at least 90 % of a
 single node's, in the same run; bytes per decision reported.
@@ -15,8 +16,11 @@ replica) is pinned alone to --server-cpu; wrk (Debian's `wrk`, closed loop, 64 c
 `GET /rate` over --keys keys drawn uniformly, as scripts/bench-http.sh does) and the cluster's
 other two replicas share --load-cpu. Each round reports requests per second, the measured
 process's CPU time per decision (from /proc: what the ratio means if its core is not saturated)
-and, for the cluster, the bytes it sent to its peers per decision. Every process is stopped on
-exit, failure included. Figures: docs/benchmarks.md.
+and, for the cluster, the bytes it sent to its peers per decision. With --baseline, a second cluster
+of three runs that binary, its first replica measured in the same rounds on the same cores, and
+each round also gives new against baseline: how a change to replication moves its cost, with the
+machine's drift cancelled round by round. Every process is stopped on exit, failure included.
+Figures: docs/benchmarks.md.
 """
 import argparse
 import os
@@ -120,41 +124,55 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument("--load-cpu", type=int, default=1)
+    parser.add_argument("--baseline", help="another build of openclaw-limiter: a second cluster "
+                        "of three runs it, measured in the same rounds")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is missing (apt-get install wrk)")
-    if not os.access(args.binary, os.X_OK):
-        sys.exit(f"{args.binary}: build it first (cargo build --release -p openclaw-limiter)")
+    for binary in filter(None, (args.binary, args.baseline)):
+        if not os.access(binary, os.X_OK):
+            sys.exit(f"{binary}: build it first (cargo build --release -p openclaw-limiter)")
 
     workdir = tempfile.mkdtemp(prefix="bench-replication-")
     script = os.path.join(workdir, "keys.lua")
     with open(script, "w") as f:
         f.write(KEYS_LUA)
-    peers_file = os.path.join(workdir, "peers")
-    open(peers_file, "w").close()
     started = []
-    try:
-        single = Limiter(args.binary, "single", args.server_cpu, workdir)
-        started.append(single)
-        cluster = [Limiter(args.binary, "replica-0", args.server_cpu, workdir, peers_file)]
-        started.append(cluster[0])
-        for i in (1, 2):
-            cluster.append(Limiter(args.binary, f"replica-{i}", args.load_cpu, workdir, peers_file))
+
+    def start_cluster(binary, prefix):
+        """Three replicas of `binary` that replicate to each other; the first is measured."""
+        peers_file = os.path.join(workdir, f"{prefix}peers")
+        open(peers_file, "w").close()
+        cluster = []
+        for i in range(3):
+            cpu = args.server_cpu if i == 0 else args.load_cpu
+            cluster.append(Limiter(binary, f"{prefix}replica-{i}", cpu, workdir, peers_file))
             started.append(cluster[-1])
         with open(peers_file + ".new", "w") as f:
             f.write("".join(f"{r.peer}\n" for r in cluster))
         os.replace(peers_file + ".new", peers_file)
         wait_for("the replicas to see each other", lambda: all(
             r.metric('openclaw_peers{state="up"}') == 2 for r in cluster))
-        measured = cluster[0]
+        return cluster[0]
+
+    try:
+        single = Limiter(args.binary, "single", args.server_cpu, workdir)
+        started.append(single)
+        measured = start_cluster(args.binary, "")
+        subjects = [("single", single), ("cluster", measured)]
+        if args.baseline:
+            subjects.append(("baseline", start_cluster(args.baseline, "baseline-")))
         sent = 'openclaw_replication_bytes_total{direction="sent"}'
         allowed = 'openclaw_requests_total{policy="default",decision="allowed"}'
-        for subject in (single, measured):
+        for _, subject in subjects:
             wrk(subject.api, args.warmup, args.keys, args.load_cpu, script)
         rows = []
         for round_ in range(1, args.rounds + 1):
             row = {}
-            for name, subject in (("single", single), ("cluster", measured)):
+            # Each round starts with the next subject, so that none is always measured first
+            # (the machine's speed drifts within a round too).
+            shift = (round_ - 1) % len(subjects)
+            for name, subject in subjects[shift:] + subjects[:shift]:
                 ticks, bytes_, decided = subject.cpu_ticks(), subject.metric(sent), subject.metric(allowed)
                 rps, total, errors = wrk(subject.api, args.seconds, args.keys, args.load_cpu, script)
                 ticks = subject.cpu_ticks() - ticks
@@ -165,10 +183,10 @@ def main():
                     rps=rps, busy=100 * ticks / CLK_TCK / args.seconds,
                     cpu_us=1e6 * ticks / CLK_TCK / total,
                     bytes=(subject.metric(sent) - bytes_) / total)
-                print(f"round {round_}: {name:7}: {rps:8.0f} req/s, its core "
+                print(f"round {round_}: {name:8}: {rps:8.0f} req/s, its core "
                       f"{row[name]['busy']:3.0f}% busy, {row[name]['cpu_us']:.1f} us CPU a decision"
                       + (f", {row[name]['bytes']:.1f} bytes sent to peers a decision"
-                         if name == "cluster" else ""), flush=True)
+                         if name != "single" else ""), flush=True)
             rows.append(row)
         ratios = [r["cluster"]["rps"] / r["single"]["rps"] for r in rows]
         cpu_ratios = [r["single"]["cpu_us"] / r["cluster"]["cpu_us"] for r in rows]
@@ -180,6 +198,14 @@ def main():
               f"median {statistics.median(cpu_ratios):.2f}")
         print(f"bytes sent to peers per decision (two peers): median "
               f"{statistics.median(r['cluster']['bytes'] for r in rows):.1f}")
+        if args.baseline:
+            versus = [r["cluster"]["rps"] / r["baseline"]["rps"] for r in rows]
+            cpu_versus = [r["baseline"]["cpu_us"] / r["cluster"]["cpu_us"] for r in rows]
+            print(f"replica, new / baseline, req/s:        round by round "
+                  f"{' '.join(f'{x:.2f}' for x in versus)}; median {statistics.median(versus):.2f}")
+            print(f"replica, new / baseline, CPU a decision: round by round "
+                  f"{' '.join(f'{x:.2f}' for x in cpu_versus)}; "
+                  f"median {statistics.median(cpu_versus):.2f} (above 1: the new build is cheaper)")
         print(f"load average: {open('/proc/loadavg').read().split()[:3]} (other work skews the figures)")
     finally:
         for limiter in started:
