@@ -312,6 +312,39 @@ async fn three_replicas_converge_on_one_shared_limit() {
     }
 }
 
+/// Keys travel borrowed: out of the store into the wire entry, and out of the body into the merge
+/// unless JSON had to escape them. Keys that need escaping, that are not ASCII, or that are too
+/// long to be stored inline reach the peer exactly as spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_that_need_escaping_or_are_long_replicate_unchanged() {
+    let replicas = cluster(2).await;
+    let keys = [
+        "plain",
+        "quote\"back\\slash/tab\tnewline\n",
+        "caf\u{e9} \u{2603} \u{1f600}",
+        "a-key-longer-than-twenty-four-bytes-is-kept-on-the-heap",
+    ];
+    for (cost, key) in keys.iter().enumerate() {
+        replicas[0]
+            .limiter
+            .decide("default", key, cost as u64 + 1)
+            .unwrap();
+    }
+    eventually("every key to reach the peer", || {
+        keys.iter()
+            .enumerate()
+            .all(|(cost, key)| replicas[1].remaining(key) == 100 - (cost as u64 + 1))
+    })
+    .await;
+    let held: Vec<String> = states(&replicas[1]).into_keys().collect();
+    let mut sent: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+    sent.sort();
+    assert_eq!(held, sent);
+    for replica in replicas {
+        replica.shutdown().await;
+    }
+}
+
 /// On SIGTERM the process sets the stop flag and drops discovery's sender at the same moment;
 /// the sender loop used to `return` when it saw the latter first, skipping the hand-off: about
 /// half the graceful stops lost what was spent since the last delta round (tests/peers_file.rs
