@@ -1,7 +1,8 @@
 //! Delta-state replication between limiter replicas.
 //!
 //! Every sync interval (50 ms by default) a replica sends each peer the buckets its own
-//! decisions changed since the last round ([`crate::store::Store::drain_changes`]); every
+//! decisions changed since the last round ([`crate::store::Store::drain_changes`]), and a peer
+//! that did not take a round gets its buckets again once it answers (`Missed`); every
 //! anti-entropy interval it sends its whole state to each peer that may have missed deltas
 //! (restart, partition, a dropped or partly refused request: [`PeerStatus::in_sync`]), so it
 //! converges anyway, and a heartbeat to the others (the whole state every
@@ -42,7 +43,7 @@
 //! (`scripts/bench-replication.py`: 95 bytes per decision to two peers, from 202).
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -163,6 +164,11 @@ pub const UNVERIFIED_BUDGET: usize = 4 * MAX_MESSAGE_BYTES;
 /// minute at the default 5 s): a safety net under the rule that it missed nothing, at a
 /// twelfth of the cost of resending every round.
 pub const WHOLE_STATE_EVERY: u32 = 12;
+/// Most buckets remembered per peer as sent in a delta round it did not take
+/// ([`Replicator::push_changes`]). Beyond that (a peer unreachable while that many buckets
+/// changed) they are forgotten and the whole-state round, which a peer that missed a message
+/// gets anyway, carries them.
+const MAX_MISSED_PER_PEER: usize = 100_000;
 /// Nodes tracked only because they sent messages (not from discovery): each is a label value of
 /// the per-peer series, so their number is bounded.
 const MAX_HEARD_ONLY_PEERS: usize = 64;
@@ -465,6 +471,20 @@ pub struct Replicator {
     /// Per peer address, a permit per request in flight to it
     /// ([`ReplicationOptions::max_requests_per_peer`]).
     in_flight: Mutex<BTreeMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// Per peer address, the buckets of delta rounds it did not take ([`Missed`]).
+    missed: Mutex<HashMap<SocketAddr, Missed>>,
+}
+
+/// Buckets a peer did not take in delta rounds since it last took one. They go to it again,
+/// as they are then, with the first round after it answers again: without this, a change sent
+/// while a link was down reached that peer only with the next whole-state round (5 s by
+/// default), and meanwhile it decided without it.
+#[derive(Debug, Default)]
+struct Missed {
+    buckets: HashSet<(PolicyId, CompactString)>,
+    /// The last round did not reach it either: send it only the round's own changes (which
+    /// probe the link) until one gets through, not the whole backlog every round.
+    unreachable: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -518,6 +538,7 @@ impl Replicator {
             seen: Mutex::default(),
             store_full_logged: Mutex::default(),
             in_flight: Mutex::default(),
+            missed: Mutex::default(),
         })
     }
 
@@ -1911,33 +1932,45 @@ impl Replicator {
         }
     }
 
-    /// Send each peer its messages, all peers concurrently; returns the replicas that took all
-    /// of theirs (and how many peers did).
+    /// Send each peer its messages (holding `entries` buckets in all), all peers concurrently;
+    /// returns the replicas that took all of theirs, and the peers that did not.
     async fn broadcast(
         self: &Arc<Self>,
-        to: Vec<(SocketAddr, Arc<Vec<Outgoing>>)>,
-        entries: usize,
-    ) -> (BTreeSet<u64>, usize) {
+        to: Vec<(SocketAddr, Arc<Vec<Outgoing>>, usize)>,
+    ) -> (BTreeSet<u64>, Vec<SocketAddr>) {
         let mut sends = tokio::task::JoinSet::new();
-        for (peer, messages) in to {
+        for (peer, messages, entries) in to {
             let replicator = self.clone();
             sends.spawn(async move {
-                let mut replica = None;
-                for message in messages.iter() {
-                    replica = Some(replicator.send(peer, message).await?);
+                let delivered = async {
+                    let mut replica = None;
+                    for message in messages.iter() {
+                        replica = Some(replicator.send(peer, message).await?);
+                    }
+                    replica
                 }
-                replica
+                .await;
+                (peer, entries, delivered)
             });
         }
-        let results: Vec<Option<Option<u64>>> = sends.join_all().await;
-        let delivered = results.iter().filter(|r| r.is_some()).count();
-        let answered = results.into_iter().flatten().flatten().collect();
+        let mut answered = BTreeSet::new();
+        let mut failed = Vec::new();
+        let mut sent_entries = 0;
+        for (peer, entries, delivered) in sends.join_all().await {
+            match delivered {
+                Some(replica) => {
+                    sent_entries += entries;
+                    answered.extend(replica);
+                }
+                None => failed.push(peer),
+            }
+        }
         self.limiter
             .metrics()
             .replication_entries
             .get_or_create(&DirectionLabels { direction: "sent" })
-            .inc_by((entries * delivered) as u64);
-        (answered, delivered)
+            .inc_by(sent_entries as u64);
+        (answered, failed)
     }
 
     fn changed_buckets(&self) -> Vec<HeldBucket> {
@@ -1946,6 +1979,42 @@ impl Replicator {
             buckets.push((policy, CompactString::from(key), state.clone()))
         });
         buckets
+    }
+
+    /// After a delta round: a peer that took it owes nothing any more; one that did not is
+    /// owed what it was sent (up to [`MAX_MISSED_PER_PEER`] buckets).
+    fn note_missed(
+        &self,
+        peers: &[SocketAddr],
+        buckets: &[HeldBucket],
+        owed: &HashMap<SocketAddr, Vec<HeldBucket>>,
+        failed: &[SocketAddr],
+    ) {
+        let mut missed = self.missed.lock().unwrap_or_else(|p| p.into_inner());
+        // Peers no longer in the set are owed nothing.
+        missed.retain(|peer, _| peers.contains(peer));
+        for &peer in peers {
+            if !failed.contains(&peer) {
+                match missed.get_mut(&peer) {
+                    // The link is back: what it is owed goes with the next round.
+                    Some(m) if m.unreachable => m.unreachable = false,
+                    // It took what it was owed.
+                    _ => drop(missed.remove(&peer)),
+                }
+                continue;
+            }
+            let m = missed.entry(peer).or_default();
+            m.unreachable = true;
+            let sent = buckets.iter().chain(owed.get(&peer).into_iter().flatten());
+            for (policy, key, _) in sent {
+                if m.buckets.len() >= MAX_MISSED_PER_PEER {
+                    // The whole-state round it gets for having missed a message carries the
+                    // rest.
+                    break;
+                }
+                m.buckets.insert((*policy, key.clone()));
+            }
+        }
     }
 
     fn all_buckets(&self) -> Vec<HeldBucket> {
@@ -1973,35 +2042,79 @@ impl Replicator {
             return;
         }
         let buckets = self.changed_buckets();
-        if buckets.is_empty() && !strict {
+        // Peers owed buckets of rounds they missed, and, of those reachable last round, what
+        // they are owed, as it is now (one copy per bucket: the round's own changes already
+        // carry the newest state of theirs).
+        let mut owed: HashMap<SocketAddr, Vec<HeldBucket>> = HashMap::new();
+        {
+            let missed = self.missed.lock().unwrap_or_else(|p| p.into_inner());
+            let store = self.limiter.store();
+            let in_round: HashSet<(PolicyId, &str)> =
+                buckets.iter().map(|(p, k, _)| (*p, k.as_str())).collect();
+            for &peer in peers {
+                let Some(m) = missed.get(&peer) else { continue };
+                let resend = if m.unreachable {
+                    Vec::new()
+                } else {
+                    m.buckets
+                        .iter()
+                        .filter(|(p, k)| !in_round.contains(&(*p, k.as_str())))
+                        .filter_map(|(p, k)| Some((*p, k.clone(), store.state(*p, k)?)))
+                        .collect()
+                };
+                owed.insert(peer, resend);
+            }
+        }
+        if buckets.is_empty() && !strict && owed.is_empty() {
             return;
         }
-        let entries = buckets.len();
         // Compact deltas to the peers that said they read them, version 2 to the others: one
         // encoding of each, and only of what some peer needs.
         let compact: Vec<bool> = peers
             .iter()
             .map(|peer| self.with_peer(&peer.to_string(), |status| status.reads_compact))
             .collect();
+        let shared_by = |wanted: bool| {
+            peers.iter().zip(&compact).any(|(peer, &compact)| {
+                compact == wanted && owed.get(peer).is_none_or(Vec::is_empty)
+            })
+        };
         let encoded = |wanted: bool| {
-            compact
-                .contains(&wanted)
+            shared_by(wanted)
                 .then(|| self.outgoing(self.encode_chunked(false, &buckets, usize::MAX, wanted)))
         };
         let (compact_messages, plain_messages) = (encoded(true), encoded(false));
+        // With nothing changed and no strict policy, only the peers owed something are sent
+        // to (those unreachable last round get an empty message, which probes the link).
+        let quiet = buckets.is_empty() && !strict;
         let to = peers
             .iter()
             .zip(compact)
-            .map(|(&peer, compact)| {
-                let messages = if compact {
-                    &compact_messages
-                } else {
-                    &plain_messages
-                };
-                (peer, messages.clone().expect("encoded for this peer"))
-            })
+            .filter(|(peer, _)| !quiet || owed.contains_key(peer))
+            .map(
+                |(&peer, compact)| match owed.get(&peer).filter(|r| !r.is_empty()) {
+                    Some(resend) => {
+                        let mut all = Vec::with_capacity(buckets.len() + resend.len());
+                        all.extend(buckets.iter().cloned());
+                        all.extend(resend.iter().cloned());
+                        let messages =
+                            self.outgoing(self.encode_chunked(false, &all, usize::MAX, compact));
+                        (peer, messages, all.len())
+                    }
+                    None => {
+                        let messages = if compact {
+                            &compact_messages
+                        } else {
+                            &plain_messages
+                        };
+                        let messages = messages.clone().expect("encoded for this peer");
+                        (peer, messages, buckets.len())
+                    }
+                },
+            )
             .collect();
-        let (answered, _) = self.broadcast(to, entries).await;
+        let (answered, failed) = self.broadcast(to).await;
+        self.note_missed(peers, &buckets, &owed, &failed);
         if strict {
             // Follow what the answers brought before counting them toward the lease.
             self.escrow_tick();
@@ -2028,8 +2141,8 @@ impl Replicator {
             });
         if !in_sync.is_empty() {
             let heartbeat = self.outgoing(self.encode(false, &[]));
-            let to = in_sync.iter().map(|&p| (p, heartbeat.clone())).collect();
-            self.broadcast(to, 0).await;
+            let to = in_sync.iter().map(|&p| (p, heartbeat.clone(), 0)).collect();
+            self.broadcast(to).await;
         }
         if whole.is_empty() {
             return;
@@ -2038,8 +2151,8 @@ impl Replicator {
         loop {
             let (message, next, entries) = self.state_page(from);
             let page = self.outgoing(vec![message]);
-            let to = whole.iter().map(|&p| (p, page.clone())).collect();
-            self.broadcast(to, entries).await;
+            let to = whole.iter().map(|&p| (p, page.clone(), entries)).collect();
+            self.broadcast(to).await;
             match next {
                 Some(next) => from = next,
                 None => return,

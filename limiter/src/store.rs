@@ -262,6 +262,16 @@ impl Store {
         }
     }
 
+    /// A copy of the state of (policy, key), if it has a bucket in memory.
+    pub fn state(&self, policy: PolicyId, key: &str) -> Option<BucketState> {
+        let hash = self.hash(policy, key);
+        let table = self.lock(hash);
+        table
+            .entries
+            .find(hash, |e| e.policy == policy && e.key == key)
+            .map(|e| e.state.clone())
+    }
+
     /// Whether (policy, key) currently has a bucket in memory.
     pub fn contains(&self, policy: PolicyId, key: &str) -> bool {
         let hash = self.hash(policy, key);
