@@ -36,6 +36,11 @@
 //! request): the ideal. A refusal of an under-limit client is a request a replica refused that
 //! the ideal bucket admitted; overshoot is what a key admitted beyond its ideal.
 //!
+//! With `--flaky-links PCT`, every directed replication link is cut and healed at random while
+//! the load runs (through its proxy: open connections closed, new ones refused, as with a
+//! reset), down PCT % of the time on average in outages of `--outage-ms` (200) on average: the
+//! same patterns with the network misbehaving. The links' measured downtime is printed.
+//!
 //! In the overload patterns a probe meanwhile spends one token on a fresh key of a separate,
 //! slowly refilling `probe` policy at one replica every 100 ms and polls the two others'
 //! `/status?key=` (every millisecond) until they show it: the convergence time of that
@@ -101,6 +106,10 @@ struct Options {
     seed: u64,
     json: Option<PathBuf>,
     faketime_lib: PathBuf,
+    /// `--flaky-links`: the fraction of the time each link is down (0: never cut).
+    flaky: f64,
+    /// `--outage-ms`: the mean length of one cut.
+    outage_ms: u64,
 }
 
 impl Options {
@@ -124,6 +133,8 @@ impl Options {
             seed: 1,
             json: None,
             faketime_lib: PathBuf::from(FAKETIME_LIB),
+            flaky: 0.0,
+            outage_ms: 200,
         };
         let mut args = std::env::args().skip(1);
         while let Some(flag) = args.next() {
@@ -156,6 +167,16 @@ impl Options {
                 "--seed" => options.seed = number()? as u64,
                 "--json" => options.json = Some(PathBuf::from(&value)),
                 "--faketime-lib" => options.faketime_lib = PathBuf::from(&value),
+                "--flaky-links" => {
+                    let pct = number()?;
+                    if pct >= 100.0 {
+                        return Err(format!(
+                            "--flaky-links: a percentage below 100, got {value}"
+                        ));
+                    }
+                    options.flaky = pct / 100.0;
+                }
+                "--outage-ms" => options.outage_ms = (number()? as u64).max(FLAP_TICK_MS),
                 "--stagger-ms" => {
                     // 0 is allowed here: start the replicas back to back.
                     let ms = value
@@ -211,7 +232,8 @@ const USAGE: &str = "usage: openclaw-accuracy [--duration-s 10] [--sync-ms 50] \
 [--anti-entropy-ms 5000] [--mode shared|strict] [--workers 8] \
 [--patterns all | overload,below,clock | hot-uniform,hot-one,keys-uniform,keys-one,\
 uniform,sticky-strays,random,clock-ahead-50ms,clock-ahead-500ms] \
-[--stagger-ms 333 (below-limit patterns; 0 for the overload ones)] [--seed 1] [--json FILE]
+[--stagger-ms 333 (below-limit patterns; 0 for the overload ones)] [--seed 1] [--json FILE] \
+[--flaky-links PCT (each link down PCT % of the time) --outage-ms 200]
   overload patterns: [--load-factor 2] [--keys 50] \
 [--capacity 1000 --refill-ms 1000 (the hot-key patterns' bucket)]
   below-limit patterns: [--below 0.5,0.9 (load factors)] [--clients 60] \
@@ -411,7 +433,8 @@ impl Run {
 /// Three replicas, every directed link through its own proxy.
 #[derive(Debug)]
 struct Cluster {
-    _links: Vec<Vec<Option<Proxy>>>,
+    /// `links[from][to]`: the proxy replica `from` sends to replica `to` through.
+    links: Vec<Vec<Option<Proxy>>>,
     replicas: Vec<Service>,
     /// When each replica was spawned.
     started_at: Vec<Instant>,
@@ -531,7 +554,7 @@ impl Cluster {
             replicas.push(service);
         }
         Cluster {
-            _links: links,
+            links,
             replicas,
             started_at,
             _dir: dir,
@@ -935,6 +958,72 @@ fn probe(urls: &[String], stop: &AtomicBool) -> Vec<Sample> {
     samples
 }
 
+/// How often [`flap`] decides whether each link goes down or comes back.
+const FLAP_TICK_MS: u64 = 10;
+
+/// What [`flap`] did to the links.
+#[derive(Debug, Default)]
+struct Flapped {
+    /// Summed over the links: how long they were down, and how long they ran.
+    down: Duration,
+    ran: Duration,
+    outages: usize,
+    longest: Duration,
+}
+
+/// Cut and heal every replication link at random until `stop` is set, then heal them all. Each
+/// link is a two-state chain stepped every [`FLAP_TICK_MS`]: up, it goes down with the
+/// probability that makes it down `fraction` of the time on average; down, it comes back with
+/// the probability that makes an outage last `mean_ms` on average. Reproducible per seed.
+fn flap(
+    links: &[Vec<Option<Proxy>>],
+    fraction: f64,
+    mean_ms: u64,
+    seed: u64,
+    stop: &AtomicBool,
+) -> Flapped {
+    let up_chance = FLAP_TICK_MS as f64 / mean_ms as f64;
+    let down_chance = up_chance * fraction / (1.0 - fraction);
+    let mut rng = XorShift::new(seed, 0xF1A9);
+    let proxies: Vec<&Proxy> = links.iter().flatten().flatten().collect();
+    // When each link went down, if it is down.
+    let mut down_since: Vec<Option<Instant>> = vec![None; proxies.len()];
+    let mut report = Flapped::default();
+    let began = Instant::now();
+    let end_outage = |report: &mut Flapped, since: Instant| {
+        let outage = since.elapsed();
+        report.down += outage;
+        report.longest = report.longest.max(outage);
+    };
+    while !stop.load(Ordering::Relaxed) {
+        for (proxy, since) in proxies.iter().zip(down_since.iter_mut()) {
+            match *since {
+                None if rng.unit() < down_chance => {
+                    proxy.partition();
+                    *since = Some(Instant::now());
+                    report.outages += 1;
+                }
+                Some(at) if rng.unit() < up_chance => {
+                    proxy.heal();
+                    end_outage(&mut report, at);
+                    *since = None;
+                }
+                _ => {}
+            }
+        }
+        // Pacing, not synchronization: the chain steps on wall time.
+        std::thread::sleep(Duration::from_millis(FLAP_TICK_MS));
+    }
+    for (proxy, since) in proxies.iter().zip(down_since) {
+        if let Some(at) = since {
+            proxy.heal();
+            end_outage(&mut report, at);
+        }
+    }
+    report.ran = began.elapsed() * proxies.len() as u32;
+    report
+}
+
 /// A small xorshift generator: enough to jitter probes and draw arrivals, no dependency.
 #[derive(Debug)]
 struct XorShift(u64);
@@ -1252,14 +1341,36 @@ fn run_pattern(run: &Run, options: &Options) -> (Row, Option<Report>) {
     let stop = AtomicBool::new(false);
     let start = Instant::now() + Duration::from_millis(20);
     let overload = !pattern.is_below();
-    let (sent, samples) = std::thread::scope(|scope| {
+    let (sent, samples, flapped) = std::thread::scope(|scope| {
         // The probe only where its figures are reported: it is load of its own.
         let prober = overload.then(|| scope.spawn(|| probe(&urls, &stop)));
+        let flapper = (options.flaky > 0.0).then(|| {
+            scope.spawn(|| {
+                flap(
+                    &cluster.links,
+                    options.flaky,
+                    options.outage_ms,
+                    options.seed,
+                    &stop,
+                )
+            })
+        });
         let sent = drive(&urls, &plan, options.workers, start);
         stop.store(true, Ordering::Relaxed);
         let samples = prober.map_or_else(Vec::new, |p| p.join().expect("probe thread"));
-        (sent, samples)
+        let flapped = flapper.map(|f| f.join().expect("flapper thread"));
+        (sent, samples, flapped)
     });
+    if let Some(f) = flapped {
+        eprintln!(
+            "   links: down {:.1}% of the time (asked {:.0}%), {} outages, mean {:.0} ms, longest {:.0} ms",
+            f.down.as_secs_f64() / f.ran.as_secs_f64().max(1e-9) * 100.0,
+            options.flaky * 100.0,
+            f.outages,
+            f.down.as_secs_f64() * 1e3 / f.outages.max(1) as f64,
+            f.longest.as_secs_f64() * 1e3
+        );
+    }
     // Let the last deltas land before reading the counters.
     std::thread::sleep(Duration::from_millis(3 * options.sync_ms));
     let after = counters(&cluster, &http);
