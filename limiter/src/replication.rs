@@ -164,11 +164,11 @@ pub const UNVERIFIED_BUDGET: usize = 4 * MAX_MESSAGE_BYTES;
 /// minute at the default 5 s): a safety net under the rule that it missed nothing, at a
 /// twelfth of the cost of resending every round.
 pub const WHOLE_STATE_EVERY: u32 = 12;
-/// Most buckets remembered per peer as sent in a delta round it did not take
-/// ([`Replicator::push_changes`]). Beyond that (a peer unreachable while that many buckets
-/// changed) they are forgotten and the whole-state round, which a peer that missed a message
-/// gets anyway, carries them.
-const MAX_MISSED_PER_PEER: usize = 100_000;
+/// Most buckets remembered, over all peers together, as sent in delta rounds a peer did not
+/// take ([`Replicator::push_changes`]): a few megabytes. Beyond that (peers unreachable while
+/// that many buckets changed) the rest are not remembered, and the whole-state round, which a
+/// peer that missed a message gets anyway, carries them.
+const MAX_MISSED: usize = 200_000;
 /// Nodes tracked only because they sent messages (not from discovery): each is a label value of
 /// the per-peer series, so their number is bounded.
 const MAX_HEARD_ONLY_PEERS: usize = 64;
@@ -1982,7 +1982,7 @@ impl Replicator {
     }
 
     /// After a delta round: a peer that took it owes nothing any more; one that did not is
-    /// owed what it was sent (up to [`MAX_MISSED_PER_PEER`] buckets).
+    /// owed what it was sent (up to [`MAX_MISSED`] buckets over all peers).
     fn note_missed(
         &self,
         peers: &[SocketAddr],
@@ -1993,6 +1993,7 @@ impl Replicator {
         let mut missed = self.missed.lock().unwrap_or_else(|p| p.into_inner());
         // Peers no longer in the set are owed nothing.
         missed.retain(|peer, _| peers.contains(peer));
+        let mut remembered: usize = missed.values().map(|m| m.buckets.len()).sum();
         for &peer in peers {
             if !failed.contains(&peer) {
                 match missed.get_mut(&peer) {
@@ -2007,12 +2008,14 @@ impl Replicator {
             m.unreachable = true;
             let sent = buckets.iter().chain(owed.get(&peer).into_iter().flatten());
             for (policy, key, _) in sent {
-                if m.buckets.len() >= MAX_MISSED_PER_PEER {
+                if remembered >= MAX_MISSED {
                     // The whole-state round it gets for having missed a message carries the
                     // rest.
                     break;
                 }
-                m.buckets.insert((*policy, key.clone()));
+                if m.buckets.insert((*policy, key.clone())) {
+                    remembered += 1;
+                }
             }
         }
     }
