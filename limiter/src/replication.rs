@@ -2052,8 +2052,12 @@ impl Replicator {
         {
             let missed = self.missed.lock().unwrap_or_else(|p| p.into_inner());
             let store = self.limiter.store();
-            let in_round: HashSet<(PolicyId, &str)> =
-                buckets.iter().map(|(p, k, _)| (*p, k.as_str())).collect();
+            // Built only when some peer is owed something: the usual round owes nothing.
+            let in_round: HashSet<(PolicyId, &str)> = if missed.is_empty() {
+                HashSet::new()
+            } else {
+                buckets.iter().map(|(p, k, _)| (*p, k.as_str())).collect()
+            };
             for &peer in peers {
                 let Some(m) = missed.get(&peer) else { continue };
                 let resend = if m.unreachable {
