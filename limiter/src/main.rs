@@ -308,6 +308,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                     max_buckets: settings.max_buckets,
                     max_requests_per_peer: (settings.peer_limits.max_connections_per_source / 2)
                         .max(1),
+                    max_missed: openclaw_limiter::replication::DEFAULT_MAX_MISSED,
                 },
             )?;
             let replicator = Arc::new(replicator);

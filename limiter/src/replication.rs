@@ -149,6 +149,10 @@ pub struct ReplicationOptions {
     /// cap (`OPENCLAW_PEER_MAX_CONNECTIONS_PER_SOURCE`), so that a fleet with one setting never
     /// has its requests closed unread by that cap.
     pub max_requests_per_peer: usize,
+    /// Most buckets remembered, over all peers together, as sent in delta rounds a peer did not
+    /// take, to send again once it answers: [`DEFAULT_MAX_MISSED`] (not configurable; an
+    /// option so that tests can reach it).
+    pub max_missed: usize,
 }
 
 /// The default of `OPENCLAW_MAX_BUCKETS`. A bucket costs about 115 bytes, more when several
@@ -168,7 +172,7 @@ pub const WHOLE_STATE_EVERY: u32 = 12;
 /// take ([`Replicator::push_changes`]): a few megabytes. Beyond that (peers unreachable while
 /// that many buckets changed) the rest are not remembered, and the whole-state round, which a
 /// peer that missed a message gets anyway, carries them.
-const MAX_MISSED: usize = 200_000;
+pub const DEFAULT_MAX_MISSED: usize = 200_000;
 /// Nodes tracked only because they sent messages (not from discovery): each is a label value of
 /// the per-peer series, so their number is bounded.
 const MAX_HEARD_ONLY_PEERS: usize = 64;
@@ -571,6 +575,14 @@ impl Replicator {
                 .filter(|p| !p.address.starts_with("node:"))
                 .all(|p| p.up);
         self.escrow.tick(&self.limiter.policies(), all_answered);
+    }
+
+    /// How many buckets this replica remembers as sent to peers that did not take them, over
+    /// all peers (at most [`ReplicationOptions::max_missed`]). For tests.
+    #[doc(hidden)]
+    pub fn missed_buckets(&self) -> usize {
+        let missed = self.missed.lock().unwrap_or_else(|p| p.into_inner());
+        missed.values().map(|m| m.buckets.len()).sum()
     }
 
     /// Peers and what this replica knows of them, for `/status`.
@@ -1982,7 +1994,7 @@ impl Replicator {
     }
 
     /// After a delta round: a peer that took it owes nothing any more; one that did not is
-    /// owed what it was sent (up to [`MAX_MISSED`] buckets over all peers).
+    /// owed what it was sent (up to [`ReplicationOptions::max_missed`] buckets over all peers).
     fn note_missed(
         &self,
         peers: &[SocketAddr],
@@ -2008,7 +2020,7 @@ impl Replicator {
             m.unreachable = true;
             let sent = buckets.iter().chain(owed.get(&peer).into_iter().flatten());
             for (policy, key, _) in sent {
-                if remembered >= MAX_MISSED {
+                if remembered >= self.options.max_missed {
                     // The whole-state round it gets for having missed a message carries the
                     // rest.
                     break;
@@ -2042,6 +2054,11 @@ impl Replicator {
             if strict {
                 self.escrow.round_answered(sent_at, &BTreeSet::new());
             }
+            // No peer is owed anything any more.
+            self.missed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
             return;
         }
         let buckets = self.changed_buckets();

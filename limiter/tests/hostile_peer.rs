@@ -57,6 +57,7 @@ fn receiver() -> Arc<Replicator> {
                 legacy_signatures: false,
                 max_buckets: openclaw_limiter::replication::DEFAULT_MAX_BUCKETS,
                 max_requests_per_peer: 32,
+                max_missed: openclaw_limiter::replication::DEFAULT_MAX_MISSED,
             },
         )
         .unwrap(),

@@ -91,6 +91,7 @@ impl Replica {
             legacy_signatures: false,
             max_buckets: replication::DEFAULT_MAX_BUCKETS,
             max_requests_per_peer: 32,
+            max_missed: replication::DEFAULT_MAX_MISSED,
         };
         configure(&mut options);
         let replicator = Arc::new(Replicator::try_new(limiter.clone(), options).unwrap());
@@ -343,6 +344,39 @@ async fn keys_that_need_escaping_or_are_long_replicate_unchanged() {
     for replica in replicas {
         replica.shutdown().await;
     }
+}
+
+/// The buckets of delta rounds a peer did not take are remembered to send again, within one
+/// budget: a peer that stays unreachable while more buckets change than that does not make the
+/// sender hold them all (the whole-state round carries the rest). Without the bound, all 1500
+/// changed buckets would be held here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buckets_a_dead_peer_missed_are_remembered_within_a_bound() {
+    const BUDGET: usize = 1000;
+    let sender = Replica::start_with("sender", 1, |o| o.max_missed = BUDGET).await;
+    // An address nothing listens on: every round to it fails at once.
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    sender.peers.send(vec![dead]).unwrap();
+    for i in 0..BUDGET + BUDGET / 2 {
+        sender
+            .limiter
+            .decide("default", &format!("client-{i}"), 1)
+            .unwrap();
+    }
+    eventually("the rounds to give up on the dead peer", || {
+        sender.replicator.missed_buckets() == BUDGET
+    })
+    .await;
+    // A peer that leaves the set is owed nothing any more.
+    sender.peers.send(Vec::new()).unwrap();
+    eventually("the peer's backlog to be dropped with it", || {
+        sender.replicator.missed_buckets() == 0
+    })
+    .await;
+    sender.shutdown().await;
 }
 
 /// On SIGTERM the process sets the stop flag and drops discovery's sender at the same moment;
