@@ -11,6 +11,7 @@
 #   scripts/accuracy.sh --patterns below,clock           # the below-limit patterns only
 #   scripts/accuracy.sh --patterns below --mode strict --json strict.json
 #   scripts/accuracy.sh --sync-ms 10 --patterns hot-uniform,hot-one
+#   scripts/accuracy.sh --patterns below --flaky-links 20   # links cut 20 % of the time
 #   scripts/accuracy.sh --help
 #
 # A benchmark, not a test: not run in CI, exits 0 whatever the figures. Every process it starts
