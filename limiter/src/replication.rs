@@ -2121,8 +2121,14 @@ impl Replicator {
                         let mut all = Vec::with_capacity(buckets.len() + resend.len());
                         all.extend(buckets.iter().cloned());
                         all.extend(resend.iter().cloned());
-                        let messages =
-                            self.outgoing(self.encode_chunked(false, &all, usize::MAX, compact));
+                        // A backlog can be far larger than a round: in messages of at most
+                        // a whole-state page's buckets each, every one under the size bound.
+                        let messages = self.outgoing(self.encode_chunked(
+                            false,
+                            &all,
+                            FULL_SYNC_CHUNK,
+                            compact,
+                        ));
                         (peer, messages, all.len())
                     }
                     None => {
