@@ -486,8 +486,8 @@ pub struct Replicator {
 #[derive(Debug, Default)]
 struct Missed {
     buckets: HashSet<(PolicyId, CompactString)>,
-    /// The last round did not reach it either: send it only the round's own changes (which
-    /// probe the link) until one gets through, not the whole backlog every round.
+    /// The last round did not reach it: send it only the round's own changes (which probe the
+    /// link) until one gets through, then the backlog, once.
     unreachable: bool,
 }
 
@@ -1993,8 +1993,9 @@ impl Replicator {
         buckets
     }
 
-    /// After a delta round: a peer that took it owes nothing any more; one that did not is
-    /// owed what it was sent (up to [`ReplicationOptions::max_missed`] buckets over all peers).
+    /// After a delta round: a peer that took it is owed nothing any more; one that did not is
+    /// owed the round's buckets (up to [`ReplicationOptions::max_missed`] over all peers), and
+    /// loses its backlog if the round carried it (at most one try per return of the link).
     fn note_missed(
         &self,
         peers: &[SocketAddr],
@@ -2018,8 +2019,14 @@ impl Replicator {
             }
             let m = missed.entry(peer).or_default();
             m.unreachable = true;
-            let sent = buckets.iter().chain(owed.get(&peer).into_iter().flatten());
-            for (policy, key, _) in sent {
+            if owed.get(&peer).is_some_and(|resend| !resend.is_empty()) {
+                // Its backlog went out after a round it took, and it did not take that: give
+                // the backlog up to the whole-state round (the failure put the peer out of
+                // sync) rather than send it again and again to a peer that refuses it.
+                remembered -= m.buckets.len();
+                m.buckets.clear();
+            }
+            for (policy, key, _) in buckets {
                 if remembered >= self.options.max_missed {
                     // The whole-state round it gets for having missed a message carries the
                     // rest.
