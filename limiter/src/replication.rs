@@ -479,6 +479,15 @@ pub struct Replicator {
     missed: Mutex<HashMap<SocketAddr, Missed>>,
 }
 
+/// Why a peer did not take a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Undelivered {
+    /// Not reached: a connection refused or reset, a timeout.
+    Unreachable,
+    /// It answered with an error status: it refuses the message itself.
+    Refused,
+}
+
 /// Buckets a peer did not take in delta rounds since it last took one. They go to it again,
 /// as they are then, with the first round after it answers again: without this, a change sent
 /// while a link was down reached that peer only with the next whole-state round (5 s by
@@ -487,7 +496,7 @@ pub struct Replicator {
 struct Missed {
     buckets: HashSet<(PolicyId, CompactString)>,
     /// The last round did not reach it: send it only the round's own changes (which probe the
-    /// link) until one gets through, then the backlog, once.
+    /// link) until one gets through, then the backlog.
     unreachable: bool,
 }
 
@@ -1828,9 +1837,13 @@ impl Replicator {
     }
 
     /// Send one signed message to a peer. Errors are recorded in the peer's status. Returns
-    /// the answering replica's id when it took the message (`Some(None)` from a peer that does
-    /// not say).
-    async fn send(&self, address: SocketAddr, message: &Outgoing) -> Option<Option<u64>> {
+    /// the answering replica's id when it took the message (`Ok(None)` from a peer that does
+    /// not say), or why it did not.
+    async fn send(
+        &self,
+        address: SocketAddr,
+        message: &Outgoing,
+    ) -> Result<Option<u64>, Undelivered> {
         let bytes = message.body.len() as u64;
         let signature = message.signature.as_str();
         let outcome = match self.post_sync(address, message).await {
@@ -1857,8 +1870,12 @@ impl Replicator {
                 }
                 Ok(answer.map(|a| (a.node, a.replica, a.complete)))
             }
-            Ok(response) => Err(format!("peer answered {}", response.status())),
-            Err(e) => Err(e),
+            Ok(response) => Err((
+                format!("peer answered {}", response.status()),
+                Undelivered::Refused,
+            )),
+            // Not reached, or another process answers there now (asked again already).
+            Err(e) => Err((e, Undelivered::Unreachable)),
         };
         let now = self.limiter.now();
         let ok = outcome.is_ok();
@@ -1871,7 +1888,7 @@ impl Replicator {
         }
         self.with_peer(&address.to_string(), |peer| {
             match &outcome {
-                Err(e) => {
+                Err((e, _)) => {
                     if peer.up || peer.last_error.as_deref() != Some(e.as_str()) {
                         tracing::warn!(peer = %address, error = %e, "replication to peer failed");
                     }
@@ -1897,8 +1914,8 @@ impl Replicator {
             }
         });
         outcome
-            .ok()
             .map(|answer| answer.and_then(|(_, replica, _)| replica))
+            .map_err(|(_, why)| why)
     }
 
     /// `POST /v1/sync` of `message` to the replica at `address`, bound to it. Refused as not
@@ -1945,11 +1962,11 @@ impl Replicator {
     }
 
     /// Send each peer its messages (holding `entries` buckets in all), all peers concurrently;
-    /// returns the replicas that took all of theirs, and the peers that did not.
+    /// returns the replicas that took all of theirs, and the peers that did not, with why.
     async fn broadcast(
         self: &Arc<Self>,
         to: Vec<(SocketAddr, Arc<Vec<Outgoing>>, usize)>,
-    ) -> (BTreeSet<u64>, Vec<SocketAddr>) {
+    ) -> (BTreeSet<u64>, Vec<(SocketAddr, Undelivered)>) {
         let mut sends = tokio::task::JoinSet::new();
         for (peer, messages, entries) in to {
             let replicator = self.clone();
@@ -1957,9 +1974,9 @@ impl Replicator {
                 let delivered = async {
                     let mut replica = None;
                     for message in messages.iter() {
-                        replica = Some(replicator.send(peer, message).await?);
+                        replica = replicator.send(peer, message).await?;
                     }
-                    replica
+                    Ok(replica)
                 }
                 .await;
                 (peer, entries, delivered)
@@ -1970,11 +1987,11 @@ impl Replicator {
         let mut sent_entries = 0;
         for (peer, entries, delivered) in sends.join_all().await {
             match delivered {
-                Some(replica) => {
+                Ok(replica) => {
                     sent_entries += entries;
                     answered.extend(replica);
                 }
-                None => failed.push(peer),
+                Err(why) => failed.push((peer, why)),
             }
         }
         self.limiter
@@ -1994,21 +2011,21 @@ impl Replicator {
     }
 
     /// After a delta round: a peer that took it is owed nothing any more; one that did not is
-    /// owed the round's buckets (up to [`ReplicationOptions::max_missed`] over all peers), and
-    /// loses its backlog if the round carried it (at most one try per return of the link).
+    /// owed the round's buckets too (up to [`ReplicationOptions::max_missed`] over all peers),
+    /// unless it refused the backlog the round carried, which is then given up.
     fn note_missed(
         &self,
         peers: &[SocketAddr],
         buckets: &[HeldBucket],
         owed: &HashMap<SocketAddr, Vec<HeldBucket>>,
-        failed: &[SocketAddr],
+        failed: &[(SocketAddr, Undelivered)],
     ) {
         let mut missed = self.missed.lock().unwrap_or_else(|p| p.into_inner());
         // Peers no longer in the set are owed nothing.
         missed.retain(|peer, _| peers.contains(peer));
         let mut remembered: usize = missed.values().map(|m| m.buckets.len()).sum();
         for &peer in peers {
-            if !failed.contains(&peer) {
+            let Some(&(_, why)) = failed.iter().find(|(p, _)| *p == peer) else {
                 match missed.get_mut(&peer) {
                     // The link is back: what it is owed goes with the next round.
                     Some(m) if m.unreachable => m.unreachable = false,
@@ -2016,13 +2033,14 @@ impl Replicator {
                     _ => drop(missed.remove(&peer)),
                 }
                 continue;
-            }
+            };
             let m = missed.entry(peer).or_default();
             m.unreachable = true;
-            if owed.get(&peer).is_some_and(|resend| !resend.is_empty()) {
-                // Its backlog went out after a round it took, and it did not take that: give
-                // the backlog up to the whole-state round (the failure put the peer out of
-                // sync) rather than send it again and again to a peer that refuses it.
+            if why == Undelivered::Refused && owed.get(&peer).is_some_and(|r| !r.is_empty()) {
+                // It refused its backlog (too large for it, a clock beyond its guard, ...):
+                // leave it to the whole-state round (the refusal put the peer out of sync)
+                // rather than send it again after every round it takes. A backlog that did not
+                // get through for a cut link is tried again once the link is back.
                 remembered -= m.buckets.len();
                 m.buckets.clear();
             }
