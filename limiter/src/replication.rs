@@ -1091,6 +1091,25 @@ impl Replicator {
         (headers, signature)
     }
 
+    /// A signed `GET {url_path}` to the peer at `address`, bound to `recipient`: the signature
+    /// covers `GET {url_path}` in place of a body (as [`HELLO_PATH`] and [`state_path`] say on
+    /// the listener's side). Returns the request and its signature, which the answer names.
+    fn signed_get(
+        &self,
+        address: SocketAddr,
+        url_path: &str,
+        recipient: Option<u64>,
+    ) -> (reqwest::RequestBuilder, String) {
+        let path = format!("GET {url_path}");
+        let (headers, signature) = self.auth_headers(&path, path.as_bytes(), 0, recipient);
+        let request = headers.into_iter().fold(
+            self.client
+                .get(format!("{}://{address}{url_path}", self.scheme)),
+            |request, (name, value)| request.header(name, value),
+        );
+        (request, signature)
+    }
+
     /// [`Replicator::auth_headers`] of a body signed already (at `timestamp`, `signature`).
     fn signed_headers(
         &self,
@@ -1198,13 +1217,7 @@ impl Replicator {
             return Ok(Some(replica));
         }
         let _turn = self.turn(&address.to_string()).await;
-        let (headers, signature) = self.auth_headers(HELLO_PATH, HELLO_PATH.as_bytes(), 0, None);
-        let mut request = self
-            .client
-            .get(format!("{}://{address}/v1/hello", self.scheme));
-        for (name, value) in headers {
-            request = request.header(name, value);
-        }
+        let (request, signature) = self.signed_get(address, "/v1/hello", None);
         let response = request.send().await.map_err(|e| e.to_string())?;
         if response.status() == StatusCode::NOT_FOUND && self.options.legacy_signatures {
             return Ok(None);
@@ -2249,14 +2262,8 @@ impl Replicator {
             loop {
                 let recipient = self.recipient(address).await?;
                 let _turn = self.turn(&address.to_string()).await;
-                let path = state_path(from);
-                let (headers, signature) = self.auth_headers(&path, path.as_bytes(), 0, recipient);
-                let mut get = self
-                    .client
-                    .get(format!("{}://{address}/v1/state?from={from}", self.scheme));
-                for (name, value) in headers {
-                    get = get.header(name, value);
-                }
+                let (get, signature) =
+                    self.signed_get(address, &format!("/v1/state?from={from}"), recipient);
                 let response = get.send().await.map_err(|e| e.to_string())?;
                 if response.status() == StatusCode::MISDIRECTED_REQUEST {
                     self.forget_recipient(&address.to_string());
