@@ -195,6 +195,8 @@ const MISSING_BOUND: &str = "missing recipient-bound signature (a replica of an 
 const MAX_HELLO_BYTES: usize = 4096;
 /// Largest `POST /v1/lend` body.
 const MAX_LEND_BYTES: usize = 16 * 1024;
+/// Largest answer to `POST /v1/lend` read.
+const MAX_LEND_ANSWER_BYTES: usize = 4096;
 
 /// One message between replicas: the changed buckets (or all of them). Keys are borrowed from
 /// the buckets being sent, and from the body being read when they need no unescaping: one
@@ -729,12 +731,10 @@ impl Replicator {
         if !response.status().is_success() {
             return None;
         }
-        let headers = response.headers().clone();
-        let body = response.bytes().await.ok()?;
-        if body.len() > 4096 {
-            return None;
-        }
-        self.verify(&headers, &body).ok()?;
+        let body = self
+            .read_signed_answer(response, MAX_LEND_ANSWER_BYTES)
+            .await
+            .ok()?;
         let answer: LendAnswer = serde_json::from_slice(&body).ok()?;
         (answer.nonce == request.nonce
             && answer.replica == lender
@@ -1091,6 +1091,18 @@ impl Replicator {
         (headers, signature)
     }
 
+    /// The body of a peer's answer, read up to `limit` bytes, once its signature checks out.
+    async fn read_signed_answer(
+        &self,
+        response: reqwest::Response,
+        limit: usize,
+    ) -> Result<Vec<u8>, String> {
+        let headers = response.headers().clone();
+        let body = read_limited(response, limit).await?;
+        self.verify(&headers, &body).map_err(|e| e.to_string())?;
+        Ok(body)
+    }
+
     /// A signed `GET {url_path}` to the peer at `address`, bound to `recipient`: the signature
     /// covers `GET {url_path}` in place of a body (as [`HELLO_PATH`] and [`state_path`] say on
     /// the listener's side). Returns the request and its signature, which the answer names.
@@ -1232,9 +1244,7 @@ impl Replicator {
         if !response.status().is_success() {
             return Err(format!("peer answered {} to hello", response.status()));
         }
-        let headers = response.headers().clone();
-        let body = read_limited(response, MAX_HELLO_BYTES).await?;
-        self.verify(&headers, &body).map_err(|e| e.to_string())?;
+        let body = self.read_signed_answer(response, MAX_HELLO_BYTES).await?;
         let hello: Hello = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
         if hello.re != signature {
             return Err("hello answer not for this request".into());
@@ -1865,11 +1875,10 @@ impl Replicator {
                 // request: its escrow state is merged and its replica counted toward the
                 // lease. Anything else (an earlier version's unsigned answer, or something
                 // answering for the peer's address) is a delivery and nothing more.
-                let headers = response.headers().clone();
-                let answer = read_limited(response, MAX_MESSAGE_BYTES)
+                let answer = self
+                    .read_signed_answer(response, MAX_MESSAGE_BYTES)
                     .await
                     .ok()
-                    .filter(|body| self.verify(&headers, body).is_ok())
                     .and_then(|body| serde_json::from_slice::<SyncAnswer>(&body).ok())
                     .filter(|answer| answer.re.as_deref() == Some(signature));
                 if let Some(SyncAnswer {
@@ -2271,9 +2280,7 @@ impl Replicator {
                 if !response.status().is_success() {
                     return Err(format!("peer answered {}", response.status()));
                 }
-                let headers = response.headers().clone();
-                let body = read_limited(response, MAX_MESSAGE_BYTES).await?;
-                self.verify(&headers, &body).map_err(|e| e.to_string())?;
+                let body = self.read_signed_answer(response, MAX_MESSAGE_BYTES).await?;
                 let page: StatePage = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
                 // A page counts for the request it names only (an earlier version names none).
                 match &page.re {
