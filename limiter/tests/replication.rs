@@ -250,8 +250,14 @@ fn assert_metrics(limiter: &Limiter, lines: &[&str]) {
     }
 }
 
-async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    let until = tokio::time::Instant::now() + DEADLINE;
+async fn eventually(what: &str, condition: impl FnMut() -> bool) {
+    eventually_within(DEADLINE, what, condition).await;
+}
+
+/// [`eventually`] for work that takes longer than [`DEADLINE`] in a debug build (tens of
+/// megabytes encoded, sent and merged).
+async fn eventually_within(deadline: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let until = tokio::time::Instant::now() + deadline;
     while !condition() {
         assert!(
             tokio::time::Instant::now() < until,
@@ -355,10 +361,7 @@ async fn buckets_a_dead_peer_missed_are_remembered_within_a_bound() {
     const BUDGET: usize = 1000;
     let sender = Replica::start_with("sender", 1, |o| o.max_missed = BUDGET).await;
     // An address nothing listens on: every round to it fails at once.
-    let dead = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap()
-    };
+    let dead = dead_address();
     sender.peers.send(vec![dead]).unwrap();
     for i in 0..BUDGET + BUDGET / 2 {
         sender
@@ -377,6 +380,168 @@ async fn buckets_a_dead_peer_missed_are_remembered_within_a_bound() {
     })
     .await;
     sender.shutdown().await;
+}
+
+/// An address nothing listens on (taken from the system and let go), for a peer that is down
+/// until a test starts something there.
+fn dead_address() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// Spends half of each of `count` buckets on `replica`, keys of 240 bytes and more (the limit
+/// is 256), so that the buckets make a large message: about 300 bytes each on the wire. Half:
+/// a bucket is full again (and a replica forgets a full bucket) only 5 minutes later, so a
+/// slow run does not see buckets refill before they arrive.
+fn spend_long_keys(replica: &Replica, prefix: &str, count: usize) {
+    let long = "k".repeat(240);
+    for i in 0..count {
+        replica
+            .limiter
+            .decide("default", &format!("{prefix}-{long}-{i}"), 50)
+            .unwrap();
+    }
+}
+
+/// What a replica owed a peer that was down goes in messages of a whole-state page each, every
+/// one under the 16 MiB a peer takes: here 70 000 buckets of long keys, about 21 MB, which as
+/// one message the returning peer would refuse (and the sender then give up). The receiver has
+/// no peers of its own (it pulls nothing) and the anti-entropy round is an hour away, so only
+/// the backlog can bring it these buckets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_larger_than_one_message_reaches_the_returning_peer_in_pages() {
+    const KEYS: usize = 70_000;
+    let sender = Replica::start_with("sender", 1, |o| {
+        o.anti_entropy_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let away = dead_address();
+    sender.peers.send(vec![away]).unwrap();
+    spend_long_keys(&sender, "away", KEYS);
+    eventually(
+        "every bucket spent to be owed to the peer that is down",
+        || sender.replicator.missed_buckets() == KEYS,
+    )
+    .await;
+    let receiver = Replica::start_at(&away.to_string(), "receiver", 2, |_| {}).await;
+    eventually_within(
+        Duration::from_secs(30),
+        "the returning peer to hold every bucket spent while it was down",
+        || receiver.limiter.store().len() == KEYS,
+    )
+    .await;
+    eventually("the backlog to be paid off", || {
+        sender.replicator.missed_buckets() == 0
+    })
+    .await;
+    sender.shutdown().await;
+    receiver.shutdown().await;
+}
+
+/// A relay at `bind` in front of the replica at `real` that passes on only bodies of at most
+/// `limit` bytes (a mesh sidecar's or an ingress's body limit on the path to a peer): a larger
+/// one is answered `413` and counted in `refused`; every other request and its answer (signed
+/// by the replica behind) go through unchanged.
+async fn relay_with_body_limit(
+    bind: SocketAddr,
+    real: SocketAddr,
+    limit: usize,
+    refused: Arc<std::sync::atomic::AtomicUsize>,
+) -> tokio::task::JoinHandle<()> {
+    use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+    let client = reqwest::Client::new();
+    let relay = axum::Router::new()
+        .fallback(
+            move |method: Method, uri: Uri, mut headers: HeaderMap, body: axum::body::Bytes| {
+                let (client, refused) = (client.clone(), refused.clone());
+                async move {
+                    if body.len() > limit {
+                        refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        return (StatusCode::PAYLOAD_TOO_LARGE, HeaderMap::new(), Vec::new());
+                    }
+                    headers.remove(header::HOST);
+                    let answer = client
+                        .request(method, format!("http://{real}{uri}"))
+                        .headers(headers)
+                        .body(body)
+                        .send()
+                        .await
+                        .unwrap();
+                    let mut passed = HeaderMap::new();
+                    for (name, value) in answer.headers() {
+                        if name.as_str().starts_with("x-openclaw-") || name == header::CONTENT_TYPE
+                        {
+                            passed.insert(name.clone(), value.clone());
+                        }
+                    }
+                    let status = answer.status();
+                    (status, passed, answer.bytes().await.unwrap().to_vec())
+                }
+            },
+        )
+        .layer(axum::extract::DefaultBodyLimit::disable());
+    let listener = tokio::net::TcpListener::bind(bind).await.unwrap();
+    tokio::spawn(async move { axum::serve(listener, relay).await.unwrap() })
+}
+
+/// A peer that refuses the backlog it is owed (with an error status: too large for the path
+/// to it, a clock beyond its guard) is not sent it again after every round it takes: the
+/// backlog is given up, and the whole-state round it is owed for the refusal carries it. Here
+/// the path to the returning peer takes 1 MiB at most; the 10 000 buckets it missed make one
+/// message of about 3 MB. It is refused once; the rounds after it go through (each carries a
+/// new key the peer then holds) and none of them carries the backlog again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_the_peer_refuses_is_given_up_not_sent_with_every_round() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const KEYS: usize = 10_000;
+    let sender = Replica::start_with("sender", 1, |o| {
+        o.anti_entropy_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let away = dead_address();
+    sender.peers.send(vec![away]).unwrap();
+    spend_long_keys(&sender, "away", KEYS);
+    eventually(
+        "every bucket spent to be owed to the peer that is down",
+        || sender.replicator.missed_buckets() == KEYS,
+    )
+    .await;
+    let receiver = Replica::start("receiver", 2).await;
+    let refused = Arc::new(AtomicUsize::new(0));
+    let relay = relay_with_body_limit(away, receiver.address, 1 << 20, refused.clone()).await;
+    eventually_within(
+        Duration::from_secs(30),
+        "the backlog to be refused and given up",
+        || refused.load(Ordering::SeqCst) > 0 && sender.replicator.missed_buckets() == 0,
+    )
+    .await;
+    for i in 0..5 {
+        let key = format!("after-{i}");
+        sender.limiter.decide("default", &key, 1).unwrap();
+        eventually("a round after the refusal to reach the peer", || {
+            receiver
+                .limiter
+                .peek("default", &key, 1)
+                .unwrap()
+                .0
+                .outcome
+                .remaining
+                < 100
+        })
+        .await;
+    }
+    assert_eq!(
+        refused.load(Ordering::SeqCst),
+        1,
+        "the refused backlog was sent again"
+    );
+    assert!(
+        receiver.limiter.store().len() < KEYS,
+        "the refused backlog reached the peer after all: the test no longer tests a refusal"
+    );
+    relay.abort();
+    sender.shutdown().await;
+    receiver.shutdown().await;
 }
 
 /// On SIGTERM the process sets the stop flag and drops discovery's sender at the same moment;
