@@ -438,26 +438,52 @@ async fn a_backlog_larger_than_one_message_reaches_the_returning_peer_in_pages()
     receiver.shutdown().await;
 }
 
-/// A relay at `bind` in front of the replica at `real` that passes on only bodies of at most
-/// `limit` bytes (a mesh sidecar's or an ingress's body limit on the path to a peer): a larger
-/// one is answered `413` and counted in `refused`; every other request and its answer (signed
-/// by the replica behind) go through unchanged.
-async fn relay_with_body_limit(
-    bind: SocketAddr,
-    real: SocketAddr,
-    limit: usize,
+/// What a [`Relay`] in front of a replica does to the traffic it passes on.
+#[derive(Clone, Copy)]
+struct Faults {
+    /// Request bodies larger than this are answered `413` and counted (a mesh sidecar's or an
+    /// ingress's body limit on the path to a peer).
+    body_limit: usize,
+    /// Answers to requests for this path carry the replica's headers (its signature with them)
+    /// and then a body that never ends: something answering at a peer's address.
+    endless_answers_to: Option<&'static str>,
+}
+
+/// A relay in front of a replica: everything else it passes on unchanged, both ways, so the
+/// replica's signed answers are good for the requests relayed.
+struct Relay {
+    address: SocketAddr,
+    /// Requests refused for their size.
     refused: Arc<std::sync::atomic::AtomicUsize>,
-) -> tokio::task::JoinHandle<()> {
+    /// Bytes of endless answers handed to the connection so far.
+    streamed: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts a [`Relay`] at `bind` in front of the replica at `real`.
+async fn relay(bind: SocketAddr, real: SocketAddr, faults: Faults) -> Relay {
     use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+    use axum::response::IntoResponse;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static FILLER: [u8; 65_536] = [b' '; 65_536];
+    let refused = Arc::new(AtomicUsize::new(0));
+    let streamed = Arc::new(AtomicUsize::new(0));
     let client = reqwest::Client::new();
+    let counters = (refused.clone(), streamed.clone());
     let relay = axum::Router::new()
         .fallback(
             move |method: Method, uri: Uri, mut headers: HeaderMap, body: axum::body::Bytes| {
-                let (client, refused) = (client.clone(), refused.clone());
+                let (client, (refused, streamed)) = (client.clone(), counters.clone());
                 async move {
-                    if body.len() > limit {
-                        refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        return (StatusCode::PAYLOAD_TOO_LARGE, HeaderMap::new(), Vec::new());
+                    if body.len() > faults.body_limit {
+                        refused.fetch_add(1, Ordering::SeqCst);
+                        return StatusCode::PAYLOAD_TOO_LARGE.into_response();
                     }
                     headers.remove(header::HOST);
                     let answer = client
@@ -475,13 +501,28 @@ async fn relay_with_body_limit(
                         }
                     }
                     let status = answer.status();
-                    (status, passed, answer.bytes().await.unwrap().to_vec())
+                    if faults.endless_answers_to == Some(uri.path()) {
+                        let endless = futures_util::stream::repeat_with(move || {
+                            streamed.fetch_add(FILLER.len(), Ordering::SeqCst);
+                            Ok::<_, std::io::Error>(axum::body::Bytes::from_static(&FILLER))
+                        });
+                        return (status, passed, axum::body::Body::from_stream(endless))
+                            .into_response();
+                    }
+                    (status, passed, answer.bytes().await.unwrap()).into_response()
                 }
             },
         )
         .layer(axum::extract::DefaultBodyLimit::disable());
     let listener = tokio::net::TcpListener::bind(bind).await.unwrap();
-    tokio::spawn(async move { axum::serve(listener, relay).await.unwrap() })
+    let address = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move { axum::serve(listener, relay).await.unwrap() });
+    Relay {
+        address,
+        refused,
+        streamed,
+        task,
+    }
 }
 
 /// A peer that refuses the backlog it is owed (with an error status: too large for the path
@@ -492,7 +533,7 @@ async fn relay_with_body_limit(
 /// new key the peer then holds) and none of them carries the backlog again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_the_peer_refuses_is_given_up_not_sent_with_every_round() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
     const KEYS: usize = 10_000;
     let sender = Replica::start_with("sender", 1, |o| {
         o.anti_entropy_interval = Duration::from_secs(3600);
@@ -507,8 +548,16 @@ async fn a_backlog_the_peer_refuses_is_given_up_not_sent_with_every_round() {
     )
     .await;
     let receiver = Replica::start("receiver", 2).await;
-    let refused = Arc::new(AtomicUsize::new(0));
-    let relay = relay_with_body_limit(away, receiver.address, 1 << 20, refused.clone()).await;
+    let relay = relay(
+        away,
+        receiver.address,
+        Faults {
+            body_limit: 1 << 20,
+            endless_answers_to: None,
+        },
+    )
+    .await;
+    let refused = &relay.refused;
     eventually_within(
         Duration::from_secs(30),
         "the backlog to be refused and given up",
@@ -539,7 +588,7 @@ async fn a_backlog_the_peer_refuses_is_given_up_not_sent_with_every_round() {
         receiver.limiter.store().len() < KEYS,
         "the refused backlog reached the peer after all: the test no longer tests a refusal"
     );
-    relay.abort();
+    drop(relay);
     sender.shutdown().await;
     receiver.shutdown().await;
 }
@@ -956,6 +1005,64 @@ async fn a_strict_request_costing_more_than_one_share_borrows_from_peers_up_to_t
         [true, true, false],
         "a full bucket of 10 admits two requests of 5, then refuses"
     );
+    for replica in replicas {
+        replica.shutdown().await;
+    }
+}
+
+/// A loan's answer is read within its bound (4 KiB) before anything else is done with it.
+/// Here a relay at the lender's address passes the borrower's request on to the lender and
+/// answers with the lender's headers (its signature with them) and then a body that never
+/// ends. On the old code the borrower read the answer whole, until the loan timeout, before
+/// looking at its size: with a timeout of 1 s that was hundreds of megabytes held in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loan_answer_is_read_within_its_bound() {
+    const POLICIES: &str =
+        "policies:\n  checkout: {capacity: 10, refill_interval_ms: 1000, mode: strict}\n";
+    let lender = Replica::start("lender", 2).await;
+    let at_lender = relay(
+        "127.0.0.1:0".parse().unwrap(),
+        lender.address,
+        Faults {
+            body_limit: usize::MAX,
+            endless_answers_to: Some("/v1/lend"),
+        },
+    )
+    .await;
+    let borrower = Replica::start_with("borrower", 1, |o| {
+        o.loan_timeout = Duration::from_secs(1);
+    })
+    .await;
+    borrower.peers.send(vec![at_lender.address]).unwrap();
+    lender.peers.send(vec![borrower.address]).unwrap();
+    let replicas = [borrower, lender];
+    for replica in &replicas {
+        replica.limiter.reload_policies(POLICIES).unwrap();
+        replica.limiter.mark_ready();
+    }
+    even_shares_in_force(&replicas, "checkout", "client").await;
+    // Half of 10 each (just under): 7 needs a loan.
+    let verdict = replicas[0]
+        .limiter
+        .decide_with_loans("checkout", "client", 7)
+        .await
+        .unwrap();
+    let streamed = at_lender.streamed.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        streamed > 0,
+        "no loan was asked through the relay: the test tests nothing"
+    );
+    assert!(
+        !verdict.outcome.allowed,
+        "a request was paid with an answer that is not one"
+    );
+    // What the connection's buffers take before the borrower stops reading, at most a few
+    // megabytes; the old code read on for the whole second.
+    assert!(
+        streamed < 16 << 20,
+        "{streamed} bytes of a loan's answer were taken (its bound is 4096)"
+    );
+    drop(at_lender);
     for replica in replicas {
         replica.shutdown().await;
     }
