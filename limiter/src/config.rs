@@ -132,6 +132,13 @@ pub struct Args {
     #[arg(long, env = "OPENCLAW_PEER_TLS_SERVER_NAME", default_value = crate::peer_tls::DEFAULT_SERVER_NAME)]
     pub peer_tls_server_name: String,
 
+    /// Peer mutual TLS: take a message (or an answer) only from the node its certificate names.
+    /// Every peer certificate must then also carry `<node id>.<server name>` (for a pod,
+    /// `<pod name>.openclaw-peer`: cert-manager's csi-driver issues one per pod), so that a
+    /// member can speak only as itself.
+    #[arg(long, env = "OPENCLAW_PEER_TLS_BIND_NODE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub peer_tls_bind_node: bool,
+
     /// Peer mutual TLS: how often the three files are checked for changes, in milliseconds.
     #[arg(long, env = "OPENCLAW_PEER_TLS_RELOAD_MS", default_value_t = crate::peer_tls::DEFAULT_RELOAD_MS)]
     pub peer_tls_reload_ms: u64,
@@ -486,7 +493,7 @@ impl Config {
                 }
             }
         });
-        let replication = replication_settings(&args, &mut errors);
+        let replication = replication_settings(&args, &node_id, &mut errors);
         if args.snapshot_interval_s == 0 {
             errors.push("OPENCLAW_SNAPSHOT_INTERVAL_S must be at least 1".into());
         }
@@ -517,6 +524,7 @@ impl Config {
 /// certificate one the peers will accept. Checked whenever set, peers or not.
 fn peer_tls_settings(
     args: &Args,
+    node_id: &str,
     errors: &mut Vec<String>,
 ) -> Option<crate::peer_tls::PeerTlsSettings> {
     let files = [
@@ -530,7 +538,17 @@ fn peer_tls_settings(
         .map(|(name, _)| *name)
         .collect();
     match missing.len() {
-        3 => return None,
+        3 => {
+            if args.peer_tls_bind_node {
+                errors.push(
+                    "OPENCLAW_PEER_TLS_BIND_NODE=true needs peer mutual TLS \
+                     (OPENCLAW_PEER_TLS_CERT, OPENCLAW_PEER_TLS_KEY, OPENCLAW_PEER_TLS_CA): it \
+                     binds a node to the certificate it presents"
+                        .into(),
+                );
+            }
+            return None;
+        }
         0 => {}
         _ => {
             let set: Vec<&str> = files
@@ -559,6 +577,14 @@ fn peer_tls_settings(
     if args.peer_tls_reload_ms == 0 {
         errors.push("OPENCLAW_PEER_TLS_RELOAD_MS must be at least 1".into());
     }
+    if args.peer_tls_bind_node
+        && let Some(server_name) = &server_name
+        && let Err(e) = crate::peer_tls::node_name(node_id, server_name)
+    {
+        errors.push(format!(
+            "OPENCLAW_PEER_TLS_BIND_NODE=true names this node `<OPENCLAW_NODE_ID>.<OPENCLAW_PEER_TLS_SERVER_NAME>` in its certificate: {e} (node ids must be DNS labels, as pod names are)"
+        ));
+    }
     let settings = crate::peer_tls::PeerTlsSettings {
         files: crate::peer_tls::PeerTlsFiles {
             cert: args.peer_tls_cert.clone()?,
@@ -567,6 +593,7 @@ fn peer_tls_settings(
         },
         server_name: server_name?,
         reload: Duration::from_millis(args.peer_tls_reload_ms),
+        bind_node: args.peer_tls_bind_node.then(|| node_id.to_owned()),
     };
     if let Err(problems) = settings.check() {
         errors.extend(problems);
@@ -574,8 +601,12 @@ fn peer_tls_settings(
     (errors.len() == before).then_some(settings)
 }
 
-fn replication_settings(args: &Args, errors: &mut Vec<String>) -> Option<ReplicationSettings> {
-    let tls = peer_tls_settings(args, errors);
+fn replication_settings(
+    args: &Args,
+    node_id: &str,
+    errors: &mut Vec<String>,
+) -> Option<ReplicationSettings> {
+    let tls = peer_tls_settings(args, node_id, errors);
     let tls_asked =
         args.peer_tls_cert.is_some() || args.peer_tls_key.is_some() || args.peer_tls_ca.is_some();
     let inferred = if args.peers.is_some() {
@@ -848,6 +879,64 @@ mod tests {
             errors[0].starts_with(
                 "OPENCLAW_PEER_MAX_CONNECTIONS_PER_SOURCE (9) must not exceed OPENCLAW_PEER_MAX_CONNECTIONS (8)"
             ),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn binding_nodes_needs_mutual_tls_and_a_certificate_naming_this_node() {
+        use crate::peer_tls::test_certs::{Ca, path_str};
+        let errors = Config::try_from_args(args(&[
+            "--peers",
+            "a:8081",
+            "--peer-secret",
+            "0123456789abcdef0123",
+            "--peer-tls-bind-node",
+            "true",
+        ]))
+        .unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with("OPENCLAW_PEER_TLS_BIND_NODE=true needs peer mutual TLS"),
+            "{errors:?}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new("peers");
+        let files = ca.write(
+            dir.path(),
+            &ca.leaf_for(&["openclaw-peer", "node-a.openclaw-peer"]),
+        );
+        let with = |node: &str| {
+            Config::try_from_args(
+                Args::try_parse_from([
+                    "openclaw-limiter",
+                    "--node-id",
+                    node,
+                    "--peers",
+                    "b:8081",
+                    "--peer-tls-cert",
+                    path_str(&files.cert),
+                    "--peer-tls-key",
+                    path_str(&files.key),
+                    "--peer-tls-ca",
+                    path_str(&files.ca),
+                    "--peer-tls-bind-node",
+                    "true",
+                ])
+                .unwrap(),
+            )
+        };
+        let tls = with("node-a").unwrap().replication.unwrap().tls.unwrap();
+        assert_eq!(tls.bind_node.as_deref(), Some("node-a"));
+        let errors = with("node-b").unwrap_err();
+        assert!(
+            errors[0].contains("`node-b.openclaw-peer`"),
+            "another node's certificate: {errors:?}"
+        );
+        let errors = with("node b").unwrap_err();
+        assert!(
+            errors[0].contains("node ids must be DNS labels"),
             "{errors:?}"
         );
     }

@@ -12,7 +12,8 @@
 //! * [`http`]: the decision API; [`server`]: lifecycle; [`config`]: flags and env vars;
 //!   [`metrics`]: the Prometheus series.
 //! * [`replication`] and [`membership`]: peers and what travels between them; [`listener`]
-//!   and [`peer_tls`]: what the peer port accepts (connection limits, mutual TLS).
+//!   and [`peer_tls`]: what the peer port accepts (connection limits, mutual TLS);
+//!   [`node_binding`]: which node a replica id belongs to when certificates name nodes.
 
 pub mod bucket;
 pub mod clock;
@@ -23,6 +24,7 @@ pub mod http;
 pub mod listener;
 pub mod membership;
 pub mod metrics;
+pub mod node_binding;
 pub mod peer_tls;
 pub mod policy;
 pub mod remote;

@@ -170,10 +170,13 @@ impl axum::serve::Listener for LimitedListener {
                     );
                     let io = match &self.tls {
                         None => PeerIo::Plain(io),
-                        Some(config) => PeerIo::Tls(Box::new(Tls::Handshaking(
-                            TlsAcceptor::from(config.clone()).accept(io),
-                            self.counters.tls_refused.clone(),
-                        ))),
+                        Some(config) => PeerIo::Tls(
+                            Box::new(Tls::Handshaking(
+                                TlsAcceptor::from(config.clone()).accept(io),
+                                self.counters.tls_refused.clone(),
+                            )),
+                            ClientCertificate::default(),
+                        ),
                     };
                     return (io, address);
                 }
@@ -422,11 +425,36 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<S> {
 }
 
 /// A peer connection: plain, or TLS whose handshake runs on the first read or write (so on the
-/// connection's task, under its idle timeout).
+/// connection's task, under its idle timeout), with the client certificate it presented.
 #[derive(Debug)]
 pub enum PeerIo {
     Plain(IdleTimeout<TcpStream>),
-    Tls(Box<Tls>),
+    Tls(Box<Tls>, ClientCertificate),
+}
+
+/// The leaf certificate a peer connection's client presented, set when its TLS handshake
+/// completes (so before any request on it is read); never set on a plain connection. The
+/// peer routes get it as `ConnectInfo<ClientCertificate>`, to check that a message comes from
+/// the node it says it comes from (`OPENCLAW_PEER_TLS_BIND_NODE`).
+#[derive(Debug, Clone, Default)]
+pub struct ClientCertificate(Arc<std::sync::OnceLock<rustls::pki_types::CertificateDer<'static>>>);
+
+impl ClientCertificate {
+    /// The certificate, once the handshake is done; `None` on a plain connection.
+    pub fn get(&self) -> Option<&rustls::pki_types::CertificateDer<'static>> {
+        self.0.get()
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, LimitedListener>>
+    for ClientCertificate
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, LimitedListener>) -> Self {
+        match stream.io() {
+            PeerIo::Plain(_) => Self::default(),
+            PeerIo::Tls(_, certificate) => certificate.clone(),
+        }
+    }
 }
 
 /// The TLS side of a [`PeerIo`].
@@ -451,11 +479,22 @@ impl Tls {
     fn poll_stream(
         &mut self,
         cx: &mut Context<'_>,
+        certificate: &ClientCertificate,
     ) -> Poll<io::Result<&mut TlsStream<IdleTimeout<TcpStream>>>> {
         if let Tls::Handshaking(accept, refused) = self {
             match Pin::new(accept).poll(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(stream)) => *self = Tls::Ready(stream),
+                Poll::Ready(Ok(stream)) => {
+                    if let Some(leaf) = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                    {
+                        let _ = certificate.0.set(leaf.clone().into_owned());
+                    }
+                    *self = Tls::Ready(stream);
+                }
                 Poll::Ready(Err(e)) => {
                     // The idle timeout's own error is counted as such, not as a refusal.
                     if e.kind() != io::ErrorKind::TimedOut {
@@ -485,7 +524,7 @@ macro_rules! peer_io {
                 let $stream = Pin::new(plain);
                 $call
             }
-            PeerIo::Tls(tls) => match tls.poll_stream($cx) {
+            PeerIo::Tls(tls, certificate) => match tls.poll_stream($cx, certificate) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
                 Poll::Ready(Ok(stream)) => {
@@ -523,7 +562,7 @@ impl AsyncWrite for PeerIo {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             PeerIo::Plain(plain) => Pin::new(plain).poll_shutdown(cx),
-            PeerIo::Tls(tls) => match tls.as_mut() {
+            PeerIo::Tls(tls, _) => match tls.as_mut() {
                 Tls::Ready(stream) => Pin::new(stream).poll_shutdown(cx),
                 // Nothing to close politely: dropping the connection closes it.
                 _ => Poll::Ready(Ok(())),
@@ -542,7 +581,7 @@ impl AsyncWrite for PeerIo {
     fn is_write_vectored(&self) -> bool {
         match self {
             PeerIo::Plain(plain) => plain.is_write_vectored(),
-            PeerIo::Tls(tls) => match tls.as_ref() {
+            PeerIo::Tls(tls, _) => match tls.as_ref() {
                 Tls::Ready(stream) => stream.is_write_vectored(),
                 _ => false,
             },

@@ -505,6 +505,7 @@ impl Metrics {
             "too_slow",
             "replayed",
             "misdirected",
+            "sender_not_certified",
             "idle_connection",
             "tls_handshake",
             "per_source",

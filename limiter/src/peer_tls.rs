@@ -80,14 +80,48 @@ pub struct PeerTlsSettings {
     pub server_name: ServerName<'static>,
     /// How often the files are checked for changes.
     pub reload: Duration,
+    /// `OPENCLAW_PEER_TLS_BIND_NODE`: this replica's node id, when every peer certificate must
+    /// also name its own node ([`node_name`]) and messages are taken only from the node their
+    /// certificate names.
+    pub bind_node: Option<String>,
 }
 
 impl PeerTlsSettings {
     /// Reads and checks the files as a reload would; every problem names its variable and file.
     pub fn check(&self) -> Result<(), Vec<String>> {
         let pem = Pem::read(&self.files)?;
-        Material::build(&provider(), &pem, &self.files, &self.server_name).map(|_| ())
+        Material::build(&provider(), &pem, self).map(|_| ())
     }
+}
+
+/// The DNS name a peer certificate carries for node `node` when nodes are bound
+/// (`OPENCLAW_PEER_TLS_BIND_NODE`): `<node>.<server name>`, e.g.
+/// `openclaw-limiter-7d4b9-x2kq8.openclaw-peer` for a pod of that name. Under the server name,
+/// so that one CA-issued name space holds both, and one label per node, so that a wildcard
+/// (`*.openclaw-peer`) would name every node (never issue one: it undoes the binding).
+pub fn node_name(node: &str, server_name: &ServerName<'_>) -> Result<ServerName<'static>, String> {
+    let name = format!("{node}.{}", server_name.to_str());
+    ServerName::try_from(name.clone())
+        .map_err(|e| format!("`{name}` is not a DNS name: {e}"))
+        .and_then(|name| match name {
+            ServerName::DnsName(_) => Ok(name),
+            _ => Err(format!("`{name:?}` is not a DNS name")),
+        })
+}
+
+/// Whether `certificate` carries the DNS name of node `node` ([`node_name`]). Only the name is
+/// checked: the chain was checked at the handshake that presented it.
+pub fn certifies(
+    certificate: &CertificateDer<'_>,
+    node: &str,
+    server_name: &ServerName<'_>,
+) -> bool {
+    let Ok(name) = node_name(node, server_name) else {
+        return false;
+    };
+    rustls::server::ParsedCertificate::try_from(certificate)
+        .and_then(|parsed| rustls::client::verify_server_name(&parsed, &name))
+        .is_ok()
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -142,9 +176,9 @@ impl Material {
     fn build(
         provider: &Arc<CryptoProvider>,
         pem: &Pem,
-        files: &PeerTlsFiles,
-        name: &ServerName<'static>,
+        settings: &PeerTlsSettings,
     ) -> Result<Self, Vec<String>> {
+        let (files, name) = (&settings.files, &settings.server_name);
         let mut errors = Vec::new();
         let key = openclaw_common::tls::parse_pair(provider, &pem.cert, &pem.key)
             .map_err(|e| {
@@ -185,6 +219,17 @@ impl Material {
                  client and server authentication)",
                 files.cert.display(),
                 files.ca.display(),
+                name.to_str()
+            )]);
+        }
+        if let Some(node) = &settings.bind_node
+            && !certifies(leaf, node, name)
+        {
+            return Err(vec![format!(
+                "{CERT_VAR}={}: with OPENCLAW_PEER_TLS_BIND_NODE=true this replica's certificate \
+                 must also carry the DNS name `{node}.{}` (its node id, OPENCLAW_NODE_ID, under \
+                 the server name): peers would refuse its messages as another node's",
+                files.cert.display(),
                 name.to_str()
             )]);
         }
@@ -230,7 +275,7 @@ impl PeerTls {
     ) -> Result<Self, Vec<String>> {
         let provider = provider();
         let pem = Pem::read(&settings.files)?;
-        let material = Material::build(&provider, &pem, &settings.files, &settings.server_name)?;
+        let material = Material::build(&provider, &pem, &settings)?;
         for result in ["success", "failure"] {
             let _ = counters.reloads.get_or_create(&ResultLabels { result });
         }
@@ -272,6 +317,17 @@ impl PeerTls {
         Ok(config)
     }
 
+    /// Whether messages are taken only from the node their certificate names
+    /// (`OPENCLAW_PEER_TLS_BIND_NODE`).
+    pub fn binds_nodes(&self) -> bool {
+        self.settings.bind_node.is_some()
+    }
+
+    /// Whether `certificate`, presented by a peer, names node `node` ([`certifies`]).
+    pub fn names_node(&self, certificate: &CertificateDer<'_>, node: &str) -> bool {
+        certifies(certificate, node, &self.settings.server_name)
+    }
+
     /// Re-reads the files once. `Some(true)`: a changed set was installed; `Some(false)`: a
     /// changed set was refused (the previous one stays); `None`: nothing changed.
     pub fn poll_files(&self) -> Option<bool> {
@@ -283,12 +339,7 @@ impl PeerTls {
         let built = match read {
             Ok(pem) if last_read.as_ref() == Some(&pem) => return None,
             Ok(pem) => {
-                let built = Material::build(
-                    &self.provider,
-                    &pem,
-                    &self.settings.files,
-                    &self.settings.server_name,
-                );
+                let built = Material::build(&self.provider, &pem, &self.settings);
                 *last_read = Some(pem);
                 built
             }
@@ -528,8 +579,17 @@ pub(crate) mod test_certs {
 
         /// (certificate PEM, key PEM) for `dns_name`, usable as client and server.
         pub fn leaf(&self, dns_name: &str) -> (String, String) {
+            self.leaf_for(&[dns_name])
+        }
+
+        /// [`Ca::leaf`] carrying every one of `dns_names`.
+        pub fn leaf_for(&self, dns_names: &[&str]) -> (String, String) {
             let key = rcgen::KeyPair::generate().unwrap();
-            let mut params = rcgen::CertificateParams::new(vec![dns_name.to_owned()]).unwrap();
+            let names = dns_names
+                .iter()
+                .map(|n| (*n).to_owned())
+                .collect::<Vec<_>>();
+            let mut params = rcgen::CertificateParams::new(names).unwrap();
             params.extended_key_usages = vec![
                 rcgen::ExtendedKeyUsagePurpose::ServerAuth,
                 rcgen::ExtendedKeyUsagePurpose::ClientAuth,
@@ -567,7 +627,48 @@ mod tests {
             files,
             server_name: ServerName::try_from(DEFAULT_SERVER_NAME).unwrap(),
             reload: Duration::from_millis(10),
+            bind_node: None,
         }
+    }
+
+    fn leaf_der(pem: &str) -> CertificateDer<'static> {
+        use rustls::pki_types::pem::PemObject;
+        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    /// With nodes bound, this replica's own certificate must name its node as well as the
+    /// server name, checked at start as its peers will check it; and a certificate names the
+    /// nodes whose `<node>.<server name>` it carries, no others.
+    #[test]
+    fn with_nodes_bound_a_certificate_must_name_its_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new("peers");
+        let shared_only = ca.write(dir.path(), &ca.leaf(DEFAULT_SERVER_NAME));
+        let bound = |files: PeerTlsFiles| PeerTlsSettings {
+            bind_node: Some("node-a".into()),
+            ..settings(files)
+        };
+        let errors = bound(shared_only.clone()).check().unwrap_err();
+        assert!(
+            errors[0].starts_with("OPENCLAW_PEER_TLS_CERT=")
+                && errors[0].contains("OPENCLAW_PEER_TLS_BIND_NODE")
+                && errors[0].contains("`node-a.openclaw-peer`"),
+            "{errors:?}"
+        );
+        assert_eq!(settings(shared_only).check(), Ok(()), "unbound, as before");
+
+        let (cert, key) = ca.leaf_for(&[DEFAULT_SERVER_NAME, "node-a.openclaw-peer"]);
+        let named = ca.write(dir.path(), &(cert.clone(), key));
+        assert_eq!(bound(named).check(), Ok(()));
+        let name = ServerName::try_from(DEFAULT_SERVER_NAME).unwrap();
+        let der = leaf_der(&cert);
+        assert!(certifies(&der, "node-a", &name));
+        assert!(!certifies(&der, "node-b", &name));
+        assert!(!certifies(&der, "node-a.openclaw-peer", &name));
+        assert!(!certifies(&der, "not a name", &name));
+        // The shared name alone names no node.
+        let (shared, _) = ca.leaf(DEFAULT_SERVER_NAME);
+        assert!(!certifies(&leaf_der(&shared), "node-a", &name));
     }
 
     fn count(tls: &PeerTls, result: &'static str) -> u64 {

@@ -48,14 +48,16 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::{Body, Bytes};
+use axum::extract::connect_info::ConnectInfo;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use compact_str::CompactString;
 use ring::hmac;
+use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 use tokio::sync::watch;
@@ -66,7 +68,9 @@ use crate::crdt::{BucketState, Component, ReplicaId, UNLISTED};
 use crate::escrow::protocol::{Control, Params};
 use crate::escrow::share::{LoanAsk, capacity, cost_units, plan_pool};
 use crate::escrow::{Escrow, Shortfall};
+use crate::listener::ClientCertificate;
 use crate::metrics::{DirectionLabels, PeerLabels, ReasonLabels, StateLabels};
+use crate::node_binding::NodeBindings;
 use crate::policy::{Mode, Policy};
 use crate::service::Limiter;
 use crate::store::{MergeBounds, MergeRefused, PolicyId};
@@ -479,6 +483,9 @@ pub struct Replicator {
     in_flight: Mutex<BTreeMap<String, Arc<tokio::sync::Semaphore>>>,
     /// Per peer address, the buckets of delta rounds it did not take ([`Missed`]).
     missed: Mutex<HashMap<SocketAddr, Missed>>,
+    /// With nodes bound (`OPENCLAW_PEER_TLS_BIND_NODE`): the node each replica id was first
+    /// heard from over a certificate naming it.
+    bindings: Mutex<NodeBindings>,
 }
 
 /// Why a peer did not take a message.
@@ -527,7 +534,10 @@ impl Replicator {
         if let Some(tls) = &options.tls {
             // One configuration for the client's life: its certificate and CA follow the files
             // (`PeerTls` swaps what it resolves and verifies against for new connections).
-            client = client.tls_backend_preconfigured(tls.client_config()?);
+            client = client
+                .tls_backend_preconfigured(tls.client_config()?)
+                // The certificate an answer came over, to check the node it names.
+                .tls_info(tls.binds_nodes());
             scheme = "https";
         }
         let client = client.build()?;
@@ -554,6 +564,7 @@ impl Replicator {
             store_full_logged: Mutex::default(),
             in_flight: Mutex::default(),
             missed: Mutex::default(),
+            bindings: Mutex::default(),
         })
     }
 
@@ -731,14 +742,21 @@ impl Replicator {
         if !response.status().is_success() {
             return None;
         }
+        let certificate = server_certificate(&response);
         let body = self
             .read_signed_answer(response, MAX_LEND_ANSWER_BYTES)
             .await
             .ok()?;
         let answer: LendAnswer = serde_json::from_slice(&body).ok()?;
+        // With nodes bound: from the node this address answered hello as.
+        let from_its_node = || {
+            let node = self.with_peer(address, |peer| peer.node.clone());
+            node.is_some_and(|node| self.answered_by(certificate.as_ref(), &node))
+        };
         (answer.nonce == request.nonce
             && answer.replica == lender
-            && (0..=answer.level.max(0)).contains(&answer.lent))
+            && (0..=answer.level.max(0)).contains(&answer.lent)
+            && (!self.binds_nodes() || from_its_node()))
         .then_some(answer)
     }
 
@@ -1244,10 +1262,18 @@ impl Replicator {
         if !response.status().is_success() {
             return Err(format!("peer answered {} to hello", response.status()));
         }
+        let certificate = server_certificate(&response);
         let body = self.read_signed_answer(response, MAX_HELLO_BYTES).await?;
         let hello: Hello = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
         if hello.re != signature {
             return Err("hello answer not for this request".into());
+        }
+        if !self.answered_by(certificate.as_ref(), &hello.node) {
+            return Err(format!(
+                "the peer says it is node {:?} but its certificate does not name that node \
+                 (OPENCLAW_PEER_TLS_BIND_NODE)",
+                hello.node
+            ));
         }
         self.with_peer(&address.to_string(), |peer| {
             peer.node = Some(hello.node);
@@ -1575,7 +1601,7 @@ impl Replicator {
     /// attacker holding the secret could send; peers go through [`peer_router`].
     #[doc(hidden)]
     pub fn merge_authenticated(&self, body: &[u8]) -> Result<usize, String> {
-        self.decode_and_apply(body)
+        self.decode_and_apply(body, None)
             .map(|applied| applied.changed)
             .map_err(|e| e.to_string())
     }
@@ -1608,10 +1634,89 @@ impl Replicator {
         problem.map_or(Ok(()), Err)
     }
 
-    fn decode_and_apply(&self, body: &[u8]) -> Result<Applied, Rejection> {
+    /// Decode a `POST /v1/sync` body, check its sender against the certificate it came over
+    /// (`certificate`, with nodes bound), and merge it.
+    fn decode_and_apply(
+        &self,
+        body: &[u8],
+        certificate: Option<&ClientCertificate>,
+    ) -> Result<Applied, Rejection> {
         let message: SyncMessage =
             serde_json::from_slice(body).map_err(|e| Rejection::Malformed(e.to_string()))?;
+        self.check_sender(certificate, &message.node, message.replica)?;
         self.apply(message)
+    }
+
+    /// With nodes bound (`OPENCLAW_PEER_TLS_BIND_NODE`), a message is taken only from the node
+    /// its client certificate names, and under a replica id that node owns
+    /// ([`NodeBindings`]). Without, anything authenticated passes.
+    fn check_sender(
+        &self,
+        certificate: Option<&ClientCertificate>,
+        node: &str,
+        replica: u64,
+    ) -> Result<(), Rejection> {
+        let Some(tls) = self.options.tls.as_ref().filter(|tls| tls.binds_nodes()) else {
+            return Ok(());
+        };
+        let Some(certificate) = certificate.and_then(ClientCertificate::get) else {
+            return Err(Rejection::NotCertified(
+                "no client certificate on the connection".into(),
+            ));
+        };
+        if !tls.names_node(certificate, node) {
+            return Err(Rejection::NotCertified(format!(
+                "the message says it is from node {node:?}; its certificate does not name it"
+            )));
+        }
+        self.bindings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .bind(replica, node)
+            .map_err(Rejection::NotCertified)
+    }
+
+    /// With nodes bound, a loan is lent only to the replica id of the node the request's
+    /// certificate names (heard from already: loans follow an allocation, which takes
+    /// messages).
+    fn check_borrower(
+        &self,
+        certificate: Option<&ClientCertificate>,
+        replica: u64,
+    ) -> Result<(), Rejection> {
+        if !self.binds_nodes() {
+            return Ok(());
+        }
+        let node = self
+            .bindings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .node_of(replica)
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                Rejection::NotCertified(format!(
+                    "replica {replica} has not been heard from as any node"
+                ))
+            })?;
+        self.check_sender(certificate, &node, replica)
+    }
+
+    /// Whether messages and answers are taken only from the node their certificate names
+    /// (`OPENCLAW_PEER_TLS_BIND_NODE`).
+    fn binds_nodes(&self) -> bool {
+        self.options
+            .tls
+            .as_ref()
+            .is_some_and(|tls| tls.binds_nodes())
+    }
+
+    /// With nodes bound, whether `certificate`, the server certificate an answer came over,
+    /// names `node` (the answer, or a hello, says it is from `node`). Without, always.
+    fn answered_by(&self, certificate: Option<&CertificateDer<'static>>, node: &str) -> bool {
+        match self.options.tls.as_ref().filter(|tls| tls.binds_nodes()) {
+            None => true,
+            Some(tls) => certificate.is_some_and(|c| tls.names_node(c, node)),
+        }
     }
 
     /// Log that new buckets from `node` were refused for the store's size, at most once a
@@ -1872,15 +1977,18 @@ impl Replicator {
         let outcome = match self.post_sync(address, message).await {
             Ok(response) if response.status().is_success() => {
                 // Delivered. What the answer says is trusted only when it is signed for this
-                // request: its escrow state is merged and its replica counted toward the
+                // request (and, with nodes bound, came over the certificate of the node it
+                // names): its escrow state is merged and its replica counted toward the
                 // lease. Anything else (an earlier version's unsigned answer, or something
                 // answering for the peer's address) is a delivery and nothing more.
+                let certificate = server_certificate(&response);
                 let answer = self
                     .read_signed_answer(response, MAX_MESSAGE_BYTES)
                     .await
                     .ok()
                     .and_then(|body| serde_json::from_slice::<SyncAnswer>(&body).ok())
-                    .filter(|answer| answer.re.as_deref() == Some(signature));
+                    .filter(|answer| answer.re.as_deref() == Some(signature))
+                    .filter(|answer| self.answered_by(certificate.as_ref(), &answer.node));
                 if let Some(SyncAnswer {
                     replica: Some(replica),
                     escrow: Some(control),
@@ -2373,6 +2481,8 @@ enum Rejection {
     Replayed,
     #[error("this signed message is for replica {0}, not this one")]
     Misdirected(u64),
+    #[error("sender not certified: {0}")]
+    NotCertified(String),
 }
 
 impl Rejection {
@@ -2387,6 +2497,7 @@ impl Rejection {
             Rejection::TooSlow => "too_slow",
             Rejection::Replayed => "replayed",
             Rejection::Misdirected(_) => "misdirected",
+            Rejection::NotCertified(_) => "sender_not_certified",
         }
     }
 
@@ -2401,6 +2512,7 @@ impl Rejection {
             Rejection::TooSlow => StatusCode::REQUEST_TIMEOUT,
             Rejection::Replayed => StatusCode::CONFLICT,
             Rejection::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
+            Rejection::NotCertified(_) => StatusCode::FORBIDDEN,
         }
     }
 }
@@ -2451,8 +2563,28 @@ fn refuse(replicator: &Replicator, rejection: Rejection) -> Response {
     (rejection.status(), rejection.to_string()).into_response()
 }
 
+/// The client certificate of the connection a request came on, when the listener serves TLS
+/// (`ConnectInfo` of [`crate::listener::LimitedListener`]; absent on a plain listener).
+type Connection = Option<Extension<ConnectInfo<ClientCertificate>>>;
+
+fn certificate_of(connection: &Connection) -> Option<&ClientCertificate> {
+    connection
+        .as_ref()
+        .map(|Extension(ConnectInfo(certificate))| certificate)
+}
+
+/// The server certificate an answer came over, when the client keeps it (nodes bound).
+fn server_certificate(response: &reqwest::Response) -> Option<CertificateDer<'static>> {
+    response
+        .extensions()
+        .get::<reqwest::tls::TlsInfo>()?
+        .peer_certificate()
+        .map(|der| CertificateDer::from(der.to_vec()))
+}
+
 async fn receive(
     State(replicator): State<Arc<Replicator>>,
+    connection: Connection,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -2469,7 +2601,7 @@ async fn receive(
                 direction: "received",
             })
             .inc_by(body.len() as u64);
-        replicator.decode_and_apply(body)
+        replicator.decode_and_apply(body, certificate_of(&connection))
     }
     .await;
     match result {
@@ -2497,6 +2629,7 @@ async fn receive(
 /// does not hold as strict, or holds with another rate for the key, lends nothing.
 async fn lend(
     State(replicator): State<Arc<Replicator>>,
+    connection: Connection,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -2514,6 +2647,7 @@ async fn lend(
                 "loan asked by this replica itself".into(),
             ));
         }
+        replicator.check_borrower(certificate_of(&connection), request.replica)?;
         if request.key.is_empty() || request.key.len() > crate::http::MAX_KEY_BYTES {
             return Err(Rejection::Malformed("key length out of range".into()));
         }

@@ -168,10 +168,13 @@ pub async fn serve(
                     listener.with_tls(config)
                 }
             };
-            let peer_server = axum::serve(listener, peer_router(replication.replicator.clone()))
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|stopped| *stopped).await;
-                });
+            // Each request sees the client certificate of its connection (nodes bound).
+            let routes = peer_router(replication.replicator.clone())
+                .into_make_service_with_connect_info::<crate::listener::ClientCertificate>(
+            );
+            let peer_server = axum::serve(listener, routes).with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+            });
             tasks.spawn(
                 async move {
                     if let Err(e) = peer_server.await {

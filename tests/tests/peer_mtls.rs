@@ -7,7 +7,9 @@
 //! the handshake (nothing reaches the peer routes), while a client holding a peer certificate
 //! does reach them; a replica whose certificate files are rewritten serves the new certificate,
 //! keeps replicating, and keeps the last good one when the next rewrite is broken;
-//! `--check-config` names a missing or mismatched key.
+//! `--check-config` names a missing or mismatched key; with nodes bound
+//! (`OPENCLAW_PEER_TLS_BIND_NODE`), a member holding a valid certificate cannot speak as another
+//! node.
 //! Run `cargo build --workspace --bins` first: the tests start the real binary.
 
 use std::io::{Read, Write};
@@ -60,8 +62,18 @@ impl Ca {
 
     /// A peer certificate: the peer server name, client and server authentication.
     fn peer(&self) -> Leaf {
+        self.leaf(vec![PEER_NAME.to_owned()])
+    }
+
+    /// A peer certificate that also names node `node` (`<node>.openclaw-peer`), as
+    /// `OPENCLAW_PEER_TLS_BIND_NODE` wants it (cert-manager's csi-driver issues one per pod).
+    fn peer_naming(&self, node: &str) -> Leaf {
+        self.leaf(vec![PEER_NAME.to_owned(), format!("{node}.{PEER_NAME}")])
+    }
+
+    fn leaf(&self, dns_names: Vec<String>) -> Leaf {
         let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(vec![PEER_NAME.to_owned()]).unwrap();
+        let mut params = rcgen::CertificateParams::new(dns_names).unwrap();
         params.extended_key_usages = vec![
             rcgen::ExtendedKeyUsagePurpose::ServerAuth,
             rcgen::ExtendedKeyUsagePurpose::ClientAuth,
@@ -207,6 +219,8 @@ fn metric(http: &Client, service: &Service, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("{series} not in /metrics"))
 }
 
+const NOT_CERTIFIED: &str =
+    "openclaw_peer_messages_rejected_total{reason=\"sender_not_certified\"}";
 const TLS_REFUSED: &str = "openclaw_peer_messages_rejected_total{reason=\"tls_handshake\"}";
 const UNAUTHENTICATED: &str = "openclaw_peer_messages_rejected_total{reason=\"unauthenticated\"}";
 
@@ -509,4 +523,85 @@ fn check_config_names_a_missing_or_mismatched_peer_key() {
         )),
         "{stderr}"
     );
+}
+
+/// What `service`'s `/status` says of the peer at `address`.
+fn peer_status(http: &Client, service: &Service, address: &str) -> Value {
+    let status = get_json(http, &format!("{}/status", service.url));
+    status["peers"]
+        .as_array()
+        .and_then(|peers| peers.iter().find(|p| p["address"] == address))
+        .cloned()
+        .unwrap_or_else(|| panic!("no peer {address} in {status}"))
+}
+
+/// With `OPENCLAW_PEER_TLS_BIND_NODE=true` a member speaks only as the node its certificate
+/// names. Replicas `a` and `b` hold certificates naming them. A third process holds a valid
+/// peer certificate naming node `c` but says it is `a` (`OPENCLAW_NODE_ID=a`, binding off on
+/// its side, as a compromised or misconfigured member would run). `a` and `b` replicate; `b`
+/// refuses every message of the impostor (`sender_not_certified`), so what it spent never
+/// reaches `b`; and `b` does not take the impostor's hello as `a`'s (its certificate names
+/// `c`), so it sends it nothing. With the check disabled, `b` took every message of the
+/// impostor and the wait for its refusals timed out (seen).
+#[test]
+fn with_nodes_bound_a_member_speaks_only_as_the_node_its_certificate_names() {
+    let root = tempfile::tempdir().unwrap();
+    let peers = root.path().join("peers");
+    let http = http_client();
+    let ca = Ca::new("openclaw-peer-ca");
+    let a_files = Files::new(root.path(), "a", &ca, &ca.peer_naming("a"));
+    let b_files = Files::new(root.path(), "b", &ca, &ca.peer_naming("b"));
+    let impostor_files = Files::new(root.path(), "impostor", &ca, &ca.peer_naming("c"));
+    let bound = [("OPENCLAW_PEER_TLS_BIND_NODE", "true")];
+
+    write_peers(&peers, &[]);
+    let a = replica_with("a", &peers, &a_files, &bound);
+    let b = replica_with("b", &peers, &b_files, &bound);
+    let impostor = replica("a", &peers, &impostor_files);
+    for service in [&a, &b, &impostor] {
+        wait_ready(&http, service);
+    }
+    let impostor_address = host_port(peer_url(&impostor));
+    write_peers(
+        &peers,
+        &[
+            &host_port(peer_url(&a)),
+            &host_port(peer_url(&b)),
+            &impostor_address,
+        ],
+    );
+
+    // The certified members replicate, both ways.
+    spend(&http, &a, "spent-on-a", 30);
+    wait_remaining(&http, &b, "spent-on-a", 70);
+    spend(&http, &b, "spent-on-b", 20);
+    wait_remaining(&http, &a, "spent-on-b", 80);
+
+    // The impostor's rounds go on being refused; the first one after its spending carried it.
+    let refused_before = metric(&http, &b, NOT_CERTIFIED);
+    spend(&http, &impostor, "spent-by-impostor", 40);
+    wait_until(
+        START,
+        "b to refuse three more of the impostor's messages",
+        || (metric(&http, &b, NOT_CERTIFIED) >= refused_before + 3.0).then_some(()),
+    );
+    assert_eq!(
+        remaining(&http, &b, "spent-by-impostor"),
+        100,
+        "b merged what a member certified as node c sent as node a"
+    );
+    assert_eq!(remaining(&http, &a, "spent-by-impostor"), 100);
+
+    // Nor does b take the impostor for a when it dials it.
+    let seen = peer_status(&http, &b, &impostor_address);
+    assert_eq!(seen["messages_sent"], 0, "{seen}");
+    assert!(
+        seen["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("does not name that node")),
+        "{seen}"
+    );
+    // While the real a is known as itself.
+    let real_a = peer_status(&http, &b, &host_port(peer_url(&a)));
+    assert_eq!(real_a["node"], "a", "{real_a}");
 }
