@@ -21,7 +21,7 @@ cd "$ROOT"
 # default from 1.30), one in the middle and the newest kubernetes-validate knows.
 VERSIONS="${OPENCLAW_K8S_VERSIONS:-1.30,1.33,latest}"
 TARGETS=(base overlays/production overlays/canary overlays/dev tests/targets/scale-on-depletion
-  tests/targets/offsite-snapshots tests/targets/peer-mtls)
+  tests/targets/offsite-snapshots tests/targets/peer-mtls tests/targets/peer-mtls-per-pod)
 # The HPA's External metrics per target: request rate alone by default; the opt-in component
 # components/scale-on-depletion (built by tests/targets/scale-on-depletion) adds depletion.
 RPS=openclaw_requests_per_second
@@ -29,7 +29,7 @@ DEPLETION=openclaw_token_depletion_rate
 declare -A HPA_METRICS=(
   [base]=$RPS [overlays/production]=$RPS [overlays/canary]=$RPS [overlays/dev]=$RPS
   [tests/targets/scale-on-depletion]=$RPS,$DEPLETION [tests/targets/offsite-snapshots]=$RPS
-  [tests/targets/peer-mtls]=$RPS
+  [tests/targets/peer-mtls]=$RPS [tests/targets/peer-mtls-per-pod]=$RPS
 )
 
 WORK="$(mktemp -d)"

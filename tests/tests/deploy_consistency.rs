@@ -41,8 +41,11 @@ const TARGETS: &[&str] = &[
     "tests/targets/offsite-snapshots",
     // The production overlay with the opt-in peer mutual TLS (cert-manager objects, mount).
     PEER_MTLS,
+    // And with a certificate per pod naming it (cert-manager's csi-driver), nodes bound.
+    PEER_MTLS_PER_POD,
 ];
 const PEER_MTLS: &str = "tests/targets/peer-mtls";
+const PEER_MTLS_PER_POD: &str = "tests/targets/peer-mtls-per-pod";
 const SCALE_ON_DEPLETION: &str = "tests/targets/scale-on-depletion";
 const LIMITER: &str = "openclaw-limiter";
 const ADAPTER: &str = "openclaw-metrics-adapter";
@@ -666,13 +669,22 @@ fn the_peer_mtls_component_mounts_the_certificate_the_limiter_is_told_to_read() 
             id(certificate)
         );
     }
-    let issuer = find(
-        &objs,
-        "Issuer",
-        "openclaw",
-        cert_spec["issuerRef"]["name"].as_str().unwrap(),
-    )
-    .unwrap_or_else(|| panic!("{}: its Issuer is not in the manifests", id(certificate)));
+    assert_peer_ca_issuer(&objs, cert_spec["issuerRef"]["name"].as_str().unwrap());
+    let dns_names = strs(&cert_spec["dnsNames"]);
+    let output = check_config_with_peer_certificate(&objs, &env, &dns_names);
+    assert!(
+        output.status.success(),
+        "openclaw-limiter --check-config refuses {PEER_MTLS}'s configuration:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The Issuer `name` is in the manifests and is a CA issuer whose CA a CA Certificate fills (so
+/// that `ca.crt` of what it issues is the peer CA).
+fn assert_peer_ca_issuer(objs: &[Value], name: &str) {
+    let issuer = find(objs, "Issuer", "openclaw", name)
+        .unwrap_or_else(|| panic!("the peer certificates' Issuer {name} is not in the manifests"));
     let ca_secret = issuer["spec"]["ca"]["secretName"]
         .as_str()
         .unwrap_or_else(|| {
@@ -682,12 +694,23 @@ fn the_peer_mtls_component_mounts_the_certificate_the_limiter_is_told_to_read() 
             )
         });
     assert!(
-        of_kind(&objs, "Certificate")
+        of_kind(objs, "Certificate")
             .any(|c| c["spec"]["secretName"] == ca_secret && c["spec"]["isCA"] == true),
         "the peer CA Secret {ca_secret} is not filled by a CA Certificate"
     );
+}
 
-    // Files like cert-manager's, at temporary paths; the rest of the deployed environment.
+/// The node id the consistency tests give the limiter (a pod name).
+const POD_NAME: &str = "openclaw-limiter-abc";
+
+/// Runs `openclaw-limiter --check-config` in the deployed environment `env`, with peer files
+/// like cert-manager's (a CA, and a certificate for `dns_names` with client and server
+/// authentication) at temporary paths.
+fn check_config_with_peer_certificate(
+    objs: &[Value],
+    env: &BTreeMap<String, Option<String>>,
+    dns_names: &[String],
+) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::default();
@@ -695,15 +718,7 @@ fn the_peer_mtls_component_mounts_the_certificate_the_limiter_is_told_to_read() 
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(
-        cert_spec["dnsNames"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|n| n.as_str().unwrap().to_owned())
-            .collect::<Vec<_>>(),
-    )
-    .unwrap();
+    let mut params = rcgen::CertificateParams::new(dns_names.to_vec()).unwrap();
     params.extended_key_usages = vec![
         rcgen::ExtendedKeyUsagePurpose::ServerAuth,
         rcgen::ExtendedKeyUsagePurpose::ClientAuth,
@@ -713,17 +728,17 @@ fn the_peer_mtls_component_mounts_the_certificate_the_limiter_is_told_to_read() 
     std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
     std::fs::write(dir.path().join("ca.crt"), ca.pem()).unwrap();
     let policies = dir.path().join("policies.yaml");
-    let policies_map = find(&objs, "ConfigMap", "openclaw", "openclaw-limiter-policies").unwrap();
+    let policies_map = find(objs, "ConfigMap", "openclaw", "openclaw-limiter-policies").unwrap();
     std::fs::write(
         &policies,
         policies_map["data"]["policies.yaml"].as_str().unwrap(),
     )
     .unwrap();
     let rls_dir = dir.path().join("rls");
-    write_config_map_files(&objs, "openclaw-limiter-rls", &rls_dir);
+    write_config_map_files(objs, "openclaw-limiter-rls", &rls_dir);
     let mut cmd = Command::new(workspace_bin(LIMITER));
     cmd.arg("--check-config").env_clear();
-    for (var, value) in &env {
+    for (var, value) in env {
         let value = match var.as_str() {
             "OPENCLAW_PEER_TLS_CERT" => dir.path().join("tls.crt").display().to_string(),
             "OPENCLAW_PEER_TLS_KEY" => dir.path().join("tls.key").display().to_string(),
@@ -734,7 +749,7 @@ fn the_peer_mtls_component_mounts_the_certificate_the_limiter_is_told_to_read() 
             "OPENCLAW_API_KEY" => "9f86d081884c7d659a2feaa0c55ad015".to_owned(),
             // mTLS alone: the secret may be dropped from the Secret with this component.
             "OPENCLAW_PEER_SECRET" => continue,
-            "OPENCLAW_NODE_ID" => "openclaw-limiter-abc".to_owned(),
+            "OPENCLAW_NODE_ID" => POD_NAME.to_owned(),
             "POD_NAMESPACE" => "openclaw".to_owned(),
             "POD_IP" => "10.0.0.7".to_owned(),
             _ => value
@@ -744,12 +759,125 @@ fn the_peer_mtls_component_mounts_the_certificate_the_limiter_is_told_to_read() 
         };
         cmd.env(var, value);
     }
-    let output = cmd.output().unwrap();
+    cmd.output().unwrap()
+}
+
+/// With `components/peer-mtls-per-pod` each pod's certificate comes from cert-manager's
+/// csi-driver, issued for that pod by the peer CA, naming the peer server name and the pod
+/// (`<pod name>.<server name>`); the limiter takes messages only from the node a certificate
+/// names (`OPENCLAW_PEER_TLS_BIND_NODE`), and its node id is the pod name, so the names
+/// agree. No shared peer certificate is issued any more. `--check-config` accepts what the
+/// driver would issue for this pod, and refuses what it would issue for another.
+#[test]
+fn the_per_pod_peer_mtls_component_issues_each_pod_a_certificate_naming_its_node() {
+    let objs = render(PEER_MTLS_PER_POD);
+    let deployment = find(&objs, "Deployment", "openclaw", LIMITER).unwrap();
+    let spec = &deployment["spec"]["template"]["spec"];
+    let container = &spec["containers"][0];
+    let env: BTreeMap<String, Option<String>> = container_env(&objs, "openclaw", container)
+        .into_iter()
+        .collect();
+    let literal = |var: &str| env.get(var).cloned().flatten();
+    assert_eq!(
+        literal("OPENCLAW_PEER_TLS_BIND_NODE").as_deref(),
+        Some("true")
+    );
+    let node_id = container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"] == "OPENCLAW_NODE_ID")
+        .expect("OPENCLAW_NODE_ID is set");
+    assert_eq!(
+        node_id["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name",
+        "the node id must be the pod name the certificate names"
+    );
+    let server_name =
+        literal("OPENCLAW_PEER_TLS_SERVER_NAME").unwrap_or_else(|| "openclaw-peer".to_owned());
+
+    let mut volumes = BTreeSet::new();
+    for (var, file) in [
+        ("OPENCLAW_PEER_TLS_CERT", "tls.crt"),
+        ("OPENCLAW_PEER_TLS_KEY", "tls.key"),
+        ("OPENCLAW_PEER_TLS_CA", "ca.crt"),
+    ] {
+        let path = literal(var).unwrap_or_else(|| panic!("{var} is not set to a literal"));
+        let (dir, name) = path.rsplit_once('/').unwrap();
+        assert_eq!(name, file, "{var}={path}: the csi-driver writes `{file}`");
+        let mount = container["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["mountPath"] == dir)
+            .unwrap_or_else(|| panic!("{var}={path}: nothing is mounted at {dir}"));
+        volumes.insert(mount["name"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(volumes.len(), 1, "one volume holds the three files");
+    let volume_name = volumes.pop_first().unwrap();
+    let volume = spec["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == volume_name.as_str())
+        .unwrap_or_else(|| panic!("volume {volume_name} is not declared"));
+    assert!(volume["secret"].is_null(), "still a Secret: {volume}");
+    assert_eq!(volume["csi"]["driver"], "csi.cert-manager.io", "{volume}");
+    let attributes = &volume["csi"]["volumeAttributes"];
+    for key in ["certificate-file", "key-file", "ca-file"] {
+        assert!(
+            attributes[format!("csi.cert-manager.io/{key}")].is_null(),
+            "{key} set: the paths above assume the driver's default file names"
+        );
+    }
+    assert_eq!(attributes["csi.cert-manager.io/issuer-kind"], "Issuer");
+    assert_peer_ca_issuer(
+        &objs,
+        attributes["csi.cert-manager.io/issuer-name"]
+            .as_str()
+            .expect("an issuer-name attribute"),
+    );
+    let list = |key: &str| -> Vec<String> {
+        attributes[format!("csi.cert-manager.io/{key}")]
+            .as_str()
+            .unwrap_or_default()
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .collect()
+    };
+    let usages = list("key-usages");
+    for usage in ["server auth", "client auth"] {
+        assert!(usages.iter().any(|u| u == usage), "key-usages lack {usage}");
+    }
+    let dns_names = list("dns-names");
+    assert!(dns_names.contains(&server_name), "{dns_names:?}");
+    assert!(
+        dns_names.contains(&format!("${{POD_NAME}}.{server_name}")),
+        "{dns_names:?} do not name the pod"
+    );
+    assert!(
+        !of_kind(&objs, "Certificate").any(|c| strs(&c["spec"]["dnsNames"]).contains(&server_name)),
+        "a shared peer certificate is still issued: its key could speak for every replica"
+    );
+
+    let issued_for = |pod: &str| -> Vec<String> {
+        dns_names
+            .iter()
+            .map(|n| n.replace("${POD_NAME}", pod))
+            .collect()
+    };
+    let output = check_config_with_peer_certificate(&objs, &env, &issued_for(POD_NAME));
     assert!(
         output.status.success(),
-        "openclaw-limiter --check-config refuses {PEER_MTLS}'s configuration:\n{}{}",
+        "openclaw-limiter --check-config refuses {PEER_MTLS_PER_POD}'s configuration:\n{}{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
+    );
+    let other =
+        check_config_with_peer_certificate(&objs, &env, &issued_for("openclaw-limiter-xyz"));
+    let said = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        !other.status.success() && said.contains(&format!("`{POD_NAME}.{server_name}`")),
+        "another pod's certificate was accepted, or refused for another reason:\n{said}"
     );
 }
 
