@@ -751,7 +751,7 @@ impl Replicator {
         // With nodes bound: from the node this address answered hello as.
         let from_its_node = || {
             let node = self.with_peer(address, |peer| peer.node.clone());
-            node.is_some_and(|node| self.answered_by(certificate.as_ref(), &node))
+            node.is_some_and(|node| self.answered_by(certificate.as_ref(), &node, Some(lender)))
         };
         (answer.nonce == request.nonce
             && answer.replica == lender
@@ -1268,7 +1268,7 @@ impl Replicator {
         if hello.re != signature {
             return Err("hello answer not for this request".into());
         }
-        if !self.answered_by(certificate.as_ref(), &hello.node) {
+        if !self.answered_by(certificate.as_ref(), &hello.node, Some(hello.replica)) {
             return Err(format!(
                 "the peer says it is node {:?} but its certificate does not name that node \
                  (OPENCLAW_PEER_TLS_BIND_NODE)",
@@ -1711,12 +1711,25 @@ impl Replicator {
     }
 
     /// With nodes bound, whether `certificate`, the server certificate an answer came over,
-    /// names `node` (the answer, or a hello, says it is from `node`). Without, always.
-    fn answered_by(&self, certificate: Option<&CertificateDer<'static>>, node: &str) -> bool {
-        match self.options.tls.as_ref().filter(|tls| tls.binds_nodes()) {
-            None => true,
-            Some(tls) => certificate.is_some_and(|c| tls.names_node(c, node)),
-        }
+    /// names `node` (the answer, or a hello, says it is from `node`), and `replica`, the id it
+    /// answers as, is that node's ([`NodeBindings`]). Without, always.
+    fn answered_by(
+        &self,
+        certificate: Option<&CertificateDer<'static>>,
+        node: &str,
+        replica: Option<u64>,
+    ) -> bool {
+        let Some(tls) = self.options.tls.as_ref().filter(|tls| tls.binds_nodes()) else {
+            return true;
+        };
+        certificate.is_some_and(|c| tls.names_node(c, node))
+            && replica.is_none_or(|replica| {
+                self.bindings
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .bind(replica, node)
+                    .is_ok()
+            })
     }
 
     /// Log that new buckets from `node` were refused for the store's size, at most once a
@@ -1988,7 +2001,9 @@ impl Replicator {
                     .ok()
                     .and_then(|body| serde_json::from_slice::<SyncAnswer>(&body).ok())
                     .filter(|answer| answer.re.as_deref() == Some(signature))
-                    .filter(|answer| self.answered_by(certificate.as_ref(), &answer.node));
+                    .filter(|answer| {
+                        self.answered_by(certificate.as_ref(), &answer.node, answer.replica)
+                    });
                 if let Some(SyncAnswer {
                     replica: Some(replica),
                     escrow: Some(control),
