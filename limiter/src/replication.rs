@@ -1669,6 +1669,10 @@ impl Replicator {
                 "the message says it is from node {node:?}; its certificate does not name it"
             )));
         }
+        if replica == self.limiter.store().replica().0 {
+            // Never another node's: refused as this replica's own by what follows.
+            return Ok(());
+        }
         self.bindings
             .lock()
             .unwrap_or_else(|p| p.into_inner())
