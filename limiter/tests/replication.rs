@@ -417,6 +417,25 @@ fn spend_long_keys(replica: &Replica, prefix: &str, count: usize) {
     }
 }
 
+/// A replica whose only peer is down (its port held: `listen` on it is the peer coming back),
+/// and which owes it `keys` buckets of long keys spent meanwhile. Its anti-entropy round is an
+/// hour away: only the backlog of what the peer missed can bring it these buckets.
+async fn sender_owing(keys: usize) -> (Replica, tokio::net::TcpSocket) {
+    let sender = Replica::start_with("sender", 1, |o| {
+        o.anti_entropy_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let (reserved, away) = reserved_address();
+    sender.peers.send(vec![away]).unwrap();
+    spend_long_keys(&sender, "away", keys);
+    eventually(
+        "every bucket spent to be owed to the peer that is down",
+        || sender.replicator.missed_buckets() == keys,
+    )
+    .await;
+    (sender, reserved)
+}
+
 /// What a replica owed a peer that was down goes in messages of a whole-state page each, every
 /// one under the 16 MiB a peer takes: here 70 000 buckets of long keys, about 21 MB, which as
 /// one message the returning peer would refuse (and the sender then give up). The receiver has
@@ -425,18 +444,7 @@ fn spend_long_keys(replica: &Replica, prefix: &str, count: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_larger_than_one_message_reaches_the_returning_peer_in_pages() {
     const KEYS: usize = 70_000;
-    let sender = Replica::start_with("sender", 1, |o| {
-        o.anti_entropy_interval = Duration::from_secs(3600);
-    })
-    .await;
-    let (reserved, away) = reserved_address();
-    sender.peers.send(vec![away]).unwrap();
-    spend_long_keys(&sender, "away", KEYS);
-    eventually(
-        "every bucket spent to be owed to the peer that is down",
-        || sender.replicator.missed_buckets() == KEYS,
-    )
-    .await;
+    let (sender, reserved) = sender_owing(KEYS).await;
     let receiver = Replica::start_on(reserved.listen(1024).unwrap(), "receiver", 2, |_| {}).await;
     eventually_within(
         Duration::from_secs(30),
@@ -550,18 +558,7 @@ async fn relay(listener: tokio::net::TcpListener, real: SocketAddr, faults: Faul
 async fn a_backlog_the_peer_refuses_is_given_up_not_sent_with_every_round() {
     use std::sync::atomic::Ordering;
     const KEYS: usize = 10_000;
-    let sender = Replica::start_with("sender", 1, |o| {
-        o.anti_entropy_interval = Duration::from_secs(3600);
-    })
-    .await;
-    let (reserved, away) = reserved_address();
-    sender.peers.send(vec![away]).unwrap();
-    spend_long_keys(&sender, "away", KEYS);
-    eventually(
-        "every bucket spent to be owed to the peer that is down",
-        || sender.replicator.missed_buckets() == KEYS,
-    )
-    .await;
+    let (sender, reserved) = sender_owing(KEYS).await;
     let receiver = Replica::start("receiver", 2).await;
     let relay = relay(
         reserved.listen(1024).unwrap(),

@@ -589,6 +589,18 @@ fn the_limiter_and_adapter_accept_the_deployed_configuration() {
     );
 }
 
+/// The limiter Deployment's pod spec, its container, and the container's environment (a
+/// value for literals, `None` for what comes from elsewhere).
+fn limiter_pod(objs: &[Value]) -> (&Value, &Value, BTreeMap<String, Option<String>>) {
+    let deployment = find(objs, "Deployment", "openclaw", LIMITER).unwrap();
+    let spec = &deployment["spec"]["template"]["spec"];
+    let container = &spec["containers"][0];
+    let env = container_env(objs, "openclaw", container)
+        .into_iter()
+        .collect();
+    (spec, container, env)
+}
+
 /// The opt-in peer mTLS component: the three `OPENCLAW_PEER_TLS_*` files are the keys
 /// cert-manager writes into the Secret the Deployment mounts, that Secret is the one a
 /// Certificate from a CA issuer fills, the certificate carries the server name peers check and
@@ -597,12 +609,7 @@ fn the_limiter_and_adapter_accept_the_deployed_configuration() {
 #[test]
 fn the_peer_mtls_component_mounts_the_certificate_the_limiter_is_told_to_read() {
     let objs = render(PEER_MTLS);
-    let deployment = find(&objs, "Deployment", "openclaw", LIMITER).unwrap();
-    let spec = &deployment["spec"]["template"]["spec"];
-    let container = &spec["containers"][0];
-    let env: BTreeMap<String, Option<String>> = container_env(&objs, "openclaw", container)
-        .into_iter()
-        .collect();
+    let (spec, container, env) = limiter_pod(&objs);
     let value = |var: &str| -> String {
         env.get(var)
             .cloned()
@@ -771,12 +778,7 @@ fn check_config_with_peer_certificate(
 #[test]
 fn the_per_pod_peer_mtls_component_issues_each_pod_a_certificate_naming_its_node() {
     let objs = render(PEER_MTLS_PER_POD);
-    let deployment = find(&objs, "Deployment", "openclaw", LIMITER).unwrap();
-    let spec = &deployment["spec"]["template"]["spec"];
-    let container = &spec["containers"][0];
-    let env: BTreeMap<String, Option<String>> = container_env(&objs, "openclaw", container)
-        .into_iter()
-        .collect();
+    let (spec, container, env) = limiter_pod(&objs);
     let literal = |var: &str| env.get(var).cloned().flatten();
     assert_eq!(
         literal("OPENCLAW_PEER_TLS_BIND_NODE").as_deref(),
