@@ -601,36 +601,35 @@ fn limiter_pod(objs: &[Value]) -> (&Value, &Value, BTreeMap<String, Option<Strin
     (spec, container, env)
 }
 
-/// The opt-in peer mTLS component: the three `OPENCLAW_PEER_TLS_*` files are the keys
-/// cert-manager writes into the Secret the Deployment mounts, that Secret is the one a
-/// Certificate from a CA issuer fills, the certificate carries the server name peers check and
-/// both usages, and the limiter accepts the deployed variables with such files in place (and
-/// without the peer secret: mTLS alone authenticates).
-#[test]
-fn the_peer_mtls_component_mounts_the_certificate_the_limiter_is_told_to_read() {
-    let objs = render(PEER_MTLS);
-    let (spec, container, env) = limiter_pod(&objs);
-    let value = |var: &str| -> String {
-        env.get(var)
-            .cloned()
-            .flatten()
-            .unwrap_or_else(|| panic!("{PEER_MTLS}: {var} is not set to a literal"))
-    };
-    let server_name = env
-        .get("OPENCLAW_PEER_TLS_SERVER_NAME")
+/// `OPENCLAW_PEER_TLS_SERVER_NAME` as deployed, or its default.
+fn peer_server_name(env: &BTreeMap<String, Option<String>>) -> String {
+    env.get("OPENCLAW_PEER_TLS_SERVER_NAME")
         .cloned()
         .flatten()
-        .unwrap_or_else(|| "openclaw-peer".to_owned());
+        .unwrap_or_else(|| "openclaw-peer".to_owned())
+}
 
-    let mut secrets = BTreeSet::new();
-    for (var, key) in [
+/// The one volume the three `OPENCLAW_PEER_TLS_*` files are read from. Each file has the name
+/// cert-manager writes (`tls.crt`, `tls.key`, `ca.crt`: in a Secret, and from the csi-driver
+/// by default), under a directory mount (a `subPath` mount never sees renewals).
+fn peer_tls_volume<'a>(
+    spec: &'a Value,
+    container: &Value,
+    env: &BTreeMap<String, Option<String>>,
+) -> &'a Value {
+    let mut volumes = BTreeSet::new();
+    for (var, file) in [
         ("OPENCLAW_PEER_TLS_CERT", "tls.crt"),
         ("OPENCLAW_PEER_TLS_KEY", "tls.key"),
         ("OPENCLAW_PEER_TLS_CA", "ca.crt"),
     ] {
-        let path = value(var);
-        let (dir, file) = path.rsplit_once('/').unwrap();
-        assert_eq!(file, key, "{var}={path}: cert-manager writes `{key}`");
+        let path = env
+            .get(var)
+            .cloned()
+            .flatten()
+            .unwrap_or_else(|| panic!("{var} is not set to a literal"));
+        let (dir, name) = path.rsplit_once('/').unwrap();
+        assert_eq!(name, file, "{var}={path}: cert-manager writes `{file}`");
         let mount = container["volumeMounts"]
             .as_array()
             .into_iter()
@@ -641,26 +640,39 @@ fn the_peer_mtls_component_mounts_the_certificate_the_limiter_is_told_to_read() 
             mount["subPath"].is_null(),
             "a subPath mount never sees renewals"
         );
-        let volume = spec["volumes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|v| v["name"] == mount["name"])
-            .unwrap_or_else(|| panic!("{var}: volume {} is not declared", mount["name"]));
-        let secret = volume["secret"]["secretName"]
-            .as_str()
-            .unwrap_or_else(|| panic!("{var}: volume {} is not a Secret", mount["name"]));
-        secrets.insert(secret.to_owned());
+        volumes.insert(mount["name"].as_str().unwrap().to_owned());
     }
     assert_eq!(
-        secrets.len(),
+        volumes.len(),
         1,
-        "the three files come from one Secret: {secrets:?}"
+        "the three files come from one volume: {volumes:?}"
     );
-    let secret = secrets.pop_first().unwrap();
+    let name = volumes.pop_first().unwrap();
+    spec["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == name.as_str())
+        .unwrap_or_else(|| panic!("volume {name} is not declared"))
+}
+
+/// The opt-in peer mTLS component: the three `OPENCLAW_PEER_TLS_*` files are the keys
+/// cert-manager writes into the Secret the Deployment mounts, that Secret is the one a
+/// Certificate from a CA issuer fills, the certificate carries the server name peers check and
+/// both usages, and the limiter accepts the deployed variables with such files in place (and
+/// without the peer secret: mTLS alone authenticates).
+#[test]
+fn the_peer_mtls_component_mounts_the_certificate_the_limiter_is_told_to_read() {
+    let objs = render(PEER_MTLS);
+    let (spec, container, env) = limiter_pod(&objs);
+    let server_name = peer_server_name(&env);
+    let volume = peer_tls_volume(spec, container, &env);
+    let secret = volume["secret"]["secretName"]
+        .as_str()
+        .unwrap_or_else(|| panic!("volume {} is not a Secret", volume["name"]));
 
     let certificate = of_kind(&objs, "Certificate")
-        .find(|c| c["spec"]["secretName"] == secret.as_str())
+        .find(|c| c["spec"]["secretName"] == secret)
         .unwrap_or_else(|| panic!("no Certificate fills Secret {secret}"));
     let cert_spec = &certificate["spec"];
     assert!(
@@ -794,34 +806,8 @@ fn the_per_pod_peer_mtls_component_issues_each_pod_a_certificate_naming_its_node
         node_id["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name",
         "the node id must be the pod name the certificate names"
     );
-    let server_name =
-        literal("OPENCLAW_PEER_TLS_SERVER_NAME").unwrap_or_else(|| "openclaw-peer".to_owned());
-
-    let mut volumes = BTreeSet::new();
-    for (var, file) in [
-        ("OPENCLAW_PEER_TLS_CERT", "tls.crt"),
-        ("OPENCLAW_PEER_TLS_KEY", "tls.key"),
-        ("OPENCLAW_PEER_TLS_CA", "ca.crt"),
-    ] {
-        let path = literal(var).unwrap_or_else(|| panic!("{var} is not set to a literal"));
-        let (dir, name) = path.rsplit_once('/').unwrap();
-        assert_eq!(name, file, "{var}={path}: the csi-driver writes `{file}`");
-        let mount = container["volumeMounts"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|m| m["mountPath"] == dir)
-            .unwrap_or_else(|| panic!("{var}={path}: nothing is mounted at {dir}"));
-        volumes.insert(mount["name"].as_str().unwrap().to_owned());
-    }
-    assert_eq!(volumes.len(), 1, "one volume holds the three files");
-    let volume_name = volumes.pop_first().unwrap();
-    let volume = spec["volumes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|v| v["name"] == volume_name.as_str())
-        .unwrap_or_else(|| panic!("volume {volume_name} is not declared"));
+    let server_name = peer_server_name(&env);
+    let volume = peer_tls_volume(spec, container, &env);
     assert!(volume["secret"].is_null(), "still a Secret: {volume}");
     assert_eq!(volume["csi"]["driver"], "csi.cert-manager.io", "{volume}");
     let attributes = &volume["csi"]["volumeAttributes"];
