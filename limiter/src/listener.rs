@@ -444,6 +444,14 @@ impl ClientCertificate {
     pub fn get(&self) -> Option<&rustls::pki_types::CertificateDer<'static>> {
         self.0.get()
     }
+
+    /// A connection whose client presented `certificate`. For tests.
+    #[cfg(test)]
+    pub(crate) fn presented(certificate: rustls::pki_types::CertificateDer<'static>) -> Self {
+        let presented = Self::default();
+        let _ = presented.0.set(certificate);
+        presented
+    }
 }
 
 impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, LimitedListener>>

@@ -2847,3 +2847,133 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
         .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
         .collect()
 }
+
+/// The sender binding of `OPENCLAW_PEER_TLS_BIND_NODE`, decided on certificates as the peer
+/// listener and the replication client hand them over (the end-to-end case, real processes
+/// and handshakes, is `tests/tests/peer_mtls.rs`).
+#[cfg(test)]
+mod binding_tests {
+    use super::*;
+    use crate::bucket::Rate;
+    use crate::clock::WallClock;
+    use crate::peer_tls::test_certs::Ca;
+    use crate::peer_tls::{DEFAULT_SERVER_NAME, PeerTls, PeerTlsSettings, ReloadCounters};
+    use crate::service::LimiterOptions;
+    use rustls::pki_types::ServerName;
+    use rustls::pki_types::pem::PemObject;
+
+    const ME: u64 = 1;
+
+    /// The replicator of node `me`, replica [`ME`], with nodes bound, its certificate from `ca`.
+    fn bound(ca: &Ca, dir: &std::path::Path) -> Replicator {
+        let files = ca.write(
+            dir,
+            &ca.leaf_for(&[DEFAULT_SERVER_NAME, "me.openclaw-peer"]),
+        );
+        let tls = PeerTls::try_new(
+            PeerTlsSettings {
+                files,
+                server_name: ServerName::try_from(DEFAULT_SERVER_NAME).unwrap(),
+                reload: Duration::from_secs(5),
+                bind_node: Some("me".into()),
+            },
+            ReloadCounters::default(),
+        )
+        .unwrap();
+        let limiter = Arc::new(Limiter::new(LimiterOptions {
+            node_id: "me".into(),
+            replica: ReplicaId(ME),
+            default_rate: Rate::try_new(10, 1000).unwrap(),
+            clock: Arc::new(WallClock::new()),
+            shards: 2,
+            track_changes: true,
+        }));
+        Replicator::try_new(
+            limiter,
+            ReplicationOptions {
+                secret: MTLS_ONLY_KEY.to_vec(),
+                tls: Some(Arc::new(tls)),
+                sync_interval: Duration::from_millis(50),
+                anti_entropy_interval: Duration::from_secs(5),
+                request_timeout: Duration::from_secs(1),
+                strict: Params::default(),
+                clock_guard: Duration::from_millis(500),
+                loan_timeout: Duration::from_millis(25),
+                unverified_budget: UNVERIFIED_BUDGET,
+                legacy_signatures: false,
+                max_buckets: DEFAULT_MAX_BUCKETS,
+                max_requests_per_peer: 32,
+                max_missed: DEFAULT_MAX_MISSED,
+            },
+        )
+        .unwrap()
+    }
+
+    /// A peer certificate from `ca` naming `node`, as a peer presents it.
+    fn certificate_of_node(ca: &Ca, node: &str) -> CertificateDer<'static> {
+        let (pem, _) = ca.leaf_for(&[DEFAULT_SERVER_NAME, &format!("{node}.openclaw-peer")]);
+        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    fn refused(result: Result<(), Rejection>) -> String {
+        match result {
+            Err(rejection @ Rejection::NotCertified(_)) => rejection.to_string(),
+            other => panic!("not refused as not certified: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_message_is_taken_only_from_the_node_its_certificate_names() {
+        let (ca, dir) = (Ca::new("peers"), tempfile::tempdir().unwrap());
+        let replicator = bound(&ca, dir.path());
+        let c = ClientCertificate::presented(certificate_of_node(&ca, "node-c"));
+
+        let said = refused(replicator.check_sender(Some(&c), "node-a", 5));
+        assert!(said.contains("\"node-a\""), "{said}");
+        refused(replicator.check_sender(None, "node-c", 5));
+        refused(replicator.check_sender(Some(&ClientCertificate::default()), "node-c", 5));
+        replicator.check_sender(Some(&c), "node-c", 5).unwrap();
+
+        // Replica 5 is node-c's now: node-d, certified as itself, cannot send as it.
+        let d = ClientCertificate::presented(certificate_of_node(&ca, "node-d"));
+        let said = refused(replicator.check_sender(Some(&d), "node-d", 5));
+        assert!(said.contains("belongs to node \"node-c\""), "{said}");
+        replicator.check_sender(Some(&d), "node-d", 6).unwrap();
+        // This replica's own id is never bound to another node (apply refuses the message).
+        replicator.check_sender(Some(&d), "node-d", ME).unwrap();
+        assert_eq!(
+            replicator.bindings.lock().unwrap().node_of(ME),
+            None,
+            "this replica's id taken as node-d's"
+        );
+    }
+
+    #[test]
+    fn a_loan_is_lent_only_to_the_node_that_owns_the_borrowing_id() {
+        let (ca, dir) = (Ca::new("peers"), tempfile::tempdir().unwrap());
+        let replicator = bound(&ca, dir.path());
+        let c = ClientCertificate::presented(certificate_of_node(&ca, "node-c"));
+        let d = ClientCertificate::presented(certificate_of_node(&ca, "node-d"));
+        let said = refused(replicator.check_borrower(Some(&c), 5));
+        assert!(said.contains("has not been heard from"), "{said}");
+        replicator.check_sender(Some(&c), "node-c", 5).unwrap();
+        replicator.check_borrower(Some(&c), 5).unwrap();
+        refused(replicator.check_borrower(Some(&d), 5));
+        refused(replicator.check_borrower(None, 5));
+    }
+
+    #[test]
+    fn an_answer_counts_only_from_the_node_its_certificate_names_under_that_nodes_id() {
+        let (ca, dir) = (Ca::new("peers"), tempfile::tempdir().unwrap());
+        let replicator = bound(&ca, dir.path());
+        let c = certificate_of_node(&ca, "node-c");
+        let d = certificate_of_node(&ca, "node-d");
+        assert!(replicator.answered_by(Some(&c), "node-c", Some(5)));
+        assert!(replicator.answered_by(Some(&c), "node-c", None));
+        assert!(!replicator.answered_by(Some(&c), "node-a", Some(7)));
+        assert!(!replicator.answered_by(None, "node-c", Some(5)));
+        // Node d answering as replica 5, node c's: not counted.
+        assert!(!replicator.answered_by(Some(&d), "node-d", Some(5)));
+        assert!(replicator.answered_by(Some(&d), "node-d", Some(6)));
+    }
+}
