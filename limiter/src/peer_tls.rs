@@ -18,10 +18,15 @@
 //!   that name whatever address it dialled. What is proved is "holds a key the peer CA signed
 //!   for the peer name", which is all membership means here: the CA must be dedicated to
 //!   peers, or any certificate it signs with that name is a peer.
+//! - **Optionally, a name per node too** (`OPENCLAW_PEER_TLS_BIND_NODE`): every certificate
+//!   also carries `<node id>.<server name>` ([`node_name`]), and replication takes a message or
+//!   an answer only from the node its certificate names (`crate::node_binding`). Membership
+//!   alone lets any member speak as any other; this makes a member speak only as itself.
 //! - **The certificate is checked before it is used.** At start (`--check-config` included)
 //!   and at every reload, this replica's own certificate must pass the checks its peers will
-//!   make (chain to the CA, the server name, client and server authentication usages): a
-//!   mistake fails here, with the variable named, not as refused handshakes on every peer.
+//!   make (chain to the CA, the server name, its node's name when nodes are bound, client and
+//!   server authentication usages): a mistake fails here, with the variable named, not as
+//!   refused handshakes on every peer.
 //! - **No session resumption.** A resumed session skips the certificate checks, so a client
 //!   whose CA was rotated away could go on connecting; peer connections are pooled, so a full
 //!   handshake per connection costs little.
