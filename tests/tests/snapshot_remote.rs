@@ -422,6 +422,10 @@ fn a_cluster_destroyed_with_its_disks_is_restored_from_the_bucket_with_spent_key
     let mut old = old;
     old.destroy();
     let lost_at = Instant::now();
+    // What the bucket holds now: a replica may have shipped once more between the listing
+    // above and its end (seen: old-0's newest was then a good object one second newer than
+    // the damaged copy below, which the restore therefore never tried).
+    let keys = moto.keys();
 
     // 4. Things the restore must not trust: a damaged copy, newer than old-0's newest (so it is
     // tried first), and a replica folder whose only object is of an older format (version 1).
