@@ -1656,28 +1656,43 @@ impl Replicator {
         node: &str,
         replica: u64,
     ) -> Result<(), Rejection> {
+        self.certified(
+            certificate.and_then(ClientCertificate::get),
+            node,
+            Some(replica),
+        )
+        .map_err(Rejection::NotCertified)
+    }
+
+    /// With nodes bound: whether `certificate` (a peer's, client or server) names `node`, and
+    /// `replica`, the id it speaks as, is that node's ([`NodeBindings`]: the first certified
+    /// node heard with an id owns it). This replica's own id is never bound to another node
+    /// (a message under it is refused as this replica's own when merged). Without, `Ok`.
+    fn certified(
+        &self,
+        certificate: Option<&CertificateDer<'static>>,
+        node: &str,
+        replica: Option<u64>,
+    ) -> Result<(), String> {
         let Some(tls) = self.options.tls.as_ref().filter(|tls| tls.binds_nodes()) else {
             return Ok(());
         };
-        let Some(certificate) = certificate.and_then(ClientCertificate::get) else {
-            return Err(Rejection::NotCertified(
-                "no client certificate on the connection".into(),
-            ));
+        let Some(certificate) = certificate else {
+            return Err("no certificate on the connection".into());
         };
         if !tls.names_node(certificate, node) {
-            return Err(Rejection::NotCertified(format!(
-                "the message says it is from node {node:?}; its certificate does not name it"
-            )));
+            return Err(format!(
+                "it says it is node {node:?}; its certificate does not name it"
+            ));
         }
-        if replica == self.limiter.store().replica().0 {
-            // Never another node's: refused as this replica's own by what follows.
-            return Ok(());
+        match replica {
+            Some(replica) if replica != self.limiter.store().replica().0 => self
+                .bindings
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .bind(replica, node),
+            _ => Ok(()),
         }
-        self.bindings
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .bind(replica, node)
-            .map_err(Rejection::NotCertified)
     }
 
     /// With nodes bound, a loan is lent only to the replica id of the node the request's
@@ -1716,24 +1731,14 @@ impl Replicator {
 
     /// With nodes bound, whether `certificate`, the server certificate an answer came over,
     /// names `node` (the answer, or a hello, says it is from `node`), and `replica`, the id it
-    /// answers as, is that node's ([`NodeBindings`]). Without, always.
+    /// answers as, is that node's ([`Replicator::certified`]). Without, always.
     fn answered_by(
         &self,
         certificate: Option<&CertificateDer<'static>>,
         node: &str,
         replica: Option<u64>,
     ) -> bool {
-        let Some(tls) = self.options.tls.as_ref().filter(|tls| tls.binds_nodes()) else {
-            return true;
-        };
-        certificate.is_some_and(|c| tls.names_node(c, node))
-            && replica.is_none_or(|replica| {
-                self.bindings
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .bind(replica, node)
-                    .is_ok()
-            })
+        self.certified(certificate, node, replica).is_ok()
     }
 
     /// Log that new buckets from `node` were refused for the store's size, at most once a
