@@ -15,7 +15,9 @@
 //! Everything fails loudly with what to do: a missing binary says to build it, a missing
 //! Prometheus says what to install.
 
+pub mod accuracy;
 pub mod envoy;
+pub mod faketime;
 pub mod proxy;
 
 use std::collections::VecDeque;
