@@ -408,7 +408,7 @@ impl Metrics {
         registry.register(
             counter_name(names::PEER_CLOCK_REFUSED_TOTAL),
             "Peer timestamps further ahead than the clock guard, refused and never merged, by \
-             reason (message_ahead, epoch_ahead, incarnation_ahead)",
+             reason (message_ahead, answer_ahead, epoch_ahead, incarnation_ahead)",
             metrics.peer_clock_refused.clone(),
         );
         registry.register(
@@ -514,7 +514,12 @@ impl Metrics {
                 .peer_rejected
                 .get_or_create(&ReasonLabels { reason });
         }
-        for reason in ["message_ahead", "epoch_ahead", "incarnation_ahead"] {
+        for reason in [
+            "message_ahead",
+            "answer_ahead",
+            "epoch_ahead",
+            "incarnation_ahead",
+        ] {
             let _ = metrics
                 .peer_clock_refused
                 .get_or_create(&ReasonLabels { reason });

@@ -344,6 +344,11 @@ struct SyncAnswer {
     /// The signature of the request answered: a signed answer counts for that request only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     re: Option<String>,
+    /// The answering replica's clock when it answered (µs since the UNIX epoch): an answer
+    /// from beyond the clock guard is not taken, as that replica's messages are not. Earlier
+    /// versions do not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sent_at: Option<Micros>,
 }
 
 /// `POST /v1/lend`: a replica short of tokens for one `strict` request asks a peer for some
@@ -442,6 +447,8 @@ pub struct PeerStatus {
     pub clock_offset_us: Option<i64>,
     /// Its last message, or some of its entries, were refused by the clock guard.
     pub clock_refused: bool,
+    /// Its last answer was not taken: sent from beyond the clock guard.
+    pub answer_clock_refused: bool,
     pub messages_sent: u64,
     pub messages_received: u64,
     /// It took every message sent to it whole since its last whole-state round (same process,
@@ -1741,6 +1748,25 @@ impl Replicator {
         self.certified(certificate, node, replica).is_ok()
     }
 
+    /// An answer's send time, when it is beyond the clock guard (an answer that does not say,
+    /// from an earlier version, never is). Such an answer is not taken, as a message from there
+    /// is not ([`Replicator::apply`]): a replica whose clock is beyond the guard must not count
+    /// as heard from through its answers alone, or `strict` peers would keep its share in the
+    /// allocation while it, refused everywhere, holds no lease to spend it (docs/crdt.md,
+    /// "Clocks"). Counted as `openclaw_peer_clock_refused_total{reason="answer_ahead"}`.
+    fn answer_clock_ahead(&self, answer: &SyncAnswer) -> Option<ClockAhead> {
+        let guard_us = self.options.clock_guard.as_micros() as Micros;
+        let ahead = follow_peer(&*self.limiter.clock(), answer.sent_at?, guard_us).err()?;
+        self.limiter
+            .metrics()
+            .peer_clock_refused
+            .get_or_create(&ReasonLabels {
+                reason: "answer_ahead",
+            })
+            .inc();
+        Some(ahead)
+    }
+
     /// Log that new buckets from `node` were refused for the store's size, at most once a
     /// minute (the counter counts every one).
     fn warn_store_full(&self, node: &str, entries: u64) {
@@ -2013,6 +2039,8 @@ impl Replicator {
                     .filter(|answer| {
                         self.answered_by(certificate.as_ref(), &answer.node, answer.replica)
                     });
+                let clock_ahead = answer.as_ref().and_then(|a| self.answer_clock_ahead(a));
+                let answer = answer.filter(|_| clock_ahead.is_none());
                 if let Some(SyncAnswer {
                     replica: Some(replica),
                     escrow: Some(control),
@@ -2022,7 +2050,7 @@ impl Replicator {
                 {
                     self.escrow.receive(*replica, control);
                 }
-                Ok(answer.map(|a| (a.node, a.replica, a.complete)))
+                Ok((answer.map(|a| (a.node, a.replica, a.complete)), clock_ahead))
             }
             Ok(response) => Err((
                 format!("peer answered {}", response.status()),
@@ -2048,10 +2076,22 @@ impl Replicator {
                     }
                     peer.last_error = Some(e.clone());
                 }
-                Ok(answer) => {
+                Ok((answer, clock_ahead)) => {
                     if !peer.up {
                         tracing::info!(peer = %address, "peer reachable");
                     }
+                    // Logged when refusals start and when they stop, not per answer.
+                    match (clock_ahead, peer.answer_clock_refused) {
+                        (Some(ahead), false) => tracing::warn!(peer = %address, error = %ahead, "not taking a peer's answers: its clock is beyond the guard"),
+                        (None, true) => tracing::info!(peer = %address, "a peer's answers are within the clock guard again"),
+                        _ => {}
+                    }
+                    if let Some(ahead) = clock_ahead {
+                        let lead = self.limiter.clock().lead_us() as i64;
+                        peer.clock_offset_us =
+                            Some((ahead.ahead_us as i64).saturating_add(lead));
+                    }
+                    peer.answer_clock_refused = clock_ahead.is_some();
                     if let Some((node, replica, _)) = answer {
                         peer.node = Some(node.clone());
                         peer.replica = *replica;
@@ -2063,12 +2103,12 @@ impl Replicator {
             }
             peer.up = ok;
             // Whatever it did not take whole is sent again with the whole state.
-            if !matches!(outcome, Ok(Some((_, _, true)))) {
+            if !matches!(outcome, Ok((Some((_, _, true)), _))) {
                 peer.in_sync = false;
             }
         });
         outcome
-            .map(|answer| answer.and_then(|(_, replica, _)| replica))
+            .map(|(answer, _)| answer.and_then(|(_, replica, _)| replica))
             .map_err(|(_, why)| why)
     }
 
@@ -2640,6 +2680,7 @@ async fn receive(
                 replica: Some(replicator.limiter.store().replica().0),
                 escrow: replicator.escrow_control(),
                 re: header(&headers, SIGNATURE_HEADER).map(str::to_owned),
+                sent_at: Some(replicator.limiter.now()),
             };
             replicator.signed_response(
                 serde_json::to_vec(&answer).expect("serializing plain data cannot fail"),
@@ -2853,17 +2894,121 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+#[cfg(test)]
+mod test_support {
+    use super::*;
+    use crate::bucket::Rate;
+    use crate::clock::WallClock;
+    use crate::peer_tls::PeerTls;
+    use crate::service::LimiterOptions;
+
+    /// The replicator of node `me` as replica `replica` on the wall clock, signing with
+    /// `secret`, with `tls` when given; the defaults of a 50 ms sync round otherwise.
+    pub(super) fn test_replicator(
+        replica: u64,
+        secret: &[u8],
+        tls: Option<Arc<PeerTls>>,
+    ) -> Replicator {
+        // The replication client is built with `rustls-no-provider`: main installs ring.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let limiter = Arc::new(Limiter::new(LimiterOptions {
+            node_id: "me".into(),
+            replica: ReplicaId(replica),
+            default_rate: Rate::try_new(10, 1000).unwrap(),
+            clock: Arc::new(WallClock::new()),
+            shards: 2,
+            track_changes: true,
+        }));
+        Replicator::try_new(
+            limiter,
+            ReplicationOptions {
+                secret: secret.to_vec(),
+                tls,
+                sync_interval: Duration::from_millis(50),
+                anti_entropy_interval: Duration::from_secs(5),
+                request_timeout: Duration::from_secs(1),
+                strict: Params::default(),
+                clock_guard: Duration::from_millis(500),
+                loan_timeout: Duration::from_millis(25),
+                unverified_budget: UNVERIFIED_BUDGET,
+                legacy_signatures: false,
+                max_buckets: DEFAULT_MAX_BUCKETS,
+                max_requests_per_peer: 32,
+                max_missed: DEFAULT_MAX_MISSED,
+            },
+        )
+        .unwrap()
+    }
+}
+
+/// Answers to `POST /v1/sync` from a replica whose clock is beyond the guard (the end-to-end
+/// case, real processes with libfaketime, is `tests/tests/clock_offsets.rs`).
+#[cfg(test)]
+mod answer_clock_tests {
+    use super::test_support::test_replicator;
+    use super::*;
+
+    fn answer_sent_at(sent_at: Option<Micros>) -> SyncAnswer {
+        SyncAnswer {
+            node: "peer".into(),
+            merged: 0,
+            complete: true,
+            replica: Some(2),
+            escrow: None,
+            re: None,
+            sent_at,
+        }
+    }
+
+    fn answers_refused(replicator: &Replicator) -> u64 {
+        replicator
+            .limiter
+            .metrics()
+            .peer_clock_refused
+            .get_or_create(&ReasonLabels {
+                reason: "answer_ahead",
+            })
+            .get()
+    }
+
+    #[test]
+    fn an_answer_from_beyond_the_clock_guard_is_not_taken_and_is_counted() {
+        let replicator = test_replicator(1, b"a test secret of enough bytes", None);
+        let now = replicator.limiter.now();
+        let ahead = replicator
+            .answer_clock_ahead(&answer_sent_at(Some(now + 2_000_000)))
+            .expect("2 s ahead is beyond a 500 ms guard");
+        assert!(ahead.ahead_us > 1_900_000, "{ahead}");
+        assert_eq!(answers_refused(&replicator), 1);
+        // Not followed: the clock did not jump toward it.
+        assert!(replicator.limiter.now() < now + 1_000_000);
+    }
+
+    #[test]
+    fn an_answer_within_the_guard_or_without_a_time_is_taken() {
+        let replicator = test_replicator(1, b"a test secret of enough bytes", None);
+        let now = replicator.limiter.now();
+        for sent_at in [Some(now + 100_000), Some(now - 5_000_000), None] {
+            assert!(
+                replicator
+                    .answer_clock_ahead(&answer_sent_at(sent_at))
+                    .is_none(),
+                "{sent_at:?} refused"
+            );
+        }
+        assert_eq!(answers_refused(&replicator), 0);
+    }
+}
+
 /// The sender binding of `OPENCLAW_PEER_TLS_BIND_NODE`, decided on certificates as the peer
 /// listener and the replication client hand them over (the end-to-end case, real processes
 /// and handshakes, is `tests/tests/peer_mtls.rs`).
 #[cfg(test)]
 mod binding_tests {
+    use super::test_support::test_replicator;
     use super::*;
-    use crate::bucket::Rate;
-    use crate::clock::WallClock;
     use crate::peer_tls::test_certs::Ca;
     use crate::peer_tls::{DEFAULT_SERVER_NAME, PeerTls, PeerTlsSettings, ReloadCounters};
-    use crate::service::LimiterOptions;
     use rustls::pki_types::ServerName;
     use rustls::pki_types::pem::PemObject;
 
@@ -2885,33 +3030,7 @@ mod binding_tests {
             ReloadCounters::default(),
         )
         .unwrap();
-        let limiter = Arc::new(Limiter::new(LimiterOptions {
-            node_id: "me".into(),
-            replica: ReplicaId(ME),
-            default_rate: Rate::try_new(10, 1000).unwrap(),
-            clock: Arc::new(WallClock::new()),
-            shards: 2,
-            track_changes: true,
-        }));
-        Replicator::try_new(
-            limiter,
-            ReplicationOptions {
-                secret: MTLS_ONLY_KEY.to_vec(),
-                tls: Some(Arc::new(tls)),
-                sync_interval: Duration::from_millis(50),
-                anti_entropy_interval: Duration::from_secs(5),
-                request_timeout: Duration::from_secs(1),
-                strict: Params::default(),
-                clock_guard: Duration::from_millis(500),
-                loan_timeout: Duration::from_millis(25),
-                unverified_budget: UNVERIFIED_BUDGET,
-                legacy_signatures: false,
-                max_buckets: DEFAULT_MAX_BUCKETS,
-                max_requests_per_peer: 32,
-                max_missed: DEFAULT_MAX_MISSED,
-            },
-        )
-        .unwrap()
+        test_replicator(ME, MTLS_ONLY_KEY, Some(Arc::new(tls)))
     }
 
     /// A peer certificate from `ca` naming `node`, as a peer presents it.
