@@ -99,6 +99,10 @@ const FULL_SYNC_CHUNK: usize = 16_384;
 const MAX_CLOCK_SKEW_US: Micros = 5 * 60 * 1_000_000;
 const TIMESTAMP_HEADER: &str = "x-openclaw-timestamp";
 const SIGNATURE_HEADER: &str = "x-openclaw-signature";
+/// On a refused peer request: why (`Rejection::reason`), so that the sender can tell a refusal
+/// of its clock from the others. Not signed: it only ever makes the sender hear less of the
+/// refusing peer, as cutting the link would.
+const REFUSAL_HEADER: &str = "x-openclaw-refusal";
 /// HMAC of `head \n timestamp \n path \n content length \n body signature`: a request with a
 /// body is authenticated by it before a byte of the body is read.
 const HEAD_SIGNATURE_HEADER: &str = "x-openclaw-head-signature";
@@ -351,6 +355,24 @@ struct SyncAnswer {
     sent_at: Option<Micros>,
 }
 
+impl PeerStatus {
+    /// The clock guard stands between this peer and this replica, one way or the other.
+    fn clock_separated(&self) -> bool {
+        self.refuses_our_clock || self.answer_clock_refused
+    }
+}
+
+/// [`Replicator::clock_separation`].
+#[derive(Debug, Default)]
+struct ClockSeparation {
+    /// This replica and the peers not separated from it are a strict majority of the members
+    /// discovery lists.
+    in_majority: bool,
+    /// Replicas that refuse this replica's messages for its clock: not heard from in the
+    /// escrow protocol, although their bucket state is merged.
+    refusing_us: BTreeSet<u64>,
+}
+
 /// `POST /v1/lend`: a replica short of tokens for one `strict` request asks a peer for some
 /// of its sub-bucket (docs/crdt.md, "strict mode", loans). Units are the sub-bucket's
 /// (`escrow::share::cost_units`), so both sides check they mean the same rate.
@@ -449,6 +471,9 @@ pub struct PeerStatus {
     pub clock_refused: bool,
     /// Its last answer was not taken: sent from beyond the clock guard.
     pub answer_clock_refused: bool,
+    /// It refused this replica's last message as stamped beyond its clock guard (its clock is
+    /// that far behind ours, or ours that far ahead of everyone's).
+    pub refuses_our_clock: bool,
     pub messages_sent: u64,
     pub messages_received: u64,
     /// It took every message sent to it whole since its last whole-state round (same process,
@@ -593,17 +618,48 @@ impl Replicator {
     }
 
     /// Advance the escrow protocol. The first allocation waits until this replica is ready and
-    /// every peer discovery lists has answered.
+    /// every peer discovery lists has answered, but for the peers it is separated from by the
+    /// clock guard ([`Replicator::clock_separation`]) when the rest make a majority with it.
     fn escrow_tick(&self) {
+        let separation = self.clock_separation();
         let all_answered = self.limiter.is_ready()
+            && separation.in_majority
             && self
                 .peers
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .values()
-                .filter(|p| !p.address.starts_with("node:"))
+                .filter(|p| !p.address.starts_with("node:") && !p.clock_separated())
                 .all(|p| p.up);
         self.escrow.tick(&self.limiter.policies(), all_answered);
+    }
+
+    /// The peers this replica cannot share a timeline with: they refuse its messages as stamped
+    /// beyond their clock guard, or it does not take their answers for the same reason
+    /// (docs/crdt.md, "Clocks"). Neither side can tell which clock is wrong; the majority can.
+    /// With the rest of the membership a strict majority, this replica goes on without them
+    /// (they do not hold up its first allocation, and it does not hear them in the escrow
+    /// protocol, so their shares go to the others once their leases have run out); without, it
+    /// is the odd one out and makes no first allocation (it never allocates alone what the
+    /// majority allocates among itself).
+    fn clock_separation(&self) -> ClockSeparation {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut members = 1usize;
+        let mut separated = 0usize;
+        let mut refusing_us = BTreeSet::new();
+        for peer in peers.values().filter(|p| !p.address.starts_with("node:")) {
+            members += 1;
+            if peer.clock_separated() {
+                separated += 1;
+            }
+            if peer.refuses_our_clock {
+                refusing_us.extend(peer.replica);
+            }
+        }
+        ClockSeparation {
+            in_majority: (members - separated) * 2 > members,
+            refusing_us,
+        }
     }
 
     /// How many buckets this replica remembers as sent to peers that did not take them, over
@@ -1942,7 +1998,15 @@ impl Replicator {
                 Err(MergeRefused::StoreFull) => store_full += 1,
             }
         }
-        if let Some(control) = &message.escrow {
+        // Bucket state merges from a peer that refuses ours (counting what it spends is better
+        // than not); its escrow state does not, or it would be heard from while it hears no
+        // one: its share would stay in the allocation, unused (docs/crdt.md, "Clocks").
+        if let Some(control) = &message.escrow
+            && !self
+                .clock_separation()
+                .refusing_us
+                .contains(&message.replica)
+        {
             self.escrow.receive(message.replica, control);
         }
         for (reason, count) in refused {
@@ -2022,6 +2086,7 @@ impl Replicator {
     ) -> Result<Option<u64>, Undelivered> {
         let bytes = message.body.len() as u64;
         let signature = message.signature.as_str();
+        let mut refuses_our_clock = false;
         let outcome = match self.post_sync(address, message).await {
             Ok(response) if response.status().is_success() => {
                 // Delivered. What the answer says is trusted only when it is signed for this
@@ -2052,10 +2117,17 @@ impl Replicator {
                 }
                 Ok((answer.map(|a| (a.node, a.replica, a.complete)), clock_ahead))
             }
-            Ok(response) => Err((
-                format!("peer answered {}", response.status()),
-                Undelivered::Refused,
-            )),
+            Ok(response) => {
+                refuses_our_clock = response.status() == StatusCode::CONFLICT
+                    && response
+                        .headers()
+                        .get(REFUSAL_HEADER)
+                        .is_some_and(|reason| reason == "clock_ahead");
+                Err((
+                    format!("peer answered {}", response.status()),
+                    Undelivered::Refused,
+                ))
+            }
             // Not reached, or another process answers there now (asked again already).
             Err(e) => Err((e, Undelivered::Unreachable)),
         };
@@ -2069,6 +2141,13 @@ impl Replicator {
                 .inc_by(bytes);
         }
         self.with_peer(&address.to_string(), |peer| {
+            if refuses_our_clock && !peer.refuses_our_clock {
+                tracing::warn!(peer = %address, "a peer refuses this replica's messages as stamped beyond its clock guard: not heard from in the escrow protocol until it takes them again");
+            }
+            // Unreachable says nothing about its clock: the mark stays until it answers.
+            if refuses_our_clock || outcome.is_ok() {
+                peer.refuses_our_clock = refuses_our_clock;
+            }
             match &outcome {
                 Err((e, _)) => {
                     if peer.up || peer.last_error.as_deref() != Some(e.as_str()) {
@@ -2624,7 +2703,12 @@ fn refuse(replicator: &Replicator, rejection: Rejection) -> Response {
     if !matches!(rejection, Rejection::ClockAhead(_)) {
         tracing::warn!(error = %rejection, "refused a peer message");
     }
-    (rejection.status(), rejection.to_string()).into_response()
+    (
+        rejection.status(),
+        [(REFUSAL_HEADER, rejection.reason())],
+        rejection.to_string(),
+    )
+        .into_response()
 }
 
 /// The client certificate of the connection a request came on, when the listener serves TLS
@@ -2941,10 +3025,11 @@ mod test_support {
     }
 }
 
-/// Answers to `POST /v1/sync` from a replica whose clock is beyond the guard (the end-to-end
-/// case, real processes with libfaketime, is `tests/tests/clock_offsets.rs`).
+/// Peers whose clock is beyond the guard, one way or the other: their answers, and who this
+/// replica goes on without (the end-to-end cases, real processes with libfaketime, are
+/// `tests/tests/clock_offsets.rs`).
 #[cfg(test)]
-mod answer_clock_tests {
+mod clock_guard_tests {
     use super::test_support::test_replicator;
     use super::*;
 
@@ -2997,6 +3082,49 @@ mod answer_clock_tests {
             );
         }
         assert_eq!(answers_refused(&replicator), 0);
+    }
+
+    /// `peers` peers at addresses 127.0.0.1:1.., replica ids 101.., all up; `mark` flags some.
+    fn with_peers(peers: u16, mark: impl Fn(u16, &mut PeerStatus)) -> Replicator {
+        let replicator = test_replicator(1, b"a test secret of enough bytes", None);
+        for i in 1..=peers {
+            replicator.with_peer(&format!("127.0.0.1:{i}"), |peer| {
+                peer.up = true;
+                peer.replica = Some(100 + u64::from(i));
+                mark(i, peer);
+            });
+        }
+        // A peer known by its messages only (no address) does not count as a member.
+        replicator.with_peer("node:someone", |peer| peer.up = true);
+        replicator
+    }
+
+    #[test]
+    fn a_replica_goes_on_without_a_minority_its_clock_is_separated_from() {
+        // One of two peers refuses our messages for our clock, and we do not take the other's
+        // answers: two of three members separated, we are the odd one out.
+        let odd = with_peers(2, |i, peer| {
+            peer.refuses_our_clock = i == 1;
+            peer.answer_clock_refused = i == 2;
+        });
+        let separation = odd.clock_separation();
+        assert!(!separation.in_majority);
+        assert_eq!(separation.refusing_us, BTreeSet::from([101]));
+
+        // One of two peers separated: we and the other are the majority, and the separated
+        // one is not heard from in the escrow protocol.
+        let majority = with_peers(2, |i, peer| peer.refuses_our_clock = i == 2);
+        let separation = majority.clock_separation();
+        assert!(separation.in_majority);
+        assert_eq!(separation.refusing_us, BTreeSet::from([102]));
+
+        // Two members, one separated: neither side is a majority.
+        let pair = with_peers(1, |_, peer| peer.answer_clock_refused = true);
+        assert!(!pair.clock_separation().in_majority);
+
+        // Nothing separated, or no peers at all.
+        assert!(with_peers(4, |_, _| {}).clock_separation().in_majority);
+        assert!(with_peers(0, |_, _| {}).clock_separation().in_majority);
     }
 }
 

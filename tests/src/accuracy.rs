@@ -28,8 +28,15 @@
 //! - `sticky-strays`: each client has a home replica, and 10 % of its requests go to one of the
 //!   two others at random;
 //! - `random`: a random replica per request;
-//! - `clock-ahead-50ms` / `clock-ahead-500ms`: `uniform`, with replica 1's wall clock ahead
-//!   (libfaketime, Debian's `faketime`; skipped with a message when it is not installed).
+//! - `clock-ahead-50ms` / `clock-ahead-500ms` / `clock-ahead-2s` / `clock-behind-2s`: `uniform`,
+//!   with replica 1's wall clock that far ahead or behind (libfaketime, Debian's `faketime`;
+//!   skipped with a message when it is not installed).
+//!
+//! The clock variants of the overload patterns, `hot-uniform-clock-ahead-500ms`,
+//! `keys-uniform-clock-ahead-500ms`, `hot-uniform-clock-ahead-2s` and
+//! `hot-uniform-clock-behind-2s`, move replica 1's clock the same way. 2 s is beyond the
+//! replicas' clock guard (500 ms): replica 1 is then shut out (docs/crdt.md, "Clocks"), and the
+//! warm-up waits only for the others.
 //!
 //! Every pattern's requests, with their send times in order, are fed per key to a textbook token
 //! bucket (exact integer arithmetic, same capacity and interval, full at the key's first
@@ -208,15 +215,15 @@ impl Options {
                             "all" => PATTERNS.iter().collect(),
                             "overload" => PATTERNS
                                 .iter()
-                                .filter(|p| !p.is_below() && p.clock_ahead().is_none())
+                                .filter(|p| !p.is_below() && p.clock_offset().is_none())
                                 .collect(),
                             "below" => PATTERNS
                                 .iter()
-                                .filter(|p| p.is_below() && p.clock_ahead().is_none())
+                                .filter(|p| p.is_below() && p.clock_offset().is_none())
                                 .collect(),
                             "clock" => PATTERNS
                                 .iter()
-                                .filter(|p| p.clock_ahead().is_some())
+                                .filter(|p| p.clock_offset().is_some())
                                 .collect(),
                             name => PATTERNS.iter().filter(|p| p.name == name).collect(),
                         };
@@ -239,8 +246,9 @@ impl Options {
 const USAGE: &str = "usage: openclaw-accuracy [--duration-s 10] [--sync-ms 50] \
 [--anti-entropy-ms 5000] [--mode shared|strict] [--workers 8] \
 [--patterns all | overload,below,clock | hot-uniform,hot-one,keys-uniform,keys-one,\
-uniform,sticky-strays,random,clock-ahead-50ms,clock-ahead-500ms,\
-hot-uniform-clock-ahead-500ms,keys-uniform-clock-ahead-500ms] \
+uniform,sticky-strays,random,clock-ahead-50ms,clock-ahead-500ms,clock-ahead-2s,clock-behind-2s,\
+hot-uniform-clock-ahead-500ms,keys-uniform-clock-ahead-500ms,hot-uniform-clock-ahead-2s,\
+hot-uniform-clock-behind-2s] \
 [--stagger-ms 333 (below-limit patterns; 0 for the overload ones)] [--seed 1] [--json FILE] \
 [--flaky-links PCT (each link down PCT % of the time) --outage-ms 200]
   overload patterns: [--load-factor 2] [--keys 50] \
@@ -292,7 +300,7 @@ struct Pattern {
     name: &'static str,
     load: Load,
     /// Replica [`SKEWED_REPLICA`]'s wall clock runs this far ahead (libfaketime).
-    clock_ahead_ms: Option<u64>,
+    clock_offset_ms: Option<i64>,
 }
 
 const PATTERNS: &[Pattern] = &[
@@ -304,7 +312,7 @@ const PATTERNS: &[Pattern] = &[
             capacity: 1000,
             refill_ms: 1000,
         },
-        clock_ahead_ms: None,
+        clock_offset_ms: None,
     },
     Pattern {
         name: "hot-one",
@@ -314,7 +322,7 @@ const PATTERNS: &[Pattern] = &[
             capacity: 1000,
             refill_ms: 1000,
         },
-        clock_ahead_ms: None,
+        clock_offset_ms: None,
     },
     Pattern {
         name: "keys-uniform",
@@ -324,7 +332,7 @@ const PATTERNS: &[Pattern] = &[
             capacity: 20,
             refill_ms: 1000,
         },
-        clock_ahead_ms: None,
+        clock_offset_ms: None,
     },
     Pattern {
         name: "keys-one",
@@ -334,42 +342,42 @@ const PATTERNS: &[Pattern] = &[
             capacity: 20,
             refill_ms: 1000,
         },
-        clock_ahead_ms: None,
+        clock_offset_ms: None,
     },
     Pattern {
         name: "uniform",
         load: Load::Below {
             shape: Shape::Uniform,
         },
-        clock_ahead_ms: None,
+        clock_offset_ms: None,
     },
     Pattern {
         name: "sticky-strays",
         load: Load::Below {
             shape: Shape::StickyStrays,
         },
-        clock_ahead_ms: None,
+        clock_offset_ms: None,
     },
     Pattern {
         name: "random",
         load: Load::Below {
             shape: Shape::Random,
         },
-        clock_ahead_ms: None,
+        clock_offset_ms: None,
     },
     Pattern {
         name: "clock-ahead-50ms",
         load: Load::Below {
             shape: Shape::Uniform,
         },
-        clock_ahead_ms: Some(50),
+        clock_offset_ms: Some(50),
     },
     Pattern {
         name: "clock-ahead-500ms",
         load: Load::Below {
             shape: Shape::Uniform,
         },
-        clock_ahead_ms: Some(500),
+        clock_offset_ms: Some(500),
     }, // The overload patterns' clock variants: how far over the limit the cluster goes when the
     // replicas follow one clock that runs ahead of theirs.
     Pattern {
@@ -380,7 +388,7 @@ const PATTERNS: &[Pattern] = &[
             capacity: 1000,
             refill_ms: 1000,
         },
-        clock_ahead_ms: Some(500),
+        clock_offset_ms: Some(500),
     },
     Pattern {
         name: "hot-uniform-clock-ahead-2s",
@@ -390,14 +398,31 @@ const PATTERNS: &[Pattern] = &[
             capacity: 1000,
             refill_ms: 1000,
         },
-        clock_ahead_ms: Some(2000),
+        clock_offset_ms: Some(2000),
     },
     Pattern {
         name: "clock-ahead-2s",
         load: Load::Below {
             shape: Shape::Uniform,
         },
-        clock_ahead_ms: Some(2000),
+        clock_offset_ms: Some(2000),
+    },
+    Pattern {
+        name: "clock-behind-2s",
+        load: Load::Below {
+            shape: Shape::Uniform,
+        },
+        clock_offset_ms: Some(-2000),
+    },
+    Pattern {
+        name: "hot-uniform-clock-behind-2s",
+        load: Load::Overload {
+            spread: Spread::Uniform,
+            many_keys: false,
+            capacity: 1000,
+            refill_ms: 1000,
+        },
+        clock_offset_ms: Some(-2000),
     },
     Pattern {
         name: "keys-uniform-clock-ahead-500ms",
@@ -407,7 +432,7 @@ const PATTERNS: &[Pattern] = &[
             capacity: 20,
             refill_ms: 1000,
         },
-        clock_ahead_ms: Some(500),
+        clock_offset_ms: Some(500),
     },
 ];
 
@@ -416,15 +441,15 @@ impl Pattern {
         matches!(self.load, Load::Below { .. })
     }
 
-    fn clock_ahead(&self) -> Option<u64> {
-        self.clock_ahead_ms
+    fn clock_offset(&self) -> Option<i64> {
+        self.clock_offset_ms
     }
 
-    /// The skewed replica's clock is further ahead than the others accept
-    /// (`OPENCLAW_CLOCK_SKEW_GUARD_MS`, left at its default here).
+    /// The skewed replica's clock is further from the others' than the guard
+    /// (`OPENCLAW_CLOCK_SKEW_GUARD_MS`, left at its default here), ahead or behind.
     fn beyond_guard(&self) -> bool {
-        self.clock_ahead_ms
-            .is_some_and(|ms| ms > CLOCK_SKEW_GUARD_MS)
+        self.clock_offset_ms
+            .is_some_and(|ms| ms.unsigned_abs() > CLOCK_SKEW_GUARD_MS)
     }
 }
 
@@ -584,10 +609,13 @@ impl Cluster {
                 ),
                 ("OPENCLAW_READY_MAX_WAIT_MS", "5000".to_owned()),
             ];
-            if let Some(ahead_ms) = run.pattern.clock_ahead()
+            if let Some(offset_ms) = run.pattern.clock_offset()
                 && i == SKEWED_REPLICA
             {
-                envs.extend(faketime::wall_clock_ahead(&options.faketime_lib, ahead_ms));
+                envs.extend(faketime::wall_clock_offset(
+                    &options.faketime_lib,
+                    offset_ms,
+                ));
             }
             let service = spawn_replica(&format!("replica-{i}"), &envs);
             let peer: SocketAddr = host_port(service.url_of("peer").expect("a peer listener"))
@@ -628,10 +656,10 @@ fn warm_up(cluster: &Cluster, http: &Client, options: &Options, run: &Run) {
             .query(&[("key", format!("warm-up-{i}")), ("policy", "probe".into())])
             .send();
     }
-    // A replica whose clock is beyond the others' guard is shut out: they refuse what it sends
-    // and do not take its answers (docs/crdt.md, "Clocks"), so its links never come up and, in
-    // `strict` mode, the others drop it from the allocation. Only the others are waited for,
-    // until they follow an allocation of the replicas they hear.
+    // A replica whose clock is beyond the others' guard is shut out, one way or the other: ahead,
+    // the others refuse what it sends and do not take its answers; behind, it refuses what they
+    // send, and they do not hear it in the escrow protocol (docs/crdt.md, "Clocks"). Its links
+    // never come up: only the others' are waited for.
     let beyond_guard = run.pattern.beyond_guard();
     let shut_out = |i: usize| beyond_guard && i == SKEWED_REPLICA;
     let skewed_node = format!("replica-{SKEWED_REPLICA}");
@@ -648,8 +676,8 @@ fn warm_up(cluster: &Cluster, http: &Client, options: &Options, run: &Run) {
     }
     if options.mode == "strict" {
         // Escrow: every replica follows an allocation of all three (of the two others, with one
-        // shut out), and a key none of them has seen holds that replica's share of the bucket
-        // (new shares start empty and fill within one refill interval).
+        // beyond the guard), and a key none of them has seen holds that replica's share of the
+        // bucket (new shares start empty and fill within one refill interval).
         let members_expected = if beyond_guard { REPLICAS - 1 } else { REPLICAS } as u64;
         for (i, url) in cluster.urls().iter().enumerate() {
             if shut_out(i) {
@@ -1146,7 +1174,7 @@ struct Row {
     bucket: String,
     stagger_ms: f64,
     /// Requested clock offset of [`SKEWED_REPLICA`], and each replica's offset as read from its log.
-    clock_ahead_ms: Option<u64>,
+    clock_offset_ms: Option<i64>,
     clock_seen_ms: Vec<Option<f64>>,
     requests: u64,
     admitted: u64,
@@ -1178,7 +1206,7 @@ impl Row {
             "load_factor": self.factor,
             "bucket": self.bucket,
             "stagger_ms": self.stagger_ms,
-            "clock_ahead_ms": self.clock_ahead_ms.map(|ms| json!({"replica": SKEWED_REPLICA, "ms": ms})),
+            "clock_offset_ms": self.clock_offset_ms.map(|ms| json!({"replica": SKEWED_REPLICA, "ms": ms})),
             "clock_offsets_seen_ms": self.clock_seen_ms,
             "requests": self.requests,
             "admitted": self.admitted,
@@ -1250,7 +1278,7 @@ fn compare(run: &Run, sent: &[Sent], start: Instant, clock_seen_ms: Vec<Option<f
         factor: run.factor,
         bucket: format!("{}x{}/{}ms", run.keys, run.capacity, run.refill_ms),
         stagger_ms: run.stagger.as_secs_f64() * 1e3,
-        clock_ahead_ms: run.pattern.clock_ahead(),
+        clock_offset_ms: run.pattern.clock_offset(),
         clock_seen_ms,
         requests: sent.len() as u64,
         admitted: 0,
@@ -1367,8 +1395,8 @@ fn run_pattern(run: &Run, options: &Options) -> (Row, Option<Report>) {
         run.rate(),
         options.duration,
         run.stagger,
-        match pattern.clock_ahead() {
-            Some(ms) => format!(", replica-{SKEWED_REPLICA}'s wall clock +{ms} ms (libfaketime)"),
+        match pattern.clock_offset() {
+            Some(ms) => format!(", replica-{SKEWED_REPLICA}'s wall clock {ms:+} ms (libfaketime)"),
             None => String::new(),
         }
     );
@@ -1412,11 +1440,13 @@ fn run_pattern(run: &Run, options: &Options) -> (Row, Option<Report>) {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    if let Some(ahead) = pattern.clock_ahead() {
+    if let Some(offset) = pattern.clock_offset() {
         let seen = clock_seen[SKEWED_REPLICA];
-        if seen.is_none_or(|seen| (seen - ahead as f64).abs() > 10.0 + ahead as f64 * 0.1) {
+        let off =
+            |seen: f64| (seen - offset as f64).abs() > 10.0 + offset.unsigned_abs() as f64 * 0.1;
+        if seen.is_none_or(off) {
             eprintln!(
-                "   WARNING: replica-{SKEWED_REPLICA} should be {ahead} ms ahead but its log says {seen:?} ms: \
+                "   WARNING: replica-{SKEWED_REPLICA} should be {offset:+} ms off but its log says {seen:?} ms: \
                  libfaketime did not move its clock as asked"
             );
         }
@@ -1586,9 +1616,11 @@ fn print_rows(rows: &[Row], options: &Options) {
         "late p99"
     );
     for row in rows {
-        let clock = match (row.clock_ahead_ms, row.clock_seen_ms.get(SKEWED_REPLICA)) {
-            (Some(ahead), Some(Some(seen))) => format!("r{SKEWED_REPLICA}+{ahead} ({seen:+.0})"),
-            (Some(ahead), _) => format!("r{SKEWED_REPLICA}+{ahead} (?)"),
+        let clock = match (row.clock_offset_ms, row.clock_seen_ms.get(SKEWED_REPLICA)) {
+            (Some(offset), Some(Some(seen))) => {
+                format!("r{SKEWED_REPLICA}{offset:+} ({seen:+.0})")
+            }
+            (Some(offset), _) => format!("r{SKEWED_REPLICA}{offset:+} (?)"),
             (None, _) => "-".to_owned(),
         };
         // Above the limit no client is under it: which of two contending requests gets a token
@@ -1783,7 +1815,7 @@ pub fn run(options: &Options) -> Value {
         if !options.patterns.iter().any(|p| p == pattern.name) {
             continue;
         }
-        if pattern.clock_ahead().is_some() && !faketime {
+        if pattern.clock_offset().is_some() && !faketime {
             println!(
                 "skipping {}: libfaketime not found at {} (Debian: apt-get install faketime; or \
                  --faketime-lib PATH)",

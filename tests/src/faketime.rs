@@ -33,13 +33,14 @@ pub fn faketime_or_skip() -> Option<PathBuf> {
     lib
 }
 
-/// The environment that runs a process with its wall clock `ahead_ms` ahead, through `lib`.
-pub fn wall_clock_ahead(lib: &std::path::Path, ahead_ms: u64) -> Vec<(&'static str, String)> {
+/// The environment that runs a process with its wall clock `offset_ms` ahead (negative: behind),
+/// through `lib`.
+pub fn wall_clock_offset(lib: &std::path::Path, offset_ms: i64) -> Vec<(&'static str, String)> {
     vec![
         ("LD_PRELOAD", lib.display().to_string()),
         // A relative offset in seconds; the fraction separator is the locale's, and the limiter
         // never calls setlocale, so it is "C": a dot.
-        ("FAKETIME", format!("+{:.3}", ahead_ms as f64 / 1e3)),
+        ("FAKETIME", format!("{:+.3}", offset_ms as f64 / 1e3)),
         // Monotonic clocks stay real: only the wall clock moves.
         ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
         ("FAKETIME_DONT_RESET", "1".to_owned()),
