@@ -299,8 +299,12 @@ enum Load {
 struct Pattern {
     name: &'static str,
     load: Load,
-    /// Replica [`SKEWED_REPLICA`]'s wall clock runs this far ahead (libfaketime).
+    /// Replica [`SKEWED_REPLICA`]'s wall clock runs this far ahead, or behind if negative
+    /// (libfaketime).
     clock_offset_ms: Option<i64>,
+    /// With it, the offset is taken only this far into the run (a fraction of it): the clock
+    /// steps, with the cluster formed and under load. Before, it is 0.
+    clock_step_at: Option<f64>,
 }
 
 const PATTERNS: &[Pattern] = &[
@@ -313,6 +317,7 @@ const PATTERNS: &[Pattern] = &[
             refill_ms: 1000,
         },
         clock_offset_ms: None,
+        clock_step_at: None,
     },
     Pattern {
         name: "hot-one",
@@ -323,6 +328,7 @@ const PATTERNS: &[Pattern] = &[
             refill_ms: 1000,
         },
         clock_offset_ms: None,
+        clock_step_at: None,
     },
     Pattern {
         name: "keys-uniform",
@@ -333,6 +339,7 @@ const PATTERNS: &[Pattern] = &[
             refill_ms: 1000,
         },
         clock_offset_ms: None,
+        clock_step_at: None,
     },
     Pattern {
         name: "keys-one",
@@ -343,6 +350,7 @@ const PATTERNS: &[Pattern] = &[
             refill_ms: 1000,
         },
         clock_offset_ms: None,
+        clock_step_at: None,
     },
     Pattern {
         name: "uniform",
@@ -350,6 +358,7 @@ const PATTERNS: &[Pattern] = &[
             shape: Shape::Uniform,
         },
         clock_offset_ms: None,
+        clock_step_at: None,
     },
     Pattern {
         name: "sticky-strays",
@@ -357,6 +366,7 @@ const PATTERNS: &[Pattern] = &[
             shape: Shape::StickyStrays,
         },
         clock_offset_ms: None,
+        clock_step_at: None,
     },
     Pattern {
         name: "random",
@@ -364,6 +374,7 @@ const PATTERNS: &[Pattern] = &[
             shape: Shape::Random,
         },
         clock_offset_ms: None,
+        clock_step_at: None,
     },
     Pattern {
         name: "clock-ahead-50ms",
@@ -371,6 +382,7 @@ const PATTERNS: &[Pattern] = &[
             shape: Shape::Uniform,
         },
         clock_offset_ms: Some(50),
+        clock_step_at: None,
     },
     Pattern {
         name: "clock-ahead-500ms",
@@ -378,6 +390,7 @@ const PATTERNS: &[Pattern] = &[
             shape: Shape::Uniform,
         },
         clock_offset_ms: Some(500),
+        clock_step_at: None,
     }, // The overload patterns' clock variants: how far over the limit the cluster goes when the
     // replicas follow one clock that runs ahead of theirs.
     Pattern {
@@ -389,6 +402,7 @@ const PATTERNS: &[Pattern] = &[
             refill_ms: 1000,
         },
         clock_offset_ms: Some(500),
+        clock_step_at: None,
     },
     Pattern {
         name: "hot-uniform-clock-ahead-2s",
@@ -399,6 +413,7 @@ const PATTERNS: &[Pattern] = &[
             refill_ms: 1000,
         },
         clock_offset_ms: Some(2000),
+        clock_step_at: None,
     },
     Pattern {
         name: "clock-ahead-2s",
@@ -406,6 +421,7 @@ const PATTERNS: &[Pattern] = &[
             shape: Shape::Uniform,
         },
         clock_offset_ms: Some(2000),
+        clock_step_at: None,
     },
     Pattern {
         name: "clock-behind-2s",
@@ -413,6 +429,7 @@ const PATTERNS: &[Pattern] = &[
             shape: Shape::Uniform,
         },
         clock_offset_ms: Some(-2000),
+        clock_step_at: None,
     },
     Pattern {
         name: "hot-uniform-clock-behind-2s",
@@ -423,6 +440,27 @@ const PATTERNS: &[Pattern] = &[
             refill_ms: 1000,
         },
         clock_offset_ms: Some(-2000),
+        clock_step_at: None,
+    },
+    // A clock that steps 2 s ahead a third into the run: the cluster had formed with it.
+    Pattern {
+        name: "clock-steps-ahead-2s",
+        load: Load::Below {
+            shape: Shape::Uniform,
+        },
+        clock_offset_ms: Some(2000),
+        clock_step_at: Some(1.0 / 3.0),
+    },
+    Pattern {
+        name: "hot-uniform-clock-steps-ahead-2s",
+        load: Load::Overload {
+            spread: Spread::Uniform,
+            many_keys: false,
+            capacity: 1000,
+            refill_ms: 1000,
+        },
+        clock_offset_ms: Some(2000),
+        clock_step_at: Some(1.0 / 3.0),
     },
     Pattern {
         name: "keys-uniform-clock-ahead-500ms",
@@ -433,6 +471,7 @@ const PATTERNS: &[Pattern] = &[
             refill_ms: 1000,
         },
         clock_offset_ms: Some(500),
+        clock_step_at: None,
     },
 ];
 
@@ -450,6 +489,11 @@ impl Pattern {
     fn beyond_guard(&self) -> bool {
         self.clock_offset_ms
             .is_some_and(|ms| ms.unsigned_abs() > CLOCK_SKEW_GUARD_MS)
+    }
+
+    /// Beyond the guard from the start, when the cluster forms (not only after a step).
+    fn beyond_guard_from_start(&self) -> bool {
+        self.beyond_guard() && self.clock_step_at.is_none()
     }
 }
 
@@ -511,6 +555,8 @@ impl Run {
 /// Three replicas, every directed link through its own proxy.
 #[derive(Debug)]
 struct Cluster {
+    /// libfaketime's offset file of [`SKEWED_REPLICA`], for a clock that steps during the run.
+    clock_file: Option<std::path::PathBuf>,
     /// `links[from][to]`: the proxy replica `from` sends to replica `to` through.
     links: Vec<Vec<Option<Proxy>>>,
     replicas: Vec<Service>,
@@ -579,6 +625,11 @@ impl Cluster {
                     .collect()
             })
             .collect();
+        let clock_file = run.pattern.clock_step_at.map(|_| {
+            let file = dir.path().join("faketime.rc");
+            faketime::set_offset(&file, 0);
+            file
+        });
         let mut replicas = Vec::new();
         let mut started_at = Vec::new();
         let first = Instant::now();
@@ -612,10 +663,10 @@ impl Cluster {
             if let Some(offset_ms) = run.pattern.clock_offset()
                 && i == SKEWED_REPLICA
             {
-                envs.extend(faketime::wall_clock_offset(
-                    &options.faketime_lib,
-                    offset_ms,
-                ));
+                envs.extend(match &clock_file {
+                    Some(file) => faketime::wall_clock_from_file(&options.faketime_lib, file),
+                    None => faketime::wall_clock_offset(&options.faketime_lib, offset_ms),
+                });
             }
             let service = spawn_replica(&format!("replica-{i}"), &envs);
             let peer: SocketAddr = host_port(service.url_of("peer").expect("a peer listener"))
@@ -632,6 +683,7 @@ impl Cluster {
             links,
             replicas,
             started_at,
+            clock_file,
             _dir: dir,
         }
     }
@@ -660,7 +712,7 @@ fn warm_up(cluster: &Cluster, http: &Client, options: &Options, run: &Run) {
     // the others refuse what it sends and do not take its answers; behind, it refuses what they
     // send, and they do not hear it in the escrow protocol (docs/crdt.md, "Clocks"). Its links
     // never come up: only the others' are waited for.
-    let beyond_guard = run.pattern.beyond_guard();
+    let beyond_guard = run.pattern.beyond_guard_from_start();
     let shut_out = |i: usize| beyond_guard && i == SKEWED_REPLICA;
     let skewed_node = format!("replica-{SKEWED_REPLICA}");
     for (i, url) in cluster.urls().iter().enumerate() {
@@ -1440,7 +1492,11 @@ fn run_pattern(run: &Run, options: &Options) -> (Row, Option<Report>) {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    if let Some(offset) = pattern.clock_offset() {
+    // A clock that steps is checked after the run, when it has.
+    if let Some(offset) = pattern
+        .clock_offset()
+        .filter(|_| pattern.clock_step_at.is_none())
+    {
         let seen = clock_seen[SKEWED_REPLICA];
         let off =
             |seen: f64| (seen - offset as f64).abs() > 10.0 + offset.unsigned_abs() as f64 * 0.1;
@@ -1471,8 +1527,26 @@ fn run_pattern(run: &Run, options: &Options) -> (Row, Option<Report>) {
                 )
             })
         });
+        let stepper = pattern
+            .clock_step_at
+            .zip(pattern.clock_offset())
+            .zip(cluster.clock_file.as_ref())
+            .map(|((at, offset), file)| {
+                scope.spawn(move || {
+                    let due = start + options.duration.mul_f64(at);
+                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                    faketime::set_offset(file, offset);
+                    eprintln!(
+                        "   replica-{SKEWED_REPLICA}'s wall clock stepped {offset:+} ms at {:.1} s",
+                        at * options.duration.as_secs_f64()
+                    );
+                })
+            });
         let sent = drive(&urls, &plan, options.workers, start);
         stop.store(true, Ordering::Relaxed);
+        if let Some(stepper) = stepper {
+            stepper.join().expect("clock stepper thread");
+        }
         let samples = prober.map_or_else(Vec::new, |p| p.join().expect("probe thread"));
         let flapped = flapper.map(|f| f.join().expect("flapper thread"));
         (sent, samples, flapped)
@@ -1491,6 +1565,16 @@ fn run_pattern(run: &Run, options: &Options) -> (Row, Option<Report>) {
     std::thread::sleep(Duration::from_millis(3 * options.sync_ms));
     let after = counters(&cluster, &http);
 
+    // Where the clocks were at the end (a stepped one has moved since the warm-up).
+    let clock_seen = if pattern.clock_step_at.is_some() {
+        cluster
+            .replicas
+            .iter()
+            .map(|r| clock_offset_ms(r, &http))
+            .collect()
+    } else {
+        clock_seen
+    };
     let row = compare(run, &sent, start, clock_seen);
     eprintln!(
         "   {} requests: {} admitted, {} refused, {} failed; ideal bucket admits {}; \

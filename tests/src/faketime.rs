@@ -46,3 +46,25 @@ pub fn wall_clock_offset(lib: &std::path::Path, offset_ms: i64) -> Vec<(&'static
         ("FAKETIME_DONT_RESET", "1".to_owned()),
     ]
 }
+
+/// The environment that runs a process with its wall clock offset by what `file` says
+/// ([`set_offset`]), re-read at least once a second: a clock that can be stepped while the
+/// process runs.
+pub fn wall_clock_from_file(
+    lib: &std::path::Path,
+    file: &std::path::Path,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("LD_PRELOAD", lib.display().to_string()),
+        ("FAKETIME_TIMESTAMP_FILE", file.display().to_string()),
+        ("FAKETIME_CACHE_DURATION", "1".to_owned()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
+        ("FAKETIME_DONT_RESET", "1".to_owned()),
+    ]
+}
+
+/// Write `offset_ms` (negative: behind) to the offset file of [`wall_clock_from_file`].
+pub fn set_offset(file: &std::path::Path, offset_ms: i64) {
+    std::fs::write(file, format!("{:+.3}\n", offset_ms as f64 / 1e3))
+        .unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
+}

@@ -10,6 +10,8 @@
 //!   their whole limit; in `shared` mode the fleet over-admits at most what that replica admits;
 //! - beyond it behind, it refuses what the others send: they do not hear it in the escrow
 //!   protocol either, so `strict` mode goes on without it just the same.
+//! - a clock that steps beyond the guard while the cluster runs under load never takes `strict`
+//!   mode over the limit.
 //!
 //! Without libfaketime the tests are skipped with a message, except under `CI=true`, where that
 //! fails (scripts/install-test-deps.sh installs it). Run `cargo build --workspace --bins` first:
@@ -259,5 +261,29 @@ fn behind_beyond_the_clock_guard_in_strict_mode_the_others_take_over_its_share_t
     assert!(
         f64_of(report, "overshoot_over_c_plus_rt") <= 0.0,
         "strict mode admitted beyond C + r*T: {report:#}"
+    );
+}
+
+#[test]
+fn a_clock_stepping_beyond_the_guard_under_load_never_takes_strict_mode_over() {
+    // The cluster forms with all clocks together; a second into the run (of 3 s) replica 1's
+    // clock steps 2 s ahead, under load at twice the limit. The others stop hearing it, wait out
+    // its lease and share its part: spending pauses for that membership change (as when a
+    // replica dies, docs/crdt.md), and nothing is ever admitted beyond C + r*T.
+    let Some(figures) = harness(&[
+        "--mode",
+        "strict",
+        "--patterns",
+        "hot-uniform-clock-steps-ahead-2s",
+    ]) else {
+        return;
+    };
+    assert_offsets_applied(&figures);
+    let overload = figures["overload"].as_array().expect("overload");
+    assert_eq!(overload.len(), 1, "{figures:#}");
+    assert!(
+        f64_of(&overload[0], "overshoot_over_c_plus_rt") <= 0.0,
+        "strict mode admitted beyond C + r*T across the clock step: {:#}",
+        overload[0]
     );
 }
