@@ -355,24 +355,6 @@ struct SyncAnswer {
     sent_at: Option<Micros>,
 }
 
-impl PeerStatus {
-    /// The clock guard stands between this peer and this replica, one way or the other.
-    fn clock_separated(&self) -> bool {
-        self.refuses_our_clock || self.answer_clock_refused
-    }
-}
-
-/// [`Replicator::clock_separation`].
-#[derive(Debug, Default)]
-struct ClockSeparation {
-    /// This replica and the peers not separated from it are a strict majority of the members
-    /// discovery lists.
-    in_majority: bool,
-    /// Replicas that refuse this replica's messages for its clock: not heard from in the
-    /// escrow protocol, although their bucket state is merged.
-    refusing_us: BTreeSet<u64>,
-}
-
 /// `POST /v1/lend`: a replica short of tokens for one `strict` request asks a peer for some
 /// of its sub-bucket (docs/crdt.md, "strict mode", loans). Units are the sub-bucket's
 /// (`escrow::share::cost_units`), so both sides check they mean the same rate.
@@ -486,6 +468,24 @@ pub struct PeerStatus {
     /// Its `GET /v1/hello` said it reads [`COMPACT_VERSION`]: deltas go to it compact.
     #[serde(skip)]
     reads_compact: bool,
+}
+
+impl PeerStatus {
+    /// The clock guard stands between this peer and this replica, one way or the other.
+    fn clock_separated(&self) -> bool {
+        self.refuses_our_clock || self.answer_clock_refused
+    }
+}
+
+/// [`Replicator::clock_separation`].
+#[derive(Debug, Default)]
+struct ClockSeparation {
+    /// This replica and the peers not separated from it are a strict majority of the members
+    /// discovery lists.
+    in_majority: bool,
+    /// Replicas that refuse this replica's messages for its clock: not heard from in the
+    /// escrow protocol, although their bucket state is merged.
+    refusing_us: BTreeSet<u64>,
 }
 
 /// Replication state shared by the peer listener and the sender loop.
