@@ -471,8 +471,9 @@ pub struct PeerStatus {
 }
 
 impl PeerStatus {
-    /// The clock guard stands between this peer and this replica, one way or the other.
-    fn clock_separated(&self) -> bool {
+    /// The clock guard stands between this peer and this replica, one way or the other: it
+    /// refuses our messages for our clock, or we do not take its answers for its clock.
+    pub fn clock_separated(&self) -> bool {
         self.refuses_our_clock || self.answer_clock_refused
     }
 }

@@ -757,6 +757,22 @@ fn warm_up(cluster: &Cluster, http: &Client, options: &Options, run: &Run) {
     }
 }
 
+/// The peers (node ids) a replica's `/status` shows as separated from it by the clock guard.
+fn clock_separated_peers(http: &Client, url: &str) -> Vec<String> {
+    let status: Value = http
+        .get(format!("{url}/status"))
+        .send()
+        .and_then(|r| r.json())
+        .unwrap_or_default();
+    status["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["clock_separated"] == true)
+        .filter_map(|p| p["node"].as_str().map(str::to_owned))
+        .collect()
+}
+
 /// Microseconds since the UNIX epoch of an RFC 3339 UTC timestamp as tracing writes it
 /// (`2026-01-02T03:04:05.678901Z`).
 fn rfc3339_micros(s: &str) -> Option<i64> {
@@ -1228,6 +1244,9 @@ struct Row {
     /// Requested clock offset of [`SKEWED_REPLICA`], and each replica's offset as read from its log.
     clock_offset_ms: Option<i64>,
     clock_seen_ms: Vec<Option<f64>>,
+    /// Per replica, at the end of the run: the peers (node ids) its `/status` shows as
+    /// `clock_separated`.
+    clock_separated: Vec<Vec<String>>,
     requests: u64,
     admitted: u64,
     refused: u64,
@@ -1260,6 +1279,7 @@ impl Row {
             "stagger_ms": self.stagger_ms,
             "clock_offset_ms": self.clock_offset_ms.map(|ms| json!({"replica": SKEWED_REPLICA, "ms": ms})),
             "clock_offsets_seen_ms": self.clock_seen_ms,
+            "clock_separated_peers": self.clock_separated,
             "requests": self.requests,
             "admitted": self.admitted,
             "refused": self.refused,
@@ -1332,6 +1352,7 @@ fn compare(run: &Run, sent: &[Sent], start: Instant, clock_seen_ms: Vec<Option<f
         stagger_ms: run.stagger.as_secs_f64() * 1e3,
         clock_offset_ms: run.pattern.clock_offset(),
         clock_seen_ms,
+        clock_separated: Vec::new(),
         requests: sent.len() as u64,
         admitted: 0,
         refused: 0,
@@ -1575,7 +1596,12 @@ fn run_pattern(run: &Run, options: &Options) -> (Row, Option<Report>) {
     } else {
         clock_seen
     };
-    let row = compare(run, &sent, start, clock_seen);
+    let mut row = compare(run, &sent, start, clock_seen);
+    row.clock_separated = cluster
+        .urls()
+        .iter()
+        .map(|url| clock_separated_peers(&http, url))
+        .collect();
     eprintln!(
         "   {} requests: {} admitted, {} refused, {} failed; ideal bucket admits {}; \
          refused although under the limit {} ({:.1}%: by replica {:?} of {:?} requests); \

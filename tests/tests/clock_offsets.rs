@@ -81,6 +81,31 @@ fn refused_under_pct(row: &Value) -> f64 {
     f64_of(row, "refused_under_limit_pct_of_ideal")
 }
 
+/// Every replica's `/status` shows who the clock guard separates it from: the others show
+/// replica [`SKEWED`], and it shows both of them.
+fn assert_separation_shown(row: &Value) {
+    let separated = &row["clock_separated_peers"];
+    let skewed = format!("replica-{SKEWED}");
+    for replica in 0..REPLICAS {
+        let mut shown: Vec<&str> = separated[replica]
+            .as_array()
+            .unwrap_or_else(|| panic!("no clock_separated_peers: {row:#}"))
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        shown.sort_unstable();
+        let expected: Vec<String> = if replica == SKEWED {
+            (0..REPLICAS)
+                .filter(|&r| r != SKEWED)
+                .map(|r| format!("replica-{r}"))
+                .collect()
+        } else {
+            vec![skewed.clone()]
+        };
+        assert_eq!(shown, expected, "replica-{replica}'s /status: {row:#}");
+    }
+}
+
 /// Below the limit, with replica [`SKEWED`] shut out: replicas 0 and 2 together refused few
 /// requests the textbook bucket admits, against the requests they decided. Measured on a quiet
 /// machine: 2 of 1366 (0.15 %); with the whole test suite running beside it, up to 15 of 819
@@ -197,6 +222,7 @@ fn ahead_beyond_the_clock_guard_in_strict_mode_the_others_take_over_the_shut_out
     assert_eq!(rows.len(), 1, "{figures:#}");
     let row = rows[0];
     assert_the_others_serve_their_clients(row);
+    assert_separation_shown(row);
     // Per key, never more than the textbook bucket admits (a few requests sent just before a
     // token came back may be decided just after it, hence the 1 %).
     assert!(
@@ -252,6 +278,7 @@ fn behind_beyond_the_clock_guard_in_strict_mode_the_others_take_over_its_share_t
     let rows = below_rows(&figures);
     assert_eq!(rows.len(), 1, "{figures:#}");
     assert_the_others_serve_their_clients(rows[0]);
+    assert_separation_shown(rows[0]);
     let overload = figures["overload"].as_array().expect("overload");
     assert_eq!(overload.len(), 1, "{figures:#}");
     // Above the limit, never over. (How much of C + r*T is admitted says little here: a third

@@ -198,6 +198,8 @@ fn peer_list(state: &AppState, now: u64, inbound: bool) -> Vec<serde_json::Value
                 "last_error": p.last_error,
                 "messages_sent": p.messages_sent,
                 "messages_received": p.messages_received,
+                // Beyond the clock guard, one way or the other (docs/crdt.md, "Clocks").
+                "clock_separated": (!inbound).then(|| p.clock_separated()),
             })
         })
         .collect()
