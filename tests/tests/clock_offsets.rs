@@ -25,18 +25,27 @@ use serde_json::Value;
 const SKEWED: usize = 1;
 const REPLICAS: usize = 3;
 
-/// One short harness run: `args` as on its command line, 3 s per pattern. `None` when
-/// libfaketime is missing outside CI.
-fn harness(args: &[&str]) -> Option<Value> {
+/// One short harness run in `mode` of `patterns`, 3 s each, with `extra` arguments as on its
+/// command line; every row checked to have run with the clock offset it asked for
+/// ([`assert_offsets_applied`]). `None` when libfaketime is missing outside CI.
+fn harness(mode: &str, patterns: &str, extra: &[&str]) -> Option<Value> {
     let lib = faketime_or_skip()?;
-    let mut argv: Vec<String> = ["--duration-s", "3", "--faketime-lib"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    argv.push(lib.display().to_string());
-    argv.extend(args.iter().map(|s| s.to_string()));
+    let lib = lib.display().to_string();
+    let argv = [
+        "--duration-s",
+        "3",
+        "--faketime-lib",
+        &lib,
+        "--mode",
+        mode,
+        "--patterns",
+        patterns,
+    ];
+    let argv = argv.iter().chain(extra).map(|s| s.to_string());
     let options = Options::parse_from(argv).expect("harness options");
-    Some(accuracy::run(&options))
+    let figures = accuracy::run(&options);
+    assert_offsets_applied(&figures);
+    Some(figures)
 }
 
 fn f64_of(row: &Value, field: &str) -> f64 {
@@ -74,6 +83,13 @@ fn below_rows(figures: &Value) -> Vec<&Value> {
         .iter()
         .filter(|row| f64_of(row, "load_factor") < 1.0)
         .collect()
+}
+
+/// The one overload run's figures against docs/crdt.md.
+fn the_overload_report(figures: &Value) -> &Value {
+    let overload = figures["overload"].as_array().expect("overload");
+    assert_eq!(overload.len(), 1, "{figures:#}");
+    &overload[0]
 }
 
 /// Refused although the ideal bucket admitted it, as a share of the ideal's admissions.
@@ -129,15 +145,13 @@ fn assert_the_others_serve_their_clients(row: &Value) {
 
 #[test]
 fn within_the_clock_guard_one_clock_ahead_costs_nothing_in_shared_mode() {
-    let Some(figures) = harness(&[
-        "--mode",
+    let Some(figures) = harness(
         "shared",
-        "--patterns",
         "clock-ahead-500ms,hot-uniform-clock-ahead-500ms",
-    ]) else {
+        &[],
+    ) else {
         return;
     };
-    assert_offsets_applied(&figures);
     // Below the limit: before the replicas followed the fastest clock, a replica 500 ms ahead
     // made the others refuse 37 % of these clients at half their limit and 12 % at 90 %
     // (docs/accuracy.md); measured since, 0 to 0.2 %.
@@ -149,28 +163,23 @@ fn within_the_clock_guard_one_clock_ahead_costs_nothing_in_shared_mode() {
     }
     // Above it: the shared bound of docs/crdt.md, and no more than without the offset (about
     // 0.3 % over C + r*T, measured).
-    let overload = figures["overload"].as_array().expect("overload");
-    assert_eq!(overload.len(), 1, "{figures:#}");
-    for report in overload {
-        let over = f64_of(report, "overshoot_over_c_plus_rt");
-        assert!(
-            over <= f64_of(report, "bound") && over <= 0.05 * f64_of(report, "c_plus_rt"),
-            "over the limit beyond the shared bound: {report:#}"
-        );
-    }
+    let report = the_overload_report(&figures);
+    let over = f64_of(report, "overshoot_over_c_plus_rt");
+    assert!(
+        over <= f64_of(report, "bound") && over <= 0.05 * f64_of(report, "c_plus_rt"),
+        "over the limit beyond the shared bound: {report:#}"
+    );
 }
 
 #[test]
 fn within_the_clock_guard_strict_mode_never_goes_over_with_one_clock_ahead() {
-    let Some(figures) = harness(&[
-        "--mode",
+    let Some(figures) = harness(
         "strict",
-        "--patterns",
         "clock-ahead-500ms,hot-uniform-clock-ahead-500ms",
-    ]) else {
+        &[],
+    ) else {
         return;
     };
-    assert_offsets_applied(&figures);
     // Measured, with the offset as without: 0.2-1.3 % at half the limit, 2.7-3.4 % at 90 %
     // (shares move with demand once a round); 500 ms ahead on the code before the shared
     // clock: 17-18 %.
@@ -185,18 +194,15 @@ fn within_the_clock_guard_strict_mode_never_goes_over_with_one_clock_ahead() {
             "clients under their limit refused beyond {bound} %: {row:#}"
         );
     }
-    let overload = figures["overload"].as_array().expect("overload");
-    assert_eq!(overload.len(), 1, "{figures:#}");
-    for report in overload {
-        assert!(
-            f64_of(report, "overshoot_over_c_plus_rt") <= 0.0,
-            "strict mode admitted beyond C + r*T: {report:#}"
-        );
-        assert!(
-            f64_of(report, "utilization_pct") >= 80.0,
-            "strict mode refused most of what the bucket allows: {report:#}"
-        );
-    }
+    let report = the_overload_report(&figures);
+    assert!(
+        f64_of(report, "overshoot_over_c_plus_rt") <= 0.0,
+        "strict mode admitted beyond C + r*T: {report:#}"
+    );
+    assert!(
+        f64_of(report, "utilization_pct") >= 80.0,
+        "strict mode refused most of what the bucket allows: {report:#}"
+    );
 }
 
 #[test]
@@ -207,17 +213,9 @@ fn ahead_beyond_the_clock_guard_in_strict_mode_the_others_take_over_the_shut_out
     // replica cut off from its peers must do). The others must serve theirs in full: before,
     // they kept replica 1 in the allocation on its answers, and its third of every bucket went
     // unused while their clients were refused (15 % of their requests).
-    let Some(figures) = harness(&[
-        "--mode",
-        "strict",
-        "--patterns",
-        "clock-ahead-2s",
-        "--below",
-        "0.9",
-    ]) else {
+    let Some(figures) = harness("strict", "clock-ahead-2s", &["--below", "0.9"]) else {
         return;
     };
-    assert_offsets_applied(&figures);
     let rows = below_rows(&figures);
     assert_eq!(rows.len(), 1, "{figures:#}");
     let row = rows[0];
@@ -234,18 +232,10 @@ fn ahead_beyond_the_clock_guard_in_strict_mode_the_others_take_over_the_shut_out
 #[test]
 fn ahead_beyond_the_clock_guard_in_shared_mode_the_fleet_over_admits_at_most_the_shut_out_replicas_part()
  {
-    let Some(figures) = harness(&[
-        "--mode",
-        "shared",
-        "--patterns",
-        "hot-uniform-clock-ahead-2s",
-    ]) else {
+    let Some(figures) = harness("shared", "hot-uniform-clock-ahead-2s", &[]) else {
         return;
     };
-    assert_offsets_applied(&figures);
-    let overload = figures["overload"].as_array().expect("overload");
-    assert_eq!(overload.len(), 1, "{figures:#}");
-    let report = &overload[0];
+    let report = the_overload_report(&figures);
     // The others do not count what replica 1 admits; replica 1 counts theirs. So the fleet goes
     // over by at most what replica 1 admits on its own: its third of the load, at most a third
     // of C + r*T (docs/crdt.md, "Clocks"), on top of the usual shared bound.
@@ -264,27 +254,21 @@ fn behind_beyond_the_clock_guard_in_strict_mode_the_others_take_over_its_share_t
     // followed its allocation, and only its clients were served (the others refused all of
     // theirs). Now the others, refused for their clock, do not hear it in the escrow protocol,
     // and it, the odd one out, allocates nothing: the same as with its clock ahead.
-    let Some(figures) = harness(&[
-        "--mode",
+    let Some(figures) = harness(
         "strict",
-        "--patterns",
         "clock-behind-2s,hot-uniform-clock-behind-2s",
-        "--below",
-        "0.9",
-    ]) else {
+        &["--below", "0.9"],
+    ) else {
         return;
     };
-    assert_offsets_applied(&figures);
     let rows = below_rows(&figures);
     assert_eq!(rows.len(), 1, "{figures:#}");
     assert_the_others_serve_their_clients(rows[0]);
     assert_separation_shown(rows[0]);
-    let overload = figures["overload"].as_array().expect("overload");
-    assert_eq!(overload.len(), 1, "{figures:#}");
     // Above the limit, never over. (How much of C + r*T is admitted says little here: a third
     // of the load goes to the replica shut out, so the others see 1.33x the limit, and a loaded
     // machine sends late; 96 % on a quiet one, 79 % with the cores busy, 56 % before.)
-    let report = &overload[0];
+    let report = the_overload_report(&figures);
     assert!(
         f64_of(report, "overshoot_over_c_plus_rt") <= 0.0,
         "strict mode admitted beyond C + r*T: {report:#}"
@@ -297,20 +281,12 @@ fn a_clock_stepping_beyond_the_guard_under_load_never_takes_strict_mode_over() {
     // clock steps 2 s ahead, under load at twice the limit. The others stop hearing it, wait out
     // its lease and share its part: spending pauses for that membership change (as when a
     // replica dies, docs/crdt.md), and nothing is ever admitted beyond C + r*T.
-    let Some(figures) = harness(&[
-        "--mode",
-        "strict",
-        "--patterns",
-        "hot-uniform-clock-steps-ahead-2s",
-    ]) else {
+    let Some(figures) = harness("strict", "hot-uniform-clock-steps-ahead-2s", &[]) else {
         return;
     };
-    assert_offsets_applied(&figures);
-    let overload = figures["overload"].as_array().expect("overload");
-    assert_eq!(overload.len(), 1, "{figures:#}");
+    let report = the_overload_report(&figures);
     assert!(
-        f64_of(&overload[0], "overshoot_over_c_plus_rt") <= 0.0,
-        "strict mode admitted beyond C + r*T across the clock step: {:#}",
-        overload[0]
+        f64_of(report, "overshoot_over_c_plus_rt") <= 0.0,
+        "strict mode admitted beyond C + r*T across the clock step: {report:#}"
     );
 }
