@@ -82,6 +82,8 @@ pub struct EscrowStatus {
     pub members: Vec<String>,
     /// Shares this replica uses now, as fractions of each policy.
     pub usable: BTreeMap<String, f64>,
+    /// How much longer this replica's lease runs: 0 without one (never granted, or run out),
+    /// when it spends no strict share.
     pub lease_remaining_ms: i64,
     pub sub_buckets: usize,
 }
@@ -632,7 +634,7 @@ impl Escrow {
                 a.members.iter().map(|m| format!("{m:016x}")).collect()
             }),
             usable,
-            lease_remaining_ms,
+            lease_remaining_ms: lease_remaining_ms.max(0),
             sub_buckets,
         }
     }

@@ -1041,3 +1041,12 @@ fn a_client_spending_half_its_bucket_per_request_at_90_percent_loses_little_to_l
         );
     }
 }
+
+#[test]
+fn a_replica_without_a_lease_shows_none_left_not_the_time_since_the_epoch() {
+    // Found in /status: a replica that never had a lease showed -1796609974139 ms (0 minus
+    // the steady clock).
+    let clock = std::sync::Arc::new(crate::clock::ManualClock::at(1_796_609_974_139_000));
+    let escrow = super::Escrow::new(crate::crdt::ReplicaId(1), Params::default(), clock);
+    assert_eq!(escrow.status().lease_remaining_ms, 0);
+}
