@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use metrics_adapter::hpa_sim::SyncRecord;
 use openclaw_e2e::{ChildGuard, http_client, parse_listening, wait_until, workspace_bin};
 use openclaw_stack::deployment::{EventKind, Phase};
-use openclaw_stack::figures::Figures;
+use openclaw_stack::figures::{Figures, SettledRate};
 use openclaw_stack::process::Group;
 use openclaw_stack::scenario::{self, Kill, Outcome, Profile};
 use openclaw_stack::stack::{Options, Stack, default_config_dir};
@@ -467,47 +467,27 @@ fn load_reaches_prometheus_and_the_adapter_the_hpa_scales_up_on_the_spike_and_ba
     // Per pod after the scale-up settled: at most 10 % above the target (the HPA's pods took
     // the load), and at most 10 % below when the load generator delivered what it was asked
     // (otherwise the machine, not the stack, set the rate: say so).
-    let settled = figures.settled.first().unwrap_or_else(|| {
-        panic!(
-            "no settled stretch after the scale-up: {:?}",
-            outcome.replica_counts
-        )
-    });
-    assert!(
-        settled.per_pod <= settled.expected * 1.1,
-        "per-pod rate above the target after the scale-up: {settled:?}"
-    );
     let delivered = overload
         .summary
         .as_ref()
         .map_or(0.0, |s| s.achieved_rps() / overload.rate);
-    // A stretch the sampler saw once or twice says little: on a loaded 2-core machine the
-    // sampler (Prometheus queries every 5 scenario seconds) can fall behind, and one x30
-    // sample of a 2 s rate window is noise (seen in CI: one sample, 522/s at 4 pods, while the
-    // load generator delivered its rate). Such a stretch is reported, not held to the band.
-    if delivered >= 0.95 && settled.samples >= 3 {
-        // The HPA sets whole pods: settled at n pods, the per-pod rate lies between
-        // target·(n-1)/n (fewer pods would have done) and the target, each give or take its
-        // 10 % tolerance. At x30 the 2 s rate windows are noisy enough that the HPA sometimes
-        // takes 5 pods for a load 4 carry at 780/s (seen in CI: 5 pods at 702/s), so this test
-        // holds the figure to that band; the report, and the 20-minute real-time run in
-        // docs/reports, hold it to the issue's ±10 % of the target.
-        let n = settled.pods as f64;
-        let (low, high) = (
-            settled.expected * (n - 1.0) / n * 0.9,
-            settled.expected * 1.1,
-        );
-        assert!(
-            (low..=high).contains(&settled.per_pod),
-            "per-pod rate outside what {n} pods allow ({low:.0} to {high:.0}): {settled:?}"
-        );
-    } else {
-        eprintln!(
-            "the load generator delivered {:.0} % of the overload's rate, the sampler saw the \
-             stretch {} times: per-pod {settled:?} not held to the lower bound",
+    match figures.settled.first() {
+        Some(settled) => check_settled_per_pod_rate(settled, delivered),
+        // The sampler (Prometheus queries every scrape interval, 15 scenario seconds) has no
+        // sample in the stretch when the machine cannot keep up: seen in CI, with the load
+        // generator at 86 % of the overload's rate, 114 timeouts, and samples at 243 s and
+        // 578 s, none within the settled stretch from 271 s. Then the machine set the rate, and
+        // there is nothing to hold to the band; with the rate delivered, there must be one.
+        None if delivered < 0.95 => eprintln!(
+            "the load generator delivered {:.0} % of the overload's rate and the sampler saw no \
+             settled stretch after the scale-up: the per-pod rate is not measured ({:?})",
             delivered * 100.0,
-            settled.samples
-        );
+            outcome.replica_counts
+        ),
+        None => panic!(
+            "no settled stretch after the scale-up: {:?}",
+            outcome.replica_counts
+        ),
     }
 
     // 6. The report.
@@ -1135,5 +1115,43 @@ fn the_up_command_prints_where_everything_listens_and_ctrl_c_stops_every_process
     }
     for child in &up.children {
         assert!(!alive(*child), "process {child} outlived the stack");
+    }
+}
+
+/// The per-pod rate over the first stretch settled after the scale-up, with the load generator
+/// having delivered `delivered` of the overload's rate.
+fn check_settled_per_pod_rate(settled: &SettledRate, delivered: f64) {
+    assert!(
+        settled.per_pod <= settled.expected * 1.1,
+        "per-pod rate above the target after the scale-up: {settled:?}"
+    );
+    // A stretch the sampler saw once or twice says little: on a loaded 2-core machine the
+    // sampler (Prometheus queries every scrape interval, 15 scenario seconds) can fall behind,
+    // and one x30 sample of a 2 s rate window is noise (seen in CI: one sample, 522/s at 4
+    // pods, while the load generator delivered its rate). Such a stretch is reported, not held
+    // to the band.
+    if delivered >= 0.95 && settled.samples >= 3 {
+        // The HPA sets whole pods: settled at n pods, the per-pod rate lies between
+        // target·(n-1)/n (fewer pods would have done) and the target, each give or take its
+        // 10 % tolerance. At x30 the 2 s rate windows are noisy enough that the HPA sometimes
+        // takes 5 pods for a load 4 carry at 780/s (seen in CI: 5 pods at 702/s), so this test
+        // holds the figure to that band; the report, and the 20-minute real-time run in
+        // docs/reports, hold it to the issue's ±10 % of the target.
+        let n = settled.pods as f64;
+        let (low, high) = (
+            settled.expected * (n - 1.0) / n * 0.9,
+            settled.expected * 1.1,
+        );
+        assert!(
+            (low..=high).contains(&settled.per_pod),
+            "per-pod rate outside what {n} pods allow ({low:.0} to {high:.0}): {settled:?}"
+        );
+    } else {
+        eprintln!(
+            "the load generator delivered {:.0} % of the overload's rate, the sampler saw the \
+             stretch {} times: per-pod {settled:?} not held to the lower bound",
+            delivered * 100.0,
+            settled.samples
+        );
     }
 }
