@@ -103,6 +103,8 @@ const SIGNATURE_HEADER: &str = "x-openclaw-signature";
 /// of its clock from the others. Not signed: it only ever makes the sender hear less of the
 /// refusing peer, as cutting the link would.
 const REFUSAL_HEADER: &str = "x-openclaw-refusal";
+/// [`Rejection::reason`] of a message stamped beyond the clock guard.
+const CLOCK_AHEAD_REASON: &str = "clock_ahead";
 /// HMAC of `head \n timestamp \n path \n content length \n body signature`: a request with a
 /// body is authenticated by it before a byte of the body is read.
 const HEAD_SIGNATURE_HEADER: &str = "x-openclaw-head-signature";
@@ -484,9 +486,8 @@ struct ClockSeparation {
     /// This replica and the peers not separated from it are a strict majority of the members
     /// discovery lists.
     in_majority: bool,
-    /// Replicas that refuse this replica's messages for its clock: not heard from in the
-    /// escrow protocol, although their bucket state is merged.
-    refusing_us: BTreeSet<u64>,
+    /// Every peer discovery lists that is not separated is up.
+    rest_up: bool,
 }
 
 /// Replication state shared by the peer listener and the sender loop.
@@ -623,15 +624,7 @@ impl Replicator {
     /// clock guard ([`Replicator::clock_separation`]) when the rest make a majority with it.
     fn escrow_tick(&self) {
         let separation = self.clock_separation();
-        let all_answered = self.limiter.is_ready()
-            && separation.in_majority
-            && self
-                .peers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .values()
-                .filter(|p| !p.address.starts_with("node:") && !p.clock_separated())
-                .all(|p| p.up);
+        let all_answered = self.limiter.is_ready() && separation.in_majority && separation.rest_up;
         self.escrow.tick(&self.limiter.policies(), all_answered);
     }
 
@@ -645,22 +638,29 @@ impl Replicator {
     /// majority allocates among itself).
     fn clock_separation(&self) -> ClockSeparation {
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        let mut members = 1usize;
-        let mut separated = 0usize;
-        let mut refusing_us = BTreeSet::new();
+        let (mut members, mut separated, mut rest_up) = (1usize, 0usize, true);
         for peer in peers.values().filter(|p| !p.address.starts_with("node:")) {
             members += 1;
             if peer.clock_separated() {
                 separated += 1;
-            }
-            if peer.refuses_our_clock {
-                refusing_us.extend(peer.replica);
+            } else {
+                rest_up &= peer.up;
             }
         }
         ClockSeparation {
             in_majority: (members - separated) * 2 > members,
-            refusing_us,
+            rest_up,
         }
+    }
+
+    /// Whether `replica` refuses this replica's messages for its clock: it is not heard from
+    /// in the escrow protocol, although its bucket state is merged.
+    fn refuses_our_clock(&self, replica: u64) -> bool {
+        self.peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|p| p.refuses_our_clock && p.replica == Some(replica))
     }
 
     /// How many buckets this replica remembers as sent to peers that did not take them, over
@@ -2003,10 +2003,7 @@ impl Replicator {
         // than not); its escrow state does not, or it would be heard from while it hears no
         // one: its share would stay in the allocation, unused (docs/crdt.md, "Clocks").
         if let Some(control) = &message.escrow
-            && !self
-                .clock_separation()
-                .refusing_us
-                .contains(&message.replica)
+            && !self.refuses_our_clock(message.replica)
         {
             self.escrow.receive(message.replica, control);
         }
@@ -2123,7 +2120,7 @@ impl Replicator {
                     && response
                         .headers()
                         .get(REFUSAL_HEADER)
-                        .is_some_and(|reason| reason == "clock_ahead");
+                        .is_some_and(|reason| reason == CLOCK_AHEAD_REASON);
                 Err((
                     format!("peer answered {}", response.status()),
                     Undelivered::Refused,
@@ -2636,7 +2633,7 @@ impl Rejection {
             Rejection::Malformed(_) => "malformed",
             Rejection::TooLarge => "too_large",
             Rejection::Incompatible(_) => "incompatible",
-            Rejection::ClockAhead(_) => "clock_ahead",
+            Rejection::ClockAhead(_) => CLOCK_AHEAD_REASON,
             Rejection::Busy => "busy",
             Rejection::TooSlow => "too_slow",
             Rejection::Replayed => "replayed",
@@ -3108,16 +3105,14 @@ mod clock_guard_tests {
             peer.refuses_our_clock = i == 1;
             peer.answer_clock_refused = i == 2;
         });
-        let separation = odd.clock_separation();
-        assert!(!separation.in_majority);
-        assert_eq!(separation.refusing_us, BTreeSet::from([101]));
+        assert!(!odd.clock_separation().in_majority);
+        assert!(odd.refuses_our_clock(101) && !odd.refuses_our_clock(102));
 
         // One of two peers separated: we and the other are the majority, and the separated
         // one is not heard from in the escrow protocol.
         let majority = with_peers(2, |i, peer| peer.refuses_our_clock = i == 2);
-        let separation = majority.clock_separation();
-        assert!(separation.in_majority);
-        assert_eq!(separation.refusing_us, BTreeSet::from([102]));
+        assert!(majority.clock_separation().in_majority);
+        assert!(majority.refuses_our_clock(102) && !majority.refuses_our_clock(101));
 
         // Two members, one separated: neither side is a majority.
         let pair = with_peers(1, |_, peer| peer.answer_clock_refused = true);
