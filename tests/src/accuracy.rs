@@ -81,7 +81,7 @@ const STRAY_SHARE: f64 = 0.1;
 /// The cost of the heavy clients of the below-limit patterns (bug report: 5 tokens once a
 /// second against 10 per second).
 const HEAVY_COST: u64 = 5;
-/// The replica whose wall clock the clock patterns move ahead.
+/// The replica whose wall clock the clock patterns move ahead or behind.
 const SKEWED_REPLICA: usize = 1;
 /// The limiter's default `OPENCLAW_CLOCK_SKEW_GUARD_MS`.
 const CLOCK_SKEW_GUARD_MS: u64 = 500;
@@ -151,11 +151,11 @@ impl Options {
         let mut args = args.into_iter();
         while let Some(flag) = args.next() {
             if flag == "--help" || flag == "-h" {
-                return Err(USAGE.to_owned());
+                return Err(usage());
             }
             let value = args
                 .next()
-                .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
+                .ok_or_else(|| format!("{flag} needs a value\n{}", usage()))?;
             let parse = |value: &str| {
                 value
                     .parse::<f64>()
@@ -228,14 +228,14 @@ impl Options {
                             name => PATTERNS.iter().filter(|p| p.name == name).collect(),
                         };
                         if group.is_empty() {
-                            return Err(format!("unknown pattern {name:?}\n{USAGE}"));
+                            return Err(format!("unknown pattern {name:?}\n{}", usage()));
                         }
                         options
                             .patterns
                             .extend(group.iter().map(|p| p.name.to_owned()));
                     }
                 }
-                other => return Err(format!("unknown flag {other}\n{USAGE}")),
+                other => return Err(format!("unknown flag {other}\n{}", usage())),
             }
         }
         options.anti_entropy_ms = options.anti_entropy_ms.max(options.sync_ms);
@@ -243,19 +243,23 @@ impl Options {
     }
 }
 
-const USAGE: &str = "usage: openclaw-accuracy [--duration-s 10] [--sync-ms 50] \
+/// The usage, with every pattern's name (from [`PATTERNS`]).
+fn usage() -> String {
+    let names: Vec<&str> = PATTERNS.iter().map(|p| p.name).collect();
+    format!(
+        "usage: openclaw-accuracy [--duration-s 10] [--sync-ms 50] \
 [--anti-entropy-ms 5000] [--mode shared|strict] [--workers 8] \
-[--patterns all | overload,below,clock | hot-uniform,hot-one,keys-uniform,keys-one,\
-uniform,sticky-strays,random,clock-ahead-50ms,clock-ahead-500ms,clock-ahead-2s,clock-behind-2s,\
-hot-uniform-clock-ahead-500ms,keys-uniform-clock-ahead-500ms,hot-uniform-clock-ahead-2s,\
-hot-uniform-clock-behind-2s] \
+[--patterns all | overload,below,clock | {}] \
 [--stagger-ms 333 (below-limit patterns; 0 for the overload ones)] [--seed 1] [--json FILE] \
 [--flaky-links PCT (each link down PCT % of the time) --outage-ms 200]
   overload patterns: [--load-factor 2] [--keys 50] \
 [--capacity 1000 --refill-ms 1000 (the hot-key patterns' bucket)]
   below-limit patterns: [--below 0.5,0.9 (load factors)] [--clients 60] \
 [--client-capacity 10 --client-refill-ms 1000] \
-[--faketime-lib /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1]";
+[--faketime-lib /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1]",
+        names.join(",")
+    )
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Spread {
@@ -307,172 +311,78 @@ struct Pattern {
     clock_step_at: Option<f64>,
 }
 
+/// The hot-key overload patterns' bucket, and the many-keys one's.
+const HOT: (bool, u64, u64) = (false, 1000, 1000);
+const KEYS: (bool, u64, u64) = (true, 20, 1000);
+
+impl Pattern {
+    const fn overload(name: &'static str, spread: Spread, bucket: (bool, u64, u64)) -> Pattern {
+        let (many_keys, capacity, refill_ms) = bucket;
+        let load = Load::Overload {
+            spread,
+            many_keys,
+            capacity,
+            refill_ms,
+        };
+        Pattern {
+            name,
+            load,
+            clock_offset_ms: None,
+            clock_step_at: None,
+        }
+    }
+
+    const fn below(name: &'static str, shape: Shape) -> Pattern {
+        Pattern {
+            name,
+            load: Load::Below { shape },
+            clock_offset_ms: None,
+            clock_step_at: None,
+        }
+    }
+
+    /// This pattern with replica [`SKEWED_REPLICA`]'s wall clock `offset_ms` off.
+    const fn clock(self, offset_ms: i64) -> Pattern {
+        Pattern {
+            clock_offset_ms: Some(offset_ms),
+            ..self
+        }
+    }
+
+    /// ... taken only `at` (a fraction) into the run.
+    const fn stepping_at(self, at: f64) -> Pattern {
+        Pattern {
+            clock_step_at: Some(at),
+            ..self
+        }
+    }
+}
+
 const PATTERNS: &[Pattern] = &[
-    Pattern {
-        name: "hot-uniform",
-        load: Load::Overload {
-            spread: Spread::Uniform,
-            many_keys: false,
-            capacity: 1000,
-            refill_ms: 1000,
-        },
-        clock_offset_ms: None,
-        clock_step_at: None,
-    },
-    Pattern {
-        name: "hot-one",
-        load: Load::Overload {
-            spread: Spread::AllToOne,
-            many_keys: false,
-            capacity: 1000,
-            refill_ms: 1000,
-        },
-        clock_offset_ms: None,
-        clock_step_at: None,
-    },
-    Pattern {
-        name: "keys-uniform",
-        load: Load::Overload {
-            spread: Spread::Uniform,
-            many_keys: true,
-            capacity: 20,
-            refill_ms: 1000,
-        },
-        clock_offset_ms: None,
-        clock_step_at: None,
-    },
-    Pattern {
-        name: "keys-one",
-        load: Load::Overload {
-            spread: Spread::AllToOne,
-            many_keys: true,
-            capacity: 20,
-            refill_ms: 1000,
-        },
-        clock_offset_ms: None,
-        clock_step_at: None,
-    },
-    Pattern {
-        name: "uniform",
-        load: Load::Below {
-            shape: Shape::Uniform,
-        },
-        clock_offset_ms: None,
-        clock_step_at: None,
-    },
-    Pattern {
-        name: "sticky-strays",
-        load: Load::Below {
-            shape: Shape::StickyStrays,
-        },
-        clock_offset_ms: None,
-        clock_step_at: None,
-    },
-    Pattern {
-        name: "random",
-        load: Load::Below {
-            shape: Shape::Random,
-        },
-        clock_offset_ms: None,
-        clock_step_at: None,
-    },
-    Pattern {
-        name: "clock-ahead-50ms",
-        load: Load::Below {
-            shape: Shape::Uniform,
-        },
-        clock_offset_ms: Some(50),
-        clock_step_at: None,
-    },
-    Pattern {
-        name: "clock-ahead-500ms",
-        load: Load::Below {
-            shape: Shape::Uniform,
-        },
-        clock_offset_ms: Some(500),
-        clock_step_at: None,
-    }, // The overload patterns' clock variants: how far over the limit the cluster goes when the
-    // replicas follow one clock that runs ahead of theirs.
-    Pattern {
-        name: "hot-uniform-clock-ahead-500ms",
-        load: Load::Overload {
-            spread: Spread::Uniform,
-            many_keys: false,
-            capacity: 1000,
-            refill_ms: 1000,
-        },
-        clock_offset_ms: Some(500),
-        clock_step_at: None,
-    },
-    Pattern {
-        name: "hot-uniform-clock-ahead-2s",
-        load: Load::Overload {
-            spread: Spread::Uniform,
-            many_keys: false,
-            capacity: 1000,
-            refill_ms: 1000,
-        },
-        clock_offset_ms: Some(2000),
-        clock_step_at: None,
-    },
-    Pattern {
-        name: "clock-ahead-2s",
-        load: Load::Below {
-            shape: Shape::Uniform,
-        },
-        clock_offset_ms: Some(2000),
-        clock_step_at: None,
-    },
-    Pattern {
-        name: "clock-behind-2s",
-        load: Load::Below {
-            shape: Shape::Uniform,
-        },
-        clock_offset_ms: Some(-2000),
-        clock_step_at: None,
-    },
-    Pattern {
-        name: "hot-uniform-clock-behind-2s",
-        load: Load::Overload {
-            spread: Spread::Uniform,
-            many_keys: false,
-            capacity: 1000,
-            refill_ms: 1000,
-        },
-        clock_offset_ms: Some(-2000),
-        clock_step_at: None,
-    },
+    Pattern::overload("hot-uniform", Spread::Uniform, HOT),
+    Pattern::overload("hot-one", Spread::AllToOne, HOT),
+    Pattern::overload("keys-uniform", Spread::Uniform, KEYS),
+    Pattern::overload("keys-one", Spread::AllToOne, KEYS),
+    Pattern::below("uniform", Shape::Uniform),
+    Pattern::below("sticky-strays", Shape::StickyStrays),
+    Pattern::below("random", Shape::Random),
+    Pattern::below("clock-ahead-50ms", Shape::Uniform).clock(50),
+    Pattern::below("clock-ahead-500ms", Shape::Uniform).clock(500),
+    // The overload patterns' clock variants: how far over the limit the cluster goes when the
+    // replicas follow one clock that runs ahead of theirs; and beyond the guard (500 ms).
+    Pattern::overload("hot-uniform-clock-ahead-500ms", Spread::Uniform, HOT).clock(500),
+    Pattern::overload("keys-uniform-clock-ahead-500ms", Spread::Uniform, KEYS).clock(500),
+    Pattern::overload("hot-uniform-clock-ahead-2s", Spread::Uniform, HOT).clock(2000),
+    Pattern::below("clock-ahead-2s", Shape::Uniform).clock(2000),
+    Pattern::below("clock-behind-2s", Shape::Uniform).clock(-2000),
+    Pattern::overload("hot-uniform-clock-behind-2s", Spread::Uniform, HOT).clock(-2000),
     // A clock that steps 2 s ahead a third into the run: the cluster had formed with it.
-    Pattern {
-        name: "clock-steps-ahead-2s",
-        load: Load::Below {
-            shape: Shape::Uniform,
-        },
-        clock_offset_ms: Some(2000),
-        clock_step_at: Some(1.0 / 3.0),
-    },
-    Pattern {
-        name: "hot-uniform-clock-steps-ahead-2s",
-        load: Load::Overload {
-            spread: Spread::Uniform,
-            many_keys: false,
-            capacity: 1000,
-            refill_ms: 1000,
-        },
-        clock_offset_ms: Some(2000),
-        clock_step_at: Some(1.0 / 3.0),
-    },
-    Pattern {
-        name: "keys-uniform-clock-ahead-500ms",
-        load: Load::Overload {
-            spread: Spread::Uniform,
-            many_keys: true,
-            capacity: 20,
-            refill_ms: 1000,
-        },
-        clock_offset_ms: Some(500),
-        clock_step_at: None,
-    },
+    Pattern::below("clock-steps-ahead-2s", Shape::Uniform)
+        .clock(2000)
+        .stepping_at(1.0 / 3.0),
+    Pattern::overload("hot-uniform-clock-steps-ahead-2s", Spread::Uniform, HOT)
+        .clock(2000)
+        .stepping_at(1.0 / 3.0),
 ];
 
 impl Pattern {
