@@ -43,6 +43,16 @@
 //! request): the ideal. A refusal of an under-limit client is a request a replica refused that
 //! the ideal bucket admitted; overshoot is what a key admitted beyond its ideal.
 //!
+//! The restart patterns (`--patterns restarts`) stop replica 1 a third into the run and start it
+//! again at once with the same node name, on its own snapshot directory (every replica has one
+//! in these patterns, as deploy/ gives each pod an `emptyDir`), as a container restarting in its
+//! pod: `replica-restarts` / `hot-uniform-replica-restarts` stop it with SIGTERM (a rolling
+//! update: out of the load balancer first), `replica-crashes` / `hot-uniform-replica-crashes`
+//! with SIGKILL (a crash: requests in flight to it fail). Until it is ready again its requests go
+//! to the two others, as a Service sends them, and count against the replica that served them.
+//! The refusals of under-limit requests are also reported before the stop, from the stop until
+//! one refill interval after it was ready again, and after.
+//!
 //! With `--flaky-links PCT`, every directed replication link is cut and healed at random while
 //! the load runs (through its proxy: open connections closed, new ones refused, as with a
 //! reset), down PCT % of the time on average in outages of `--outage-ms` (200) on average: the
@@ -83,6 +93,8 @@ const STRAY_SHARE: f64 = 0.1;
 const HEAVY_COST: u64 = 5;
 /// The replica whose wall clock the clock patterns move ahead or behind.
 const SKEWED_REPLICA: usize = 1;
+/// The replica the restart patterns stop and start again.
+const RESTARTED_REPLICA: usize = 1;
 /// The limiter's default `OPENCLAW_CLOCK_SKEW_GUARD_MS`.
 const CLOCK_SKEW_GUARD_MS: u64 = 500;
 /// Replica logs: JSON (timestamps parseable) and the `bad request` debug line, which the clock
@@ -215,16 +227,17 @@ impl Options {
                             "all" => PATTERNS.iter().collect(),
                             "overload" => PATTERNS
                                 .iter()
-                                .filter(|p| !p.is_below() && p.clock_offset().is_none())
+                                .filter(|p| !p.is_below() && p.is_plain())
                                 .collect(),
                             "below" => PATTERNS
                                 .iter()
-                                .filter(|p| p.is_below() && p.clock_offset().is_none())
+                                .filter(|p| p.is_below() && p.is_plain())
                                 .collect(),
                             "clock" => PATTERNS
                                 .iter()
                                 .filter(|p| p.clock_offset().is_some())
                                 .collect(),
+                            "restarts" => PATTERNS.iter().filter(|p| p.restart.is_some()).collect(),
                             name => PATTERNS.iter().filter(|p| p.name == name).collect(),
                         };
                         if group.is_empty() {
@@ -249,7 +262,7 @@ fn usage() -> String {
     format!(
         "usage: openclaw-accuracy [--duration-s 10] [--sync-ms 50] \
 [--anti-entropy-ms 5000] [--mode shared|strict] [--workers 8] \
-[--patterns all | overload,below,clock | {}] \
+[--patterns all | overload,below,clock,restarts | {}] \
 [--stagger-ms 333 (below-limit patterns; 0 for the overload ones)] [--seed 1] [--json FILE] \
 [--flaky-links PCT (each link down PCT % of the time) --outage-ms 200]
   overload patterns: [--load-factor 2] [--keys 50] \
@@ -309,6 +322,26 @@ struct Pattern {
     /// With it, the offset is taken only this far into the run (a fraction of it): the clock
     /// steps, with the cluster formed and under load. Before, it is 0.
     clock_step_at: Option<f64>,
+    /// Replica [`RESTARTED_REPLICA`] is stopped this far into the run and started again.
+    restart: Option<Restart>,
+}
+
+/// How the restarted replica goes down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM, as in a rolling update: taken out of the load balancer first, then stopped.
+    Graceful,
+    /// SIGKILL, as a crash or an OOM kill: killed first (requests in flight to it fail), then
+    /// taken out of the load balancer.
+    Crash,
+}
+
+/// A replica stopped `at` (a fraction of the run) and started again at once, with the same node
+/// name (a container restart in its pod), its load going to the others until it is ready.
+#[derive(Debug, Clone, Copy)]
+struct Restart {
+    at: f64,
+    stop: Stop,
 }
 
 /// The hot-key overload patterns' bucket, and the many-keys one's.
@@ -329,6 +362,7 @@ impl Pattern {
             load,
             clock_offset_ms: None,
             clock_step_at: None,
+            restart: None,
         }
     }
 
@@ -338,6 +372,7 @@ impl Pattern {
             load: Load::Below { shape },
             clock_offset_ms: None,
             clock_step_at: None,
+            restart: None,
         }
     }
 
@@ -353,6 +388,15 @@ impl Pattern {
     const fn stepping_at(self, at: f64) -> Pattern {
         Pattern {
             clock_step_at: Some(at),
+            ..self
+        }
+    }
+
+    /// This pattern with replica [`RESTARTED_REPLICA`] stopped `at` (a fraction) into the run
+    /// and started again.
+    const fn restarting_at(self, at: f64, stop: Stop) -> Pattern {
+        Pattern {
+            restart: Some(Restart { at, stop }),
             ..self
         }
     }
@@ -383,6 +427,13 @@ const PATTERNS: &[Pattern] = &[
     Pattern::overload("hot-uniform-clock-steps-ahead-2s", Spread::Uniform, HOT)
         .clock(2000)
         .stepping_at(1.0 / 3.0),
+    // A replica restarted a third into the run: a rolling update (SIGTERM) or a crash (SIGKILL).
+    Pattern::below("replica-restarts", Shape::Uniform).restarting_at(1.0 / 3.0, Stop::Graceful),
+    Pattern::below("replica-crashes", Shape::Uniform).restarting_at(1.0 / 3.0, Stop::Crash),
+    Pattern::overload("hot-uniform-replica-restarts", Spread::Uniform, HOT)
+        .restarting_at(1.0 / 3.0, Stop::Graceful),
+    Pattern::overload("hot-uniform-replica-crashes", Spread::Uniform, HOT)
+        .restarting_at(1.0 / 3.0, Stop::Crash),
 ];
 
 impl Pattern {
@@ -392,6 +443,11 @@ impl Pattern {
 
     fn clock_offset(&self) -> Option<i64> {
         self.clock_offset_ms
+    }
+
+    /// Nothing misbehaves but the load (and `--flaky-links`): the `overload` and `below` groups.
+    fn is_plain(&self) -> bool {
+        self.clock_offset_ms.is_none() && self.restart.is_none()
     }
 
     /// The skewed replica's clock is further from the others' than the guard
@@ -472,6 +528,8 @@ struct Cluster {
     replicas: Vec<Service>,
     /// When each replica was spawned.
     started_at: Vec<Instant>,
+    /// Each replica's environment, to start it again the same way.
+    envs: Vec<Vec<(&'static str, String)>>,
     _dir: tempfile::TempDir,
 }
 
@@ -542,6 +600,7 @@ impl Cluster {
         });
         let mut replicas = Vec::new();
         let mut started_at = Vec::new();
+        let mut all_envs = Vec::new();
         let first = Instant::now();
         for i in 0..REPLICAS {
             // Staggered starts: each replica's once-a-second timers (the sweep) run at their own
@@ -570,6 +629,13 @@ impl Cluster {
                 ),
                 ("OPENCLAW_READY_MAX_WAIT_MS", "5000".to_owned()),
             ];
+            // In the restart patterns every replica has its own snapshot directory, as deploy/
+            // gives each pod an `emptyDir`, and the restarted one starts again on its own, as a
+            // container restarting in its pod does. The other patterns run without one.
+            if run.pattern.restart.is_some() {
+                let snapshots = dir.path().join(format!("replica-{i}-snapshots"));
+                envs.push(("OPENCLAW_SNAPSHOT_DIR", snapshots.display().to_string()));
+            }
             if let Some(offset_ms) = run.pattern.clock_offset()
                 && i == SKEWED_REPLICA
             {
@@ -579,20 +645,15 @@ impl Cluster {
                 });
             }
             let service = spawn_replica(&format!("replica-{i}"), &envs);
-            let peer: SocketAddr = host_port(service.url_of("peer").expect("a peer listener"))
-                .parse()
-                .expect("peer address");
-            for (from, row) in links.iter().enumerate() {
-                if from != i {
-                    row[i].as_ref().unwrap().set_target(peer);
-                }
-            }
+            point_links_at(&links, i, &service);
             replicas.push(service);
+            all_envs.push(envs);
         }
         Cluster {
             links,
             replicas,
             started_at,
+            envs: all_envs,
             clock_file,
             _dir: dir,
         }
@@ -600,6 +661,113 @@ impl Cluster {
 
     fn urls(&self) -> Vec<String> {
         self.replicas.iter().map(|r| r.url.clone()).collect()
+    }
+}
+
+/// Points the links into replica `i` (the other replicas' proxies to it) at its peer listener.
+fn point_links_at(links: &[Vec<Option<Proxy>>], i: usize, service: &Service) {
+    let peer: SocketAddr = host_port(service.url_of("peer").expect("a peer listener"))
+        .parse()
+        .expect("peer address");
+    for (from, row) in links.iter().enumerate() {
+        if from != i {
+            row[i].as_ref().unwrap().set_target(peer);
+        }
+    }
+}
+
+/// Where the load balancer sends each replica's requests: its API URL, or `None` while it is
+/// out of rotation (stopped, or started again and not yet ready).
+#[derive(Debug)]
+struct Routes(std::sync::RwLock<Vec<Option<String>>>);
+
+impl Routes {
+    fn new(urls: Vec<String>) -> Routes {
+        Routes(std::sync::RwLock::new(urls.into_iter().map(Some).collect()))
+    }
+
+    fn set(&self, replica: usize, url: Option<String>) {
+        self.0.write().unwrap_or_else(|p| p.into_inner())[replica] = url;
+    }
+
+    fn get(&self, replica: usize) -> Option<String> {
+        self.0.read().unwrap_or_else(|p| p.into_inner())[replica].clone()
+    }
+
+    /// The replica that serves a request planned for `replica` on `key`, and its URL: that
+    /// one, or while it is out of rotation one of the others (chosen by key, so that a key's
+    /// requests spread over them as a load balancer would spread them). `None` if none is in.
+    fn route(&self, replica: usize, key: usize) -> Option<(usize, String)> {
+        let urls = self.0.read().unwrap_or_else(|p| p.into_inner());
+        let others: Vec<usize> = (0..REPLICAS).filter(|&r| r != replica).collect();
+        let turn = key % others.len();
+        std::iter::once(replica)
+            .chain(others[turn..].iter().chain(&others[..turn]).copied())
+            .find_map(|r| urls[r].clone().map(|url| (r, url)))
+    }
+}
+
+/// What a restart did, in time from the start of the load.
+#[derive(Debug, Clone, Copy)]
+struct Restarted {
+    stop: Stop,
+    /// Out of rotation and stopped (both, in the order [`Stop`] says).
+    stopped_at: Duration,
+    /// The new process spawned (its once-a-second timers run at this phase).
+    spawned_at: Duration,
+    /// Started again and `/ready`: back in rotation.
+    ready_at: Duration,
+    /// The replica exited by itself after SIGTERM (a graceful stop only).
+    exited_cleanly: Option<bool>,
+}
+
+/// Stops replica `i` as `stop` says, takes it out of `routes`, starts it again with the same
+/// environment (same node name), points the other replicas' links at it and puts it back into
+/// `routes` once `/ready`.
+fn restart_replica(
+    replica: &mut Service,
+    i: usize,
+    envs: &[(&'static str, String)],
+    links: &[Vec<Option<Proxy>>],
+    routes: &Routes,
+    stop: Stop,
+    start: Instant,
+) -> Restarted {
+    let exited_cleanly = match stop {
+        Stop::Graceful => {
+            routes.set(i, None);
+            Some(replica.process.terminate(Duration::from_secs(10)).is_some())
+        }
+        Stop::Crash => {
+            replica.process.kill();
+            routes.set(i, None);
+            None
+        }
+    };
+    let stopped_at = start.elapsed();
+    let spawned_at = start.elapsed();
+    *replica = spawn_replica(&format!("replica-{i}"), envs);
+    point_links_at(links, i, replica);
+    let http = client(Duration::from_secs(2));
+    let url = replica.url.clone();
+    wait_until(
+        Duration::from_secs(20),
+        "the restarted replica to be ready",
+        || {
+            http.get(format!("{url}/ready"))
+                .send()
+                .ok()
+                .filter(|r| r.status() == 200)
+                .map(|_| ())
+        },
+    );
+    routes.set(i, Some(url));
+    Restarted {
+        stop,
+        stopped_at,
+        spawned_at,
+        ready_at: start.elapsed(),
+        exited_cleanly,
     }
 }
 
@@ -896,7 +1064,7 @@ fn below_plan(run: &Run, shape: Shape, options: &Options) -> Vec<Planned> {
 
 /// Sends `plan` open loop from `start`: workers take requests in due order and wait for their
 /// due time, so a slow answer delays only its own worker.
-fn drive(urls: &[String], plan: &[Planned], workers: usize, start: Instant) -> Vec<Sent> {
+fn drive(routes: &Routes, plan: &[Planned], workers: usize, start: Instant) -> Vec<Sent> {
     let ticket = AtomicUsize::new(0);
     let all = Mutex::new(Vec::with_capacity(plan.len()));
     std::thread::scope(|scope| {
@@ -906,26 +1074,36 @@ fn drive(urls: &[String], plan: &[Planned], workers: usize, start: Instant) -> V
                 let mut mine = Vec::new();
                 loop {
                     let i = ticket.fetch_add(1, Ordering::Relaxed);
-                    let Some(&planned) = plan.get(i) else { break };
+                    let Some(&(mut planned)) = plan.get(i) else {
+                        break;
+                    };
                     let due = start + planned.due;
                     if let Some(wait) = due.checked_duration_since(Instant::now()) {
                         std::thread::sleep(wait);
                     }
                     let sent = Instant::now();
-                    let mut request = http
-                        .get(format!("{}/rate", urls[planned.replica]))
-                        .query(&[("key", format!("k{}", planned.key))]);
-                    if planned.cost != 1 {
-                        request = request.query(&[("cost", planned.cost)]);
-                    }
-                    let status = request.send().map(|r| r.status().as_u16());
+                    // The replica that serves it (another one while the planned one is out of
+                    // rotation) is what the figures count it against.
+                    let status = match routes.route(planned.replica, planned.key) {
+                        Some((replica, url)) => {
+                            planned.replica = replica;
+                            let mut request = http
+                                .get(format!("{url}/rate"))
+                                .query(&[("key", format!("k{}", planned.key))]);
+                            if planned.cost != 1 {
+                                request = request.query(&[("cost", planned.cost)]);
+                            }
+                            request.send().map(|r| r.status().as_u16()).ok()
+                        }
+                        None => None,
+                    };
                     mine.push(Sent {
                         plan: planned,
                         sent,
                         done: Instant::now(),
                         outcome: match status {
-                            Ok(200) => Outcome::Admitted,
-                            Ok(429) => Outcome::Refused,
+                            Some(200) => Outcome::Admitted,
+                            Some(429) => Outcome::Refused,
                             _ => Outcome::Failed,
                         },
                     });
@@ -978,7 +1156,7 @@ struct Sample {
 
 /// Probes until `stop`: one token at replica `n % 3` on key `probe-n`, then the time until each
 /// other replica's `/status` shows it.
-fn probe(urls: &[String], stop: &AtomicBool) -> Vec<Sample> {
+fn probe(routes: &Routes, stop: &AtomicBool) -> Vec<Sample> {
     let http = client(Duration::from_secs(2));
     let mut samples = Vec::new();
     let mut n = 0usize;
@@ -992,20 +1170,27 @@ fn probe(urls: &[String], stop: &AtomicBool) -> Vec<Sample> {
         let source = n % REPLICAS;
         let key = format!("probe-{n}");
         n += 1;
+        // A replica out of rotation (restarting) is neither a source nor an observer.
+        let Some(source_url) = routes.get(source) else {
+            continue;
+        };
         let spent_at = Instant::now();
         let admitted = http
-            .get(format!("{}/rate", urls[source]))
+            .get(format!("{source_url}/rate"))
             .query(&[("key", key.as_str()), ("policy", "probe")])
             .send()
             .is_ok_and(|r| r.status() == 200);
         if !admitted {
             continue;
         }
-        let mut pending: Vec<usize> = (0..REPLICAS).filter(|&r| r != source).collect();
+        let mut pending: Vec<(usize, String)> = (0..REPLICAS)
+            .filter(|&r| r != source)
+            .filter_map(|r| Some((r, routes.get(r)?)))
+            .collect();
         while !pending.is_empty() && spent_at.elapsed() < PROBE_GIVE_UP {
-            pending.retain(|&observer| {
+            pending.retain(|(_, observer)| {
                 let seen = http
-                    .get(format!("{}/status", urls[observer]))
+                    .get(format!("{observer}/status"))
                     .query(&[("key", key.as_str()), ("policy", "probe")])
                     .send()
                     .and_then(|r| r.json::<Value>())
@@ -1174,6 +1359,55 @@ struct Row {
     ideal_tokens: u64,
     late_p50_ms: f64,
     late_p99_ms: f64,
+    /// The restart of a restart pattern, and what the cluster did around it.
+    restart: Option<(Restarted, AroundRestart)>,
+}
+
+/// Under-limit refusals around a restart: before the stop, from the stop until the restarted
+/// replica was ready plus one refill interval (a grown `strict` share fills within it), and
+/// after; with the times (from the stop) of the first and last such refusal after the stop.
+#[derive(Debug, Clone, Copy, Default)]
+struct AroundRestart {
+    /// (refused although the ideal admitted, ideal admissions) in each phase.
+    before: (u64, u64),
+    during: (u64, u64),
+    after: (u64, u64),
+    first_refusal_ms: Option<f64>,
+    last_refusal_ms: Option<f64>,
+}
+
+impl AroundRestart {
+    fn measure(
+        sent: &[Sent],
+        ideal: &[bool],
+        start: Instant,
+        restarted: &Restarted,
+        interval: Duration,
+    ) -> AroundRestart {
+        let mut around = AroundRestart::default();
+        let stopped = start + restarted.stopped_at;
+        let settled = start + restarted.ready_at + interval;
+        for (s, &ideal) in sent.iter().zip(ideal) {
+            if !ideal {
+                continue;
+            }
+            let refused = s.outcome == Outcome::Refused;
+            let phase = if s.sent < stopped {
+                &mut around.before
+            } else if s.sent < settled {
+                &mut around.during
+            } else {
+                &mut around.after
+            };
+            *phase = (phase.0 + u64::from(refused), phase.1 + 1);
+            if refused && s.sent >= stopped {
+                let ms = (s.sent - stopped).as_secs_f64() * 1e3;
+                around.first_refusal_ms.get_or_insert(ms);
+                around.last_refusal_ms = Some(ms);
+            }
+        }
+        around
+    }
 }
 
 impl Row {
@@ -1205,6 +1439,21 @@ impl Row {
             "ideal_tokens": self.ideal_tokens,
             "late_p50_ms": self.late_p50_ms,
             "late_p99_ms": self.late_p99_ms,
+            "restart": self.restart.map(|(r, a)| json!({
+                "replica": RESTARTED_REPLICA,
+                "stop": match r.stop { Stop::Graceful => "sigterm", Stop::Crash => "sigkill" },
+                "stopped_at_s": r.stopped_at.as_secs_f64(),
+                "ready_at_s": r.ready_at.as_secs_f64(),
+                "exited_cleanly": r.exited_cleanly,
+                "refused_under_limit_before": a.before.0,
+                "ideal_before": a.before.1,
+                "refused_under_limit_until_ready_plus_interval": a.during.0,
+                "ideal_until_ready_plus_interval": a.during.1,
+                "refused_under_limit_after": a.after.0,
+                "ideal_after": a.after.1,
+                "first_refusal_after_stop_ms": a.first_refusal_ms,
+                "last_refusal_after_stop_ms": a.last_refusal_ms,
+            })),
         })
     }
 }
@@ -1277,6 +1526,7 @@ fn compare(run: &Run, sent: &[Sent], start: Instant, clock_seen_ms: Vec<Option<f
         ideal_tokens: 0,
         late_p50_ms: 0.0,
         late_p99_ms: 0.0,
+        restart: None,
     };
     // Per key: (admitted, ideal) requests.
     let mut per_key: BTreeMap<usize, (u64, u64)> = BTreeMap::new();
@@ -1394,7 +1644,7 @@ fn run_pattern(run: &Run, options: &Options) -> (Row, Option<Report>) {
             below_plan(run, shape, options)
         }
     };
-    let cluster = Cluster::start(run, options);
+    let mut cluster = Cluster::start(run, options);
     let http = client(Duration::from_secs(5));
     warm_up(&cluster, &http, options, run);
     let clock_seen: Vec<Option<f64>> = cluster
@@ -1438,25 +1688,19 @@ fn run_pattern(run: &Run, options: &Options) -> (Row, Option<Report>) {
             );
         }
     }
-    let urls = cluster.urls();
+    let routes = Routes::new(cluster.urls());
     let before = counters(&cluster, &http);
 
     let stop = AtomicBool::new(false);
     let start = Instant::now() + Duration::from_millis(20);
     let overload = !pattern.is_below();
-    let (sent, samples, flapped) = std::thread::scope(|scope| {
+    let (links, envs) = (&cluster.links, &cluster.envs);
+    let restarted_replica = &mut cluster.replicas[RESTARTED_REPLICA];
+    let (sent, samples, flapped, restarted) = std::thread::scope(|scope| {
         // The probe only where its figures are reported: it is load of its own.
-        let prober = overload.then(|| scope.spawn(|| probe(&urls, &stop)));
+        let prober = overload.then(|| scope.spawn(|| probe(&routes, &stop)));
         let flapper = (options.flaky > 0.0).then(|| {
-            scope.spawn(|| {
-                flap(
-                    &cluster.links,
-                    options.flaky,
-                    options.outage_ms,
-                    options.seed,
-                    &stop,
-                )
-            })
+            scope.spawn(|| flap(links, options.flaky, options.outage_ms, options.seed, &stop))
         });
         let stepper = pattern
             .clock_step_at
@@ -1473,14 +1717,46 @@ fn run_pattern(run: &Run, options: &Options) -> (Row, Option<Report>) {
                     );
                 })
             });
-        let sent = drive(&urls, &plan, options.workers, start);
+        let restarter = pattern.restart.map(|restart| {
+            let routes = &routes;
+            scope.spawn(move || {
+                let due = start + options.duration.mul_f64(restart.at);
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                let restarted = restart_replica(
+                    restarted_replica,
+                    RESTARTED_REPLICA,
+                    &envs[RESTARTED_REPLICA],
+                    links,
+                    routes,
+                    restart.stop,
+                    start,
+                );
+                eprintln!(
+                    "   replica-{RESTARTED_REPLICA} {} at {:.2} s{}, started again and ready at {:.2} s",
+                    match restart.stop {
+                        Stop::Graceful => "taken out of rotation and sent SIGTERM",
+                        Stop::Crash => "killed (SIGKILL) and taken out of rotation",
+                    },
+                    restarted.stopped_at.as_secs_f64(),
+                    match restarted.exited_cleanly {
+                        Some(true) => " (exited cleanly)",
+                        Some(false) => " (DID NOT EXIT within 10 s: killed)",
+                        None => "",
+                    },
+                    restarted.ready_at.as_secs_f64(),
+                );
+                restarted
+            })
+        });
+        let sent = drive(&routes, &plan, options.workers, start);
         stop.store(true, Ordering::Relaxed);
         if let Some(stepper) = stepper {
             stepper.join().expect("clock stepper thread");
         }
+        let restarted = restarter.map(|r| r.join().expect("restarter thread"));
         let samples = prober.map_or_else(Vec::new, |p| p.join().expect("probe thread"));
         let flapped = flapper.map(|f| f.join().expect("flapper thread"));
-        (sent, samples, flapped)
+        (sent, samples, flapped, restarted)
     });
     if let Some(f) = flapped {
         eprintln!(
@@ -1507,6 +1783,33 @@ fn run_pattern(run: &Run, options: &Options) -> (Row, Option<Report>) {
         clock_seen
     };
     let mut row = compare(run, &sent, start, clock_seen);
+    if let Some(restarted) = restarted {
+        cluster.started_at[RESTARTED_REPLICA] = start + restarted.spawned_at;
+        let ideal = ideal_verdicts(&sent, run.capacity, run.refill_ms);
+        let around = AroundRestart::measure(
+            &sent,
+            &ideal,
+            start,
+            &restarted,
+            Duration::from_millis(run.refill_ms),
+        );
+        let pct = |(refused, ideal): (u64, u64)| refused as f64 / ideal.max(1) as f64 * 100.0;
+        eprintln!(
+            "   under-limit requests refused: before the stop {} of {} ({:.1}%); from the stop              until ready + one refill interval {} of {} ({:.1}%); after {} of {} ({:.1}%);              first and last after the stop at {:?} / {:?} ms",
+            around.before.0,
+            around.before.1,
+            pct(around.before),
+            around.during.0,
+            around.during.1,
+            pct(around.during),
+            around.after.0,
+            around.after.1,
+            pct(around.after),
+            around.first_refusal_ms.map(f64::round),
+            around.last_refusal_ms.map(f64::round),
+        );
+        row.restart = Some((restarted, around));
+    }
     row.clock_separated = cluster
         .urls()
         .iter()
@@ -1592,9 +1895,16 @@ fn run_pattern(run: &Run, options: &Options) -> (Row, Option<Report>) {
     let keys = run.keys as f64;
     let bound = keys * (n - 1.0) * (c + r * d);
     let steady_excess = keys * (n - 1.0) * r * d;
-    let decisions = after.decisions - before.decisions;
-    let bytes = after.sent_bytes - before.sent_bytes;
-    let entries = after.sent_entries - before.sent_entries;
+    let (decisions, bytes, entries) = if pattern.restart.is_some() {
+        // The restarted replica's counters started again from 0: the differences mean nothing.
+        (f64::NAN, f64::NAN, f64::NAN)
+    } else {
+        (
+            after.decisions - before.decisions,
+            after.sent_bytes - before.sent_bytes,
+            after.sent_entries - before.sent_entries,
+        )
+    };
     eprintln!(
         "   replication: {bytes:.0} bytes in {entries:.0} entries sent for {decisions:.0} decisions"
     );
