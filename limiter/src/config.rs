@@ -222,7 +222,8 @@ pub struct Args {
     pub peer_idle_timeout_s: u64,
 
     /// Directory for snapshots of the bucket state (written periodically and on SIGTERM,
-    /// restored at start). Unset: no snapshots.
+    /// restored at start), one per replica: its lock tells a restarted process that the
+    /// previous one is gone (`lineage`). Unset: no snapshots.
     #[arg(long, env = "OPENCLAW_SNAPSHOT_DIR")]
     pub snapshot_dir: Option<PathBuf>,
 

@@ -21,6 +21,7 @@ pub mod config;
 pub mod crdt;
 pub mod escrow;
 pub mod http;
+pub mod lineage;
 pub mod listener;
 pub mod membership;
 pub mod metrics;

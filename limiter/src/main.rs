@@ -222,6 +222,23 @@ async fn restore_offline(config: Config, settings: RestoreSettings) -> ExitCode 
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let (limiter, rls) = build_limiter(&config)?;
+    // Held until the process exits: the lock that tells a later process on this directory that
+    // this one is gone.
+    let lineage = match &config.snapshot_dir {
+        None => None,
+        Some(dir) => {
+            let lineage = openclaw_limiter::lineage::claim(dir, limiter.store().replica())?;
+            if let Some(predecessor) = lineage.predecessor {
+                tracing::info!(
+                    predecessor = %format!("{:016x}", predecessor.0),
+                    lock = %lineage.path.display(),
+                    "this process takes over from the replica that held the snapshot directory before \
+                     (its lock is free: it has exited); peers stop waiting for it"
+                );
+            }
+            Some(lineage)
+        }
+    };
     let snapshots = match &config.snapshot_dir {
         None => None,
         Some(dir) => {
@@ -313,6 +330,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
             )?;
             let replicator = Arc::new(replicator);
             limiter.enable_loans(Arc::downgrade(&replicator));
+            if let (Some(escrow), Some(predecessor)) = (
+                limiter.escrow(),
+                lineage.as_ref().and_then(|l| l.predecessor),
+            ) {
+                escrow.supersede(predecessor);
+            }
             let membership = Membership::new(
                 settings.discovery.clone(),
                 SelfAddrs::new(peer_addr, settings.pod_ip),
@@ -389,6 +412,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     )
     .await?;
     tracing::info!("stopped");
+    drop(lineage);
     Ok(())
 }
 

@@ -1359,8 +1359,8 @@ struct Row {
     ideal_tokens: u64,
     late_p50_ms: f64,
     late_p99_ms: f64,
-    /// The restart of a restart pattern, and what the cluster did around it.
-    restart: Option<(Restarted, AroundRestart)>,
+    /// The restart of a restart pattern, and (below the limit) the refusals around it.
+    restart: Option<(Restarted, Option<AroundRestart>)>,
 }
 
 /// Under-limit refusals around a restart: before the stop, from the stop until the restarted
@@ -1439,21 +1439,26 @@ impl Row {
             "ideal_tokens": self.ideal_tokens,
             "late_p50_ms": self.late_p50_ms,
             "late_p99_ms": self.late_p99_ms,
-            "restart": self.restart.map(|(r, a)| json!({
-                "replica": RESTARTED_REPLICA,
-                "stop": match r.stop { Stop::Graceful => "sigterm", Stop::Crash => "sigkill" },
-                "stopped_at_s": r.stopped_at.as_secs_f64(),
-                "ready_at_s": r.ready_at.as_secs_f64(),
-                "exited_cleanly": r.exited_cleanly,
-                "refused_under_limit_before": a.before.0,
-                "ideal_before": a.before.1,
-                "refused_under_limit_until_ready_plus_interval": a.during.0,
-                "ideal_until_ready_plus_interval": a.during.1,
-                "refused_under_limit_after": a.after.0,
-                "ideal_after": a.after.1,
-                "first_refusal_after_stop_ms": a.first_refusal_ms,
-                "last_refusal_after_stop_ms": a.last_refusal_ms,
-            })),
+            "restart": self.restart.map(|(r, around)| {
+                let mut restart = json!({
+                    "replica": RESTARTED_REPLICA,
+                    "stop": match r.stop { Stop::Graceful => "sigterm", Stop::Crash => "sigkill" },
+                    "stopped_at_s": r.stopped_at.as_secs_f64(),
+                    "ready_at_s": r.ready_at.as_secs_f64(),
+                    "exited_cleanly": r.exited_cleanly,
+                });
+                if let Some(a) = around {
+                    restart["refused_under_limit_before"] = json!(a.before.0);
+                    restart["ideal_before"] = json!(a.before.1);
+                    restart["refused_under_limit_until_ready_plus_interval"] = json!(a.during.0);
+                    restart["ideal_until_ready_plus_interval"] = json!(a.during.1);
+                    restart["refused_under_limit_after"] = json!(a.after.0);
+                    restart["ideal_after"] = json!(a.after.1);
+                    restart["first_refusal_after_stop_ms"] = json!(a.first_refusal_ms);
+                    restart["last_refusal_after_stop_ms"] = json!(a.last_refusal_ms);
+                }
+                restart
+            }),
         })
     }
 }
@@ -1785,29 +1790,36 @@ fn run_pattern(run: &Run, options: &Options) -> (Row, Option<Report>) {
     let mut row = compare(run, &sent, start, clock_seen);
     if let Some(restarted) = restarted {
         cluster.started_at[RESTARTED_REPLICA] = start + restarted.spawned_at;
-        let ideal = ideal_verdicts(&sent, run.capacity, run.refill_ms);
-        let around = AroundRestart::measure(
-            &sent,
-            &ideal,
-            start,
-            &restarted,
-            Duration::from_millis(run.refill_ms),
-        );
-        let pct = |(refused, ideal): (u64, u64)| refused as f64 / ideal.max(1) as f64 * 100.0;
-        eprintln!(
-            "   under-limit requests refused: before the stop {} of {} ({:.1}%); from the stop              until ready + one refill interval {} of {} ({:.1}%); after {} of {} ({:.1}%);              first and last after the stop at {:?} / {:?} ms",
-            around.before.0,
-            around.before.1,
-            pct(around.before),
-            around.during.0,
-            around.during.1,
-            pct(around.during),
-            around.after.0,
-            around.after.1,
-            pct(around.after),
-            around.first_refusal_ms.map(f64::round),
-            around.last_refusal_ms.map(f64::round),
-        );
+        // Above the limit no client is under it (as in the table): no refusals to split.
+        let around = pattern.is_below().then(|| {
+            let ideal = ideal_verdicts(&sent, run.capacity, run.refill_ms);
+            AroundRestart::measure(
+                &sent,
+                &ideal,
+                start,
+                &restarted,
+                Duration::from_millis(run.refill_ms),
+            )
+        });
+        if let Some(around) = around {
+            let pct = |(refused, ideal): (u64, u64)| refused as f64 / ideal.max(1) as f64 * 100.0;
+            eprintln!(
+                "   under-limit requests refused: before the stop {} of {} ({:.1}%); from the stop \
+                 until ready + one refill interval {} of {} ({:.1}%); after {} of {} ({:.1}%); \
+                 first and last after the stop at {:?} / {:?} ms",
+                around.before.0,
+                around.before.1,
+                pct(around.before),
+                around.during.0,
+                around.during.1,
+                pct(around.during),
+                around.after.0,
+                around.after.1,
+                pct(around.after),
+                around.first_refusal_ms.map(f64::round),
+                around.last_refusal_ms.map(f64::round),
+            );
+        }
         row.restart = Some((restarted, around));
     }
     row.clock_separated = cluster

@@ -237,3 +237,39 @@ fn check_config_validates_the_rate_limit_rules_with_file_and_place() {
         );
     }
 }
+
+#[test]
+fn a_snapshot_directory_serves_one_process_and_tells_the_next_one_whom_it_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let snapshots = dir.path().join("snapshots");
+    let snapshots = snapshots.to_str().unwrap();
+    let mut first = spawn_limiter(&[("OPENCLAW_SNAPSHOT_DIR", snapshots)]);
+    let lock = dir.path().join("snapshots/replica.lock");
+    let held_by = std::fs::read_to_string(&lock).unwrap();
+    assert_eq!(held_by.trim().len(), 16, "a replica id in hex: {held_by:?}");
+
+    // A second process on the same directory while the first runs: refused, nothing changed.
+    let output = Command::new(workspace_bin("openclaw-limiter"))
+        .args(["--listen", "127.0.0.1:0"])
+        .env("OPENCLAW_SNAPSHOT_DIR", snapshots)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("locked by another running process"),
+        "{stderr}"
+    );
+    assert!(output.stdout.is_empty(), "it must not start listening");
+    assert_eq!(std::fs::read_to_string(&lock).unwrap(), held_by);
+
+    // The first one dies without a word (a crash): the next process on the directory takes the
+    // lock the kernel released and names the replica it takes over from.
+    first.process.kill();
+    let second = spawn_limiter(&[("OPENCLAW_SNAPSHOT_DIR", snapshots)]);
+    wait_until(Duration::from_secs(10), "the takeover to be logged", || {
+        let log = second.process.log();
+        (log.contains("takes over from the replica") && log.contains(held_by.trim())).then_some(())
+    });
+    assert_ne!(std::fs::read_to_string(&lock).unwrap(), held_by);
+}

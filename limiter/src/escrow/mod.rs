@@ -106,6 +106,12 @@ impl Escrow {
         }
     }
 
+    /// `predecessor`: the replica whose process this one took over from (`crate::lineage`), gone
+    /// for good; peers count it as retired at once (`Node::supersede`).
+    pub fn supersede(&self, predecessor: ReplicaId) {
+        self.node().supersede(predecessor.0);
+    }
+
     fn node(&self) -> MutexGuard<'_, Node> {
         self.node.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -96,6 +96,11 @@ pub struct Record {
     /// Its lease ran out while this allocation was current: it spends nothing until a newer
     /// one, which the proposer therefore issues.
     pub expired: Option<Version>,
+    /// The replica this one's process took over from (its snapshot directory's lock, which
+    /// the kernel released when that process died: `crate::lineage`). That replica never
+    /// spends again: it counts as retired. Absent from replicas of an earlier version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supersedes: Option<u64>,
 }
 
 /// The replicated control state.
@@ -143,6 +148,15 @@ impl Control {
                     allocation.version.number
                 ));
             }
+        }
+        if let Some(replica) = self
+            .records
+            .iter()
+            .find_map(|(&replica, r)| (r.supersedes == Some(replica)).then_some(replica))
+        {
+            return Err(format!(
+                "record of {replica:016x} says it supersedes itself"
+            ));
         }
         if let Some((replica, record)) = self.records.iter().find(|(_, r)| r.seq > MAX_COUNTER) {
             return Err(format!(
@@ -209,6 +223,9 @@ pub struct Node {
     heard: BTreeMap<u64, Micros>,
     /// When a valid message or answer from any peer last arrived.
     heard_any: Option<Micros>,
+    /// When this replica first learned of each replica with a record in the control state
+    /// (relayed by others, perhaps before hearing from it, or without ever hearing it).
+    learned: BTreeMap<u64, Micros>,
     last_proposal: Option<Micros>,
 }
 
@@ -232,6 +249,7 @@ impl Node {
             lease_until: 0,
             heard: BTreeMap::new(),
             heard_any: None,
+            learned: BTreeMap::new(),
             last_proposal: None,
         }
     }
@@ -280,7 +298,7 @@ impl Node {
             if let Some(last) = self.heard_any {
                 let excess = now.saturating_sub(last).saturating_sub(self.isolation_us());
                 if excess > 0 {
-                    for heard in self.heard.values_mut() {
+                    for heard in self.heard.values_mut().chain(self.learned.values_mut()) {
                         *heard = (*heard + excess).min(now);
                     }
                 }
@@ -293,6 +311,11 @@ impl Node {
         let mut theirs = control.clone();
         theirs.records.remove(&self.me);
         self.control.join(&theirs);
+        for &replica in self.control.records.keys() {
+            if replica != self.me {
+                self.learned.entry(replica).or_insert(now);
+            }
+        }
         // A member this replica has never heard from counts as heard from now: its silence
         // starts when this replica learns of it, not before. Otherwise a proposer that was
         // cut off while a replica joined would drop that member at once, without waiting out
@@ -340,11 +363,17 @@ impl Node {
             })
     }
 
+    /// It said it left, or a process that took over from it said so ([`Node::supersede`]).
     fn is_retired_replica(&self, replica: u64) -> bool {
         self.control
             .records
             .get(&replica)
             .is_some_and(|r| r.retired)
+            || self
+                .control
+                .records
+                .values()
+                .any(|r| r.supersedes == Some(replica))
     }
 
     /// Members whose answers a lease needs and whose acknowledgements a raise needs.
@@ -376,6 +405,16 @@ impl Node {
             .all(|m| m == self.me || answered.contains(&m));
         if all {
             self.lease_until = self.lease_until.max(sent_at + self.params.lease_us);
+        }
+    }
+
+    /// Say that `predecessor`, the replica whose process this one took over from, is gone for
+    /// good (`crate::lineage`: its lock was released, so its process has exited): peers count
+    /// it as retired at once, instead of waiting out its lease while every lease needs its
+    /// answers. Called before this replica sends anything.
+    pub fn supersede(&mut self, predecessor: u64) {
+        if predecessor != self.me {
+            self.record_mut().supersedes = Some(predecessor);
         }
     }
 
@@ -461,6 +500,21 @@ impl Node {
                     !self.is_live(r, now)
                         || self.is_retired_replica(r)
                         || self.control.records.get(&r).and_then(|rec| rec.acked) == Some(version)
+                })
+                // And every replica it has only heard of, for as long as a silent member counts
+                // as live: one may spend under an allocation this replica never held (found
+                // by the simulated cluster: a proposer cut off while a crashed replica's
+                // successor joined the others came back with a newer allocation without it,
+                // raised over the share the successor, cut off in turn, still spent).
+                && self.control.records.iter().all(|(&r, rec)| {
+                    r == self.me
+                        || self.heard.contains_key(&r)
+                        || self.is_retired_replica(r)
+                        || rec.acked == Some(version)
+                        || self.learned.get(&r).is_none_or(|&t| {
+                            now.saturating_sub(t)
+                                >= self.params.lease_us + self.params.guard_us + self.isolation_us()
+                        })
                 });
             if can_raise {
                 let mut full = BTreeMap::new();
