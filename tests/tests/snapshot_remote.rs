@@ -995,7 +995,11 @@ fn the_restore_command_seeds_a_snapshot_directory_that_a_new_replica_loads() {
         START,
     );
     assert_eq!(forced.code, Some(0), "{}{}", forced.stdout, forced.stderr);
-    assert_eq!(dir_contents(&seed).len(), 2);
+    // Two snapshots, beside the lock file of the replica started on the directory (`lineage`).
+    let files: Vec<String> = dir_contents(&seed).into_iter().map(|f| f.0).collect();
+    let snapshots: Vec<&String> = files.iter().filter(|f| *f != "replica.lock").collect();
+    assert_eq!(snapshots.len(), 2, "{files:?}");
+    assert!(files.iter().any(|f| f == "replica.lock"), "{files:?}");
 }
 
 /// `openclaw-limiter restore` against a store that refuses connections, and one that accepts
