@@ -18,7 +18,7 @@ use openclaw_e2e::accuracy::{self, Options};
 use serde_json::Value;
 
 /// One harness run in `mode` of `pattern` for `seconds`, with `extra` arguments as on its command
-/// line; its one row's restart figures checked to be there.
+/// line: the figures as its `--json` writes them.
 fn harness(mode: &str, pattern: &str, seconds: &str, extra: &[&str]) -> Value {
     let argv = [
         "--duration-s",
@@ -66,11 +66,20 @@ fn restarted_rows<'a>(figures: &'a Value, stop: &str) -> Vec<&'a Value> {
     rows
 }
 
-/// Refused although the ideal admitted, as a fraction of the ideal's admissions, in the phase
-/// `name` of the restart figures (`until_ready_plus_interval`, `after`).
-fn refused_fraction(row: &Value, refused: &str, ideal: &str) -> f64 {
+/// Refused although the ideal admitted, as a fraction of the ideal's admissions: from the stop
+/// until one refill interval after the restarted replica was ready, and after that.
+fn refused_around_the_restart(row: &Value) -> (f64, f64) {
     let restart = &row["restart"];
-    u64_of(restart, refused) as f64 / u64_of(restart, ideal).max(1) as f64
+    let fraction = |refused: &str, ideal: &str| {
+        u64_of(restart, refused) as f64 / u64_of(restart, ideal).max(1) as f64
+    };
+    (
+        fraction(
+            "refused_under_limit_until_ready_plus_interval",
+            "ideal_until_ready_plus_interval",
+        ),
+        fraction("refused_under_limit_after", "ideal_after"),
+    )
 }
 
 #[test]
@@ -78,12 +87,7 @@ fn a_strict_replica_that_crashes_and_restarts_on_its_directory_costs_its_peers_c
     let figures = harness("strict", "replica-crashes", "6", &["--below", "0.5,0.9"]);
     for row in restarted_rows(&figures, "sigkill") {
         let load = f64_of(row, "load_factor");
-        let during = refused_fraction(
-            row,
-            "refused_under_limit_until_ready_plus_interval",
-            "ideal_until_ready_plus_interval",
-        );
-        let after = refused_fraction(row, "refused_under_limit_after", "ideal_after");
+        let (during, after) = refused_around_the_restart(row);
         eprintln!(
             "strict, crash and restart at {load}: refused under the limit {:.1} % until ready + 1 s, \
              {:.1} % after",
@@ -93,7 +97,7 @@ fn a_strict_replica_that_crashes_and_restarts_on_its_directory_costs_its_peers_c
         // Without the restarted process taking over, every lease needed the dead replica's
         // answers until its share was reassigned (lease + guard + a little, 1.6 s), then every
         // sub-bucket started empty: 7.8 % / 16.8 % at half the limit and 23 % / 18 % at 90 %
-        // (docs/accuracy.md, "A replica restarted"). With no restart at all strict mode refuses
+        // (docs/accuracy.md, "A replica restarted under load"). With no restart at all strict mode refuses
         // 0.2-0.6 % at half the limit and 2-4.5 % at 90 %; a loaded CI machine adds to that.
         let (during_max, after_max) = if load < 0.7 {
             (0.04, 0.03)
@@ -121,13 +125,8 @@ fn a_strict_replica_stopped_for_a_rolling_update_costs_its_peers_clients_little(
             row["restart"]["exited_cleanly"], true,
             "SIGTERM did not stop the replica: {row:#}"
         );
-        let during = refused_fraction(
-            row,
-            "refused_under_limit_until_ready_plus_interval",
-            "ideal_until_ready_plus_interval",
-        );
-        let after = refused_fraction(row, "refused_under_limit_after", "ideal_after");
-        // Measured: 6.7 % and 1.2 % (docs/accuracy.md, "A replica restarted").
+        let (during, after) = refused_around_the_restart(row);
+        // Measured: 6.9 % and 1.1 % (docs/accuracy.md, "A replica restarted under load").
         assert!(
             during <= 0.12 && after <= 0.08,
             "strict refused {:.1} % / {:.1} % of what the ideal bucket admitted around a \
