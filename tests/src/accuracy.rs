@@ -711,10 +711,9 @@ impl Routes {
 #[derive(Debug, Clone, Copy)]
 struct Restarted {
     stop: Stop,
-    /// Out of rotation and stopped (both, in the order [`Stop`] says).
+    /// Out of rotation and stopped (both, in the order [`Stop`] says); the new process is
+    /// spawned right then (its once-a-second timers run at this phase).
     stopped_at: Duration,
-    /// The new process spawned (its once-a-second timers run at this phase).
-    spawned_at: Duration,
     /// Started again and `/ready`: back in rotation.
     ready_at: Duration,
     /// The replica exited by itself after SIGTERM (a graceful stop only).
@@ -745,7 +744,6 @@ fn restart_replica(
         }
     };
     let stopped_at = start.elapsed();
-    let spawned_at = start.elapsed();
     *replica = spawn_replica(&format!("replica-{i}"), envs);
     point_links_at(links, i, replica);
     let http = client(Duration::from_secs(2));
@@ -765,7 +763,6 @@ fn restart_replica(
     Restarted {
         stop,
         stopped_at,
-        spawned_at,
         ready_at: start.elapsed(),
         exited_cleanly,
     }
@@ -1789,7 +1786,7 @@ fn run_pattern(run: &Run, options: &Options) -> (Row, Option<Report>) {
     };
     let mut row = compare(run, &sent, start, clock_seen);
     if let Some(restarted) = restarted {
-        cluster.started_at[RESTARTED_REPLICA] = start + restarted.spawned_at;
+        cluster.started_at[RESTARTED_REPLICA] = start + restarted.stopped_at;
         // Above the limit no client is under it (as in the table): no refusals to split.
         let around = pattern.is_below().then(|| {
             let ideal = ideal_verdicts(&sent, run.capacity, run.refill_ms);
