@@ -407,6 +407,16 @@ struct LendAnswer {
     lent: i128,
     /// Its sub-bucket's level before lending.
     level: i128,
+    /// Units it lent to even out this key within the time an evening out can take
+    /// ([`Replicator::in_transit`]): perhaps in nobody's sub-bucket yet, so not in any level.
+    /// A borrower counts them as held before it concludes the cluster is dry. Absent from
+    /// replicas before it (0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    in_transit: i128,
+}
+
+fn is_zero(units: &i128) -> bool {
+    *units == 0
 }
 
 /// Version of the loan messages.
@@ -417,7 +427,8 @@ const LEND_VERSION: u32 = 1;
 pub struct Loan {
     pub lent: i128,
     /// When every other member of the allocation answered: the most all of them held (their
-    /// levels before lending, what they lent included).
+    /// levels before lending, what they lent included), with what this replica and they lent
+    /// to even out and may still be in transit ([`Replicator::in_transit`]).
     pub peers_held: Option<i128>,
     /// Whom to even out with once the request is paid ([`Replicator::even_out`]).
     pub even_out: Option<EvenOut>,
@@ -504,6 +515,9 @@ pub struct Replicator {
     escrow: Arc<Escrow>,
     /// Background evenings out still running ([`Replicator::even_out`]).
     evening_out: Arc<std::sync::atomic::AtomicUsize>,
+    /// Units this replica lent to peers' evenings out, by policy and key, with when it last
+    /// did ([`Replicator::in_transit`]).
+    lent_to_even_out: Mutex<HashMap<(String, String), (tokio::time::Instant, i128)>>,
     /// One permit per byte of request body held before authentication.
     unverified: Arc<tokio::sync::Semaphore>,
     /// Compares signatures in constant time (HMACs of both under this key).
@@ -591,6 +605,7 @@ impl Replicator {
             scheme,
             peers: Mutex::default(),
             evening_out: Arc::default(),
+            lent_to_even_out: Mutex::default(),
             unverified: Arc::new(tokio::sync::Semaphore::new(unverified_budget)),
             compare_key: hmac::Key::generate(hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
                 .map_err(|_| ReplicationError::Random)?,
@@ -767,12 +782,66 @@ impl Replicator {
             "declined"
         };
         self.limiter.metrics().count_loan("lender", result);
+        if request.give == 0 && request.wanted == 0 && lent > 0 {
+            self.note_lent_to_even_out(&request.policy, &request.key, lent);
+        }
         LendAnswer {
             replica: me,
             nonce: request.nonce,
             lent,
             level,
+            in_transit: self.in_transit(&request.policy, &request.key),
         }
+    }
+
+    /// How long the units a lender lends to even out can be in nobody's sub-bucket: the
+    /// borrower waits up to a loan timeout for the answer, then gives each member of its group
+    /// its part, one at a time, each waited for up to a loan timeout, and keeps the rest. A
+    /// group has fewer members than the allocation, so a loan timeout per member bounds it.
+    fn transit_horizon(&self, policy: &str) -> Duration {
+        let members = u32::try_from(self.escrow.lenders(policy).len()).unwrap_or(u32::MAX);
+        self.options
+            .loan_timeout
+            .saturating_mul(members.saturating_add(1))
+    }
+
+    fn note_lent_to_even_out(&self, policy: &str, key: &str, units: i128) {
+        /// Entries kept before the ones older than a horizon are dropped.
+        const PRUNE_AT: usize = 4096;
+        let now = tokio::time::Instant::now();
+        let horizon = self.transit_horizon(policy);
+        let mut lent = self
+            .lent_to_even_out
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if lent.len() >= PRUNE_AT {
+            lent.retain(|_, (at, _)| now.duration_since(*at) <= horizon);
+        }
+        let entry = lent
+            .entry((policy.to_owned(), key.to_owned()))
+            .or_insert((now, 0));
+        let earlier = if now.duration_since(entry.0) <= horizon {
+            entry.1
+        } else {
+            0
+        };
+        *entry = (now, earlier.saturating_add(units));
+    }
+
+    /// Units of `key` this replica lent to peers' evenings out that may not have reached a
+    /// sub-bucket yet: whatever it lent within a [`Replicator::transit_horizon`] of its last
+    /// such loan. No member's level includes them, so a borrower that adds up levels to see
+    /// whether the cluster is dry (and then refuses without asking until refill could make up
+    /// the difference) counts these too; it may count some twice once they land, which only
+    /// makes it ask again sooner.
+    fn in_transit(&self, policy: &str, key: &str) -> i128 {
+        let lent = self
+            .lent_to_even_out
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        lent.get(&(policy.to_owned(), key.to_owned()))
+            .filter(|(at, _)| at.elapsed() <= self.transit_horizon(policy))
+            .map_or(0, |&(_, units)| units)
     }
 
     /// Ask one peer for a loan. `None` when it did not answer well (unreachable, slow, or an
@@ -860,12 +929,16 @@ impl Replicator {
         };
         let metrics = self.limiter.metrics();
         let mut held: BTreeMap<u64, i128> = BTreeMap::new();
+        // Lent to even out and perhaps in nobody's sub-bucket yet, by this replica or a peer.
+        let whole = cost_units(rate, rate.capacity());
+        let mut in_transit = self.in_transit(policy, key);
         // One peer that holds it all: the usual case, one round trip.
         for (n, &(lender, address)) in lenders.iter().enumerate() {
             let Some(answer) = self.ask_loan(address, lender, &request).await else {
                 continue;
             };
             held.insert(lender, answer.level);
+            in_transit = in_transit.saturating_add(answer.in_transit.clamp(0, whole));
             if answer.lent > 0 {
                 metrics.count_loan("borrower", "granted");
                 let capacity_of = |m: u64| {
@@ -896,6 +969,9 @@ impl Replicator {
         }
         let everyone = members.iter().all(|(m, _)| held.contains_key(m));
         let total: i128 = held.values().sum();
+        // What the cluster holds at most: tokens in transit are in no level (the test
+        // `tokens_in_transit_in_an_evening_out_do_not_make_the_cluster_look_empty`).
+        let held_at_most = total.saturating_add(in_transit);
         // Together they may: a part from each (asked at once), planned so that every
         // sub-bucket is left equally full, from what each said it held.
         let quoted: Vec<(u64, &String, i128, i128)> = lenders
@@ -943,7 +1019,7 @@ impl Replicator {
             "borrower",
             if lent >= shortfall.units {
                 "pooled"
-            } else if total < shortfall.units && everyone {
+            } else if held_at_most < shortfall.units && everyone {
                 "dry"
             } else {
                 "failed"
@@ -951,7 +1027,7 @@ impl Replicator {
         );
         Loan {
             lent,
-            peers_held: everyone.then_some(total),
+            peers_held: everyone.then_some(held_at_most),
             even_out: None,
         }
     }

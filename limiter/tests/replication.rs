@@ -2022,6 +2022,90 @@ async fn a_strict_rls_rule_admits_its_bucket_across_replicas_and_never_more() {
     }
 }
 
+/// A loan that falls short with every member answering notes what they held, and requests for
+/// that key are refused without asking until refill could have brought that to their cost.
+/// Tokens an evening out has taken from one replica and not yet handed to another are in
+/// nobody's sub-bucket, so the members' levels say less than the cluster holds. Here, in a
+/// bucket of 9 per second (3 per replica), node-0 evens out with node-2 (played by the test,
+/// paused between node-2's answer and its gift to node-1, as a slow network or a busy replica
+/// pauses it): a request of 5 on node-0 then sees 3.7 tokens and is refused; once the gift
+/// lands the cluster holds 5, and the same request must be admitted, as the textbook bucket
+/// (9, less 4 spent, plus refill) admits it. On the old code the note said "dry" for the
+/// 150 ms refill takes to make up the 1.3 tokens in transit, and it was refused without asking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_in_transit_in_an_evening_out_do_not_make_the_cluster_look_empty() {
+    const RULES: &str = "domain: edge\ndescriptors:\n  - key: client\n    rate_limit: {unit: second, requests_per_unit: 9, mode: strict}\n";
+    const POLICY: &str = "rls:edge.client";
+    // Units of one token of a per-second rate (`SubBucket::level`: 1 / (interval_us · 10⁶)).
+    const TOKEN: i128 = 1_000_000 * 1_000_000;
+    let replicas = cluster(3).await;
+    let rls = rls_over(&replicas, RULES);
+    let request = |hits| rls_request(hits, &[("client", "a")]);
+    let key = bucket_key("edge", &request(1).descriptors[0].entries, &[]);
+    even_shares_in_force(&replicas, POLICY, &key).await;
+    let allocation = replicas[0].replicator.escrow().status().allocation;
+    // Node-0 and node-1 spend 2 of their 3 (just under: shares are whole parts per million).
+    assert!(rls_decide(&rls[0], &request(2)).await, "node-0's own 2");
+    assert!(rls_decide(&rls[1], &request(2)).await, "node-1's own 2");
+    // Node-0 evens out with node-2, in a group with node-1 (room 6, holding 2): node-2 lends
+    // what leaves it as full as the group, 4/3 tokens, which leave its sub-bucket now and reach
+    // node-1 later.
+    let client = reqwest::Client::new();
+    let lend = |to: &Replica, recipient: u64, nonce: u64, extra: &str| {
+        let now = to.limiter.now().to_string();
+        let body = format!(
+            r#"{{"v":1,"replica":1,"nonce":{nonce},"policy":"{POLICY}","key":"{key}","capacity":9,"interval_ms":1000,"wanted":0,"partial":false,{extra}}}"#
+        );
+        signed_post(&client, to.address, "/v1/lend", recipient, &now, body)
+    };
+    let answer: serde_json::Value = lend(
+        &replicas[2],
+        3,
+        11,
+        &format!(r#""room":{},"kept":{}"#, 6 * TOKEN, 2 * TOKEN),
+    )
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let in_transit = i128::from(answer["lent"].as_i64().unwrap());
+    assert!(
+        (TOKEN..3 * TOKEN / 2).contains(&in_transit),
+        "node-2 lent {in_transit} units to even out, not 4/3 of a token: {answer}"
+    );
+    // Node-0 needs 4 more than its 1; its peers hold 1 and 5/3: the loan falls short.
+    assert!(
+        !rls_decide(&rls[0], &request(5)).await,
+        "5 admitted while 4/3 of the 5 tokens were in transit"
+    );
+    // The gift lands: the cluster holds 1 + 7/3 + 5/3.
+    let response = lend(&replicas[1], 2, 12, &format!(r#""give":{in_transit}"#))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{:?}", response.text().await);
+    assert!(
+        rls_decide(&rls[0], &request(5)).await,
+        "5 refused while the cluster held 5 (the textbook bucket, 9 less 4 spent, admits it)"
+    );
+    for replica in &replicas {
+        assert_eq!(
+            replica.replicator.escrow().status().allocation,
+            allocation,
+            "the shares moved during the test: its arithmetic assumes they did not"
+        );
+    }
+    assert_metrics(
+        &replicas[0].limiter,
+        &["openclaw_strict_loans_total{role=\"borrower\",result=\"pooled\"} 1"],
+    );
+    for replica in replicas {
+        replica.shutdown().await;
+    }
+}
+
 /// The other side of strict mode for the rate limit service: a client under its limit is
 /// admitted as the textbook bucket admits it (docs/crdt.md, strict mode: with loans, at least
 /// 99 % of the ideal's admissions for a client at half its limit spending half its bucket

@@ -350,9 +350,11 @@ impl Escrow {
     }
 
     /// A loan for `key` fell short and every replica that could hold a part of it said what
-    /// it held: `held` units in all, at most, now. Until refill could have brought that to a
-    /// request's cost, such requests are refused without asking the peers again (the cluster
-    /// refills at most at the policy's whole rate, so this never refuses what loans could pay).
+    /// it held: `held` units in all, at most, now (tokens lent to an evening out and perhaps
+    /// still in transit included: `Replicator::in_transit`). Until refill could have brought
+    /// that to a request's cost, such requests are refused without asking the peers again (the
+    /// cluster refills at most at the policy's whole rate, so this refuses nothing loans could
+    /// pay).
     pub fn note_dry(&self, policy_id: PolicyId, key: &str, held: i128) {
         let now = self.clock.steady_now();
         self.dry
