@@ -60,12 +60,15 @@ pub struct ClockAhead {
 }
 
 /// Check a peer's send time against this replica's clock and follow it: a peer ahead by at most
-/// `guard_us` moves this clock forward to it; one further ahead is refused. Returns the offset
-/// seen (peer minus local, before catching up), for the per-peer offset gauge.
+/// `guard_us` moves this clock forward to it, up to `max_lead_us` ahead of the system clock (the
+/// guard, unless a majority of the cluster is further ahead: `Replicator::follow_clock`); one
+/// further ahead is refused. Returns the offset seen (peer minus local, before catching up),
+/// for the per-peer offset gauge.
 pub fn follow_peer(
     clock: &dyn Clock,
     peer_time: Micros,
     guard_us: Micros,
+    max_lead_us: Micros,
 ) -> Result<OffsetUs, ClockAhead> {
     let now = clock.now();
     let offset = peer_time as i128 - now as i128;
@@ -75,7 +78,7 @@ pub fn follow_peer(
         if ahead_us > guard_us {
             return Err(ClockAhead { ahead_us, guard_us });
         }
-        clock.catch_up(ahead_us, guard_us);
+        clock.catch_up(ahead_us, max_lead_us);
     }
     Ok(offset)
 }
@@ -279,16 +282,16 @@ mod tests {
     fn a_peer_within_the_guard_pulls_this_clock_forward_and_one_beyond_it_is_refused() {
         let clock = WallClock::new();
         let now = clock.now();
-        let offset = follow_peer(&clock, now + 200_000, 500_000).unwrap();
+        let offset = follow_peer(&clock, now + 200_000, 500_000, 500_000).unwrap();
         assert!((199_000..=200_000).contains(&offset), "{offset}");
         assert!(clock.now() >= now + 200_000);
         assert!(clock.lead_us() >= 199_000);
         // Behind: nothing moves.
         let lead = clock.lead_us();
-        assert!(follow_peer(&clock, clock.now() - 100_000, 500_000).unwrap() < 0);
+        assert!(follow_peer(&clock, clock.now() - 100_000, 500_000, 500_000).unwrap() < 0);
         assert_eq!(clock.lead_us(), lead);
         // Far ahead: refused, nothing moves.
-        let refused = follow_peer(&clock, clock.now() + 900_000, 500_000).unwrap_err();
+        let refused = follow_peer(&clock, clock.now() + 900_000, 500_000, 500_000).unwrap_err();
         assert!(refused.ahead_us >= 899_000);
         assert_eq!(clock.lead_us(), lead);
     }

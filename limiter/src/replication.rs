@@ -63,7 +63,7 @@ use smallvec::SmallVec;
 use tokio::sync::watch;
 
 use crate::bucket::{Micros, Rate};
-use crate::clock::{ClockAhead, follow_peer};
+use crate::clock::{ClockAhead, OffsetUs, follow_peer};
 use crate::crdt::{BucketState, Component, ReplicaId, UNLISTED};
 use crate::escrow::protocol::{Control, Params};
 use crate::escrow::share::{LoanAsk, capacity, cost_units, plan_pool};
@@ -462,6 +462,9 @@ pub struct PeerStatus {
     /// The peer's clock minus this replica's system clock, from its last message (µs; reads low
     /// by the network delay).
     pub clock_offset_us: Option<i64>,
+    /// When `clock_offset_us` was seen (messages refused for their clock included).
+    #[serde(skip)]
+    pub clock_offset_seen: Option<std::time::Instant>,
     /// Its last message, or some of its entries, were refused by the clock guard.
     pub clock_refused: bool,
     /// Its last answer was not taken: sent from beyond the clock guard.
@@ -1881,6 +1884,80 @@ impl Replicator {
         self.certified(certificate, node, replica).is_ok()
     }
 
+    /// Check a peer's send time against this replica's clock and follow it
+    /// ([`follow_peer`]), with the guard's reach stretched when this replica is the odd one
+    /// out: when a strict majority of the cluster runs further ahead of this replica's system
+    /// clock than the guard ([`Replicator::majority_lead_us`]), this replica's system clock is
+    /// the wrong one (its NTP broken, its VM paused), and it catches up with them at once and
+    /// follows them within the guard from there. One peer ahead, or a minority, still moves it
+    /// no further than the guard, and a peer beyond the guard of that timeline is refused.
+    /// Returns whether the peer was followed and its offset from this replica's system clock
+    /// (before catching up with it: it reads low by the network delay).
+    fn follow_clock(&self, peer_time: Micros) -> (Result<(), ClockAhead>, OffsetUs) {
+        let clock = self.limiter.clock();
+        let guard_us = self.options.clock_guard.as_micros() as Micros;
+        let mut max_lead_us = guard_us;
+        if let Some(majority) = self.majority_lead_us(guard_us) {
+            let lead = clock.lead_us();
+            if majority > lead {
+                clock.catch_up(majority - lead, majority);
+                if lead <= guard_us {
+                    tracing::warn!(
+                        ahead_ms = majority / 1000,
+                        "a majority of the cluster runs further ahead of this replica's system \
+                         clock than the clock guard: following it (check this host's NTP)"
+                    );
+                }
+            }
+            max_lead_us = majority.saturating_add(guard_us);
+        }
+        let lead = clock.lead_us() as i64;
+        match follow_peer(&*clock, peer_time, guard_us, max_lead_us) {
+            Ok(offset) => (Ok(()), offset.saturating_add(lead)),
+            Err(ahead) => (
+                Err(ahead),
+                i64::try_from(ahead.ahead_us)
+                    .unwrap_or(i64::MAX)
+                    .saturating_add(lead),
+            ),
+        }
+    }
+
+    /// How far ahead of this replica's system clock a strict majority of the replicas runs,
+    /// when that is beyond `guard_us`: with `n` replicas (this one and the peers discovered,
+    /// or every node heard from lately if there are more), the `⌊n/2⌋ + 1`-th largest of the
+    /// peers' latest offsets. A replica cannot be in a majority ahead of itself, so that many
+    /// peers must be. `None` otherwise, and always with fewer than three replicas: two cannot
+    /// tell whose clock is wrong. Offsets older than a few anti-entropy rounds do not count.
+    fn majority_lead_us(&self, guard_us: Micros) -> Option<Micros> {
+        let horizon = HEARD_ONLY_ROUNDS * self.options.anti_entropy_interval;
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let discovered = peers.keys().filter(|a| !a.starts_with("node:")).count();
+        // Per node, the offset seen last among its entries (outbound and heard).
+        let mut latest: BTreeMap<&str, (std::time::Instant, i64)> = BTreeMap::new();
+        for peer in peers.values() {
+            let (Some(node), Some(offset), Some(seen)) = (
+                peer.node.as_deref(),
+                peer.clock_offset_us,
+                peer.clock_offset_seen,
+            ) else {
+                continue;
+            };
+            if seen.elapsed() > horizon {
+                continue;
+            }
+            let entry = latest.entry(node).or_insert((seen, offset));
+            if seen >= entry.0 {
+                *entry = (seen, offset);
+            }
+        }
+        let replicas = discovered.max(latest.len()) + 1;
+        let mut offsets: Vec<i64> = latest.values().map(|&(_, offset)| offset).collect();
+        offsets.sort_unstable_by(|a, b| b.cmp(a));
+        let kth = *offsets.get(replicas / 2)?;
+        u64::try_from(kth).ok().filter(|&ahead| ahead > guard_us)
+    }
+
     /// An answer's send time, when it is beyond the clock guard (an answer that does not say,
     /// from an earlier version, never is). Such an answer is not taken, as a message from there
     /// is not ([`Replicator::apply`]): a replica whose clock is beyond the guard must not count
@@ -1888,8 +1965,7 @@ impl Replicator {
     /// allocation while it, refused everywhere, holds no lease to spend it (docs/crdt.md,
     /// "Clocks"). Counted as `openclaw_peer_clock_refused_total{reason="answer_ahead"}`.
     fn answer_clock_ahead(&self, answer: &SyncAnswer) -> Option<ClockAhead> {
-        let guard_us = self.options.clock_guard.as_micros() as Micros;
-        let ahead = follow_peer(&*self.limiter.clock(), answer.sent_at?, guard_us).err()?;
+        let ahead = self.follow_clock(answer.sent_at?).0.err()?;
         self.limiter
             .metrics()
             .peer_clock_refused
@@ -1977,10 +2053,10 @@ impl Replicator {
         // shown is against this replica's system clock (before the lead it took from faster
         // peers): followed or not, it says how far apart the clocks are.
         let guard_us = self.options.clock_guard.as_micros() as Micros;
-        let lead = self.limiter.clock().lead_us() as i64;
         let peer_key = format!("node:{}", message.node);
-        let clock_offset = match follow_peer(&*self.limiter.clock(), message.sent_at, guard_us) {
-            Ok(offset) => offset.saturating_add(lead),
+        let (followed, clock_offset) = self.follow_clock(message.sent_at);
+        match followed {
+            Ok(()) => {}
             Err(ahead) => {
                 metrics
                     .peer_clock_refused
@@ -1990,7 +2066,8 @@ impl Replicator {
                     .inc();
                 self.with_peer(&peer_key, |peer| {
                     peer.node = Some(message.node.clone());
-                    peer.clock_offset_us = Some((ahead.ahead_us as i64).saturating_add(lead));
+                    peer.clock_offset_us = Some(clock_offset);
+                    peer.clock_offset_seen = Some(std::time::Instant::now());
                     if !peer.clock_refused {
                         peer.clock_refused = true;
                         tracing::warn!(node = %message.node, error = %ahead, "refusing a peer's messages: its clock is beyond the guard");
@@ -1998,7 +2075,7 @@ impl Replicator {
                 });
                 return Err(Rejection::ClockAhead(ahead));
             }
-        };
+        }
         let now = self.limiter.now();
         let latest = now.saturating_add(guard_us);
         let mut changed = 0;
@@ -2128,6 +2205,7 @@ impl Replicator {
             peer.last_contact_us = Some(now);
             peer.last_merge_us = Some(now);
             peer.clock_offset_us = Some(clock_offset);
+            peer.clock_offset_seen = Some(std::time::Instant::now());
             peer.messages_received += 1;
             // Logged once per peer when refusals start and when they stop, not per message.
             if any_refused && !peer.clock_refused {
@@ -2243,6 +2321,7 @@ impl Replicator {
                         let lead = self.limiter.clock().lead_us() as i64;
                         peer.clock_offset_us =
                             Some((ahead.ahead_us as i64).saturating_add(lead));
+                        peer.clock_offset_seen = Some(std::time::Instant::now());
                     }
                     peer.answer_clock_refused = clock_ahead.is_some();
                     if let Some((node, replica, _)) = answer {
@@ -3156,6 +3235,81 @@ mod clock_guard_tests {
             );
         }
         assert_eq!(answers_refused(&replicator), 0);
+    }
+
+    /// `peers` peers named `p1`.. whose clocks were last seen `ahead_ms[i]` ahead of this
+    /// replica's system clock, `ago` before now.
+    fn with_clocks(ahead_ms: &[i64], ago: Duration) -> Replicator {
+        let replicator = test_replicator(1, b"a test secret of enough bytes", None);
+        let seen = std::time::Instant::now().checked_sub(ago).unwrap();
+        for (i, &ms) in ahead_ms.iter().enumerate() {
+            replicator.with_peer(&format!("127.0.0.1:{}", i + 1), |peer| {
+                peer.node = Some(format!("p{}", i + 1));
+                peer.clock_offset_us = Some(ms * 1000);
+                peer.clock_offset_seen = Some(seen);
+            });
+        }
+        replicator
+    }
+
+    #[test]
+    fn a_replica_behind_a_majority_of_the_cluster_beyond_the_guard_follows_it() {
+        // Both peers of three replicas 2 s ahead: this replica's clock is the wrong one.
+        let behind = with_clocks(&[2_000, 2_100], Duration::ZERO);
+        let now = behind.limiter.now();
+        assert!(
+            behind
+                .answer_clock_ahead(&answer_sent_at(Some(now + 2_050_000)))
+                .is_none(),
+            "refused although a majority runs there"
+        );
+        let moved = behind.limiter.now() - now;
+        assert!(
+            (1_990_000..2_600_000).contains(&moved),
+            "moved {moved} µs, not to the majority's 2 s"
+        );
+        assert_eq!(answers_refused(&behind), 0);
+        // Beyond the guard of that timeline, still refused.
+        assert!(
+            behind
+                .answer_clock_ahead(&answer_sent_at(Some(behind.limiter.now() + 900_000)))
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn a_minority_ahead_or_an_old_or_a_lone_offset_does_not_move_a_replica_beyond_the_guard() {
+        for (ahead_ms, ago, what) in [
+            (&[2_000, 0][..], Duration::ZERO, "one of two peers ahead"),
+            (
+                &[2_000, 2_000, 0, 0][..],
+                Duration::ZERO,
+                "two of four ahead",
+            ),
+            (
+                &[2_000, 2_000][..],
+                Duration::from_secs(60),
+                "offsets a minute old",
+            ),
+            (
+                &[2_000][..],
+                Duration::ZERO,
+                "the only peer ahead (two replicas)",
+            ),
+        ] {
+            let replicator = with_clocks(ahead_ms, ago);
+            let now = replicator.limiter.now();
+            assert!(
+                replicator
+                    .answer_clock_ahead(&answer_sent_at(Some(now + 2_000_000)))
+                    .is_some(),
+                "{what}: followed"
+            );
+            assert!(
+                replicator.limiter.now() < now + 1_000_000,
+                "{what}: the clock jumped"
+            );
+        }
     }
 
     /// `peers` peers at addresses 127.0.0.1:1.., replica ids 101.., all up; `mark` flags some.

@@ -774,7 +774,7 @@ impl<'a> Sim<'a> {
                     }
                     let r = &self.replicas[to];
                     r.local(now);
-                    if follow_peer(&r.clock, sent_at, CLOCK_GUARD).is_err() {
+                    if follow_peer(&r.clock, sent_at, CLOCK_GUARD, CLOCK_GUARD).is_err() {
                         continue;
                     }
                     self.merge_into(to, now, &states);

@@ -35,8 +35,9 @@
 //! The clock variants of the overload patterns, `hot-uniform-clock-ahead-500ms`,
 //! `keys-uniform-clock-ahead-500ms`, `hot-uniform-clock-ahead-2s` and
 //! `hot-uniform-clock-behind-2s`, move replica 1's clock the same way. 2 s is beyond the
-//! replicas' clock guard (500 ms): replica 1 is then shut out (docs/crdt.md, "Clocks"), and the
-//! warm-up waits only for the others.
+//! replicas' clock guard (500 ms): ahead, replica 1 is then shut out (docs/crdt.md, "Clocks"),
+//! and the warm-up waits only for the others; behind, it follows the two others, a majority,
+//! and the warm-up waits for all three.
 //!
 //! Every pattern's requests, with their send times in order, are fed per key to a textbook token
 //! bucket (exact integer arithmetic, same capacity and interval, full at the key's first
@@ -450,16 +451,15 @@ impl Pattern {
         self.clock_offset_ms.is_none() && self.restart.is_none()
     }
 
-    /// The skewed replica's clock is further from the others' than the guard
-    /// (`OPENCLAW_CLOCK_SKEW_GUARD_MS`, left at its default here), ahead or behind.
-    fn beyond_guard(&self) -> bool {
+    /// The skewed replica's clock is further ahead of the others' than the guard
+    /// (`OPENCLAW_CLOCK_SKEW_GUARD_MS`, left at its default here) from the start, when the
+    /// cluster forms (not only after a step): the others refuse what it sends and do not take
+    /// its answers. A replica as far behind follows the majority ahead of it instead
+    /// (docs/crdt.md, "Clocks"), and nobody is shut out.
+    fn shut_out_from_start(&self) -> bool {
         self.clock_offset_ms
-            .is_some_and(|ms| ms.unsigned_abs() > CLOCK_SKEW_GUARD_MS)
-    }
-
-    /// Beyond the guard from the start, when the cluster forms (not only after a step).
-    fn beyond_guard_from_start(&self) -> bool {
-        self.beyond_guard() && self.clock_step_at.is_none()
+            .is_some_and(|ms| ms > 0 && ms.unsigned_abs() > CLOCK_SKEW_GUARD_MS)
+            && self.clock_step_at.is_none()
     }
 }
 
@@ -783,11 +783,10 @@ fn warm_up(cluster: &Cluster, http: &Client, options: &Options, run: &Run) {
             .query(&[("key", format!("warm-up-{i}")), ("policy", "probe".into())])
             .send();
     }
-    // A replica whose clock is beyond the others' guard is shut out, one way or the other: ahead,
-    // the others refuse what it sends and do not take its answers; behind, it refuses what they
-    // send, and they do not hear it in the escrow protocol (docs/crdt.md, "Clocks"). Its links
-    // never come up: only the others' are waited for.
-    let beyond_guard = run.pattern.beyond_guard_from_start();
+    // A replica whose clock is ahead beyond the others' guard is shut out: the others refuse what
+    // it sends and do not take its answers (docs/crdt.md, "Clocks"). Its links never come up:
+    // only the others' are waited for. (One as far behind follows them, and is waited for.)
+    let beyond_guard = run.pattern.shut_out_from_start();
     let shut_out = |i: usize| beyond_guard && i == SKEWED_REPLICA;
     let skewed_node = format!("replica-{SKEWED_REPLICA}");
     for (i, url) in cluster.urls().iter().enumerate() {
