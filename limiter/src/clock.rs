@@ -39,6 +39,25 @@ pub trait Clock: Send + Sync + Debug + 'static {
         0
     }
 
+    /// Run at least `behind_us` behind the system clock: a majority of the cluster runs that
+    /// far behind it, so the system clock is the fast one. Never by stepping back: the clock
+    /// slows to an eighth of its pace until it gets there (claim epochs and incarnations are
+    /// compared as instants, and a replica's must not go back). Clocks that cannot move
+    /// (tests') ignore it.
+    fn fall_behind(&self, _behind_us: Micros) {}
+
+    /// How far this clock is set to run behind the system clock ([`Clock::fall_behind`]), before
+    /// the lead; it gets there at an eighth of the pace of time.
+    fn lag_us(&self) -> Micros {
+        0
+    }
+
+    /// The system clock as this clock follows it: no lead, no lag. What peers' offsets are
+    /// measured against.
+    fn system_now(&self) -> Micros {
+        self.now()
+    }
+
     /// Microseconds that never jump: the system clock's reading at start advanced by the
     /// monotonic clock only, with no correction and no lead. For what a replica measures on its
     /// own and never compares with a peer's stamps: `strict` mode's leases and sub-bucket refill,
@@ -102,6 +121,11 @@ impl Lead {
             });
     }
 
+    /// Raise to `target` if below it; whether it was.
+    pub fn raise_to(&self, target: Micros) -> bool {
+        self.0.fetch_max(target, Ordering::AcqRel) < target
+    }
+
     /// Shrink by 1 % of `elapsed_us`: the cluster follows its fastest clock back when that one
     /// is corrected.
     pub fn decay(&self, elapsed_us: Micros) {
@@ -129,6 +153,12 @@ pub struct WallClock {
     /// Monotonic µs since `origin` at the last resync.
     resynced_at: AtomicU64,
     lead: Lead,
+    /// How far behind the system clock a majority of the cluster runs ([`Clock::fall_behind`];
+    /// a [`Lead`] the other way: it decays the same).
+    lag: Lead,
+    /// While the clock falls behind: `K` such that it reads at least `K + elapsed / 8`, the
+    /// line it slows down along from where it was (so it never steps back).
+    slew_floor: AtomicU64,
     /// The last correction applied (system minus ours, before applying), for tests and logs.
     last_correction: AtomicI64,
 }
@@ -142,7 +172,11 @@ fn system_now() -> Micros {
 
 impl WallClock {
     pub fn new() -> Self {
-        let clock = quanta::Clock::new();
+        Self::with_monotonic(quanta::Clock::new())
+    }
+
+    /// On `clock` as the monotonic clock (a mock one in tests).
+    fn with_monotonic(clock: quanta::Clock) -> Self {
         let origin = clock.now();
         let origin_system = system_now();
         Self {
@@ -152,8 +186,23 @@ impl WallClock {
             origin,
             resynced_at: AtomicU64::new(0),
             lead: Lead::default(),
+            lag: Lead::default(),
+            slew_floor: AtomicU64::new(0),
             last_correction: AtomicI64::new(0),
         }
+    }
+
+    /// The reading `elapsed` µs after `origin`.
+    #[inline]
+    fn now_at(&self, elapsed: Micros) -> Micros {
+        let line = self.base.load(Ordering::Relaxed) + elapsed + self.lead.get();
+        // Acquire: a lag is published after its floor.
+        let lag = self.lag.0.load(Ordering::Acquire);
+        if lag == 0 {
+            return line;
+        }
+        line.saturating_sub(lag)
+            .max(self.slew_floor.load(Ordering::Relaxed) + (elapsed >> 3))
     }
 
     #[inline]
@@ -178,6 +227,7 @@ impl WallClock {
         };
         self.base.store(next, Ordering::Relaxed);
         self.lead.decay(since);
+        self.lag.decay(since);
     }
 
     /// The system clock's reading minus this clock's at the last resync (µs, before the lead).
@@ -195,7 +245,7 @@ impl Default for WallClock {
 impl Clock for WallClock {
     #[inline]
     fn now(&self) -> Micros {
-        self.base.load(Ordering::Relaxed) + self.elapsed() + self.lead.get()
+        self.now_at(self.elapsed())
     }
 
     fn catch_up(&self, ahead_us: Micros, max_lead_us: Micros) {
@@ -211,6 +261,26 @@ impl Clock for WallClock {
 
     fn lead_us(&self) -> Micros {
         self.lead.get()
+    }
+
+    fn fall_behind(&self, behind_us: Micros) {
+        if self.lag.get() >= behind_us {
+            return;
+        }
+        // From where the clock reads now, at an eighth of the pace, until the line it falls
+        // back to catches up: the floor first, then the lag (readers that see the lag see it).
+        let elapsed = self.elapsed();
+        let floor = self.now_at(elapsed).saturating_sub(elapsed >> 3);
+        self.slew_floor.fetch_max(floor, Ordering::Release);
+        self.lag.raise_to(behind_us);
+    }
+
+    fn lag_us(&self) -> Micros {
+        self.lag.get()
+    }
+
+    fn system_now(&self) -> Micros {
+        self.base.load(Ordering::Relaxed) + self.elapsed()
     }
 
     #[inline]
@@ -294,6 +364,38 @@ mod tests {
         let refused = follow_peer(&clock, clock.now() + 900_000, 500_000, 500_000).unwrap_err();
         assert!(refused.ahead_us >= 899_000);
         assert_eq!(clock.lead_us(), lead);
+    }
+
+    #[test]
+    fn a_clock_falling_behind_slows_down_and_never_steps_back() {
+        let (monotonic, mock) = quanta::Clock::mock();
+        let clock = WallClock::with_monotonic(monotonic);
+        let start = clock.now();
+        clock.fall_behind(2_000_000);
+        assert_eq!(clock.lag_us(), 2_000_000);
+        // Slowed to an eighth of its pace (no step back), until 2 s at 7/8 of the pace have
+        // gone by: 2.29 s.
+        let mut last = clock.now();
+        assert_eq!(last, start);
+        for _ in 0..228 {
+            mock.increment(std::time::Duration::from_millis(10));
+            let now = clock.now();
+            assert!(now >= last, "stepped back");
+            assert!(
+                now - last <= 1_250,
+                "{} µs in 10 ms: not slowed",
+                now - last
+            );
+            last = now;
+        }
+        // Then at its pace again, 2 s behind where it would have been.
+        mock.increment(std::time::Duration::from_millis(100));
+        let elapsed = clock.elapsed();
+        assert_eq!(clock.now(), start + elapsed - 2_000_000);
+        // Falling behind less than it is changes nothing.
+        clock.fall_behind(1_000_000);
+        assert_eq!(clock.now(), start + elapsed - 2_000_000);
+        assert_eq!(clock.system_now(), start + elapsed);
     }
 
     #[test]

@@ -177,9 +177,9 @@ pub struct Args {
     /// Clock guard, in milliseconds: a peer whose clock is ahead of this replica's by up to this
     /// much pulls this replica's clock forward to its own (so offsets cancel); a peer message,
     /// claim epoch or incarnation further ahead is refused and counted
-    /// (`openclaw_peer_clock_refused_total`), unless a strict majority of the replicas is that
-    /// far ahead: then this replica's clock is the slow one, and it follows them. See
-    /// docs/crdt.md, "Clocks".
+    /// (`openclaw_peer_clock_refused_total`). When a strict majority of the replicas is further
+    /// than this ahead of or behind this replica's system clock, that clock is the wrong one,
+    /// and the replica moves to theirs. See docs/crdt.md, "Clocks".
     #[arg(long, env = "OPENCLAW_CLOCK_SKEW_GUARD_MS", default_value_t = 500)]
     pub clock_skew_guard_ms: u64,
 

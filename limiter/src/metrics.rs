@@ -402,7 +402,8 @@ impl Metrics {
         registry.register(
             names::CLOCK_LEAD_SECONDS,
             "How far this replica's clock runs ahead of its system clock to keep up with the \
-             fastest peer within the clock guard",
+             fastest peer within the clock guard (negative: behind it, following a majority \
+             of the replicas that far behind)",
             metrics.clock_lead.clone(),
         );
         registry.register(

@@ -1139,9 +1139,10 @@ impl Replicator {
             .set(down);
         metrics.replication_lag.clear();
         metrics.peer_clock_offset.clear();
+        let clock = self.limiter.clock();
         metrics
             .clock_lead
-            .set(self.limiter.clock().lead_us() as f64 / 1e6);
+            .set((clock.lead_us() as f64 - clock.lag_us() as f64) / 1e6);
         // A peer discovery lists always counts (silent, it must show a growing lag and alert).
         // A node only heard from counts while it keeps talking: a replica that left (a
         // scale-down) is no longer discovered, and its lag must not grow for ever and alert.
@@ -1884,52 +1885,66 @@ impl Replicator {
         self.certified(certificate, node, replica).is_ok()
     }
 
-    /// Check a peer's send time against this replica's clock and follow it
-    /// ([`follow_peer`]), with the guard's reach stretched when this replica is the odd one
-    /// out: when a strict majority of the cluster runs further ahead of this replica's system
-    /// clock than the guard ([`Replicator::majority_lead_us`]), this replica's system clock is
-    /// the wrong one (its NTP broken, its VM paused), and it catches up with them at once and
-    /// follows them within the guard from there. One peer ahead, or a minority, still moves it
-    /// no further than the guard, and a peer beyond the guard of that timeline is refused.
-    /// Returns whether the peer was followed and its offset from this replica's system clock
-    /// (before catching up with it: it reads low by the network delay).
+    /// Check a peer's send time against this replica's clock and follow it ([`follow_peer`]),
+    /// unless this replica is the odd one out: when a strict majority of the cluster was last
+    /// seen further from this replica's system clock than the guard
+    /// ([`Replicator::majority_offsets_us`]), this replica's system clock is the wrong one (its
+    /// NTP broken, its VM paused). Behind them, it catches up with them at once and follows
+    /// them within the guard from there; ahead of them, it falls behind its system clock to
+    /// their time, slowed down rather than stepped back ([`Clock::fall_behind`]). One peer, or
+    /// a minority, still moves it no further than the guard, and a peer beyond the guard of
+    /// its timeline is refused. Returns whether the peer was followed and its offset from this
+    /// replica's system clock (before following it: it reads low by the network delay).
     fn follow_clock(&self, peer_time: Micros) -> (Result<(), ClockAhead>, OffsetUs) {
         let clock = self.limiter.clock();
+        let offset = i64::try_from(i128::from(peer_time) - i128::from(clock.system_now()))
+            .unwrap_or(if peer_time > 0 { i64::MAX } else { i64::MIN });
         let guard_us = self.options.clock_guard.as_micros() as Micros;
+        let guard = i64::try_from(guard_us).unwrap_or(i64::MAX);
         let mut max_lead_us = guard_us;
-        if let Some(majority) = self.majority_lead_us(guard_us) {
-            let lead = clock.lead_us();
-            if majority > lead {
-                clock.catch_up(majority - lead, majority);
-                if lead <= guard_us {
+        if let Some((ahead, behind)) = self.majority_offsets_us() {
+            if ahead > guard {
+                // Ahead of this replica's system clock by `ahead`: the lead that puts this
+                // clock there, on top of any lag left to decay.
+                let want = (ahead as Micros).saturating_add(clock.lag_us());
+                let lead = clock.lead_us();
+                if want > lead {
+                    clock.catch_up(want - lead, want);
+                    if lead <= guard_us {
+                        tracing::warn!(
+                            ahead_ms = ahead / 1000,
+                            "a majority of the cluster runs further ahead of this replica's \
+                             system clock than the clock guard: following it (check this \
+                             host's time sync)"
+                        );
+                    }
+                }
+                max_lead_us = want.saturating_add(guard_us);
+            } else if behind < -guard {
+                let lag = behind.unsigned_abs();
+                if clock.lag_us() <= guard_us && lag > clock.lag_us() {
                     tracing::warn!(
-                        ahead_ms = majority / 1000,
-                        "a majority of the cluster runs further ahead of this replica's system \
-                         clock than the clock guard: following it (check this host's NTP)"
+                        behind_ms = lag / 1000,
+                        "a majority of the cluster runs further behind this replica's system \
+                         clock than the clock guard: falling back to it (check this host's \
+                         time sync)"
                     );
                 }
+                clock.fall_behind(lag);
             }
-            max_lead_us = majority.saturating_add(guard_us);
         }
-        let lead = clock.lead_us() as i64;
-        match follow_peer(&*clock, peer_time, guard_us, max_lead_us) {
-            Ok(offset) => (Ok(()), offset.saturating_add(lead)),
-            Err(ahead) => (
-                Err(ahead),
-                i64::try_from(ahead.ahead_us)
-                    .unwrap_or(i64::MAX)
-                    .saturating_add(lead),
-            ),
-        }
+        let followed = follow_peer(&*clock, peer_time, guard_us, max_lead_us).map(|_| ());
+        (followed, offset)
     }
 
-    /// How far ahead of this replica's system clock a strict majority of the replicas runs,
-    /// when that is beyond `guard_us`: with `n` replicas (this one and the peers discovered,
-    /// or every node heard from lately if there are more), the `⌊n/2⌋ + 1`-th largest of the
-    /// peers' latest offsets. A replica cannot be in a majority ahead of itself, so that many
-    /// peers must be. `None` otherwise, and always with fewer than three replicas: two cannot
-    /// tell whose clock is wrong. Offsets older than a few anti-entropy rounds do not count.
-    fn majority_lead_us(&self, guard_us: Micros) -> Option<Micros> {
+    /// Where a strict majority of the replicas runs against this replica's system clock: with
+    /// `n` replicas (this one and the peers discovered, or every node heard from lately if
+    /// there are more) and `k = ⌊n/2⌋ + 1`, the `k`-th largest and the `k`-th smallest of the
+    /// peers' latest offsets. A replica cannot be in a majority away from itself, so `k` peers
+    /// must be at least that far ahead (or behind). `None` with fewer than `k` offsets, and so
+    /// always with fewer than three replicas: two cannot tell whose clock is wrong. Offsets
+    /// older than a few anti-entropy rounds do not count.
+    fn majority_offsets_us(&self) -> Option<(i64, i64)> {
         let horizon = HEARD_ONLY_ROUNDS * self.options.anti_entropy_interval;
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         let discovered = peers.keys().filter(|a| !a.starts_with("node:")).count();
@@ -1952,10 +1967,12 @@ impl Replicator {
             }
         }
         let replicas = discovered.max(latest.len()) + 1;
+        let k = replicas / 2 + 1;
         let mut offsets: Vec<i64> = latest.values().map(|&(_, offset)| offset).collect();
-        offsets.sort_unstable_by(|a, b| b.cmp(a));
-        let kth = *offsets.get(replicas / 2)?;
-        u64::try_from(kth).ok().filter(|&ahead| ahead > guard_us)
+        offsets.sort_unstable();
+        let kth_smallest = *offsets.get(k - 1)?;
+        let kth_largest = offsets[offsets.len() - k];
+        Some((kth_largest, kth_smallest))
     }
 
     /// An answer's send time, when it is beyond the clock guard (an answer that does not say,
@@ -2318,9 +2335,12 @@ impl Replicator {
                         _ => {}
                     }
                     if let Some(ahead) = clock_ahead {
-                        let lead = self.limiter.clock().lead_us() as i64;
+                        // Against the system clock: this clock reads it plus the lead, less
+                        // the lag.
+                        let clock = self.limiter.clock();
+                        let from_system = clock.lead_us() as i64 - clock.lag_us() as i64;
                         peer.clock_offset_us =
-                            Some((ahead.ahead_us as i64).saturating_add(lead));
+                            Some((ahead.ahead_us as i64).saturating_add(from_system));
                         peer.clock_offset_seen = Some(std::time::Instant::now());
                     }
                     peer.answer_clock_refused = clock_ahead.is_some();
@@ -3278,6 +3298,22 @@ mod clock_guard_tests {
     }
 
     #[test]
+    fn a_replica_ahead_of_a_majority_of_the_cluster_beyond_the_guard_falls_back_to_it() {
+        // Both peers of three replicas 2 s behind: this replica's clock is the fast one. It
+        // slows down (never steps back) until it runs 2 s behind its system clock.
+        let ahead = with_clocks(&[-2_000, -2_100], Duration::ZERO);
+        let before = ahead.limiter.now();
+        assert!(
+            ahead
+                .answer_clock_ahead(&answer_sent_at(Some(before - 2_000_000)))
+                .is_none()
+        );
+        assert_eq!(ahead.limiter.clock().lag_us(), 2_000_000);
+        assert!(ahead.limiter.now() >= before, "stepped back");
+        assert!(ahead.limiter.now() < before + 100_000, "did not slow down");
+    }
+
+    #[test]
     fn a_minority_ahead_or_an_old_or_a_lone_offset_does_not_move_a_replica_beyond_the_guard() {
         for (ahead_ms, ago, what) in [
             (&[2_000, 0][..], Duration::ZERO, "one of two peers ahead"),
@@ -3296,6 +3332,12 @@ mod clock_guard_tests {
                 Duration::ZERO,
                 "the only peer ahead (two replicas)",
             ),
+            (&[-2_000, 0][..], Duration::ZERO, "one of two peers behind"),
+            (
+                &[-2_000, 2_000][..],
+                Duration::ZERO,
+                "one peer behind, one ahead",
+            ),
         ] {
             let replicator = with_clocks(ahead_ms, ago);
             let now = replicator.limiter.now();
@@ -3308,6 +3350,11 @@ mod clock_guard_tests {
             assert!(
                 replicator.limiter.now() < now + 1_000_000,
                 "{what}: the clock jumped"
+            );
+            assert_eq!(
+                replicator.limiter.clock().lag_us(),
+                0,
+                "{what}: fell behind"
             );
         }
     }

@@ -35,9 +35,8 @@
 //! The clock variants of the overload patterns, `hot-uniform-clock-ahead-500ms`,
 //! `keys-uniform-clock-ahead-500ms`, `hot-uniform-clock-ahead-2s` and
 //! `hot-uniform-clock-behind-2s`, move replica 1's clock the same way. 2 s is beyond the
-//! replicas' clock guard (500 ms): ahead, replica 1 is then shut out (docs/crdt.md, "Clocks"),
-//! and the warm-up waits only for the others; behind, it follows the two others, a majority,
-//! and the warm-up waits for all three.
+//! replicas' clock guard (500 ms): replica 1, the odd one out, moves its clock to the two
+//! others' (docs/crdt.md, "Clocks"), and the warm-up waits until it has.
 //!
 //! Every pattern's requests, with their send times in order, are fed per key to a textbook token
 //! bucket (exact integer arithmetic, same capacity and interval, full at the key's first
@@ -96,8 +95,6 @@ const HEAVY_COST: u64 = 5;
 const SKEWED_REPLICA: usize = 1;
 /// The replica the restart patterns stop and start again.
 const RESTARTED_REPLICA: usize = 1;
-/// The limiter's default `OPENCLAW_CLOCK_SKEW_GUARD_MS`.
-const CLOCK_SKEW_GUARD_MS: u64 = 500;
 /// Replica logs: JSON (timestamps parseable) and the `bad request` debug line, which the clock
 /// check provokes to read each replica's wall clock.
 const REPLICA_LOG_FILTER: &str = "info,openclaw_limiter::http::error=debug";
@@ -450,17 +447,6 @@ impl Pattern {
     fn is_plain(&self) -> bool {
         self.clock_offset_ms.is_none() && self.restart.is_none()
     }
-
-    /// The skewed replica's clock is further ahead of the others' than the guard
-    /// (`OPENCLAW_CLOCK_SKEW_GUARD_MS`, left at its default here) from the start, when the
-    /// cluster forms (not only after a step): the others refuse what it sends and do not take
-    /// its answers. A replica as far behind follows the majority ahead of it instead
-    /// (docs/crdt.md, "Clocks"), and nobody is shut out.
-    fn shut_out_from_start(&self) -> bool {
-        self.clock_offset_ms
-            .is_some_and(|ms| ms > 0 && ms.unsigned_abs() > CLOCK_SKEW_GUARD_MS)
-            && self.clock_step_at.is_none()
-    }
 }
 
 /// One pattern at one load factor, with everything its cluster and schedule need.
@@ -783,35 +769,25 @@ fn warm_up(cluster: &Cluster, http: &Client, options: &Options, run: &Run) {
             .query(&[("key", format!("warm-up-{i}")), ("policy", "probe".into())])
             .send();
     }
-    // A replica whose clock is ahead beyond the others' guard is shut out: the others refuse what
-    // it sends and do not take its answers (docs/crdt.md, "Clocks"). Its links never come up:
-    // only the others' are waited for. (One as far behind follows them, and is waited for.)
-    let beyond_guard = run.pattern.shut_out_from_start();
-    let shut_out = |i: usize| beyond_guard && i == SKEWED_REPLICA;
-    let skewed_node = format!("replica-{SKEWED_REPLICA}");
-    for (i, url) in cluster.urls().iter().enumerate() {
-        if shut_out(i) {
-            continue;
-        }
+    // A replica whose clock is beyond the guard from the others', ahead or behind, is the odd one
+    // out of three: it moves its clock to theirs (docs/crdt.md, "Clocks"), and its links come up
+    // once it has (ahead, slowed down to an eighth of its pace: about 1.7 s for 2 s).
+    for url in cluster.urls() {
         wait_until(Duration::from_secs(20), "every link to be up", || {
             let status: Value = http.get(format!("{url}/status")).send().ok()?.json().ok()?;
             let peers = status["peers"].as_array()?;
-            let up = |p: &&Value| p["up"] == true || beyond_guard && p["node"] == *skewed_node;
-            (peers.len() == REPLICAS - 1 && peers.iter().all(|p| up(&p))).then_some(())
+            (peers.len() == REPLICAS - 1 && peers.iter().all(|p| p["up"] == true)).then_some(())
         });
     }
     if options.mode == "strict" {
-        // Escrow: every replica follows an allocation of all three (of the two others, with one
-        // beyond the guard), and a key none of them has seen holds that replica's share of the
-        // bucket (new shares start empty and fill within one refill interval).
-        let members_expected = if beyond_guard { REPLICAS - 1 } else { REPLICAS } as u64;
+        // Escrow: every replica follows an allocation of all three, and a key none of them has
+        // seen holds that replica's share of the bucket (new shares start empty and fill within
+        // one refill interval).
+        let members_expected = REPLICAS as u64;
         for (i, url) in cluster.urls().iter().enumerate() {
-            if shut_out(i) {
-                continue;
-            }
             wait_until(
                 Duration::from_secs(30),
-                "an escrow allocation of the replicas within the clock guard, and full shares",
+                "an escrow allocation of the three replicas, and full shares",
                 || {
                     let status: Value = http
                         .get(format!("{url}/status"))

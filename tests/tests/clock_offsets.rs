@@ -5,11 +5,9 @@
 //!
 //! - within the clock guard (`OPENCLAW_CLOCK_SKEW_GUARD_MS`, 500 ms), the replicas follow the
 //!   fastest clock and the offset costs nothing, in either direction (docs/crdt.md, "Clocks");
-//! - beyond it ahead, the replica is shut out: the others refuse its messages and do not take
-//!   its answers. In `strict` mode they hand its share to each other, so their clients keep
-//!   their whole limit; in `shared` mode the fleet over-admits at most what that replica admits;
-//! - beyond it behind, the two others are a majority ahead of it: it follows them, and the
-//!   cluster runs as with the clocks together, in both modes.
+//! - beyond it, ahead or behind, the two others are a majority against it: it moves its clock to
+//!   theirs (behind, at once; ahead, slowed down, never stepped back), and the cluster runs as
+//!   with the clocks together, in both modes;
 //! - a clock that steps beyond the guard while the cluster runs under load never takes `strict`
 //!   mode over the limit.
 //!
@@ -97,50 +95,14 @@ fn refused_under_pct(row: &Value) -> f64 {
     f64_of(row, "refused_under_limit_pct_of_ideal")
 }
 
-/// Every replica's `/status` shows who the clock guard separates it from: the others show
-/// replica [`SKEWED`], and it shows both of them.
-fn assert_separation_shown(row: &Value) {
-    let separated = &row["clock_separated_peers"];
-    let skewed = format!("replica-{SKEWED}");
+/// No replica's `/status` shows a peer separated from it by the clock guard.
+fn assert_no_separation(row: &Value) {
     for replica in 0..REPLICAS {
-        let mut shown: Vec<&str> = separated[replica]
+        let shown = row["clock_separated_peers"][replica]
             .as_array()
-            .unwrap_or_else(|| panic!("no clock_separated_peers: {row:#}"))
-            .iter()
-            .filter_map(Value::as_str)
-            .collect();
-        shown.sort_unstable();
-        let expected: Vec<String> = if replica == SKEWED {
-            (0..REPLICAS)
-                .filter(|&r| r != SKEWED)
-                .map(|r| format!("replica-{r}"))
-                .collect()
-        } else {
-            vec![skewed.clone()]
-        };
-        assert_eq!(shown, expected, "replica-{replica}'s /status: {row:#}");
+            .unwrap_or_else(|| panic!("no clock_separated_peers: {row:#}"));
+        assert!(shown.is_empty(), "replica-{replica} separated: {row:#}");
     }
-}
-
-/// Below the limit, with replica [`SKEWED`] shut out: replicas 0 and 2 together refused few
-/// requests the textbook bucket admits, against the requests they decided. Measured on a quiet
-/// machine: 2 of 1366 (0.15 %); with the whole test suite running beside it, up to 15 of 819
-/// (1.8 %). With the skewed replica's share stranded, 204 of 1366 (15 %).
-fn assert_the_others_serve_their_clients(row: &Value) {
-    let (mut refused, mut requests) = (0.0, 0.0);
-    for replica in (0..REPLICAS).filter(|&r| r != SKEWED) {
-        refused += row["refused_under_limit_by_replica"][replica]
-            .as_f64()
-            .expect("refusals by replica");
-        requests += row["requests_by_replica"][replica]
-            .as_f64()
-            .expect("requests by replica");
-    }
-    assert!(
-        refused <= 0.07 * requests,
-        "the two replicas within the guard refused {refused} of their {requests} requests from \
-         clients under their limit: {row:#}"
-    );
 }
 
 #[test]
@@ -206,55 +168,57 @@ fn within_the_clock_guard_strict_mode_never_goes_over_with_one_clock_ahead() {
 }
 
 #[test]
-fn ahead_beyond_the_clock_guard_in_strict_mode_the_others_take_over_the_shut_out_replicas_share() {
-    // The harness waits until replicas 0 and 2 follow an allocation of the two of them with
-    // full shares (it fails if they never do), then drives clients at 90 % of their limit over
-    // all three. Replica 1 is shut out: no lease, so it refuses its strict clients (what a
-    // replica cut off from its peers must do). The others must serve theirs in full: before,
-    // they kept replica 1 in the allocation on its answers, and its third of every bucket went
-    // unused while their clients were refused (15 % of their requests).
-    let Some(figures) = harness("strict", "clock-ahead-2s", &["--below", "0.9"]) else {
+fn ahead_beyond_the_clock_guard_in_strict_mode_a_replica_falls_back_to_the_majority_and_serves() {
+    // Replica 1's clock 2 s ahead: the two others, a majority, are behind it beyond the guard,
+    // so its clock is the wrong one, and it slows down until it runs on theirs. Before, it was
+    // shut out: the others refused its messages and answers, and it held no lease and refused
+    // every request of its clients the textbook bucket admitted (673 of 2022 at 90 %).
+    let Some(figures) = harness(
+        "strict",
+        "clock-ahead-2s,hot-uniform-clock-ahead-2s",
+        &["--below", "0.9"],
+    ) else {
         return;
     };
     let rows = below_rows(&figures);
     assert_eq!(rows.len(), 1, "{figures:#}");
-    let row = rows[0];
-    assert_the_others_serve_their_clients(row);
-    assert_separation_shown(row);
+    assert!(
+        refused_under_pct(rows[0]) <= 8.0,
+        "clients under their limit refused beyond 8 %: {:#}",
+        rows[0]
+    );
+    assert_no_separation(rows[0]);
     // Per key, never more than the textbook bucket admits (a few requests sent just before a
     // token came back may be decided just after it, hence the 1 %).
     assert!(
-        f64_of(row, "overshoot") <= 0.01 * f64_of(row, "ideal"),
-        "strict mode admitted beyond the ideal bucket: {row:#}"
+        f64_of(rows[0], "overshoot") <= 0.01 * f64_of(rows[0], "ideal"),
+        "strict mode admitted beyond the ideal bucket: {:#}",
+        rows[0]
+    );
+    let report = the_overload_report(&figures);
+    assert!(
+        f64_of(report, "overshoot_over_c_plus_rt") <= 0.0,
+        "strict mode admitted beyond C + r*T: {report:#}"
+    );
+    assert!(
+        f64_of(report, "utilization_pct") >= 80.0,
+        "strict mode refused most of what the bucket allows: {report:#}"
     );
 }
 
 #[test]
-fn ahead_beyond_the_clock_guard_in_shared_mode_the_fleet_over_admits_at_most_the_shut_out_replicas_part()
- {
+fn ahead_beyond_the_clock_guard_in_shared_mode_the_fleet_holds_the_shared_bound() {
+    // Before replica 1 fell back to the majority, the others did not count what it admitted:
+    // one hot key at twice its limit went 11.7 % over C + r*T (its third of the load).
     let Some(figures) = harness("shared", "hot-uniform-clock-ahead-2s", &[]) else {
         return;
     };
     let report = the_overload_report(&figures);
-    // The others do not count what replica 1 admits; replica 1 counts theirs. So the fleet goes
-    // over by at most what replica 1 admits on its own: its third of the load, at most a third
-    // of C + r*T (docs/crdt.md, "Clocks"), on top of the usual shared bound.
     let over = f64_of(report, "overshoot_over_c_plus_rt");
-    let limit = f64_of(report, "c_plus_rt") / REPLICAS as f64 + f64_of(report, "bound");
     assert!(
-        over <= limit,
-        "over the limit by {over}, beyond replica 1's part ({limit:.0}): {report:#}"
+        over <= f64_of(report, "bound") && over <= 0.05 * f64_of(report, "c_plus_rt"),
+        "over the limit beyond the shared bound: {report:#}"
     );
-}
-
-/// No replica's `/status` shows a peer separated from it by the clock guard.
-fn assert_no_separation(row: &Value) {
-    for replica in 0..REPLICAS {
-        let shown = row["clock_separated_peers"][replica]
-            .as_array()
-            .unwrap_or_else(|| panic!("no clock_separated_peers: {row:#}"));
-        assert!(shown.is_empty(), "replica-{replica} separated: {row:#}");
-    }
 }
 
 #[test]
@@ -310,8 +274,9 @@ fn behind_beyond_the_clock_guard_in_shared_mode_the_fleet_holds_the_shared_bound
 fn a_clock_stepping_beyond_the_guard_under_load_never_takes_strict_mode_over() {
     // The cluster forms with all clocks together; a second into the run (of 3 s) replica 1's
     // clock steps 2 s ahead, under load at twice the limit. The others stop hearing it, wait out
-    // its lease and share its part: spending pauses for that membership change (as when a
-    // replica dies, docs/crdt.md), and nothing is ever admitted beyond C + r*T.
+    // its lease and share its part, and it slows its clock down to theirs and rejoins: spending
+    // pauses for those membership changes (as when a replica dies and comes back,
+    // docs/crdt.md), and nothing is ever admitted beyond C + r*T.
     let Some(figures) = harness("strict", "hot-uniform-clock-steps-ahead-2s", &[]) else {
         return;
     };
