@@ -16,6 +16,11 @@
 //!   clock and offsets cancel up to the network delay; a peer ahead by more than the guard is
 //!   refused instead. The lead decays by 1 % of elapsed time when no peer is ahead, so the
 //!   cluster follows its fastest clock back when that one is corrected.
+//! * **The odd one out moves to the majority's clock.** Beyond the guard two replicas cannot
+//!   tell whose clock is wrong, but when a strict majority of the cluster is beyond it on one
+//!   side, this replica's is (`Replicator::follow_clock`). Behind them, it takes a lead past the
+//!   guard; ahead of them, it runs behind its system clock ([`Clock::fall_behind`]), slowed to
+//!   an eighth of its pace until it gets there, never stepped back.
 
 use std::fmt::Debug;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};

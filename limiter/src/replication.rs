@@ -428,7 +428,7 @@ pub struct Loan {
     pub lent: i128,
     /// When every other member of the allocation answered: the most all of them held (their
     /// levels before lending, what they lent included), with what this replica and they lent
-    /// to even out and may still be in transit ([`Replicator::in_transit`]).
+    /// to even out and may still be in transit (`Replicator::in_transit`).
     pub peers_held: Option<i128>,
     /// Whom to even out with once the request is paid ([`Replicator::even_out`]).
     pub even_out: Option<EvenOut>,
