@@ -96,6 +96,22 @@ pub fn claim(dir: &Path, me: ReplicaId) -> Result<Lineage, ClaimError> {
     })
 }
 
+/// Whether a running process holds `dir` ([`claim`]): its lock file is there and locked.
+/// Creates nothing. Testing takes a shared lock for an instant, so a replica starting on `dir`
+/// at that very moment would be refused as if two had been given it (start it again).
+pub fn is_held(dir: &Path) -> std::io::Result<bool> {
+    let file = match File::open(dir.join(LOCK_FILE)) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    match file.try_lock_shared() {
+        Ok(()) => Ok(false),
+        Err(TryLockError::WouldBlock) => Ok(true),
+        Err(TryLockError::Error(e)) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,6 +127,19 @@ mod tests {
         drop(second);
         let third = claim(dir.path(), ReplicaId(0x123)).unwrap();
         assert_eq!(third.predecessor, Some(ReplicaId(0xdef)));
+    }
+
+    #[test]
+    fn a_directory_is_held_while_its_process_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!is_held(dir.path()).unwrap(), "no lock file");
+        assert!(!is_held(&dir.path().join("absent")).unwrap());
+        let holder = claim(dir.path(), ReplicaId(0xabc)).unwrap();
+        assert!(is_held(dir.path()).unwrap());
+        drop(holder);
+        assert!(!is_held(dir.path()).unwrap(), "released at exit");
+        // Testing left no lock behind.
+        claim(dir.path(), ReplicaId(0xdef)).unwrap();
     }
 
     #[test]

@@ -211,7 +211,9 @@ async fn restore_offline(config: Config, settings: RestoreSettings) -> ExitCode 
         }
         Err(e) => {
             let code = match &e {
-                SeedError::Target { .. } | SeedError::NotEmpty { .. } => EXIT_TARGET,
+                SeedError::Target { .. } | SeedError::NotEmpty { .. } | SeedError::InUse { .. } => {
+                    EXIT_TARGET
+                }
                 SeedError::Store { .. } => EXIT_STORE,
                 SeedError::NothingValid { .. } => EXIT_NOTHING_VALID,
             };

@@ -755,6 +755,17 @@ pub enum SeedError {
         count: usize,
         newest: PathBuf,
     },
+    /// A running limiter process holds the target directory (`lineage::claim`): it reads
+    /// snapshots only when it starts, so one written under it would be ignored and then buried
+    /// under its own. Refused with `--force` too.
+    #[error(
+        "{} is in use by a running limiter process (it holds {}): a replica loads snapshots \
+         only when it starts, so one restored under it would be ignored; stop that process \
+         first, or restore into another directory",
+        .dir.display(),
+        crate::lineage::LOCK_FILE
+    )]
+    InUse { dir: PathBuf },
     /// The store could not be listed, or stopped answering midway.
     #[error("cannot restore from {url}: {source}")]
     Store { url: String, source: RemoteError },
@@ -786,8 +797,8 @@ impl Remote {
     /// one local snapshot into `dir` for a replica started on it to load. Nothing is written
     /// unless the restore merged at least one snapshot and finished; the file is written aside
     /// and renamed ([`Snapshots::write`]), then read back and checked. `dir` is checked first,
-    /// before the store is asked: it must be (or be creatable as) a writable directory, without
-    /// snapshot files unless `force`.
+    /// before the store is asked: it must be (or be creatable as) a writable directory that no
+    /// running limiter process holds, without snapshot files unless `force`.
     pub async fn restore_into_dir(
         &self,
         limiter: &Arc<Limiter>,
@@ -852,7 +863,7 @@ impl Remote {
 }
 
 /// `dir` can take the restored snapshot: an existing directory we can list and write into,
-/// holding no snapshot unless `force`; or a path whose nearest existing ancestor is a
+/// that no running limiter process holds, holding no snapshot unless `force`; or a path whose nearest existing ancestor is a
 /// writable directory (it is created when the snapshot is written). Writes nothing but a
 /// probe file, removed at once.
 fn check_target(dir: &std::path::Path, force: bool) -> Result<(), SeedError> {
@@ -863,6 +874,15 @@ fn check_target(dir: &std::path::Path, force: bool) -> Result<(), SeedError> {
     match std::fs::metadata(dir) {
         Ok(meta) if !meta.is_dir() => Err(unusable("exists and is not a directory".to_owned())),
         Ok(_) => {
+            match crate::lineage::is_held(dir) {
+                Ok(false) => {}
+                Ok(true) => {
+                    return Err(SeedError::InUse {
+                        dir: dir.to_owned(),
+                    });
+                }
+                Err(e) => return Err(unusable(format!("cannot read its lock file: {e}"))),
+            }
             let existing = Snapshots::new(dir)
                 .list()
                 .map_err(|e| unusable(e.to_string()))?;
@@ -1700,6 +1720,26 @@ mod tests {
             .unwrap();
         let files = Snapshots::new(&into).list().unwrap();
         assert_eq!(files, [forced.written.path.clone(), seeded.written.path]);
+
+        // A directory a running replica holds: refused, with --force too, before the store is
+        // asked. It reads snapshots only when it starts: one written under it now would be
+        // ignored, then buried under its own.
+        let running = crate::lineage::claim(&into, ReplicaId(0xabc)).unwrap();
+        let mut asked = false;
+        let error = remote
+            .restore_into_dir(&offline(), max_age, &into, true, &mut |_| asked = true)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, SeedError::InUse { .. }), "{error}");
+        assert!(!asked, "the store was asked for a directory in use");
+        assert_eq!(Snapshots::new(&into).list().unwrap(), files);
+        // Once it has stopped, --force restores into it again.
+        drop(running);
+        remote
+            .restore_into_dir(&offline(), max_age, &into, true, &mut |_| {})
+            .await
+            .unwrap();
+        assert_eq!(Snapshots::new(&into).list().unwrap().len(), 3);
     }
 
     #[test]

@@ -988,12 +988,21 @@ fn the_restore_command_seeds_a_snapshot_directory_that_a_new_replica_loads() {
     assert!(run.stderr.contains("not a directory"), "{}", run.stderr);
     assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
 
-    // --force: the restored snapshot is added as the newest.
-    let forced = run_limiter(
-        &["restore", "--from", &from, "--into", seed_arg, "--force"],
-        &env,
-        START,
+    // The replica started on the directory still runs: refused even with --force (it loads
+    // snapshots only at start, so one written now would be ignored), nothing written.
+    let force = ["restore", "--from", &from, "--into", seed_arg, "--force"];
+    let live = run_limiter(&force, &env, START);
+    assert_eq!(live.code, Some(73), "{}{}", live.stdout, live.stderr);
+    assert!(
+        live.stderr.contains("in use by a running limiter process")
+            && live.stderr.contains("nothing written"),
+        "{}",
+        live.stderr
     );
+    // Stopped, --force adds the restored snapshot as the newest.
+    let mut node = node;
+    node.process.kill();
+    let forced = run_limiter(&force, &env, START);
     assert_eq!(forced.code, Some(0), "{}{}", forced.stdout, forced.stderr);
     // Two snapshots, beside the lock file of the replica started on the directory (`lineage`).
     let files: Vec<String> = dir_contents(&seed).into_iter().map(|f| f.0).collect();
