@@ -126,9 +126,9 @@ impl Lead {
             });
     }
 
-    /// Raise to `target` if below it; whether it was.
-    pub fn raise_to(&self, target: Micros) -> bool {
-        self.0.fetch_max(target, Ordering::AcqRel) < target
+    /// Raise to `target` if below it.
+    pub fn raise_to(&self, target: Micros) {
+        self.0.fetch_max(target, Ordering::AcqRel);
     }
 
     /// Shrink by 1 % of `elapsed_us`: the cluster follows its fastest clock back when that one

@@ -785,15 +785,17 @@ impl Replicator {
             "declined"
         };
         self.limiter.metrics().count_loan("lender", result);
-        if request.give == 0 && request.wanted == 0 && lent > 0 {
-            self.note_lent_to_even_out(&request.policy, &request.key, lent);
-        }
+        let in_transit = if request.give == 0 && request.wanted == 0 && lent > 0 {
+            self.note_lent_to_even_out(&request.policy, &request.key, lent)
+        } else {
+            self.in_transit(&request.policy, &request.key)
+        };
         LendAnswer {
             replica: me,
             nonce: request.nonce,
             lent,
             level,
-            in_transit: self.in_transit(&request.policy, &request.key),
+            in_transit,
         }
     }
 
@@ -808,7 +810,9 @@ impl Replicator {
             .saturating_mul(members.saturating_add(1))
     }
 
-    fn note_lent_to_even_out(&self, policy: &str, key: &str, units: i128) {
+    /// Count `units` lent to even out `key`; returns what is in transit now
+    /// ([`Replicator::in_transit`]).
+    fn note_lent_to_even_out(&self, policy: &str, key: &str, units: i128) -> i128 {
         /// Entries kept before the ones older than a horizon are dropped.
         const PRUNE_AT: usize = 4096;
         let now = tokio::time::Instant::now();
@@ -829,6 +833,7 @@ impl Replicator {
             0
         };
         *entry = (now, earlier.saturating_add(units));
+        entry.1
     }
 
     /// Units of `key` this replica lent to peers' evenings out that may not have reached a
@@ -838,12 +843,13 @@ impl Replicator {
     /// the difference) counts these too; it may count some twice once they land, which only
     /// makes it ask again sooner.
     fn in_transit(&self, policy: &str, key: &str) -> i128 {
+        let horizon = self.transit_horizon(policy);
         let lent = self
             .lent_to_even_out
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         lent.get(&(policy.to_owned(), key.to_owned()))
-            .filter(|(at, _)| at.elapsed() <= self.transit_horizon(policy))
+            .filter(|(at, _)| at.elapsed() <= horizon)
             .map_or(0, |&(_, units)| units)
     }
 
