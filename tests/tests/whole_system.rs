@@ -239,31 +239,69 @@ fn load_reaches_prometheus_and_the_adapter_the_hpa_scales_up_on_the_spike_and_ba
     let counters = format!(
         "sum by (decision) (max_over_time(openclaw_requests_total{{job=\"openclaw-limiter\",policy=\"default\"}}[{run_s}s]))"
     );
-    let counted = wait_until(
-        Duration::from_secs(20),
-        "Prometheus' decision counters to match the load generator's",
-        || {
-            let body: Value = http
-                .get(format!("{prometheus}/api/v1/query"))
-                .query(&[("query", counters.as_str())])
-                .send()
-                .ok()?
-                .json()
-                .ok()?;
-            let mut counts = (0u64, 0u64);
-            for s in body["data"]["result"].as_array()? {
-                let v: f64 = s["value"][1].as_str()?.parse().ok()?;
-                match s["metric"]["decision"].as_str()? {
-                    "allowed" => counts.0 = v as u64,
-                    "rejected" => counts.1 = v as u64,
-                    _ => {}
-                }
+    // Polled until it fits; a failure says what Prometheus last held, per pod, so that a short
+    // count can be told apart from a long one and from a pod that stopped being scraped.
+    let until = Instant::now() + Duration::from_secs(20);
+    let counted = loop {
+        let body: Option<Value> = http
+            .get(format!("{prometheus}/api/v1/query"))
+            .query(&[("query", counters.as_str())])
+            .send()
+            .ok()
+            .and_then(|r| r.json().ok());
+        let mut counts = (0u64, 0u64);
+        for s in body
+            .as_ref()
+            .and_then(|b| b["data"]["result"].as_array())
+            .into_iter()
+            .flatten()
+        {
+            let v: f64 = s["value"][1]
+                .as_str()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            match s["metric"]["decision"].as_str() {
+                Some("allowed") => counts.0 = v as u64,
+                Some("rejected") => counts.1 = v as u64,
+                _ => {}
             }
-            // A request that timed out on the client may still have been decided.
-            let fits = |seen: u64, got: u64| got >= seen && got <= seen + errors;
-            (fits(allowed, counts.0) && fits(rejected, counts.1)).then_some(counts)
-        },
-    );
+        }
+        // A request that timed out on the client may still have been decided.
+        let fits = |seen: u64, got: u64| got >= seen && got <= seen + errors;
+        if fits(allowed, counts.0) && fits(rejected, counts.1) {
+            break counts;
+        }
+        if Instant::now() >= until {
+            let per_pod = format!(
+                "max by (pod, decision) (max_over_time(openclaw_requests_total{{job=\"openclaw-limiter\",policy=\"default\"}}[{run_s}s]))"
+            );
+            let by_pod: Option<Value> = http
+                .get(format!("{prometheus}/api/v1/query"))
+                .query(&[("query", per_pod.as_str())])
+                .send()
+                .ok()
+                .and_then(|r| r.json().ok());
+            panic!(
+                "Prometheus' decision counters never matched the load generator's within 20 s: \
+                 generator allowed {allowed}, rejected {rejected}, errors {errors}; Prometheus \
+                 allowed {}, rejected {}; per pod: {}\npods:\n{}\nPrometheus' health: {:?}",
+                counts.0,
+                counts.1,
+                by_pod.map_or_else(
+                    || "no answer".to_owned(),
+                    |b| b["data"]["result"].to_string()
+                ),
+                outcome
+                    .pod_events
+                    .iter()
+                    .map(|e| format!("{:.1} s {} {:?}", e.t, e.pod, e.kind))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                outcome.health,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     // No request was lost to the Deployment's changes: none refused a connection on every pod,
     // none broke on a pod that left. Timeouts are the machine at the overload's peak (two
     // cores for four debug-built pods, Prometheus and the generator): a few percent at most.
