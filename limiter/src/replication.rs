@@ -423,7 +423,7 @@ fn is_zero(units: &i128) -> bool {
 const LEND_VERSION: u32 = 1;
 
 /// What the peers lent for one request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Loan {
     pub lent: i128,
     /// When every other member of the allocation answered: the most all of them held (their
@@ -537,6 +537,10 @@ pub struct Replicator {
     /// With nodes bound (`OPENCLAW_PEER_TLS_BIND_NODE`): the node each replica id was first
     /// heard from over a certificate naming it.
     bindings: Mutex<NodeBindings>,
+    /// The runtime this replicator was made on (the process' main one), where its peer
+    /// connections and background tasks live, even when a request on another runtime (a gRPC
+    /// worker's, `rls::grpc`) borrows; `None` if made outside one.
+    home: Option<tokio::runtime::Handle>,
 }
 
 /// Why a peer did not take a message.
@@ -617,7 +621,37 @@ impl Replicator {
             in_flight: Mutex::default(),
             missed: Mutex::default(),
             bindings: Mutex::default(),
+            home: tokio::runtime::Handle::try_current().ok(),
         })
+    }
+
+    /// Spawns `task` on this replicator's runtime (see `home`), else on the current one.
+    fn spawn_at_home<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.home {
+            Some(home) => home.spawn(task),
+            None => tokio::spawn(task),
+        }
+    }
+
+    /// [`Replicator::borrow`] run on this replicator's runtime, for a request served on
+    /// another one (a gRPC worker's): the peer connections, their timers and the evening out
+    /// that follows stay where the replicator's other work runs, not on a runtime that ends
+    /// with its listener. If that runtime is gone (shutdown), nothing is lent.
+    pub async fn borrow_at_home(
+        self: &Arc<Self>,
+        policy: &str,
+        key: &str,
+        rate: Rate,
+        shortfall: Shortfall,
+    ) -> Loan {
+        let (replicator, policy, key) = (self.clone(), policy.to_owned(), key.to_owned());
+        self.spawn_at_home(async move { replicator.borrow(&policy, &key, rate, shortfall).await })
+            .await
+            .unwrap_or_default()
     }
 
     pub fn limiter(&self) -> &Arc<Limiter> {
@@ -1067,7 +1101,7 @@ impl Replicator {
         let (replicator, policy_id, policy, key) =
             (self.clone(), policy.id, policy.name.clone(), key.to_owned());
         let running = InFlight::start(&self.evening_out);
-        tokio::spawn(async move {
+        self.spawn_at_home(async move {
             let _running = running;
             let escrow = &replicator.escrow;
             let ask = |nonce| LendRequest {

@@ -320,12 +320,17 @@ impl Limiter {
 
     /// Borrow a [`Limiter::strict_shortfall`] from peers (see [`Replicator::borrow`]); `None`
     /// without peers to lend. The units lent are this request's: pass them to
-    /// [`Limiter::spend_with_loan`], then to [`Limiter::settle_loan`].
+    /// [`Limiter::spend_with_loan`], then to [`Limiter::settle_loan`]. Callable from any
+    /// runtime (the gRPC workers'): the loan runs on the replicator's.
     pub async fn borrow(&self, policy: &str, key: &str, shortfall: Shortfall) -> Option<Loan> {
         let lenders = self.lenders.get().and_then(Weak::upgrade)?;
         let (_, policy) = self.escrowed(policy)?;
         let rate = policy.rate_for(key);
-        Some(lenders.borrow(&policy.name, key, rate, shortfall).await)
+        Some(
+            lenders
+                .borrow_at_home(&policy.name, key, rate, shortfall)
+                .await,
+        )
     }
 
     /// [`Limiter::peek`] with `lent` units borrowed for this request (0: none).

@@ -10,6 +10,7 @@ use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescript
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use openclaw_limiter::bucket::Rate;
 use openclaw_limiter::clock::WallClock;
 use openclaw_limiter::crdt::{BucketState, ReplicaId};
@@ -18,6 +19,7 @@ use openclaw_limiter::listener::{Counters, LimitedListener, Limits};
 use openclaw_limiter::replication::{
     self, PeerStatus, ReplicationOptions, Replicator, peer_router,
 };
+use openclaw_limiter::rls::grpc::{self, GrpcOptions};
 use openclaw_limiter::rls::service::bucket_key;
 use openclaw_limiter::rls::{Rls, RlsConfig};
 use openclaw_limiter::service::{Limiter, LimiterOptions};
@@ -1974,6 +1976,77 @@ async fn even_shares_in_force(replicas: &[Replica], policy: &str, key: &str) {
     .await;
 }
 
+/// Where a test's `ShouldRateLimit` calls go: straight to each replica's [`Rls`], or through
+/// its gRPC listener (`rls::grpc::serve`: single-threaded worker runtimes, from which a strict
+/// request borrows on the replicator's runtime).
+enum RlsFront {
+    Direct(Vec<Arc<Rls>>),
+    Grpc {
+        clients: Vec<RateLimitServiceClient<tonic::transport::Channel>>,
+        stops: Vec<watch::Sender<bool>>,
+        servers: Vec<tokio::task::JoinHandle<()>>,
+    },
+}
+
+impl RlsFront {
+    async fn over_grpc(rls: Vec<Arc<Rls>>) -> RlsFront {
+        let (mut clients, mut stops, mut servers) = (Vec::new(), Vec::new(), Vec::new());
+        for rls in rls {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            let (stop, stopped) = watch::channel(false);
+            servers.push(tokio::spawn(grpc::serve(
+                GrpcOptions {
+                    listener,
+                    rls,
+                    config_path: None,
+                    config_files: None,
+                    reload_every: Duration::from_secs(1),
+                    shutdown_grace: Duration::from_secs(5),
+                    api_key: None,
+                },
+                stopped,
+            )));
+            stops.push(stop);
+            clients.push(RateLimitServiceClient::connect(url).await.unwrap());
+        }
+        RlsFront::Grpc {
+            clients,
+            stops,
+            servers,
+        }
+    }
+
+    async fn decide(&self, replica: usize, request: &RateLimitRequest) -> bool {
+        match self {
+            RlsFront::Direct(rls) => rls_decide(&rls[replica], request).await,
+            RlsFront::Grpc { clients, .. } => {
+                let response = clients[replica]
+                    .clone()
+                    .should_rate_limit(request.clone())
+                    .await
+                    .unwrap()
+                    .into_inner();
+                response.overall_code == Code::Ok as i32
+            }
+        }
+    }
+
+    async fn stop(self) {
+        if let RlsFront::Grpc { stops, servers, .. } = self {
+            for stop in stops {
+                let _ = stop.send(true);
+            }
+            for server in servers {
+                tokio::time::timeout(Duration::from_secs(10), server)
+                    .await
+                    .expect("the gRPC listener stops within its grace period")
+                    .unwrap();
+            }
+        }
+    }
+}
+
 /// Issue 13: a `mode: strict` rule of Envoy's rate limit service is decided by the escrow as
 /// a strict `/rate` policy is. A bucket of 3 per second split over three replicas leaves each a
 /// third of a token (just under: shares are whole parts per million): a replica admits only by
@@ -1982,9 +2055,25 @@ async fn even_shares_in_force(replicas: &[Replica], policy: &str, key: &str) {
 /// spent) charges the strict rule nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_strict_rls_rule_admits_its_bucket_across_replicas_and_never_more() {
+    strict_rls_rule_admits_its_bucket(false).await;
+}
+
+/// The same through each replica's gRPC listener, whose workers run their own runtimes: the
+/// loans a replica needs are taken from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_rls_rule_served_over_grpc_borrows_its_bucket_and_never_more() {
+    strict_rls_rule_admits_its_bucket(true).await;
+}
+
+async fn strict_rls_rule_admits_its_bucket(over_grpc: bool) {
     const RULES: &str = "domain: edge\ndescriptors:\n  - key: client\n    rate_limit: {unit: second, requests_per_unit: 3, mode: strict}\n  - key: route\n    rate_limit: {unit: minute, requests_per_unit: 1}\n";
     let replicas = cluster(3).await;
     let rls = rls_over(&replicas, RULES);
+    let front = if over_grpc {
+        RlsFront::over_grpc(rls).await
+    } else {
+        RlsFront::Direct(rls)
+    };
     let alone = rls_request(1, &[("client", "a")]);
     let key = bucket_key("edge", &alone.descriptors[0].entries, &[]);
     even_shares_in_force(&replicas, "rls:edge.client", &key).await;
@@ -1993,16 +2082,13 @@ async fn a_strict_rls_rule_admits_its_bucket_across_replicas_and_never_more() {
     // Both rules admit the first request; the route's bucket of 1 is then spent on replica 0,
     // which refuses the next ones without charging the client.
     let both = rls_request(1, &[("client", "a"), ("route", "r")]);
-    assert!(rls_decide(&rls[0], &both).await, "the first request");
+    assert!(front.decide(0, &both).await, "the first request");
     let mut admitted = 1;
     for _ in 0..3 {
-        assert!(
-            !rls_decide(&rls[0], &both).await,
-            "the route's bucket is spent"
-        );
+        assert!(!front.decide(0, &both).await, "the route's bucket is spent");
     }
     for i in 0..15 {
-        if rls_decide(&rls[i % 3], &alone).await {
+        if front.decide(i % 3, &alone).await {
             admitted += 1;
             last_admitted = tokio::time::Instant::now();
         }
@@ -2017,6 +2103,7 @@ async fn a_strict_rls_rule_admits_its_bucket_across_replicas_and_never_more() {
         admitted >= 3,
         "admitted {admitted}: the refused requests took nothing, and the cluster lends the rest of the bucket"
     );
+    front.stop().await;
     for replica in replicas {
         replica.shutdown().await;
     }
