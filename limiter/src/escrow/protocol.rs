@@ -376,6 +376,48 @@ impl Node {
                 .any(|r| r.supersedes == Some(replica))
     }
 
+    /// Forget the replicas gone for good: those that retired (they said they left) or that a
+    /// process taking over their snapshot directory superseded, once they are no member of the
+    /// allocation this replica holds and not heard from for as long as a silent replica counts
+    /// as live. Every process start is a new replica with a record, relayed to every replica:
+    /// without this a cluster living through rolling updates carried every replica it ever had
+    /// in each message, and past 4096 ([`Control::validate`]) its peers refused every message.
+    ///
+    /// Safe because a gone replica never spends again and nothing about it is consulted once it
+    /// is out of the allocation: the proposer, the lease and the raise look at members, at
+    /// replicas heard from recently, and at records not yet known for that long (which a
+    /// retired or superseded record never holds back). A lagging peer may relay a forgotten
+    /// record again; it is still retired or superseded, and is forgotten again here.
+    ///
+    /// A replica that crashed with neither a successor nor a goodbye (a node lost with its pod)
+    /// is not recognisably gone from its record, and its record stays (docs/crdt.md).
+    fn forget_departed(&mut self, now: Micros) {
+        let superseded: BTreeSet<u64> = self
+            .control
+            .records
+            .values()
+            .filter_map(|r| r.supersedes)
+            .collect();
+        let members = self.control.allocation.as_ref().map(|a| &a.members);
+        let gone: Vec<u64> = self
+            .control
+            .records
+            .iter()
+            .filter(|&(&replica, record)| {
+                replica != self.me
+                    && (record.retired || superseded.contains(&replica))
+                    && members.is_none_or(|m| !m.contains(&replica))
+                    && !self.is_live(replica, now)
+            })
+            .map(|(&replica, _)| replica)
+            .collect();
+        for replica in gone {
+            self.control.records.remove(&replica);
+            self.heard.remove(&replica);
+            self.learned.remove(&replica);
+        }
+    }
+
     /// Members whose answers a lease needs and whose acknowledgements a raise needs.
     fn active_members(&self) -> Vec<u64> {
         self.control.allocation.as_ref().map_or_else(Vec::new, |a| {
@@ -451,6 +493,7 @@ impl Node {
         if self.is_retired() {
             return changes;
         }
+        self.forget_departed(now);
         // 1. A lease that ran out: stop, and wait for a newer allocation.
         let expired = self.control.allocation.as_ref().map(|a| a.version);
         if now >= self.lease_until

@@ -789,6 +789,69 @@ fn a_crashed_replica_restarted_as_its_successor_stops_nobodys_spending() {
     );
 }
 
+/// Every process start is a new replica with a record in the replicated control state, and
+/// every replica relays every record it holds. A cluster living through rolling updates
+/// (SIGTERM, then a new pod) and container restarts (a successor on the same snapshot
+/// directory) must forget the replicas that left for good: otherwise each message carries
+/// every replica the cluster ever had, and past 4096 of them (`Control::validate`) peers
+/// refuse every message, and with them every bucket they carry. Here each of three replicas is
+/// replaced every 1.2 s, alternately by a rolling update and by a crash and a successor, 60
+/// times in all; the records stay those of the live replicas and the few just gone, the cluster
+/// keeps allocating to its live replicas and serving, and never admits more than the bucket.
+#[test]
+fn replicas_that_left_for_good_are_forgotten_and_the_control_state_stays_small() {
+    const REPLACEMENTS: u64 = 60;
+    let mut leaves = Vec::new();
+    let mut crashes = Vec::new();
+    for k in 0..REPLACEMENTS {
+        let (at, who) = (2_000 + k * 400, (k % 3) as usize);
+        if k % 2 == 0 {
+            // A rolling update: SIGTERM (the replica retires), then a new pod, a new replica.
+            leaves.push((at, who));
+            crashes.push((at + 1, who, Some((99, false))));
+        } else {
+            // The container restarted on its snapshot directory: a successor.
+            crashes.push((at, who, Some((100, true))));
+        }
+    }
+    let end_ms = 2_000 + REPLACEMENTS * 400 + 4_000;
+    let faults = Faults {
+        drop_percent: 0,
+        max_delay_ms: 2,
+        partitions: vec![],
+        crashes,
+        leaves,
+        bursts: false,
+    };
+    let mut cluster = Cluster::new(3, 11, faults);
+    cluster.run(end_ms * MS, |_, i, rng| i == 0 && rng.below(1000) < 6);
+    assert!(cluster.worst_excess() <= 1e-6);
+    let live: BTreeSet<u64> = cluster.replicas.iter().map(|r| r.node.me).collect();
+    for replica in &cluster.replicas {
+        let records: BTreeSet<u64> = replica.node.control.records.keys().copied().collect();
+        eprintln!("replica {:x}: {} records", replica.node.me, records.len());
+        assert!(
+            records.len() <= 6,
+            "replica {:x} holds {} records after {REPLACEMENTS} replacements: {records:x?}",
+            replica.node.me,
+            records.len()
+        );
+        assert!(
+            records.is_superset(&live),
+            "{records:x?} lacks one of {live:x?}"
+        );
+        let allocation = replica.node.allocation().expect("an allocation");
+        assert_eq!(
+            allocation.members, live,
+            "the live replicas share the bucket"
+        );
+        replica.node.control.validate().unwrap();
+    }
+    // Still serving after the last replacement: the last 3 s at about the rate asked.
+    let served = cluster.admitted_between((end_ms - 3_000) * MS, end_ms * MS);
+    assert!(served >= 8, "admitted {served} in the last 3 s");
+}
+
 /// A uniform draw in [0, 1).
 fn uniform(rng: &mut Rng) -> f64 {
     (rng.next() >> 11) as f64 / (1u64 << 53) as f64
