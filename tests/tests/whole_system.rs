@@ -236,19 +236,23 @@ fn load_reaches_prometheus_and_the_adapter_the_hpa_scales_up_on_the_spike_and_ba
     // Pods that left took their series with them: each series' last value over the run, not
     // the sum now. Policy `default` only (the witnesses have their own).
     let run_s = (outcome.wall.as_secs() + 10).to_string();
-    let counters = format!(
-        "sum by (decision) (max_over_time(openclaw_requests_total{{job=\"openclaw-limiter\",policy=\"default\"}}[{run_s}s]))"
+    let last_values = format!(
+        "max_over_time(openclaw_requests_total{{job=\"openclaw-limiter\",policy=\"default\"}}[{run_s}s])"
     );
+    let counters = format!("sum by (decision) ({last_values})");
+    let query = |promql: &str| -> Option<Value> {
+        http.get(format!("{prometheus}/api/v1/query"))
+            .query(&[("query", promql)])
+            .send()
+            .ok()?
+            .json()
+            .ok()
+    };
     // Polled until it fits; a failure says what Prometheus last held, per pod, so that a short
     // count can be told apart from a long one and from a pod that stopped being scraped.
     let until = Instant::now() + Duration::from_secs(20);
     let counted = loop {
-        let body: Option<Value> = http
-            .get(format!("{prometheus}/api/v1/query"))
-            .query(&[("query", counters.as_str())])
-            .send()
-            .ok()
-            .and_then(|r| r.json().ok());
+        let body = query(&counters);
         let mut counts = (0u64, 0u64);
         for s in body
             .as_ref()
@@ -272,15 +276,7 @@ fn load_reaches_prometheus_and_the_adapter_the_hpa_scales_up_on_the_spike_and_ba
             break counts;
         }
         if Instant::now() >= until {
-            let per_pod = format!(
-                "max by (pod, decision) (max_over_time(openclaw_requests_total{{job=\"openclaw-limiter\",policy=\"default\"}}[{run_s}s]))"
-            );
-            let by_pod: Option<Value> = http
-                .get(format!("{prometheus}/api/v1/query"))
-                .query(&[("query", per_pod.as_str())])
-                .send()
-                .ok()
-                .and_then(|r| r.json().ok());
+            let by_pod = query(&format!("max by (pod, decision) ({last_values})"));
             panic!(
                 "Prometheus' decision counters never matched the load generator's within 20 s: \
                  generator allowed {allowed}, rejected {rejected}, errors {errors}; Prometheus \
