@@ -641,6 +641,11 @@ impl Replicator {
     /// another one (a gRPC worker's): the peer connections, their timers and the evening out
     /// that follows stay where the replicator's other work runs, not on a runtime that ends
     /// with its listener. If that runtime is gone (shutdown), nothing is lent.
+    ///
+    /// The loan completes even if the request goes away meanwhile (Envoy gave up on the call:
+    /// its `timeout`): what was lent is then settled as a refused request's loan is
+    /// ([`Limiter::settle_loan`]: kept in this replica's sub-bucket, up to its capacity), not
+    /// dropped with the request.
     pub async fn borrow_at_home(
         self: &Arc<Self>,
         policy: &str,
@@ -649,9 +654,64 @@ impl Replicator {
         shortfall: Shortfall,
     ) -> Loan {
         let (replicator, policy, key) = (self.clone(), policy.to_owned(), key.to_owned());
-        self.spawn_at_home(async move { replicator.borrow(&policy, &key, rate, shortfall).await })
-            .await
-            .unwrap_or_default()
+        let (limiter, settled_policy, settled_key) =
+            (self.limiter.clone(), policy.clone(), key.clone());
+        self.run_at_home(
+            async move { replicator.borrow(&policy, &key, rate, shortfall).await },
+            move |loan: Loan| {
+                if loan.lent > 0 {
+                    limiter.settle_loan(
+                        &settled_policy,
+                        &settled_key,
+                        shortfall,
+                        loan,
+                        false,
+                        false,
+                    );
+                }
+            },
+        )
+        .await
+        .unwrap_or_default()
+    }
+
+    /// Runs `task` on this replicator's runtime and returns its output, or `None` if that
+    /// runtime dropped it. If the caller stops waiting (its future is dropped), the output goes
+    /// to `unclaimed` instead, whether it was ready before the caller went away or after.
+    async fn run_at_home<T, F>(
+        &self,
+        task: impl std::future::Future<Output = T> + Send + 'static,
+        unclaimed: F,
+    ) -> Option<T>
+    where
+        T: Send + 'static,
+        F: Fn(T) + Send + Sync + 'static,
+    {
+        /// The caller's end: dropped with an answer sent and not read, it hands it on.
+        struct Waiting<T, F: Fn(T)> {
+            answer: tokio::sync::oneshot::Receiver<T>,
+            unclaimed: Arc<F>,
+        }
+        impl<T, F: Fn(T)> Drop for Waiting<T, F> {
+            fn drop(&mut self) {
+                self.answer.close();
+                if let Ok(output) = self.answer.try_recv() {
+                    (self.unclaimed)(output);
+                }
+            }
+        }
+        let unclaimed = Arc::new(unclaimed);
+        let (send, answer) = tokio::sync::oneshot::channel();
+        let mut waiting = Waiting {
+            answer,
+            unclaimed: unclaimed.clone(),
+        };
+        self.spawn_at_home(async move {
+            if let Err(output) = send.send(task.await) {
+                unclaimed(output);
+            }
+        });
+        (&mut waiting.answer).await.ok()
     }
 
     pub fn limiter(&self) -> &Arc<Limiter> {
@@ -3235,6 +3295,105 @@ mod test_support {
             },
         )
         .unwrap()
+    }
+}
+
+/// Work a request on another runtime hands to the replicator's (`Replicator::run_at_home`):
+/// a loan whose request went away (Envoy gave up on the call) is not dropped with it.
+#[cfg(test)]
+mod run_at_home_tests {
+    use super::test_support::test_replicator;
+    use super::*;
+
+    /// The outputs `run_at_home` gave to `unclaimed`.
+    type Unclaimed = Arc<Mutex<Vec<u32>>>;
+
+    /// A replicator, what it hands on, and a release for the task (its sender, its receiver).
+    fn setup() -> (
+        Replicator,
+        Unclaimed,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::sync::oneshot::Receiver<()>,
+    ) {
+        let replicator = test_replicator(1, b"secret", None);
+        let (release, released) = tokio::sync::oneshot::channel();
+        (replicator, Arc::default(), release, released)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_answer_nobody_waits_for_any_more_goes_to_unclaimed() {
+        let (replicator, unclaimed, release, released) = setup();
+        let got = unclaimed.clone();
+        let waiting = replicator.run_at_home(
+            async move {
+                let _ = released.await;
+                7u32
+            },
+            move |v| got.lock().unwrap().push(v),
+        );
+        // Polled once, so the task runs; then the caller goes away before it answers.
+        assert!(
+            tokio::time::timeout(Duration::ZERO, waiting).await.is_err(),
+            "the task waits for its release"
+        );
+        assert!(unclaimed.lock().unwrap().is_empty());
+        release.send(()).unwrap();
+        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        while unclaimed.lock().unwrap().is_empty() {
+            assert!(tokio::time::Instant::now() < until, "never handed on");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(*unclaimed.lock().unwrap(), vec![7]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_answer_sent_but_not_read_before_the_caller_went_away_goes_to_unclaimed() {
+        let (replicator, unclaimed, release, released) = setup();
+        let (answered, sent) = tokio::sync::oneshot::channel();
+        let got = unclaimed.clone();
+        let mut waiting = Box::pin(replicator.run_at_home(
+            async move {
+                let _ = released.await;
+                // Told once the output is returned; the runtime sends it right after.
+                let _ = answered.send(());
+                9u32
+            },
+            move |v| got.lock().unwrap().push(v),
+        ));
+        assert!(
+            tokio::time::timeout(Duration::ZERO, waiting.as_mut())
+                .await
+                .is_err()
+        );
+        release.send(()).unwrap();
+        sent.await.unwrap();
+        // The task's send and this drop race: either side hands the answer on, exactly once.
+        drop(waiting);
+        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        while unclaimed.lock().unwrap().is_empty() {
+            assert!(tokio::time::Instant::now() < until, "never handed on");
+            tokio::task::yield_now().await;
+        }
+        tokio::task::yield_now().await;
+        assert_eq!(*unclaimed.lock().unwrap(), vec![9]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_answer_read_is_not_handed_on() {
+        let (replicator, unclaimed, release, released) = setup();
+        let got = unclaimed.clone();
+        release.send(()).unwrap();
+        let output = replicator
+            .run_at_home(
+                async move {
+                    let _ = released.await;
+                    3u32
+                },
+                move |v| got.lock().unwrap().push(v),
+            )
+            .await;
+        assert_eq!(output, Some(3));
+        assert!(unclaimed.lock().unwrap().is_empty());
     }
 }
 
