@@ -191,34 +191,51 @@ async fn accept(listener: &TcpListener, workers: &[Worker], mut stop: watch::Rec
             accepted = listener.accept() => accepted,
             _ = stop.wait_for(|s| *s) => return,
         };
-        match accepted.and_then(|(stream, _)| {
-            stream.set_nodelay(true)?;
-            stream.into_std()
-        }) {
-            Ok(stream) => {
-                // A worker whose thread ended (it panicked) takes no more connections: the
-                // next one does.
-                let mut stream = Some(stream);
-                for _ in 0..workers.len() {
-                    let worker = &workers[next % workers.len()];
-                    next = next.wrapping_add(1);
-                    match stream.take().map(|s| worker.connections.send(s)) {
-                        Some(Err(tokio::sync::mpsc::error::SendError(back))) => stream = Some(back),
-                        _ => break,
-                    }
-                }
-            }
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            // One connection that went away before it was accepted: the next one may not.
+            Err(e) if is_connection_error(&e) => continue,
             Err(e) => {
-                // Out of file descriptors, or the connection reset before it was taken: say so
-                // and pause briefly rather than spin on an error that persists.
+                // Out of file descriptors, most likely: say so and pause briefly rather than
+                // spin on an error that persists.
                 tracing::warn!(error = %e, "gRPC accept failed");
                 tokio::select! {
                     _ = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
+                continue;
+            }
+        };
+        // A connection reset before it is handed over is dropped; accepting goes on at once.
+        let stream = match stream.set_nodelay(true).and_then(|()| stream.into_std()) {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::debug!(error = %e, "a gRPC connection was dropped before it was served");
+                continue;
+            }
+        };
+        // A worker whose thread ended (it panicked) takes no more connections: the next one
+        // does.
+        let mut stream = Some(stream);
+        for _ in 0..workers.len() {
+            let worker = &workers[next % workers.len()];
+            next = next.wrapping_add(1);
+            match stream.take().map(|s| worker.connections.send(s)) {
+                Some(Err(tokio::sync::mpsc::error::SendError(back))) => stream = Some(back),
+                _ => break,
             }
         }
     }
+}
+
+/// An accept error that concerns one connection, not the listener.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionRefused
+    )
 }
 
 /// A pause after a failed accept.
@@ -232,8 +249,7 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// before the next call is decided. Envoy sends a batch of calls in one segment and got back
 /// one segment per answer. On a single-threaded runtime every call of a batch is decided
 /// before the connection's task runs again, and their answers leave in one write:
-/// `scripts/bench-rls.sh` measured 30 % more decisions per CPU-second, and Envoy, which reads
-/// fewer segments, passes more requests (`scripts/bench-envoy.sh`).
+/// `scripts/bench-rls.sh` measured 30 % more decisions per CPU-second (docs/benchmarks.md).
 struct Worker {
     connections: tokio::sync::mpsc::UnboundedSender<std::net::TcpStream>,
     done: tokio::sync::oneshot::Receiver<()>,
