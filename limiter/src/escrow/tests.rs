@@ -674,8 +674,16 @@ fn faults() -> impl Strategy<Value = (usize, Faults)> {
     })
 }
 
+/// 128 cases in CI; `PROPTEST_CASES` asks for more (a long run: `PROPTEST_CASES=5000`).
+fn simulated_cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(128)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(128))]
+    #![proptest_config(ProptestConfig::with_cases(simulated_cases()))]
 
     /// The property: in strict mode the sum of admitted tokens never exceeds the global
     /// limit over any window, however messages, clocks and replicas misbehave (within the
