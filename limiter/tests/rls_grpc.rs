@@ -221,3 +221,167 @@ async fn grpc_health_follows_readiness_rules_reload_and_shutdown_drains() {
         .unwrap();
     assert!(code("edge", "b").await.is_err(), "nothing listens any more");
 }
+
+/// gRPC's length-prefixed message: not compressed, length, the encoded request.
+fn grpc_frame(request: &RateLimitRequest) -> bytes::Bytes {
+    let message = prost::Message::encode_to_vec(request);
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&message);
+    frame.into()
+}
+
+/// The headers of a call to `path` as a gRPC client sends them.
+fn grpc_call(address: std::net::SocketAddr, path: &str) -> http::Request<()> {
+    http::Request::post(format!("http://{address}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", format!("Bearer {API_KEY}"))
+        .body(())
+        .unwrap()
+}
+
+/// A whole answer over a raw HTTP/2 stream: its body and its trailers' `grpc-status`.
+async fn grpc_answer(response: h2::client::ResponseFuture) -> (Vec<u8>, Option<String>) {
+    let response = response.await.expect("the call is answered");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("the answer's body arrives whole");
+        body.flow_control().release_capacity(chunk.len()).unwrap();
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = body.trailers().await.expect("the answer's trailers arrive");
+    let status = trailers
+        .as_ref()
+        .and_then(|t| t.get("grpc-status"))
+        .map(|v| v.to_str().unwrap().to_owned());
+    (data, status)
+}
+
+/// Shutdown lets the calls already received finish: a call whose request is still arriving when
+/// shutdown starts is answered, on a connection that takes no new call (GOAWAY). A path of no
+/// service served here is UNIMPLEMENTED, the way gRPC servers say it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_in_flight_when_shutdown_starts_is_answered_and_unknown_services_are_unimplemented()
+{
+    let limiter = Arc::new(Limiter::new(LimiterOptions {
+        node_id: "grpc-drain".into(),
+        replica: ReplicaId(1),
+        default_rate: Rate::try_new(10, 1000).unwrap(),
+        clock: Arc::new(WallClock::new()),
+        shards: 4,
+        track_changes: false,
+    }));
+    limiter.mark_ready();
+    let rules = "domain: edge\ndescriptors:\n  - key: k\n    rate_limit: {unit: hour, requests_per_unit: 5}\n";
+    let config = RlsConfig::from_files(&[("edge.yaml".into(), rules.into())]).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server = tokio::spawn(serve(
+        GrpcOptions {
+            listener,
+            rls: Arc::new(Rls::new(limiter.clone(), config)),
+            config_path: None,
+            config_files: None,
+            reload_every: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(30),
+            api_key: Some(Arc::from(API_KEY)),
+        },
+        stop_rx,
+    ));
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let should_rate_limit = format!("/{RLS_SERVICE}/ShouldRateLimit");
+
+    // A service nobody serves here.
+    let (answer, mut request) = client
+        .clone()
+        .ready()
+        .await
+        .unwrap()
+        .send_request(grpc_call(address, "/no.such.Service/Method"), false)
+        .unwrap();
+    // The server may answer (and close the stream) before the message is sent.
+    let _ = request.send_data(grpc_frame(&unauthenticated("edge", &[("k", "x")])), true);
+    let response = answer.await.unwrap();
+    assert_eq!(response.status(), 200);
+    let unimplemented = tonic::Code::Unimplemented as i32;
+    assert_eq!(
+        response
+            .headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap()),
+        Some(unimplemented.to_string().as_str()),
+        "{response:?}"
+    );
+
+    // A call whose headers have arrived and whose message has not.
+    let (held, mut held_body) = client
+        .clone()
+        .ready()
+        .await
+        .unwrap()
+        .send_request(grpc_call(address, &should_rate_limit), false)
+        .unwrap();
+    // Once the server has seen the held call (a later call on the connection is answered),
+    // shutdown starts.
+    let (answer, mut request) = client
+        .clone()
+        .ready()
+        .await
+        .unwrap()
+        .send_request(grpc_call(address, &should_rate_limit), false)
+        .unwrap();
+    request
+        .send_data(grpc_frame(&unauthenticated("edge", &[("k", "y")])), true)
+        .unwrap();
+    assert_eq!(grpc_answer(answer).await.1.as_deref(), Some("0"));
+    stop_tx.send(true).unwrap();
+    // The connection takes no new call once the server said GOAWAY; calls opened before it did
+    // are answered.
+    poll("the server to refuse new calls (GOAWAY)", || {
+        let client = client.clone();
+        let path = should_rate_limit.clone();
+        async move {
+            // Refused either way: the client has heard GOAWAY, or the server resets the call.
+            let Ok(mut ready) = client.ready().await else {
+                return Some(());
+            };
+            let Ok((answer, mut request)) = ready.send_request(grpc_call(address, &path), false)
+            else {
+                return Some(());
+            };
+            let frame = grpc_frame(&unauthenticated("edge", &[("k", "probe")]));
+            if request.send_data(frame, true).is_err() {
+                return Some(());
+            }
+            answer.await.is_err().then_some(())
+        }
+    })
+    .await;
+    assert!(!server.is_finished(), "a call is still in flight");
+    held_body
+        .send_data(grpc_frame(&unauthenticated("edge", &[("k", "held")])), true)
+        .expect("the held call stays open through the drain");
+    let (body, status) = tokio::time::timeout(DEADLINE, grpc_answer(held))
+        .await
+        .expect("the held call is answered during the drain");
+    assert_eq!(status.as_deref(), Some("0"), "the held call is decided");
+    let response: envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse =
+        prost::Message::decode(&body[5..]).unwrap();
+    assert_eq!(response.overall_code, Code::Ok as i32);
+    assert_eq!(
+        response.statuses[0].limit_remaining, 4,
+        "decided on its bucket"
+    );
+    // With nothing in flight, the server ends well before the grace period.
+    tokio::time::timeout(DEADLINE, server)
+        .await
+        .expect("the gRPC server stops once the held call is answered")
+        .unwrap();
+    let _ = connection.await;
+}

@@ -6,8 +6,12 @@
 //!
 //! Connections are accepted on the process' runtime and each is served, from start to end, by
 //! one of a set of worker threads with single-threaded runtimes (`Worker`; docs/rls.md,
-//! "Threads"), so that the answers to a batch of calls leave in one write.
+//! "Threads"), so that the answers to a batch of calls leave in one write. hyper's HTTP/2 server
+//! serves them and hands each call to the generated service of its path (`Routes`); tonic's own
+//! server and router, which wrap every call in their layers, cost 12 % of the decisions a core
+//! makes (docs/benchmarks.md section 7).
 
+use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,10 +20,14 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
     RateLimitService, RateLimitServiceServer,
 };
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
-use futures_util::StreamExt;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::HealthService;
+use tower::Service as _;
 use tracing::Instrument;
 
 use super::config::{RlsConfig, read_files};
@@ -105,7 +113,8 @@ pub async fn serve(options: GrpcOptions, stop: watch::Receiver<bool>) {
         shutdown_grace,
         api_key,
     } = options;
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let health = tonic_health::server::HealthReporter::new();
+    let health_service = HealthServer::new(HealthService::from_health_reporter(health.clone()));
     health
         .set_not_serving::<RateLimitServiceServer<Service>>()
         .await;
@@ -151,17 +160,15 @@ pub async fn serve(options: GrpcOptions, stop: watch::Receiver<bool>) {
     }
     let service = RateLimitServiceServer::from_arc(Arc::new(Service { rls, api_key }))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let routes = Routes {
+        rls: service,
+        health: health_service,
+    };
     let workers: Vec<Worker> = (0..worker_count())
         .filter_map(|index| {
-            Worker::start(
-                index,
-                health_service.clone(),
-                service.clone(),
-                stop.clone(),
-                shutdown_grace,
-            )
-            .inspect_err(|e| tracing::error!(index, error = %e, "cannot start a gRPC worker"))
-            .ok()
+            Worker::start(index, routes.clone(), stop.clone(), shutdown_grace)
+                .inspect_err(|e| tracing::error!(index, error = %e, "cannot start a gRPC worker"))
+                .ok()
         })
         .collect();
     if workers.is_empty() {
@@ -258,10 +265,7 @@ struct Worker {
 impl Worker {
     fn start(
         index: usize,
-        health: tonic_health::pb::health_server::HealthServer<
-            impl tonic_health::pb::health_server::Health,
-        >,
-        service: RateLimitServiceServer<Service>,
+        routes: Routes,
         stop: watch::Receiver<bool>,
         shutdown_grace: Duration,
     ) -> std::io::Result<Worker> {
@@ -276,33 +280,34 @@ impl Worker {
             .spawn(move || {
                 let _span = span.entered();
                 runtime.block_on(async move {
-                    let incoming = futures_util::stream::poll_fn(move |cx| incoming.poll_recv(cx))
-                        .filter_map(|stream: std::net::TcpStream| {
-                            std::future::ready(
-                            tokio::net::TcpStream::from_std(stream)
-                                .inspect_err(|e| {
-                                    tracing::warn!(error = %e, "a gRPC connection was dropped")
-                                })
-                                .ok()
-                                .map(Ok::<_, std::io::Error>),
-                        )
-                        });
+                    let http2 = http2_builder();
+                    let mut served = tokio::task::JoinSet::new();
                     let mut signal = stop.clone();
-                    let server = tonic::transport::Server::builder()
-                        .add_service(health)
-                        .add_service(service)
-                        .serve_with_incoming_shutdown(incoming, async move {
-                            let _ = signal.wait_for(|s| *s).await;
-                        });
-                    let mut drained = stop;
+                    loop {
+                        let stream = tokio::select! {
+                            stream = incoming.recv() => stream,
+                            _ = signal.wait_for(|s| *s) => None,
+                            // Reap finished connections as they end.
+                            Some(_) = served.join_next() => continue,
+                        };
+                        let Some(stream) = stream else { break };
+                        match tokio::net::TcpStream::from_std(stream) {
+                            Ok(stream) => {
+                                served.spawn(serve_connection(
+                                    stream,
+                                    http2.clone(),
+                                    routes.clone(),
+                                    stop.clone(),
+                                ));
+                            }
+                            Err(e) => tracing::warn!(error = %e, "a gRPC connection was dropped"),
+                        }
+                    }
+                    // Every connection was told to finish its streams and close (GOAWAY);
+                    // wait for them, for at most the grace period.
                     tokio::select! {
-                        result = server => if let Err(e) = result {
-                            tracing::error!(error = %e, "gRPC worker failed");
-                        },
-                        _ = async move {
-                            let _ = drained.wait_for(|s| *s).await;
-                            tokio::time::sleep(shutdown_grace).await;
-                        } => tracing::warn!(
+                        _ = async { while served.join_next().await.is_some() {} } => {}
+                        _ = tokio::time::sleep(shutdown_grace) => tracing::warn!(
                             grace_s = shutdown_grace.as_secs(),
                             "gRPC grace period over: closing remaining streams"
                         ),
@@ -314,6 +319,86 @@ impl Worker {
             })?;
         Ok(Worker { connections, done })
     }
+}
+
+/// hyper's HTTP/2 server settings for the gRPC connections: hyper's defaults, except that a
+/// connection may carry any number of concurrent calls, as under tonic's server (Envoy opens one
+/// connection per worker thread and multiplexes every call of that worker on it). Among those
+/// defaults is a bound tonic's server lifted: a connection on which the server had to reset 1024
+/// streams is closed (RUSTSEC-2024-0003).
+fn http2_builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(None);
+    builder
+}
+
+/// Serve one connection until the client closes it or, once `stop` turns true, until its
+/// calls in flight are answered (a GOAWAY tells the client to open no more).
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    routes: Routes,
+    mut stop: watch::Receiver<bool>,
+) {
+    let connection = http2.serve_connection(TokioIo::new(stream), routes);
+    let mut connection = std::pin::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => Some(result),
+        _ = stop.wait_for(|s| *s) => None,
+    };
+    let result = match result {
+        Some(result) => result,
+        None => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "a gRPC connection ended with an error");
+    }
+}
+
+/// The two services of the gRPC listener, chosen by the path's service name. What tonic's
+/// router does for them, without its per-call layers (a call's future is boxed once, by the
+/// service itself; docs/benchmarks.md section 7).
+#[derive(Clone)]
+struct Routes {
+    rls: RateLimitServiceServer<Service>,
+    health: HealthServer<HealthService>,
+}
+
+type CallFuture = std::pin::Pin<
+    Box<dyn Future<Output = Result<http::Response<tonic::body::Body>, Infallible>> + Send>,
+>;
+
+impl hyper::service::Service<http::Request<hyper::body::Incoming>> for Routes {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = CallFuture;
+
+    fn call(&self, request: http::Request<hyper::body::Incoming>) -> CallFuture {
+        let request = request.map(tonic::body::Body::new);
+        match service_of(request.uri().path()) {
+            // Both are always ready (generated servers): `call` needs no `poll_ready` first.
+            Some(RateLimitServiceServer::<Service>::NAME) => self.rls.clone().call(request),
+            Some(HealthServer::<HealthService>::NAME) => self.health.clone().call(request),
+            _ => Box::pin(std::future::ready(Ok(unimplemented()))),
+        }
+    }
+}
+
+/// `package.Service` of a gRPC path, `/package.Service/Method`.
+fn service_of(path: &str) -> Option<&str> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    (!method.is_empty() && !method.contains('/')).then_some(service)
+}
+
+/// The answer to a call of a service this listener does not serve: UNIMPLEMENTED, as gRPC
+/// servers say it (HTTP 200 with the status in the headers).
+fn unimplemented() -> http::Response<tonic::body::Body> {
+    tonic::Status::unimplemented("no such service on this listener").into_http()
 }
 
 /// Polls the files' contents (robust to ConfigMap symlink swaps) and applies a changed set if
