@@ -324,8 +324,9 @@ impl Worker {
 /// hyper's HTTP/2 server settings for the gRPC connections: hyper's defaults, except that a
 /// connection may carry any number of concurrent calls, as under tonic's server (Envoy opens one
 /// connection per worker thread and multiplexes every call of that worker on it). Among those
-/// defaults is a bound tonic's server lifted: a connection on which the server had to reset 1024
-/// streams is closed (RUSTSEC-2024-0003).
+/// defaults is a bound tonic's server lifted: a connection on which the client's protocol errors
+/// made the server reset 1024 streams is closed (RUSTSEC-2024-0003; calls the client cancels do
+/// not count).
 fn http2_builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
