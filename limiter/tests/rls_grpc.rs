@@ -1,6 +1,7 @@
 //! The rate limit service over real gRPC on 127.0.0.1:0, in-process: health follows readiness
 //! and shutdown, `ShouldRateLimit` answers and refuses bad input with INVALID_ARGUMENT, the rule
-//! files reload on change and a broken edit keeps the last good rules.
+//! files reload on change and a broken edit keeps the last good rules; shutdown answers the calls
+//! in flight, and another service's calls are UNIMPLEMENTED.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +44,18 @@ async fn poll<T, F: std::future::Future<Output = Option<T>>>(
     }
 }
 
+/// A lone limiter (no peers) on the wall clock.
+fn limiter(node_id: &str) -> Arc<Limiter> {
+    Arc::new(Limiter::new(LimiterOptions {
+        node_id: node_id.into(),
+        replica: ReplicaId(1),
+        default_rate: Rate::try_new(10, 1000).unwrap(),
+        clock: Arc::new(WallClock::new()),
+        shards: 4,
+        track_changes: false,
+    }))
+}
+
 /// A request with the API key, as Envoy sends it with `initial_metadata`.
 fn request(domain: &str, entries: &[(&str, &str)]) -> tonic::Request<RateLimitRequest> {
     let mut request = tonic::Request::new(unauthenticated(domain, entries));
@@ -79,14 +92,7 @@ async fn grpc_health_follows_readiness_rules_reload_and_shutdown_drains() {
         "domain: edge\ndescriptors:\n  - key: k\n    rate_limit: {unit: hour, requests_per_unit: 1}\n",
     )
     .unwrap();
-    let limiter = Arc::new(Limiter::new(LimiterOptions {
-        node_id: "grpc".into(),
-        replica: ReplicaId(1),
-        default_rate: Rate::try_new(10, 1000).unwrap(),
-        clock: Arc::new(WallClock::new()),
-        shards: 4,
-        track_changes: false,
-    }));
+    let limiter = limiter("grpc");
     let files = read_files(&file).unwrap();
     let rls = Arc::new(Rls::new(
         limiter.clone(),
@@ -266,14 +272,7 @@ async fn grpc_answer(response: h2::client::ResponseFuture) -> (Vec<u8>, Option<S
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_in_flight_when_shutdown_starts_is_answered_and_unknown_services_are_unimplemented()
 {
-    let limiter = Arc::new(Limiter::new(LimiterOptions {
-        node_id: "grpc-drain".into(),
-        replica: ReplicaId(1),
-        default_rate: Rate::try_new(10, 1000).unwrap(),
-        clock: Arc::new(WallClock::new()),
-        shards: 4,
-        track_changes: false,
-    }));
+    let limiter = limiter("grpc-drain");
     limiter.mark_ready();
     let rules = "domain: edge\ndescriptors:\n  - key: k\n    rate_limit: {unit: hour, requests_per_unit: 5}\n";
     let config = RlsConfig::from_files(&[("edge.yaml".into(), rules.into())]).unwrap();
