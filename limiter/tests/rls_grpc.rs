@@ -247,6 +247,22 @@ fn grpc_call(address: std::net::SocketAddr, path: &str) -> http::Request<()> {
         .unwrap()
 }
 
+/// Open a call to `path` on `client`'s connection: its answer, and the stream to send its
+/// message on.
+async fn open_call(
+    client: &h2::client::SendRequest<bytes::Bytes>,
+    address: std::net::SocketAddr,
+    path: &str,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    client
+        .clone()
+        .ready()
+        .await
+        .expect("the connection takes a call")
+        .send_request(grpc_call(address, path), false)
+        .expect("the call opens")
+}
+
 /// A whole answer over a raw HTTP/2 stream: its body and its trailers' `grpc-status`.
 async fn grpc_answer(response: h2::client::ResponseFuture) -> (Vec<u8>, Option<String>) {
     let response = response.await.expect("the call is answered");
@@ -297,13 +313,7 @@ async fn a_call_in_flight_when_shutdown_starts_is_answered_and_unknown_services_
     let should_rate_limit = format!("/{RLS_SERVICE}/ShouldRateLimit");
 
     // A service nobody serves here.
-    let (answer, mut request) = client
-        .clone()
-        .ready()
-        .await
-        .unwrap()
-        .send_request(grpc_call(address, "/no.such.Service/Method"), false)
-        .unwrap();
+    let (answer, mut request) = open_call(&client, address, "/no.such.Service/Method").await;
     // The server may answer (and close the stream) before the message is sent.
     let _ = request.send_data(grpc_frame(&unauthenticated("edge", &[("k", "x")])), true);
     let response = answer.await.unwrap();
@@ -319,22 +329,10 @@ async fn a_call_in_flight_when_shutdown_starts_is_answered_and_unknown_services_
     );
 
     // A call whose headers have arrived and whose message has not.
-    let (held, mut held_body) = client
-        .clone()
-        .ready()
-        .await
-        .unwrap()
-        .send_request(grpc_call(address, &should_rate_limit), false)
-        .unwrap();
+    let (held, mut held_body) = open_call(&client, address, &should_rate_limit).await;
     // Once the server has seen the held call (a later call on the connection is answered),
     // shutdown starts.
-    let (answer, mut request) = client
-        .clone()
-        .ready()
-        .await
-        .unwrap()
-        .send_request(grpc_call(address, &should_rate_limit), false)
-        .unwrap();
+    let (answer, mut request) = open_call(&client, address, &should_rate_limit).await;
     request
         .send_data(grpc_frame(&unauthenticated("edge", &[("k", "y")])), true)
         .unwrap();
