@@ -108,7 +108,7 @@ fn join_absorbed(a: u64, b: u64) -> u64 {
 }
 
 /// The mergeable state of one (policy, key) bucket.
-#[derive(Clone, PartialEq, Eq, Debug)]
+#[derive(PartialEq, Eq, Debug)]
 pub struct BucketState {
     /// An instant at which `rebaser` saw the bucket full, counting the listed components'
     /// `absorbed` tokens as refilled.
@@ -117,6 +117,25 @@ pub struct BucketState {
     /// Sorted by (replica, incarnation), unique. One inline slot: a single-node bucket needs no
     /// second allocation.
     components: SmallVec<[Component; 1]>,
+}
+
+impl Clone for BucketState {
+    fn clone(&self) -> Self {
+        Self {
+            epoch: self.epoch,
+            rebaser: self.rebaser,
+            components: self.components.clone(),
+        }
+    }
+
+    /// Reuses `self`'s components' room: a bucket several replicas spend on keeps its
+    /// components on the heap, and the store copies its state after every local decision when
+    /// it tracks changes (`Store::decide`).
+    fn clone_from(&mut self, source: &Self) {
+        self.epoch = source.epoch;
+        self.rebaser = source.rebaser;
+        self.components.clone_from(&source.components);
+    }
 }
 
 impl BucketState {

@@ -2550,9 +2550,7 @@ impl Replicator {
 
     fn changed_buckets(&self) -> Vec<HeldBucket> {
         let mut buckets = Vec::new();
-        self.limiter.store().drain_changes(|policy, key, state| {
-            buckets.push((policy, CompactString::from(key), state.clone()))
-        });
+        self.limiter.store().drain_changes(&mut buckets);
         buckets
     }
 

@@ -30,8 +30,11 @@ pub struct PolicyId(pub u32);
 #[derive(Debug)]
 struct Entry {
     policy: PolicyId,
-    /// Changed by a local decision since the last [`Store::drain_changes`].
-    changed: bool,
+    /// Where this bucket's latest local change is listed, if it is: `Table::changed[listed_at]`
+    /// while `listed_round` is `Table::round`. Trusted only if that listing names this
+    /// bucket, so neither the round's wrapping nor an index past `u16` can mix buckets up.
+    listed_round: u8,
+    listed_at: u16,
     /// This replica's next spending on the bucket starts a new incarnation, after all of its own
     /// the state holds: set when the bucket is adopted from a peer or a snapshot, or a merge
     /// brings back a later component of this replica's, from before it forgot the bucket.
@@ -83,8 +86,35 @@ struct Shard {
 #[derive(Debug, Default)]
 struct Table {
     entries: HashTable<Box<Entry>>,
-    /// Buckets changed by local decisions since the last drain, each listed once.
-    changed: Vec<(PolicyId, CompactString)>,
+    /// Buckets changed by local decisions since the last drain, each as it was after its latest
+    /// local change, each listed once (unless a round lists more than `u16::MAX` in one shard:
+    /// a bucket may then be listed again, its later state after its earlier one).
+    changed: Vec<Change>,
+    /// Drains so far, wrapping ([`Entry::listed_round`]).
+    round: u8,
+}
+
+/// A bucket changed by a local decision: policy, key, state after the change.
+pub type Change = (PolicyId, CompactString, BucketState);
+
+impl Table {
+    /// List `entry`'s state as changed this round, or bring its listing up to date. Copying the
+    /// state here, where the decision has it in cache, spares the drain a lookup per bucket
+    /// (two cache misses each over a large store: 1.7 % of a replica's CPU under load,
+    /// docs/benchmarks.md section 10).
+    fn list_change(changed: &mut Vec<Change>, round: u8, entry: &mut Entry) {
+        if entry.listed_round == round
+            && let Some((policy, key, state)) = changed.get_mut(usize::from(entry.listed_at))
+            && *policy == entry.policy
+            && *key == entry.key
+        {
+            state.clone_from(&entry.state);
+            return;
+        }
+        entry.listed_round = round;
+        entry.listed_at = u16::try_from(changed.len()).unwrap_or(u16::MAX);
+        changed.push((entry.policy, entry.key.clone(), entry.state.clone()));
+    }
 }
 
 /// What one pass of [`Store::sweep`] saw of one policy's buckets.
@@ -194,11 +224,12 @@ impl Store {
             .table
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let table = &mut *guard;
-        if let Some(entry) = table
-            .entries
-            .find_mut(hash, |e| e.policy == policy && e.key == key)
-        {
+        let Table {
+            entries,
+            changed,
+            round,
+        } = &mut *guard;
+        if let Some(entry) = entries.find_mut(hash, |e| e.policy == policy && e.key == key) {
             let mut incarnation = match entry.fresh {
                 true => 0,
                 false => entry.state.latest_incarnation_of(self.replica),
@@ -209,9 +240,8 @@ impl Store {
                     .try_consume_at(rate, self.replica, &mut incarnation, cost, now);
             if outcome.allowed {
                 entry.fresh = false;
-                if self.track_changes && !entry.changed {
-                    entry.changed = true;
-                    table.changed.push((policy, entry.key.clone()));
+                if self.track_changes {
+                    Table::list_change(changed, *round, entry);
                 }
             }
             return outcome;
@@ -220,20 +250,18 @@ impl Store {
         let mut incarnation = 0;
         let outcome = state.try_consume_at(rate, self.replica, &mut incarnation, cost, now);
         if outcome.allowed {
-            let key = CompactString::from(key);
-            if self.track_changes {
-                table.changed.push((policy, key.clone()));
-            }
-            let entry = Box::new(Entry {
+            let mut entry = Box::new(Entry {
                 policy,
-                changed: self.track_changes,
+                listed_round: round.wrapping_sub(1),
+                listed_at: u16::MAX,
                 fresh: false,
-                key,
+                key: CompactString::from(key),
                 state,
             });
-            table
-                .entries
-                .insert_unique(hash, entry, |e| self.hash(e.policy, &e.key));
+            if self.track_changes {
+                Table::list_change(changed, *round, &mut entry);
+            }
+            entries.insert_unique(hash, entry, |e| self.hash(e.policy, &e.key));
             self.len.fetch_add(1, Ordering::Relaxed);
         }
         outcome
@@ -347,7 +375,8 @@ impl Store {
         }
         let entry = Box::new(Entry {
             policy,
-            changed: false,
+            listed_round: table.round.wrapping_sub(1),
+            listed_at: u16::MAX,
             fresh: true,
             key: CompactString::from(key),
             state: remote.clone(),
@@ -393,22 +422,15 @@ impl Store {
         None
     }
 
-    /// Visit every bucket changed by a local decision since the last call, and forget the
-    /// changes. Requires [`Store::with_change_tracking`].
-    pub fn drain_changes(&self, mut visit: impl FnMut(PolicyId, &str, &BucketState)) {
+    /// Append to `out` every bucket changed by a local decision since the last call, as it was
+    /// after its latest local change (merges since then are peers' news, which they have), and
+    /// forget the changes. Requires [`Store::with_change_tracking`].
+    pub fn drain_changes(&self, out: &mut Vec<Change>) {
         for shard in self.shards.iter() {
-            let mut guard = shard.table.lock().unwrap_or_else(|p| p.into_inner());
-            let table = &mut *guard;
-            for (policy, key) in table.changed.drain(..) {
-                let hash = self.hash(policy, &key);
-                if let Some(entry) = table
-                    .entries
-                    .find_mut(hash, |e| e.policy == policy && e.key == key)
-                {
-                    entry.changed = false;
-                    visit(policy, &entry.key, &entry.state);
-                }
-            }
+            let mut table = shard.table.lock().unwrap_or_else(|p| p.into_inner());
+            table.round = table.round.wrapping_add(1);
+            // Moves the listings and keeps the shard's room for the next round's.
+            out.append(&mut table.changed);
         }
     }
 
@@ -533,22 +555,58 @@ mod tests {
     fn changes_are_drained_once_and_only_when_tracked() {
         let untracked = Store::new(ReplicaId(1), 4);
         untracked.decide(P, "a", rate(), 1, 0);
-        let mut seen = 0;
-        untracked.drain_changes(|_, _, _| seen += 1);
-        assert_eq!(seen, 0);
+        let mut drained = Vec::new();
+        untracked.drain_changes(&mut drained);
+        assert!(drained.is_empty());
 
         let store = Store::new(ReplicaId(1), 4).with_change_tracking();
         store.decide(P, "a", rate(), 1, 0);
         store.decide(P, "a", rate(), 1, 0);
         store.decide(P, "b", rate(), 1, 0);
         assert!(!store.decide(P, "c", rate(), 11, 0).allowed);
-        let mut keys = Vec::new();
-        store.drain_changes(|_, key, state| {
-            keys.push((key.to_owned(), state.components()[0].consumed))
-        });
-        keys.sort();
-        assert_eq!(keys, [("a".to_owned(), 2), ("b".to_owned(), 1)]);
-        store.drain_changes(|_, key, _| panic!("{key} drained twice"));
+        let consumed = |drained: &[Change]| {
+            let mut keys: Vec<(String, u64)> = drained
+                .iter()
+                .map(|(_, key, state)| (key.to_string(), state.components()[0].consumed))
+                .collect();
+            keys.sort();
+            keys
+        };
+        store.drain_changes(&mut drained);
+        assert_eq!(consumed(&drained), [("a".into(), 2), ("b".into(), 1)]);
+        drained.clear();
+        store.drain_changes(&mut drained);
+        assert!(drained.is_empty(), "drained twice: {drained:?}");
+        // The next round lists a bucket again, as it is after its latest change.
+        store.decide(P, "a", rate(), 3, 0);
+        store.decide(P, "a", rate(), 1, 0);
+        store.drain_changes(&mut drained);
+        assert_eq!(consumed(&drained), [("a".into(), 6)]);
+    }
+
+    #[test]
+    fn a_bucket_is_listed_once_per_round_whatever_the_rounds_wrapping() {
+        let store = Store::new(ReplicaId(1), 1).with_change_tracking();
+        let mut drained = Vec::new();
+        // "a" is listed in round 0, then the round counter wraps back to 0 while "b" and "c"
+        // take the listings: "a"'s old place names another bucket, which must stay untouched.
+        store.decide(P, "a", rate(), 1, 0);
+        store.drain_changes(&mut drained);
+        for round in 1..=u32::from(u8::MAX) {
+            store.decide(P, "b", rate(), 0, u64::from(round));
+            drained.clear();
+            store.drain_changes(&mut drained);
+        }
+        store.decide(P, "b", rate(), 1, 1_000);
+        store.decide(P, "a", rate(), 1, 1_000);
+        store.decide(P, "a", rate(), 1, 1_000);
+        drained.clear();
+        store.drain_changes(&mut drained);
+        let listed: Vec<(String, u64)> = drained
+            .iter()
+            .map(|(_, key, state)| (key.to_string(), state.components()[0].consumed))
+            .collect();
+        assert_eq!(listed, [("b".into(), 1), ("a".into(), 3)]);
     }
 
     #[test]

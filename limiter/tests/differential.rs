@@ -814,12 +814,10 @@ impl<'a> Sim<'a> {
     /// What the replica's decisions changed since its last round (a delta round's content).
     fn changes(&self, replica: usize) -> Vec<(usize, BucketState)> {
         let mut states = Vec::new();
-        self.replicas[replica]
-            .store
-            .drain_changes(|_, key, state| states.push((key.to_owned(), state.clone())));
+        self.replicas[replica].store.drain_changes(&mut states);
         states
             .into_iter()
-            .map(|(k, s)| (self.key_index(&k), s))
+            .map(|(_, k, s)| (self.key_index(&k), s))
             .collect()
     }
 
