@@ -94,6 +94,26 @@ struct Table {
     round: u8,
 }
 
+impl Entry {
+    /// A bucket not listed as changed this round (`round`: the table's).
+    fn unlisted(
+        policy: PolicyId,
+        key: &str,
+        state: BucketState,
+        fresh: bool,
+        round: u8,
+    ) -> Box<Entry> {
+        Box::new(Entry {
+            policy,
+            listed_round: round.wrapping_sub(1),
+            listed_at: u16::MAX,
+            fresh,
+            key: CompactString::from(key),
+            state,
+        })
+    }
+}
+
 /// A bucket changed by a local decision: policy, key, state after the change.
 pub type Change = (PolicyId, CompactString, BucketState);
 
@@ -250,14 +270,7 @@ impl Store {
         let mut incarnation = 0;
         let outcome = state.try_consume_at(rate, self.replica, &mut incarnation, cost, now);
         if outcome.allowed {
-            let mut entry = Box::new(Entry {
-                policy,
-                listed_round: round.wrapping_sub(1),
-                listed_at: u16::MAX,
-                fresh: false,
-                key: CompactString::from(key),
-                state,
-            });
+            let mut entry = Entry::unlisted(policy, key, state, false, *round);
             if self.track_changes {
                 Table::list_change(changed, *round, &mut entry);
             }
@@ -373,14 +386,7 @@ impl Store {
         if self.len() >= bounds.max_buckets {
             return Err(MergeRefused::StoreFull);
         }
-        let entry = Box::new(Entry {
-            policy,
-            listed_round: table.round.wrapping_sub(1),
-            listed_at: u16::MAX,
-            fresh: true,
-            key: CompactString::from(key),
-            state: remote.clone(),
-        });
+        let entry = Entry::unlisted(policy, key, remote.clone(), true, table.round);
         table
             .entries
             .insert_unique(hash, entry, |e| self.hash(e.policy, &e.key));
