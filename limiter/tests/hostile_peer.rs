@@ -2,7 +2,8 @@
 //! the peer message decoder and merge (`Replicator::merge_authenticated`, what the listener does
 //! with a body once its signatures check). Random bytes, and messages built field by field with
 //! hostile values (extreme numbers, out-of-range indexes, the receiver's own id, keys of every
-//! length, thousands of components, stamps far ahead), in sequences, so merges of several
+//! length, thousands of components, stamps far ahead), in JSON and in the binary form of
+//! version 4, and either with bytes changed, in sequences, so merges of several
 //! messages are checked too. After every message the receiver must hold only what an honest
 //! cluster could have sent it:
 //!
@@ -22,7 +23,7 @@ use openclaw_limiter::bucket::{Micros, Rate};
 use openclaw_limiter::clock::{Clock, WallClock};
 use openclaw_limiter::crdt::ReplicaId;
 use openclaw_limiter::escrow::protocol::Params;
-use openclaw_limiter::replication::{ReplicationOptions, Replicator, UNVERIFIED_BUDGET};
+use openclaw_limiter::replication::{self, ReplicationOptions, Replicator, UNVERIFIED_BUDGET};
 use openclaw_limiter::service::{Limiter, LimiterOptions};
 use proptest::prelude::*;
 use serde_json::{Value, json};
@@ -97,7 +98,7 @@ fn hostile_u64(now: Micros) -> impl Strategy<Value = u64> {
     ]
 }
 
-fn component(now: Micros) -> impl Strategy<Value = Value> {
+fn component(now: Micros) -> BoxedStrategy<Value> {
     (
         hostile_u64(now),
         hostile_u64(now),
@@ -107,9 +108,10 @@ fn component(now: Micros) -> impl Strategy<Value = Value> {
         .prop_map(|(replica, incarnation, consumed, absorbed)| {
             json!([replica, incarnation, consumed, absorbed])
         })
+        .boxed()
 }
 
-fn entry(now: Micros) -> impl Strategy<Value = Value> {
+fn entry(now: Micros) -> BoxedStrategy<Value> {
     (
         prop_oneof![Just(0u32), Just(1u32), 0..5u32, any::<u32>()],
         prop_oneof![Just(String::new()), "[a-c]{1,2}", "[a-z]{300}", ".{0,20}",],
@@ -123,9 +125,10 @@ fn entry(now: Micros) -> impl Strategy<Value = Value> {
         .prop_map(|(policy, key, epoch, rebaser, components)| {
             json!([policy, key, epoch, rebaser, components])
         })
+        .boxed()
 }
 
-fn message(now: Micros) -> impl Strategy<Value = Vec<u8>> {
+fn message(now: Micros) -> BoxedStrategy<Vec<u8>> {
     (
         prop_oneof![Just(2u32), Just(1u32), any::<u32>()],
         prop_oneof!["peer-[a-c]", Just(String::new()), ".{0,300}"],
@@ -146,6 +149,7 @@ fn message(now: Micros) -> impl Strategy<Value = Vec<u8>> {
             }))
             .unwrap()
         })
+        .boxed()
 }
 
 /// A stamp of a compact (version 3) entry: an offset from the message's `sent_at`.
@@ -161,7 +165,7 @@ fn compact_stamp() -> impl Strategy<Value = i64> {
 
 /// A compact entry: replicas by index into the message's table (in range or not), stamps as
 /// offsets, `absorbed` a number or `null` (unlisted).
-fn compact_entry() -> impl Strategy<Value = Value> {
+fn compact_entry() -> BoxedStrategy<Value> {
     let index = || prop_oneof![4 => 0..3u64, 1 => any::<u64>()];
     let component = move || {
         (
@@ -191,10 +195,11 @@ fn compact_entry() -> impl Strategy<Value = Value> {
         .prop_map(|(policy, key, epoch, rebaser, components)| {
             json!([policy, key, epoch, rebaser, components])
         })
+        .boxed()
 }
 
 /// A compact (version 3) message, its replica table made of hostile ids.
-fn compact_message(now: Micros) -> impl Strategy<Value = Vec<u8>> {
+fn compact_message(now: Micros) -> BoxedStrategy<Vec<u8>> {
     (
         prop_oneof!["peer-[a-c]", Just(String::new())],
         hostile_u64(now),
@@ -210,12 +215,22 @@ fn compact_message(now: Micros) -> impl Strategy<Value = Vec<u8>> {
             }))
             .unwrap()
         })
+        .boxed()
+}
+
+/// A compact message in the binary form (version 4): the same hostile values, as a replica of
+/// this version sends deltas. Messages whose values the binary form cannot carry (a policy
+/// index beyond `u32`, say) stay JSON.
+fn binary_message(now: Micros) -> BoxedStrategy<Vec<u8>> {
+    compact_message(now)
+        .prop_map(|json| replication::binary_from_json(&json).unwrap_or(json))
+        .boxed()
 }
 
 /// A valid message, or one with a few of its bytes changed.
-fn mutated(now: Micros) -> impl Strategy<Value = Vec<u8>> {
+fn mutated(now: Micros) -> BoxedStrategy<Vec<u8>> {
     (
-        prop_oneof![message(now), compact_message(now)],
+        prop_oneof![message(now), compact_message(now), binary_message(now)],
         prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
     )
         .prop_map(|(mut bytes, flips)| {
@@ -227,6 +242,7 @@ fn mutated(now: Micros) -> impl Strategy<Value = Vec<u8>> {
             }
             bytes
         })
+        .boxed()
 }
 
 fn body(now: Micros) -> impl Strategy<Value = Vec<u8>> {
@@ -234,7 +250,8 @@ fn body(now: Micros) -> impl Strategy<Value = Vec<u8>> {
         1 => prop::collection::vec(any::<u8>(), 0..512),
         4 => message(now),
         3 => compact_message(now),
-        2 => mutated(now),
+        3 => binary_message(now),
+        3 => mutated(now),
     ]
 }
 
