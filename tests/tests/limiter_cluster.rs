@@ -308,6 +308,16 @@ fn three_replicas_converge_after_traffic_to_one_of_them() {
     for i in 0..3 {
         assert_eq!(cluster.spend(i, key, 1), 429, "replica-{i} over-admits");
     }
+    // Replicas of one build send each other binary deltas (docs/crdt.md, "The wire format"):
+    // each says in /status that its peers read version 4.
+    for i in 0..3 {
+        let status = cluster.status(i);
+        for j in (0..3).filter(|&j| j != i) {
+            let peer = peer_entry(&status, cluster.link(i, j).addr());
+            let version = peer.and_then(|p| p["reads_version"].as_u64());
+            assert_eq!(version, Some(4), "replica-{i} on replica-{j}: {peer:?}");
+        }
+    }
 }
 
 /// One request of the load loop.

@@ -200,6 +200,9 @@ fn peer_list(state: &AppState, now: u64, inbound: bool) -> Vec<serde_json::Value
                 "messages_received": p.messages_received,
                 // Beyond the clock guard, one way or the other (docs/crdt.md, "Clocks").
                 "clock_separated": (!inbound).then(|| p.clock_separated()),
+                // The newest protocol version it announced (docs/crdt.md, "The wire format"):
+                // during a rolling upgrade, which peers still get the older form.
+                "reads_version": (!inbound).then_some(p.reads_version),
             })
         })
         .collect()
