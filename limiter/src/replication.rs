@@ -405,12 +405,7 @@ fn decode_binary(body: &[u8]) -> Result<SyncMessage<'_>, Rejection> {
 #[doc(hidden)]
 pub fn binary_from_json(json: &[u8]) -> Result<Vec<u8>, String> {
     let message: SyncMessage = serde_json::from_slice(json).map_err(|e| e.to_string())?;
-    let escrow = message
-        .escrow
-        .as_ref()
-        .map(serde_json::to_string)
-        .transpose();
-    let escrow = escrow.expect("serializing plain data cannot fail");
+    let escrow = message.escrow.as_ref().map(escrow_json);
     postcard::to_stdvec(&BinaryMessageOut {
         v: BINARY_VERSION,
         node: &message.node,
@@ -423,6 +418,11 @@ pub fn binary_from_json(json: &[u8]) -> Result<Vec<u8>, String> {
         replicas: &message.replicas,
     })
     .map_err(|e| e.to_string())
+}
+
+/// The escrow state as a [`BINARY_VERSION`] message carries it: its JSON text.
+fn escrow_json(control: &Control) -> String {
+    serde_json::to_string(control).expect("serializing plain data cannot fail")
 }
 
 /// The version of the deltas sent to a peer whose `GET /v1/hello` announced `reads` (0 before
@@ -2059,11 +2059,10 @@ impl Replicator {
             replica_index: &replica_index,
         };
         let escrow = self.escrow_control();
-        let escrow_text = (version == BINARY_VERSION)
-            .then(|| escrow.as_ref().map(serde_json::to_string))
-            .flatten()
-            .transpose()
-            .expect("serializing plain data cannot fail");
+        let escrow_text = escrow
+            .as_ref()
+            .filter(|_| version == BINARY_VERSION)
+            .map(escrow_json);
         let node = self.limiter.node_id();
         let replica = self.limiter.store().replica().0;
         let chunk = chunk.max(1);
