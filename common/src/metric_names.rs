@@ -117,6 +117,12 @@ pub const RLS_DETAILED_HITS_TOTAL: &str = "openclaw_rls_detailed_hits_total";
 pub const RLS_CONFIG_RELOADS_TOTAL: &str = "openclaw_rls_config_reloads_total";
 /// 1 if the last attempt to load the rate limit configuration succeeded, else 0. Gauge.
 pub const RLS_CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "openclaw_rls_config_last_reload_successful";
+/// Connections the gRPC listener holds now (at most `OPENCLAW_GRPC_MAX_CONNECTIONS`). Gauge.
+pub const GRPC_CONNECTIONS: &str = "openclaw_grpc_connections";
+/// gRPC connections the listener closed, by `reason` (`per_source`: at accept, unread, its
+/// source at `OPENCLAW_GRPC_MAX_CONNECTIONS_PER_SOURCE`; `idle`: nothing moved for
+/// `OPENCLAW_GRPC_IDLE_TIMEOUT_S`; `keepalive`: a PING went unanswered). Counter.
+pub const GRPC_CONNECTIONS_CLOSED_TOTAL: &str = "openclaw_grpc_connections_closed_total";
 
 /// Every name above, for checks that documents and artifacts mention them all.
 pub const ALL: &[&str] = &[
@@ -164,6 +170,8 @@ pub const ALL: &[&str] = &[
     RLS_DETAILED_HITS_TOTAL,
     RLS_CONFIG_RELOADS_TOTAL,
     RLS_CONFIG_LAST_RELOAD_SUCCESSFUL,
+    GRPC_CONNECTIONS,
+    GRPC_CONNECTIONS_CLOSED_TOTAL,
 ];
 
 #[cfg(test)]

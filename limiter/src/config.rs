@@ -238,6 +238,25 @@ pub struct Args {
     #[arg(long, env = "OPENCLAW_GRPC_LISTEN", default_value = "0.0.0.0:8082")]
     pub grpc_listen: SocketAddr,
 
+    /// Most connections the gRPC listener holds at once; beyond, new ones wait in the backlog.
+    #[arg(long, env = "OPENCLAW_GRPC_MAX_CONNECTIONS", default_value_t = crate::rls::grpc::DEFAULT_LIMITS.max_connections)]
+    pub grpc_max_connections: usize,
+
+    /// Most connections the gRPC listener holds at once from one source IP address; beyond,
+    /// new ones from it are closed at once, unread
+    /// (`openclaw_grpc_connections_closed_total{reason="per_source"}`). 1 to
+    /// OPENCLAW_GRPC_MAX_CONNECTIONS. Default: 256, or OPENCLAW_GRPC_MAX_CONNECTIONS if lower; an
+    /// Envoy holds one per worker thread and cluster that points here.
+    #[arg(long, env = "OPENCLAW_GRPC_MAX_CONNECTIONS_PER_SOURCE")]
+    pub grpc_max_connections_per_source: Option<usize>,
+
+    /// Seconds after which a gRPC connection on which nothing moved (a handshake never
+    /// finished, a client gone or no longer reading) is closed. Idle live clients are not: a
+    /// PING every third of it keeps them moving, and one unanswered for another third closes
+    /// the connection.
+    #[arg(long, env = "OPENCLAW_GRPC_IDLE_TIMEOUT_S", default_value_t = crate::rls::grpc::DEFAULT_LIMITS.idle_timeout.as_secs())]
+    pub grpc_idle_timeout_s: u64,
+
     /// envoyproxy/ratelimit YAML rules: a file, or a directory of .yaml/.yml files; reloaded
     /// when they change (every OPENCLAW_POLICIES_RELOAD_MS). Setting it starts the gRPC listener.
     #[arg(long, env = "OPENCLAW_RLS_CONFIG")]
@@ -394,6 +413,7 @@ pub struct ReplicationSettings {
 #[derive(Debug, Clone)]
 pub struct RlsSettings {
     pub listen: SocketAddr,
+    pub limits: crate::listener::Limits,
     pub path: PathBuf,
     /// The files as read and validated at start: (name, text).
     pub files: Vec<(String, String)>,
@@ -473,6 +493,16 @@ impl Config {
                 }
             }
         }
+        let grpc_limits = connection_limits(
+            "OPENCLAW_GRPC",
+            ConnectionArgs {
+                max_connections: args.grpc_max_connections,
+                max_connections_per_source: args.grpc_max_connections_per_source,
+                idle_timeout_s: args.grpc_idle_timeout_s,
+            },
+            crate::rls::grpc::DEFAULT_LIMITS.max_connections_per_source,
+            &mut errors,
+        );
         let rls = args.rls_config.as_ref().and_then(|path| {
             let files = crate::rls::config::read_files(path)
                 .map_err(|problems| {
@@ -487,6 +517,7 @@ impl Config {
             match crate::rls::RlsConfig::from_files(&files) {
                 Ok(_) => Some(RlsSettings {
                     listen: args.grpc_listen,
+                    limits: grpc_limits,
                     path: path.clone(),
                     files,
                 }),
@@ -671,12 +702,6 @@ fn replication_settings(
         ),
         ("OPENCLAW_DISCOVERY_REFRESH_S", args.discovery_refresh_s, 1),
         ("OPENCLAW_CLOCK_SKEW_GUARD_MS", args.clock_skew_guard_ms, 1),
-        ("OPENCLAW_PEER_IDLE_TIMEOUT_S", args.peer_idle_timeout_s, 1),
-        (
-            "OPENCLAW_PEER_MAX_CONNECTIONS",
-            u64::try_from(args.peer_max_connections).unwrap_or(u64::MAX),
-            1,
-        ),
         (
             "OPENCLAW_MAX_BUCKETS",
             u64::try_from(args.max_buckets).unwrap_or(u64::MAX),
@@ -687,20 +712,16 @@ fn replication_settings(
             errors.push(format!("{name} must be at least {min}"));
         }
     }
-    let total = args.peer_max_connections;
-    let per_source = args
-        .peer_max_connections_per_source
-        .unwrap_or(crate::listener::DEFAULT_MAX_CONNECTIONS_PER_SOURCE.min(total));
-    match args.peer_max_connections_per_source {
-        Some(0) => {
-            errors.push("OPENCLAW_PEER_MAX_CONNECTIONS_PER_SOURCE must be at least 1".into())
-        }
-        Some(n) if n > total => errors.push(format!(
-            "OPENCLAW_PEER_MAX_CONNECTIONS_PER_SOURCE ({n}) must not exceed \
-             OPENCLAW_PEER_MAX_CONNECTIONS ({total}): no source can hold more than all connections"
-        )),
-        _ => {}
-    }
+    let peer_limits = connection_limits(
+        "OPENCLAW_PEER",
+        ConnectionArgs {
+            max_connections: args.peer_max_connections,
+            max_connections_per_source: args.peer_max_connections_per_source,
+            idle_timeout_s: args.peer_idle_timeout_s,
+        },
+        crate::listener::DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+        errors,
+    );
     let strict_lease_ms = args
         .strict_lease_ms
         .unwrap_or((4 * args.sync_interval_ms).max(1000));
@@ -736,12 +757,50 @@ fn replication_settings(
         clock_skew_guard: Duration::from_millis(args.clock_skew_guard_ms),
         legacy_signatures: args.peer_legacy_signatures,
         max_buckets: args.max_buckets,
-        peer_limits: crate::listener::Limits {
-            max_connections: args.peer_max_connections,
-            max_connections_per_source: per_source,
-            idle_timeout: Duration::from_secs(args.peer_idle_timeout_s),
-        },
+        peer_limits,
     })
+}
+
+/// One listener's `<PREFIX>_MAX_CONNECTIONS`, `<PREFIX>_MAX_CONNECTIONS_PER_SOURCE` and
+/// `<PREFIX>_IDLE_TIMEOUT_S` as given.
+struct ConnectionArgs {
+    max_connections: usize,
+    max_connections_per_source: Option<usize>,
+    idle_timeout_s: u64,
+}
+
+/// A listener's connection limits (`crate::listener`), checked: each at least 1, the
+/// per-source cap within the total (its default lowered to the total when that is smaller).
+fn connection_limits(
+    prefix: &str,
+    given: ConnectionArgs,
+    default_per_source: usize,
+    errors: &mut Vec<String>,
+) -> crate::listener::Limits {
+    let total = given.max_connections;
+    if total == 0 {
+        errors.push(format!("{prefix}_MAX_CONNECTIONS must be at least 1"));
+    }
+    if given.idle_timeout_s == 0 {
+        errors.push(format!("{prefix}_IDLE_TIMEOUT_S must be at least 1"));
+    }
+    match given.max_connections_per_source {
+        Some(0) => errors.push(format!(
+            "{prefix}_MAX_CONNECTIONS_PER_SOURCE must be at least 1"
+        )),
+        Some(n) if n > total => errors.push(format!(
+            "{prefix}_MAX_CONNECTIONS_PER_SOURCE ({n}) must not exceed \
+             {prefix}_MAX_CONNECTIONS ({total}): no source can hold more than all connections"
+        )),
+        _ => {}
+    }
+    crate::listener::Limits {
+        max_connections: total,
+        max_connections_per_source: given
+            .max_connections_per_source
+            .unwrap_or(default_per_source.min(total)),
+        idle_timeout: Duration::from_secs(given.idle_timeout_s),
+    }
 }
 
 fn remote_settings(args: &Args, errors: &mut Vec<String>) -> Option<RemoteSettings> {
@@ -883,6 +942,64 @@ mod tests {
                 "OPENCLAW_PEER_MAX_CONNECTIONS_PER_SOURCE (9) must not exceed OPENCLAW_PEER_MAX_CONNECTIONS (8)"
             ),
             "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn the_grpc_listener_limits_default_to_4096_256_and_60_s_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("edge.yaml");
+        std::fs::write(
+            &file,
+            "domain: edge\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requests_per_unit: 1}\n",
+        )
+        .unwrap();
+        let grpc = |extra: &[&str]| {
+            let mut argv = vec!["--rls-config", file.to_str().unwrap()];
+            argv.extend_from_slice(extra);
+            Config::try_from_args(args(&argv)).map(|c| c.rls.unwrap().limits)
+        };
+        let limits = grpc(&[]).unwrap();
+        assert_eq!(
+            (
+                limits.max_connections,
+                limits.max_connections_per_source,
+                limits.idle_timeout
+            ),
+            (4096, 256, Duration::from_secs(60))
+        );
+        let limits = grpc(&[
+            "--grpc-max-connections",
+            "100",
+            "--grpc-idle-timeout-s",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                limits.max_connections,
+                limits.max_connections_per_source,
+                limits.idle_timeout
+            ),
+            (100, 100, Duration::from_secs(5))
+        );
+        let errors = grpc(&[
+            "--grpc-max-connections",
+            "0",
+            "--grpc-idle-timeout-s",
+            "0",
+            "--grpc-max-connections-per-source",
+            "3",
+        ])
+        .unwrap_err();
+        assert_eq!(
+            errors,
+            [
+                "OPENCLAW_GRPC_MAX_CONNECTIONS must be at least 1",
+                "OPENCLAW_GRPC_IDLE_TIMEOUT_S must be at least 1",
+                "OPENCLAW_GRPC_MAX_CONNECTIONS_PER_SOURCE (3) must not exceed \
+                 OPENCLAW_GRPC_MAX_CONNECTIONS (0): no source can hold more than all connections",
+            ]
         );
     }
 

@@ -1,5 +1,6 @@
 //! The peer listener's connection limits: what one client can hold on the port before it has
-//! proved anything (issue 12).
+//! proved anything (issue 12). The gRPC listener (`crate::rls::grpc`) has the same two caps,
+//! through a [`Gate`] of its own, and the same idle timeout.
 //!
 //! `axum::serve` sets no timer on hyper, so a connection that never sends its headers, or
 //! stops half-way, or sits idle between requests, is held for ever, and nothing caps how many
@@ -114,8 +115,7 @@ pub struct Counters {
 #[derive(Debug)]
 pub struct LimitedListener {
     inner: TcpListener,
-    slots: Arc<Semaphore>,
-    sources: Arc<Sources>,
+    gate: Gate,
     idle_timeout: Duration,
     counters: Counters,
     /// Mutual TLS: every connection must complete this handshake first.
@@ -126,8 +126,7 @@ impl LimitedListener {
     pub fn new(inner: TcpListener, limits: Limits, counters: Counters) -> Self {
         Self {
             inner,
-            slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
-            sources: Arc::new(Sources::new(limits.max_connections_per_source.max(1))),
+            gate: Gate::new(&limits, counters.clone()),
             idle_timeout: limits.idle_timeout,
             counters,
             tls: None,
@@ -146,28 +145,11 @@ impl axum::serve::Listener for LimitedListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        // A free slot first: at the cap, connections wait in the backlog, not in memory here.
-        let slot = self
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
         loop {
-            match self.inner.accept().await {
-                Ok((stream, address)) => {
-                    let Some(source) = self.sources.admit(address.ip()) else {
-                        // Over its source's cap: closed unread; the slot waits for the next.
-                        self.counters.per_source_refused.inc();
-                        drop(stream);
-                        continue;
-                    };
+            match self.gate.accept(&self.inner).await {
+                Ok((stream, address, slot)) => {
                     let _ = stream.set_nodelay(true);
-                    let io = IdleTimeout::new(
-                        stream,
-                        self.idle_timeout,
-                        Slot::new(slot, source, &self.counters),
-                    );
+                    let io = IdleTimeout::new(stream, self.idle_timeout, slot);
                     let io = match &self.tls {
                         None => PeerIo::Plain(io),
                         Some(config) => PeerIo::Tls(
@@ -195,10 +177,58 @@ impl axum::serve::Listener for LimitedListener {
     }
 }
 
+/// What a listener asks before it serves a connection: a place among its `max_connections`
+/// and among its source's `max_connections_per_source` (module docs). The peer listener
+/// ([`LimitedListener`]) and the gRPC listener (`crate::rls::grpc`) each have one.
+#[derive(Debug)]
+pub struct Gate {
+    slots: Arc<Semaphore>,
+    sources: Arc<Sources>,
+    counters: Counters,
+}
+
+impl Gate {
+    pub fn new(limits: &Limits, counters: Counters) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+            sources: Arc::new(Sources::new(limits.max_connections_per_source.max(1))),
+            counters,
+        }
+    }
+
+    /// The next connection to serve, with its place. A free place first: at the cap,
+    /// connections wait in the kernel's backlog, not in memory here. A connection whose source
+    /// holds its cap already is closed unread and counted, and the place waits for the next
+    /// one. An error of `accept` is returned as it is (the place is given back).
+    pub async fn accept(
+        &self,
+        listener: &TcpListener,
+    ) -> io::Result<(TcpStream, SocketAddr, Slot)> {
+        let permit = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        loop {
+            let (stream, address) = listener.accept().await?;
+            match self.sources.admit(address.ip()) {
+                Some(source) => {
+                    return Ok((stream, address, Slot::new(permit, source, &self.counters)));
+                }
+                None => {
+                    self.counters.per_source_refused.inc();
+                    drop(stream);
+                }
+            }
+        }
+    }
+}
+
 /// A connection's place among the `max_connections` and among its source's, given back when
 /// the connection closes.
 #[derive(Debug)]
-struct Slot {
+pub struct Slot {
     _permit: OwnedSemaphorePermit,
     _source: SourceSlot,
     counters: Counters,
@@ -276,7 +306,7 @@ impl Sources {
             tracing::warn!(
                 source = %address,
                 cap = self.cap,
-                "a peer source holds its cap of connections: closing its new ones unread \
+                "a source holds its cap of connections: closing its new ones unread \
                  (counted as reason=\"per_source\"; logged at most once a minute per source)"
             );
         }
@@ -327,7 +357,7 @@ pub struct IdleTimeout<S> {
 }
 
 impl<S> IdleTimeout<S> {
-    fn new(inner: S, idle: Duration, slot: Slot) -> Self {
+    pub fn new(inner: S, idle: Duration, slot: Slot) -> Self {
         Self {
             inner,
             idle,
@@ -353,7 +383,7 @@ impl<S> IdleTimeout<S> {
                 }
                 Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    "peer connection idle for too long",
+                    "connection idle for too long",
                 )))
             }
         }

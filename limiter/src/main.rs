@@ -369,6 +369,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 reload_every: config.policies_reload,
                 shutdown_grace: config.shutdown_grace,
                 api_key: config.api_key.as_deref().map(Arc::from),
+                limits: settings.limits,
             })
         }
         _ => None,

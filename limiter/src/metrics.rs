@@ -201,6 +201,10 @@ pub struct Metrics {
     pub rls_detailed_hits: Family<DetailedLabels, Counter>,
     pub rls_config_reloads: Family<ResultLabels, Counter>,
     pub rls_config_reload_ok: Gauge,
+    /// Connections the gRPC listener holds now (`crate::rls::grpc`).
+    pub grpc_connections: Gauge,
+    /// gRPC connections closed by the listener's limits, by reason.
+    pub grpc_connections_closed: Family<ReasonLabels, Counter>,
     /// Latency histogram handles per route, resolved once: a request must not hash label sets.
     route_latency: Vec<(&'static str, Histogram)>,
 }
@@ -272,6 +276,8 @@ impl Metrics {
             rls_detailed_hits: Family::default(),
             rls_config_reloads: Family::default(),
             rls_config_reload_ok: Gauge::default(),
+            grpc_connections: Gauge::default(),
+            grpc_connections_closed: Family::default(),
             route_latency: Vec::new(),
             registry: Registry::default(),
         };
@@ -490,6 +496,16 @@ impl Metrics {
             names::RLS_CONFIG_LAST_RELOAD_SUCCESSFUL,
             "1 if the last attempt to load the rate limit service configuration succeeded, else 0",
             metrics.rls_config_reload_ok.clone(),
+        );
+        registry.register(
+            names::GRPC_CONNECTIONS,
+            "Connections the gRPC listener holds now",
+            metrics.grpc_connections.clone(),
+        );
+        registry.register(
+            counter_name(names::GRPC_CONNECTIONS_CLOSED_TOTAL),
+            "gRPC connections closed by the listener's limits, by reason",
+            metrics.grpc_connections_closed.clone(),
         );
         for state in ["up", "down"] {
             metrics.peers.get_or_create(&StateLabels { state }).set(0);

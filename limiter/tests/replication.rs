@@ -2100,6 +2100,7 @@ impl RlsFront {
                     reload_every: Duration::from_secs(1),
                     shutdown_grace: Duration::from_secs(5),
                     api_key: None,
+                    limits: grpc::DEFAULT_LIMITS,
                 },
                 stopped,
             )));

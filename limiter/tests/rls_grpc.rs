@@ -15,7 +15,7 @@ use openclaw_limiter::bucket::Rate;
 use openclaw_limiter::clock::WallClock;
 use openclaw_limiter::crdt::ReplicaId;
 use openclaw_limiter::rls::config::read_files;
-use openclaw_limiter::rls::grpc::{GrpcOptions, serve};
+use openclaw_limiter::rls::grpc::{self, GrpcOptions, serve};
 use openclaw_limiter::rls::{Rls, RlsConfig};
 use openclaw_limiter::service::{Limiter, LimiterOptions};
 use tokio::sync::watch;
@@ -110,6 +110,7 @@ async fn grpc_health_follows_readiness_rules_reload_and_shutdown_drains() {
             reload_every: Duration::from_millis(50),
             shutdown_grace: Duration::from_secs(5),
             api_key: Some(Arc::from(API_KEY)),
+            limits: grpc::DEFAULT_LIMITS,
         },
         stop_rx,
     ));
@@ -304,6 +305,7 @@ async fn a_call_in_flight_when_shutdown_starts_is_answered_and_unknown_services_
             reload_every: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
             api_key: Some(Arc::from(API_KEY)),
+            limits: grpc::DEFAULT_LIMITS,
         },
         stop_rx,
     ));
@@ -381,4 +383,188 @@ async fn a_call_in_flight_when_shutdown_starts_is_answered_and_unknown_services_
         .expect("the gRPC server stops once the held call is answered")
         .unwrap();
     let _ = connection.await;
+}
+
+/// A gRPC listener on 127.0.0.1:0 with `limits`, its rules one hourly bucket of 5 per `k`; stop
+/// it with the sender.
+async fn serve_with(
+    limits: openclaw_limiter::listener::Limits,
+) -> (
+    Arc<Limiter>,
+    std::net::SocketAddr,
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
+    let limiter = limiter("grpc-limits");
+    limiter.mark_ready();
+    let rules = "domain: edge\ndescriptors:\n  - key: k\n    rate_limit: {unit: hour, requests_per_unit: 5}\n";
+    let config = RlsConfig::from_files(&[("edge.yaml".into(), rules.into())]).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server = tokio::spawn(serve(
+        GrpcOptions {
+            listener,
+            rls: Arc::new(Rls::new(limiter.clone(), config)),
+            config_path: None,
+            config_files: None,
+            reload_every: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(5),
+            api_key: Some(Arc::from(API_KEY)),
+            limits,
+        },
+        stop_rx,
+    ));
+    (limiter, address, stop_tx, server)
+}
+
+fn closed_total(limiter: &Limiter, reason: &'static str) -> u64 {
+    limiter
+        .metrics()
+        .grpc_connections_closed
+        .get_or_create(&openclaw_limiter::metrics::ReasonLabels { reason })
+        .get()
+}
+
+/// Reads (and drops) whatever the server sends until it closes the connection; false if it is
+/// still open at the deadline.
+async fn closed_by_server(tcp: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buffer = [0u8; 1024];
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match tokio::time::timeout_at(until, tcp.read(&mut buffer)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// A `ShouldRateLimit` call on an HTTP/2 connection of the test's own: its `grpc-status`.
+async fn call_on(
+    client: &h2::client::SendRequest<bytes::Bytes>,
+    address: std::net::SocketAddr,
+    value: &str,
+) -> Option<String> {
+    let (answer, mut request) =
+        open_call(client, address, &format!("/{RLS_SERVICE}/ShouldRateLimit")).await;
+    request
+        .send_data(grpc_frame(&unauthenticated("edge", &[("k", value)])), true)
+        .unwrap();
+    grpc_answer(answer).await.1
+}
+
+/// One source address holds at most its cap of connections: the next one is closed unread and
+/// counted, and once one of them closes the source is served again. The gauge follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_beyond_its_cap_of_grpc_connections_is_closed_unread() {
+    let limits = openclaw_limiter::listener::Limits {
+        max_connections: 8,
+        max_connections_per_source: 2,
+        idle_timeout: Duration::from_secs(60),
+    };
+    let (limiter, address, stop, server) = serve_with(limits).await;
+    let open = || limiter.metrics().grpc_connections.get();
+    let first = tokio::net::TcpStream::connect(address).await.unwrap();
+    let _second = tokio::net::TcpStream::connect(address).await.unwrap();
+    poll("two connections held", || async {
+        (open() == 2).then_some(())
+    })
+    .await;
+
+    let mut third = tokio::net::TcpStream::connect(address).await.unwrap();
+    assert!(
+        closed_by_server(&mut third).await,
+        "a third connection from 127.0.0.1 is closed at once"
+    );
+    assert_eq!(closed_total(&limiter, "per_source"), 1);
+    assert_eq!(open(), 2, "the refused connection held no place");
+
+    drop(first);
+    poll("the closed connection's place given back", || async {
+        (open() == 1).then_some(())
+    })
+    .await;
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    assert_eq!(call_on(&client, address, "a").await.as_deref(), Some("0"));
+    assert_eq!(closed_total(&limiter, "per_source"), 1);
+
+    stop.send(true).unwrap();
+    drop(client);
+    tokio::time::timeout(DEADLINE, server)
+        .await
+        .expect("the gRPC server stops")
+        .unwrap();
+    connection.abort();
+}
+
+/// A connection on which nothing moves is closed after the idle timeout, but a client that is
+/// merely quiet is not: the server PINGs it and its answers keep the connection moving. A client
+/// that completed its handshake and then answers no PING is closed by the PING's own timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_grpc_connections_are_closed_and_quiet_live_clients_are_kept() {
+    let limits = openclaw_limiter::listener::Limits {
+        max_connections: 8,
+        max_connections_per_source: 8,
+        idle_timeout: Duration::from_millis(1500),
+    };
+    let (limiter, address, stop, server) = serve_with(limits).await;
+
+    // A live client, quiet after its first call.
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let mut connection = tokio::spawn(connection);
+    assert_eq!(call_on(&client, address, "a").await.as_deref(), Some("0"));
+
+    // Two silent connections, one after the other, each opened after the live client's last
+    // call: once the second is closed, the live client has been quiet for two idle timeouts.
+    for closed in 1..=2 {
+        let mut silent = tokio::net::TcpStream::connect(address).await.unwrap();
+        assert!(
+            closed_by_server(&mut silent).await,
+            "a connection that never sends a byte is closed"
+        );
+        assert_eq!(closed_total(&limiter, "idle"), closed);
+    }
+
+    assert!(
+        !connection.is_finished(),
+        "the quiet live client's connection is still open: {:?}",
+        (&mut connection).await
+    );
+    assert_eq!(call_on(&client, address, "b").await.as_deref(), Some("0"));
+    assert_eq!(closed_total(&limiter, "keepalive"), 0);
+
+    // HTTP/2's preface and an empty SETTINGS frame, then nothing: no PING is ever answered.
+    use tokio::io::AsyncWriteExt;
+    let mut mute = tokio::net::TcpStream::connect(address).await.unwrap();
+    mute.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    assert!(
+        closed_by_server(&mut mute).await,
+        "a client that answers no PING is closed"
+    );
+    // Counted once hyper has returned the connection's end, which may be just after the client
+    // sees it closed; its place is given back then too.
+    poll("the unanswered PING counted", || async {
+        (closed_total(&limiter, "keepalive") == 1).then_some(())
+    })
+    .await;
+    poll("the mute connection's place given back", || async {
+        (limiter.metrics().grpc_connections.get() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(closed_total(&limiter, "idle"), 2);
+
+    stop.send(true).unwrap();
+    drop(client);
+    tokio::time::timeout(DEADLINE, server)
+        .await
+        .expect("the gRPC server stops")
+        .unwrap();
+    connection.abort();
 }

@@ -32,6 +32,7 @@ use tracing::Instrument;
 
 use super::config::{RlsConfig, read_files};
 use super::service::Rls;
+use crate::listener::{Gate, IdleTimeout, Limits, Slot};
 
 /// Largest `ShouldRateLimit` request accepted (a request is a few hundred bytes; Envoy's
 /// descriptors are bounded by its route configuration).
@@ -54,7 +55,27 @@ pub struct GrpcOptions {
     /// `authorization: Bearer <key>` (Envoy: `grpc_service.initial_metadata`), as `/rate` needs
     /// the header. Health stays open, like `/healthz`.
     pub api_key: Option<Arc<str>>,
+    /// `OPENCLAW_GRPC_MAX_CONNECTIONS`, `..._PER_SOURCE` and `OPENCLAW_GRPC_IDLE_TIMEOUT_S`
+    /// ([`DEFAULT_LIMITS`], "Connections" in docs/rls.md).
+    pub limits: Limits,
 }
+
+/// The defaults of the gRPC listener's connection limits.
+///
+/// * 4096 connections: Envoy opens one connection per worker thread to each replica it
+///   reaches, so a replica behind a ClusterIP holds about (Envoys x workers) / replicas; 4096
+///   is 512 Envoys of 8 workers on one replica. An HTTP/2 connection here holds tens of KiB
+///   of buffers while it is used.
+/// * 256 from one address: one Envoy pod holds as many as its workers times the clusters that
+///   point here, far fewer; an address that holds more is not one Envoy.
+/// * 60 s idle: a connection on which nothing moved for that long (a client that never
+///   finished its handshake, a peer that vanished, one that stopped reading) is closed. Live
+///   idle connections are not: HTTP/2 PINGs every third of it keep them moving.
+pub const DEFAULT_LIMITS: Limits = Limits {
+    max_connections: 4096,
+    max_connections_per_source: 256,
+    idle_timeout: Duration::from_secs(60),
+};
 
 #[derive(Debug, Clone)]
 struct Service {
@@ -112,7 +133,23 @@ pub async fn serve(options: GrpcOptions, stop: watch::Receiver<bool>) {
         reload_every,
         shutdown_grace,
         api_key,
+        limits,
     } = options;
+    let metrics = rls.limiter().metrics();
+    let closed = |reason| {
+        metrics
+            .grpc_connections_closed
+            .get_or_create(&crate::metrics::ReasonLabels { reason })
+            .clone()
+    };
+    let counters = crate::listener::Counters {
+        open: metrics.grpc_connections.clone(),
+        idle_closed: closed("idle"),
+        per_source_refused: closed("per_source"),
+        tls_refused: Default::default(),
+    };
+    let keepalive_timeouts = closed("keepalive");
+    let gate = Gate::new(&limits, counters);
     let health = tonic_health::server::HealthReporter::new();
     let health_service = HealthServer::new(HealthService::from_health_reporter(health.clone()));
     health
@@ -164,17 +201,28 @@ pub async fn serve(options: GrpcOptions, stop: watch::Receiver<bool>) {
         rls: service,
         health: health_service,
     };
+    let connections = Connections {
+        http2: http2_builder(limits.idle_timeout),
+        idle_timeout: limits.idle_timeout,
+        keepalive_timeouts,
+    };
     let workers: Vec<Worker> = (0..worker_count())
         .filter_map(|index| {
-            Worker::start(index, routes.clone(), stop.clone(), shutdown_grace)
-                .inspect_err(|e| tracing::error!(index, error = %e, "cannot start a gRPC worker"))
-                .ok()
+            Worker::start(
+                index,
+                routes.clone(),
+                connections.clone(),
+                stop.clone(),
+                shutdown_grace,
+            )
+            .inspect_err(|e| tracing::error!(index, error = %e, "cannot start a gRPC worker"))
+            .ok()
         })
         .collect();
     if workers.is_empty() {
         tracing::error!("no gRPC worker could start: the gRPC listener is closed");
     } else {
-        accept(&listener, &workers, stop.clone()).await;
+        accept(&listener, &gate, &workers, stop.clone()).await;
     }
     // The workers drain their connections (each for at most the grace period); their channels
     // stay open until then, so that none mistakes the end of accepting for its own shutdown.
@@ -190,16 +238,23 @@ fn worker_count() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }
 
-/// Hands each accepted connection to the next worker in turn, until `stop`.
-async fn accept(listener: &TcpListener, workers: &[Worker], mut stop: watch::Receiver<bool>) {
+/// Hands each accepted connection to the next worker in turn, until `stop`. The gate holds
+/// connections beyond the listener's caps back (`OPENCLAW_GRPC_MAX_CONNECTIONS`, in the
+/// backlog) or closes them (`..._PER_SOURCE`).
+async fn accept(
+    listener: &TcpListener,
+    gate: &Gate,
+    workers: &[Worker],
+    mut stop: watch::Receiver<bool>,
+) {
     let mut next = 0usize;
     loop {
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+            accepted = gate.accept(listener) => accepted,
             _ = stop.wait_for(|s| *s) => return,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, slot) = match accepted {
+            Ok((stream, _, slot)) => (stream, slot),
             // One connection that went away before it was accepted: the next one may not.
             Err(e) if is_connection_error(&e) => continue,
             Err(e) => {
@@ -223,7 +278,7 @@ async fn accept(listener: &TcpListener, workers: &[Worker], mut stop: watch::Rec
         };
         // A worker whose thread ended (it panicked) takes no more connections: the next one
         // does.
-        let mut stream = Some(stream);
+        let mut stream = Some((stream, slot));
         for _ in 0..workers.len() {
             let worker = &workers[next % workers.len()];
             next = next.wrapping_add(1);
@@ -258,21 +313,32 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// before the connection's task runs again, and their answers leave in one write:
 /// `scripts/bench-rls.sh` measured 30 % more decisions per CPU-second (docs/benchmarks.md).
 struct Worker {
-    connections: tokio::sync::mpsc::UnboundedSender<std::net::TcpStream>,
+    /// Each connection with its place among the listener's (given back when it closes).
+    connections: tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, Slot)>,
     done: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// How every connection is served: the same for all workers.
+#[derive(Clone)]
+struct Connections {
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    idle_timeout: Duration,
+    /// `openclaw_grpc_connections_closed_total{reason="keepalive"}`.
+    keepalive_timeouts: prometheus_client::metrics::counter::Counter,
 }
 
 impl Worker {
     fn start(
         index: usize,
         routes: Routes,
+        connections: Connections,
         stop: watch::Receiver<bool>,
         shutdown_grace: Duration,
     ) -> std::io::Result<Worker> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let (connections, mut incoming) = tokio::sync::mpsc::unbounded_channel();
+        let (sender, mut incoming) = tokio::sync::mpsc::unbounded_channel();
         let (finished, done) = tokio::sync::oneshot::channel();
         let span = tracing::Span::current();
         std::thread::Builder::new()
@@ -280,7 +346,6 @@ impl Worker {
             .spawn(move || {
                 let _span = span.entered();
                 runtime.block_on(async move {
-                    let http2 = http2_builder();
                     let mut served = tokio::task::JoinSet::new();
                     let mut signal = stop.clone();
                     loop {
@@ -290,12 +355,14 @@ impl Worker {
                             // Reap finished connections as they end.
                             Some(_) = served.join_next() => continue,
                         };
-                        let Some(stream) = stream else { break };
+                        let Some((stream, slot)) = stream else { break };
                         match tokio::net::TcpStream::from_std(stream) {
                             Ok(stream) => {
+                                // The idle timer belongs to this worker's runtime.
+                                let io = IdleTimeout::new(stream, connections.idle_timeout, slot);
                                 served.spawn(serve_connection(
-                                    stream,
-                                    http2.clone(),
+                                    io,
+                                    connections.clone(),
                                     routes.clone(),
                                     stop.clone(),
                                 ));
@@ -317,33 +384,41 @@ impl Worker {
                 drop(runtime);
                 let _ = finished.send(());
             })?;
-        Ok(Worker { connections, done })
+        Ok(Worker {
+            connections: sender,
+            done,
+        })
     }
 }
 
 /// hyper's HTTP/2 server settings for the gRPC connections: hyper's defaults, except that a
 /// connection may carry any number of concurrent calls, as under tonic's server (Envoy opens one
-/// connection per worker thread and multiplexes every call of that worker on it). Among those
-/// defaults is a bound tonic's server lifted: a connection on which the client's protocol errors
-/// made the server reset 1024 streams is closed (RUSTSEC-2024-0003; calls the client cancels do
-/// not count).
-fn http2_builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+/// connection per worker thread and multiplexes every call of that worker on it), and that a
+/// connection on which nothing was read for a third of `idle_timeout` gets a PING, to be
+/// answered within another third or the connection is closed. The answers keep a live idle
+/// connection moving, so the idle timeout only closes the dead and the stalled. Among hyper's
+/// defaults is a bound tonic's server lifted: a connection on which the client's protocol
+/// errors made the server reset 1024 streams is closed (RUSTSEC-2024-0003; calls the client
+/// cancels do not count).
+fn http2_builder(idle_timeout: Duration) -> hyper::server::conn::http2::Builder<TokioExecutor> {
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
         .timer(hyper_util::rt::TokioTimer::new())
-        .max_concurrent_streams(None);
+        .max_concurrent_streams(None)
+        .keep_alive_interval(idle_timeout / 3)
+        .keep_alive_timeout(idle_timeout / 3);
     builder
 }
 
 /// Serve one connection until the client closes it or, once `stop` turns true, until its
 /// calls in flight are answered (a GOAWAY tells the client to open no more).
 async fn serve_connection(
-    stream: tokio::net::TcpStream,
-    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    io: IdleTimeout<tokio::net::TcpStream>,
+    connections: Connections,
     routes: Routes,
     mut stop: watch::Receiver<bool>,
 ) {
-    let connection = http2.serve_connection(TokioIo::new(stream), routes);
+    let connection = connections.http2.serve_connection(TokioIo::new(io), routes);
     let mut connection = std::pin::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => Some(result),
@@ -357,6 +432,10 @@ async fn serve_connection(
         }
     };
     if let Err(e) = result {
+        // hyper's own timeout is the keep-alive PING's (the idle timeout is an I/O error).
+        if e.is_timeout() {
+            connections.keepalive_timeouts.inc();
+        }
         tracing::debug!(error = %e, "a gRPC connection ended with an error");
     }
 }
