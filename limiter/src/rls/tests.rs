@@ -864,3 +864,276 @@ fn a_bucket_named_twice_in_one_request_is_checked_for_both() {
     );
     assert_eq!(remaining(&rls, "rls:edge.daily", &[("daily", "a")]), before);
 }
+
+/// `ShouldRateLimit` on one replica against textbook token buckets ([`ReferenceBucket`]) fed
+/// the same requests, with the semantics of docs/rls.md written out independently of the
+/// service: every rule a bucket of `requests_per_unit` refilled over its unit (second to year),
+/// all-or-nothing charging across a request's descriptors, a bucket named twice checked for
+/// the sum of its hits, shadow descriptors charged but never refusing, 0 hits checking only,
+/// sweeps that forget full buckets at any time. Each answer must match to the descriptor: code,
+/// `limit_remaining` and `duration_until_reset`; and so must every bucket's level after it.
+mod textbook {
+    use std::collections::HashMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::bucket::{Micros, Outcome, ReferenceBucket};
+    use crate::clock::Clock;
+    use crate::policy::UNITS;
+
+    /// The rules' keys: `a` and `b` enforced, `s` in shadow mode; `z` matches no rule.
+    const KEYS: [&str; 4] = ["a", "b", "s", "z"];
+    const VALUES: [&str; 2] = ["x", "y"];
+
+    #[derive(Debug, Clone)]
+    struct Rule {
+        unit: usize,
+        requests_per_unit: u32,
+        strict: bool,
+    }
+
+    #[derive(Debug, Clone)]
+    struct Ask {
+        /// Microseconds since the previous request.
+        gap_us: Micros,
+        /// (key, value, the descriptor's own `hits_addend`)
+        descriptors: Vec<(usize, usize, Option<u64>)>,
+        hits_addend: u32,
+        sweep_first: bool,
+    }
+
+    fn rule() -> impl Strategy<Value = Rule> {
+        (0..UNITS.len(), 1..=6u32, any::<bool>()).prop_map(|(unit, requests_per_unit, strict)| {
+            Rule {
+                unit,
+                requests_per_unit,
+                strict,
+            }
+        })
+    }
+
+    /// Gaps from nothing to a year and a half, spread over every scale (log-uniform), so that
+    /// each rule's bucket is seen full, draining, empty and refilling.
+    fn gap() -> impl Strategy<Value = Micros> {
+        prop_oneof![
+            1 => Just(0u64),
+            6 => (0.0f64..47.0).prop_map(|e| 2f64.powf(e) as Micros),
+        ]
+    }
+
+    fn ask() -> impl Strategy<Value = Ask> {
+        let descriptor = (
+            0..KEYS.len(),
+            0..VALUES.len(),
+            prop_oneof![3 => Just(None), 1 => (0..=4u64).prop_map(Some)],
+        );
+        (
+            gap(),
+            proptest::collection::vec(descriptor, 1..=4),
+            prop_oneof![2 => Just(0u32), 1 => 1..=4u32],
+            proptest::bool::weighted(0.1),
+        )
+            .prop_map(|(gap_us, descriptors, hits_addend, sweep_first)| Ask {
+                gap_us,
+                descriptors,
+                hits_addend,
+                sweep_first,
+            })
+    }
+
+    fn config(rules: &[Rule; 3]) -> String {
+        let mut yaml = String::from("domain: edge\ndescriptors:\n");
+        for (key, rule) in ["a", "b", "s"].iter().zip(rules) {
+            yaml.push_str(&format!(
+                "  - key: {key}\n{}    rate_limit: {{unit: {}, requests_per_unit: {}, name: rule_{key}{}}}\n",
+                if *key == "s" { "    shadow_mode: true\n" } else { "" },
+                UNITS[rule.unit].0,
+                rule.requests_per_unit,
+                if rule.strict { ", mode: strict" } else { "" },
+            ));
+        }
+        yaml
+    }
+
+    /// One descriptor's answer: its code and, for a limited one, `limit_remaining` and
+    /// `duration_until_reset` in whole seconds.
+    type Status = (Code, Option<(u32, u64)>);
+
+    /// What docs/rls.md says the answer to `ask` is at `now`, spending from `buckets`.
+    fn expected(
+        rules: &[Rule; 3],
+        buckets: &mut HashMap<(usize, usize), ReferenceBucket>,
+        ask: &Ask,
+        now: Micros,
+    ) -> (Code, Vec<Status>) {
+        let rate = |key: usize| {
+            let rule = &rules[key];
+            Rate::try_new(u64::from(rule.requests_per_unit), UNITS[rule.unit].1).unwrap()
+        };
+        let hits_of = |own: Option<u64>| own.unwrap_or(u64::from(ask.hits_addend.max(1)));
+        let limited = |key: usize| key < 3;
+        let enforced = |&(key, _, own): &(usize, usize, Option<u64>)| {
+            limited(key) && key != 2 && hits_of(own) > 0
+        };
+        // Every enforced descriptor is checked for all the enforced hits on its bucket.
+        let group = |key: usize, value: usize| -> u64 {
+            ask.descriptors
+                .iter()
+                .filter(|d| enforced(d) && d.0 == key && d.1 == value)
+                .map(|d| hits_of(d.2))
+                .sum()
+        };
+        let peek = |buckets: &mut HashMap<(usize, usize), ReferenceBucket>,
+                    key: usize,
+                    value: usize,
+                    cost: u64| {
+            let bucket = buckets
+                .entry((key, value))
+                .or_insert_with(|| ReferenceBucket::new_at(rate(key), now));
+            // A check reports the bucket as it is: whether `cost` fits, and the level now.
+            let level = level_at(bucket, now);
+            let rate = rate(key);
+            Outcome::describe(rate, level, level >= rate.tokens_scaled(cost), cost)
+        };
+        // Checked first, nothing spent.
+        let mut outcomes: Vec<Option<Outcome>> = Vec::new();
+        let mut passes: Vec<bool> = Vec::new();
+        for d @ &(key, value, own) in &ask.descriptors {
+            if !limited(key) {
+                outcomes.push(None);
+                passes.push(true);
+                continue;
+            }
+            let capacity = u64::from(rules[key].requests_per_unit);
+            let checked = if enforced(d) {
+                group(key, value)
+            } else {
+                hits_of(own)
+            };
+            let outcome = peek(buckets, key, value, checked.min(capacity));
+            passes.push(if hits_of(own) == 0 {
+                outcome.allowed
+            } else {
+                checked <= capacity && outcome.allowed
+            });
+            outcomes.push(Some(outcome));
+        }
+        let refused = ask
+            .descriptors
+            .iter()
+            .zip(&passes)
+            .any(|(&(key, _, _), &pass)| limited(key) && key != 2 && !pass);
+        // Admitted: every enforced descriptor spends its hits, then the shadow ones theirs.
+        let mut spent = vec![false; ask.descriptors.len()];
+        if !refused {
+            for shadow in [false, true] {
+                for (i, &(key, value, own)) in ask.descriptors.iter().enumerate() {
+                    let hits = hits_of(own);
+                    let capacity = u64::from(rules[key.min(2)].requests_per_unit);
+                    let checked = if enforced(&ask.descriptors[i]) {
+                        group(key, value)
+                    } else {
+                        hits
+                    };
+                    if limited(key) && (key == 2) == shadow && hits > 0 && checked <= capacity {
+                        let bucket = buckets.get_mut(&(key, value)).expect("peeked above");
+                        outcomes[i] = Some(bucket.try_consume_at(hits, now));
+                        spent[i] = true;
+                    }
+                }
+            }
+        }
+        let mut overall = Code::Ok;
+        let statuses = ask
+            .descriptors
+            .iter()
+            .enumerate()
+            .map(|(i, &(key, value, _))| {
+                let Some(outcome) = outcomes[i] else {
+                    return (Code::Ok, None);
+                };
+                let granted = if spent[i] { outcome.allowed } else { passes[i] };
+                let code = if granted || key == 2 {
+                    Code::Ok
+                } else {
+                    overall = Code::OverLimit;
+                    Code::OverLimit
+                };
+                let capacity = u64::from(rules[key].requests_per_unit);
+                let grantable = !enforced(&ask.descriptors[i]) || group(key, value) <= capacity;
+                let wait_us = if outcome.allowed || code == Code::Ok || !grantable {
+                    outcome.reset_after_us
+                } else {
+                    outcome.retry_after_us
+                };
+                let remaining = u32::try_from(outcome.remaining).unwrap();
+                (code, Some((remaining, wait_us.div_ceil(1_000_000))))
+            })
+            .collect();
+        (overall, statuses)
+    }
+
+    /// The textbook bucket's level at `now` (refilled, nothing spent).
+    fn level_at(bucket: &ReferenceBucket, now: Micros) -> i128 {
+        let mut refilled = bucket.clone();
+        refilled.try_consume_at(0, now);
+        refilled.level_scaled()
+    }
+
+    proptest! {
+        // 256 cases unless PROPTEST_CASES says otherwise.
+        #[test]
+        fn decides_as_textbook_buckets_with_all_or_nothing_charging(
+            rules in [rule(), rule(), rule()],
+            asks in proptest::collection::vec(ask(), 1..80),
+        ) {
+            let (rls, clock) = rls_with(&config(&rules));
+            let start = clock.now();
+            let mut buckets: HashMap<(usize, usize), ReferenceBucket> = HashMap::new();
+            for (n, ask) in asks.iter().enumerate() {
+                clock.advance_us(ask.gap_us);
+                if ask.sweep_first {
+                    rls.limiter().sweep();
+                }
+                let now = clock.now();
+                let request = RateLimitRequest {
+                    domain: "edge".into(),
+                    descriptors: ask
+                        .descriptors
+                        .iter()
+                        .map(|&(key, value, own)| RateLimitDescriptor {
+                            hits_addend: own.map(|value| UInt64Value { value }),
+                            ..descriptor(&[(KEYS[key], VALUES[value])])
+                        })
+                        .collect(),
+                    hits_addend: ask.hits_addend,
+                };
+                let response = rls.should_rate_limit(&request).unwrap();
+                let (overall, statuses) = expected(&rules, &mut buckets, ask, now);
+                let context = || format!("request {n} at +{} us: {ask:?}", now - start);
+                prop_assert_eq!(
+                    Code::try_from(response.overall_code).unwrap(), overall, "{}", context()
+                );
+                prop_assert_eq!(response.statuses.len(), statuses.len());
+                for (status, (code, numbers)) in response.statuses.iter().zip(&statuses) {
+                    prop_assert_eq!(Code::try_from(status.code).unwrap(), *code, "{}", context());
+                    let got = status.current_limit.as_ref().map(|_| {
+                        (
+                            status.limit_remaining,
+                            status.duration_until_reset.map_or(0, |d| d.seconds as u64),
+                        )
+                    });
+                    prop_assert_eq!(got, *numbers, "{}: {:?}", context(), status);
+                }
+                // Every bucket holds what the textbook one holds, to the whole token.
+                for (&(key, value), bucket) in &buckets {
+                    let textbook = bucket.clone().try_consume_at(0, now).remaining;
+                    let policy = format!("rls:edge.{}", KEYS[key]);
+                    let held = remaining(&rls, &policy, &[(KEYS[key], VALUES[value])]);
+                    prop_assert_eq!(held, textbook, "{} {}={}: {}", policy, KEYS[key], VALUES[value], context());
+                }
+            }
+        }
+    }
+}
