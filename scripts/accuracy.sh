@@ -13,6 +13,7 @@
 #   scripts/accuracy.sh --sync-ms 10 --patterns hot-uniform,hot-one
 #   scripts/accuracy.sh --patterns below --flaky-links 20   # links cut 20 % of the time
 #   scripts/accuracy.sh --patterns restarts --mode strict    # a replica restarted or killed
+#   scripts/accuracy.sh --api rls --patterns overload,below   # through ShouldRateLimit (gRPC)
 #   scripts/accuracy.sh --help
 #
 # A benchmark, not a test: not run in CI, exits 0 whatever the figures. Every process it starts

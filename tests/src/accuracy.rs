@@ -8,6 +8,11 @@
 //! `scripts/accuracy.sh` builds the release binaries and runs this; docs/accuracy.md explains
 //! the method and records figures.
 //!
+//! The load asks `GET /rate` (on the `default` policy), or with `--api rls` Envoy's
+//! `ShouldRateLimit` over gRPC (a rule of the same rate and mode; each load worker holds one
+//! HTTP/2 connection per replica, as an Envoy worker does): the same figures, through the other
+//! door to the same buckets.
+//!
 //! Per pattern (and load factor) a fresh cluster starts (replication links through [`Proxy`]s,
 //! as in the end-to-end tests, because replicas must know each other's addresses up front),
 //! warms up its links, then for `--duration-s` an open-loop load (a fixed schedule, computed up
@@ -74,6 +79,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::faketime;
 use crate::proxy::Proxy;
 use crate::{ChildGuard, Service, host_port, parse_listening, wait_until, workspace_bin};
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
 
@@ -128,7 +138,32 @@ pub struct Options {
     flaky: f64,
     /// `--outage-ms`: the mean length of one cut.
     outage_ms: u64,
+    /// `--api`: what the load asks.
+    api: Api,
 }
+
+/// The interface the load's requests go through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// `GET /rate?key=...` on the `default` policy.
+    Rate,
+    /// Envoy's `ShouldRateLimit` over gRPC, one descriptor `key=<key>` in domain
+    /// [`RLS_DOMAIN`], on a rule of the same rate and mode (`rls:accuracy.key`).
+    Rls,
+}
+
+impl Api {
+    fn name(self) -> &'static str {
+        match self {
+            Api::Rate => "GET /rate",
+            Api::Rls => "ShouldRateLimit (gRPC)",
+        }
+    }
+}
+
+/// The rule the `--api rls` load spends from: domain, and the key of its one descriptor entry.
+const RLS_DOMAIN: &str = "accuracy";
+const RLS_KEY: &str = "key";
 
 impl Options {
     /// Options from command-line arguments (without the program name); `Err` holds the message
@@ -157,6 +192,7 @@ impl Options {
             }),
             flaky: 0.0,
             outage_ms: 200,
+            api: Api::Rate,
         };
         let mut args = args.into_iter();
         while let Some(flag) = args.next() {
@@ -211,6 +247,13 @@ impl Options {
                 "--below" => {
                     options.below = value.split(',').map(parse).collect::<Result<_, _>>()?;
                 }
+                "--api" => {
+                    options.api = match value.as_str() {
+                        "rate" => Api::Rate,
+                        "rls" => Api::Rls,
+                        other => return Err(format!("--api is rate or rls, not {other:?}")),
+                    }
+                }
                 "--mode" => {
                     let mode = value.clone();
                     if mode != "shared" && mode != "strict" {
@@ -250,6 +293,21 @@ impl Options {
             }
         }
         options.anti_entropy_ms = options.anti_entropy_ms.max(options.sync_ms);
+        if options.api == Api::Rls {
+            // A rule's rate is requests per unit: every bucket the runs use must refill over one.
+            for refill_ms in [
+                options.hot_refill_ms.unwrap_or(HOT.2),
+                KEYS.2,
+                options.client_refill_ms,
+            ] {
+                rls_unit(refill_ms).ok_or_else(|| {
+                    format!(
+                        "--api rls: a refill interval of {refill_ms} ms is not a unit of the rate \
+                         limit service's rules (second, minute, hour, day, week, month, year)"
+                    )
+                })?;
+            }
+        }
         Ok(options)
     }
 }
@@ -262,7 +320,8 @@ fn usage() -> String {
 [--anti-entropy-ms 5000] [--mode shared|strict] [--workers 8] \
 [--patterns all | overload,below,clock,restarts | {}] \
 [--stagger-ms 333 (below-limit patterns; 0 for the overload ones)] [--seed 1] [--json FILE] \
-[--flaky-links PCT (each link down PCT % of the time) --outage-ms 200]
+[--flaky-links PCT (each link down PCT % of the time) --outage-ms 200] \
+[--api rate|rls (GET /rate, or ShouldRateLimit over gRPC on a rule of the same rate)]
   overload patterns: [--load-factor 2] [--keys 50] \
 [--capacity 1000 --refill-ms 1000 (the hot-key patterns' bucket)]
   below-limit patterns: [--below 0.5,0.9 (load factors)] [--clients 60] \
@@ -519,12 +578,19 @@ struct Cluster {
     _dir: tempfile::TempDir,
 }
 
-/// Starts an `openclaw-limiter` with `envs` on 127.0.0.1 port 0 and waits for both of its
-/// `listening` lines (api, then peer). Not [`Service::spawn`]: that one sets `RUST_LOG` itself,
-/// and the clock check needs the replica's debug line for bad requests.
+/// Starts an `openclaw-limiter` with `envs` on 127.0.0.1 port 0 and waits for its `listening`
+/// lines (api, then peer, then grpc with `OPENCLAW_RLS_CONFIG`). Not [`Service::spawn`]: that
+/// one sets `RUST_LOG` itself, and the clock check needs the replica's debug line for bad
+/// requests.
 fn spawn_replica(name: &str, envs: &[(&str, String)]) -> Service {
     let mut cmd = Command::new(workspace_bin("openclaw-limiter"));
     cmd.args(["--listen", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0"]);
+    let lines_expected = if envs.iter().any(|(k, _)| *k == "OPENCLAW_RLS_CONFIG") {
+        cmd.args(["--grpc-listen", "127.0.0.1:0"]);
+        3
+    } else {
+        2
+    };
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -534,7 +600,7 @@ fn spawn_replica(name: &str, envs: &[(&str, String)]) -> Service {
     let lines = process.stdout_lines();
     let until = Instant::now() + Duration::from_secs(20);
     let mut listening = Vec::new();
-    while listening.len() < 2 {
+    while listening.len() < lines_expected {
         match lines.recv_timeout(Duration::from_millis(100)) {
             Ok(line) => listening.extend(parse_listening(&line)),
             Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -572,6 +638,24 @@ impl Cluster {
             ),
         )
         .expect("write the policies file");
+        let rules = dir.path().join("rules.yaml");
+        if options.api == Api::Rls {
+            let unit = rls_unit(run.refill_ms).expect("checked with the options");
+            let mode = if options.mode == "strict" {
+                ", mode: strict"
+            } else {
+                ""
+            };
+            std::fs::write(
+                &rules,
+                format!(
+                    "domain: {RLS_DOMAIN}\ndescriptors:\n  - key: {RLS_KEY}\n    \
+                     rate_limit: {{unit: {unit}, requests_per_unit: {}{mode}}}\n",
+                    run.capacity
+                ),
+            )
+            .expect("write the rules file");
+        }
         let links: Vec<Vec<Option<Proxy>>> = (0..REPLICAS)
             .map(|from| {
                 (0..REPLICAS)
@@ -615,6 +699,9 @@ impl Cluster {
                 ),
                 ("OPENCLAW_READY_MAX_WAIT_MS", "5000".to_owned()),
             ];
+            if options.api == Api::Rls {
+                envs.push(("OPENCLAW_RLS_CONFIG", rules.display().to_string()));
+            }
             // In the restart patterns every replica has its own snapshot directory, as deploy/
             // gives each pod an `emptyDir`, and the restarted one starts again on its own, as a
             // container restarting in its pod does. The other patterns run without one.
@@ -648,6 +735,41 @@ impl Cluster {
     fn urls(&self) -> Vec<String> {
         self.replicas.iter().map(|r| r.url.clone()).collect()
     }
+
+    fn targets(&self) -> Vec<Target> {
+        self.replicas.iter().map(Target::of).collect()
+    }
+}
+
+/// The unit of the rate limit service's rules that lasts `refill_ms`, if one does.
+fn rls_unit(refill_ms: u64) -> Option<&'static str> {
+    [
+        ("second", 1_000),
+        ("minute", 60_000),
+        ("hour", 3_600_000),
+        ("day", 86_400_000),
+        ("week", 7 * 86_400_000),
+        ("month", 30 * 86_400_000),
+        ("year", 365 * 86_400_000),
+    ]
+    .into_iter()
+    .find_map(|(unit, ms)| (ms == refill_ms).then_some(unit))
+}
+
+/// Where a replica answers: its API URL, and its gRPC URL when it serves the rate limit service.
+#[derive(Debug, Clone)]
+struct Target {
+    api: String,
+    grpc: Option<String>,
+}
+
+impl Target {
+    fn of(service: &Service) -> Target {
+        Target {
+            api: service.url.clone(),
+            grpc: service.url_of("grpc").map(str::to_owned),
+        }
+    }
 }
 
 /// Points the links into replica `i` (the other replicas' proxies to it) at its peer listener.
@@ -662,34 +784,39 @@ fn point_links_at(links: &[Vec<Option<Proxy>>], i: usize, service: &Service) {
     }
 }
 
-/// Where the load balancer sends each replica's requests: its API URL, or `None` while it is
+/// Where the load balancer sends each replica's requests: its [`Target`], or `None` while it is
 /// out of rotation (stopped, or started again and not yet ready).
 #[derive(Debug)]
-struct Routes(std::sync::RwLock<Vec<Option<String>>>);
+struct Routes(std::sync::RwLock<Vec<Option<Target>>>);
 
 impl Routes {
-    fn new(urls: Vec<String>) -> Routes {
-        Routes(std::sync::RwLock::new(urls.into_iter().map(Some).collect()))
+    fn new(targets: Vec<Target>) -> Routes {
+        Routes(std::sync::RwLock::new(
+            targets.into_iter().map(Some).collect(),
+        ))
     }
 
-    fn set(&self, replica: usize, url: Option<String>) {
-        self.0.write().unwrap_or_else(|p| p.into_inner())[replica] = url;
+    fn set(&self, replica: usize, target: Option<Target>) {
+        self.0.write().unwrap_or_else(|p| p.into_inner())[replica] = target;
     }
 
+    /// The replica's API URL while it is in rotation.
     fn get(&self, replica: usize) -> Option<String> {
-        self.0.read().unwrap_or_else(|p| p.into_inner())[replica].clone()
+        self.0.read().unwrap_or_else(|p| p.into_inner())[replica]
+            .as_ref()
+            .map(|t| t.api.clone())
     }
 
-    /// The replica that serves a request planned for `replica` on `key`, and its URL: that
-    /// one, or while it is out of rotation one of the others (chosen by key, so that a key's
+    /// The replica that serves a request planned for `replica` on `key`, and where: that one,
+    /// or while it is out of rotation one of the others (chosen by key, so that a key's
     /// requests spread over them as a load balancer would spread them). `None` if none is in.
-    fn route(&self, replica: usize, key: usize) -> Option<(usize, String)> {
+    fn route(&self, replica: usize, key: usize) -> Option<(usize, Target)> {
         let urls = self.0.read().unwrap_or_else(|p| p.into_inner());
         let others: Vec<usize> = (0..REPLICAS).filter(|&r| r != replica).collect();
         let turn = key % others.len();
         std::iter::once(replica)
             .chain(others[turn..].iter().chain(&others[..turn]).copied())
-            .find_map(|r| urls[r].clone().map(|url| (r, url)))
+            .find_map(|r| urls[r].clone().map(|target| (r, target)))
     }
 }
 
@@ -734,6 +861,7 @@ fn restart_replica(
     point_links_at(links, i, replica);
     let http = client(Duration::from_secs(2));
     let url = replica.url.clone();
+    let target = Target::of(replica);
     wait_until(
         Duration::from_secs(20),
         "the restarted replica to be ready",
@@ -745,7 +873,7 @@ fn restart_replica(
                 .map(|_| ())
         },
     );
-    routes.set(i, Some(url));
+    routes.set(i, Some(target));
     Restarted {
         stop,
         stopped_at,
@@ -896,8 +1024,13 @@ struct Counters {
     loans: BTreeMap<String, f64>,
 }
 
-/// Replication and decision counters summed over the replicas (from `/metrics`).
-fn counters(cluster: &Cluster, http: &Client) -> Counters {
+/// Replication and decision counters summed over the replicas (from `/metrics`); decisions of
+/// the policy `api`'s load spends from.
+fn counters(cluster: &Cluster, http: &Client, api: Api) -> Counters {
+    let decisions = match api {
+        Api::Rate => r#"openclaw_requests_total{policy="default","#.to_owned(),
+        Api::Rls => format!(r#"openclaw_requests_total{{policy="rls:{RLS_DOMAIN}.{RLS_KEY}","#),
+    };
     let mut total = Counters::default();
     for url in cluster.urls() {
         let text = http
@@ -916,7 +1049,7 @@ fn counters(cluster: &Cluster, http: &Client) -> Counters {
                 total.sent_bytes += value;
             } else if series == r#"openclaw_replication_entries_total{direction="sent"}"# {
                 total.sent_entries += value;
-            } else if series.starts_with(r#"openclaw_requests_total{policy="default","#) {
+            } else if series.starts_with(&decisions) {
                 total.decisions += value;
             } else if let Some(labels) = series.strip_prefix("openclaw_strict_loans_total{") {
                 *total
@@ -1036,13 +1169,14 @@ fn below_plan(run: &Run, shape: Shape, options: &Options) -> Vec<Planned> {
 
 /// Sends `plan` open loop from `start`: workers take requests in due order and wait for their
 /// due time, so a slow answer delays only its own worker.
-fn drive(routes: &Routes, plan: &[Planned], workers: usize, start: Instant) -> Vec<Sent> {
+fn drive(routes: &Routes, plan: &[Planned], workers: usize, api: Api, start: Instant) -> Vec<Sent> {
     let ticket = AtomicUsize::new(0);
     let all = Mutex::new(Vec::with_capacity(plan.len()));
     std::thread::scope(|scope| {
         for _ in 0..workers {
             scope.spawn(|| {
                 let http = client(Duration::from_secs(5));
+                let mut grpc = (api == Api::Rls).then(RlsClient::new);
                 let mut mine = Vec::new();
                 loop {
                     let i = ticket.fetch_add(1, Ordering::Relaxed);
@@ -1056,28 +1190,37 @@ fn drive(routes: &Routes, plan: &[Planned], workers: usize, start: Instant) -> V
                     let sent = Instant::now();
                     // The replica that serves it (another one while the planned one is out of
                     // rotation) is what the figures count it against.
-                    let status = match routes.route(planned.replica, planned.key) {
-                        Some((replica, url)) => {
+                    let outcome = match routes.route(planned.replica, planned.key) {
+                        Some((replica, target)) => {
                             planned.replica = replica;
-                            let mut request = http
-                                .get(format!("{url}/rate"))
-                                .query(&[("key", format!("k{}", planned.key))]);
-                            if planned.cost != 1 {
-                                request = request.query(&[("cost", planned.cost)]);
+                            let key = format!("k{}", planned.key);
+                            match (&mut grpc, &target.grpc) {
+                                (Some(grpc), Some(url)) => {
+                                    grpc.should_rate_limit(url, &key, planned.cost)
+                                }
+                                (Some(_), None) => Outcome::Failed,
+                                (None, _) => {
+                                    let mut request = http
+                                        .get(format!("{}/rate", target.api))
+                                        .query(&[("key", key)]);
+                                    if planned.cost != 1 {
+                                        request = request.query(&[("cost", planned.cost)]);
+                                    }
+                                    match request.send().map(|r| r.status().as_u16()) {
+                                        Ok(200) => Outcome::Admitted,
+                                        Ok(429) => Outcome::Refused,
+                                        _ => Outcome::Failed,
+                                    }
+                                }
                             }
-                            request.send().map(|r| r.status().as_u16()).ok()
                         }
-                        None => None,
+                        None => Outcome::Failed,
                     };
                     mine.push(Sent {
                         plan: planned,
                         sent,
                         done: Instant::now(),
-                        outcome: match status {
-                            Some(200) => Outcome::Admitted,
-                            Some(429) => Outcome::Refused,
-                            _ => Outcome::Failed,
-                        },
+                        outcome,
                     });
                 }
                 all.lock()
@@ -1089,6 +1232,66 @@ fn drive(routes: &Routes, plan: &[Planned], workers: usize, start: Instant) -> V
     let mut all = all.into_inner().unwrap_or_else(|p| p.into_inner());
     all.sort_by_key(|s| s.sent);
     all
+}
+
+/// One load worker's gRPC client of the replicas' rate limit services: a single-threaded
+/// runtime of its own (the workers are threads) and one HTTP/2 connection per replica, as an
+/// Envoy worker holds.
+struct RlsClient {
+    runtime: tokio::runtime::Runtime,
+    channels: std::collections::HashMap<String, RateLimitServiceClient<tonic::transport::Channel>>,
+}
+
+impl RlsClient {
+    fn new() -> RlsClient {
+        RlsClient {
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a Tokio runtime"),
+            channels: std::collections::HashMap::new(),
+        }
+    }
+
+    /// `ShouldRateLimit` for `key` with `cost` hits on the replica at `url`: admitted when
+    /// the answer is OK, refused when OVER_LIMIT, failed on any error or after 5 s.
+    fn should_rate_limit(&mut self, url: &str, key: &str, cost: u64) -> Outcome {
+        let _entered = self.runtime.enter();
+        let client = self
+            .channels
+            .entry(url.to_owned())
+            .or_insert_with(|| {
+                let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+                    .expect("a gRPC URL")
+                    .connect_timeout(Duration::from_secs(5))
+                    .connect_lazy();
+                RateLimitServiceClient::new(channel)
+            })
+            .clone();
+        let request = RateLimitRequest {
+            domain: RLS_DOMAIN.to_owned(),
+            descriptors: vec![RateLimitDescriptor {
+                entries: vec![Entry {
+                    key: RLS_KEY.to_owned(),
+                    value: key.to_owned(),
+                }],
+                ..Default::default()
+            }],
+            hits_addend: u32::try_from(cost).expect("a small cost"),
+        };
+        let answer = self.runtime.block_on(async move {
+            let mut client = client;
+            tokio::time::timeout(Duration::from_secs(5), client.should_rate_limit(request)).await
+        });
+        match answer {
+            Ok(Ok(response)) => match Code::try_from(response.get_ref().overall_code) {
+                Ok(Code::Ok) => Outcome::Admitted,
+                Ok(Code::OverLimit) => Outcome::Refused,
+                _ => Outcome::Failed,
+            },
+            _ => Outcome::Failed,
+        }
+    }
 }
 
 /// The textbook token bucket's verdict on each of `sent` (in the same order): per key, a bucket
@@ -1665,8 +1868,8 @@ fn run_pattern(run: &Run, options: &Options) -> (Row, Option<Report>) {
             );
         }
     }
-    let routes = Routes::new(cluster.urls());
-    let before = counters(&cluster, &http);
+    let routes = Routes::new(cluster.targets());
+    let before = counters(&cluster, &http, options.api);
 
     let stop = AtomicBool::new(false);
     let start = Instant::now() + Duration::from_millis(20);
@@ -1725,7 +1928,7 @@ fn run_pattern(run: &Run, options: &Options) -> (Row, Option<Report>) {
                 restarted
             })
         });
-        let sent = drive(&routes, &plan, options.workers, start);
+        let sent = drive(&routes, &plan, options.workers, options.api, start);
         stop.store(true, Ordering::Relaxed);
         if let Some(stepper) = stepper {
             stepper.join().expect("clock stepper thread");
@@ -1747,7 +1950,7 @@ fn run_pattern(run: &Run, options: &Options) -> (Row, Option<Report>) {
     }
     // Let the last deltas land before reading the counters.
     std::thread::sleep(Duration::from_millis(3 * options.sync_ms));
-    let after = counters(&cluster, &http);
+    let after = counters(&cluster, &http, options.api);
 
     // Where the clocks were at the end (a stepped one has moved since the warm-up).
     let clock_seen = if pattern.clock_step_at.is_some() {
@@ -2112,9 +2315,10 @@ pub fn run(options: &Options) -> Value {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
         "openclaw accuracy harness: {REPLICAS} replicas on 127.0.0.1 ({cpus} CPUs), mode {}, \
-         sync interval {} ms, anti-entropy {} ms, {:?} per pattern; overload patterns at {}x the \
-         limit, below-limit patterns at {:?} of it ({} clients, seed {})",
+         load through {}, sync interval {} ms, anti-entropy {} ms, {:?} per pattern; overload \
+         patterns at {}x the limit, below-limit patterns at {:?} of it ({} clients, seed {})",
         options.mode,
+        options.api.name(),
         options.sync_ms,
         options.anti_entropy_ms,
         options.duration,
@@ -2160,10 +2364,34 @@ pub fn run(options: &Options) -> Value {
     }
     json!({
         "mode": options.mode,
+        "api": options.api.name(),
         "sync_ms": options.sync_ms,
         "duration_s": options.duration.as_secs_f64(),
         "seed": options.seed,
         "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
         "overload": reports.iter().map(Report::json).collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Options, String> {
+        Options::parse_from(args.iter().map(|a| (*a).to_owned()))
+    }
+
+    #[test]
+    fn the_rls_load_needs_every_refill_interval_to_be_a_unit_of_the_rules() {
+        assert_eq!(parse(&[]).unwrap().api, Api::Rate);
+        assert_eq!(parse(&["--api", "rls"]).unwrap().api, Api::Rls);
+        let minute = parse(&["--api", "rls", "--client-refill-ms", "60000"]).unwrap();
+        assert_eq!(rls_unit(minute.client_refill_ms), Some("minute"));
+        // /rate takes any interval; a rule's rate is requests per unit.
+        assert!(parse(&["--refill-ms", "1500"]).is_ok());
+        let error = parse(&["--api", "rls", "--refill-ms", "1500"]).unwrap_err();
+        assert!(error.contains("1500 ms is not a unit"), "{error}");
+        let error = parse(&["--api", "grpc"]).unwrap_err();
+        assert_eq!(error, "--api is rate or rls, not \"grpc\"");
+    }
 }
