@@ -11,3 +11,17 @@ pub mod metric_names;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod wire;
+
+/// The names a rate's unit may take (a policy's `unit`, a rate limit rule's `unit`), and their
+/// length in milliseconds: envoyproxy/ratelimit's units and lengths (`UnitToDivider`: a month is
+/// 30 days, a year 365), so its configs carry over. A bucket refills continuously over that
+/// length; it is not a calendar window.
+pub const UNITS: [(&str, u64); 7] = [
+    ("second", 1_000),
+    ("minute", 60_000),
+    ("hour", 3_600_000),
+    ("day", 86_400_000),
+    ("week", 7 * 86_400_000),
+    ("month", 30 * 86_400_000),
+    ("year", 365 * 86_400_000),
+];

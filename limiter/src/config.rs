@@ -957,32 +957,24 @@ mod tests {
         let grpc = |extra: &[&str]| {
             let mut argv = vec!["--rls-config", file.to_str().unwrap()];
             argv.extend_from_slice(extra);
-            Config::try_from_args(args(&argv)).map(|c| c.rls.unwrap().limits)
+            Config::try_from_args(args(&argv)).map(|c| {
+                let limits = c.rls.unwrap().limits;
+                (
+                    limits.max_connections,
+                    limits.max_connections_per_source,
+                    limits.idle_timeout,
+                )
+            })
         };
-        let limits = grpc(&[]).unwrap();
-        assert_eq!(
-            (
-                limits.max_connections,
-                limits.max_connections_per_source,
-                limits.idle_timeout
-            ),
-            (4096, 256, Duration::from_secs(60))
-        );
+        assert_eq!(grpc(&[]).unwrap(), (4096, 256, Duration::from_secs(60)));
+        // A total cap below the default lowers the per-source default with it.
         let limits = grpc(&[
             "--grpc-max-connections",
             "100",
             "--grpc-idle-timeout-s",
             "5",
-        ])
-        .unwrap();
-        assert_eq!(
-            (
-                limits.max_connections,
-                limits.max_connections_per_source,
-                limits.idle_timeout
-            ),
-            (100, 100, Duration::from_secs(5))
-        );
+        ]);
+        assert_eq!(limits.unwrap(), (100, 100, Duration::from_secs(5)));
         let errors = grpc(&[
             "--grpc-max-connections",
             "0",

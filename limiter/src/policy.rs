@@ -38,18 +38,9 @@ pub const MAX_POLICY_NAME_BYTES: usize = 63;
 /// At most this many policies: every policy adds labelled series to `/metrics`.
 pub const MAX_POLICIES: usize = 256;
 /// The names a policy's `unit` may take instead of `refill_interval_ms`, and their length in
-/// milliseconds: envoyproxy/ratelimit's units and lengths (`UnitToDivider`: a month is 30 days, a
-/// year 365), so its configs carry over. The bucket refills continuously over that length; it is
-/// not a calendar window.
-pub const UNITS: [(&str, u64); 7] = [
-    ("second", 1_000),
-    ("minute", 60_000),
-    ("hour", 3_600_000),
-    ("day", 86_400_000),
-    ("week", 7 * 86_400_000),
-    ("month", 30 * 86_400_000),
-    ("year", 365 * 86_400_000),
-];
+/// milliseconds (envoyproxy/ratelimit's; shared with the rules' clients through
+/// `openclaw-common`).
+pub use openclaw_common::UNITS;
 
 /// How replicas share a policy's limit. On one replica both are the textbook token bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]

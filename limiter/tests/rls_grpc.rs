@@ -289,26 +289,7 @@ async fn grpc_answer(response: h2::client::ResponseFuture) -> (Vec<u8>, Option<S
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_in_flight_when_shutdown_starts_is_answered_and_unknown_services_are_unimplemented()
 {
-    let limiter = limiter("grpc-drain");
-    limiter.mark_ready();
-    let rules = "domain: edge\ndescriptors:\n  - key: k\n    rate_limit: {unit: hour, requests_per_unit: 5}\n";
-    let config = RlsConfig::from_files(&[("edge.yaml".into(), rules.into())]).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let server = tokio::spawn(serve(
-        GrpcOptions {
-            listener,
-            rls: Arc::new(Rls::new(limiter.clone(), config)),
-            config_path: None,
-            config_files: None,
-            reload_every: Duration::from_secs(60),
-            shutdown_grace: Duration::from_secs(30),
-            api_key: Some(Arc::from(API_KEY)),
-            limits: grpc::DEFAULT_LIMITS,
-        },
-        stop_rx,
-    ));
+    let (_limiter, address, stop_tx, server) = serve_with(grpc::DEFAULT_LIMITS).await;
     let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
     let (client, connection) = h2::client::handshake(tcp).await.unwrap();
     let connection = tokio::spawn(connection);
@@ -385,8 +366,8 @@ async fn a_call_in_flight_when_shutdown_starts_is_answered_and_unknown_services_
     let _ = connection.await;
 }
 
-/// A gRPC listener on 127.0.0.1:0 with `limits`, its rules one hourly bucket of 5 per `k`; stop
-/// it with the sender.
+/// A ready gRPC listener on 127.0.0.1:0 with `limits`, its rules one hourly bucket of 5 per
+/// `k`, `OPENCLAW_API_KEY` set, 30 s of grace at shutdown; stop it with the sender.
 async fn serve_with(
     limits: openclaw_limiter::listener::Limits,
 ) -> (
@@ -409,13 +390,38 @@ async fn serve_with(
             config_path: None,
             config_files: None,
             reload_every: Duration::from_secs(60),
-            shutdown_grace: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(30),
             api_key: Some(Arc::from(API_KEY)),
             limits,
         },
         stop_rx,
     ));
     (limiter, address, stop_tx, server)
+}
+
+/// Stops the listener, closes the test's client and waits for the listener to end.
+async fn stop_and_wait(
+    stop: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+    client: h2::client::SendRequest<bytes::Bytes>,
+    connection: tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    stop.send(true).unwrap();
+    drop(client);
+    tokio::time::timeout(DEADLINE, server)
+        .await
+        .expect("the gRPC server stops")
+        .unwrap();
+    connection.abort();
+}
+
+/// At most 8 connections, `per_source` of them from one address, closed after `idle`.
+fn limits(per_source: usize, idle: Duration) -> openclaw_limiter::listener::Limits {
+    openclaw_limiter::listener::Limits {
+        max_connections: 8,
+        max_connections_per_source: per_source,
+        idle_timeout: idle,
+    }
 }
 
 fn closed_total(limiter: &Limiter, reason: &'static str) -> u64 {
@@ -459,15 +465,10 @@ async fn call_on(
 /// counted, and once one of them closes the source is served again. The gauge follows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_beyond_its_cap_of_grpc_connections_is_closed_unread() {
-    let limits = openclaw_limiter::listener::Limits {
-        max_connections: 8,
-        max_connections_per_source: 2,
-        idle_timeout: Duration::from_secs(60),
-    };
-    let (limiter, address, stop, server) = serve_with(limits).await;
+    let (limiter, address, stop, server) = serve_with(limits(2, Duration::from_secs(60))).await;
     let open = || limiter.metrics().grpc_connections.get();
     let first = tokio::net::TcpStream::connect(address).await.unwrap();
-    let _second = tokio::net::TcpStream::connect(address).await.unwrap();
+    let second = tokio::net::TcpStream::connect(address).await.unwrap();
     poll("two connections held", || async {
         (open() == 2).then_some(())
     })
@@ -492,13 +493,9 @@ async fn a_source_beyond_its_cap_of_grpc_connections_is_closed_unread() {
     assert_eq!(call_on(&client, address, "a").await.as_deref(), Some("0"));
     assert_eq!(closed_total(&limiter, "per_source"), 1);
 
-    stop.send(true).unwrap();
-    drop(client);
-    tokio::time::timeout(DEADLINE, server)
-        .await
-        .expect("the gRPC server stops")
-        .unwrap();
-    connection.abort();
+    // A connection that never finished its handshake would hold the drain for the grace period.
+    drop(second);
+    stop_and_wait(stop, server, client, connection).await;
 }
 
 /// A connection on which nothing moves is closed after the idle timeout, but a client that is
@@ -506,12 +503,7 @@ async fn a_source_beyond_its_cap_of_grpc_connections_is_closed_unread() {
 /// that completed its handshake and then answers no PING is closed by the PING's own timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_grpc_connections_are_closed_and_quiet_live_clients_are_kept() {
-    let limits = openclaw_limiter::listener::Limits {
-        max_connections: 8,
-        max_connections_per_source: 8,
-        idle_timeout: Duration::from_millis(1500),
-    };
-    let (limiter, address, stop, server) = serve_with(limits).await;
+    let (limiter, address, stop, server) = serve_with(limits(8, Duration::from_millis(1500))).await;
 
     // A live client, quiet after its first call.
     let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
@@ -560,11 +552,5 @@ async fn silent_grpc_connections_are_closed_and_quiet_live_clients_are_kept() {
     .await;
     assert_eq!(closed_total(&limiter, "idle"), 2);
 
-    stop.send(true).unwrap();
-    drop(client);
-    tokio::time::timeout(DEADLINE, server)
-        .await
-        .expect("the gRPC server stops")
-        .unwrap();
-    connection.abort();
+    stop_and_wait(stop, server, client, connection).await;
 }

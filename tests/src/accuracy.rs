@@ -743,17 +743,9 @@ impl Cluster {
 
 /// The unit of the rate limit service's rules that lasts `refill_ms`, if one does.
 fn rls_unit(refill_ms: u64) -> Option<&'static str> {
-    [
-        ("second", 1_000),
-        ("minute", 60_000),
-        ("hour", 3_600_000),
-        ("day", 86_400_000),
-        ("week", 7 * 86_400_000),
-        ("month", 30 * 86_400_000),
-        ("year", 365 * 86_400_000),
-    ]
-    .into_iter()
-    .find_map(|(unit, ms)| (ms == refill_ms).then_some(unit))
+    openclaw_common::UNITS
+        .into_iter()
+        .find_map(|(unit, ms)| (ms == refill_ms).then_some(unit))
 }
 
 /// Where a replica answers: its API URL, and its gRPC URL when it serves the rate limit service.
