@@ -761,6 +761,10 @@ fn replication_settings(
     })
 }
 
+/// The longest idle timeout a listener takes: a day is far beyond any client's keep-alive, and
+/// a timer armed that far stays clear of the clock's range.
+const MAX_IDLE_TIMEOUT_S: u64 = 86_400;
+
 /// One listener's `<PREFIX>_MAX_CONNECTIONS`, `<PREFIX>_MAX_CONNECTIONS_PER_SOURCE` and
 /// `<PREFIX>_IDLE_TIMEOUT_S` as given.
 struct ConnectionArgs {
@@ -781,8 +785,10 @@ fn connection_limits(
     if total == 0 {
         errors.push(format!("{prefix}_MAX_CONNECTIONS must be at least 1"));
     }
-    if given.idle_timeout_s == 0 {
-        errors.push(format!("{prefix}_IDLE_TIMEOUT_S must be at least 1"));
+    if !(1..=MAX_IDLE_TIMEOUT_S).contains(&given.idle_timeout_s) {
+        errors.push(format!(
+            "{prefix}_IDLE_TIMEOUT_S must be 1 to {MAX_IDLE_TIMEOUT_S} (a day)"
+        ));
     }
     match given.max_connections_per_source {
         Some(0) => errors.push(format!(
@@ -924,6 +930,12 @@ mod tests {
         let limits = peer(&["--peer-max-connections-per-source", "1024"]).unwrap();
         assert_eq!(limits.max_connections_per_source, 1024);
 
+        // Every peer connection panicked at its first stall before this was refused.
+        let errors = peer(&["--peer-idle-timeout-s", "18446744073709551615"]).unwrap_err();
+        assert_eq!(
+            errors,
+            ["OPENCLAW_PEER_IDLE_TIMEOUT_S must be 1 to 86400 (a day)"]
+        );
         let errors = peer(&["--peer-max-connections-per-source", "0"]).unwrap_err();
         assert_eq!(
             errors,
@@ -975,6 +987,12 @@ mod tests {
             "5",
         ]);
         assert_eq!(limits.unwrap(), (100, 100, Duration::from_secs(5)));
+        // An idle timer armed beyond the clock's range would panic on the first stall.
+        let errors = grpc(&["--grpc-idle-timeout-s", "18446744073709551615"]).unwrap_err();
+        assert_eq!(
+            errors,
+            ["OPENCLAW_GRPC_IDLE_TIMEOUT_S must be 1 to 86400 (a day)"]
+        );
         let errors = grpc(&[
             "--grpc-max-connections",
             "0",
@@ -988,7 +1006,7 @@ mod tests {
             errors,
             [
                 "OPENCLAW_GRPC_MAX_CONNECTIONS must be at least 1",
-                "OPENCLAW_GRPC_IDLE_TIMEOUT_S must be at least 1",
+                "OPENCLAW_GRPC_IDLE_TIMEOUT_S must be 1 to 86400 (a day)",
                 "OPENCLAW_GRPC_MAX_CONNECTIONS_PER_SOURCE (3) must not exceed \
                  OPENCLAW_GRPC_MAX_CONNECTIONS (0): no source can hold more than all connections",
             ]
