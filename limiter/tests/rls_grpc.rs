@@ -493,9 +493,10 @@ async fn a_source_beyond_its_cap_of_grpc_connections_is_closed_unread() {
     assert_eq!(call_on(&client, address, "a").await.as_deref(), Some("0"));
     assert_eq!(closed_total(&limiter, "per_source"), 1);
 
-    // A connection that never finished its handshake would hold the drain for the grace period.
-    drop(second);
+    // A connection that never carried a call (here, never even began its HTTP/2 handshake)
+    // does not hold the drain for the grace period (30 s, beyond the deadline).
     stop_and_wait(stop, server, client, connection).await;
+    drop(second);
 }
 
 /// A connection on which nothing moves is closed after the idle timeout, but a client that is

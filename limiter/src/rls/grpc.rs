@@ -410,14 +410,27 @@ fn http2_builder(idle_timeout: Duration) -> hyper::server::conn::http2::Builder<
     builder
 }
 
+/// How long, once shutdown starts, a connection that never carried a call may take to end.
+const UNUSED_CONNECTION_DRAIN: Duration = Duration::from_secs(1);
+
 /// Serve one connection until the client closes it or, once `stop` turns true, until its
 /// calls in flight are answered (a GOAWAY tells the client to open no more).
+///
+/// hyper can say GOAWAY only once the connection's HTTP/2 handshake is done, so a client that
+/// connected and never sent its preface would hold the drain for the whole grace period. A
+/// connection that never carried a call has nothing to drain: it gets
+/// [`UNUSED_CONNECTION_DRAIN`], then is closed.
 async fn serve_connection(
     io: IdleTimeout<tokio::net::TcpStream>,
     connections: Connections,
     routes: Routes,
     mut stop: watch::Receiver<bool>,
 ) {
+    let called = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let routes = Noted {
+        routes,
+        called: called.clone(),
+    };
     let connection = connections.http2.serve_connection(TokioIo::new(io), routes);
     let mut connection = std::pin::pin!(connection);
     let result = tokio::select! {
@@ -428,7 +441,14 @@ async fn serve_connection(
         Some(result) => result,
         None => {
             connection.as_mut().graceful_shutdown();
-            connection.await
+            if called.load(std::sync::atomic::Ordering::Relaxed) {
+                connection.await
+            } else {
+                match tokio::time::timeout(UNUSED_CONNECTION_DRAIN, connection).await {
+                    Ok(result) => result,
+                    Err(_) => return,
+                }
+            }
         }
     };
     if let Err(e) = result {
@@ -466,6 +486,24 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for Routes {
             Some(HealthServer::<HealthService>::NAME) => self.health.clone().call(request),
             _ => Box::pin(std::future::ready(Ok(unimplemented()))),
         }
+    }
+}
+
+/// One connection's [`Routes`], noting whether any call came in on it.
+struct Noted {
+    routes: Routes,
+    called: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl hyper::service::Service<http::Request<hyper::body::Incoming>> for Noted {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = CallFuture;
+
+    fn call(&self, request: http::Request<hyper::body::Incoming>) -> CallFuture {
+        self.called
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.routes.call(request)
     }
 }
 
