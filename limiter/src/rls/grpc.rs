@@ -444,8 +444,10 @@ async fn serve_connection(
             if called.load(std::sync::atomic::Ordering::Relaxed) {
                 connection.await
             } else {
-                match tokio::time::timeout(UNUSED_CONNECTION_DRAIN, connection).await {
+                match tokio::time::timeout(UNUSED_CONNECTION_DRAIN, connection.as_mut()).await {
                     Ok(result) => result,
+                    // A call came in meanwhile: it drains like any other.
+                    Err(_) if called.load(std::sync::atomic::Ordering::Relaxed) => connection.await,
                     Err(_) => return,
                 }
             }
