@@ -996,13 +996,16 @@ mod textbook {
             let rate = rate(key);
             Outcome::describe(rate, level, level >= rate.tokens_scaled(cost), cost)
         };
-        // Checked first, nothing spent.
+        // Checked first, nothing spent. `grantable`: the hits checked (with the others on its
+        // bucket) fit in the bucket at all.
         let mut outcomes: Vec<Option<Outcome>> = Vec::new();
         let mut passes: Vec<bool> = Vec::new();
+        let mut grantable: Vec<bool> = Vec::new();
         for d @ &(key, value, own) in &ask.descriptors {
             if !limited(key) {
                 outcomes.push(None);
                 passes.push(true);
+                grantable.push(true);
                 continue;
             }
             let capacity = u64::from(rules[key].requests_per_unit);
@@ -1017,6 +1020,7 @@ mod textbook {
             } else {
                 checked <= capacity && outcome.allowed
             });
+            grantable.push(checked <= capacity);
             outcomes.push(Some(outcome));
         }
         let refused = ask
@@ -1030,13 +1034,7 @@ mod textbook {
             for shadow in [false, true] {
                 for (i, &(key, value, own)) in ask.descriptors.iter().enumerate() {
                     let hits = hits_of(own);
-                    let capacity = u64::from(rules[key.min(2)].requests_per_unit);
-                    let checked = if enforced(&ask.descriptors[i]) {
-                        group(key, value)
-                    } else {
-                        hits
-                    };
-                    if limited(key) && (key == 2) == shadow && hits > 0 && checked <= capacity {
+                    if limited(key) && (key == 2) == shadow && hits > 0 && grantable[i] {
                         let bucket = buckets.get_mut(&(key, value)).expect("peeked above");
                         outcomes[i] = Some(bucket.try_consume_at(hits, now));
                         spent[i] = true;
@@ -1049,7 +1047,7 @@ mod textbook {
             .descriptors
             .iter()
             .enumerate()
-            .map(|(i, &(key, value, _))| {
+            .map(|(i, &(key, _, _))| {
                 let Some(outcome) = outcomes[i] else {
                     return (Code::Ok, None);
                 };
@@ -1060,9 +1058,7 @@ mod textbook {
                     overall = Code::OverLimit;
                     Code::OverLimit
                 };
-                let capacity = u64::from(rules[key].requests_per_unit);
-                let grantable = !enforced(&ask.descriptors[i]) || group(key, value) <= capacity;
-                let wait_us = if outcome.allowed || code == Code::Ok || !grantable {
+                let wait_us = if outcome.allowed || code == Code::Ok || !grantable[i] {
                     outcome.reset_after_us
                 } else {
                     outcome.retry_after_us
