@@ -24,7 +24,9 @@
 # comes and goes between rounds moves less than the best-of-each ratio. Each run also shows how
 # busy the generator's core was: near 100 % with the server's well below, the generator set the
 # pace and the per-CPU figures, not the rates, are the ones to compare. The limiter is pinned to
-# SERVER_CPU and openclaw-load to LOAD_CPU (so one Tokio worker each); everything listens on
+# SERVER_CPU and openclaw-load to LOAD_CPU (so one Tokio worker each; openclaw-load, with one
+# core, runs on Tokio's single-threaded runtime, which sends a connection's calls together and
+# so keeps one server core busier than its multi-threaded runtime did); everything listens on
 # 127.0.0.1 and every process started here is stopped on exit. Needs taskset (util-linux), curl
 # and python3.
 #

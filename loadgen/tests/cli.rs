@@ -117,6 +117,8 @@ fn bad_input_lists_every_problem_and_exits_64() {
         "-3",
         "--policy",
         "no spaces",
+        "--threads",
+        "0",
     ])
     .wait(Duration::from_secs(10));
     assert_eq!(code, Some(64), "{stderr}");
@@ -129,6 +131,7 @@ fn bad_input_lists_every_problem_and_exits_64() {
         "--max-requests `-3`",
         "spread one:7",
         "policy `no spaces`",
+        "--threads `0`: expected a whole number from 1 to 1024",
     ] {
         assert!(
             stderr.contains(expected),
@@ -211,33 +214,41 @@ fn rls_calls_go_over_connections_times_streams_and_count_over_limit_as_rejected(
         Duration::from_secs(20),
     );
     let grpc = service.url_of("grpc").expect("a `listening grpc=` line");
-    let (code, stdout, stderr) = Running::start(&[
-        "--target",
-        grpc,
-        "--rls-domain",
-        "edge",
-        "--rls-descriptor",
-        "client_id=bench",
-        "--connections",
-        "2",
-        "--streams",
-        "3",
-        "--max-requests",
-        "12",
-        "--json",
-    ])
-    .wait(Duration::from_secs(20));
-    assert_eq!(code, Some(0), "{stderr}");
-    assert!(
-        stderr.contains("ShouldRateLimit (domain edge), closed loop, 2 connections x 3 streams"),
-        "{stderr}"
-    );
-    let summary: Summary = serde_json::from_str(&stdout).expect("stdout is the JSON summary");
-    assert_eq!(
-        (summary.requests, summary.allowed, summary.rejected),
-        (12, 5, 7),
-        "{summary:#?}"
-    );
+    // On one thread (Tokio's single-threaded runtime) and on two: each client its own 5.
+    for (client, threads, said) in [("one", "1", "1 thread"), ("two", "2", "2 threads")] {
+        let descriptor = format!("client_id={client}");
+        let (code, stdout, stderr) = Running::start(&[
+            "--target",
+            grpc,
+            "--rls-domain",
+            "edge",
+            "--rls-descriptor",
+            &descriptor,
+            "--connections",
+            "2",
+            "--streams",
+            "3",
+            "--max-requests",
+            "12",
+            "--threads",
+            threads,
+            "--json",
+        ])
+        .wait(Duration::from_secs(20));
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(
+            stderr
+                .contains("ShouldRateLimit (domain edge), closed loop, 2 connections x 3 streams"),
+            "{stderr}"
+        );
+        assert!(stderr.contains(said), "{stderr}");
+        let summary: Summary = serde_json::from_str(&stdout).expect("stdout is the JSON summary");
+        assert_eq!(
+            (summary.requests, summary.allowed, summary.rejected),
+            (12, 5, 7),
+            "{client}: {summary:#?}"
+        );
+    }
 }
 
 #[test]
@@ -278,6 +289,9 @@ fn ctrl_c_stops_the_run_early_and_still_prints_the_summary() {
         "200",
         "--duration",
         "60s",
+        // The open loop's scheduler thread spawning onto the single-threaded runtime.
+        "--threads",
+        "1",
         "--json",
     ]);
     // Wait until it is sending (its first progress line), then interrupt it as Ctrl-C does.
