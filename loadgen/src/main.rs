@@ -199,7 +199,7 @@ async fn async_main(plan: Plan, describe: String, args: &Args) -> ExitCode {
 /// wakes the connection and has it written at once, one write per call. On the single-threaded
 /// runtime every woken call runs first and the connection writes their requests together.
 /// Measured with `--rls-domain`, 4 connections x 16 streams, pinned to one core: 0.83 writes
-/// per call against 0.13, and 40-50 % more calls per second from the same core (loadgen/README.md,
+/// per call against 0.13, and 45-70 % more calls per second from the same core (loadgen/README.md,
 /// "How fast"). Also what the limiter's gRPC workers do, for the same reason.
 fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     if threads == 1 {
